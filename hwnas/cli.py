@@ -1,0 +1,186 @@
+"""The ``hwnas`` command line. Thin: parse, load the config, call the API.
+
+Heavy libraries (torch, timm, faiss, onnxruntime, optuna) are imported inside the command
+handlers, never at module level, so ``hwnas --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from hwnas import __version__
+from hwnas.errors import HwnasError
+
+EXAMPLES = {
+    "data": """\
+        examples:
+          hwnas data --dataset fashion-mnist --run-dir runs/fmnist
+          hwnas data --dataset omniglot --protocol open --run-dir runs/omni
+          hwnas data --dataset folder --data-dir ~/photos --protocol open
+          hwnas data --dataset manifest --data-dir images.csv   # path,label[,split]""",
+    "space": """\
+        examples:
+          hwnas space                                   # the default space
+          hwnas space --config configs/quickstart.yaml --sample 5
+          hwnas space --arch 'k3@1,k5@0.6,skip,xc@2/...'  # FLOPs/params of one arch""",
+    "run": """\
+        examples:
+          hwnas run configs/quickstart.yaml
+          hwnas run configs/omniglot.yaml --run-dir runs/omni""",
+}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML/JSON config file (flags override it)")
+    p.add_argument("--run-dir", help="run directory (default: from the config, runs/default)")
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=["fashion-mnist", "omniglot", "folder", "manifest", "digits"],
+                   help="data source (default fashion-mnist)")
+    p.add_argument("--data-dir", help="where the data is: IDX directory, Omniglot zip directory, "
+                   "class-folder root, or manifest CSV")
+    p.add_argument("--protocol", choices=["closed", "open"], help="evaluation protocol")
+    p.add_argument("--seed", type=int, help="split seed")
+    p.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="skip (and count) unreadable images instead of stopping")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="hwnas",
+        description="Compatibility-aware, hardware-aware NAS for heterogeneous visual search: "
+        "a small edge query model whose embeddings search an index built by a large gallery "
+        "model (CMP-NAS).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              hwnas run configs/quickstart.yaml      # the whole pipeline on Fashion-MNIST
+              hwnas data --dataset omniglot --protocol open
+              hwnas space --sample 3
+            """),
+    )
+    ap.add_argument("--version", action="version", version=f"hwnas {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_,
+                              epilog=textwrap.dedent(EXAMPLES[name]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("data", "Load a data set, make the protocol's splits and record them in the run directory.")
+    _add_common(p)
+    _add_data_flags(p)
+
+    p = add("space", "Show the query search space: widths, choices, hash, FLOPs range; cost of an arch.")
+    p.add_argument("--config", help="YAML/JSON config file")
+    p.add_argument("--arch", help="an arch string to cost")
+    p.add_argument("--sample", type=int, default=0, help="also show N random archs")
+    p.add_argument("--json", action="store_true", help="print the spec as JSON")
+
+    p = add("run", "Run the pipeline end to end from a config, step by step (resumable).")
+    p.add_argument("config", help="YAML/JSON config file, e.g. configs/quickstart.yaml")
+    p.add_argument("--run-dir", help="override the config's run directory")
+    return ap
+
+
+def _load(args):
+    from hwnas.config import load_config
+
+    cfg = load_config(getattr(args, "config", None))
+    if getattr(args, "run_dir", None):
+        cfg.run_dir = args.run_dir
+    d = cfg.data
+    for flag, attr in (("dataset", "dataset"), ("data_dir", "data_dir"),
+                       ("skip_bad_images", "skip_bad_images")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            setattr(d, attr, v)
+    if getattr(args, "protocol", None):
+        d.split = {**d.split, "protocol": args.protocol}
+    if getattr(args, "seed", None) is not None:
+        d.split = {**d.split, "seed": args.seed}
+    return cfg
+
+
+def cmd_data(args) -> int:
+    from hwnas.report import format_table
+    from hwnas.rundir import RunDir
+
+    cfg = _load(args)
+    rd = RunDir(cfg)
+    col = rd.collection()
+    s = rd.splits(col)
+    rd.save_config()
+    rows = [[p, c["images"], c["classes"]] for p, c in s.counts().items()]
+    print(f"data set {col.name}: {len(col)} images, {col.num_classes} classes "
+          f"(protocol {s.config.protocol}, seed {s.config.seed}, query_mode {s.config.query_mode})")
+    print(format_table(["part", "images", "classes"], rows))
+    print(f"splits: {rd.splits_path}")
+    return 0
+
+
+def cmd_space(args) -> int:
+    import json
+
+    from hwnas.config import load_config
+    from hwnas.report import format_table
+    from hwnas.space import arch_flops, arch_params
+
+    sp = load_config(args.config).search_space()
+    if args.json:
+        print(json.dumps({**sp.to_dict(), "hash": sp.hash}, indent=2))
+        return 0
+    print(f"search space {sp.name!r} (hash {sp.hash}): input {sp.input_size}x{sp.input_size}x"
+          f"{sp.in_channels}, embed_dim {sp.embed_dim}, {sp.num_layers} layers, "
+          f"{sp.num_archs():.3g} archs")
+    rows = []
+    for s, (n, w) in enumerate(zip(sp.stage_layers, sp.widths())):
+        layer = [x for x in sp.layers() if x.stage == s][0]
+        rows.append([s, n, w, f"{layer.in_size}->{layer.out_size}",
+                     f"{sp.mid_channels(layer, min(sp.channel_scales))}..{sp.max_mid_channels(layer)}"])
+    print(format_table(["stage", "layers", "width", "size", "mid channels"], rows))
+    print(f"ops per layer: {', '.join(sp.ops)}{' + skip (stride-1 layers)' if sp.allow_skip else ''};"
+          f" channel scales {', '.join(f'{c:g}' for c in sp.channel_scales)}")
+    archs = [("smallest", sp.smallest()), ("largest", sp.largest())]
+    archs += [(f"random {i}", sp.sample(i)) for i in range(args.sample)]
+    if args.arch:
+        archs.append(("given", sp.parse(args.arch)))
+    rows = [[name, f"{arch_flops(sp, a) / 1e6:.2f}", f"{arch_params(sp, a) / 1e6:.3f}",
+             a.to_string(sp)] for name, a in archs]
+    print(format_table(["arch", "MFLOPs", "Mparams", "string"], rows))
+    lo, hi = arch_flops(sp, sp.smallest()), arch_flops(sp, sp.largest())
+    print(f"FLOPs range: {hi / lo:.1f}x (largest / smallest)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from hwnas.pipeline import run_pipeline
+
+    return run_pipeline(_load(args))
+
+
+COMMANDS = {"data": cmd_data, "space": cmd_space, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.command:
+        ap.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args) or 0
+    except HwnasError as e:
+        print(f"hwnas {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hwnas {args.command}: interrupted (finished work is kept; run it again to resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

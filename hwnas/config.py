@@ -1,0 +1,95 @@
+"""Typed configuration: one YAML (or JSON) file with sections, overridden by CLI flags.
+
+Sections implemented so far: ``run_dir``, ``data`` (source, split protocol, preprocess)
+and ``space`` (the query search space). Unknown keys are errors, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hwnas.errors import HwnasError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # fashion-mnist | omniglot | folder | manifest | digits
+    data_dir: str | None = None  # None: the dataset's default location
+    skip_bad_images: bool = False
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    split: dict = field(default_factory=dict)  # SplitConfig fields
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    space: dict = field(default_factory=dict)  # SearchSpace fields
+    seed: int = 0
+
+    # ---------------------------------------------------------------- builders
+    def search_space(self):
+        from hwnas.space import SearchSpace
+
+        return SearchSpace.from_dict(self.space) if self.space else SearchSpace()
+
+    def split_config(self):
+        from hwnas.data.splits import SplitConfig
+
+        known = {f.name for f in dataclasses.fields(SplitConfig)}
+        bad = sorted(set(self.data.split) - known)
+        if bad:
+            raise HwnasError(f"config data.split: unknown keys {bad}; valid keys: {sorted(known)}")
+        return SplitConfig(**self.data.split)
+
+    def preprocess(self):
+        from hwnas.data.images import Preprocess
+
+        sp = self.search_space()
+        return Preprocess(sp.input_size, sp.in_channels, self.data.mean, self.data.std)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise HwnasError(f"config section {where!r} must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    bad = sorted(set(d) - set(fields))
+    if bad:
+        raise HwnasError(f"config {where}: unknown keys {bad}; valid keys: {sorted(fields)}")
+    kw: dict[str, Any] = {}
+    for k, v in d.items():
+        if k == "data":
+            v = _build(DataConfig, v, "data")
+        elif isinstance(v, list) and k in ("mean", "std"):
+            v = tuple(v)
+        kw[k] = v
+    return cls(**kw)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load a YAML/JSON config; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    if not path.is_file():
+        raise HwnasError(f"config file {path} does not exist (see configs/ for examples)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            d = json.loads(text)
+        else:
+            import yaml
+
+            d = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
+        raise HwnasError(f"config file {path} is not valid YAML/JSON: {e}") from None
+    return _build(Config, d or {}, str(path))

@@ -1,0 +1,349 @@
+"""Image sources, read with no download: Fashion-MNIST IDX files, the Omniglot zips, a
+user's class folders and a CSV manifest (``path,label[,split]``).
+
+Every source yields a :class:`Collection`: ids, integer labels with class names, an
+optional source split per image (``train``/``test``) and a way to read image ``i`` as a
+PIL image. Reading is lazy; :func:`hwnas.data.images.materialize` decodes and resizes.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from hwnas.errors import DataError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+SPLITS = ("train", "test")
+
+
+@dataclass
+class Collection:
+    """A labelled image collection. ``read(i)`` returns a PIL image (any mode)."""
+
+    name: str
+    ids: list[str]
+    labels: np.ndarray  # int64 index into class_names
+    class_names: list[str]
+    read: Callable[[int], "object"] = field(repr=False)
+    splits: list[str] | None = None  # per-image source split, if the source has one
+    paths: list[str] | None = None  # per-image path (for the deploy mapping), if any
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.ids) != len(self.labels):
+            raise ValueError("ids and labels differ in length")
+        if len(set(self.ids)) != len(self.ids):
+            raise DataError(f"{self.name}: image ids are not unique")
+        if not len(self.ids):
+            raise DataError(f"{self.name}: no images found")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def describe(self) -> dict:
+        d = {"name": self.name, "images": len(self), "classes": self.num_classes}
+        if self.splits is not None:
+            for s in sorted(set(self.splits)):
+                d[f"{s}_images"] = sum(1 for x in self.splits if x == s)
+        d.update(self.info)
+        return d
+
+
+# ---------------------------------------------------------------------- IDX (MNIST format)
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array, checking its header."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path}: {e}") from None
+    if len(data) < 4:
+        raise DataError(f"{path} is not an IDX file (too short)")
+    zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if zero != 0 or dtype_code not in dtypes or ndim == 0:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise DataError(
+            f"{path}: header says {shape} ({int(np.prod(shape))} values) but the file holds "
+            f"{arr.size}; the file is truncated or corrupt"
+        )
+    return arr.reshape(shape)
+
+
+def _find_idx(data_dir: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (data_dir / name).exists():
+            return data_dir / name
+    raise DataError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {data_dir}; install Debian's package "
+        "(`apt-get install dataset-fashion-mnist`) or pass --data-dir DIR with the four "
+        "IDX files"
+    )
+
+
+def fashion_mnist(data_dir: str | os.PathLike | None = None) -> Collection:
+    """Fashion-MNIST (60k train + 10k test, 10 classes, 28x28 grayscale) from IDX files."""
+    data_dir = Path(data_dir or FASHION_MNIST_DIR)
+    if not data_dir.is_dir():
+        raise DataError(
+            f"Fashion-MNIST directory {data_dir} does not exist; install it with "
+            "`apt-get install dataset-fashion-mnist` or pass --data-dir DIR"
+        )
+    images, labels, splits = [], [], []
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = read_idx(_find_idx(data_dir, f"{prefix}-images-idx3-ubyte"))
+        y = read_idx(_find_idx(data_dir, f"{prefix}-labels-idx1-ubyte"))
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"{data_dir}: {prefix} images {x.shape} and labels {y.shape} disagree")
+        if y.max() >= len(FASHION_MNIST_CLASSES):
+            raise DataError(f"{data_dir}: label {int(y.max())} out of range 0..9")
+        images.append(x)
+        labels.append(y.astype(np.int64))
+        splits += [split] * len(x)
+    arr = np.concatenate(images)
+    ids = [f"{s}/{i:05d}" for s, i in zip(splits, _running_index(splits))]
+    from PIL import Image
+
+    return Collection(
+        "fashion-mnist", ids, np.concatenate(labels), list(FASHION_MNIST_CLASSES),
+        read=lambda i: Image.fromarray(arr[i]), splits=splits,
+        info={"source": str(data_dir)},
+    )
+
+
+def _running_index(splits: Sequence[str]) -> list[int]:
+    counts: dict[str, int] = {}
+    out = []
+    for s in splits:
+        out.append(counts.get(s, 0))
+        counts[s] = out[-1] + 1
+    return out
+
+
+# ---------------------------------------------------------------------- Omniglot zips
+def default_omniglot_dir() -> Path:
+    """``../shared/data/omniglot`` beside the project (or ``$HWNAS_OMNIGLOT_DIR``)."""
+    env = os.environ.get("HWNAS_OMNIGLOT_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot"
+
+
+def omniglot(
+    data_dir: str | os.PathLike | None = None,
+    train_zip: str = "images_background_small1.zip",
+    test_zip: str = "images_background_small2.zip",
+) -> Collection:
+    """Omniglot from its zip files: ``train_zip``'s characters form the ``train`` split and
+    ``test_zip``'s the ``test`` split (disjoint alphabets, so open-set by construction).
+
+    A class is ``<zip stem>/<Alphabet>/<characterNN>``; images stay compressed in memory and
+    are decoded on read."""
+    data_dir = Path(data_dir) if data_dir else default_omniglot_dir()
+    ids, labels, splits, class_names, blobs = [], [], [], [], []
+    cls_index: dict[str, int] = {}
+    for split, zname in (("train", train_zip), ("test", test_zip)):
+        zpath = data_dir / zname
+        if not zpath.exists():
+            raise DataError(
+                f"Omniglot zip {zpath} not found; pass --data-dir with the directory that "
+                f"holds {train_zip} and {test_zip}"
+            )
+        try:
+            with zipfile.ZipFile(zpath) as zf:
+                names = sorted(n for n in zf.namelist() if n.lower().endswith(".png"))
+                for n in names:
+                    parts = n.split("/")
+                    if len(parts) < 4:
+                        continue
+                    cls = f"{Path(zname).stem}/{parts[-3]}/{parts[-2]}"
+                    if cls not in cls_index:
+                        cls_index[cls] = len(class_names)
+                        class_names.append(cls)
+                    ids.append(f"{Path(zname).stem}/{'/'.join(parts[-3:])}")
+                    labels.append(cls_index[cls])
+                    splits.append(split)
+                    blobs.append(zf.read(n))
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{zpath} is not a valid zip file ({e})") from None
+    if not ids:
+        raise DataError(f"no PNG images found in the Omniglot zips under {data_dir}")
+
+    def read(i: int):
+        return _open_image(io.BytesIO(blobs[i]), ids[i])
+
+    return Collection("omniglot", ids, labels, class_names, read=read, splits=splits,
+                      info={"source": str(data_dir)})
+
+
+# ---------------------------------------------------------------------- user images
+def _open_image(src, name: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(src)
+        img.load()
+        return img
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(
+            f"cannot read image {name}: {e}; fix or remove the file, or pass "
+            "--skip-bad-images to skip unreadable images (they are counted)"
+        ) from None
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+
+
+def _scan_class_dirs(root: Path, split: str | None, out: list) -> None:
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(
+            f"{root} has no class folders; expected {root}/<class>/<image> (e.g. "
+            f"{root}/cat/001.jpg)"
+        )
+    for d in class_dirs:
+        files = sorted(p for p in d.rglob("*") if _is_image(p))
+        if not files:
+            raise DataError(
+                f"class folder {d} has no images ({', '.join(sorted(IMAGE_EXTS))}); add "
+                "images or remove the folder"
+            )
+        for p in files:
+            out.append((p, d.name, split))
+
+
+def image_folder(root: str | os.PathLike) -> Collection:
+    """Class folders: ``root/<class>/<image>``. If ``root`` holds exactly ``train/`` and
+    ``test/`` folders of class folders, those become the source splits."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist; pass the directory that holds "
+                        "one folder per class")
+    entries: list = []
+    subdirs = {d.name for d in root.iterdir() if d.is_dir()}
+    has_splits = subdirs == set(SPLITS)
+    if has_splits:
+        for s in SPLITS:
+            _scan_class_dirs(root / s, s, entries)
+    else:
+        _scan_class_dirs(root, None, entries)
+    return _from_entries(f"folder:{root.name}", root, entries, has_splits)
+
+
+def manifest(csv_path: str | os.PathLike) -> Collection:
+    """A CSV manifest with header ``path,label[,split]``; relative paths are resolved
+    against the CSV's directory; ``split`` is ``train`` or ``test``."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"manifest {csv_path} does not exist")
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        if "path" not in cols or "label" not in cols:
+            raise DataError(
+                f"manifest {csv_path} must have a header row with columns path,label[,split]; "
+                f"found {cols or 'no header'}"
+            )
+        reader.fieldnames = cols
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"manifest {csv_path} lists no images")
+    has_split = "split" in cols
+    entries = []
+    for lineno, row in enumerate(rows, start=2):
+        path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        if not path or not label:
+            raise DataError(f"{csv_path}:{lineno}: empty path or label")
+        split = (row.get("split") or "").strip() or None
+        if has_split and split not in SPLITS:
+            raise DataError(f"{csv_path}:{lineno}: split {split!r} must be one of {list(SPLITS)}")
+        p = Path(path)
+        entries.append((p if p.is_absolute() else csv_path.parent / p, label, split))
+    return _from_entries(f"manifest:{csv_path.stem}", csv_path.parent, entries, has_split)
+
+
+def _from_entries(name: str, root: Path, entries: list, has_splits: bool) -> Collection:
+    class_names = sorted({c for _, c, _ in entries})
+    cls_index = {c: i for i, c in enumerate(class_names)}
+    paths = [str(p) for p, _, _ in entries]
+    ids = []
+    for p, _, _ in entries:
+        try:
+            ids.append(str(Path(p).resolve().relative_to(root.resolve())))
+        except ValueError:
+            ids.append(str(p))
+
+    def read(i: int):
+        if not os.path.exists(paths[i]):
+            raise DataError(f"image {paths[i]} does not exist (listed in {name}); fix the path "
+                            "or pass --skip-bad-images")
+        return _open_image(paths[i], paths[i])
+
+    return Collection(
+        name, ids, [cls_index[c] for _, c, _ in entries], class_names, read=read,
+        splits=[s for _, _, s in entries] if has_splits else None, paths=paths,
+        info={"source": str(root)},
+    )
+
+
+# ---------------------------------------------------------------------- tiny (tests)
+def digits() -> Collection:
+    """scikit-learn's 8x8 digits (1,797 images, 10 classes): tiny, for unit tests."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the 'digits' data set needs scikit-learn: pip install 'hwnas[dev]'") from None
+    from PIL import Image
+
+    d = load_digits()
+    arr = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
+    return Collection("digits", [f"digits/{i:04d}" for i in range(len(arr))], d.target,
+                      [str(i) for i in range(10)],
+                      read=lambda i: Image.fromarray(arr[i]))
+
+
+def load_source(kind: str, path: str | None = None) -> Collection:
+    """Open a source by name: fashion-mnist, omniglot, folder, manifest, digits."""
+    if kind == "fashion-mnist":
+        return fashion_mnist(path)
+    if kind == "omniglot":
+        return omniglot(path)
+    if kind == "folder":
+        if not path:
+            raise DataError("dataset 'folder' needs --data-dir ROOT (ROOT/<class>/<image>)")
+        return image_folder(path)
+    if kind == "manifest":
+        if not path:
+            raise DataError("dataset 'manifest' needs --data-dir FILE.csv (path,label[,split])")
+        return manifest(path)
+    if kind == "digits":
+        return digits()
+    raise DataError(
+        f"unknown dataset {kind!r}; choose fashion-mnist, omniglot, folder, manifest or digits"
+    )

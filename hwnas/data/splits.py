@@ -1,0 +1,270 @@
+"""Evaluation protocols and deterministic, recorded splits.
+
+Parts of every split:
+
+* ``train``: images the gallery model, the supernet and query models train on;
+* ``val_query`` / ``val_gallery``: validation retrieval (the search's reward), drawn from
+  the training side, never from the final test images;
+* ``query`` / ``gallery``: the final test retrieval.
+
+Protocols:
+
+* ``closed``: train and test share the classes; query and gallery come from the test
+  split (the source's own train/test split where it has one, otherwise ``test_fraction``
+  of each class's images);
+* ``open``: evaluation classes are disjoint from training classes (the source's split
+  where it has one, e.g. Omniglot small1 vs small2, otherwise ``test_fraction`` of the
+  classes); evaluation classes are split into query and gallery images.
+
+The rule is seeded per class (the class name and the seed seed the generator), so a split
+does not depend on class order; the rule and the ids of every part are written to
+``splits.json`` in the run directory, and ``load`` re-reads exactly that split.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hwnas.data.sources import Collection
+from hwnas.errors import DataError
+from hwnas.utils import content_hash, read_json, write_json
+
+PARTS = ("train", "val_query", "val_gallery", "query", "gallery")
+SPLITS_FORMAT = "hwnas-splits-v1"
+
+
+@dataclass
+class SplitConfig:
+    protocol: str = "closed"  # closed | open
+    seed: int = 0
+    query_fraction: float = 0.2  # share of each eval class's images used as queries
+    query_mode: str = "split"  # split: queries and gallery disjoint | all: leave-one-out
+    val_fraction: float = 0.1  # closed: share of train images per class; open: of train classes
+    test_fraction: float = 0.2  # only where the source has no split (closed: images, open: classes)
+    train_per_class: int | None = None  # seeded subsample (quick configs)
+    eval_per_class: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("closed", "open"):
+            raise DataError(f"protocol {self.protocol!r} must be 'closed' or 'open'")
+        if self.query_mode not in ("split", "all"):
+            raise DataError(f"query_mode {self.query_mode!r} must be 'split' or 'all'")
+        for name in ("query_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0 < v < 1:
+                raise DataError(f"{name}={v} must be between 0 and 1 (exclusive)")
+        if not 0 <= self.val_fraction < 1:
+            raise DataError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        for name in ("train_per_class", "eval_per_class"):
+            v = getattr(self, name)
+            if v is not None and v < 2:
+                raise DataError(f"{name}={v} must be at least 2 (or unset)")
+
+
+@dataclass
+class Splits:
+    config: SplitConfig
+    parts: dict[str, np.ndarray]  # indices into the collection
+    collection: Collection = field(repr=False)
+
+    @property
+    def shared_eval(self) -> bool:
+        """True when query and gallery share images (leave-one-out): exclude self-matches."""
+        return self.config.query_mode == "all"
+
+    def ids(self, part: str) -> list[str]:
+        return [self.collection.ids[i] for i in self.parts[part]]
+
+    def labels(self, part: str) -> np.ndarray:
+        return self.collection.labels[self.parts[part]]
+
+    def classes(self, part: str) -> list[int]:
+        return sorted(set(self.labels(part).tolist()))
+
+    def counts(self) -> dict:
+        return {p: {"images": int(len(ix)), "classes": len(self.classes(p))}
+                for p, ix in self.parts.items()}
+
+    @property
+    def fingerprint(self) -> str:
+        return content_hash({p: self.ids(p) for p in PARTS})
+
+    def to_dict(self) -> dict:
+        return {
+            "format": SPLITS_FORMAT,
+            "source": self.collection.describe(),
+            "config": asdict(self.config),
+            "rule": RULE,
+            "fingerprint": self.fingerprint,
+            "counts": self.counts(),
+            "parts": {p: self.ids(p) for p in PARTS},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path, collection: Collection) -> "Splits":
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"{path} does not exist; run `hwnas data` first to write the splits")
+        d = read_json(path)
+        if d.get("format") != SPLITS_FORMAT:
+            raise DataError(f"{path} is not a {SPLITS_FORMAT} file")
+        index = {id_: i for i, id_ in enumerate(collection.ids)}
+        parts = {}
+        for p in PARTS:
+            missing = [x for x in d["parts"][p] if x not in index]
+            if missing:
+                raise DataError(
+                    f"{path}: {len(missing)} image ids of part {p!r} (e.g. {missing[0]!r}) are "
+                    f"not in data set {collection.name}; the splits were made from other data "
+                    "— use the same --dataset/--data-dir, or a new run directory"
+                )
+            parts[p] = np.array([index[x] for x in d["parts"][p]], dtype=np.int64)
+        return cls(SplitConfig(**d["config"]), parts, collection)
+
+
+RULE = (
+    "per class (classes taken in name order), the class's image indices are sorted by id and "
+    "permuted by numpy.random.default_rng([seed, crc32(class name), salt]); the first "
+    "max(1, round(fraction * n)) of them go to the first part (test / val / query), the rest "
+    "(at least 1) to the second; open-set class splits permute the sorted class names with "
+    "default_rng([seed, salt]). Salts: 1 test, 2 val, 3 query, 4 subsample."
+)
+
+
+def _rng(seed: int, salt: int, name: str | None = None) -> np.random.Generator:
+    key = [seed, salt] if name is None else [seed, zlib.crc32(name.encode()), salt]
+    return np.random.default_rng(key)
+
+
+def _split_idx(idx: np.ndarray, frac: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    perm = idx[rng.permutation(len(idx))]
+    k = min(max(1, int(round(frac * len(idx)))), len(idx) - 1)
+    return np.sort(perm[:k]), np.sort(perm[k:])
+
+
+def _by_class(col: Collection, idx: np.ndarray) -> dict[int, np.ndarray]:
+    out: dict[int, list] = {}
+    order = sorted(idx.tolist(), key=lambda i: col.ids[i])
+    for i in order:
+        out.setdefault(int(col.labels[i]), []).append(i)
+    return {c: np.array(v, dtype=np.int64) for c, v in sorted(out.items(), key=lambda kv: col.class_names[kv[0]])}
+
+
+def _subsample(col: Collection, idx: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    if per_class is None:
+        return idx
+    keep = []
+    for c, ix in _by_class(col, idx).items():
+        keep.append(ix if len(ix) <= per_class else
+                    np.sort(ix[_rng(seed, 4, col.class_names[c]).permutation(len(ix))[:per_class]]))
+    return np.sort(np.concatenate(keep)) if keep else idx[:0]
+
+
+def _query_gallery(col: Collection, idx: np.ndarray, cfg: SplitConfig, what: str):
+    """Split eval images into (query, gallery): seeded per class, or leave-one-out."""
+    q, g = [], []
+    for c, ix in _by_class(col, idx).items():
+        if len(ix) < 2:
+            raise DataError(
+                f"class {col.class_names[c]!r} has {len(ix)} image in the {what} images; "
+                "retrieval needs at least 2 per class (one query, one gallery item): add "
+                "images, drop the class, or raise eval_per_class"
+            )
+        if cfg.query_mode == "all":
+            q.append(ix)
+            g.append(ix)
+        else:
+            a, b = _split_idx(ix, cfg.query_fraction, _rng(cfg.seed, 3, col.class_names[c]))
+            q.append(a)
+            g.append(b)
+    cat = lambda xs: np.sort(np.concatenate(xs)) if xs else np.zeros(0, np.int64)  # noqa: E731
+    return cat(q), cat(g)
+
+
+def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
+    cfg = cfg or SplitConfig()
+    all_idx = np.arange(len(col), dtype=np.int64)
+    if col.splits is not None and set(col.splits) != {"train", "test"}:
+        raise DataError(
+            f"{col.name}: the source split has only {sorted(set(col.splits))}; it needs both "
+            "'train' and 'test' images (or no split column, to split here)"
+        )
+    src = np.array(col.splits) if col.splits is not None else None
+
+    if cfg.protocol == "closed":
+        if src is not None:
+            train, test = all_idx[src == "train"], all_idx[src == "test"]
+        else:
+            tr, te = [], []
+            for c, ix in _by_class(col, all_idx).items():
+                if len(ix) < 3:
+                    raise DataError(
+                        f"class {col.class_names[c]!r} has {len(ix)} image(s); the closed-set "
+                        "protocol needs at least 3 per class (train, query, gallery)"
+                    )
+                a, b = _split_idx(ix, cfg.test_fraction, _rng(cfg.seed, 1, col.class_names[c]))
+                te.append(a)
+                tr.append(b)
+            train, test = np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
+        train = _subsample(col, train, cfg.train_per_class, cfg.seed)
+        test = _subsample(col, test, cfg.eval_per_class, cfg.seed)
+        val_q, val_g, keep = [], [], []
+        for c, ix in _by_class(col, train).items():
+            n_val = int(round(cfg.val_fraction * len(ix)))
+            if n_val >= 2 and len(ix) - n_val >= 1:
+                perm = ix[_rng(cfg.seed, 2, col.class_names[c]).permutation(len(ix))]
+                v, rest = perm[:n_val], perm[n_val:]
+                a, b = _split_idx(np.sort(v), cfg.query_fraction, _rng(cfg.seed, 3, col.class_names[c]))
+                val_q.append(a)
+                val_g.append(b)
+                keep.append(rest)
+            else:
+                keep.append(ix)
+        train = np.sort(np.concatenate(keep))
+        vq = np.sort(np.concatenate(val_q)) if val_q else np.zeros(0, np.int64)
+        vg = np.sort(np.concatenate(val_g)) if val_g else np.zeros(0, np.int64)
+        q, g = _query_gallery(col, test, cfg, "test")
+    else:  # open set
+        if src is not None:
+            tr_cls = set(col.labels[src == "train"].tolist())
+            te_cls = set(col.labels[src == "test"].tolist())
+            overlap = tr_cls & te_cls
+            if overlap:
+                raise DataError(
+                    f"{col.name}: open-set needs train and test classes disjoint, but "
+                    f"{len(overlap)} classes (e.g. {col.class_names[min(overlap)]!r}) appear in "
+                    "both source splits; use --protocol closed or drop the split column"
+                )
+        else:
+            names = sorted(range(col.num_classes), key=lambda c: col.class_names[c])
+            perm = [names[i] for i in _rng(cfg.seed, 1).permutation(len(names))]
+            k = max(1, int(round(cfg.test_fraction * len(names))))
+            if len(names) - k < 1:
+                raise DataError(f"{col.name}: {len(names)} classes are too few for an open-set split")
+            te_cls, tr_cls = set(perm[:k]), set(perm[k:])
+        train = all_idx[np.isin(col.labels, sorted(tr_cls))]
+        test = all_idx[np.isin(col.labels, sorted(te_cls))]
+        train = _subsample(col, train, cfg.train_per_class, cfg.seed)
+        test = _subsample(col, test, cfg.eval_per_class, cfg.seed)
+        tr_sorted = sorted(tr_cls, key=lambda c: col.class_names[c])
+        n_val = int(round(cfg.val_fraction * len(tr_sorted)))
+        if n_val and len(tr_sorted) - n_val < 1:
+            raise DataError(f"{col.name}: too few training classes for val_fraction={cfg.val_fraction}")
+        val_cls = [tr_sorted[i] for i in _rng(cfg.seed, 2).permutation(len(tr_sorted))[:n_val]]
+        is_val = np.isin(col.labels[train], val_cls)
+        val, train = train[is_val], train[~is_val]
+        if len(val):
+            vq, vg = _query_gallery(col, val, SplitConfig(**{**asdict(cfg), "query_mode": "split"}), "validation")
+        else:
+            vq = vg = np.zeros(0, np.int64)
+        q, g = _query_gallery(col, test, cfg, "test")
+    if not len(train):
+        raise DataError(f"{col.name}: no training images left after splitting")
+    return Splits(cfg, {"train": train, "val_query": vq, "val_gallery": vg, "query": q, "gallery": g}, col)

@@ -1,0 +1,1 @@
+"""Networks: sliceable blocks, the SPOS supernet and standalone subnets."""

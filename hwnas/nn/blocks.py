@@ -1,0 +1,154 @@
+"""ShuffleNetV2 / Shuffle-Xception units whose middle channels can be sliced.
+
+One block class serves both the supernet (built at the largest middle width, run at any
+smaller one by slicing the leading channels of its weights) and the standalone subnet
+(built at exactly the chosen width, where no slicing happens and ONNX export sees plain
+Conv/BatchNormalization nodes). Because every sliced dimension is a *leading* channel
+dimension, extracting a subnet is a generic leading-slice copy of each tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SlimConv2d(nn.Conv2d):
+    """A bias-free conv that can run on the first ``in`` input / ``out`` output channels.
+
+    Depthwise convs (``groups == in_channels``) slice both together."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, depthwise: bool = False):
+        super().__init__(c_in, c_out, k, stride, k // 2, groups=c_in if depthwise else 1, bias=False)
+        self.depthwise = depthwise
+
+    def forward(self, x: torch.Tensor, c_out: int | None = None) -> torch.Tensor:  # type: ignore[override]
+        c_in = x.shape[1]
+        if self.depthwise:
+            if c_in == self.in_channels:
+                return super().forward(x)
+            return F.conv2d(x, self.weight[:c_in], None, self.stride, self.padding, 1, c_in)
+        c_out = self.out_channels if c_out is None else c_out
+        if c_in == self.in_channels and c_out == self.out_channels:
+            return super().forward(x)
+        return F.conv2d(x, self.weight[:c_out, :c_in], None, self.stride, self.padding)
+
+
+class SlimBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the first ``x.shape[1]`` channels; running stats update in place on
+    the slice, so per-subnet recalibration works in the supernet too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        c = x.shape[1]
+        if c == self.num_features:
+            return super().forward(x)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = (
+                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            )
+        else:
+            factor = 0.0
+        use_batch_stats = self.training or self.running_mean is None
+        return F.batch_norm(
+            x,
+            self.running_mean[:c] if self.running_mean is not None else None,
+            self.running_var[:c] if self.running_var is not None else None,
+            self.weight[:c],
+            self.bias[:c],
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+def split_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPOS channel shuffle + split: even channels bypass, odd channels enter the branch."""
+    return x[:, 0::2], x[:, 1::2]
+
+
+class ChoiceBlock(nn.Module):
+    """A ShuffleNetV2 unit (``shufflenet``, depthwise kernel ``k``) or a Shuffle-Xception
+    unit (``xception``), with stride 1 (half the channels bypass) or 2 (a projection branch
+    downsamples the full input).
+
+    ``forward(x, mid)`` runs with ``mid`` middle channels (default: all it was built with).
+    """
+
+    def __init__(self, kind: str, c_in: int, c_out: int, mid: int, k: int, stride: int):
+        super().__init__()
+        if kind not in ("shufflenet", "xception"):
+            raise ValueError(f"unknown block kind {kind!r}")
+        self.kind, self.stride, self.mid = kind, stride, mid
+        bi = c_in // 2 if stride == 1 else c_in
+        bo = c_out - bi
+        self.branch_out = bo
+        relu = nn.ReLU(inplace=True)
+        self.relu = relu
+        if kind == "shufflenet":
+            self.convs = nn.ModuleList([
+                SlimConv2d(bi, mid, 1),
+                SlimConv2d(mid, mid, k, stride, depthwise=True),
+                SlimConv2d(mid, bo, 1),
+            ])
+            # (output channels: None = mid, or the branch output) and whether ReLU follows
+            self._plan = [(None, True), (None, False), (bo, True)]
+        else:
+            self.convs = nn.ModuleList([
+                SlimConv2d(bi, bi, 3, stride, depthwise=True),
+                SlimConv2d(bi, mid, 1),
+                SlimConv2d(mid, mid, 3, depthwise=True),
+                SlimConv2d(mid, mid, 1),
+                SlimConv2d(mid, mid, 3, depthwise=True),
+                SlimConv2d(mid, bo, 1),
+            ])
+            self._plan = [(None, False), (None, True), (None, False), (None, True),
+                          (None, False), (bo, True)]
+        self.bns = nn.ModuleList([SlimBatchNorm2d(c.out_channels) for c in self.convs])
+        if stride == 2:
+            self.proj = nn.Sequential(
+                nn.Conv2d(bi, bi, k, stride, k // 2, groups=bi, bias=False),
+                nn.BatchNorm2d(bi),
+                nn.Conv2d(bi, bi, 1, bias=False),
+                nn.BatchNorm2d(bi),
+                nn.ReLU(inplace=True),
+            )
+        else:
+            self.proj = None
+
+    def forward(self, x: torch.Tensor, mid: int | None = None) -> torch.Tensor:
+        mid = self.mid if mid is None else mid
+        if self.stride == 1:
+            x_proj, h = split_channels(x)
+        else:
+            x_proj, h = self.proj(x), x
+        for conv, bn, (c_out, act) in zip(self.convs, self.bns, self._plan):
+            h = bn(conv(h, mid if c_out is None else c_out))
+            if act:
+                h = self.relu(h)
+        return torch.cat([x_proj, h], 1)
+
+
+class Stem(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+        )
+
+
+class EmbeddingHead(nn.Module):
+    """1x1 conv + BN + ReLU, global average pooling, linear embedding, L2 normalization."""
+
+    def __init__(self, c_in: int, head_channels: int, embed_dim: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(c_in, head_channels, 1, bias=False),
+            nn.BatchNorm2d(head_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.embed = nn.Linear(head_channels, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).mean((2, 3))
+        return F.normalize(self.embed(x), dim=1)

@@ -1,0 +1,142 @@
+"""The weight-sharing SPOS supernet and the standalone subnets extracted from it."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from hwnas.nn.blocks import ChoiceBlock, EmbeddingHead, Stem
+from hwnas.space.ops import layer_op
+from hwnas.space.spec import BLOCK_OPS, OP_KERNEL, OP_KIND, SKIP, Arch, SearchSpace
+
+
+class Supernet(nn.Module):
+    """Every op of every layer at its largest middle width; ``forward(x, arch)`` runs one
+    path (the chosen op per layer at the chosen channel scale, skips bypassed)."""
+
+    def __init__(self, space: SearchSpace):
+        super().__init__()
+        self.space = space
+        self.stem = Stem(space.in_channels, space.stem_channels)
+        self.layers = nn.ModuleList()
+        for layer in space.layers():
+            mid = space.max_mid_channels(layer)
+            self.layers.append(nn.ModuleDict({
+                op: ChoiceBlock(OP_KIND[op], layer.in_channels, layer.out_channels, mid,
+                                OP_KERNEL[op], layer.stride)
+                for op in layer.choices if op != SKIP
+            }))
+        last = space.layers()[-1]
+        self.head = EmbeddingHead(last.out_channels, space.head_channels, space.embed_dim)
+
+    def mids(self, arch: Arch) -> list[int | None]:
+        return [
+            None if op == SKIP else layer_op(self.space, layer, op, scale).mid_channels
+            for layer, (op, scale) in zip(self.space.layers(), arch.layers)
+        ]
+
+    def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
+        x = self.stem(x)
+        for blocks, (op, _), mid in zip(self.layers, arch.layers, self.mids(arch)):
+            if op != SKIP:
+                x = blocks[op](x, mid)
+        return self.head(x)
+
+    def path_modules(self, arch: Arch) -> Iterable[nn.Module]:
+        """The modules one path uses (for per-path gradient checks and BN handling)."""
+        yield self.stem
+        for blocks, (op, _) in zip(self.layers, arch.layers):
+            if op != SKIP:
+                yield blocks[op]
+        yield self.head
+
+    @torch.no_grad()
+    def extract(self, arch: Arch) -> "SubNet":
+        """A standalone ``SubNet`` holding only the chosen ops, with inherited weights and
+        BatchNorm statistics (recalibrate first for meaningful statistics)."""
+        self.space.validate(arch)
+        sub = SubNet(self.space, arch)
+        sub.stem.load_state_dict(self.stem.state_dict())
+        sub.head.load_state_dict(self.head.state_dict())
+        for sub_block, blocks, (op, _) in zip(sub.layers, self.layers, arch.layers):
+            if op != SKIP:
+                copy_leading_slices(blocks[op], sub_block)
+        sub.train(self.training)
+        return sub
+
+
+class SubNet(nn.Module):
+    """One architecture as a plain network: ``forward(x)`` -> L2-normalized embeddings."""
+
+    def __init__(self, space: SearchSpace, arch: Arch):
+        super().__init__()
+        space.validate(arch)
+        self.space, self.arch = space, arch
+        self.stem = Stem(space.in_channels, space.stem_channels)
+        self.layers = nn.ModuleList()
+        for layer, (op, scale) in zip(space.layers(), arch.layers):
+            if op == SKIP:
+                self.layers.append(nn.Identity())
+            else:
+                mid = layer_op(space, layer, op, scale).mid_channels
+                self.layers.append(ChoiceBlock(OP_KIND[op], layer.in_channels,
+                                               layer.out_channels, mid, OP_KERNEL[op],
+                                               layer.stride))
+        last = space.layers()[-1]
+        self.head = EmbeddingHead(last.out_channels, space.head_channels, space.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.layers:
+            x = block(x)
+        return self.head(x)
+
+
+def copy_leading_slices(src: nn.Module, dst: nn.Module) -> None:
+    """Copy every parameter and buffer of ``src`` into ``dst`` by taking the leading slice
+    of each dimension (``dst`` is the same module built narrower)."""
+    src_state = src.state_dict()
+    dst_state = dst.state_dict()
+    for name, t in dst_state.items():
+        s = src_state[name]
+        if s.dim() != t.dim():
+            raise ValueError(f"cannot slice {name}: {tuple(s.shape)} -> {tuple(t.shape)}")
+        t.copy_(s[tuple(slice(0, n) for n in t.shape)] if t.dim() else s)
+
+
+@torch.no_grad()
+def recalibrate_bn(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    arch: Arch | None = None,
+) -> int:
+    """Reset every BatchNorm's running statistics and re-estimate them as the exact mean
+    over ``batches`` (momentum None) for the path ``arch`` (supernet) or the model itself.
+
+    Leaves the model in eval mode; returns the number of images seen."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    n = 0
+    try:
+        for x in batches:
+            if arch is None:
+                model(x)
+            else:
+                model(x, arch)
+            n += x.shape[0]
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.eval()
+    if n == 0:
+        raise ValueError("recalibrate_bn needs at least one batch")
+    return n
+
+
+__all__ = ["BLOCK_OPS", "SubNet", "Supernet", "copy_leading_slices", "recalibrate_bn"]

@@ -1,0 +1,56 @@
+"""The run directory: what every command reads and writes.
+
+``runs/<name>/`` holds ``config.json`` (the resolved config of the run), ``splits.json``
+(the recorded split), and the artifacts of later steps. Commands find what earlier steps
+produced here instead of taking a long list of flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from hwnas.config import Config
+from hwnas.errors import DataError
+from hwnas.utils import read_json, write_json
+
+
+class RunDir:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.path = Path(cfg.run_dir)
+
+    @property
+    def splits_path(self) -> Path:
+        return self.path / "splits.json"
+
+    def collection(self):
+        from hwnas.data.sources import load_source
+
+        return load_source(self.cfg.data.dataset, self.cfg.data.data_dir)
+
+    def splits(self, collection=None, create: bool = True, log=print):
+        """The run's splits: read ``splits.json`` if present (and check it was made with
+        the same data and split config), else make and record them."""
+        from hwnas.data.splits import Splits, make_splits
+
+        col = collection or self.collection()
+        split_cfg = self.cfg.split_config()
+        if self.splits_path.exists():
+            d = read_json(self.splits_path)
+            if d.get("config") != asdict(split_cfg) or d.get("source", {}).get("name") != col.name:
+                raise DataError(
+                    f"{self.splits_path} was made with other data or split settings "
+                    f"({d.get('source', {}).get('name')}, {d.get('config')}); use a new "
+                    "--run-dir, or delete that file to split again"
+                )
+            return Splits.load(self.splits_path, col)
+        if not create:
+            raise DataError(f"{self.splits_path} does not exist; run `hwnas data` first")
+        s = make_splits(col, split_cfg)
+        s.save(self.splits_path)
+        log(f"wrote {self.splits_path} (fingerprint {s.fingerprint})")
+        return s
+
+    def save_config(self) -> Path:
+        return write_json(self.path / "config.json", self.cfg.to_dict())

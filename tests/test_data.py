@@ -1,0 +1,190 @@
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from conftest import make_png_folder
+from hwnas.data import (
+    Preprocess, SplitConfig, Splits, fashion_mnist, image_folder, make_splits, manifest,
+    materialize, omniglot,
+)
+from hwnas.data.sources import read_idx
+from hwnas.errors import DataError
+
+
+# ---------------------------------------------------------------- IDX
+def _write_idx(path, arr, gz=False):
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_round_trip(tmp_path, gz):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    p = tmp_path / ("x.idx.gz" if gz else "x.idx")
+    _write_idx(p, arr, gz)
+    np.testing.assert_array_equal(read_idx(p), arr)
+
+
+def test_idx_truncated_and_bad_magic(tmp_path):
+    arr = np.zeros((4, 5, 5), np.uint8)
+    p = tmp_path / "t.idx"
+    _write_idx(p, arr)
+    p.write_bytes(p.read_bytes()[:-7])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(p)
+    (tmp_path / "m.idx").write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(DataError, match="magic"):
+        read_idx(tmp_path / "m.idx")
+
+
+def test_fashion_mnist_custom_dir_and_missing(tmp_path):
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", np.full((n, 28, 28), 7, np.uint8))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8) % 3)
+    col = fashion_mnist(tmp_path)
+    assert len(col) == 10 and col.splits.count("test") == 4
+    assert np.asarray(col.read(0)).shape == (28, 28)
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist(tmp_path / "nowhere")
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
+        fashion_mnist(tmp_path)
+
+
+def test_fashion_mnist_real(fmnist_dir):
+    col = fashion_mnist(fmnist_dir)
+    assert len(col) == 70000 and col.num_classes == 10
+    s = make_splits(col, SplitConfig(protocol="closed"))
+    assert len(s.parts["query"]) + len(s.parts["gallery"]) == 10000
+    assert s.classes("query") == list(range(10))
+    # val comes from the training side and never overlaps the final test images
+    train_side = set(s.parts["train"]) | set(s.parts["val_query"]) | set(s.parts["val_gallery"])
+    assert not train_side & (set(s.parts["query"]) | set(s.parts["gallery"]))
+    a = materialize(col, s.parts["query"][:16], Preprocess(32, 1))
+    assert a.images.shape == (16, 1, 32, 32) and a.images.dtype == np.uint8
+
+
+# ---------------------------------------------------------------- Omniglot
+def test_omniglot_open_set(omniglot_dir, tmp_path):
+    col = omniglot(omniglot_dir)
+    assert len(col) == 5840 and col.num_classes == 292
+    s = make_splits(col, SplitConfig(protocol="open", query_fraction=0.25, val_fraction=0.15))
+    assert len(s.classes("query")) == 156  # small2's characters, unseen in training
+    assert not set(s.classes("train")) & set(s.classes("query"))
+    assert not set(s.classes("val_query")) & set(s.classes("train"))
+    assert set(s.parts["query"]).isdisjoint(s.parts["gallery"])
+    assert len(s.parts["query"]) == 156 * 5  # 25% of 20 drawings per character
+    s.save(tmp_path / "splits.json")
+    s2 = Splits.load(tmp_path / "splits.json", col)
+    for p in s.parts:
+        np.testing.assert_array_equal(s.parts[p], s2.parts[p])
+    rule = json.loads((tmp_path / "splits.json").read_text())["rule"]
+    assert "crc32" in rule
+
+
+def test_splits_deterministic_and_seeded(omniglot_dir):
+    col = omniglot(omniglot_dir)
+    a = make_splits(col, SplitConfig(protocol="open", seed=3))
+    b = make_splits(col, SplitConfig(protocol="open", seed=3))
+    c = make_splits(col, SplitConfig(protocol="open", seed=4))
+    assert a.fingerprint == b.fingerprint
+    assert a.fingerprint != c.fingerprint
+
+
+def test_leave_one_out_mode(omniglot_dir):
+    col = omniglot(omniglot_dir)
+    s = make_splits(col, SplitConfig(protocol="open", query_mode="all"))
+    np.testing.assert_array_equal(s.parts["query"], s.parts["gallery"])
+    assert s.shared_eval
+
+
+# ---------------------------------------------------------------- user images
+def test_class_folders_and_both_protocols(tmp_path):
+    root = make_png_folder(tmp_path / "imgs", {f"c{i}": 6 for i in range(10)})
+    col = image_folder(root)
+    assert len(col) == 60 and col.class_names[0] == "c0"
+    closed = make_splits(col, SplitConfig(protocol="closed", test_fraction=0.5))
+    assert closed.classes("query") == closed.classes("train")
+    opened = make_splits(col, SplitConfig(protocol="open", test_fraction=0.3, val_fraction=0.0))
+    assert len(opened.classes("query")) == 3
+    assert not set(opened.classes("train")) & set(opened.classes("gallery"))
+    a = materialize(col, np.arange(4), Preprocess(16, 3))
+    assert a.images.shape == (4, 3, 16, 16)  # non-square 20x24 -> resize + center crop
+
+
+def test_class_folders_with_train_test(tmp_path):
+    make_png_folder(tmp_path / "ds" / "train", {"a": 4, "b": 4})
+    make_png_folder(tmp_path / "ds" / "test", {"a": 3, "b": 3})
+    col = image_folder(tmp_path / "ds")
+    assert sorted(set(col.splits)) == ["test", "train"]
+    s = make_splits(col, SplitConfig(protocol="closed", val_fraction=0.0))
+    assert len(s.parts["train"]) == 8 and len(s.parts["query"]) + len(s.parts["gallery"]) == 6
+
+
+def test_manifest(tmp_path):
+    make_png_folder(tmp_path / "imgs", {"x": 3, "y": 3})
+    rows = ["path,label,split"]
+    for c in "xy":
+        for i in range(3):
+            rows.append(f"imgs/{c}/img{i:03d}.png,{c},{'train' if i == 0 else 'test'}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    col = manifest(tmp_path / "m.csv")
+    assert len(col) == 6 and col.splits.count("train") == 2
+    assert np.asarray(col.read(0)).shape == (24, 20, 3)
+    (tmp_path / "bad.csv").write_text("file,cls\na.png,x\n")
+    with pytest.raises(DataError, match="path,label"):
+        manifest(tmp_path / "bad.csv")
+    (tmp_path / "bad2.csv").write_text("path,label,split\nimgs/x/img000.png,x,valid\n")
+    with pytest.raises(DataError, match="bad2.csv:2"):
+        manifest(tmp_path / "bad2.csv")
+
+
+# ---------------------------------------------------------------- bad input
+def test_corrupt_image_named_or_skipped(tmp_path):
+    root = make_png_folder(tmp_path / "imgs", {"a": 4, "b": 4})
+    (root / "a" / "img001.png").write_bytes(b"not a png at all")
+    col = image_folder(root)
+    with pytest.raises(DataError, match=r"img001\.png.*--skip-bad-images"):
+        materialize(col, np.arange(len(col)), Preprocess(16, 3))
+    a = materialize(col, np.arange(len(col)), Preprocess(16, 3), skip_bad=True)
+    assert len(a.images) == 7 and a.skipped == ["a/img001.png"]
+    assert len(a.labels) == 7 and len(a.indices) == 7
+
+
+def test_missing_file_in_manifest(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label\nnope.png,a\n")
+    col = manifest(tmp_path / "m.csv")
+    with pytest.raises(DataError, match="nope.png.*does not exist"):
+        materialize(col, [0], Preprocess(16, 3))
+
+
+def test_empty_class_single_image_missing_dir(tmp_path):
+    root = make_png_folder(tmp_path / "imgs", {"a": 3, "b": 3})
+    (root / "empty").mkdir()
+    with pytest.raises(DataError, match="empty.*has no images"):
+        image_folder(root)
+    (root / "empty").rmdir()
+    make_png_folder(root, {"solo": 1})
+    col = image_folder(root)
+    with pytest.raises(DataError, match="'solo' has 1 image"):
+        make_splits(col, SplitConfig(protocol="closed"))
+    # open-set: a one-image class among the evaluation classes cannot give query + gallery
+    make_png_folder(root, {"solo": 1, "c": 2, "d": 2})
+    (root / "a").rename(tmp_path / "a_out")
+    col = image_folder(root)
+    with pytest.raises(DataError, match="'solo' has 1 image"):
+        make_splits(col, SplitConfig(protocol="open", test_fraction=0.75, val_fraction=0))
+    with pytest.raises(DataError, match="does not exist"):
+        image_folder(tmp_path / "missing")
+
+
+def test_splits_from_other_data_refused(tmp_path, omniglot_dir):
+    root = make_png_folder(tmp_path / "imgs", {"a": 3, "b": 3})
+    s = make_splits(image_folder(root), SplitConfig(protocol="closed", test_fraction=0.5))
+    s.save(tmp_path / "splits.json")
+    with pytest.raises(DataError, match="not in data set"):
+        Splits.load(tmp_path / "splits.json", omniglot(omniglot_dir))
