@@ -1,0 +1,74 @@
+"""Shared helpers for benchmark scripts: machine description, results files, BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hwnas.utils import atomic_write_text, write_json  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    import numpy
+    import torch
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    for mod in ("faiss", "onnxruntime", "timm", "optuna"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    return info
+
+
+def machine_line(m: dict) -> str:
+    libs = ", ".join(f"{k} {m[k]}" for k in ("torch", "faiss", "onnxruntime", "timm") if k in m)
+    return f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, {libs}; measured {m['date']}"
+
+
+def save_results(name: str, results: dict) -> Path:
+    return write_json(ROOT / "benchmarks" / "results" / f"{name}.json", results)
+
+
+def update_benchmarks_md(section: str, markdown: str) -> Path:
+    """Replace (or append) the section between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->``."""
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else (
+        "# Benchmarks\n\nEvery figure here is written by a script under `benchmarks/` "
+        "(results also in `benchmarks/results/*.json`). Re-run with `make bench`.\n"
+    )
+    block = f"<!-- begin:{section} -->\n{markdown.strip()}\n<!-- end:{section} -->"
+    pat = re.compile(rf"<!-- begin:{re.escape(section)} -->.*?<!-- end:{re.escape(section)} -->", re.S)
+    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    atomic_write_text(path, text)
+    return path
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=2)
