@@ -25,6 +25,28 @@ EXAMPLES = {
           hwnas space                                   # the default space
           hwnas space --config configs/quickstart.yaml --sample 5
           hwnas space --arch 'k3@1,k5@0.6,skip,xc@2/...'  # FLOPs/params of one arch""",
+    "train-gallery": """\
+        examples:
+          hwnas train-gallery --config configs/quickstart.yaml
+          hwnas train-gallery --config c.yaml --set gallery.backbone=resnet50 --set gallery.train.epochs=30
+          hwnas train-gallery --config c.yaml --backbone-checkpoint my_resnet50.safetensors --freeze-backbone
+          torchrun --standalone --nproc_per_node 2 -m hwnas.cli train-gallery --config c.yaml""",
+    "train-supernet": """\
+        examples:
+          hwnas train-supernet --config configs/quickstart.yaml
+          hwnas train-supernet --config c.yaml --resume          # continue after a kill
+          hwnas train-supernet --config c.yaml --set supernet.loss.bct=0   # regression only
+          torchrun --standalone --nproc_per_node 2 -m hwnas.cli train-supernet --config c.yaml""",
+    "train-query": """\
+        examples:
+          hwnas train-query --config c.yaml --arch 'k3@1,k5@0.6,skip,...'   # inherits supernet weights
+          hwnas train-query --config c.yaml --timm mobilenetv3_small_050     # a fixed baseline
+          hwnas train-query --config c.yaml --arch ... --no-inherit --set query.loss.bct=0""",
+    "evaluate": """\
+        examples:
+          hwnas evaluate --config c.yaml --query runs/quickstart/query/NAME
+          hwnas evaluate --config c.yaml --arch 'k3@1,...'   # a supernet subnet, BN recalibrated
+          hwnas evaluate --config c.yaml --query DIR --part val --json""",
     "run": """\
         examples:
           hwnas run configs/quickstart.yaml
@@ -35,6 +57,17 @@ EXAMPLES = {
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/JSON config file (flags override it)")
     p.add_argument("--run-dir", help="run directory (default: from the config, runs/default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set supernet.train.epochs=5 "
+                   "(repeatable; VALUE is read as YAML)")
+
+
+def _add_resume(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint (after a kill)")
+    g.add_argument("--restart", action="store_true",
+                   help="discard earlier checkpoints and results of this step, start over")
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -80,16 +113,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=0, help="also show N random archs")
     p.add_argument("--json", action="store_true", help="print the spec as JSON")
 
+    p = add("train-gallery", "Train the gallery model: a timm backbone + embedding head + cosine classifier.")
+    _add_common(p)
+    _add_resume(p)
+    p.add_argument("--backbone", help="timm model name (e.g. resnet50)")
+    p.add_argument("--backbone-checkpoint", help="initialize the backbone from your own timm "
+                   "weights (safetensors, or a torch state dict read with weights_only=True)")
+    p.add_argument("--freeze-backbone", action="store_true", default=None,
+                   help="with --backbone-checkpoint: train only the embedding head")
+
+    p = add("train-supernet", "Train the SPOS supernet for compatibility with the frozen gallery model.")
+    _add_common(p)
+    _add_resume(p)
+
+    p = add("train-query", "Train one fixed query model with the compatibility loss, then evaluate it.")
+    _add_common(p)
+    _add_resume(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--arch", help="an arch string of the search space")
+    src.add_argument("--timm", help="a timm model as a fixed baseline, e.g. mobilenetv3_small_050")
+    p.add_argument("--name", help="name of the model directory under RUN_DIR/query/")
+    p.add_argument("--no-inherit", action="store_true",
+                   help="train the arch from scratch instead of from the supernet's weights")
+
+    p = add("evaluate", "Report M(g,g), M(q,g), M(q,q) (recall@1/5, mAP) for a query model.")
+    _add_common(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--query", help="a trained query model directory")
+    src.add_argument("--arch", help="a subnet of the trained supernet (BN recalibrated)")
+    p.add_argument("--part", choices=["test", "val"], default="test", help="which split (default test)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     p = add("run", "Run the pipeline end to end from a config, step by step (resumable).")
     p.add_argument("config", help="YAML/JSON config file, e.g. configs/quickstart.yaml")
     p.add_argument("--run-dir", help="override the config's run directory")
     return ap
 
 
+def _apply_sets(cfg, sets) -> None:
+    """``--set a.b.c=value``: walk dataclasses and dicts, assign the YAML-parsed value."""
+    import dataclasses
+
+    import yaml
+
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise HwnasError(f"--set {item!r}: expected KEY=VALUE, e.g. supernet.train.epochs=5")
+        value = yaml.safe_load(raw)
+        obj, parts = cfg, key.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if dataclasses.is_dataclass(obj):
+                names = [f.name for f in dataclasses.fields(obj)]
+                if part not in names:
+                    raise HwnasError(f"--set {key}: {'.'.join(parts[:i]) or 'config'} has no key "
+                                     f"{part!r}; valid keys: {names}")
+                if last:
+                    setattr(obj, part, value)
+                else:
+                    nxt = getattr(obj, part)
+                    if nxt is None:
+                        nxt = {}
+                        setattr(obj, part, nxt)
+                    obj = nxt
+            elif isinstance(obj, dict):
+                if last:
+                    obj[part] = value
+                else:
+                    obj = obj.setdefault(part, {})
+            else:
+                raise HwnasError(f"--set {key}: {'.'.join(parts[:i])} is not a section")
+
+
 def _load(args):
     from hwnas.config import load_config
 
     cfg = load_config(getattr(args, "config", None))
+    _apply_sets(cfg, getattr(args, "set", []))
     if getattr(args, "run_dir", None):
         cfg.run_dir = args.run_dir
     d = cfg.data
@@ -156,13 +257,65 @@ def cmd_space(args) -> int:
     return 0
 
 
+def cmd_train_gallery(args) -> int:
+    from hwnas.compat.api import train_gallery
+
+    cfg = _load(args)
+    g = cfg.gallery
+    if args.backbone:
+        g.backbone = args.backbone
+    if args.backbone_checkpoint:
+        g.backbone_checkpoint = args.backbone_checkpoint
+    if args.freeze_backbone:
+        g.freeze_backbone = True
+    if g.freeze_backbone and not g.backbone_checkpoint:
+        raise HwnasError("--freeze-backbone needs --backbone-checkpoint (a frozen random "
+                         "backbone would embed nothing useful)")
+    train_gallery(cfg, resume=args.resume, restart=args.restart)
+    return 0
+
+
+def cmd_train_supernet(args) -> int:
+    from hwnas.compat.api import train_supernet
+
+    train_supernet(_load(args), resume=args.resume, restart=args.restart)
+    return 0
+
+
+def cmd_train_query(args) -> int:
+    from hwnas.compat.api import evaluate_query, evaluation_table, train_query
+    from hwnas.compat.train import is_main
+
+    cfg = _load(args)
+    q = train_query(cfg, arch=args.arch, timm_name=args.timm, name=args.name, resume=args.resume,
+                    restart=args.restart, inherit=False if args.no_inherit else None)
+    if is_main():
+        from pathlib import Path
+
+        res = evaluate_query(cfg, query_dir=str(Path(cfg.run_dir) / "query" / q["name"]))
+        print(evaluation_table(res))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from hwnas.compat.api import evaluate_query, evaluation_table
+
+    res = evaluate_query(_load(args), query_dir=args.query, arch=args.arch, part=args.part)
+    print(json.dumps(res, indent=2) if args.json else evaluation_table(res))
+    return 0
+
+
 def cmd_run(args) -> int:
     from hwnas.pipeline import run_pipeline
 
     return run_pipeline(_load(args))
 
 
-COMMANDS = {"data": cmd_data, "space": cmd_space, "run": cmd_run}
+COMMANDS = {"data": cmd_data, "space": cmd_space, "train-gallery": cmd_train_gallery,
+            "train-supernet": cmd_train_supernet, "train-query": cmd_train_query,
+            "evaluate": cmd_evaluate, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,10 +27,39 @@ class DataConfig:
 
 
 @dataclass
+class GalleryConfig:
+    backbone: str = "resnet50"  # any timm model name (no pretrained download)
+    classifier: str = "cosface"  # cosface | arcface
+    scale: float = 30.0
+    margin: float = 0.2
+    backbone_checkpoint: str | None = None  # your own timm weights (safetensors or torch file)
+    freeze_backbone: bool = False  # with a checkpoint: train only the embedding head
+    train: dict = field(default_factory=dict)  # TrainConfig fields
+
+
+@dataclass
+class SupernetConfig:
+    train: dict = field(default_factory=dict)  # TrainConfig fields
+    loss: dict = field(default_factory=dict)  # LossConfig fields
+    flops_range: list | None = None  # [lo, hi] MFLOPs: sample only paths in this range
+    cache_gallery_embeddings: bool = True
+
+
+@dataclass
+class QueryConfig:
+    train: dict = field(default_factory=dict)  # TrainConfig fields
+    loss: dict | None = None  # LossConfig fields; None: the supernet's loss
+    inherit: bool = True  # start SPOS subnets from the supernet's weights
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     space: dict = field(default_factory=dict)  # SearchSpace fields
+    gallery: GalleryConfig = field(default_factory=GalleryConfig)
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
     seed: int = 0
 
     # ---------------------------------------------------------------- builders
@@ -54,6 +83,18 @@ class Config:
         sp = self.search_space()
         return Preprocess(sp.input_size, sp.in_channels, self.data.mean, self.data.std)
 
+    def train_config(self, section: str):
+        from hwnas.compat.train import TrainConfig
+
+        d = getattr(self, section).train
+        return _build(TrainConfig, d, f"{section}.train")
+
+    def loss_config(self, section: str = "supernet"):
+        from hwnas.compat.losses import LossConfig
+
+        d = self.query.loss if (section == "query" and self.query.loss is not None) else self.supernet.loss
+        return _build(LossConfig, d, f"{section}.loss")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -67,12 +108,16 @@ def _build(cls, d: dict, where: str):
         raise HwnasError(f"config {where}: unknown keys {bad}; valid keys: {sorted(fields)}")
     kw: dict[str, Any] = {}
     for k, v in d.items():
-        if k == "data":
-            v = _build(DataConfig, v, "data")
+        if k in SECTIONS:
+            v = _build(SECTIONS[k], v, k)
         elif isinstance(v, list) and k in ("mean", "std"):
             v = tuple(v)
         kw[k] = v
     return cls(**kw)
+
+
+SECTIONS = {"data": DataConfig, "gallery": GalleryConfig, "supernet": SupernetConfig,
+            "query": QueryConfig}
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_png_folder
 
-SUBCOMMANDS = ["data", "space", "run"]
+SUBCOMMANDS = ["data", "space", "train-gallery", "train-supernet", "train-query", "evaluate", "run"]
 
 
 def hwnas(*args, cwd=None, timeout=300):

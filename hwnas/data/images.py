@@ -101,7 +101,7 @@ def materialize(
     out = np.empty((len(indices), pre.channels, pre.size, pre.size), np.uint8)
     kept = np.ones(len(indices), bool)
     skipped: list[str] = []
-    it = tqdm(range(len(indices)), desc=desc, unit="img", disable=not progress or len(indices) < 2000,
+    it = tqdm(range(len(indices)), desc=desc, unit="img", disable=None if (progress and len(indices) >= 2000) else True,
               mininterval=1.0, leave=False)
     for j in it:
         i = int(indices[j])

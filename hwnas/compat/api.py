@@ -1,0 +1,446 @@
+"""The compatibility commands as functions: train-gallery, train-supernet, train-query,
+evaluate. The CLI and the pipeline call these; each reads and writes the run directory.
+
+Run directory layout::
+
+    gallery/   model.safetensors, config.json (fingerprint), checkpoint.safetensors
+    supernet/  model.safetensors, config.json, checkpoint.safetensors
+    query/<name>/  model.safetensors, config.json, checkpoint.safetensors, evaluation.json
+    cache/     frozen gallery embeddings (keyed by gallery fingerprint and split)
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hwnas.config import Config
+from hwnas.errors import HwnasError
+from hwnas.rundir import RunDir
+from hwnas.utils import read_json, write_json
+
+
+# ---------------------------------------------------------------------- data
+@dataclass
+class PartImages:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64: rows of the classifier's class list (train) or raw labels
+    raw_labels: np.ndarray
+    ids: list[str]
+
+
+def load_part(rd: RunDir, part: str, pre, class_names: list[str] | None = None, log=print) -> PartImages:
+    """Decode one split part. With ``class_names``, labels become rows of that list (and a
+    class missing from it is a clear error)."""
+    from hwnas.data.images import materialize
+
+    splits = rd.splits(log=log)
+    col = splits.collection
+    arr = materialize(col, splits.parts[part], pre, rd.cfg.data.skip_bad_images, desc=part)
+    if arr.skipped:
+        log(f"[data] skipped {len(arr.skipped)} unreadable images in {part} (e.g. {arr.skipped[0]})")
+    if len(arr.images) == 0:
+        raise HwnasError(f"split part {part!r} is empty; check data.split settings")
+    raw = arr.labels
+    if class_names is None:
+        labels = raw
+    else:
+        row = {c: i for i, c in enumerate(class_names)}
+        names = [col.class_names[c] for c in raw]
+        missing = sorted({n for n in names if n not in row})
+        if missing:
+            raise HwnasError(
+                f"{len(missing)} training classes (e.g. {missing[0]!r}) are not among the "
+                f"gallery classifier's {len(class_names)} classes, so the BCT loss cannot use "
+                "them: retrain the gallery on this split (hwnas train-gallery --restart) or "
+                "set supernet.loss.bct: 0"
+            )
+        labels = np.array([row[n] for n in names], np.int64)
+    return PartImages(torch.from_numpy(arr.images), torch.from_numpy(labels), raw, arr.ids(col))
+
+
+def train_class_names(rd: RunDir) -> list[str]:
+    s = rd.splits()
+    return sorted({s.collection.class_names[c] for c in s.labels("train")})
+
+
+@torch.no_grad()
+def embed(net, images: torch.Tensor, normalize, batch: int = 256, desc: str = "embed",
+          arch=None) -> np.ndarray:
+    from tqdm import tqdm
+
+    net.eval()
+    out = []
+    for i in tqdm(range(0, len(images), batch), desc=desc, leave=False, disable=None if len(images) >= 4096 else True):
+        x = normalize(images[i:i + batch])
+        out.append(net(x) if arch is None else net(x, arch))
+    return torch.cat(out).numpy()
+
+
+def _cached(path: Path, key: str, compute) -> np.ndarray:
+    """An embedding array cached in a safetensors file, recomputed when ``key`` differs."""
+    from safetensors.numpy import load_file, save_file
+
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            if (f.metadata() or {}).get("key") == key:
+                return load_file(str(path))["emb"]
+    emb = np.ascontiguousarray(compute(), dtype=np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"emb": emb}, str(tmp), metadata={"key": key})
+    tmp.replace(path)
+    return emb
+
+
+def gallery_embeddings(rd: RunDir, gallery, part: str, images: PartImages | None = None,
+                       log=print) -> np.ndarray:
+    """The frozen gallery model's embeddings of a split part, cached per fingerprint+split."""
+    from hwnas.data.images import Preprocess
+
+    pre = Preprocess.from_dict(gallery.config["preprocess"])
+    splits = rd.splits(log=log)
+    key = f"{gallery.fingerprint}-{splits.fingerprint}-{part}"
+
+    def compute():
+        imgs = images if images is not None else load_part(rd, part, pre, log=log)
+        return embed(gallery.net, imgs.images, pre.normalize, desc=f"gallery embeds {part}")
+
+    return _cached(rd.path / "cache" / f"gallery-{part}.safetensors", key, compute)
+
+
+def _prepare_out(out: Path, restart: bool) -> bool:
+    """True if a finished model is already there (and ``restart`` is off)."""
+    if restart and out.exists():
+        shutil.rmtree(out)
+    return (out / "model.safetensors").exists() and (out / "config.json").exists()
+
+
+def check_compatible(gallery_cfg: dict, embed_dim: int, pre) -> None:
+    """Refuse a gallery/query pair that cannot be compatible, with the fix."""
+    gp = gallery_cfg["preprocess"]
+    if gallery_cfg["embed_dim"] != embed_dim:
+        raise HwnasError(
+            f"the gallery model embeds in {gallery_cfg['embed_dim']} dimensions but the query "
+            f"model's embed_dim is {embed_dim}: set space.embed_dim: "
+            f"{gallery_cfg['embed_dim']} (or retrain the gallery)"
+        )
+    if gp["channels"] != pre.channels:
+        raise HwnasError(f"the gallery model takes {gp['channels']}-channel images but the query "
+                         f"space takes {pre.channels}: set space.in_channels to match")
+    if [round(v, 6) for v in gp["mean"]] != [round(v, 6) for v in pre.mean] or \
+            [round(v, 6) for v in gp["std"]] != [round(v, 6) for v in pre.std]:
+        raise HwnasError(
+            f"input normalization differs: gallery mean/std {gp['mean']}/{gp['std']}, query "
+            f"{list(pre.mean)}/{list(pre.std)}; set data.mean and data.std to the gallery's"
+        )
+
+
+# ---------------------------------------------------------------------- gallery
+def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=print) -> dict:
+    from hwnas.compat.tasks import GalleryTask
+    from hwnas.compat.train import fit, is_main
+    from hwnas.nn.heads import CosineClassifier
+    from hwnas.nn.models import EmbeddingNet, load_backbone_checkpoint, save_model
+
+    rd = RunDir(cfg)
+    out = rd.path / "gallery"
+    if _prepare_out(out, restart):
+        g = read_json(out / "config.json")
+        log(f"[train-gallery] {out} is already trained (fingerprint {g['fingerprint']}); "
+            "--restart to train again")
+        return g
+    gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
+    tc = cfg.train_config("gallery")
+    classes = train_class_names(rd)
+    data = load_part(rd, "train", pre, classes, log=log)
+    torch.manual_seed(cfg.seed)
+    net = EmbeddingNet(gc.backbone, space.embed_dim, pre.channels, bn=True)
+    loaded = None
+    if gc.backbone_checkpoint:
+        loaded = load_backbone_checkpoint(net, gc.backbone_checkpoint)
+        log(f"[train-gallery] backbone from {gc.backbone_checkpoint}: {loaded['loaded']} tensors "
+            f"loaded, {len(loaded['missing'])} missing")
+        if gc.freeze_backbone:
+            for p in net.backbone.parameters():
+                p.requires_grad_(False)
+    head = CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin, gc.classifier)
+    task = GalleryTask(net, head)
+    settings = {"backbone": gc.backbone, "classes": len(classes), "split": rd.splits().fingerprint}
+    log(f"[train-gallery] {gc.backbone} on {len(data.images)} images, {len(classes)} classes, "
+        f"{tc.epochs} epochs")
+    t = time.time()
+    hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
+               seed=cfg.seed, resume=resume, desc="train-gallery", settings=settings, log=log)
+    if not is_main():
+        return {}
+    config = {
+        "role": "gallery", "backbone": gc.backbone, "embed_dim": space.embed_dim,
+        "preprocess": pre.to_dict(),
+        "classifier": {**head.config(), "classes": classes},
+        "backbone_checkpoint": gc.backbone_checkpoint, "freeze_backbone": gc.freeze_backbone,
+        "train": tc.__dict__, "history": hist, "train_seconds": time.time() - t,
+        "splits_fingerprint": rd.splits().fingerprint,
+    }
+    saved = save_model(out, {"net": net, "classifier": head}, config)
+    log(f"[train-gallery] saved {out} (fingerprint {saved['fingerprint']})")
+    return saved
+
+
+def _gallery(rd: RunDir):
+    from hwnas.nn.models import load_gallery
+
+    path = rd.path / "gallery"
+    if not (path / "config.json").exists():
+        raise HwnasError(f"no gallery model in {path}: run `hwnas train-gallery` first")
+    return load_gallery(path)
+
+
+# ---------------------------------------------------------------------- supernet / query
+def _compat_setup(rd: RunDir, loss_cfg, log):
+    """Gallery, training images (labels as gallery classifier rows), cached embeddings."""
+    cfg = rd.cfg
+    space, pre = cfg.search_space(), cfg.preprocess()
+    gallery = _gallery(rd) if loss_cfg.needs_gallery else None
+    if gallery is not None:
+        check_compatible(gallery.config, space.embed_dim, pre)
+        classes = gallery.class_names
+    else:
+        classes = train_class_names(rd)
+    data = load_part(rd, "train", pre, classes, log=log)
+    return space, pre, gallery, classes, data
+
+
+def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log=print) -> dict:
+    from hwnas.compat.losses import CompatLoss
+    from hwnas.compat.tasks import ArchSampler, CompatTask
+    from hwnas.compat.train import fit, is_main
+    from hwnas.nn.models import save_model
+    from hwnas.nn.supernet import Supernet
+
+    rd = RunDir(cfg)
+    out = rd.path / "supernet"
+    if _prepare_out(out, restart):
+        log(f"[train-supernet] {out} is already trained; --restart to train again")
+        return read_json(out / "config.json")
+    loss_cfg, tc = cfg.loss_config("supernet"), cfg.train_config("supernet")
+    space, pre, gallery, classes, data = _compat_setup(rd, loss_cfg, log)
+    g_emb = None
+    if gallery is not None and loss_cfg.regress > 0 and cfg.supernet.cache_gallery_embeddings \
+            and tc.augment == "none":
+        g_emb = torch.from_numpy(gallery_embeddings(rd, gallery, "train", data, log=log))
+    torch.manual_seed(cfg.seed)
+    net = Supernet(space)
+    loss = CompatLoss(loss_cfg, space.embed_dim, len(classes),
+                      gallery.classifier if gallery is not None else None)
+    sampler = ArchSampler(space, cfg.seed, cfg.supernet.flops_range)
+    task = CompatTask(net, loss, gallery.net if gallery is not None else None, g_emb, sampler)
+    gfp = gallery.fingerprint if gallery is not None else None
+    settings = {"space": space.hash, "loss": loss_cfg.to_dict(), "gallery": gfp,
+                "flops_range": cfg.supernet.flops_range, "split": rd.splits().fingerprint}
+    log(f"[train-supernet] space {space.hash} on {len(data.images)} images, loss "
+        f"{_loss_str(loss_cfg)}, {tc.epochs} epochs")
+    t = time.time()
+    hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
+               seed=cfg.seed, resume=resume, desc="train-supernet", settings=settings,
+               find_unused=True, log=log)
+    if not is_main():
+        return {}
+    config = {"role": "supernet", "space": space.to_dict(), "preprocess": pre.to_dict(),
+              "loss": loss_cfg.to_dict(), "gallery_fingerprint": gfp, "classes": classes,
+              "flops_range": cfg.supernet.flops_range, "train": tc.__dict__, "history": hist,
+              "train_seconds": time.time() - t}
+    modules = {"net": net}
+    if loss.own is not None:
+        modules["own"] = loss.own
+    saved = save_model(out, modules, config)
+    log(f"[train-supernet] saved {out}")
+    return saved
+
+
+def _loss_str(c) -> str:
+    parts = [f"{k} {getattr(c, k):g}" for k in ("own_cls", "bct", "regress") if getattr(c, k) > 0]
+    return " + ".join(parts) + (f" ({c.regress_kind})" if c.regress > 0 else "")
+
+
+def load_supernet(rd: RunDir):
+    from hwnas.nn.models import load_state
+    from hwnas.nn.supernet import Supernet
+    from hwnas.space import SearchSpace
+
+    path = rd.path / "supernet"
+    if not (path / "config.json").exists():
+        raise HwnasError(f"no supernet in {path}: run `hwnas train-supernet` first")
+    cfg, states = load_state(path)
+    space = SearchSpace.from_dict(cfg["space"])
+    net = Supernet(space)
+    net.load_state_dict(states["net"])
+    return net, cfg, states
+
+
+def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = None,
+                name: str | None = None, resume: bool = False, restart: bool = False,
+                inherit: bool | None = None, loss_override: dict | None = None, log=print) -> dict:
+    """Train one fixed query model (an SPOS arch, or a timm baseline) with the
+    compatibility loss, then evaluate it on the test split."""
+    from hwnas.compat.losses import CompatLoss, LossConfig
+    from hwnas.compat.tasks import CompatTask
+    from hwnas.compat.train import fit, is_main
+    from hwnas.nn.models import EmbeddingNet, save_model
+    from hwnas.nn.supernet import SubNet, recalibrate_bn
+    from hwnas.space import arch_flops
+
+    if (arch is None) == (timm_name is None):
+        raise HwnasError("train-query needs exactly one of --arch ARCH or --timm NAME")
+    rd = RunDir(cfg)
+    space = cfg.search_space()
+    name = name or (f"timm-{timm_name}" if timm_name else f"arch-{_short(arch, space)}")
+    out = rd.path / "query" / name
+    if _prepare_out(out, restart):
+        log(f"[train-query] {out} is already trained; --restart to train again")
+        return read_json(out / "config.json")
+    loss_cfg = LossConfig(**loss_override) if loss_override is not None else cfg.loss_config("query")
+    tc = cfg.train_config("query")
+    space, pre, gallery, classes, data = _compat_setup(rd, loss_cfg, log)
+    inherit = cfg.query.inherit if inherit is None else inherit
+    torch.manual_seed(cfg.seed)
+    qcfg = {"role": "query", "embed_dim": space.embed_dim, "preprocess": pre.to_dict()}
+    own_state = None
+    if arch is not None:
+        a = space.parse(arch)
+        qcfg.update(kind="subnet", space=space.to_dict(), arch=a.to_string(space),
+                    flops=arch_flops(space, a))
+        if inherit:
+            supernet, scfg, sstates = load_supernet(rd)
+            if supernet.space.hash != space.hash:
+                raise HwnasError("the supernet was trained on another search space; retrain it "
+                                 "(hwnas train-supernet --restart) or use --no-inherit")
+            batches = [pre.normalize(data.images[i:i + 128]) for i in range(0, min(len(data.images), 1024), 128)]
+            recalibrate_bn(supernet, batches, a)
+            net = supernet.extract(a)
+            if "own" in sstates and scfg["classes"] == classes:
+                own_state = sstates["own"]
+        else:
+            net = SubNet(space, a)
+    else:
+        net = EmbeddingNet(timm_name, space.embed_dim, pre.channels, bn=False)
+        qcfg.update(kind="timm", timm=timm_name, flops=model_flops(net, pre))
+    loss = CompatLoss(loss_cfg, space.embed_dim, len(classes),
+                      gallery.classifier if gallery is not None else None)
+    if own_state is not None and loss.own is not None:
+        loss.own.load_state_dict(own_state)
+    g_emb = None
+    if gallery is not None and loss_cfg.regress > 0 and tc.augment == "none":
+        g_emb = torch.from_numpy(gallery_embeddings(rd, gallery, "train", data, log=log))
+    task = CompatTask(net, loss, gallery.net if gallery is not None else None, g_emb)
+    gfp = gallery.fingerprint if gallery is not None else None
+    settings = {"query": {k: v for k, v in qcfg.items() if k != "flops"}, "loss": loss_cfg.to_dict(),
+                "gallery": gfp, "inherit": bool(inherit and arch), "split": rd.splits().fingerprint}
+    log(f"[train-query] {name}: {qcfg['flops'] / 1e6:.2f} MFLOPs, loss {_loss_str(loss_cfg)}, "
+        f"{'inheriting supernet weights' if inherit and arch else 'from scratch'}, {tc.epochs} epochs")
+    t = time.time()
+    hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
+               seed=cfg.seed, resume=resume, desc=f"train-query {name}", settings=settings, log=log)
+    if not is_main():
+        return {}
+    qcfg.update(gallery_fingerprint=gfp, loss=loss_cfg.to_dict(), inherit=bool(inherit and arch),
+                train=tc.__dict__, history=hist, train_seconds=time.time() - t, name=name)
+    saved = save_model(out, {"net": net}, qcfg)
+    log(f"[train-query] saved {out}")
+    return saved
+
+
+def _short(arch: str, space) -> str:
+    from hwnas.utils import content_hash
+
+    return content_hash(space.parse(arch).to_string(), 8)
+
+
+def model_flops(net, pre) -> int:
+    """FLOPs of one image (torch.utils.flop_counter convention: 2 x MACs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = net.training
+    net.eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(torch.zeros(1, pre.channels, pre.size, pre.size))
+    net.train(was)
+    return int(fc.get_total_flops())
+
+
+# ---------------------------------------------------------------------- evaluate
+def evaluate_query(cfg: Config, query_dir: str | None = None, arch: str | None = None,
+                   part: str = "test", log=print) -> dict:
+    """M(g,g), M(q,g), M(q,q) on the test split (``part='val'``: the validation split) for a
+    trained query model (``query_dir``) or a supernet subnet after BN recalibration."""
+    from hwnas.data.images import Preprocess
+    from hwnas.nn.models import load_query
+    from hwnas.nn.supernet import recalibrate_bn
+    from hwnas.retrieval import evaluate
+
+    rd = RunDir(cfg)
+    gallery = _gallery(rd)
+    qpart, gpart = ("query", "gallery") if part == "test" else ("val_query", "val_gallery")
+    gpre = Preprocess.from_dict(gallery.config["preprocess"])
+    if (query_dir is None) == (arch is None):
+        raise HwnasError("evaluate needs exactly one of --query DIR or --arch ARCH (a supernet subnet)")
+    if query_dir is not None:
+        net, qcfg = load_query(query_dir)
+        if qcfg.get("gallery_fingerprint") not in (None, gallery.fingerprint):
+            log(f"[evaluate] warning: {query_dir} was trained against gallery "
+                f"{qcfg['gallery_fingerprint']}, not this run's {gallery.fingerprint}")
+        qpre = Preprocess.from_dict(qcfg["preprocess"])
+        label = qcfg.get("name", Path(query_dir).name)
+        run_arch = None
+    else:
+        net, scfg, _ = load_supernet(rd)
+        qpre = Preprocess.from_dict(scfg["preprocess"])
+        run_arch = net.space.parse(arch)
+        train = load_part(rd, "train", qpre, log=log)
+        sel = np.random.default_rng(cfg.seed).permutation(len(train.images))[:1024]
+        recalibrate_bn(net, [qpre.normalize(train.images[sel[i:i + 128]]) for i in range(0, len(sel), 128)], run_arch)
+        qcfg = {"arch": run_arch.to_string(net.space)}
+        label = "supernet subnet"
+    check_compatible(gallery.config, net.space.embed_dim if query_dir is None else qcfg["embed_dim"], qpre)
+    qi, gi = load_part(rd, qpart, qpre, log=log), load_part(rd, gpart, qpre, log=log)
+    splits = rd.splits(log=log)
+    ids = (qi.ids, gi.ids) if splits.shared_eval else (None, None)
+    gg_q = gallery_embeddings(rd, gallery, qpart, qi if gpre == qpre else None, log=log)
+    gg_g = gallery_embeddings(rd, gallery, gpart, gi if gpre == qpre else None, log=log)
+    qq = embed(net, qi.images, qpre.normalize, desc="query embeds", arch=run_arch)
+    qg = embed(net, gi.images, qpre.normalize, desc="query embeds", arch=run_arch)
+    res = {
+        "M(g,g)": evaluate(gg_q, qi.raw_labels, gg_g, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1]),
+        "M(q,g)": evaluate(qq, qi.raw_labels, gg_g, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1]),
+        "M(q,q)": evaluate(qq, qi.raw_labels, qg, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1]),
+    }
+    out = {
+        "query": label, "arch": qcfg.get("arch"), "timm": qcfg.get("timm"), "part": part,
+        "gallery_fingerprint": gallery.fingerprint, "query_flops": qcfg.get("flops"),
+        "metrics": res,
+        "bct_criterion_M(q,g)>M(q,q)": res["M(q,g)"]["recall@1"] > res["M(q,q)"]["recall@1"],
+        "gap_to_paragon_points": 100 * (res["M(g,g)"]["recall@1"] - res["M(q,g)"]["recall@1"]),
+    }
+    if query_dir is not None:
+        write_json(Path(query_dir) / f"evaluation-{part}.json", out)
+    return out
+
+
+def evaluation_table(res: dict) -> str:
+    from hwnas.report import format_table
+
+    rows = []
+    for k, m in res["metrics"].items():
+        rows.append([k, f"{100 * m['recall@1']:.2f}", f"{100 * m['recall@5']:.2f}",
+                     f"{100 * m['mAP']:.2f}", m["n_queries"], m["n_gallery"]])
+    t = format_table(["", "R@1 %", "R@5 %", "mAP %", "queries", "gallery"], rows)
+    crit = res["bct_criterion_M(q,g)>M(q,q)"]
+    return (t + f"\nBCT criterion M(q,g) > M(q,q): {'holds' if crit else 'does not hold'}; "
+            f"gap to the paragon: {res['gap_to_paragon_points']:.2f} points of R@1")

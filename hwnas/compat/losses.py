@@ -1,0 +1,76 @@
+"""The compatibility loss, built from weighted parts (a weight of 0 turns a part off):
+
+* ``own_cls``: classification through the query's own cosine classifier;
+* ``bct``: BCT influence loss (Shen et al., CVPR 2020) — the query embedding classified by
+  the gallery model's *frozen* classifier, so it must land where the gallery puts its class;
+* ``regress``: regression of the query embedding onto the frozen gallery embedding of the
+  same image (``cosine``: 1 - cos; ``l2``: squared distance of the normalized vectors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwnas.errors import HwnasError
+from hwnas.nn.heads import CosineClassifier
+
+
+@dataclass
+class LossConfig:
+    own_cls: float = 1.0
+    bct: float = 1.0
+    regress: float = 1.0
+    regress_kind: str = "cosine"  # cosine | l2
+    scale: float = 30.0  # own classifier
+    margin: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.regress_kind not in ("cosine", "l2"):
+            raise HwnasError(f"loss.regress_kind {self.regress_kind!r} must be 'cosine' or 'l2'")
+        if min(self.own_cls, self.bct, self.regress) < 0:
+            raise HwnasError("loss weights must be >= 0")
+        if self.own_cls + self.bct + self.regress <= 0:
+            raise HwnasError("all loss weights are 0: set at least one of own_cls, bct, regress")
+
+    @property
+    def needs_gallery(self) -> bool:
+        return self.bct > 0 or self.regress > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CompatLoss(nn.Module):
+    """Weighted sum of the parts. The gallery classifier is held frozen and unregistered,
+    so it is neither trained, checkpointed with the query, nor synchronized by DDP."""
+
+    def __init__(self, cfg: LossConfig, embed_dim: int, num_classes: int,
+                 gallery_classifier: CosineClassifier | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.own = (CosineClassifier(embed_dim, num_classes, cfg.scale, cfg.margin)
+                    if cfg.own_cls > 0 else None)
+        if cfg.bct > 0 and gallery_classifier is None:
+            raise HwnasError("loss.bct > 0 needs the gallery model's classifier")
+        object.__setattr__(self, "_gallery_cls", gallery_classifier)
+
+    def forward(self, q: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None = None):
+        parts: dict[str, torch.Tensor] = {}
+        c = self.cfg
+        if c.own_cls > 0:
+            parts["own_cls"] = F.cross_entropy(self.own(q, y), y)
+        if c.bct > 0:
+            parts["bct"] = F.cross_entropy(self._gallery_cls(q, y), y)
+        if c.regress > 0:
+            if g is None:
+                raise HwnasError("loss.regress > 0 needs the gallery embeddings")
+            if c.regress_kind == "cosine":
+                parts["regress"] = (1 - F.cosine_similarity(q, g, dim=1)).mean()
+            else:
+                parts["regress"] = (F.normalize(q, dim=1) - g).pow(2).sum(1).mean()
+        total = sum(getattr(c, k) * v for k, v in parts.items())
+        return total, {k: float(v.detach()) for k, v in parts.items()}

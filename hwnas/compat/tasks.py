@@ -1,0 +1,85 @@
+"""What one training step computes, for each thing we train. Each task is an ``nn.Module``
+whose ``forward(x, y, idx)`` returns ``(loss, parts)`` so DistributedDataParallel can wrap
+it whole (the backbone and any trainable head are synchronized together)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from hwnas.compat.losses import CompatLoss
+from hwnas.errors import HwnasError
+from hwnas.nn.heads import CosineClassifier
+from hwnas.space import Arch, SearchSpace, arch_flops
+
+
+class GalleryTask(nn.Module):
+    def __init__(self, net: nn.Module, classifier: CosineClassifier):
+        super().__init__()
+        self.net, self.classifier = net, classifier
+
+    def forward(self, x, y, idx):
+        loss = nn.functional.cross_entropy(self.classifier(self.net(x), y), y)
+        return loss, {"cls": float(loss.detach())}
+
+
+class ArchSampler:
+    """Uniform SPOS path sampling, optionally restricted to a FLOPs range (rejection
+    sampling). The same seed gives the same sequence on every rank."""
+
+    def __init__(self, space: SearchSpace, seed: int, flops_range=None, max_tries: int = 10000):
+        self.space, self.seed, self.max_tries = space, seed, max_tries
+        self.range = None
+        if flops_range:
+            lo, hi = (float(v) * 1e6 for v in flops_range)
+            fmin, fmax = arch_flops(space, space.smallest()), arch_flops(space, space.largest())
+            if lo > hi or hi < fmin or lo > fmax:
+                raise HwnasError(
+                    f"supernet.flops_range {list(flops_range)} MFLOPs misses the space's range "
+                    f"[{fmin / 1e6:.2f}, {fmax / 1e6:.2f}] MFLOPs"
+                )
+            self.range = (lo, hi)
+
+    def __call__(self, epoch: int, step: int) -> Arch:
+        rng = random.Random(f"{self.seed}-{epoch}-{step}")
+        for _ in range(self.max_tries):
+            a = self.space.sample(rng)
+            if self.range is None or self.range[0] <= arch_flops(self.space, a) <= self.range[1]:
+                return a
+        raise HwnasError(f"no arch in supernet.flops_range after {self.max_tries} samples; widen it")
+
+
+class CompatTask(nn.Module):
+    """A query network (the supernet, or one fixed network) trained with the compatibility
+    loss against a frozen gallery model.
+
+    ``gallery_emb``: the frozen gallery embeddings of the training images (indexed by
+    ``idx``); when None (e.g. with augmentation) they are computed from the batch.
+    The gallery network is not registered as a submodule: it is never trained, saved with
+    the query, or touched by DDP."""
+
+    def __init__(self, net: nn.Module, loss: CompatLoss, gallery_net: nn.Module | None = None,
+                 gallery_emb: torch.Tensor | None = None, sampler: ArchSampler | None = None):
+        super().__init__()
+        self.net, self.loss = net, loss
+        object.__setattr__(self, "_gallery", gallery_net)
+        self.gallery_emb = gallery_emb
+        self.sampler = sampler
+        self.arch: Arch | None = None
+
+    def before_step(self, epoch: int, step: int) -> None:
+        if self.sampler is not None:
+            self.arch = self.sampler(epoch, step)
+
+    def forward(self, x, y, idx):
+        q = self.net(x, self.arch) if self.sampler is not None else self.net(x)
+        g = None
+        if self.loss.cfg.regress > 0:
+            if self.gallery_emb is not None:
+                g = self.gallery_emb[idx]
+            else:
+                with torch.no_grad():
+                    g = self._gallery(x)
+        return self.loss(q, y, g)

@@ -1,0 +1,257 @@
+"""One training loop for the gallery model, the supernet and query models.
+
+* data lives in memory as a uint8 tensor (decoded once), shuffled per epoch from the seed;
+* a progress bar shows loss, images/s and ETA; a line per epoch shows the loss parts;
+* a checkpoint (one safetensors file: weights, optimizer state, epoch, history; written
+  atomically) is saved after every epoch; ``resume=True`` continues from it, so a killed run
+  loses at most the unfinished epoch;
+* under ``torchrun`` (``WORLD_SIZE`` > 1) it runs DistributedDataParallel (gloo on CPU,
+  nccl on GPU): each rank takes a shard of every epoch's permutation, rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwnas.errors import HwnasError
+from hwnas.utils import content_hash
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    warmup_epochs: float = 0.3
+    augment: str = "none"  # none | crop | crop-flip
+    grad_clip: float = 5.0  # 0: off
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise HwnasError(f"train.epochs ({self.epochs}) and train.batch_size "
+                             f"({self.batch_size}) must be at least 1")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise HwnasError(f"train.optimizer {self.optimizer!r} must be 'sgd' or 'adamw'")
+        if self.augment not in ("none", "crop", "crop-flip"):
+            raise HwnasError(f"train.augment {self.augment!r} must be none, crop or crop-flip")
+        if self.lr <= 0:
+            raise HwnasError(f"train.lr must be positive, got {self.lr}")
+
+
+# ---------------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); initializes the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def is_main() -> bool:
+    return dist_info()[0] == 0
+
+
+# ---------------------------------------------------------------------- augmentation
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (reflect-pad by 1/8 of the size) and optional horizontal flip, on a float
+    batch. Deterministic given ``gen``."""
+    if mode == "none":
+        return x
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    out = torch.stack([xp[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(n)])
+    if mode == "crop-flip":
+        flip = torch.rand(n, generator=gen) < 0.5
+        out[flip] = out[flip].flip(3)
+    return out
+
+
+# ---------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    sd = opt.state_dict()
+    other: dict = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                other.setdefault(str(pid), {})[k] = v
+    meta = {**meta, "param_groups": sd["param_groups"], "opt_other": other}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"hwnas": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["hwnas"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, st in meta["opt_other"].items():
+        state.setdefault(int(pid), {}).update(st)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+# ---------------------------------------------------------------------- the loop
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise HwnasError("nothing to train: every parameter is frozen")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def fit(
+    module: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+    cfg: TrainConfig,
+    ckpt_path: Path,
+    *,
+    seed: int = 0,
+    resume: bool = False,
+    desc: str = "train",
+    settings: dict | None = None,
+    find_unused: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Train ``module`` whose ``forward(x, y, idx)`` returns ``(loss, {part: value})``.
+
+    ``module.before_step(epoch, step)`` is called, if defined, before every step (the
+    supernet samples its path there, identically on every rank). ``settings`` are hashed
+    into the checkpoint: resuming with other settings is refused."""
+    from tqdm import tqdm
+
+    rank, world = dist_info()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    opt = make_optimizer(module.parameters(), cfg)
+    key = content_hash({"train": asdict(cfg), "settings": settings or {}, "world": world})
+    history: list[dict] = []
+    start = 0
+    if ckpt_path.exists():
+        if not resume:
+            raise HwnasError(
+                f"{ckpt_path} exists from an earlier run: pass --resume to continue it, or "
+                "--restart to discard it and start over"
+            )
+        meta = load_checkpoint(ckpt_path, module, opt)
+        if meta["key"] != key:
+            raise HwnasError(
+                f"{ckpt_path} was made with other training settings; pass --restart to start "
+                "over with the new settings (or restore the old config)"
+            )
+        start, history = meta["epoch"] + 1, meta["history"]
+        if start < cfg.epochs:
+            log(f"[{desc}] resuming after epoch {start}/{cfg.epochs}")
+    model = module
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(module, find_unused_parameters=find_unused)
+
+    n = len(images)
+    per_rank = n // world
+    spe = max(1, per_rank // cfg.batch_size) if per_rank >= cfg.batch_size else 1
+    total = spe * cfg.epochs
+    t_run = time.time()
+    for epoch in range(start, cfg.epochs):
+        module.train()
+        perm = np.random.default_rng([seed, epoch]).permutation(n)[rank::world][: spe * cfg.batch_size]
+        gen = torch.Generator().manual_seed(seed * 100003 + epoch * 1009 + rank)
+        sums: dict[str, float] = {}
+        t0 = time.time()
+        bar = tqdm(total=len(perm), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="img",
+                   disable=None if rank == 0 else True, mininterval=2.0, leave=False, dynamic_ncols=True)
+        for step in range(spe):
+            idx = torch.from_numpy(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+            lr = lr_at(cfg, epoch * spe + step, total, spe)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if hasattr(module, "before_step"):
+                module.before_step(epoch, step)
+            x = augment_batch(normalize(images[idx]), cfg.augment, gen)
+            loss, parts = model(x, labels[idx], idx)
+            if not torch.isfinite(loss):
+                raise HwnasError(f"[{desc}] loss became {float(loss)} at epoch {epoch + 1} step "
+                                 f"{step}; lower train.lr (now {cfg.lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+            opt.step()
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.update(len(idx))
+            bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}", lr=f"{lr:.3g}")
+        bar.close()
+        dt = time.time() - t0
+        rec = {"epoch": epoch + 1, **{k: v / spe for k, v in sums.items()},
+               "seconds": dt, "images_per_s": len(perm) * world / dt}
+        history.append(rec)
+        if rank == 0:
+            save_checkpoint(ckpt_path, module, opt, {"epoch": epoch, "key": key, "history": history})
+            left = (cfg.epochs - epoch - 1) * dt
+            parts_s = " ".join(f"{k} {v / spe:.3f}" for k, v in sums.items() if k != "loss")
+            log(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f} ({parts_s}) "
+                f"{rec['images_per_s']:.0f} img/s, {dt:.0f} s, ETA {left / 60:.1f} min")
+        barrier()
+    if start < cfg.epochs and rank == 0:
+        log(f"[{desc}] trained {cfg.epochs - start} epochs in {time.time() - t_run:.0f} s")
+    return history

@@ -1,0 +1,193 @@
+"""Gallery and query models, and how they are saved and loaded.
+
+A saved model is a directory with ``model.safetensors`` (weights; never pickle) and
+``config.json`` (everything needed to rebuild it, the preprocessing it expects, and a
+fingerprint: a hash of the config and the weights). A query model's config names the
+fingerprint of the gallery model it was trained to be compatible with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwnas.errors import HwnasError
+from hwnas.nn.heads import CosineClassifier
+from hwnas.utils import content_hash, read_json, stable_json, write_json
+
+MODEL_FORMAT = "hwnas-model-v1"
+
+
+def _timm_create(name: str, in_chans: int, **kw) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise HwnasError(f"unknown timm model {name!r}; similar names: {close or 'none'} "
+                         "(see timm.list_models())")
+    return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)
+
+
+class EmbeddingNet(nn.Module):
+    """A timm backbone (no classifier) + linear embedding (+ BatchNorm) + L2 normalization.
+
+    Gallery models use the BatchNorm (as in face/fashion retrieval heads); timm query
+    baselines use the same class without it."""
+
+    def __init__(self, backbone: str, embed_dim: int, in_chans: int, bn: bool = True):
+        super().__init__()
+        self.backbone = _timm_create(backbone, in_chans)
+        self.embed = nn.Linear(self.backbone.num_features, embed_dim)
+        self.bn = nn.BatchNorm1d(embed_dim) if bn else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.bn(self.embed(self.backbone(x))), dim=1)
+
+
+def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
+    """Initialize ``net.backbone`` from a user's timm checkpoint (safetensors, or a torch
+    file read with ``weights_only=True``). Classifier weights in the file are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise HwnasError(f"backbone checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise HwnasError(f"cannot read {path} as a weights-only torch checkpoint ({e}); "
+                             "save it with torch.save(model.state_dict()) or as safetensors") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = net.backbone.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = sorted(set(own) - set(usable))
+    if not usable:
+        raise HwnasError(f"{path} holds no weights of this backbone (its keys look like "
+                         f"{list(state)[:3]}); is it the same timm architecture?")
+    net.backbone.load_state_dict(usable, strict=False)
+    return {"loaded": len(usable), "missing": missing,
+            "ignored": sorted(set(state) - set(usable))}
+
+
+# ---------------------------------------------------------------------- save / load
+def _weights_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model(out_dir: str | Path, modules: dict[str, nn.Module], config: dict) -> dict:
+    """Write ``model.safetensors`` and ``config.json`` (with ``fingerprint``) atomically."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
+               for name, m in modules.items() for k, v in m.state_dict().items()}
+    tmp = out_dir / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    cfg = {k: v for k, v in config.items() if k not in ("fingerprint", "metrics")}
+    cfg["format"] = MODEL_FORMAT
+    fp = hashlib.sha256((stable_json(cfg) + _weights_hash(tmp)).encode()).hexdigest()[:16]
+    tmp.replace(out_dir / "model.safetensors")
+    full = {**config, **cfg, "fingerprint": fp}
+    write_json(out_dir / "config.json", full)
+    return full
+
+
+def load_state(model_dir: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(config, {module name: state dict}) of a saved model; checks the fingerprint."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    cfg_path, w_path = model_dir / "config.json", model_dir / "model.safetensors"
+    if not cfg_path.exists() or not w_path.exists():
+        raise HwnasError(f"{model_dir} is not a saved hwnas model (needs config.json and "
+                         "model.safetensors); train one first")
+    cfg = read_json(cfg_path)
+    if cfg.get("format") != MODEL_FORMAT:
+        raise HwnasError(f"{cfg_path} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")
+    core = {k: v for k, v in cfg.items() if k not in ("fingerprint", "metrics")}
+    fp = hashlib.sha256((stable_json(core) + _weights_hash(w_path)).encode()).hexdigest()[:16]
+    if fp != cfg.get("fingerprint"):
+        raise HwnasError(f"{model_dir}: the weights or config do not match the recorded "
+                         f"fingerprint ({cfg.get('fingerprint')} vs {fp}); the files were changed "
+                         "or mixed up — retrain or restore them")
+    flat = load_file(str(w_path))
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in flat.items():
+        name, _, rest = k.partition(".")
+        states.setdefault(name, {})[rest] = v
+    return cfg, states
+
+
+class GalleryBundle:
+    """A frozen gallery model: embedding net + cosine classifier + its config."""
+
+    def __init__(self, net: EmbeddingNet, classifier: CosineClassifier, config: dict):
+        self.net, self.classifier, self.config = net, classifier, config
+        for p in list(net.parameters()) + list(classifier.parameters()):
+            p.requires_grad_(False)
+        net.eval()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.config["fingerprint"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.config["classifier"]["classes"]
+
+
+def build_gallery(cfg: dict) -> tuple[EmbeddingNet, CosineClassifier]:
+    net = EmbeddingNet(cfg["backbone"], cfg["embed_dim"], cfg["preprocess"]["channels"], bn=True)
+    c = cfg["classifier"]
+    head = CosineClassifier(cfg["embed_dim"], len(c["classes"]), c["scale"], c["margin"], c["kind"])
+    return net, head
+
+
+def load_gallery(model_dir: str | Path) -> GalleryBundle:
+    cfg, states = load_state(model_dir)
+    if cfg.get("role") != "gallery":
+        raise HwnasError(f"{model_dir} holds a {cfg.get('role')} model, not a gallery model")
+    net, head = build_gallery(cfg)
+    net.load_state_dict(states["net"])
+    head.load_state_dict(states["classifier"])
+    return GalleryBundle(net, head, cfg)
+
+
+def build_query(cfg: dict) -> nn.Module:
+    """The query network of a query config: an SPOS subnet or a timm baseline."""
+    if cfg["kind"] == "subnet":
+        from hwnas.nn.supernet import SubNet
+        from hwnas.space import Arch, SearchSpace
+
+        space = SearchSpace.from_dict(cfg["space"])
+        return SubNet(space, Arch.parse(cfg["arch"], space))
+    if cfg["kind"] == "timm":
+        return EmbeddingNet(cfg["timm"], cfg["embed_dim"], cfg["preprocess"]["channels"], bn=False)
+    raise HwnasError(f"unknown query model kind {cfg['kind']!r}")
+
+
+def load_query(model_dir: str | Path) -> tuple[nn.Module, dict]:
+    cfg, states = load_state(model_dir)
+    if cfg.get("role") != "query":
+        raise HwnasError(f"{model_dir} holds a {cfg.get('role')} model, not a query model")
+    net = build_query(cfg)
+    net.load_state_dict(states["net"])
+    return net.eval(), cfg
+
+
+def config_hash(d: dict) -> str:
+    return content_hash(d)

@@ -1,0 +1,211 @@
+"""Compatibility training on real data (Fashion-MNIST subset), tiny configs."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hwnas.compat import api
+from hwnas.config import load_config
+from hwnas.errors import HwnasError
+
+TINY_SPACE = dict(input_size=32, in_channels=1, stem_channels=8, stage_layers=[2, 2, 3, 2],
+                  stage_widths=[16, 32, 64, 96], head_channels=128, embed_dim=32,
+                  channel_scales=[0.5, 1.0, 1.5], channel_divisor=4, name="tiny")
+
+
+def tiny_config(run_dir: Path, **over) -> dict:
+    cfg = {
+        "run_dir": str(run_dir),
+        "seed": 0,
+        "data": {"dataset": "fashion-mnist", "mean": [0.286], "std": [0.353],
+                 "split": {"protocol": "closed", "train_per_class": 200, "eval_per_class": 60,
+                           "val_fraction": 0.0}},
+        "space": TINY_SPACE,
+        "gallery": {"backbone": "resnet10t", "train": {"epochs": 4, "lr": 0.1, "batch_size": 64}},
+        "supernet": {"train": {"epochs": 2, "batch_size": 64}},
+        "query": {"train": {"epochs": 4, "lr": 0.1, "batch_size": 64}},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+def write_cfg(path: Path, d: dict) -> Path:
+    path.write_text(json.dumps(d))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_gallery(tmp_path_factory, fmnist_dir):
+    """One gallery model for the session (resnet10t, 2,000 training images)."""
+    root = tmp_path_factory.mktemp("compat")
+    cfg_path = write_cfg(root / "c.json", tiny_config(root / "run"))
+    cfg = load_config(cfg_path)
+    api.train_gallery(cfg, log=lambda *_: None)
+    return root
+
+
+def _clone_run(src_root: Path, dst: Path, **over) -> Path:
+    """A new run dir that shares the trained gallery (copied) and the split."""
+    import shutil
+
+    run = dst / "run"
+    run.mkdir(parents=True)
+    shutil.copytree(src_root / "run" / "gallery", run / "gallery",
+                    ignore=shutil.ignore_patterns("checkpoint*"))
+    shutil.copy(src_root / "run" / "splits.json", run / "splits.json")
+    return write_cfg(dst / "c.json", tiny_config(run, **over))
+
+
+def test_compatibility_is_learned_not_accidental(trained_gallery, tmp_path):
+    cfg = load_config(_clone_run(trained_gallery, tmp_path))
+    arch = cfg.search_space().largest().to_string()
+    quiet = lambda *_: None  # noqa: E731
+    api.train_query(cfg, arch=arch, name="with", inherit=False, log=quiet)
+    api.train_query(cfg, arch=arch, name="without", inherit=False,
+                    loss_override={"own_cls": 1.0, "bct": 0.0, "regress": 0.0}, log=quiet)
+    w = api.evaluate_query(cfg, query_dir=str(tmp_path / "run/query/with"), log=quiet)["metrics"]
+    wo = api.evaluate_query(cfg, query_dir=str(tmp_path / "run/query/without"), log=quiet)["metrics"]
+    chance = 0.1  # 10 balanced classes
+    assert w["M(g,g)"]["recall@1"] > 0.6
+    assert w["M(q,g)"]["recall@1"] > 0.5  # compatible: far above chance
+    assert wo["M(q,q)"]["recall@1"] > 0.5  # the model itself is fine...
+    assert wo["M(q,g)"]["recall@1"] < chance + 0.15  # ...but it cannot search the gallery index
+    assert w["M(q,g)"]["recall@1"] > wo["M(q,g)"]["recall@1"] + 0.3
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_gallery_is_never_updated(trained_gallery, tmp_path):
+    cfg = load_config(_clone_run(trained_gallery, tmp_path))
+    w = tmp_path / "run" / "gallery" / "model.safetensors"
+    before = _sha(w)
+    gallery = api._gallery(api.RunDir(cfg))
+    snap = {k: v.clone() for k, v in gallery.net.state_dict().items()}
+    snap_cls = gallery.classifier.weight.clone()
+    # train the supernet with the very objects the gallery consists of
+    from hwnas.compat.losses import CompatLoss, LossConfig
+    from hwnas.compat.tasks import ArchSampler, CompatTask
+    from hwnas.compat.train import TrainConfig, fit
+    from hwnas.nn.supernet import Supernet
+
+    space, pre = cfg.search_space(), cfg.preprocess()
+    data = api.load_part(api.RunDir(cfg), "train", pre, gallery.class_names, log=lambda *_: None)
+    net = Supernet(space)
+    loss = CompatLoss(LossConfig(), space.embed_dim, len(gallery.class_names), gallery.classifier)
+    task = CompatTask(net, loss, gallery.net, None, ArchSampler(space, 0))  # gallery forward each step
+    fit(task, data.images[:256], data.labels[:256], pre.normalize,
+        TrainConfig(epochs=1, batch_size=64, augment="crop"), tmp_path / "ck.safetensors",
+        log=lambda *_: None)
+    for k, v in gallery.net.state_dict().items():
+        assert torch.equal(v, snap[k]), k  # bit-identical, BN statistics included
+    assert torch.equal(gallery.classifier.weight, snap_cls)
+    api.train_supernet(cfg, log=lambda *_: None)
+    assert _sha(w) == before
+
+
+def test_incompatible_pairs_are_clear_errors(trained_gallery, tmp_path):
+    cfg = load_config(_clone_run(trained_gallery, tmp_path / "a",
+                                 space={**TINY_SPACE, "embed_dim": 16}))
+    with pytest.raises(HwnasError, match="embed_dim"):
+        api.train_supernet(cfg, log=lambda *_: None)
+    cfg = load_config(_clone_run(trained_gallery, tmp_path / "b",
+                                 data={**tiny_config(Path("x"))["data"], "mean": [0.5]}))
+    with pytest.raises(HwnasError, match="normalization differs"):
+        api.train_supernet(cfg, log=lambda *_: None)
+    # a gallery whose classifier lacks some training classes
+    run = tmp_path / "b" / "run"
+    c = json.loads((run / "gallery" / "config.json").read_text())
+    cfg = load_config(_clone_run(trained_gallery, tmp_path / "c"))
+    gdir = tmp_path / "c" / "run" / "gallery"
+    c["classifier"]["classes"] = c["classifier"]["classes"][:-1]
+    (gdir / "config.json").write_text(json.dumps(c))
+    with pytest.raises(HwnasError, match="fingerprint"):  # tampering is caught first
+        api.train_supernet(cfg, log=lambda *_: None)
+
+
+def test_uncovered_classes_error(tmp_path, fmnist_dir):
+    """BCT needs every training class in the gallery classifier."""
+    from hwnas.data.images import Preprocess
+
+    rd = api.RunDir(load_config(write_cfg(tmp_path / "c.json", tiny_config(tmp_path / "run"))))
+    with pytest.raises(HwnasError, match="not among the gallery classifier"):
+        api.load_part(rd, "train", Preprocess(32, 1, (0.286,), (0.353,)),
+                      class_names=["T-shirt/top", "Trouser"], log=lambda *_: None)
+
+
+def _env():
+    root = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+
+
+def test_kill_and_resume(trained_gallery, tmp_path):
+    cfg_path = _clone_run(trained_gallery, tmp_path,
+                          supernet={"train": {"epochs": 4, "batch_size": 32}})
+    ckpt = tmp_path / "run" / "supernet" / "checkpoint.safetensors"
+    cmd = [sys.executable, "-m", "hwnas.cli", "train-supernet", "--config", str(cfg_path)]
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t = time.time()
+    while not ckpt.exists() and time.time() - t < 120 and p.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no checkpoint after the first epoch"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = json.loads(f.metadata()["hwnas"])
+    done = meta["epoch"] + 1
+    assert done < 4, "the run finished before it could be killed"
+    first = meta["history"][0]
+    # without --resume an existing checkpoint is not silently overwritten
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming after epoch {done}/4" in r.stdout
+    hist = json.loads((tmp_path / "run" / "supernet" / "config.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert hist[0] == first  # the finished epoch was kept, not redone
+
+
+def test_torchrun_two_cpu_processes(trained_gallery, tmp_path):
+    cfg_path = _clone_run(trained_gallery, tmp_path, supernet={"train": {"epochs": 1, "batch_size": 32}})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "hwnas.cli", "train-supernet", "--config", str(cfg_path)]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    cfg = json.loads((tmp_path / "run" / "supernet" / "config.json").read_text())
+    assert len(cfg["history"]) == 1
+    # each of the 2 ranks took half of every epoch: 2000 images / 2 / 32 = 31 steps per rank
+    assert cfg["history"][0]["images_per_s"] > 0
+
+
+def test_evaluate_cli_json(trained_gallery, tmp_path):
+    cfg_path = _clone_run(trained_gallery, tmp_path, query={"train": {"epochs": 1, "batch_size": 64}})
+    arch = load_config(cfg_path).search_space().smallest().to_string()
+    env = _env()
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "train-query", "--config", str(cfg_path),
+                        "--arch", arch, "--no-inherit", "--name", "small"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "M(q,g)" in r.stdout and "BCT criterion" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "evaluate", "--config", str(cfg_path),
+                        "--query", str(tmp_path / "run/query/small"), "--json"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert set(res["metrics"]) == {"M(g,g)", "M(q,g)", "M(q,q)"}
+    for m in res["metrics"].values():
+        assert {"recall@1", "recall@5", "mAP"} <= set(m)
+    assert isinstance(res["bct_criterion_M(q,g)>M(q,q)"], bool)
