@@ -47,6 +47,13 @@ EXAMPLES = {
           hwnas evaluate --config c.yaml --query runs/quickstart/query/NAME
           hwnas evaluate --config c.yaml --arch 'k3@1,...'   # a supernet subnet, BN recalibrated
           hwnas evaluate --config c.yaml --query DIR --part val --json""",
+    "profile": """\
+        examples:
+          hwnas profile --device cpu --config configs/quickstart.yaml            # build the table
+          hwnas profile --device cpu --config configs/quickstart.yaml --validate 100
+          hwnas profile --device cpu --threads 1 --out latency_tables/edge-1t.json
+          hwnas profile --device cpu --only-missing     # fill ops a table lacks
+          hwnas profile --device gpu --config c.yaml     # TensorRT (or torch-cuda) + gallery images/s""",
     "run": """\
         examples:
           hwnas run configs/quickstart.yaml
@@ -112,6 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="an arch string to cost")
     p.add_argument("--sample", type=int, default=0, help="also show N random archs")
     p.add_argument("--json", action="store_true", help="print the spec as JSON")
+
+    p = add("profile", "Build a per-op latency table for the search space on a device; validate it end to end.")
+    _add_common(p)
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: ONNX Runtime CPU (edge queries); gpu: TensorRT or torch-cuda")
+    p.add_argument("--backend", choices=["onnxruntime-cpu", "torch-cuda", "tensorrt"],
+                   help="force one backend")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    p.add_argument("--out", help="table path (default latency_tables/<device>-<runtime>-...json)")
+    p.add_argument("--only-missing", action="store_true",
+                   help="keep the table's entries, measure only missing ops (the default for an "
+                   "existing table; named for scripts)")
+    p.add_argument("--remeasure", action="store_true", help="discard an existing table, measure all")
+    p.add_argument("--validate", type=int, default=0, metavar="N",
+                   help="measure N random subnets end to end and record the predictor's error")
+    p.add_argument("--calibrate", type=int, default=10, metavar="K",
+                   help="archs measured end to end to fit the predictor's a*sum+c (with --validate)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per op")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per op per round")
+    p.add_argument("--gallery-throughput", action="store_true",
+                   help="also time the run's gallery model at batch 1/32/256 (images/s)")
 
     p = add("train-gallery", "Train the gallery model: a timm backbone + embedding head + cosine classifier.")
     _add_common(p)
@@ -257,6 +285,39 @@ def cmd_space(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from pathlib import Path
+
+    from hwnas.latency.backends import get_backend
+    from hwnas.latency.profile import gallery_throughput, profile_space, validate_table
+    from hwnas.latency.table import LatencyTable
+
+    cfg = _load(args)
+    if args.only_missing and args.remeasure:
+        raise HwnasError("--only-missing and --remeasure contradict each other; pick one")
+    space = cfg.search_space()
+    backend = get_backend(args.device, args.backend, args.threads)
+    out = Path(args.out) if args.out else Path("latency_tables") / LatencyTable.default_name(
+        backend.settings(), space)
+    table = profile_space(space, backend, out, remeasure=args.remeasure, rounds=args.rounds,
+                          runs=args.runs)
+    if args.validate:
+        validate_table(space, table, backend, args.validate, out, calibrate=args.calibrate,
+                       seed=cfg.seed)
+    if args.gallery_throughput:
+        from hwnas.compat.api import RunDir, _gallery
+        from hwnas.data.images import Preprocess
+
+        g = _gallery(RunDir(cfg))
+        tp = gallery_throughput(g.net, Preprocess.from_dict(g.config["preprocess"]), backend)
+        table.header["gallery_throughput"] = {"fingerprint": g.fingerprint,
+                                              "backbone": g.config["backbone"], **tp}
+        table.save(out)
+        print("gallery images/s: " + ", ".join(f"batch {b}: {v['images_per_s']:.0f}" for b, v in tp.items()))
+    print(f"table: {out}")
+    return 0
+
+
 def cmd_train_gallery(args) -> int:
     from hwnas.compat.api import train_gallery
 
@@ -313,7 +374,7 @@ def cmd_run(args) -> int:
     return run_pipeline(_load(args))
 
 
-COMMANDS = {"data": cmd_data, "space": cmd_space, "train-gallery": cmd_train_gallery,
+COMMANDS = {"data": cmd_data, "space": cmd_space, "profile": cmd_profile, "train-gallery": cmd_train_gallery,
             "train-supernet": cmd_train_supernet, "train-query": cmd_train_query,
             "evaluate": cmd_evaluate, "run": cmd_run}
 

@@ -209,3 +209,11 @@ def test_evaluate_cli_json(trained_gallery, tmp_path):
     for m in res["metrics"].values():
         assert {"recall@1", "recall@5", "mAP"} <= set(m)
     assert isinstance(res["bct_criterion_M(q,g)>M(q,q)"], bool)
+
+
+def test_timm_baseline_query(trained_gallery, tmp_path):
+    cfg = load_config(_clone_run(trained_gallery, tmp_path, query={"train": {"epochs": 1, "batch_size": 64}}))
+    q = api.train_query(cfg, timm_name="mobilenetv3_small_050", log=lambda *_: None)
+    assert q["kind"] == "timm" and q["flops"] > 0
+    res = api.evaluate_query(cfg, query_dir=str(tmp_path / "run/query" / q["name"]), log=lambda *_: None)
+    assert res["metrics"]["M(q,g)"]["n_queries"] == 600

@@ -24,6 +24,8 @@ class SlimConv2d(nn.Conv2d):
         self.depthwise = depthwise
 
     def forward(self, x: torch.Tensor, c_out: int | None = None) -> torch.Tensor:  # type: ignore[override]
+        if torch.onnx.is_in_onnx_export():  # exported modules are standalone: full widths
+            return super().forward(x)
         c_in = x.shape[1]
         if self.depthwise:
             if c_in == self.in_channels:
@@ -40,6 +42,8 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
     the slice, so per-subnet recalibration works in the supernet too."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if torch.onnx.is_in_onnx_export():
+            return super().forward(x)
         c = x.shape[1]
         if c == self.num_features:
             return super().forward(x)

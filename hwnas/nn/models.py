@@ -41,7 +41,9 @@ class EmbeddingNet(nn.Module):
     def __init__(self, backbone: str, embed_dim: int, in_chans: int, bn: bool = True):
         super().__init__()
         self.backbone = _timm_create(backbone, in_chans)
-        self.embed = nn.Linear(self.backbone.num_features, embed_dim)
+        # Models with a pre-logits head (MobileNetV3: conv_head) output head_hidden_size.
+        feat = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.embed = nn.Linear(feat, embed_dim)
         self.bn = nn.BatchNorm1d(embed_dim) if bn else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

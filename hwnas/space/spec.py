@@ -338,6 +338,9 @@ class Arch:
             except ValueError:
                 raise SpaceError(f"bad channel scale in arch token {tok!r}") from None
             layers.append((op, scale))
+        if space is not None:  # snap scales to the space's exact values
+            layers = [(op, next((s for s in space.channel_scales if math.isclose(s, sc)), sc)
+                       if sc is not None else None) for op, sc in layers]
         arch = cls(tuple(layers))
         if space is not None:
             if len(stages) > 1 and [len(s.split(",")) for s in stages] != list(space.stage_layers):

@@ -1,0 +1,1 @@
+"""Export: ONNX (and, with a GPU, TensorRT) artifacts, with parity checks."""

@@ -1,0 +1,262 @@
+"""``hwnas profile``: build a latency table for a search space on a device, and validate the
+predictor against end-to-end measurements of whole networks.
+
+Every distinct op of the space (from ``resolve_ops`` over all layers and choices, plus stem
+and head) is built alone, exported to ONNX at its real input shape and timed by the backend
+in interleaved rounds. The table is saved after every chunk of ops, so a killed build
+resumes where it stopped (finished entries are kept).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from hwnas.errors import HwnasError
+from hwnas.latency.backends import LatencyBackend, measure
+from hwnas.latency.table import LatencyPredictor, LatencyTable, make_header
+from hwnas.space import OpSpec, SearchSpace, all_op_specs, arch_flops
+
+
+def op_module(space: SearchSpace, spec: OpSpec):
+    """A standalone module for one op and the input shape it runs at (batch 1)."""
+    from hwnas.nn.blocks import ChoiceBlock, EmbeddingHead, Stem
+
+    shape = (1, spec.in_channels, spec.in_size, spec.in_size)
+    if spec.kind == "stem":
+        m = Stem(spec.in_channels, spec.out_channels)
+    elif spec.kind == "head":
+        m = EmbeddingHead(spec.in_channels, spec.mid_channels, spec.out_channels)
+    elif spec.kind in ("shufflenet", "xception"):
+        m = ChoiceBlock(spec.kind, spec.in_channels, spec.out_channels, spec.mid_channels,
+                        spec.kernel, spec.stride)
+    else:
+        raise ValueError(f"op kind {spec.kind!r} has no module")
+    return m.eval(), shape
+
+
+def profile_space(space: SearchSpace, backend: LatencyBackend, out: Path, *,
+                  remeasure: bool = False, rounds: int = 15, runs: int = 10, warmup: int = 10,
+                  chunk: int = 32, seed: int = 0, log: Callable = print) -> LatencyTable:
+    """Measure every op of ``space`` missing from the table at ``out`` (all of them for a new
+    table, or with ``remeasure``); an existing table must match the space and settings."""
+    from tqdm import tqdm
+
+    settings = backend.settings()
+    specs = all_op_specs(space)
+    table = None
+    if out.exists() and not remeasure:
+        table = LatencyTable.load(out)
+        table.check(space, settings)
+        if not table.header.get("complete"):
+            log(f"[profile] resuming {out}: {len(table.entries)}/{len(specs)} ops measured")
+    if table is None:
+        table = LatencyTable(make_header(space, settings, rounds, runs, warmup))
+    todo = [s for s in specs if s.key() not in table.entries]
+    log(f"[profile] {backend.name} ({settings['device_name']}, threads {settings.get('threads')}): "
+        f"{len(todo)} of {len(specs)} ops to measure, {rounds} rounds x {runs} runs each")
+    if "call_overhead_ms" not in table.header:
+        table.header["call_overhead_ms"] = round(call_overhead(backend, rounds, runs, warmup), 5)
+    bar = tqdm(total=len(todo) * (rounds + 1), desc="profile", unit="step", mininterval=1.0)
+    for i in range(0, len(todo), chunk):
+        part = todo[i:i + chunk]
+        runners = []
+        for s in part:
+            m, shape = op_module(space, s)
+            runners.append(backend.prepare(m, shape))
+            bar.update(1)
+        res = measure(runners, rounds, runs, warmup, seed=seed + i, progress=bar.update)
+        for s, r in zip(part, res):
+            table.entries[s.key()] = {**r.to_dict(), "flops": s.flops}
+        for r in runners:
+            r.close()
+        table.save(out)  # atomic: a kill loses at most this chunk
+    bar.close()
+    table.header["complete"] = True
+    table.header["spread"] = table.spread_summary()
+    if table.header["spread"]["noisy"]:
+        log(f"[profile] WARNING: the median spread across rounds is "
+            f"{table.header['spread']['median_cv_pct']}% — this machine was busy or unsteady; "
+            "predictions from this table are uncertain (rebuild on a quiet machine)")
+    table.save(out)
+    lo, hi = LatencyPredictor(space, table, calibrated=False).range()
+    log(f"[profile] wrote {out}: {len(table.entries)} ops; additive range {lo:.3f}-{hi:.3f} ms")
+    return table
+
+
+def call_overhead(backend: LatencyBackend, rounds: int, runs: int, warmup: int) -> float:
+    """The fixed cost of one inference call (a trivial graph): every op's entry contains it
+    once, a whole network only once, so the predictor counts it once."""
+    import torch
+
+    class _Tiny(torch.nn.Module):
+        def forward(self, x):
+            return x * 1.0
+
+    return measure([backend.prepare(_Tiny(), (1, 1, 4, 4))], rounds, runs, warmup)[0].median_ms
+
+
+# ---------------------------------------------------------------------- statistics
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x))
+    # average ties
+    for v in np.unique(x):
+        m = x == v
+        if m.sum() > 1:
+            r[m] = r[m].mean()
+    return r
+
+
+def spearman(a, b) -> float:
+    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def kendall(a, b) -> float:
+    """Kendall's tau-b."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    da = np.sign(a[:, None] - a[None, :])
+    db = np.sign(b[:, None] - b[None, :])
+    iu = np.triu_indices(len(a), 1)
+    s = (da * db)[iu].sum()
+    n1, n2 = (da[iu] != 0).sum(), (db[iu] != 0).sum()
+    return float(s / math.sqrt(n1 * n2)) if n1 and n2 else float("nan")
+
+
+def error_stats(pred, meas) -> dict:
+    pred, meas = np.asarray(pred, float), np.asarray(meas, float)
+    rel = np.abs(pred - meas) / meas
+    return {"n": int(len(meas)), "mape_pct": round(float(100 * rel.mean()), 2),
+            "within_5pct": round(float(100 * (rel <= 0.05).mean()), 1),
+            "within_10pct": round(float(100 * (rel <= 0.10).mean()), 1),
+            "spearman": round(spearman(pred, meas), 4), "kendall": round(kendall(pred, meas), 4)}
+
+
+# ---------------------------------------------------------------------- validation
+def fit_calibration(add: np.ndarray, meas: np.ndarray) -> tuple[float, float, str]:
+    """measured ~ a * additive + c. A least-squares line where it is sane (0.5 <= a <= 2,
+    and it fits the calibration archs better), else an offset only (a = 1, c = median
+    residual), which cannot go wrong with few or noisy calibration points."""
+    c0 = float(np.median(meas - add))
+    err0 = float(np.mean(np.abs(add + c0 - meas) / meas))
+    if len(add) >= 4 and np.ptp(add) > 0:
+        a, c = np.polyfit(add, meas, 1)
+        err = float(np.mean(np.abs(a * add + c - meas) / meas))
+        if 0.5 <= a <= 2.0 and err < err0:
+            return float(a), float(c), "linear"
+    return 1.0, c0, "offset"
+
+
+def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: int, runs: int,
+                  warmup: int, chunk: int = 25, seed: int = 0, desc: str = "end-to-end") -> list:
+    """End-to-end latency of whole subnets, exported exactly as a deployed query model
+    (dynamic batch axis, named input/output), timed at batch 1."""
+    import torch
+    from tqdm import tqdm
+
+    from hwnas.export.onnx import export_onnx
+    from hwnas.nn.supernet import SubNet
+
+    shape = (1, space.in_channels, space.input_size, space.input_size)
+    out = []
+    bar = tqdm(total=len(archs) * (rounds + 1), desc=desc, unit="step", mininterval=1.0)
+    for i in range(0, len(archs), chunk):
+        runners = []
+        for a in archs[i:i + chunk]:
+            torch.manual_seed(0)
+            net = SubNet(space, a).eval()
+            runners.append(backend.prepare_onnx(export_onnx(net, shape, dynamic_batch=True), shape))
+            bar.update(1)
+        out += measure(runners, rounds, runs, warmup, seed=seed + i, progress=bar.update)
+    bar.close()
+    return out
+
+
+def validate_table(space: SearchSpace, table: LatencyTable, backend: LatencyBackend, n: int,
+                   out: Path, calibrate: int = 10, seed: int = 0, rounds: int = 10, runs: int = 10,
+                   warmup: int = 5, log: Callable = print) -> dict:
+    """Fit the calibration (a, c) on ``calibrate`` archs (smallest and largest included),
+    then measure ``n`` other random archs end to end and record how well the plain additive
+    sum, the calibrated predictor and FLOPs predict them. Writes the header's
+    ``calibration`` and ``validation`` objects and a scatter plot beside the table."""
+    table.check(space, backend.settings())
+    rng = random.Random(seed)
+    calib = [space.smallest(), space.largest()] + [space.sample(rng) for _ in range(max(0, calibrate - 2))]
+    valid = [space.sample(rng) for _ in range(n)]
+    meas = measure_archs(space, calib + valid, backend, rounds, runs, warmup, seed=seed)
+    m = np.array([x.median_ms for x in meas])
+    plain = LatencyPredictor(space, table, calibrated=False)
+    add = np.array([plain.additive(a) for a in calib + valid])
+    k = len(calib)
+    a, c, kind = fit_calibration(add[:k], m[:k])
+    table.header["calibration"] = {"a": float(a), "c": float(c), "n": k, "model": kind,
+                                   "archs": [x.to_string(space) for x in calib]}
+    pred = a * add[k:] + c
+    flops = np.array([arch_flops(space, x) for x in valid], float)
+    mv = m[k:]
+    v = {**error_stats(pred, mv), "additive": error_stats(add[k:], mv),
+         "flops_spearman": round(spearman(flops, mv), 4),
+         "measured_range_ms": [round(float(m.min()), 4), round(float(m.max()), 4)],
+         "measured_range_ratio": round(float(m.max() / m.min()), 2),
+         "median_cv_pct_end_to_end": round(float(np.median([x.cv_pct for x in meas])), 2),
+         "seed": seed}
+    table.header["validation"] = v
+    table.save(out)
+    png = out.with_suffix(".validation.png")
+    _scatter(add[k:], pred, mv, v, png, table.header)
+    log(f"[profile] validation on {n} archs: calibrated MAPE {v['mape_pct']}%, within 10% "
+        f"{v['within_10pct']}%, Spearman {v['spearman']}; additive MAPE {v['additive']['mape_pct']}%; "
+        f"FLOPs Spearman {v['flops_spearman']}; plot {png}")
+    return v
+
+
+def _scatter(add, pred, meas, v, path: Path, header: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    lo, hi = min(meas.min(), add.min(), pred.min()) * 0.9, max(meas.max(), add.max(), pred.max()) * 1.1
+    xs = np.linspace(lo, hi, 10)
+    ax.plot(xs, xs, "k-", lw=1, label="y = x")
+    ax.fill_between(xs, xs * 0.9, xs * 1.1, color="0.9", label="±10%")
+    ax.scatter(meas, add, s=12, c="0.5", label=f"additive sum (MAPE {v['additive']['mape_pct']}%)")
+    ax.scatter(meas, pred, s=12, c="tab:blue", label=f"calibrated (MAPE {v['mape_pct']}%)")
+    ax.set_xlabel("measured end-to-end latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title(f"{header.get('backend')} t{header.get('threads')} {header.get('input_size')}px: "
+                 f"Spearman {v['spearman']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def gallery_throughput(gallery_net, pre, backend: LatencyBackend, batches=(1, 32, 256),
+                       rounds: int = 5, runs: int = 5) -> dict:
+    """Images/s of the gallery model at several batch sizes (the indexing side)."""
+    out = {}
+    for b in batches:
+        shape = (b, pre.channels, pre.size, pre.size)
+        r = measure([backend.prepare(gallery_net, shape)], rounds, runs, warmup=3)[0]
+        out[str(b)] = {"images_per_s": round(b / (r.median_ms / 1000), 1),
+                       "batch_ms": round(r.median_ms, 3)}
+    return out
+
+
+def load_predictor(space: SearchSpace, table_path: Path, settings: dict | None = None) -> LatencyPredictor:
+    t = LatencyTable.load(table_path)
+    t.check(space, settings)
+    if not t.header.get("complete"):
+        raise HwnasError(f"{table_path} is incomplete (a profile was interrupted); finish it with "
+                         f"`hwnas profile --device {t.header.get('device', 'cpu')}`")
+    return LatencyPredictor(space, t)

@@ -1,0 +1,146 @@
+"""Latency tables (data, not code) and the predictor that reads them.
+
+A table is JSON: a header (device, CPU/GPU model, runtime and version, threads, batch,
+input size, warm-up/rounds/runs, space hash, date, calibration, validation) and, per op key
+of :func:`hwnas.space.resolve_ops`, the median latency, its spread and the run count.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from hwnas.errors import HwnasError
+from hwnas.space import SKIP, Arch, SearchSpace
+from hwnas.space.ops import head_op, layer_op, stem_op
+from hwnas.space.spec import enumerate_layer_choices
+from hwnas.utils import read_json, write_json
+
+TABLE_FORMAT = "hwnas-latency-v1"
+SPREAD_WARN_PCT = 15.0  # median per-op CV above this: the table says it is noisy
+
+
+class LatencyTable:
+    def __init__(self, header: dict, entries: dict[str, dict] | None = None):
+        self.header = header
+        self.entries = entries or {}
+
+    # ---------------------------------------------------------------- io
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyTable":
+        path = Path(path)
+        if not path.exists():
+            raise HwnasError(f"latency table {path} does not exist; build it with "
+                             "`hwnas profile --device cpu` (or pass --table)")
+        d = read_json(path)
+        if d.get("header", {}).get("format") != TABLE_FORMAT:
+            raise HwnasError(f"{path} is not a {TABLE_FORMAT} latency table")
+        t = cls(d["header"], d["entries"])
+        t.path = path
+        return t
+
+    def save(self, path: str | Path) -> Path:
+        self.path = Path(path)
+        return write_json(path, {"header": self.header, "entries": dict(sorted(self.entries.items()))})
+
+    @staticmethod
+    def default_name(settings: dict, space: SearchSpace) -> str:
+        ver = ".".join(str(settings["runtime_version"]).split("+")[0].split(".")[:2])
+        short = {"onnxruntime": "ort", "tensorrt": "trt", "torch": "torch"}[settings["runtime"]]
+        if settings["device"] == "cpu":
+            from hwnas.latency.backends import physical_cores
+
+            dev = f"{settings.get('machine', 'cpu')}-{physical_cores()}c"
+        else:
+            dev = "gpu-" + re.sub(r"[^a-z0-9]+", "", settings["device_name"].lower())[:16]
+        th = f"-t{settings['threads']}" if settings.get("threads") else ""
+        return (f"{dev}-{short}{ver}-{settings['precision']}{th}-r{space.input_size}"
+                f"-s{space.hash[:8]}.json")
+
+    # ---------------------------------------------------------------- checks
+    def check(self, space: SearchSpace, settings: dict | None = None) -> None:
+        """Refuse a table made for another space, runtime version or thread count."""
+        h = self.header
+        fix = (f"rebuild it: hwnas profile --device {h.get('device', 'cpu')}"
+               + (f" --threads {settings['threads']}" if settings and settings.get("threads") else ""))
+        where = getattr(self, "path", "the latency table")
+        if h.get("space_hash") != space.hash:
+            raise HwnasError(f"{where} was built for search space {h.get('space_hash')}, not "
+                             f"{space.hash} (the config's space changed); {fix}")
+        if settings:
+            for k in ("backend", "runtime_version", "threads", "precision"):
+                if k in settings and h.get(k) != settings[k]:
+                    raise HwnasError(f"{where} was measured with {k}={h.get(k)!r} but this run uses "
+                                     f"{settings[k]!r}; {fix}")
+
+    def ms(self, key: str, stat: str = "median_ms") -> float:
+        e = self.entries.get(key)
+        if e is None:
+            raise HwnasError(f"latency table {getattr(self, 'path', '')} has no entry for op {key}; "
+                             "fill it with `hwnas profile --device "
+                             f"{self.header.get('device', 'cpu')} --only-missing`")
+        return float(e[stat])
+
+    def spread_summary(self) -> dict:
+        import numpy as np
+
+        cvs = [e["cv_pct"] for e in self.entries.values() if "cv_pct" in e]
+        med = float(np.median(cvs)) if cvs else 0.0
+        return {"median_cv_pct": round(med, 2),
+                "p90_cv_pct": round(float(np.percentile(cvs, 90)), 2) if cvs else 0.0,
+                "noisy": med > SPREAD_WARN_PCT}
+
+
+def make_header(space: SearchSpace, settings: dict, rounds: int, runs: int, warmup: int) -> dict:
+    return {"format": TABLE_FORMAT, **settings, "batch": 1, "input_size": space.input_size,
+            "in_channels": space.in_channels, "space_hash": space.hash, "space": space.to_dict(),
+            "warmup": warmup, "rounds": rounds, "runs_per_round": runs,
+            "statistic": "median of round medians, rounds above Q3+1.5*IQR dropped",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": False}
+
+
+class LatencyPredictor:
+    """latency(arch) = a * (sum of the arch's table entries) + c.
+
+    Each entry is counted without the backend's per-call overhead (measured once per table
+    on a trivial graph), which is added back once: a network is one call, not one per op.
+
+    ``a`` and ``c`` come from the table's calibration (end-to-end measurements of a few
+    archs; a=1, c=0 without one). Per-layer lookups are precomputed, so a prediction is a
+    few dictionary reads (hundreds of thousands per second)."""
+
+    def __init__(self, space: SearchSpace, table: LatencyTable, stat: str = "median_ms",
+                 calibrated: bool = True):
+        table.check(space)
+        self.space = space
+        ov = float(table.header.get("call_overhead_ms", 0.0))
+
+        def net(key: str) -> float:  # an op's own cost, without the per-call overhead
+            return max(0.0, table.ms(key, stat) - ov)
+
+        self.base = ov + net(stem_op(space).key()) + net(head_op(space).key())
+        self.layers = []
+        for layer in space.layers():
+            d = {}
+            for op, scale in enumerate_layer_choices(space, layer):
+                d[(op, scale)] = 0.0 if op == SKIP else net(layer_op(space, layer, op, scale).key())
+            self.layers.append(d)
+        cal = table.header.get("calibration") if calibrated else None
+        self.a, self.c = (cal["a"], cal["c"]) if cal else (1.0, 0.0)
+
+    def additive(self, arch: Arch) -> float:
+        return self.base + sum(d[lc] for d, lc in zip(self.layers, arch.layers))
+
+    def __call__(self, arch: Arch) -> float:
+        return self.a * self.additive(arch) + self.c
+
+    def range(self) -> tuple[float, float]:
+        """Predicted latency of the fastest and slowest archs (per-layer min/max)."""
+        lo = self.base + sum(min(d.values()) for d in self.layers)
+        hi = self.base + sum(max(d.values()) for d in self.layers)
+        return self.a * lo + self.c, self.a * hi + self.c
+
+    def extreme_arch(self, fastest: bool = True) -> Arch:
+        pick = min if fastest else max
+        return Arch(tuple(pick(d, key=d.get) for d in self.layers))

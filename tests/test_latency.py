@@ -1,0 +1,157 @@
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hwnas.errors import HwnasError
+from hwnas.latency.backends import BACKENDS, get_backend, measure, physical_cores
+from hwnas.latency.profile import kendall, profile_space, spearman, validate_table
+from hwnas.latency.table import LatencyPredictor, LatencyTable
+from hwnas.space import all_op_specs, resolve_ops
+
+
+# ---------------------------------------------------------------- the backend contract
+def _backend(name):
+    cls = BACKENDS[name]
+    reason = cls.unavailable_reason()
+    if reason:
+        pytest.skip(f"{name} not available here: {reason}")
+    return get_backend("cpu" if name == "onnxruntime-cpu" else "gpu", name)
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_backend_contract(name):
+    b = _backend(name)
+    s = b.settings()
+    assert {"backend", "device", "device_name", "runtime", "runtime_version", "threads",
+            "precision"} <= set(s)
+    small = torch.nn.Conv2d(3, 4, 3, padding=1)
+    big = torch.nn.Sequential(*[torch.nn.Conv2d(64, 64, 3, padding=1) for _ in range(4)])
+    rs = b.prepare(small, (1, 3, 16, 16))
+    rb = b.prepare(big, (1, 64, 32, 32))
+    t = rs.run_timed(3)
+    assert len(t) == 3 and all(x > 0 and np.isfinite(x) for x in t)
+    ms, mb = measure([rs, rb], rounds=4, runs=3, warmup=2)
+    assert ms.n == 12 and ms.rounds == 4
+    assert 0 < ms.min_ms <= ms.median_ms
+    assert mb.median_ms > 3 * ms.median_ms  # ~1,000x the FLOPs: clearly slower
+
+
+def test_gpu_without_gpu_is_one_clear_line():
+    if not BACKENDS["torch-cuda"].unavailable_reason():
+        pytest.skip("a GPU is present")
+    with pytest.raises(HwnasError, match="no CUDA GPU"):
+        get_backend("gpu")
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "profile", "--device", "gpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "no CUDA GPU" in err[0] and "hwnas[gpu]" in err[0]
+
+
+def test_physical_cores():
+    assert 1 <= physical_cores() <= (torch.get_num_threads() + 64)
+
+
+# ---------------------------------------------------------------- tables
+@pytest.fixture(scope="module")
+def table(tiny_space, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lat") / "t.json"
+    b = get_backend("cpu", threads=1)
+    return profile_space(tiny_space, b, out, rounds=2, runs=2, warmup=1, log=lambda *_: None), out, b
+
+
+def test_table_covers_every_op(table, tiny_space):
+    t, out, _ = table
+    keys = {s.key() for s in all_op_specs(tiny_space)}
+    assert keys == set(t.entries)
+    d = json.loads(out.read_text())
+    h = d["header"]
+    for k in ("device", "device_name", "runtime_version", "threads", "batch", "input_size",
+              "warmup", "rounds", "runs_per_round", "space_hash", "date", "call_overhead_ms"):
+        assert k in h, k
+    assert h["complete"] and h["threads"] == 1 and h["space_hash"] == tiny_space.hash
+    e = next(iter(d["entries"].values()))
+    assert {"median_ms", "cv_pct", "n"} <= set(e)
+
+
+def test_resume_measures_only_missing(table, tiny_space, tmp_path):
+    t, out, b = table
+    d = json.loads(out.read_text())
+    keys = sorted(d["entries"])
+    for k in keys[:5]:
+        del d["entries"][k]
+    d["header"]["complete"] = False  # as left by a killed build
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps(d))
+    logs = []
+    t2 = profile_space(tiny_space, b, part, rounds=2, runs=2, warmup=1, log=logs.append)
+    assert any("5 of" in line for line in logs)
+    assert set(t2.entries) == set(t.entries)
+    for k in keys[5:]:
+        assert t2.entries[k] == t.entries[k]  # finished work kept as it was
+
+
+def test_mismatches_are_clear_errors(table, tiny_space):
+    t, out, b = table
+    from hwnas.space import SearchSpace
+
+    other = SearchSpace.from_dict({**tiny_space.to_dict(), "embed_dim": 8})
+    with pytest.raises(HwnasError, match="hwnas profile --device cpu"):
+        LatencyTable.load(out).check(other)
+    with pytest.raises(HwnasError, match="threads"):
+        LatencyTable.load(out).check(tiny_space, {**b.settings(), "threads": 7})
+    with pytest.raises(HwnasError, match="runtime_version"):
+        LatencyTable.load(out).check(tiny_space, {**b.settings(), "runtime_version": "0.1"})
+    t3 = LatencyTable.load(out)
+    key = sorted(t3.entries)[0]
+    del t3.entries[key]
+    with pytest.raises(HwnasError, match=f"{key}.*--only-missing"):
+        LatencyPredictor(tiny_space, t3)
+
+
+def test_predictor_is_additive_and_fast(table, tiny_space):
+    t, _, _ = table
+    p = LatencyPredictor(tiny_space, t, calibrated=False)
+    ov = t.header["call_overhead_ms"]
+    arch = tiny_space.sample(3)
+    manual = ov + sum(max(0.0, t.entries[o.key()]["median_ms"] - ov)
+                      for o in resolve_ops(tiny_space, arch) if o.kind != "skip")
+    assert p.additive(arch) == pytest.approx(manual)
+    lo, hi = p.range()
+    assert lo <= p(arch) <= hi
+    assert p(p.extreme_arch(True)) == pytest.approx(lo)
+    archs = [tiny_space.sample(i) for i in range(2000)]
+    t0 = time.perf_counter()
+    for a in archs:
+        p(a)
+    rate = len(archs) / (time.perf_counter() - t0)
+    assert rate > 10_000, f"{rate:.0f} predictions/s"
+
+
+def test_validation_writes_header_and_plot(table, tiny_space, tmp_path):
+    t, out, b = table
+    dst = tmp_path / "v.json"
+    dst.write_text(out.read_text())
+    tv = LatencyTable.load(dst)
+    v = validate_table(tiny_space, tv, b, 6, dst, calibrate=4, rounds=2, runs=2, warmup=1,
+                       log=lambda *_: None)
+    h = json.loads(dst.read_text())["header"]
+    assert {"n", "mape_pct", "within_5pct", "within_10pct", "spearman", "kendall"} <= set(h["validation"])
+    assert h["validation"]["n"] == 6 and v["n"] == 6
+    assert h["calibration"]["n"] == 4
+    assert dst.with_suffix(".validation.png").stat().st_size > 1000
+
+
+def test_rank_statistics_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=40), rng.normal(size=40)
+    b[:5] = a[:5]
+    a[10:13] = 1.0  # ties
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic)
+    assert kendall(a, b) == pytest.approx(stats.kendalltau(a, b).statistic)
