@@ -54,6 +54,13 @@ EXAMPLES = {
           hwnas profile --device cpu --threads 1 --out latency_tables/edge-1t.json
           hwnas profile --device cpu --only-missing     # fill ops a table lacks
           hwnas profile --device gpu --config c.yaml     # TensorRT (or torch-cuda) + gallery images/s""",
+    "search": """\
+        examples:
+          hwnas search --config configs/quickstart.yaml --budget-ms 0.5
+          hwnas search --config c.yaml --budget-ms 5 --reward r3 --alpha 0.5 --sampler evolution
+          hwnas search --config c.yaml --budget-ms 5 --multi-objective --sampler nsga2
+          hwnas search --config c.yaml --budget-ms 5 --storage postgresql://user@host/db --study-name s1
+          hwnas search --config c.yaml --budget-ms 5 --storage journal:/shared/search.log  # many workers""",
     "run": """\
         examples:
           hwnas run configs/quickstart.yaml
@@ -141,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery-throughput", action="store_true",
                    help="also time the run's gallery model at batch 1/32/256 (images/s)")
 
+    p = add("search", "Search the supernet for the most compatible query arch within a latency budget (Optuna).")
+    _add_common(p)
+    p.add_argument("--budget-ms", type=float, help="edge latency budget (predicted from the table)")
+    p.add_argument("--reward", choices=["r1", "r2", "r3"], help="r1 M(q,q), r2 M(q,g), r3 mix (default)")
+    p.add_argument("--alpha", type=float, help="R3 weight of M(q,g) (default 0.5)")
+    p.add_argument("--metric", choices=["recall@1", "recall@5", "recall@10", "mAP"], help="accuracy metric")
+    p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "evolution"], help="default tpe")
+    p.add_argument("--n-trials", type=int, help="evaluated (within-budget) trials in the study")
+    p.add_argument("--multi-objective", action="store_true", default=None,
+                   help="maximize the reward and minimize predicted latency; report the Pareto front")
+    p.add_argument("--storage", help="Optuna storage URL (sqlite:///..., postgresql://..., or "
+                   "journal:PATH); default SQLite in the run directory")
+    p.add_argument("--study-name", help="study name (default from reward, sampler and budget)")
+    p.add_argument("--table", help="latency table (default: latency_tables/ for this space and CPU)")
+    p.add_argument("--enqueue", action="append", default=[], metavar="ARCH",
+                   help="evaluate this arch early in the study (repeatable)")
+    p.add_argument("--sampler-seed", type=int, help="sampler seed (give each worker its own)")
+
     p = add("train-gallery", "Train the gallery model: a timm backbone + embedding head + cosine classifier.")
     _add_common(p)
     _add_resume(p)
@@ -160,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--arch", help="an arch string of the search space")
     src.add_argument("--timm", help="a timm model as a fixed baseline, e.g. mobilenetv3_small_050")
+    src.add_argument("--from-search", action="store_true",
+                     help="the arch of RUN_DIR/best_arch.json (from hwnas search)")
     p.add_argument("--name", help="name of the model directory under RUN_DIR/query/")
     p.add_argument("--no-inherit", action="store_true",
                    help="train the arch from scratch instead of from the supernet's weights")
@@ -318,6 +345,26 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from hwnas.search.runner import enqueue_archs, run_search
+
+    cfg = _load(args)
+    s = cfg.search
+    for flag in ("budget_ms", "reward", "alpha", "metric", "sampler", "n_trials", "multi_objective",
+                 "storage", "study_name"):
+        v = getattr(args, flag)
+        if v is not None:
+            setattr(s, flag, v)
+    if args.table:
+        cfg.latency.table = args.table
+    if args.enqueue:
+        if s.budget_ms is None:
+            raise HwnasError("--enqueue needs --budget-ms (it names the study)")
+        enqueue_archs(cfg, args.enqueue)
+    run_search(cfg, seed=args.sampler_seed)
+    return 0
+
+
 def cmd_train_gallery(args) -> int:
     from hwnas.compat.api import train_gallery
 
@@ -348,6 +395,13 @@ def cmd_train_query(args) -> int:
     from hwnas.compat.train import is_main
 
     cfg = _load(args)
+    if args.from_search:
+        from pathlib import Path
+
+        from hwnas.search.runner import load_best
+
+        args.arch = load_best(Path(cfg.run_dir))["arch"]
+        args.name = args.name or "searched"
     q = train_query(cfg, arch=args.arch, timm_name=args.timm, name=args.name, resume=args.resume,
                     restart=args.restart, inherit=False if args.no_inherit else None)
     if is_main():
@@ -374,7 +428,7 @@ def cmd_run(args) -> int:
     return run_pipeline(_load(args))
 
 
-COMMANDS = {"data": cmd_data, "space": cmd_space, "profile": cmd_profile, "train-gallery": cmd_train_gallery,
+COMMANDS = {"data": cmd_data, "space": cmd_space, "profile": cmd_profile, "search": cmd_search, "train-gallery": cmd_train_gallery,
             "train-supernet": cmd_train_supernet, "train-query": cmd_train_query,
             "evaluate": cmd_evaluate, "run": cmd_run}
 

@@ -53,6 +53,31 @@ class QueryConfig:
 
 
 @dataclass
+class LatencyConfig:
+    table: str | None = None  # default: latency_tables/<device>-ort<ver>-fp32-t<threads>-r<size>-s<hash>.json
+    threads: int | None = None  # ONNX Runtime intra-op threads (default: physical cores)
+
+
+@dataclass
+class SearchConfig:
+    budget_ms: float | None = None
+    reward: str = "r3"  # r1: M(q,q) | r2: M(q,g) | r3: alpha*M(q,g) + (1-alpha)*M(q,q)
+    alpha: float = 0.5
+    metric: str = "recall@1"  # or mAP
+    sampler: str = "tpe"  # tpe | nsga2 | random | evolution
+    n_trials: int = 100  # evaluated (feasible) trials
+    multi_objective: bool = False
+    bn_batches: int = 4  # BN recalibration batches (of 128 training images) per trial
+    max_infeasible: int = 2000  # consecutive over-budget samples before giving up
+    population: int = 20  # evolution
+    tournament: int = 5
+    mutation_prob: float = 0.1
+    crossover_prob: float = 0.5
+    storage: str | None = None  # default: sqlite in the run directory
+    study_name: str | None = None
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -60,6 +85,8 @@ class Config:
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     seed: int = 0
 
     # ---------------------------------------------------------------- builders
@@ -117,7 +144,7 @@ def _build(cls, d: dict, where: str):
 
 
 SECTIONS = {"data": DataConfig, "gallery": GalleryConfig, "supernet": SupernetConfig,
-            "query": QueryConfig}
+            "query": QueryConfig, "latency": LatencyConfig, "search": SearchConfig}
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -14,34 +14,8 @@ import torch
 
 from hwnas.compat import api
 from hwnas.config import load_config
+from conftest import TINY_SPACE, tiny_config, write_cfg
 from hwnas.errors import HwnasError
-
-TINY_SPACE = dict(input_size=32, in_channels=1, stem_channels=8, stage_layers=[2, 2, 3, 2],
-                  stage_widths=[16, 32, 64, 96], head_channels=128, embed_dim=32,
-                  channel_scales=[0.5, 1.0, 1.5], channel_divisor=4, name="tiny")
-
-
-def tiny_config(run_dir: Path, **over) -> dict:
-    cfg = {
-        "run_dir": str(run_dir),
-        "seed": 0,
-        "data": {"dataset": "fashion-mnist", "mean": [0.286], "std": [0.353],
-                 "split": {"protocol": "closed", "train_per_class": 200, "eval_per_class": 60,
-                           "val_fraction": 0.0}},
-        "space": TINY_SPACE,
-        "gallery": {"backbone": "resnet10t", "train": {"epochs": 4, "lr": 0.1, "batch_size": 64}},
-        "supernet": {"train": {"epochs": 2, "batch_size": 64}},
-        "query": {"train": {"epochs": 4, "lr": 0.1, "batch_size": 64}},
-    }
-    for k, v in over.items():
-        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
-    return cfg
-
-
-def write_cfg(path: Path, d: dict) -> Path:
-    path.write_text(json.dumps(d))
-    return path
-
 
 @pytest.fixture(scope="session")
 def trained_gallery(tmp_path_factory, fmnist_dir):

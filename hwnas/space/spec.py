@@ -276,6 +276,29 @@ class SearchSpace:
                 )
         return arch
 
+    # ------------------------------------------------------------------ Optuna
+    def suggest(self, trial) -> "Arch":
+        """An arch from an Optuna trial, with stable parameter names: ``L07_op`` per layer,
+        ``L07_scale`` (conditional: only when the op is not ``skip``)."""
+        layers = []
+        for layer in self.layers():
+            op = trial.suggest_categorical(f"L{layer.index:02d}_op", list(layer.choices))
+            scale = None
+            if op != SKIP:
+                scale = trial.suggest_categorical(f"L{layer.index:02d}_scale", list(self.channel_scales))
+            layers.append((op, scale))
+        return Arch(tuple(layers))
+
+    def params_of(self, arch: "Arch") -> dict:
+        """The Optuna parameters that ``suggest`` would produce for ``arch`` (for enqueueing)."""
+        self.validate(arch)
+        out: dict = {}
+        for layer, (op, scale) in zip(self.layers(), arch.layers):
+            out[f"L{layer.index:02d}_op"] = op
+            if op != SKIP:
+                out[f"L{layer.index:02d}_scale"] = scale
+        return out
+
     def num_archs(self) -> int:
         n = 1
         for layer in self.layers():

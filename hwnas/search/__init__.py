@@ -1,0 +1,1 @@
+"""Compatibility-aware, latency-constrained search with Optuna."""

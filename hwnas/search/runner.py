@@ -1,0 +1,425 @@
+"""``hwnas search``: the compatibility-aware, latency-constrained architecture search.
+
+Each Optuna trial proposes an arch (``space.suggest``). Its latency is *predicted* from the
+device's table first: an arch over budget is recorded as infeasible with
+``Trial.set_constraint`` (costing microseconds) and never evaluated. A feasible arch is
+evaluated from the trained supernet: BatchNorm recalibration on training images, then
+M(q,q) and M(q,g) on the validation split (never the test split), with the gallery side's
+embeddings computed once per study. The reward is R1 = M(q,q), R2 = M(q,g) or
+R3 = alpha * M(q,g) + (1 - alpha) * M(q,q).
+
+Studies live in the run directory (SQLite) by default and resume after a kill; any Optuna
+storage URL (PostgreSQL, a journal file) lets many workers search one study.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from hwnas.config import Config
+from hwnas.errors import HwnasError
+from hwnas.rundir import RunDir
+from hwnas.space import Arch, arch_flops
+from hwnas.utils import atomic_write_text, write_json
+
+SAMPLERS = ("tpe", "nsga2", "random", "evolution")
+REWARDS = ("r1", "r2", "r3")
+
+
+def reward(m_qq: float, m_qg: float, kind: str = "r3", alpha: float = 0.5) -> float:
+    if kind == "r1":
+        return m_qq
+    if kind == "r2":
+        return m_qg
+    if kind == "r3":
+        return alpha * m_qg + (1 - alpha) * m_qq
+    raise HwnasError(f"reward {kind!r} must be one of {REWARDS}")
+
+
+# ---------------------------------------------------------------------- pieces
+def table_path(cfg: Config, space) -> Path:
+    if cfg.latency.table:
+        return Path(cfg.latency.table)
+    from hwnas.latency.backends import OrtCpuBackend
+    from hwnas.latency.table import LatencyTable
+
+    settings = OrtCpuBackend(threads=cfg.latency.threads).settings()
+    return Path("latency_tables") / LatencyTable.default_name(settings, space)
+
+
+def predictor_for(cfg: Config, space):
+    from hwnas.latency.backends import OrtCpuBackend
+    from hwnas.latency.profile import load_predictor
+
+    path = table_path(cfg, space)
+    if not path.exists():
+        raise HwnasError(f"no latency table at {path}: build it with `hwnas profile --device cpu"
+                         f"{' --config ' + '...' if cfg.space else ''}` (or set latency.table)")
+    settings = OrtCpuBackend(threads=cfg.latency.threads).settings() if not cfg.latency.table else None
+    return load_predictor(space, path, settings), path
+
+
+class SupernetEvaluator:
+    """M(q,q) and M(q,g) of supernet subnets on the validation split."""
+
+    def __init__(self, cfg: Config, log=print):
+        import torch
+
+        from hwnas.compat import api
+        from hwnas.data.images import Preprocess
+
+        rd = RunDir(cfg)
+        self.net, scfg, _ = api.load_supernet(rd)
+        gallery = api._gallery(rd)
+        self.pre = Preprocess.from_dict(scfg["preprocess"])
+        api.check_compatible(gallery.config, self.net.space.embed_dim, self.pre)
+        splits = rd.splits(log=log)
+        if not len(splits.parts["val_query"]) or not len(splits.parts["val_gallery"]):
+            raise HwnasError("the split has no validation images (data.split.val_fraction is 0); "
+                             "the search needs them: set val_fraction > 0 in a new run directory")
+        self.vq = api.load_part(rd, "val_query", self.pre, log=log)
+        self.vg = api.load_part(rd, "val_gallery", self.pre, log=log)
+        self.g_emb = api.gallery_embeddings(rd, gallery, "val_gallery",
+                                            self.vg if gallery.config["preprocess"] == self.pre.to_dict() else None,
+                                            log=log)
+        train = api.load_part(rd, "train", self.pre, log=log)
+        n = min(len(train.images), 128 * cfg.search.bn_batches)
+        sel = np.random.default_rng(cfg.seed).permutation(len(train.images))[:n]
+        self.calib = [self.pre.normalize(train.images[sel[i:i + 128]]) for i in range(0, n, 128)]
+        self.ids = (self.vq.ids, self.vg.ids) if splits.shared_eval else (None, None)
+        self.torch = torch
+        self.cache: dict[str, dict] = {}
+
+    def __call__(self, arch: Arch) -> dict:
+        from hwnas.compat.api import embed
+        from hwnas.nn.supernet import recalibrate_bn
+        from hwnas.retrieval import evaluate
+
+        key = arch.to_string()
+        if key in self.cache:
+            return self.cache[key]
+        t = time.time()
+        recalibrate_bn(self.net, self.calib, arch)
+        q = embed(self.net, self.vq.images, self.pre.normalize, arch=arch)
+        g = embed(self.net, self.vg.images, self.pre.normalize, arch=arch)
+        res = {
+            "M(q,q)": evaluate(q, self.vq.raw_labels, g, self.vg.raw_labels,
+                               query_ids=self.ids[0], gallery_ids=self.ids[1]),
+            "M(q,g)": evaluate(q, self.vq.raw_labels, self.g_emb, self.vg.raw_labels,
+                               query_ids=self.ids[0], gallery_ids=self.ids[1]),
+            "seconds": time.time() - t,
+        }
+        self.cache[key] = res
+        return res
+
+
+def make_sampler(name: str, space, cfg: Config, seed: int | None, multi_objective: bool):
+    import optuna
+
+    if name == "tpe":
+        import warnings
+
+        with warnings.catch_warnings():  # `group` is marked experimental; it is what
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # conditional
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True,
+                                              group=True)  # params (skip -> no scale) need
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=max(4, cfg.search.population), seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "evolution":
+        from hwnas.search.evolution import RegularizedEvolutionSampler
+
+        s = cfg.search
+        return RegularizedEvolutionSampler(space, s.population, s.tournament, s.mutation_prob,
+                                           s.crossover_prob, seed=seed)
+    raise HwnasError(f"sampler {name!r} must be one of {SAMPLERS}")
+
+
+def make_storage(url: str | None, rd: RunDir):
+    """Optuna storage: default SQLite in the run directory; ``journal:PATH`` a journal file
+    (works on a shared disk); anything else an RDB URL (sqlite:///..., postgresql://...)."""
+    import optuna
+
+    if url is None:
+        rd.path.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{(rd.path / 'search.db').resolve()}"
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = url[len("journal:"):]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(path)), url
+    try:
+        import warnings
+
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        with warnings.catch_warnings():  # heartbeats are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # A worker killed mid-trial stops its heartbeat; after the grace period its trial
+            # is failed and retried once, so a kill never leaves a trial RUNNING forever.
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=30, grace_period=90,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1)), url
+    except Exception as e:  # bad URL, missing driver, server down
+        raise HwnasError(f"cannot open the Optuna storage {url!r}: {e}") from None
+
+
+# ---------------------------------------------------------------------- the search
+def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int | None = None) -> dict:
+    import optuna
+
+    s = cfg.search
+    if s.reward not in REWARDS:
+        raise HwnasError(f"--reward {s.reward!r} must be one of {REWARDS}")
+    if s.metric not in ("recall@1", "recall@5", "recall@10", "mAP"):
+        raise HwnasError(f"--metric {s.metric!r} must be recall@1, recall@5, recall@10 or mAP")
+    if not 0 <= s.alpha <= 1:
+        raise HwnasError(f"--alpha {s.alpha} must be between 0 and 1")
+    if s.sampler == "evolution" and s.multi_objective:
+        raise HwnasError("the evolution sampler is single-objective; use nsga2 or tpe with "
+                         "--multi-objective")
+    rd = RunDir(cfg)
+    space = cfg.search_space()
+    predictor, tpath = predictor_for(cfg, space)
+    lo, hi = predictor.range()
+    budget = s.budget_ms
+    if budget is None:
+        raise HwnasError(f"give a latency budget: --budget-ms B (feasible range on this table: "
+                         f"{lo:.3f} to {hi:.3f} ms)")
+    if budget < lo:
+        raise HwnasError(f"--budget-ms {budget} is below the fastest subnet's predicted latency "
+                         f"({lo:.3f} ms on {tpath.name}); feasible budgets: {lo:.3f} to {hi:.3f} ms")
+    if budget >= hi:
+        raise HwnasError(f"--budget-ms {budget} is above the slowest subnet's predicted latency "
+                         f"({hi:.3f} ms): every arch fits, so the budget constrains nothing; "
+                         f"feasible budgets: {lo:.3f} to {hi:.3f} ms")
+    storage, url = make_storage(s.storage, rd)
+    name = s.study_name or f"search-{s.reward}-{s.sampler}-{budget:g}ms{'-mo' if s.multi_objective else ''}"
+    directions = ["maximize", "minimize"] if s.multi_objective else ["maximize"]
+    seed = cfg.seed if seed is None and s.storage is None else seed
+    sampler = make_sampler(s.sampler, space, cfg, seed, s.multi_objective)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                directions=directions, load_if_exists=True)
+    meta = {"budget_ms": budget, "reward": s.reward, "alpha": s.alpha, "metric": s.metric,
+            "space_hash": space.hash, "table": str(tpath), "multi_objective": s.multi_objective}
+    old = study.user_attrs.get("hwnas")
+    if old is None:
+        study.set_user_attr("hwnas", meta)
+        _enqueue_baselines(study, space, predictor, budget)
+    elif old != meta:
+        changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        raise HwnasError(f"study {name!r} in {url} was started with other settings {changed}; "
+                         "use another --study-name (or the original settings to resume it)")
+    done = _n_feasible(study)
+    if done:
+        log(f"[search] resuming study {name!r}: {done} evaluated trials already done")
+    evaluator = evaluator or SupernetEvaluator(cfg, log=log)
+    state = {"infeasible_run": 0}
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def objective(trial):
+        arch = space.suggest(trial)
+        lat = predictor(arch)
+        trial.set_user_attr("arch", arch.to_string(space))
+        trial.set_user_attr("predicted_ms", lat)
+        trial.set_user_attr("mflops", arch_flops(space, arch) / 1e6)
+        trial.set_user_attr("sampler", s.sampler)
+        trial.set_user_attr("worker", worker)
+        trial.set_constraint("latency_ms", lat - budget)
+        if lat > budget:
+            trial.set_user_attr("feasible", False)
+            state["infeasible_run"] += 1
+            if state["infeasible_run"] >= s.max_infeasible:
+                trial.study.set_user_attr("gave_up", True)
+                trial.study.stop()
+            return (0.0, lat) if s.multi_objective else 0.0
+        state["infeasible_run"] = 0
+        res = evaluator(arch)
+        qq, qg = res["M(q,q)"][s.metric], res["M(q,g)"][s.metric]
+        r = reward(qq, qg, s.reward, s.alpha)
+        trial.set_user_attr("feasible", True)
+        for k in ("M(q,q)", "M(q,g)"):
+            trial.set_user_attr(k, {m: res[k][m] for m in ("recall@1", "recall@5", "mAP")})
+        trial.set_user_attr("eval_seconds", res["seconds"])
+        trial.set_user_attr("reward", r)
+        log(f"[search] trial {trial.number}: {lat:.3f} ms, M(q,q) {qq:.4f}, M(q,g) {qg:.4f}, "
+            f"reward {r:.4f} ({res['seconds']:.1f} s)")
+        return (r, lat) if s.multi_objective else r
+
+    def stop_when_done(study, _trial):
+        if _n_feasible(study) >= s.n_trials:
+            study.stop()
+
+    if _n_feasible(study) < s.n_trials:
+        study.optimize(objective, callbacks=[stop_when_done], gc_after_trial=False)
+    if study.user_attrs.get("gave_up") and _n_feasible(study) == 0:
+        raise HwnasError(f"the {s.sampler} sampler found no arch within {budget} ms in "
+                         f"{s.max_infeasible} consecutive tries; raise the budget (range "
+                         f"{lo:.3f} to {hi:.3f} ms) or try another sampler")
+    return write_outputs(study, rd.path, space, budget, s, url, log=log)
+
+
+def _n_feasible(study) -> int:
+    import optuna
+
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+               if t.user_attrs.get("feasible"))
+
+
+def _enqueue_baselines(study, space, predictor, budget) -> None:
+    """Known archs go first: the fastest subnet, and the largest uniform arch within budget."""
+    fastest = predictor.extreme_arch(True)
+    study.enqueue_trial(space.params_of(fastest), user_attrs={"baseline": "fastest"})
+    best_uniform = None
+    for op in space.ops:
+        for sc in space.channel_scales:
+            a = Arch(tuple((op, sc) for _ in space.layers()))
+            lat = predictor(a)
+            if lat <= budget and (best_uniform is None or lat > best_uniform[0]):
+                best_uniform = (lat, a)
+    if best_uniform is not None:
+        study.enqueue_trial(space.params_of(best_uniform[1]), user_attrs={"baseline": "uniform"})
+
+
+def enqueue_archs(cfg: Config, archs: list[str]) -> None:
+    """Add known archs (e.g. from a paper or an earlier search) to the front of a study."""
+    import optuna
+
+    s, rd, space = cfg.search, RunDir(cfg), cfg.search_space()
+    storage, _ = make_storage(s.storage, rd)
+    name = s.study_name or f"search-{s.reward}-{s.sampler}-{s.budget_ms:g}ms{'-mo' if s.multi_objective else ''}"
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+                                directions=["maximize", "minimize"] if s.multi_objective else ["maximize"])
+    for a in archs:
+        study.enqueue_trial(space.params_of(space.parse(a)), user_attrs={"baseline": "user"})
+
+
+# ---------------------------------------------------------------------- outputs
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated (lower latency and higher reward are better)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -float("inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print) -> dict:
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    rows = []
+    for t in trials:
+        ua = t.user_attrs
+        rows.append({
+            "number": t.number, "state": t.state.name, "feasible": ua.get("feasible"),
+            "arch": ua.get("arch"), "predicted_ms": ua.get("predicted_ms"), "mflops": ua.get("mflops"),
+            "M(q,q)": (ua.get("M(q,q)") or {}).get(s.metric), "M(q,g)": (ua.get("M(q,g)") or {}).get(s.metric),
+            "reward": ua.get("reward"), "baseline": ua.get("baseline", ""),
+            "sampler": ua.get("sampler"), "eval_seconds": ua.get("eval_seconds"),
+            "duration_s": t.duration.total_seconds() if t.duration else None,
+        })
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["number"])
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "trials.csv", buf.getvalue())
+    feas = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
+    if not feas:
+        raise HwnasError("the study has no evaluated arch within the budget yet")
+    best = max(feas, key=lambda t: t.user_attrs["reward"])
+    pts = [(t.user_attrs["predicted_ms"], t.user_attrs["reward"]) for t in feas]
+    front = [feas[i] for i in pareto_front(pts)]
+    ua = best.user_attrs
+    result = {
+        "arch": ua["arch"], "predicted_ms": ua["predicted_ms"], "mflops": ua["mflops"],
+        "M(q,q)": ua["M(q,q)"], "M(q,g)": ua["M(q,g)"], "reward": ua["reward"],
+        "reward_kind": s.reward, "alpha": s.alpha, "metric": s.metric, "budget_ms": budget,
+        "trial": best.number, "study": study.study_name, "storage": url, "sampler": s.sampler,
+        "n_evaluated": len(feas), "n_trials": len(trials),
+        "pareto_front": [{"arch": t.user_attrs["arch"], "predicted_ms": t.user_attrs["predicted_ms"],
+                          "reward": t.user_attrs["reward"]} for t in front],
+    }
+    write_json(out / "best_arch.json", result)
+    plot_search(feas, front, best, budget, out / "search_reward_vs_latency.png", s)
+    plot_progress({s.sampler: [t.user_attrs["reward"] for t in sorted(feas, key=lambda t: t.number)]},
+                  out / "search_best_so_far.png")
+    log(f"[search] best of {len(feas)} evaluated archs ({len(trials)} trials): reward "
+        f"{ua['reward']:.4f} at {ua['predicted_ms']:.3f} ms predicted, {ua['mflops']:.2f} MFLOPs\n"
+        f"         {ua['arch']}\n         outputs: {out}/best_arch.json, trials.csv, search_*.png")
+    return result
+
+
+def plot_search(feas, front, best, budget, path: Path, s) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    x = [t.user_attrs["predicted_ms"] for t in feas]
+    y = [t.user_attrs["reward"] for t in feas]
+    ax.scatter(x, y, s=14, c="tab:blue", alpha=0.6, label="evaluated archs")
+    fx = [t.user_attrs["predicted_ms"] for t in front]
+    fy = [t.user_attrs["reward"] for t in front]
+    ax.step(fx, fy, where="post", c="tab:red", lw=1.5, label="Pareto front")
+    for t in feas:
+        if t.user_attrs.get("baseline"):
+            ax.scatter([t.user_attrs["predicted_ms"]], [t.user_attrs["reward"]], marker="s", s=50,
+                       facecolors="none", edgecolors="k")
+            ax.annotate(t.user_attrs["baseline"], (t.user_attrs["predicted_ms"], t.user_attrs["reward"]),
+                        fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.scatter([best.user_attrs["predicted_ms"]], [best.user_attrs["reward"]], marker="*", s=160,
+               c="gold", edgecolors="k", label="best", zorder=5)
+    ax.axvline(budget, color="k", ls="--", lw=1, label=f"budget {budget:g} ms")
+    ax.set_xlabel("predicted edge latency (ms)")
+    ax.set_ylabel(f"reward {s.reward.upper()} ({s.metric})")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_progress(curves: dict[str, list[float]], path: Path, title: str = "") -> None:
+    """Best-so-far reward against the number of evaluated trials, one line per sampler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, vals in curves.items():
+        ax.plot(range(1, len(vals) + 1), np.maximum.accumulate(vals), label=name)
+    ax.set_xlabel("evaluated trials")
+    ax.set_ylabel("best reward so far")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def load_best(run_dir: Path) -> dict:
+    p = run_dir / "best_arch.json"
+    if not p.exists():
+        raise HwnasError(f"{p} does not exist: run `hwnas search --budget-ms B` first")
+    return json.loads(p.read_text())

@@ -1,0 +1,210 @@
+"""The search: budget handling, constraints, samplers, persistence, workers, outputs."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from conftest import tiny_config, write_cfg
+from hwnas.compat import api
+from hwnas.config import load_config
+from hwnas.errors import HwnasError
+from hwnas.search.evolution import RegularizedEvolutionSampler
+from hwnas.search.runner import SupernetEvaluator, pareto_front, reward, run_search
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def search_run(tmp_path_factory, fmnist_dir):
+    """A run with a gallery, a supernet, a validation split and a latency table."""
+    from hwnas.latency.backends import get_backend
+    from hwnas.latency.profile import profile_space
+
+    root = tmp_path_factory.mktemp("search")
+    d = tiny_config(root / "run",
+                    data={"dataset": "fashion-mnist", "mean": [0.286], "std": [0.353],
+                          "split": {"protocol": "closed", "train_per_class": 100,
+                                    "eval_per_class": 30, "val_fraction": 0.3}},
+                    gallery={"backbone": "resnet10t", "train": {"epochs": 2, "batch_size": 64}},
+                    supernet={"train": {"epochs": 1, "batch_size": 64}},
+                    query={"train": {"epochs": 1, "batch_size": 64}},
+                    latency={"table": str(root / "table.json"), "threads": 1},
+                    search={"n_trials": 4, "bn_batches": 1})
+    cfg_path = write_cfg(root / "c.json", d)
+    cfg = load_config(cfg_path)
+    quiet = lambda *_: None  # noqa: E731
+    api.train_gallery(cfg, log=quiet)
+    api.train_supernet(cfg, log=quiet)
+    profile_space(cfg.search_space(), get_backend("cpu", threads=1), root / "table.json",
+                  rounds=2, runs=2, warmup=1, log=quiet)
+    return root, cfg_path
+
+
+def _budget(cfg):
+    from hwnas.search.runner import predictor_for
+
+    p, _ = predictor_for(cfg, cfg.search_space())
+    lo, hi = p.range()
+    return lo, hi, p
+
+
+def test_reward_and_pareto():
+    assert reward(0.6, 0.8, "r1") == 0.6
+    assert reward(0.6, 0.8, "r2") == 0.8
+    assert reward(0.6, 0.8, "r3", 0.25) == pytest.approx(0.25 * 0.8 + 0.75 * 0.6)
+    pts = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.7), (3.0, 0.6), (0.5, 0.1)]
+    assert sorted(pareto_front(pts)) == [0, 2, 4]
+
+
+def test_budget_outside_range_is_clear(search_run):
+    _, cfg_path = search_run
+    cfg = load_config(cfg_path)
+    lo, hi, _ = _budget(cfg)
+    for b, word in ((lo * 0.5, "below"), (hi * 2, "above")):
+        cfg.search.budget_ms = b
+        with pytest.raises(HwnasError, match=f"{word}.*feasible budgets: {lo:.3f} to {hi:.3f} ms"):
+            run_search(cfg, log=lambda *_: None)
+
+
+def test_over_budget_archs_are_never_evaluated(search_run, tmp_path):
+    root, cfg_path = search_run
+    cfg = load_config(cfg_path)
+    lo, hi, pred = _budget(cfg)
+    cfg.search.budget_ms = lo + 0.3 * (hi - lo)
+    cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
+    cfg.search.sampler = "random"
+    real = SupernetEvaluator(cfg, log=lambda *_: None)
+    seen = []
+
+    def evaluator(arch):
+        seen.append(pred(arch))
+        return real(arch)
+
+    t = time.time()
+    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None)
+    assert seen and max(seen) <= cfg.search.budget_ms
+    study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)
+    infeasible = [t for t in study.trials if t.user_attrs.get("feasible") is False]
+    assert infeasible, "expected some over-budget samples at a tight budget"
+    for tr in infeasible:
+        assert tr.constraints["latency_ms"] > 0 and "M(q,g)" not in tr.user_attrs
+        assert tr.duration.total_seconds() < 0.5  # milliseconds, not an evaluation
+    assert res["predicted_ms"] <= cfg.search.budget_ms
+    assert res["n_evaluated"] == 4
+
+
+def test_outputs_and_from_search(search_run):
+    root, cfg_path = search_run
+    cfg = load_config(cfg_path)
+    lo, hi, _ = _budget(cfg)
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "search", "--config", str(cfg_path),
+                        "--budget-ms", f"{lo + 0.5 * (hi - lo):.4f}", "--sampler", "evolution",
+                        "--set", "search.population=2", "--set", "search.tournament=2"],
+                       env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = root / "run"
+    best = json.loads((run / "best_arch.json").read_text())
+    for k in ("arch", "predicted_ms", "mflops", "M(q,q)", "M(q,g)", "reward", "pareto_front"):
+        assert k in best
+    rows = list(csv.DictReader(open(run / "trials.csv")))
+    assert {"arch", "predicted_ms", "mflops", "M(q,q)", "M(q,g)", "reward"} <= set(rows[0])
+    assert any(row["baseline"] == "fastest" for row in rows)  # baselines were enqueued
+    for png in ("search_reward_vs_latency.png", "search_best_so_far.png"):
+        assert (run / png).stat().st_size > 5000
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "train-query", "--config", str(cfg_path),
+                        "--from-search"], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    q = json.loads((run / "query" / "searched" / "config.json").read_text())
+    assert q["arch"] == best["arch"] and q["inherit"] is True
+    assert (run / "query" / "searched" / "evaluation-test.json").exists()
+
+
+def test_resume_after_kill_keeps_trials(search_run, tmp_path):
+    root, cfg_path = search_run
+    cfg = load_config(cfg_path)
+    lo, hi, _ = _budget(cfg)
+    db = tmp_path / "k.db"
+    cmd = [sys.executable, "-m", "hwnas.cli", "search", "--config", str(cfg_path), "--budget-ms",
+           f"{hi * 0.99:.4f}", "--storage", f"sqlite:///{db}", "--study-name", "k",
+           "--n-trials", "8", "--sampler", "random"]
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+
+    def done():
+        if not db.exists():
+            return 0
+        try:
+            s = optuna.load_study(study_name="k", storage=f"sqlite:///{db}")
+        except KeyError:
+            return 0
+        return sum(t.state == optuna.trial.TrialState.COMPLETE for t in s.trials)
+
+    while done() < 3 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    before = done()
+    assert 3 <= before < 10
+    s0 = {t.number: t.values for t in optuna.load_study(study_name="k", storage=f"sqlite:///{db}").trials
+          if t.state == optuna.trial.TrialState.COMPLETE}
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s1 = optuna.load_study(study_name="k", storage=f"sqlite:///{db}")
+    for n, v in s0.items():  # finished trials survive unchanged
+        assert s1.trials[n].values == v
+    assert sum(bool(t.user_attrs.get("feasible")) for t in s1.trials
+               if t.state == optuna.trial.TrialState.COMPLETE) >= 8
+
+
+def test_two_workers_share_one_journal_storage(search_run, tmp_path):
+    root, cfg_path = search_run
+    cfg = load_config(cfg_path)
+    lo, hi, _ = _budget(cfg)
+    storage = f"journal:{tmp_path / 'journal.log'}"
+    cmd = [sys.executable, "-m", "hwnas.cli", "search", "--config", str(cfg_path), "--budget-ms",
+           f"{hi * 0.99:.4f}", "--storage", storage, "--study-name", "shared", "--n-trials", "6",
+           "--sampler", "random"]
+    procs = [subprocess.Popen(cmd + ["--sampler-seed", str(i)], env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    st = optuna.load_study(study_name="shared",
+                           storage=JournalStorage(JournalFileBackend(str(tmp_path / "journal.log"))))
+    done = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers contributed
+    assert sum(bool(t.user_attrs.get("feasible")) for t in done) >= 6
+
+
+def test_evolution_sampler_mutates_the_population(tiny_space):
+    s = RegularizedEvolutionSampler(tiny_space, population=4, tournament=2, mutation_prob=0.0,
+                                    crossover_prob=0.0, seed=0)
+    study = optuna.create_study(direction="maximize", sampler=s)
+    pool = []
+
+    def obj(trial):
+        a = tiny_space.suggest(trial)
+        trial.set_user_attr("arch", a.to_string())
+        trial.set_constraint("latency_ms", -1.0)
+        pool.append(a.to_string())
+        return float(len(pool))
+
+    study.optimize(obj, n_trials=12)
+    # with no mutation or crossover, every child after the first 4 copies a member of the
+    # aging population (the last 4 completed trials)
+    for i in range(4, 12):
+        assert pool[i] in pool[i - 4:i]
