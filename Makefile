@@ -12,9 +12,9 @@ FMNIST := /usr/share/datasets/fashion-mnist
 venv: $(STAMP)
 
 # Reinstall when the project's dependencies change.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e ./deploy -e '.[dev]'
 	@touch $(STAMP)
 
 # Fashion-MNIST comes from Debian's package (no download from any data host).

@@ -61,6 +61,15 @@ EXAMPLES = {
           hwnas search --config c.yaml --budget-ms 5 --multi-objective --sampler nsga2
           hwnas search --config c.yaml --budget-ms 5 --storage postgresql://user@host/db --study-name s1
           hwnas search --config c.yaml --budget-ms 5 --storage journal:/shared/search.log  # many workers""",
+    "deploy": """\
+        examples:
+          hwnas deploy --config configs/quickstart.yaml              # RUN_DIR/bundle
+          hwnas deploy --config c.yaml --int8 --index HNSW32 --out /srv/bundle
+          hwnas deploy --config c.yaml --query runs/x/query/timm-mobilenetv3_small_050
+          hwnas verify runs/quickstart/bundle""",
+    "verify": """\
+        examples:
+          hwnas verify runs/quickstart/bundle""",
     "run": """\
         examples:
           hwnas run configs/quickstart.yaml
@@ -165,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enqueue", action="append", default=[], metavar="ARCH",
                    help="evaluate this arch early in the study (repeatable)")
     p.add_argument("--sampler-seed", type=int, help="sampler seed (give each worker its own)")
+
+    p = add("deploy", "Export query.onnx, gallery.onnx (+TensorRT), a FAISS index and manifest.json.")
+    _add_common(p)
+    p.add_argument("--out", help="bundle directory (default RUN_DIR/bundle)")
+    p.add_argument("--query", help="query model directory (default RUN_DIR/query/searched)")
+    p.add_argument("--gallery", help="gallery model directory (default RUN_DIR/gallery)")
+    p.add_argument("--index", help="FAISS factory string, e.g. Flat, HNSW32, IVF1024,Flat "
+                   "(default by gallery size)")
+    p.add_argument("--int8", action="store_true", help="also a static QDQ int8 query model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+
+    p = add("verify", "Re-check a bundle: artifact hashes and ONNX parity.")
+    p.add_argument("bundle", help="bundle directory")
 
     p = add("train-gallery", "Train the gallery model: a timm backbone + embedding head + cosine classifier.")
     _add_common(p)
@@ -365,6 +387,26 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from hwnas.export.deploy import deploy
+
+    deploy(_load(args), out=args.out, query=args.query, gallery=args.gallery,
+           factory=args.index, int8=args.int8, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    import json
+
+    from hwnas_edge.bundle import BundleError, verify
+
+    try:
+        print(json.dumps(verify(args.bundle), indent=2))
+    except BundleError as e:
+        raise HwnasError(str(e)) from None
+    return 0
+
+
 def cmd_train_gallery(args) -> int:
     from hwnas.compat.api import train_gallery
 
@@ -428,7 +470,7 @@ def cmd_run(args) -> int:
     return run_pipeline(_load(args))
 
 
-COMMANDS = {"data": cmd_data, "space": cmd_space, "profile": cmd_profile, "search": cmd_search, "train-gallery": cmd_train_gallery,
+COMMANDS = {"data": cmd_data, "space": cmd_space, "profile": cmd_profile, "search": cmd_search, "deploy": cmd_deploy, "verify": cmd_verify, "train-gallery": cmd_train_gallery,
             "train-supernet": cmd_train_supernet, "train-query": cmd_train_query,
             "evaluate": cmd_evaluate, "run": cmd_run}
 

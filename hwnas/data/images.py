@@ -36,7 +36,9 @@ class Preprocess:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
-        d["resize"] = "shorter-side-bilinear+center-crop"
+        from hwnas_edge.preprocess import RESIZE_RULE
+
+        d["resize"] = RESIZE_RULE
         return d
 
     @classmethod
@@ -45,29 +47,22 @@ class Preprocess:
         return cls(**d)
 
     def image_to_array(self, img) -> np.ndarray:
-        """PIL image -> uint8 array (C, size, size)."""
-        from PIL import Image
+        """PIL image -> uint8 array (C, size, size), exactly as the edge runtime does it."""
+        from hwnas_edge.preprocess import image_to_array
 
-        img = img.convert("L" if self.channels == 1 else "RGB")
-        w, h = img.size
-        if (w, h) != (self.size, self.size):
-            scale = self.size / min(w, h)
-            nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-            img = img.resize((nw, nh), Image.BILINEAR)
-            left, top = (nw - self.size) // 2, (nh - self.size) // 2
-            img = img.crop((left, top, left + self.size, top + self.size))
-        a = np.asarray(img, dtype=np.uint8)
-        return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        return image_to_array(img, self.size, self.channels)
 
     def normalize(self, x):
         """uint8 (N, C, H, W) torch tensor or numpy array -> normalized float32."""
-        mean = np.asarray(self.mean, np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(self.std, np.float32).reshape(1, -1, 1, 1)
         if isinstance(x, np.ndarray):
-            return ((x.astype(np.float32) / 255.0) - mean) / std
+            from hwnas_edge.preprocess import normalize
+
+            return normalize(x, self.mean, self.std)
         import torch
 
-        return (x.float() / 255.0 - torch.from_numpy(mean)) / torch.from_numpy(std)
+        mean = torch.tensor(self.mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).reshape(1, -1, 1, 1)
+        return (x.float() / 255.0 - mean) / std
 
 
 @dataclass

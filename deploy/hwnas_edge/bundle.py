@@ -1,0 +1,189 @@
+"""A deployment bundle, read without PyTorch.
+
+Layout (written by ``hwnas deploy``)::
+
+    manifest.json        versions, sha256 of every artifact, fingerprints, index factory,
+                         accuracies, latency, parity figures
+    query.onnx           the edge query model (metadata: preprocessing, fingerprints)
+    query.int8.onnx      optional static-QDQ int8 query model
+    gallery.onnx         the gallery model
+    gallery.plan         optional TensorRT engine
+    gallery.index        FAISS index of the gallery embeddings (inner product)
+    gallery_items.json   index row -> image id, label, path
+    parity_probe.npz     a few preprocessed images with reference (PyTorch) embeddings
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from hwnas_edge.preprocess import image_to_array, normalize
+
+BUNDLE_FORMAT = "hwnas-bundle-v1"
+
+
+class BundleError(Exception):
+    """A bundle that is missing, tampered with, or used with the wrong model."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class Bundle:
+    def __init__(self, path: str | Path, check_hashes: bool = True):
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.exists():
+            raise BundleError(f"{self.path} is not an hwnas bundle (no manifest.json); create one "
+                              "with `hwnas deploy`")
+        self.manifest = json.loads(mpath.read_text())
+        if self.manifest.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"{mpath} has format {self.manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+        if check_hashes:
+            bad = self.check_hashes()
+            if bad:
+                raise BundleError(f"{self.path}: artifacts do not match the manifest: {'; '.join(bad)}")
+        self.pre = self.manifest["preprocess"]
+        self._session = None
+        self._index = None
+        self._items = None
+
+    # ---------------------------------------------------------------- integrity
+    def check_hashes(self) -> list[str]:
+        bad = []
+        for name, a in self.manifest["artifacts"].items():
+            p = self.path / name
+            if not p.exists():
+                bad.append(f"{name} is missing")
+            elif sha256_file(p) != a["sha256"]:
+                bad.append(f"{name} has changed (sha256 mismatch)")
+        return bad
+
+    @property
+    def query_fingerprint(self) -> str:
+        return self.manifest["query"]["fingerprint"]
+
+    @property
+    def gallery_fingerprint(self) -> str:
+        return self.manifest["gallery"]["fingerprint"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["embed_dim"])
+
+    # ---------------------------------------------------------------- query side
+    def session(self, int8: bool = False, threads: int | None = None):
+        name = "query.int8.onnx" if int8 else "query.onnx"
+        if int8 and name not in self.manifest["artifacts"]:
+            raise BundleError(f"{self.path} has no int8 query model (deploy with --int8)")
+        if self._session is None or int8:
+            s = ort_session(self.path / name, threads)
+            meta = s.get_modelmeta().custom_metadata_map
+            if meta.get("gallery_fingerprint") != self.gallery_fingerprint:
+                raise BundleError(f"{name} is compatible with gallery {meta.get('gallery_fingerprint')} "
+                                  f"but this index was built by gallery {self.gallery_fingerprint}")
+            if int8:
+                return s
+            self._session = s
+        return self._session
+
+    def load_images(self, paths: Sequence[str | Path]) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        out = []
+        for p in paths:
+            try:
+                with Image.open(p) as img:
+                    img.load()
+                    out.append(image_to_array(img, self.pre["size"], self.pre["channels"]))
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                raise BundleError(f"cannot read image {p}: {e}") from None
+        return np.stack(out)
+
+    def embed(self, images_u8: np.ndarray, int8: bool = False) -> np.ndarray:
+        s = self.session(int8)
+        x = normalize(images_u8, self.pre["mean"], self.pre["std"])
+        out = [s.run(None, {s.get_inputs()[0].name: x[i:i + 256]})[0] for i in range(0, len(x), 256)]
+        return np.concatenate(out).astype(np.float32)
+
+    # ---------------------------------------------------------------- gallery side
+    @property
+    def index(self):
+        if self._index is None:
+            import faiss
+
+            self._index = faiss.read_index(str(self.path / "gallery.index"))
+            if self._index.d != self.dim:
+                raise BundleError(f"gallery.index has dimension {self._index.d}, manifest says {self.dim}")
+        return self._index
+
+    @property
+    def items(self) -> list[dict]:
+        if self._items is None:
+            self._items = json.loads((self.path / "gallery_items.json").read_text())
+        return self._items
+
+    def search(self, emb: np.ndarray, k: int = 5) -> list[list[dict]]:
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise BundleError(f"embeddings must have shape (n, {self.dim}), got {emb.shape}")
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        emb = emb / np.maximum(norms, 1e-12)
+        k = max(1, min(int(k), self.index.ntotal))
+        scores, rows = self.index.search(emb, k)
+        out = []
+        for srow, rrow in zip(scores, rows):
+            out.append([{**self.items[int(r)], "score": float(s)} for s, r in zip(srow, rrow) if r >= 0])
+        return out
+
+    # ---------------------------------------------------------------- parity
+    def parity(self) -> dict:
+        """Re-run the probe images through query.onnx (and gallery.onnx) and compare with the
+        reference PyTorch embeddings stored at deploy time."""
+        probe = np.load(self.path / "parity_probe.npz")
+        out = {}
+        for side, onnx_name in (("query", "query.onnx"), ("gallery", "gallery.onnx")):
+            if f"{side}_reference" not in probe.files:
+                continue
+            s = ort_session(self.path / onnx_name)
+            x = normalize(probe[f"{side}_images"], self.pre["mean"], self.pre["std"])
+            y = s.run(None, {s.get_inputs()[0].name: x})[0]
+            ref = probe[f"{side}_reference"]
+            cos = (y * ref).sum(1) / (np.linalg.norm(y, axis=1) * np.linalg.norm(ref, axis=1))
+            out[side] = {"n": int(len(y)), "min_cosine": float(cos.min()),
+                         "max_abs_diff": float(np.abs(y - ref).max())}
+        return out
+
+
+def verify(path: str | Path, min_cosine: float = 0.9999) -> dict:
+    """Hashes of every artifact, then ONNX-vs-reference parity; raises BundleError on failure."""
+    b = Bundle(path, check_hashes=True)
+    par = b.parity()
+    for side, p in par.items():
+        if p["min_cosine"] < min_cosine:
+            raise BundleError(f"{side}.onnx parity failed: min cosine {p['min_cosine']:.6f} < {min_cosine}")
+    b.session()  # metadata fingerprint check
+    return {"bundle": str(path), "artifacts": len(b.manifest["artifacts"]), "hashes": "ok",
+            "parity": par, "query_fingerprint": b.query_fingerprint,
+            "gallery_fingerprint": b.gallery_fingerprint}

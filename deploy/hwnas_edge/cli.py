@@ -1,0 +1,81 @@
+"""``hwnas-edge``: query a bundle from an edge device, serve its gallery index, verify it.
+
+    hwnas-edge query BUNDLE image.jpg [more.jpg ...] --top-k 5
+    hwnas-edge query BUNDLE image.jpg --server http://127.0.0.1:8000
+    hwnas-edge serve BUNDLE --port 8000
+    hwnas-edge verify BUNDLE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+
+from hwnas_edge.bundle import Bundle, BundleError, verify
+
+
+def _remote_search(server: str, emb, fingerprint: str, k: int, timeout: float = 30.0) -> list:
+    body = json.dumps({"embeddings": emb.tolist(), "fingerprint": fingerprint, "top_k": k}).encode()
+    req = urllib.request.Request(server.rstrip("/") + "/search", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())["results"]
+    except urllib.error.HTTPError as e:
+        msg = e.read().decode(errors="replace")
+        raise BundleError(f"gallery service refused the query ({e.code}): {msg}") from None
+    except urllib.error.URLError as e:
+        raise BundleError(f"cannot reach the gallery service at {server}: {e.reason}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hwnas-edge", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("query", help="embed images with query.onnx and search the gallery")
+    q.add_argument("bundle")
+    q.add_argument("images", nargs="+")
+    q.add_argument("--top-k", type=int, default=5)
+    q.add_argument("--server", help="search a remote gallery service instead of the local index")
+    q.add_argument("--int8", action="store_true", help="use the int8 query model")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    s = sub.add_parser("serve", help="serve the bundle's gallery index over HTTP")
+    s.add_argument("bundle")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=256)
+    v = sub.add_parser("verify", help="check artifact hashes and ONNX parity")
+    v.add_argument("bundle")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "query":
+            b = Bundle(args.bundle)
+            emb = b.embed(b.load_images(args.images), int8=args.int8)
+            res = (_remote_search(args.server, emb, b.query_fingerprint, args.top_k) if args.server
+                   else b.search(emb, args.top_k))
+            if args.json:
+                print(json.dumps({"results": [{"image": i, "top": r} for i, r in zip(args.images, res)]}))
+            else:
+                for img, r in zip(args.images, res):
+                    print(img)
+                    for rank, hit in enumerate(r, 1):
+                        print(f"  {rank}. {hit['score']:.4f}  {hit['label']}  {hit['id']}")
+        elif args.command == "serve":
+            from hwnas_edge.service import serve
+
+            print(f"serving {args.bundle} on http://{args.host}:{args.port} (POST /search, GET /health)",
+                  flush=True)
+            serve(args.bundle, args.host, args.port, max_batch=args.max_batch)
+        else:
+            print(json.dumps(verify(args.bundle), indent=2))
+    except BundleError as e:
+        print(f"hwnas-edge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

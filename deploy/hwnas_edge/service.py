@@ -1,0 +1,99 @@
+"""The gallery search service: FastAPI, bound to 127.0.0.1 by default.
+
+``GET /health`` -> status, index size, dimension, fingerprints.
+``POST /search`` with ``{"embeddings": [[...], ...], "fingerprint": "<query model>", "top_k": 5}``
+-> ``{"results": [[{"id", "label", "path", "score"}, ...], ...]}``.
+
+Refusals, each with a message saying what is wrong: a fingerprint that is not the bundle's
+query (or gallery) model -> 409; a body over ``max_body_bytes`` or more than ``max_batch``
+embeddings -> 413; malformed JSON, a wrong dimension, non-finite values or a bad top_k ->
+400/422. Any other failure is a 500 with a message; the service keeps running.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must resolve the endpoint
+# annotations (Request) at runtime, and they are imported inside create_app.
+import math
+from pathlib import Path
+
+import numpy as np
+
+from hwnas_edge.bundle import Bundle
+
+
+def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int = 100,
+               max_body_bytes: int = 8 << 20):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    bundle = Bundle(bundle_path)
+    accepted = {bundle.query_fingerprint, bundle.gallery_fingerprint}
+    app = FastAPI(title="hwnas gallery search", version="0.1.0")
+
+    def error(status: int, msg: str) -> JSONResponse:
+        return JSONResponse(status_code=status, content={"error": msg})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):  # pragma: no cover - exercised via HTTP
+        return error(422, f"malformed request: {exc.errors()[:3]}")
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc):  # pragma: no cover - last resort, keeps serving
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "index_size": int(bundle.index.ntotal), "dim": bundle.dim,
+                "factory": bundle.manifest["index"]["factory"],
+                "query_fingerprint": bundle.query_fingerprint,
+                "gallery_fingerprint": bundle.gallery_fingerprint, "max_batch": max_batch}
+
+    @app.post("/search")
+    async def search(request: Request):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            return error(413, f"request body of {length} bytes exceeds the limit of {max_body_bytes}")
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            return error(413, f"request body exceeds the limit of {max_body_bytes} bytes")
+        try:
+            import json
+
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return error(400, "body is not valid JSON; send {\"embeddings\": [[...]], "
+                              "\"fingerprint\": \"...\", \"top_k\": 5}")
+        if not isinstance(body, dict):
+            return error(400, "body must be a JSON object with 'embeddings' and 'fingerprint'")
+        fp = body.get("fingerprint")
+        if not isinstance(fp, str):
+            return error(400, "missing 'fingerprint': the query model's fingerprint (from its "
+                              "ONNX metadata or the bundle manifest)")
+        if fp not in accepted:
+            return error(409, f"fingerprint {fp!r} is not compatible with this index (gallery "
+                              f"{bundle.gallery_fingerprint}, query {bundle.query_fingerprint})")
+        emb = body.get("embeddings")
+        if not isinstance(emb, list) or not emb:
+            return error(400, "'embeddings' must be a non-empty list of vectors")
+        if len(emb) > max_batch:
+            return error(413, f"{len(emb)} embeddings exceed the batch limit of {max_batch}")
+        top_k = body.get("top_k", 5)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= max_top_k:
+            return error(400, f"'top_k' must be an integer from 1 to {max_top_k}")
+        if not all(isinstance(v, list) and len(v) == bundle.dim for v in emb):
+            return error(422, f"every embedding must be a list of {bundle.dim} numbers")
+        try:
+            arr = np.asarray(emb, dtype=np.float32)
+        except (TypeError, ValueError):
+            return error(422, "embeddings must contain only numbers")
+        if not np.isfinite(arr).all() or any(math.isclose(float(n), 0.0) for n in np.linalg.norm(arr, axis=1)):
+            return error(422, "embeddings must be finite and non-zero")
+        return {"results": bundle.search(arr, top_k)}
+
+    return app
+
+
+def serve(bundle_path: "str | Path", host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(bundle_path, **kw), host=host, port=port, log_level="warning")

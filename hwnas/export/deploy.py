@@ -1,0 +1,338 @@
+"""``hwnas deploy``: the bundle an edge device and a gallery server need.
+
+Everything is written into a staging directory beside the target and renamed into place at
+the end, so a failed deploy leaves no half bundle behind; every check's figures go into
+``manifest.json``. See ``hwnas_edge.bundle`` for the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from hwnas.config import Config
+from hwnas.errors import HwnasError
+from hwnas.rundir import RunDir
+from hwnas.utils import atomic_write_bytes, write_json
+
+PARITY_MIN_COSINE = 0.9999
+
+
+def default_factory(n: int) -> str:
+    """Exact search while it is cheap; a graph index beyond; IVF for very large galleries."""
+    if n <= 50_000:
+        return "Flat"
+    if n <= 2_000_000:
+        return "HNSW32"
+    return f"IVF{int(4 * np.sqrt(n))},Flat"
+
+
+def build_index(emb: np.ndarray, factory: str, use_gpu: bool | None = None) -> tuple[object, dict]:
+    """A FAISS inner-product index from a factory string; built on the GPU when faiss-gpu and
+    a GPU are present (and the index type supports it), always returned as a CPU index."""
+    import faiss
+
+    d = emb.shape[1]
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise HwnasError(f"FAISS cannot build index {factory!r}: {str(e).splitlines()[0]}; see "
+                         "the FAISS index factory docs (e.g. Flat, HNSW32, IVF1024,Flat)") from None
+    info = {"factory": factory, "metric": "inner_product", "built_on": "cpu"}
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if (use_gpu is None or use_gpu) and gpus > 0 and hasattr(faiss, "StandardGpuResources"):
+        try:
+            res = faiss.StandardGpuResources()
+            g = faiss.index_cpu_to_gpu(res, 0, index)
+            if not g.is_trained:
+                g.train(emb)
+            g.add(emb)
+            index = faiss.index_gpu_to_cpu(g)
+            info["built_on"] = "gpu"
+        except RuntimeError as e:  # e.g. HNSW has no GPU version
+            info["gpu_skipped"] = str(e).splitlines()[0]
+    elif use_gpu:
+        info["gpu_skipped"] = "faiss-gpu or a GPU is not present"
+    if info["built_on"] == "cpu":
+        if not index.is_trained:
+            if len(emb) < 40:
+                raise HwnasError(f"index {factory!r} needs training data; the gallery has only "
+                                 f"{len(emb)} items: use --index Flat")
+            index.train(emb)
+        index.add(emb)
+    return index, info
+
+
+def _sha(path: Path) -> dict:
+    from hwnas_edge.bundle import sha256_file
+
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def _ort_embed(sess, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def _parity(ref: np.ndarray, got: np.ndarray) -> dict:
+    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    return {"n": int(len(ref)), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+            "max_abs_diff": float(np.abs(ref - got).max())}
+
+
+def _versions() -> dict:
+    import faiss
+    import onnx
+    import onnxruntime
+    import timm
+    import torch
+
+    from hwnas import __version__
+
+    return {"hwnas": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "faiss": faiss.__version__, "python": platform.python_version()}
+
+
+def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, input_name: str) -> None:
+    """Static QDQ int8 quantization calibrated on training images (per-channel weights),
+    after ORT's recommended pre-processing (shape inference, graph cleanup)."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{input_name: calib[i:i + 1]} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    prep = out.with_name(f".{out.stem}.prep.onnx")
+    try:
+        quant_pre_process(str(fp32), str(prep))
+        quantize_static(str(prep), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
+    finally:
+        prep.unlink(missing_ok=True)
+
+
+def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
+           gallery: str | None = None, factory: str | None = None, int8: bool = False,
+           overwrite: bool = False, log: Callable = print) -> dict:
+    import torch
+
+    from hwnas.compat import api
+    from hwnas.data.images import Preprocess
+    from hwnas.export.onnx import export_onnx
+    from hwnas.latency.backends import OrtCpuBackend, measure
+    from hwnas.nn.models import load_gallery, load_query
+    from hwnas.retrieval import evaluate
+
+    rd = RunDir(cfg)
+    out = Path(out) if out else rd.path / "bundle"
+    if out.exists() and not overwrite:
+        raise HwnasError(f"{out} exists; pass --overwrite to replace it (the old bundle stays until "
+                         "the new one is complete)")
+    qdir = Path(query) if query else rd.path / "query" / "searched"
+    if not (qdir / "config.json").exists():
+        have = sorted(p.name for p in (rd.path / "query").glob("*") if (p / "config.json").exists()) \
+            if (rd.path / "query").exists() else []
+        raise HwnasError(f"no query model at {qdir}; train one (hwnas train-query --from-search) or "
+                         f"pass --query DIR{f' (trained here: {have})' if have else ''}")
+    gdir = Path(gallery) if gallery else rd.path / "gallery"
+    g = load_gallery(gdir)
+    qnet, qcfg = load_query(qdir)
+    if qcfg.get("gallery_fingerprint") not in (None, g.fingerprint):
+        raise HwnasError(f"query model {qdir} was trained against gallery {qcfg['gallery_fingerprint']} "
+                         f"but {gdir} is gallery {g.fingerprint}: they are not compatible")
+    if qcfg["embed_dim"] != g.config["embed_dim"]:
+        raise HwnasError(f"query embed_dim {qcfg['embed_dim']} != gallery embed_dim {g.config['embed_dim']}")
+    qpre = Preprocess.from_dict(qcfg["preprocess"])
+    gpre = Preprocess.from_dict(g.config["preprocess"])
+    if (qpre.size, qpre.channels, qpre.mean, qpre.std) != (gpre.size, gpre.channels, gpre.mean, gpre.std):
+        raise HwnasError("query and gallery preprocessing differ; the bundle records one preprocessing")
+
+    staging = out.parent / f".{out.name}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    t0 = time.time()
+    try:
+        splits = rd.splits(log=log)
+        qi = api.load_part(rd, "query", qpre, log=log)
+        gi = api.load_part(rd, "gallery", qpre, log=log)
+        train = api.load_part(rd, "train", qpre, log=log)
+        shape = (1, qpre.channels, qpre.size, qpre.size)
+        meta = {"hwnas_format": "hwnas-query-v1", "input_size": qpre.size, "channels": qpre.channels,
+                "mean": json.dumps(list(qpre.mean)), "std": json.dumps(list(qpre.std)),
+                "resize": qpre.to_dict()["resize"], "embed_dim": qcfg["embed_dim"],
+                "gallery_fingerprint": g.fingerprint, "query_fingerprint": qcfg["fingerprint"],
+                "arch": qcfg.get("arch") or qcfg.get("timm")}
+        log("[deploy] exporting query.onnx")
+        atomic_write_bytes(staging / "query.onnx",
+                           export_onnx(qnet, shape, dynamic_batch=True, metadata=meta))
+        gmeta = {**meta, "hwnas_format": "hwnas-gallery-v1", "arch": g.config["backbone"]}
+        log("[deploy] exporting gallery.onnx")
+        atomic_write_bytes(staging / "gallery.onnx",
+                           export_onnx(g.net, shape, dynamic_batch=True, metadata=gmeta))
+
+        backend = OrtCpuBackend(threads=cfg.latency.threads)
+        qs, gs = (backend.session((staging / n).read_bytes()) for n in ("query.onnx", "gallery.onnx"))
+        # parity against PyTorch on real test images
+        xq = qpre.normalize(qi.images.numpy())
+        xg = qpre.normalize(gi.images.numpy())
+        n_par = min(256, len(xq))
+        with torch.no_grad():
+            ref_q = qnet.eval()(torch.from_numpy(xq[:n_par])).numpy()
+            ref_g = g.net.eval()(torch.from_numpy(xq[:n_par])).numpy()
+        par_q = _parity(ref_q, _ort_embed(qs, xq[:n_par]))
+        par_g = _parity(ref_g, _ort_embed(gs, xq[:n_par]))
+        for side, p in (("query", par_q), ("gallery", par_g)):
+            if p["min_cosine"] < PARITY_MIN_COSINE:
+                raise HwnasError(f"{side}.onnx differs from PyTorch: min cosine {p['min_cosine']:.6f} "
+                                 f"< {PARITY_MIN_COSINE} on {p['n']} test images")
+        n_probe = min(16, n_par)
+        np.savez(staging / "parity_probe.npz", query_images=qi.images[:n_probe].numpy(),
+                 query_reference=ref_q[:n_probe], gallery_images=qi.images[:n_probe].numpy(),
+                 gallery_reference=ref_g[:n_probe])
+        log(f"[deploy] parity: query min cosine {par_q['min_cosine']:.7f}, gallery "
+            f"{par_g['min_cosine']:.7f}")
+
+        # gallery embeddings with the best runtime present, then the index
+        tensorrt = {"built": False}
+        from hwnas.latency.backends import TensorRTBackend
+
+        reason = TensorRTBackend.unavailable_reason()
+        if reason is None:
+            from hwnas.export.tensorrt import TrtEngine, build_engine, fp16_supported
+
+            plan = build_engine((staging / "gallery.onnx").read_bytes(), fp16=True,
+                                input_shape=(256,) + shape[1:], max_batch=256)
+            atomic_write_bytes(staging / "gallery.plan", plan)
+            tensorrt = {"built": True, "fp16": fp16_supported()}
+            eng = TrtEngine(plan)
+            g_emb = np.concatenate([eng.infer(torch.from_numpy(xg[i:i + 256]).cuda()).cpu().numpy()
+                                    for i in range(0, len(xg), 256)])
+            runtime = "tensorrt"
+        else:
+            tensorrt["skipped"] = reason
+            if torch.cuda.is_available():
+                net = g.net.cuda()
+                with torch.no_grad():
+                    g_emb = np.concatenate([net(torch.from_numpy(xg[i:i + 256]).cuda()).cpu().numpy()
+                                            for i in range(0, len(xg), 256)])
+                runtime = "torch-cuda"
+            else:
+                from tqdm import tqdm
+
+                parts = []
+                for i in tqdm(range(0, len(xg), 256), desc="gallery embeddings", unit="batch",
+                              disable=None if len(xg) > 2048 else True):
+                    parts.append(gs.run(None, {gs.get_inputs()[0].name: xg[i:i + 256]})[0])
+                g_emb = np.concatenate(parts)
+                runtime = "onnxruntime-cpu"
+        g_emb = np.ascontiguousarray(g_emb, dtype=np.float32)
+        g_emb /= np.maximum(np.linalg.norm(g_emb, axis=1, keepdims=True), 1e-12)
+        factory = factory or default_factory(len(g_emb))
+        index, index_info = build_index(g_emb, factory)
+        import faiss
+
+        tmp = staging / ".gallery.index.tmp"
+        faiss.write_index(index, str(tmp))
+        tmp.replace(staging / "gallery.index")
+        col = splits.collection
+        where = {id_: i for i, id_ in enumerate(col.ids)}
+        items = [{"row": r, "id": id_, "label": col.class_names[int(lab)],
+                  "path": col.paths[where[id_]] if col.paths else None}
+                 for r, (id_, lab) in enumerate(zip(gi.ids, gi.raw_labels))]
+        write_json(staging / "gallery_items.json", items)
+        log(f"[deploy] {factory} index of {index.ntotal} gallery embeddings ({runtime})")
+
+        # accuracies of what is deployed (ONNX models, FAISS exact kNN)
+        qe_q, qe_g = _ort_embed(qs, xq), _ort_embed(qs, xg)
+        ge_q = _ort_embed(gs, xq)
+        ids = (qi.ids, gi.ids) if splits.shared_eval else (None, None)
+        acc = {"M(g,g)": evaluate(ge_q, qi.raw_labels, g_emb, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1]),
+               "M(q,g)": evaluate(qe_q, qi.raw_labels, g_emb, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1]),
+               "M(q,q)": evaluate(qe_q, qi.raw_labels, qe_g, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1])}
+
+        # latency on this CPU, next to the table's prediction
+        runners = [backend.prepare_onnx((staging / "query.onnx").read_bytes(), shape)]
+        int8_info = None
+        if int8:
+            log("[deploy] int8: static QDQ quantization calibrated on training images")
+            calib = qpre.normalize(train.images[np.random.default_rng(0).permutation(len(train.images))[:128]].numpy())
+            quantize_int8(staging / "query.onnx", staging / "query.int8.onnx", calib,
+                          qs.get_inputs()[0].name)
+            s8 = backend.session((staging / "query.int8.onnx").read_bytes())
+            q8 = _ort_embed(s8, xq)
+            m8 = evaluate(q8, qi.raw_labels, g_emb, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1])
+            runners.append(backend.prepare_onnx((staging / "query.int8.onnx").read_bytes(), shape))
+            int8_info = {"M(q,g)": m8, "delta_recall@1_points":
+                         100 * (m8["recall@1"] - acc["M(q,g)"]["recall@1"]),
+                         "parity_vs_fp32": _parity(qe_q, q8)}
+        lat = measure(runners, rounds=15, runs=10, warmup=10)
+        measured = {"median_ms": lat[0].median_ms, "cv_pct": lat[0].cv_pct, "threads": backend.threads}
+        if int8_info is not None:
+            int8_info["latency_ms"] = lat[1].median_ms
+            int8_info["speedup"] = lat[0].median_ms / lat[1].median_ms
+            int8_info["faster"] = bool(lat[1].median_ms < lat[0].median_ms * 0.97)
+            log(f"[deploy] int8: {lat[1].median_ms:.3f} ms vs fp32 {lat[0].median_ms:.3f} ms "
+                f"({'faster' if int8_info['faster'] else 'NOT faster'} here), M(q,g) R@1 change "
+                f"{int8_info['delta_recall@1_points']:+.2f} points")
+        predicted = None
+        if qcfg["kind"] == "subnet":
+            try:
+                from hwnas.search.runner import predictor_for
+                from hwnas.space import SearchSpace
+
+                space = SearchSpace.from_dict(qcfg["space"])
+                pred, tpath = predictor_for(cfg, space)
+                predicted = {"ms": pred(space.parse(qcfg["arch"])), "table": str(tpath)}
+            except HwnasError as e:
+                predicted = {"skipped": str(e)}
+
+        manifest = {
+            "format": "hwnas-bundle-v1", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "versions": _versions(), "preprocess": qpre.to_dict(), "embed_dim": qcfg["embed_dim"],
+            "query": {"fingerprint": qcfg["fingerprint"], "kind": qcfg["kind"],
+                      "arch": qcfg.get("arch"), "timm": qcfg.get("timm"), "mflops": qcfg["flops"] / 1e6,
+                      "source": str(qdir)},
+            "gallery": {"fingerprint": g.fingerprint, "backbone": g.config["backbone"],
+                        "source": str(gdir), "embeddings_runtime": runtime, "tensorrt": tensorrt,
+                        "n_items": int(index.ntotal)},
+            "index": index_info, "parity": {"query": par_q, "gallery": par_g,
+                                            "min_cosine_required": PARITY_MIN_COSINE},
+            "accuracy": {"split": "test", "metrics": acc},
+            "latency": {"predicted": predicted, "measured_onnxruntime_cpu": measured},
+            "int8": int8_info, "splits_fingerprint": splits.fingerprint,
+        }
+        artifacts = [p for p in sorted(staging.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        manifest["artifacts"] = {p.name: _sha(p) for p in artifacts}
+        write_json(staging / "manifest.json", manifest)
+        # swap into place: the old bundle (if any) is removed only once the new one is complete
+        if out.exists():
+            old = out.parent / f".{out.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"[deploy] bundle {out} in {time.time() - t0:.0f} s: M(q,g) R@1 "
+        f"{100 * acc['M(q,g)']['recall@1']:.2f} (paragon {100 * acc['M(g,g)']['recall@1']:.2f}), "
+        f"query {measured['median_ms']:.3f} ms measured"
+        + (f" vs {predicted['ms']:.3f} ms predicted" if predicted and "ms" in predicted else ""))
+    return manifest

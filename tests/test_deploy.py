@@ -1,0 +1,240 @@
+"""Deploy a tiny run; the torch-free edge runtime and the gallery search service."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config, write_cfg
+from hwnas.compat import api
+from hwnas.config import load_config
+from hwnas.errors import HwnasError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, fmnist_dir):
+    from hwnas.export.deploy import deploy
+
+    root = tmp_path_factory.mktemp("deploy")
+    d = tiny_config(root / "run",
+                    data={"dataset": "fashion-mnist", "mean": [0.286], "std": [0.353],
+                          "split": {"protocol": "closed", "train_per_class": 100,
+                                    "eval_per_class": 30, "val_fraction": 0.0}},
+                    gallery={"backbone": "resnet10t", "train": {"epochs": 2, "batch_size": 64}},
+                    query={"train": {"epochs": 2, "batch_size": 64}})
+    cfg = load_config(write_cfg(root / "c.json", d))
+    quiet = lambda *_: None  # noqa: E731
+    api.train_gallery(cfg, log=quiet)
+    arch = cfg.search_space().sample(0).to_string()
+    api.train_query(cfg, arch=arch, name="searched", inherit=False, log=quiet)
+    m = deploy(cfg, int8=True, log=quiet)
+    return root, cfg, m
+
+
+def test_manifest_records_everything(bundle):
+    root, cfg, m = bundle
+    b = root / "run" / "bundle"
+    from hwnas_edge.bundle import sha256_file
+
+    assert set(m["artifacts"]) == {"query.onnx", "query.int8.onnx", "gallery.onnx", "gallery.index",
+                                   "gallery_items.json", "parity_probe.npz"}
+    for name, a in m["artifacts"].items():
+        assert sha256_file(b / name) == a["sha256"]
+    assert m["parity"]["query"]["min_cosine"] >= 0.9999
+    assert m["index"]["factory"] == "Flat" and m["gallery"]["n_items"] == 240
+    assert m["gallery"]["tensorrt"]["built"] is False and "TensorRT" in m["gallery"]["tensorrt"]["skipped"]
+    assert {"M(g,g)", "M(q,g)", "M(q,q)"} == set(m["accuracy"]["metrics"])
+    assert m["latency"]["measured_onnxruntime_cpu"]["median_ms"] > 0
+    i8 = m["int8"]
+    assert i8["faster"] == (i8["latency_ms"] < m["latency"]["measured_onnxruntime_cpu"]["median_ms"] * 0.97)
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(b / "query.onnx")).metadata_props}
+    assert meta["gallery_fingerprint"] == m["gallery"]["fingerprint"]
+    assert json.loads(meta["mean"]) == [0.286] and meta["input_size"] == "32"
+    model = onnx.load(str(b / "query.onnx"))
+    assert model.opset_import[0].version >= 17
+    assert model.graph.input[0].name == "image" and model.graph.output[0].name == "embedding"
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_verify_and_tamper(bundle, tmp_path):
+    root, _, _ = bundle
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "verify", str(root / "run" / "bundle")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["hashes"] == "ok"
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(root / "run" / "bundle", copy)
+    items = json.loads((copy / "gallery_items.json").read_text())
+    items[0]["label"] = "tampered"
+    (copy / "gallery_items.json").write_text(json.dumps(items))
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "verify", str(copy)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "gallery_items.json has changed" in r.stderr
+
+
+def test_failed_deploy_leaves_nothing(bundle, tmp_path):
+    from hwnas.export.deploy import deploy
+
+    _, cfg, _ = bundle
+    out = tmp_path / "bad_bundle"
+    with pytest.raises(HwnasError, match="FAISS cannot build index"):
+        deploy(cfg, out=out, factory="NoSuchIndex", log=lambda *_: None)
+    assert not out.exists()
+    assert not any(p.name.startswith(".bad_bundle") for p in tmp_path.iterdir())
+    with pytest.raises(HwnasError, match="--overwrite"):
+        deploy(cfg, log=lambda *_: None)  # the existing bundle is never silently replaced
+
+
+def _test_images(cfg, tmp_path, n=4):
+    """A few test-split query images as PNG files (what an edge device would get)."""
+    from PIL import Image
+
+    rd = api.RunDir(cfg)
+    s = rd.splits(log=lambda *_: None)
+    paths = []
+    for j, i in enumerate(s.parts["query"][:n]):
+        p = tmp_path / f"q{j}.png"
+        s.collection.read(int(i)).save(p)
+        paths.append(p)
+    return paths
+
+
+def _torch_topk(cfg, bundle_dir, paths, k):
+    """The PyTorch pipeline: query model + FAISS over the gallery model's embeddings."""
+    import faiss
+    import torch
+    from PIL import Image
+
+    from hwnas.data.images import Preprocess
+    from hwnas.nn.models import load_gallery, load_query
+
+    rd = api.RunDir(cfg)
+    qnet, qcfg = load_query(rd.path / "query" / "searched")
+    g = load_gallery(rd.path / "gallery")
+    pre = Preprocess.from_dict(qcfg["preprocess"])
+    gi = api.load_part(rd, "gallery", pre, log=lambda *_: None)
+    with torch.no_grad():
+        ge = g.net(pre.normalize(gi.images)).numpy()
+        x = np.stack([pre.image_to_array(Image.open(p)) for p in paths])
+        qe = qnet(pre.normalize(torch.from_numpy(x))).numpy()
+    index = faiss.IndexFlatIP(ge.shape[1])
+    index.add(np.ascontiguousarray(ge / np.linalg.norm(ge, axis=1, keepdims=True)))
+    _, rows = index.search(np.ascontiguousarray(qe / np.linalg.norm(qe, axis=1, keepdims=True)), k)
+    return [[gi.ids[r] for r in row] for row in rows]
+
+
+def _no_torch_env(tmp_path):
+    """PYTHONPATH with only the deploy package and a blocker that makes torch/timm unimportable."""
+    block = tmp_path / "blocker"
+    for mod in ("torch", "timm", "torchvision"):
+        (block / mod).mkdir(parents=True, exist_ok=True)
+        (block / mod / "__init__.py").write_text(
+            f"raise ImportError('{mod} is not available on this edge device')\n")
+    return {**os.environ, "PYTHONPATH": f"{block}{os.pathsep}{ROOT / 'deploy'}"}
+
+
+def test_edge_runtime_without_torch_matches_pytorch(bundle, tmp_path):
+    root, cfg, _ = bundle
+    paths = _test_images(cfg, tmp_path)
+    env = _no_torch_env(tmp_path)
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
+    assert check.returncode != 0  # torch really cannot be imported there
+    cmd = [sys.executable, "-c",
+           "import sys; from hwnas_edge.cli import main; "
+           "r = main(sys.argv[1:]); assert 'torch' not in sys.modules; sys.exit(r)",
+           "query", str(root / "run" / "bundle"), *map(str, paths), "--top-k", "5", "--json"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    edge = [[h["id"] for h in res["top"]] for res in json.loads(r.stdout)["results"]]
+    assert edge == _torch_topk(cfg, root / "run" / "bundle", paths, 5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, body: bytes):
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture
+def service(bundle, tmp_path):
+    root, _, m = bundle
+    port = _free_port()
+    env = _no_torch_env(tmp_path)
+    p = subprocess.Popen([sys.executable, "-m", "hwnas_edge.cli", "serve", str(root / "run" / "bundle"),
+                          "--port", str(port), "--max-batch", "4"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        p.kill()
+        pytest.fail("service did not start: " + p.stderr.read())
+    yield url, m
+    p.terminate()
+    p.wait(timeout=10)
+
+
+def test_service_answers_and_refuses(service, bundle, tmp_path):
+    url, m = service
+    dim = m["embed_dim"]
+    fp = m["query"]["fingerprint"]
+    v = np.random.default_rng(0).normal(size=(2, dim)).tolist()
+    status, body = _post(url + "/search", json.dumps({"embeddings": v, "fingerprint": fp, "top_k": 3}).encode())
+    assert status == 200 and len(body["results"]) == 2 and len(body["results"][0]) == 3
+    cases = [
+        ({"embeddings": v, "fingerprint": "0123456789abcdef"}, 409, "not compatible"),
+        ({"embeddings": [[0.1] * (dim + 1)], "fingerprint": fp}, 422, str(dim)),
+        ({"embeddings": [[0.1] * dim] * 5, "fingerprint": fp}, 413, "batch limit"),
+        ({"embeddings": v, "fingerprint": fp, "top_k": 0}, 400, "top_k"),
+        ({"embeddings": [["x"] * dim], "fingerprint": fp}, 422, "numbers"),
+        ({"embeddings": v}, 400, "fingerprint"),
+    ]
+    for body_, code, word in cases:
+        status, resp = _post(url + "/search", json.dumps(body_).encode())
+        assert status == code and word in resp["error"], (body_, status, resp)
+    status, resp = _post(url + "/search", b"{not json")
+    assert status == 400 and "JSON" in resp["error"]
+    with urllib.request.urlopen(url + "/health", timeout=5) as r:  # still alive
+        h = json.loads(r.read())
+    assert h["status"] == "ok" and h["index_size"] == m["gallery"]["n_items"]
+    # the edge runtime searching through the service gives what the local index gives
+    root, cfg, _ = bundle
+    paths = _test_images(cfg, tmp_path, 2)
+    env = _no_torch_env(tmp_path)
+    args = ["query", str(root / "run" / "bundle"), *map(str, paths), "--top-k", "3", "--json"]
+    local = subprocess.run([sys.executable, "-m", "hwnas_edge.cli", *args], env=env,
+                           capture_output=True, text=True)
+    remote = subprocess.run([sys.executable, "-m", "hwnas_edge.cli", *args, "--server", url],
+                            env=env, capture_output=True, text=True)
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    ids = lambda out: [[h["id"] for h in r["top"]] for r in json.loads(out)["results"]]  # noqa: E731
+    assert ids(local.stdout) == ids(remote.stdout)
