@@ -56,11 +56,13 @@ class QueryConfig:
 class LatencyConfig:
     table: str | None = None  # default: latency_tables/<device>-ort<ver>-fp32-t<threads>-r<size>-s<hash>.json
     threads: int | None = None  # ONNX Runtime intra-op threads (default: physical cores)
+    validate: int = 0  # hwnas run: end-to-end validation archs when it builds a table
 
 
 @dataclass
 class SearchConfig:
     budget_ms: float | None = None
+    budget_fraction: float = 0.3  # hwnas run without budget_ms: lo + f * (hi - lo) of the table
     reward: str = "r3"  # r1: M(q,q) | r2: M(q,g) | r3: alpha*M(q,g) + (1-alpha)*M(q,q)
     alpha: float = 0.5
     metric: str = "recall@1"  # or mAP
@@ -78,6 +80,12 @@ class SearchConfig:
 
 
 @dataclass
+class DeployConfig:
+    int8: bool = False
+    index: str | None = None  # FAISS factory string; default by gallery size
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -87,6 +95,7 @@ class Config:
     query: QueryConfig = field(default_factory=QueryConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     seed: int = 0
 
     # ---------------------------------------------------------------- builders
@@ -144,7 +153,8 @@ def _build(cls, d: dict, where: str):
 
 
 SECTIONS = {"data": DataConfig, "gallery": GalleryConfig, "supernet": SupernetConfig,
-            "query": QueryConfig, "latency": LatencyConfig, "search": SearchConfig}
+            "query": QueryConfig, "latency": LatencyConfig, "search": SearchConfig,
+            "deploy": DeployConfig}
 
 
 def load_config(path: str | Path | None) -> Config:

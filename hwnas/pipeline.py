@@ -1,26 +1,24 @@
-"""``hwnas run CONFIG``: the pipeline, step by step, resumable.
+"""``hwnas run CONFIG``: the whole method, step by step, resumable.
 
-Each step writes its result into the run directory and is recorded as done in
-``steps.json``; a run that is killed continues with the first unfinished step.
-
-Steps implemented so far: ``data`` (load, split, record), ``space`` (the spec and its cost
-range) and ``supernet-check`` (the weight-sharing supernet on real images: BN
-recalibration, subnet extraction parity, analytic FLOPs vs torch's counter, retrieval
-metrics of untrained subnets as the chance-level reference). The training, search and
-deploy steps arrive with their issues; the run says so at the end.
+profile -> train-gallery -> train-supernet -> search -> train-query -> baselines -> deploy
+-> report. Each step writes its results into the run directory and is recorded as done in
+``steps.json``; a killed run continues with the first unfinished step (and inside a step,
+training resumes from its last epoch and the search from its stored study).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 from hwnas.config import Config
-from hwnas.report import format_table
+from hwnas.errors import HwnasError
 from hwnas.rundir import RunDir
 from hwnas.utils import read_json, write_json
 
-NOT_YET = ["profile", "train-gallery", "train-supernet", "search", "train-query", "deploy"]
+STEPS = ["data", "profile", "train-gallery", "train-supernet", "search", "train-query",
+         "baselines", "deploy", "report"]
 
 
 class Steps:
@@ -38,83 +36,99 @@ class Steps:
         write_json(self.path, self.state)
 
 
-def run_pipeline(cfg: Config, log=print) -> int:
+def resolve_budget(cfg: Config, predictor) -> float:
+    """``search.budget_ms``, or ``search.budget_fraction`` of the way from the fastest to the
+    slowest predicted subnet (portable across machines with different tables)."""
+    if cfg.search.budget_ms is not None:
+        return float(cfg.search.budget_ms)
+    lo, hi = predictor.range()
+    f = cfg.search.budget_fraction
+    if not 0 < f < 1:
+        raise HwnasError(f"search.budget_fraction {f} must be between 0 and 1 (or set budget_ms)")
+    return round(lo + f * (hi - lo), 4)
+
+
+def run_pipeline(cfg: Config, log: Callable = print) -> int:
+    from hwnas.compat import api
+
     rd = RunDir(cfg)
     rd.path.mkdir(parents=True, exist_ok=True)
     rd.save_config()
     steps = Steps(rd.path / "steps.json")
     t0 = time.time()
-
-    col = rd.collection()
-    splits = rd.splits(col, log=log)
-    if not steps.done("data"):
-        steps.mark("data", {"fingerprint": splits.fingerprint, "counts": splits.counts()})
-    log(f"[data] {col.name}: " + ", ".join(f"{p} {c['images']}" for p, c in splits.counts().items()))
-
     space = cfg.search_space()
-    if not steps.done("space"):
-        write_json(rd.path / "space.json", {**space.to_dict(), "hash": space.hash})
-        steps.mark("space", {"hash": space.hash})
-    log(f"[space] hash {space.hash}, {space.num_layers} layers, input {space.input_size}px")
 
-    if not steps.done("supernet-check"):
-        summary = supernet_check(cfg, splits, rd.path, log=log)
-        steps.mark("supernet-check", summary)
-    res = read_json(rd.path / "supernet_check.json")
-    log(format_table(
-        ["arch", "MFLOPs", "torch MFLOPs", "Mparams", "extract max|diff|", "M(q,q) R@1 (untrained)"],
-        [[r["name"], f"{r['flops'] / 1e6:.2f}", f"{r['torch_flops'] / 1e6:.2f}",
-          f"{r['params'] / 1e6:.3f}", f"{r['extract_max_abs_diff']:.1e}",
-          f"{100 * r['metrics']['recall@1']:.1f}%"] for r in res["archs"]],
-    ))
-    log(f"done in {time.time() - t0:.1f} s. Not implemented yet (later issues): "
-        f"{', '.join(NOT_YET)}. Results in {rd.path}/")
+    def step(name: str, fn) -> None:
+        if steps.done(name):
+            log(f"== {name}: done earlier, kept")
+            return
+        log(f"== {name}")
+        t = time.time()
+        summary = fn() or {}
+        steps.mark(name, {**summary, "seconds": round(time.time() - t, 1)})
+
+    def data():
+        s = rd.splits(log=log)
+        return {"fingerprint": s.fingerprint, "counts": s.counts()}
+
+    def profile():
+        from hwnas.latency.backends import OrtCpuBackend
+        from hwnas.latency.profile import profile_space, validate_table
+        from hwnas.search.runner import table_path
+
+        path = table_path(cfg, space)
+        backend = OrtCpuBackend(threads=cfg.latency.threads)
+        table = profile_space(space, backend, path, log=log)
+        if "validation" not in table.header and cfg.latency.validate:
+            validate_table(space, table, backend, cfg.latency.validate, path, seed=cfg.seed, log=log)
+        return {"table": str(path), "validation": table.header.get("validation")}
+
+    def search():
+        from hwnas.search.runner import predictor_for, run_search
+
+        pred, _ = predictor_for(cfg, space)
+        cfg.search.budget_ms = resolve_budget(cfg, pred)
+        log(f"[search] budget {cfg.search.budget_ms} ms")
+        r = run_search(cfg, log=log)
+        return {"arch": r["arch"], "budget_ms": cfg.search.budget_ms, "reward": r["reward"]}
+
+    def train_query():
+        from hwnas.search.runner import load_best
+
+        best = load_best(rd.path)
+        api.train_query(cfg, arch=best["arch"], name="searched", resume=True, log=log)
+
+    def baselines():
+        from hwnas.report import baseline_models
+
+        for name, kw in baseline_models(cfg, space).items():
+            api.train_query(cfg, name=name, resume=True, log=log, **kw)
+
+    def deploy():
+        from hwnas.export.deploy import deploy as do_deploy
+
+        if (rd.path / "bundle" / "manifest.json").exists():
+            return {}
+        m = do_deploy(cfg, int8=cfg.deploy.int8, factory=cfg.deploy.index, log=log)
+        return {"artifacts": len(m["artifacts"])}
+
+    def report():
+        from hwnas.report import build_report
+
+        r = build_report(cfg, log=log)
+        return {"rows": len(r["rows"])}
+
+    step("data", data)
+    step("profile", profile)
+    step("train-gallery", lambda: {"fingerprint": api.train_gallery(cfg, resume=True, log=log)["fingerprint"]})
+    step("train-supernet", lambda: (api.train_supernet(cfg, resume=True, log=log), {})[1])
+    step("search", search)
+    step("train-query", train_query)
+    step("baselines", baselines)
+    step("deploy", deploy)
+    step("report", report)
+    from hwnas.report import headline_table
+
+    log(headline_table(read_json(rd.path / "report.json")))
+    log(f"done in {(time.time() - t0) / 60:.1f} min; report: {rd.path / 'report.md'}")
     return 0
-
-
-def supernet_check(cfg: Config, splits, out_dir: Path, log=print, n_archs: int = 3) -> dict:
-    """Build the supernet and check it on real images (see module docstring)."""
-    import numpy as np
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from hwnas.data.images import materialize
-    from hwnas.nn.supernet import Supernet, recalibrate_bn
-    from hwnas.retrieval import evaluate
-    from hwnas.space import arch_flops, arch_params
-
-    torch.manual_seed(cfg.seed)
-    space, pre = cfg.search_space(), cfg.preprocess()
-    col = splits.collection
-    rng = np.random.default_rng(cfg.seed)
-    train_ix = rng.choice(splits.parts["train"], size=min(512, len(splits.parts["train"])), replace=False)
-    calib = materialize(col, train_ix, pre, cfg.data.skip_bad_images, "calibration images")
-    q = materialize(col, splits.parts["query"], pre, cfg.data.skip_bad_images, "query images")
-    g = materialize(col, splits.parts["gallery"], pre, cfg.data.skip_bad_images, "gallery images")
-    to_t = lambda a: pre.normalize(torch.from_numpy(a))  # noqa: E731
-    calib_batches = [to_t(calib.images[i:i + 64]) for i in range(0, len(calib.images), 64)]
-
-    net = Supernet(space)
-    archs = [("smallest", space.smallest()), ("largest", space.largest())]
-    archs += [(f"random-{i}", space.sample(cfg.seed + i)) for i in range(n_archs)]
-    rows = []
-    for name, arch in archs:
-        recalibrate_bn(net, calib_batches, arch)
-        sub = net.extract(arch).eval()
-        with torch.no_grad():
-            x = to_t(q.images[:256])
-            diff = float((net(x, arch) - sub(x)).abs().max())
-            with FlopCounterMode(display=False) as fc:
-                sub(x[:1])
-            qe = torch.cat([sub(to_t(q.images[i:i + 256])) for i in range(0, len(q.images), 256)])
-            ge = torch.cat([sub(to_t(g.images[i:i + 256])) for i in range(0, len(g.images), 256)])
-        ids = (q.ids(col), g.ids(col)) if splits.shared_eval else (None, None)
-        m = evaluate(qe, q.labels, ge, g.labels, query_ids=ids[0], gallery_ids=ids[1])
-        rows.append({"name": name, "arch": arch.to_string(space), "flops": arch_flops(space, arch),
-                     "torch_flops": int(fc.get_total_flops()), "params": arch_params(space, arch),
-                     "extract_max_abs_diff": diff, "metrics": m})
-        log(f"[supernet-check] {name}: extract diff {diff:.1e}, untrained R@1 {m['recall@1']:.3f}")
-    res = {"space_hash": space.hash, "archs": rows,
-           "skipped_images": calib.skipped + q.skipped + g.skipped}
-    write_json(out_dir / "supernet_check.json", res)
-    return {"archs": len(rows), "max_extract_diff": max(r["extract_max_abs_diff"] for r in rows)}

@@ -1,8 +1,10 @@
-"""Plain-text tables for the terminal and Markdown reports."""
+"""Tables for the terminal and Markdown, and the headline report of ``hwnas run``."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+from hwnas.errors import HwnasError
 
 
 def _fmt(v: Any) -> str:
@@ -26,3 +28,173 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------- the headline report
+def baseline_models(cfg, space) -> dict:
+    """The baselines every run is compared with, all trained with the same compatibility
+    loss: timm MobileNetV3-small, the smallest and largest subnet, a random feasible subnet."""
+    import random
+
+    from hwnas.rundir import RunDir
+    from hwnas.search.runner import load_best, predictor_for
+
+    budget = load_best(RunDir(cfg).path)["budget_ms"]
+    pred, _ = predictor_for(cfg, space)
+    rng = random.Random(cfg.seed + 1)
+    feasible = next((a for a in (space.sample(rng) for _ in range(20000)) if pred(a) <= budget), None)
+    out = {"timm-mobilenetv3_small_050": {"timm_name": "mobilenetv3_small_050"},
+           "smallest": {"arch": space.smallest().to_string(space)},
+           "largest": {"arch": space.largest().to_string(space)}}
+    if feasible is not None:
+        out["random-feasible"] = {"arch": feasible.to_string(space)}
+    return out
+
+
+def build_report(cfg, log=print) -> dict:
+    """Evaluate the searched query model, the baselines and the paragon on the test split,
+    measure every model's edge latency (ONNX Runtime CPU, batch 1, interleaved), and write
+    report.json, report.md and report_accuracy_vs_latency.png."""
+    import json
+    import math
+    from pathlib import Path
+
+    from hwnas.compat import api
+    from hwnas.export.onnx import export_onnx
+    from hwnas.latency.backends import OrtCpuBackend, measure
+    from hwnas.nn.models import load_query
+    from hwnas.rundir import RunDir
+    from hwnas.search.runner import load_best, predictor_for
+    from hwnas.space import SearchSpace
+    from hwnas.utils import atomic_write_text, write_json
+
+    rd = RunDir(cfg)
+    space = cfg.search_space()
+    pre = cfg.preprocess()
+    gallery = api._gallery(rd)
+    best = load_best(rd.path)
+    pred, tpath = predictor_for(cfg, space)
+    names = ["searched"] + list(baseline_models(cfg, space))
+    backend = OrtCpuBackend(threads=cfg.latency.threads)
+    shape = (1, pre.channels, pre.size, pre.size)
+    rows, runners = [], []
+    for name in names:
+        qdir = rd.path / "query" / name
+        if not (qdir / "config.json").exists():
+            log(f"[report] {name}: not trained, left out")
+            continue
+        ev_path = qdir / "evaluation-test.json"
+        ev = json.loads(ev_path.read_text()) if ev_path.exists() else api.evaluate_query(cfg, query_dir=str(qdir), log=log)
+        net, qcfg = load_query(qdir)
+        p_ms = None
+        if qcfg["kind"] == "subnet" and SearchSpace.from_dict(qcfg["space"]).hash == space.hash:
+            p_ms = pred(space.parse(qcfg["arch"]))
+        rows.append({"model": name, "kind": qcfg["kind"], "arch": qcfg.get("arch") or qcfg.get("timm"),
+                     "mflops": qcfg["flops"] / 1e6, "predicted_ms": p_ms, "metrics": ev["metrics"]})
+        runners.append(backend.prepare_onnx(export_onnx(net, shape, dynamic_batch=True), shape))
+    if not rows:
+        raise HwnasError("no trained query models to report on")
+    g_mflops = api.model_flops(gallery.net, pre) / 1e6
+    runners.append(backend.prepare_onnx(export_onnx(gallery.net, shape, dynamic_batch=True), shape))
+    log(f"[report] measuring {len(runners)} models end to end on ONNX Runtime CPU "
+        f"({backend.threads} threads, batch 1)")
+    lat = measure(runners, rounds=15, runs=10, warmup=10)
+    g_ms = lat[-1].median_ms
+    paragon = rows[0]["metrics"]["M(g,g)"]
+    for r, m in zip(rows, lat):
+        mq = r["metrics"]
+        r.update({
+            "measured_ms": m.median_ms, "measured_cv_pct": m.cv_pct,
+            "M(q,g)_recall@1": mq["M(q,g)"]["recall@1"], "M(q,q)_recall@1": mq["M(q,q)"]["recall@1"],
+            "M(q,g)_mAP": mq["M(q,g)"]["mAP"], "M(q,q)_mAP": mq["M(q,q)"]["mAP"],
+            "flops_reduction": g_mflops / r["mflops"], "latency_reduction": g_ms / m.median_ms,
+            "gap_points": 100 * (paragon["recall@1"] - mq["M(q,g)"]["recall@1"]),
+        })
+        del r["metrics"]
+    s = rows[0] if rows[0]["model"] == "searched" else None
+    pareto = {b["model"]: dominates(s, b) for b in rows[1:]} if s is not None else {}
+    report = {
+        "dataset": cfg.data.dataset, "protocol": cfg.split_config().protocol, "space_hash": space.hash,
+        "budget_ms": best["budget_ms"], "latency_table": str(tpath), "threads": backend.threads,
+        "paragon": {"model": gallery.config["backbone"], "fingerprint": gallery.fingerprint,
+                    "mflops": g_mflops, "measured_ms": g_ms, "M(g,g)_recall@1": paragon["recall@1"],
+                    "M(g,g)_mAP": paragon["mAP"]},
+        "rows": rows,
+        "searched_pareto_better_than": pareto,
+        "targets": None if s is None else {
+            "flops_reduction>=20": s["flops_reduction"] >= 20,
+            "latency_reduction>=10": s["latency_reduction"] >= 10,
+            "gap_points<=1": s["gap_points"] <= 1,
+            "pareto_better_than_every_baseline": all(pareto.values()) if pareto else None,
+        },
+    }
+    for r in rows:
+        for k, v in list(r.items()):
+            if isinstance(v, float) and math.isfinite(v):
+                r[k] = round(v, 6)
+    write_json(rd.path / "report.json", report)
+    png = rd.path / "report_accuracy_vs_latency.png"
+    _plot_report(report, png)
+    md = ["# hwnas report", "", f"Data: {report['dataset']} ({report['protocol']}-set), test split. "
+          f"Edge latency: ONNX Runtime CPU, batch 1, {backend.threads} threads, median of interleaved "
+          f"rounds on this machine. Budget {report['budget_ms']} ms (predicted).", "",
+          headline_table(report, markdown=True), "", f"![accuracy vs latency]({png.name})", ""]
+    atomic_write_text(rd.path / "report.md", "\n".join(md))
+    return report
+
+
+def dominates(a: dict, b: dict, tol: float = 0.02) -> bool:
+    """``a`` is Pareto-better than ``b``: no slower (latencies within ``tol`` count as equal),
+    no less accurate on M(q,g) recall@1, and strictly better in one of the two."""
+    la, lb = a["measured_ms"], b["measured_ms"]
+    ra, rb = a["M(q,g)_recall@1"], b["M(q,g)_recall@1"]
+    return la <= lb * (1 + tol) and ra >= rb and (la < lb * (1 - tol) or ra > rb)
+
+
+def headline_table(report: dict, markdown: bool = False) -> str:
+    p = report["paragon"]
+    headers = ["model", "MFLOPs", "pred ms", "meas ms", "FLOPs x", "latency x", "M(q,g) R@1",
+               "M(q,q) R@1", "gap pts"]
+    rows = [[f"paragon {p['model']} (M(g,g))", f"{p['mflops']:.1f}", "-", f"{p['measured_ms']:.3f}",
+             "1", "1", f"{100 * p['M(g,g)_recall@1']:.2f}", "-", "0"]]
+    for r in report["rows"]:
+        rows.append([r["model"], f"{r['mflops']:.2f}",
+                     f"{r['predicted_ms']:.3f}" if r["predicted_ms"] is not None else "-",
+                     f"{r['measured_ms']:.3f}", f"{r['flops_reduction']:.1f}",
+                     f"{r['latency_reduction']:.1f}", f"{100 * r['M(q,g)_recall@1']:.2f}",
+                     f"{100 * r['M(q,q)_recall@1']:.2f}", f"{r['gap_points']:.2f}"])
+    t = markdown_table(headers, rows) if markdown else format_table(headers, rows)
+    tg = report.get("targets")
+    if tg:
+        t += "\n\ntargets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in tg.items())
+    return t
+
+
+def _plot_report(report: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    p = report["paragon"]
+    ax.axhline(100 * p["M(g,g)_recall@1"], color="k", ls="--", lw=1, label="paragon M(g,g)")
+    ax.scatter([p["measured_ms"]], [100 * p["M(g,g)_recall@1"]], marker="D", c="k")
+    ax.annotate(f"paragon ({p['model']})", (p["measured_ms"], 100 * p["M(g,g)_recall@1"]),
+                fontsize=7, xytext=(-40, 6), textcoords="offset points")
+    for r in report["rows"]:
+        c = "tab:red" if r["model"] == "searched" else "tab:blue"
+        ax.scatter([r["measured_ms"]], [100 * r["M(q,g)_recall@1"]], c=c,
+                   s=80 if r["model"] == "searched" else 30, zorder=3)
+        ax.annotate(r["model"], (r["measured_ms"], 100 * r["M(q,g)_recall@1"]), fontsize=7,
+                    xytext=(4, -10), textcoords="offset points")
+    ax.axvline(report["budget_ms"], color="0.5", ls=":", lw=1, label=f"budget {report['budget_ms']} ms (pred.)")
+    ax.set_xscale("log")
+    ax.set_xlabel("measured edge latency, ONNX Runtime CPU batch 1 (ms, log)")
+    ax.set_ylabel("M(q,g) recall@1 (%)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -70,20 +70,48 @@ def test_space_command():
     assert "1c82befadfc8" in r.stdout and "FLOPs range" in r.stdout
 
 
-def test_run_pipeline_on_tiny_data_and_resume(tmp_path, tiny_space):
-    cfg = {
-        "run_dir": str(tmp_path / "run"),
-        "data": {"dataset": "digits", "split": {"protocol": "open", "test_fraction": 0.3}},
-        "space": {k: v for k, v in tiny_space.to_dict().items() if k != "format"},
-    }
-    (tmp_path / "c.json").write_text(json.dumps(cfg))
-    r = hwnas("run", str(tmp_path / "c.json"))
-    assert r.returncode == 0, r.stderr
-    assert "Not implemented yet" in r.stdout
-    res = json.loads((tmp_path / "run" / "supernet_check.json").read_text())
-    assert all(a["extract_max_abs_diff"] < 1e-5 for a in res["archs"])
-    assert all(a["flops"] == a["torch_flops"] for a in res["archs"])
-    steps = json.loads((tmp_path / "run" / "steps.json").read_text())["done"]
-    assert {"data", "space", "supernet-check"} <= set(steps)
-    r2 = hwnas("run", str(tmp_path / "c.json"))
-    assert r2.returncode == 0 and "[supernet-check]" not in r2.stdout  # finished step not redone
+def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
+    """hwnas run on a tiny config: every step, the report, and resume after a kill."""
+    import signal
+
+    from conftest import tiny_config, write_cfg
+
+    d = tiny_config(tmp_path / "run",
+                    data={"dataset": "fashion-mnist", "mean": [0.286], "std": [0.353],
+                          "split": {"protocol": "closed", "train_per_class": 60,
+                                    "eval_per_class": 20, "val_fraction": 0.3}},
+                    gallery={"backbone": "resnet10t", "train": {"epochs": 3, "batch_size": 32}},
+                    supernet={"train": {"epochs": 1, "batch_size": 32}},
+                    query={"train": {"epochs": 1, "batch_size": 32}},
+                    latency={"table": str(tmp_path / "table.json"), "validate": 4, "threads": 1},
+                    search={"n_trials": 3, "bn_batches": 1})
+    cfg = write_cfg(tmp_path / "c.json", d)
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "hwnas.cli", "run", str(cfg)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    t = time.time()
+    ckpt = run / "gallery" / "checkpoint.safetensors"
+    while not ckpt.exists() and time.time() - t < 240 and p.poll() is None:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)  # killed during train-gallery
+    p.wait()
+    steps = json.loads((run / "steps.json").read_text())["done"]
+    assert {"data", "profile"} <= set(steps) and "train-gallery" not in steps
+    r = hwnas("run", str(cfg), timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "profile: done earlier, kept" in r.stdout
+    assert "resuming after epoch" in r.stdout  # the gallery continued from its checkpoint
+    rep = json.loads((run / "report.json").read_text())
+    assert {"paragon", "rows", "targets", "budget_ms", "searched_pareto_better_than"} <= set(rep)
+    models = [row["model"] for row in rep["rows"]]
+    assert models[0] == "searched" and "timm-mobilenetv3_small_050" in models
+    assert {"smallest", "largest"} <= set(models)
+    for row in rep["rows"]:
+        for k in ("mflops", "measured_ms", "flops_reduction", "latency_reduction", "gap_points",
+                  "M(q,g)_recall@1", "M(q,q)_recall@1"):
+            assert row[k] is not None
+    assert (run / "report.md").exists() and (run / "report_accuracy_vs_latency.png").exists()
+    assert (run / "bundle" / "manifest.json").exists()
+    r2 = hwnas("run", str(cfg), timeout=600)  # everything done: nothing is redone
+    assert r2.returncode == 0 and r2.stdout.count("done earlier, kept") == 9
