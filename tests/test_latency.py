@@ -76,7 +76,8 @@ def test_table_covers_every_op(table, tiny_space):
         assert k in h, k
     assert h["complete"] and h["threads"] == 1 and h["space_hash"] == tiny_space.hash
     e = next(iter(d["entries"].values()))
-    assert {"median_ms", "cv_pct", "n"} <= set(e)
+    assert {"median_ms", "p10_ms", "cv_pct", "n"} <= set(e)
+    assert h["statistic_key"] == "p10_ms"
 
 
 def test_resume_measures_only_missing(table, tiny_space, tmp_path):
@@ -119,7 +120,7 @@ def test_predictor_is_additive_and_fast(table, tiny_space):
     p = LatencyPredictor(tiny_space, t, calibrated=False)
     ov = t.header["call_overhead_ms"]
     arch = tiny_space.sample(3)
-    manual = ov + sum(max(0.0, t.entries[o.key()]["median_ms"] - ov)
+    manual = ov + sum(max(0.0, t.entries[o.key()]["p10_ms"] - ov)
                       for o in resolve_ops(tiny_space, arch) if o.kind != "skip")
     assert p.additive(arch) == pytest.approx(manual)
     lo, hi = p.range()

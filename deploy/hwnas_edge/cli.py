@@ -31,7 +31,7 @@ def _remote_search(server: str, emb, fingerprint: str, k: int, timeout: float = 
         raise BundleError(f"cannot reach the gallery service at {server}: {e.reason}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hwnas-edge", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -49,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-batch", type=int, default=256)
     v = sub.add_parser("verify", help="check artifact hashes and ONNX parity")
     v.add_argument("bundle")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "query":
             b = Bundle(args.bundle)

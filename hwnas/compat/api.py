@@ -12,7 +12,6 @@ Run directory layout::
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,7 +175,6 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     settings = {"backbone": gc.backbone, "classes": len(classes), "split": rd.splits().fingerprint}
     log(f"[train-gallery] {gc.backbone} on {len(data.images)} images, {len(classes)} classes, "
         f"{tc.epochs} epochs")
-    t = time.time()
     hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
                seed=cfg.seed, resume=resume, desc="train-gallery", settings=settings, log=log)
     if not is_main():
@@ -186,7 +184,7 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
         "preprocess": pre.to_dict(),
         "classifier": {**head.config(), "classes": classes},
         "backbone_checkpoint": gc.backbone_checkpoint, "freeze_backbone": gc.freeze_backbone,
-        "train": tc.__dict__, "history": hist, "train_seconds": time.time() - t,
+        "train": tc.__dict__, "history": hist, "train_seconds": sum(h["seconds"] for h in hist),
         "splits_fingerprint": rd.splits().fingerprint,
     }
     saved = save_model(out, {"net": net, "classifier": head}, config)
@@ -247,7 +245,6 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
                 "flops_range": cfg.supernet.flops_range, "split": rd.splits().fingerprint}
     log(f"[train-supernet] space {space.hash} on {len(data.images)} images, loss "
         f"{_loss_str(loss_cfg)}, {tc.epochs} epochs")
-    t = time.time()
     hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
                seed=cfg.seed, resume=resume, desc="train-supernet", settings=settings,
                find_unused=True, log=log)
@@ -256,7 +253,7 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     config = {"role": "supernet", "space": space.to_dict(), "preprocess": pre.to_dict(),
               "loss": loss_cfg.to_dict(), "gallery_fingerprint": gfp, "classes": classes,
               "flops_range": cfg.supernet.flops_range, "train": tc.__dict__, "history": hist,
-              "train_seconds": time.time() - t}
+              "train_seconds": sum(h["seconds"] for h in hist)}
     modules = {"net": net}
     if loss.own is not None:
         modules["own"] = loss.own
@@ -345,13 +342,12 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
                 "gallery": gfp, "inherit": bool(inherit and arch), "split": rd.splits().fingerprint}
     log(f"[train-query] {name}: {qcfg['flops'] / 1e6:.2f} MFLOPs, loss {_loss_str(loss_cfg)}, "
         f"{'inheriting supernet weights' if inherit and arch else 'from scratch'}, {tc.epochs} epochs")
-    t = time.time()
     hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
                seed=cfg.seed, resume=resume, desc=f"train-query {name}", settings=settings, log=log)
     if not is_main():
         return {}
     qcfg.update(gallery_fingerprint=gfp, loss=loss_cfg.to_dict(), inherit=bool(inherit and arch),
-                train=tc.__dict__, history=hist, train_seconds=time.time() - t, name=name)
+                train=tc.__dict__, history=hist, train_seconds=sum(h["seconds"] for h in hist), name=name)
     saved = save_model(out, {"net": net}, qcfg)
     log(f"[train-query] saved {out}")
     return saved

@@ -3,8 +3,9 @@ predictor against end-to-end measurements of whole networks.
 
 Every distinct op of the space (from ``resolve_ops`` over all layers and choices, plus stem
 and head) is built alone, exported to ONNX at its real input shape and timed by the backend
-in interleaved rounds. The table is saved after every chunk of ops, so a killed build
-resumes where it stopped (finished entries are kept).
+in interleaved rounds, all ops of a chunk (512) in one pool so that slow drift of a shared
+machine's speed hits every op alike. The table is saved after every chunk, so a killed
+build resumes where it stopped (finished entries are kept).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def op_module(space: SearchSpace, spec: OpSpec):
 
 def profile_space(space: SearchSpace, backend: LatencyBackend, out: Path, *,
                   remeasure: bool = False, rounds: int = 15, runs: int = 10, warmup: int = 10,
-                  chunk: int = 32, seed: int = 0, log: Callable = print) -> LatencyTable:
+                  chunk: int = 512, seed: int = 0, log: Callable = print) -> LatencyTable:
     """Measure every op of ``space`` missing from the table at ``out`` (all of them for a new
     table, or with ``remeasure``); an existing table must match the space and settings."""
     from tqdm import tqdm
@@ -97,7 +98,7 @@ def call_overhead(backend: LatencyBackend, rounds: int, runs: int, warmup: int) 
         def forward(self, x):
             return x * 1.0
 
-    return measure([backend.prepare(_Tiny(), (1, 1, 4, 4))], rounds, runs, warmup)[0].median_ms
+    return measure([backend.prepare(_Tiny(), (1, 1, 4, 4))], rounds, runs, warmup)[0].latency_ms
 
 
 # ---------------------------------------------------------------------- statistics
@@ -154,9 +155,13 @@ def fit_calibration(add: np.ndarray, meas: np.ndarray) -> tuple[float, float, st
 
 
 def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: int, runs: int,
-                  warmup: int, chunk: int = 25, seed: int = 0, desc: str = "end-to-end") -> list:
+                  warmup: int, chunk: int = 512, seed: int = 0, desc: str = "end-to-end") -> list:
     """End-to-end latency of whole subnets, exported exactly as a deployed query model
-    (dynamic batch axis, named input/output), timed at batch 1."""
+    (dynamic batch axis, named input/output), timed at batch 1.
+
+    All archs are timed in one interleaved pool (up to ``chunk``): on a shared VM the
+    machine's speed drifts by up to 2x over tens of seconds, and archs measured in separate
+    batches would carry that drift into the comparison."""
     import torch
     from tqdm import tqdm
 
@@ -190,7 +195,7 @@ def validate_table(space: SearchSpace, table: LatencyTable, backend: LatencyBack
     calib = [space.smallest(), space.largest()] + [space.sample(rng) for _ in range(max(0, calibrate - 2))]
     valid = [space.sample(rng) for _ in range(n)]
     meas = measure_archs(space, calib + valid, backend, rounds, runs, warmup, seed=seed)
-    m = np.array([x.median_ms for x in meas])
+    m = np.array([x.latency_ms for x in meas])
     plain = LatencyPredictor(space, table, calibrated=False)
     add = np.array([plain.additive(a) for a in calib + valid])
     k = len(calib)
@@ -248,8 +253,8 @@ def gallery_throughput(gallery_net, pre, backend: LatencyBackend, batches=(1, 32
     for b in batches:
         shape = (b, pre.channels, pre.size, pre.size)
         r = measure([backend.prepare(gallery_net, shape)], rounds, runs, warmup=3)[0]
-        out[str(b)] = {"images_per_s": round(b / (r.median_ms / 1000), 1),
-                       "batch_ms": round(r.median_ms, 3)}
+        out[str(b)] = {"images_per_s": round(b / (r.latency_ms / 1000), 1),
+                       "batch_ms": round(r.latency_ms, 3)}
     return out
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from hwnas.errors import HwnasError
+from hwnas.latency.backends import LATENCY_STAT
 from hwnas.space import SKIP, Arch, SearchSpace
 from hwnas.space.ops import head_op, layer_op, stem_op
 from hwnas.space.spec import enumerate_layer_choices
@@ -74,7 +75,8 @@ class LatencyTable:
                     raise HwnasError(f"{where} was measured with {k}={h.get(k)!r} but this run uses "
                                      f"{settings[k]!r}; {fix}")
 
-    def ms(self, key: str, stat: str = "median_ms") -> float:
+    def ms(self, key: str, stat: str | None = None) -> float:
+        stat = stat or self.header.get("statistic_key", "median_ms")
         e = self.entries.get(key)
         if e is None:
             raise HwnasError(f"latency table {getattr(self, 'path', '')} has no entry for op {key}; "
@@ -96,7 +98,8 @@ def make_header(space: SearchSpace, settings: dict, rounds: int, runs: int, warm
     return {"format": TABLE_FORMAT, **settings, "batch": 1, "input_size": space.input_size,
             "in_channels": space.in_channels, "space_hash": space.hash, "space": space.to_dict(),
             "warmup": warmup, "rounds": rounds, "runs_per_round": runs,
-            "statistic": "median of round medians, rounds above Q3+1.5*IQR dropped",
+            "statistic": "10th percentile of round medians (rounds above Q3+1.5*IQR dropped)",
+            "statistic_key": LATENCY_STAT,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": False}
 
 
@@ -110,7 +113,7 @@ class LatencyPredictor:
     archs; a=1, c=0 without one). Per-layer lookups are precomputed, so a prediction is a
     few dictionary reads (hundreds of thousands per second)."""
 
-    def __init__(self, space: SearchSpace, table: LatencyTable, stat: str = "median_ms",
+    def __init__(self, space: SearchSpace, table: LatencyTable, stat: str | None = None,
                  calibrated: bool = True):
         table.check(space)
         self.space = space
