@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from hwnas.errors import HwnasError
+from hwnas.utils import save_figure
 
 
 def _fmt(v: Any) -> str:
@@ -193,8 +194,4 @@ def _plot_report(report: dict, path) -> None:
     ax.set_xlabel("measured edge latency, ONNX Runtime CPU batch 1 (ms, log)")
     ax.set_ylabel("M(q,g) recall@1 (%)")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

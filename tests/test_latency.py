@@ -156,3 +156,11 @@ def test_rank_statistics_match_scipy():
     a[10:13] = 1.0  # ties
     assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic)
     assert kendall(a, b) == pytest.approx(stats.kendalltau(a, b).statistic)
+
+
+def test_complete_table_is_kept_untouched(table, tiny_space):
+    t, out, b = table
+    before = out.read_bytes()
+    logs = []
+    profile_space(tiny_space, b, out, rounds=2, runs=2, warmup=1, log=logs.append)
+    assert out.read_bytes() == before and "kept" in logs[-1]

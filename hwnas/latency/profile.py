@@ -21,6 +21,7 @@ from hwnas.errors import HwnasError
 from hwnas.latency.backends import LatencyBackend, measure
 from hwnas.latency.table import LatencyPredictor, LatencyTable, make_header
 from hwnas.space import OpSpec, SearchSpace, all_op_specs, arch_flops
+from hwnas.utils import save_figure
 
 
 def op_module(space: SearchSpace, spec: OpSpec):
@@ -58,6 +59,10 @@ def profile_space(space: SearchSpace, backend: LatencyBackend, out: Path, *,
     if table is None:
         table = LatencyTable(make_header(space, settings, rounds, runs, warmup))
     todo = [s for s in specs if s.key() not in table.entries]
+    if not todo and table.header.get("complete"):
+        log(f"[profile] {out} already covers all {len(specs)} ops of space {space.hash} "
+            f"({settings['runtime']} {settings['runtime_version']}, threads {settings.get('threads')}); kept")
+        return table
     log(f"[profile] {backend.name} ({settings['device_name']}, threads {settings.get('threads')}): "
         f"{len(todo)} of {len(specs)} ops to measure, {rounds} rounds x {runs} runs each")
     if "call_overhead_ms" not in table.header:
@@ -239,11 +244,7 @@ def _scatter(add, pred, meas, v, path: Path, header: dict) -> None:
     ax.set_title(f"{header.get('backend')} t{header.get('threads')} {header.get('input_size')}px: "
                  f"Spearman {v['spearman']}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def gallery_throughput(gallery_net, pre, backend: LatencyBackend, batches=(1, 32, 256),

@@ -29,7 +29,7 @@ from hwnas.config import Config
 from hwnas.errors import HwnasError
 from hwnas.rundir import RunDir
 from hwnas.space import Arch, arch_flops
-from hwnas.utils import atomic_write_text, write_json
+from hwnas.utils import atomic_write_text, save_figure, write_json
 
 SAMPLERS = ("tpe", "nsga2", "random", "evolution")
 REWARDS = ("r1", "r2", "r3")
@@ -389,11 +389,7 @@ def plot_search(feas, front, best, budget, path: Path, s) -> None:
     ax.set_xlabel("predicted edge latency (ms)")
     ax.set_ylabel(f"reward {s.reward.upper()} ({s.metric})")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def plot_progress(curves: dict[str, list[float]], path: Path, title: str = "") -> None:
@@ -411,11 +407,7 @@ def plot_progress(curves: dict[str, list[float]], path: Path, title: str = "") -
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def load_best(run_dir: Path) -> dict:
