@@ -31,13 +31,13 @@ def config(dataset: str, run_dir: Path, quick: bool) -> dict:
              "embed_dim": 128, "name": "quickstart"}
     if dataset == "fashion-mnist":
         data = {"dataset": "fashion-mnist", "mean": [0.286], "std": [0.353],
-                "split": {"protocol": "closed", "train_per_class": 200 if quick else 1000,
+                "split": {"protocol": "closed", "train_per_class": 200 if quick else 600,
                           "eval_per_class": 60 if quick else 300, "val_fraction": 0.0}}
-        g_epochs, q_epochs, aug = (2, 2, "none") if quick else (12, 8, "crop-flip")
+        g_epochs, q_epochs, aug = (2, 2, "none") if quick else (8, 6, "crop-flip")
     else:
         data = {"dataset": "omniglot", "mean": [0.92], "std": [0.27],
                 "split": {"protocol": "open", "query_fraction": 0.25, "val_fraction": 0.0}}
-        g_epochs, q_epochs, aug = (2, 2, "none") if quick else (40, 30, "crop")
+        g_epochs, q_epochs, aug = (2, 2, "none") if quick else (40, 15, "crop")
     return {
         "run_dir": str(run_dir), "seed": 0, "data": data, "space": space,
         "gallery": {"backbone": "resnet18",
@@ -104,9 +104,9 @@ def main() -> None:
 
 
 def _gallery_mflops(cfg) -> float:
-    from hwnas.compat.api import RunDir, _gallery, model_flops
+    from hwnas.compat.api import RunDir, run_gallery, model_flops
 
-    g = _gallery(RunDir(cfg))
+    g = run_gallery(RunDir(cfg))
     return model_flops(g.net, cfg.preprocess()) / 1e6
 
 

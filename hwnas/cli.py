@@ -354,10 +354,10 @@ def cmd_profile(args) -> int:
         validate_table(space, table, backend, args.validate, out, calibrate=args.calibrate,
                        seed=cfg.seed)
     if args.gallery_throughput:
-        from hwnas.compat.api import RunDir, _gallery
+        from hwnas.compat.api import RunDir, run_gallery
         from hwnas.data.images import Preprocess
 
-        g = _gallery(RunDir(cfg))
+        g = run_gallery(RunDir(cfg))
         tp = gallery_throughput(g.net, Preprocess.from_dict(g.config["preprocess"]), backend)
         table.header["gallery_throughput"] = {"fingerprint": g.fingerprint,
                                               "backbone": g.config["backbone"], **tp}

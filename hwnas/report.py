@@ -72,7 +72,7 @@ def build_report(cfg, log=print) -> dict:
     rd = RunDir(cfg)
     space = cfg.search_space()
     pre = cfg.preprocess()
-    gallery = api._gallery(rd)
+    gallery = api.run_gallery(rd)
     best = load_best(rd.path)
     pred, tpath = predictor_for(cfg, space)
     names = ["searched"] + list(baseline_models(cfg, space))
@@ -137,8 +137,8 @@ def build_report(cfg, log=print) -> dict:
     png = rd.path / "report_accuracy_vs_latency.png"
     _plot_report(report, png)
     md = ["# hwnas report", "", f"Data: {report['dataset']} ({report['protocol']}-set), test split. "
-          f"Edge latency: ONNX Runtime CPU, batch 1, {backend.threads} threads, median of interleaved "
-          f"rounds on this machine. Budget {report['budget_ms']} ms (predicted).", "",
+          f"Edge latency: ONNX Runtime CPU, batch 1, {backend.threads} threads, 10th percentile of interleaved "
+          f"round medians on this machine. Budget {report['budget_ms']} ms (predicted).", "",
           headline_table(report, markdown=True), "", f"![accuracy vs latency]({png.name})", ""]
     atomic_write_text(rd.path / "report.md", "\n".join(md))
     return report

@@ -64,7 +64,7 @@ def test_gallery_is_never_updated(trained_gallery, tmp_path):
     cfg = load_config(_clone_run(trained_gallery, tmp_path))
     w = tmp_path / "run" / "gallery" / "model.safetensors"
     before = _sha(w)
-    gallery = api._gallery(api.RunDir(cfg))
+    gallery = api.run_gallery(api.RunDir(cfg))
     snap = {k: v.clone() for k, v in gallery.net.state_dict().items()}
     snap_cls = gallery.classifier.weight.clone()
     # train the supernet with the very objects the gallery consists of

@@ -238,3 +238,21 @@ def test_service_answers_and_refuses(service, bundle, tmp_path):
     assert local.returncode == 0 and remote.returncode == 0, remote.stderr
     ids = lambda out: [[h["id"] for h in r["top"]] for r in json.loads(out)["results"]]  # noqa: E731
     assert ids(local.stdout) == ids(remote.stdout)
+
+
+def test_index_search_params_travel_with_the_file(tmp_path):
+    import faiss
+
+    from hwnas.export.deploy import build_index, default_factory
+
+    assert default_factory(1000) == "Flat" and default_factory(1_000_000).startswith("IVF4000")
+    x = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+    for factory, key in (("IVF32,Flat", "nprobe"), ("HNSW16", "efSearch")):
+        index, info = build_index(x, factory)
+        assert key in info["search_params"]
+        faiss.write_index(index, str(tmp_path / "i"))
+        r = faiss.read_index(str(tmp_path / "i"))
+        got = faiss.try_extract_index_ivf(r).nprobe if key == "nprobe" else r.hnsw.efSearch
+        assert got == info["search_params"][key]
+    with pytest.raises(HwnasError, match="needs training data"):
+        build_index(x[:10], "IVF32,Flat")

@@ -192,7 +192,8 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     return saved
 
 
-def _gallery(rd: RunDir):
+def run_gallery(rd: RunDir):
+    """The run directory's trained gallery model (frozen)."""
     from hwnas.nn.models import load_gallery
 
     path = rd.path / "gallery"
@@ -206,7 +207,7 @@ def _compat_setup(rd: RunDir, loss_cfg, log):
     """Gallery, training images (labels as gallery classifier rows), cached embeddings."""
     cfg = rd.cfg
     space, pre = cfg.search_space(), cfg.preprocess()
-    gallery = _gallery(rd) if loss_cfg.needs_gallery else None
+    gallery = run_gallery(rd) if loss_cfg.needs_gallery else None
     if gallery is not None:
         check_compatible(gallery.config, space.embed_dim, pre)
         classes = gallery.class_names
@@ -382,7 +383,7 @@ def evaluate_query(cfg: Config, query_dir: str | None = None, arch: str | None =
     from hwnas.retrieval import evaluate
 
     rd = RunDir(cfg)
-    gallery = _gallery(rd)
+    gallery = run_gallery(rd)
     qpart, gpart = ("query", "gallery") if part == "test" else ("val_query", "val_gallery")
     gpre = Preprocess.from_dict(gallery.config["preprocess"])
     if (query_dir is None) == (arch is None):
