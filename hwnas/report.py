@@ -190,8 +190,15 @@ def _plot_report(report: dict, path) -> None:
         ax.annotate(r["model"], (r["measured_ms"], 100 * r["M(q,g)_recall@1"]), fontsize=7,
                     xytext=(4, -10), textcoords="offset points")
     ax.axvline(report["budget_ms"], color="0.5", ls=":", lw=1, label=f"budget {report['budget_ms']} ms (pred.)")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ys = [100 * r["M(q,g)_recall@1"] for r in report["rows"]] + [100 * p["M(g,g)_recall@1"]]
+    ax.set_ylim(min(ys) - 3, max(ys) + 2)
     ax.set_xlabel("measured edge latency, ONNX Runtime CPU batch 1 (ms, log)")
     ax.set_ylabel("M(q,g) recall@1 (%)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     save_figure(fig, path)
