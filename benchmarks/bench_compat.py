@@ -44,7 +44,7 @@ def config(dataset: str, run_dir: Path, quick: bool) -> dict:
                     "train": {"epochs": g_epochs, "lr": 0.1, "batch_size": 64, "augment": aug}},
         "supernet": {"train": {"epochs": 1}},
         "query": {"inherit": False,
-                  "train": {"epochs": q_epochs, "lr": 0.1, "batch_size": 64, "augment": aug}},
+                  "train": {"epochs": q_epochs, "lr": 0.05, "batch_size": 64, "augment": aug}},
     }
 
 
