@@ -1,0 +1,142 @@
+"""Search benchmark (issue 5), on a finished quickstart run (trained gallery and supernet):
+
+* samplers: TPE vs NSGA-II vs regularized evolution vs random at equal numbers of evaluated
+  trials (best reward reached after 25/50/100/...), one study each, same budget and reward;
+* rewards: R1 vs R2 vs R3 — the best arch of each search is trained (train-query, same
+  recipe) and evaluated on the test split;
+* budgets: at three budgets across the table's range, the searched model vs the median of
+  K random feasible archs trained the same way, and vs MobileNetV3-small;
+* cost: seconds per evaluated trial.
+
+    python benchmarks/bench_search.py --config configs/quickstart.yaml --parts samplers rewards budgets
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+from pathlib import Path
+
+from _common import ROOT, machine, machine_line, save_results, update_benchmarks_md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
+    ap.add_argument("--run-dir", default=str(ROOT / "runs" / "quickstart"))
+    ap.add_argument("--parts", nargs="+", default=["samplers", "rewards", "budgets"])
+    ap.add_argument("--trials", type=int, default=100)
+    ap.add_argument("--random-archs", type=int, default=5)
+    args = ap.parse_args()
+
+    from hwnas.compat import api
+    from hwnas.config import load_config
+    from hwnas.pipeline import resolve_budget
+    from hwnas.search.runner import plot_progress, predictor_for, run_search
+
+    base = load_config(args.config)
+    base.run_dir = args.run_dir
+    space = base.search_space()
+    pred, _ = predictor_for(base, space)
+    lo, hi = pred.range()
+    budget = resolve_budget(base, pred)
+    res: dict = {"machine": machine(), "run_dir": args.run_dir, "budget_ms": budget, "range_ms": [lo, hi]}
+    out = ROOT / "benchmarks" / "results"
+    quiet = lambda *_: None  # noqa: E731
+
+    def search(**kw):
+        cfg = copy.deepcopy(base)
+        for k, v in kw.items():
+            setattr(cfg.search, k, v)
+        cfg.search.storage = f"sqlite:///{Path(args.run_dir).resolve() / 'bench_search.db'}"
+        return cfg, run_search(cfg, log=quiet)
+
+    if "samplers" in args.parts:
+        import optuna
+
+        curves, rows = {}, []
+        for sampler in ("tpe", "nsga2", "evolution", "random"):
+            cfg, r = search(budget_ms=budget, sampler=sampler, n_trials=args.trials,
+                            study_name=f"bench-sampler-{sampler}")
+            st = optuna.load_study(study_name=r["study"], storage=cfg.search.storage)
+            feas = sorted((t for t in st.trials if t.user_attrs.get("feasible")), key=lambda t: t.number)
+            vals = [t.user_attrs["reward"] for t in feas]
+            curves[sampler] = vals
+            marks = sorted({n for n in (10, 25, 50, 100, 200) if n <= len(vals)} | {len(vals)})
+            rows.append({"sampler": sampler, "best_at": {n: max(vals[:n]) for n in marks},
+                         "sec_per_trial": statistics.median(t.user_attrs["eval_seconds"] for t in feas),
+                         "infeasible": sum(1 for t in st.trials if t.user_attrs.get("feasible") is False)})
+            print(rows[-1], flush=True)
+        plot_progress(curves, out / "search_samplers.png", title=f"budget {budget} ms, R3, recall@1")
+        res["samplers"] = rows
+
+    def train_eval(name, **kw):
+        cfg = copy.deepcopy(base)
+        q = api.train_query(cfg, name=name, resume=True, log=quiet, **kw)
+        qdir = Path(args.run_dir) / "query" / q["name"]
+        ev = api.evaluate_query(cfg, query_dir=str(qdir), log=quiet)["metrics"]
+        return {"name": name, "mflops": q["flops"] / 1e6, "M(q,g)": ev["M(q,g)"]["recall@1"],
+                "M(q,q)": ev["M(q,q)"]["recall@1"], "arch": q.get("arch") or q.get("timm")}
+
+    if "rewards" in args.parts:
+        rows = []
+        for reward in ("r1", "r2", "r3"):
+            _, r = search(budget_ms=budget, reward=reward, n_trials=50, study_name=f"bench-reward-{reward}")
+            row = train_eval(f"bench-reward-{reward}", arch=r["arch"])
+            row.update(reward=reward, predicted_ms=r["predicted_ms"])
+            rows.append(row)
+            print(row, flush=True)
+        res["rewards"] = rows
+
+    if "budgets" in args.parts:
+        rows = []
+        for frac in (0.15, 0.3, 0.6):
+            b = round(lo + frac * (hi - lo), 4)
+            _, r = search(budget_ms=b, n_trials=50, study_name=f"bench-budget-{frac}")
+            s = train_eval(f"bench-budget-{frac}-searched", arch=r["arch"])
+            rng = random.Random(100 + int(frac * 100))
+            rand = []
+            while len(rand) < args.random_archs:
+                a = space.sample(rng)
+                if pred(a) <= b:
+                    rand.append(train_eval(f"bench-budget-{frac}-random{len(rand)}", arch=a.to_string(space)))
+            rows.append({"budget_ms": b, "searched": s,
+                         "random_median_M(q,g)": statistics.median(x["M(q,g)"] for x in rand),
+                         "random_median_M(q,q)": statistics.median(x["M(q,q)"] for x in rand),
+                         "random": rand})
+            print(rows[-1]["budget_ms"], s, rows[-1]["random_median_M(q,g)"], flush=True)
+        res["budgets"] = rows
+
+    save_results("search", res)
+    md = ["## Search (issue 5)", "", f"Machine: {machine_line(res['machine'])}. Script: "
+          f"`benchmarks/bench_search.py` on the quickstart run (`{args.run_dir}`); latency "
+          f"budget {budget} ms unless stated (table range {lo:.3f}-{hi:.3f} ms)."]
+    if "samplers" in res:
+        marks = sorted({n for r in res["samplers"] for n in r["best_at"]})
+        md += ["", "Best R3 reward (validation recall@1) after N evaluated trials:", "",
+               "| sampler | " + " | ".join(f"N={n}" for n in marks) + " | s / trial | over-budget samples |",
+               "|---|" + "---|" * len(marks) + "---|---|"]
+        for r in res["samplers"]:
+            md.append(f"| {r['sampler']} | " + " | ".join(f"{r['best_at'].get(n, float('nan')):.4f}" for n in marks)
+                      + f" | {r['sec_per_trial']:.2f} | {r['infeasible']} |")
+        md += ["", "![samplers](benchmarks/results/search_samplers.png)"]
+    if "rewards" in res:
+        md += ["", "Reward ablation (best arch of a 50-trial TPE search, then train-query, test split):", "",
+               "| reward | MFLOPs | predicted ms | M(q,g) R@1 | M(q,q) R@1 |", "|---|---|---|---|---|"]
+        for r in res["rewards"]:
+            md.append(f"| {r['reward'].upper()} | {r['mflops']:.2f} | {r['predicted_ms']:.3f} | "
+                      f"{100 * r['M(q,g)']:.2f} | {100 * r['M(q,q)']:.2f} |")
+    if "budgets" in res:
+        md += ["", f"Searched vs the median of {args.random_archs} random feasible archs (same training):", "",
+               "| budget ms | searched M(q,g) | searched M(q,q) | random median M(q,g) | random median M(q,q) |",
+               "|---|---|---|---|---|"]
+        for r in res["budgets"]:
+            md.append(f"| {r['budget_ms']} | {100 * r['searched']['M(q,g)']:.2f} | {100 * r['searched']['M(q,q)']:.2f} | "
+                      f"{100 * r['random_median_M(q,g)']:.2f} | {100 * r['random_median_M(q,q)']:.2f} |")
+    update_benchmarks_md("search", "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
