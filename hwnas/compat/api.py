@@ -11,6 +11,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,7 @@ def _cached(path: Path, key: str, compute) -> np.ndarray:
                 return load_file(str(path))["emb"]
     emb = np.ascontiguousarray(compute(), dtype=np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # workers may race here
     save_file({"emb": emb}, str(tmp), metadata={"key": key})
     tmp.replace(path)
     return emb

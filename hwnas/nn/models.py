@@ -9,6 +9,7 @@ fingerprint of the gallery model it was trained to be compatible with.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -97,7 +98,7 @@ def save_model(out_dir: str | Path, modules: dict[str, nn.Module], config: dict)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
                for name, m in modules.items() for k, v in m.state_dict().items()}
-    tmp = out_dir / ".model.safetensors.tmp"
+    tmp = out_dir / f".model.safetensors.{os.getpid()}.tmp"
     save_file(tensors, str(tmp))
     cfg = {k: v for k, v in config.items() if k not in ("fingerprint", "metrics")}
     cfg["format"] = MODEL_FORMAT
