@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,16 +179,24 @@ def test_two_workers_share_one_journal_storage(search_run, tmp_path):
            "--sampler", "random"]
     procs = [subprocess.Popen(cmd + ["--sampler-seed", str(i)], env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
     for p in procs:
-        _, err = p.communicate(timeout=300)
+        out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
+        outs.append(out)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     st = optuna.load_study(study_name="shared",
                            storage=JournalStorage(JournalFileBackend(str(tmp_path / "journal.log"))))
     done = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers contributed
+    assert 1 <= len({t.user_attrs["worker"] for t in done}) <= 2
     assert sum(bool(t.user_attrs.get("feasible")) for t in done) >= 6
+    # Both worked on the one study: each reports the study's evaluated trials (its own and
+    # the other's; a worker that starts late may find the 6 already done and add none).
+    assert any("[search] trial" in o for o in outs)
+    for o in outs:
+        n = int(re.search(r"best of (\d+) evaluated archs", o).group(1))
+        assert n >= 6
 
 
 def test_evolution_sampler_mutates_the_population(tiny_space):
