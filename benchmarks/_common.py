@@ -70,5 +70,19 @@ def update_benchmarks_md(section: str, markdown: str) -> Path:
     return path
 
 
+def compat_table(rows: list[dict], label: str, label_of, digits: int = 1) -> list[str]:
+    """Markdown lines: one query model per row with M(g,g), M(q,g), M(q,q) (recall@1, in %),
+    M(q,g) mAP, the gap to the paragon in points and the training minutes."""
+    f = f".{digits}f"
+    lines = [f"| query model | {label} | MFLOPs | M(g,g) R@1 | M(q,g) R@1 | M(q,q) R@1 | M(q,g) mAP "
+             "| gap to M(g,g) (points) | train min |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pts = [100 * r[k] for k in ("M(g,g)_r1", "M(q,g)_r1", "M(q,q)_r1", "M(q,g)_mAP")]
+        pts.append(100 * (r["M(g,g)_r1"] - r["M(q,g)_r1"]))
+        lines.append(f"| {r['model']} | {label_of(r)} | {r['mflops']:.2f} | "
+                     + " | ".join(format(v, f) for v in pts) + f" | {r['train_s'] / 60:.1f} |")
+    return lines
+
+
 def dump(obj) -> str:
     return json.dumps(obj, indent=2)

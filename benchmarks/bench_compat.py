@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from _common import ROOT, machine, machine_line, save_results, update_benchmarks_md
+from _common import ROOT, compat_table, machine, machine_line, save_results, update_benchmarks_md
 
 LOSSES = {
     "bct": {"own_cls": 1.0, "bct": 1.0, "regress": 0.0},
@@ -88,7 +88,6 @@ def main() -> None:
                          "M(q,q)_r1": m["M(q,q)"]["recall@1"], "M(q,g)_mAP": m["M(q,g)"]["mAP"],
                          "M(q,q)_mAP": m["M(q,q)"]["mAP"], "M(g,g)_mAP": m["M(g,g)"]["mAP"]})
             print(rows[-1], flush=True)
-    gg = rows[0]["M(g,g)_r1"]
     best = max(rows, key=lambda r: r["M(q,g)_r1"])
     mixes = {ln: sum(r["M(q,g)_r1"] for r in rows if r["loss"] == ln) / 3 for ln in LOSSES}
     res = {"machine": machine(), "dataset": args.dataset, "quick": args.quick,
@@ -150,14 +149,8 @@ def markdown(res: dict, png: Path) -> str:
         f"`{c['query']['train']['augment']}`; split {json_compact(c['data']['split'])}; "
         "the quickstart space (width 0.5, 32 px, 1 channel). Own classification is always on.",
         "",
-        "| query model | loss | MFLOPs | M(g,g) R@1 | M(q,g) R@1 | M(q,q) R@1 | M(q,g) mAP | gap to M(g,g) (points) | train min |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *compat_table(res["rows"], "loss", lambda r: f"own + {r['loss']}"),
     ]
-    for r in res["rows"]:
-        lines.append(
-            f"| {r['model']} | own + {r['loss']} | {r['mflops']:.2f} | {100 * r['M(g,g)_r1']:.1f} | "
-            f"{100 * r['M(q,g)_r1']:.1f} | {100 * r['M(q,q)_r1']:.1f} | {100 * r['M(q,g)_mAP']:.1f} | "
-            f"{100 * (r['M(g,g)_r1'] - r['M(q,g)_r1']):.1f} | {r['train_s'] / 60:.1f} |")
     b = res["best"]
     mix = ", ".join(f"{k} {100 * v:.1f}" for k, v in res["mean_M(q,g)_r1_by_loss"].items())
     lines += ["", f"Mean M(q,g) R@1 by loss mix: {mix}. Best query model: {b['model']} with own + "

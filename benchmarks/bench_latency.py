@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from _common import ROOT, machine, machine_line, save_results, update_benchmarks_md
 

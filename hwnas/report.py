@@ -58,7 +58,6 @@ def build_report(cfg, log=print) -> dict:
     report.json, report.md and report_accuracy_vs_latency.png."""
     import json
     import math
-    from pathlib import Path
 
     from hwnas.compat import api
     from hwnas.export.onnx import export_onnx
@@ -114,6 +113,7 @@ def build_report(cfg, log=print) -> dict:
         del r["metrics"]
     s = rows[0] if rows[0]["model"] == "searched" else None
     pareto = {b["model"]: dominates(s, b) for b in rows[1:]} if s is not None else {}
+    dominated_by = [b["model"] for b in rows[1:] if s is not None and dominates(b, s)]
     report = {
         "dataset": cfg.data.dataset, "protocol": cfg.split_config().protocol, "space_hash": space.hash,
         "budget_ms": best["budget_ms"], "latency_table": str(tpath), "threads": backend.threads,
@@ -122,11 +122,13 @@ def build_report(cfg, log=print) -> dict:
                     "M(g,g)_mAP": paragon["mAP"]},
         "rows": rows,
         "searched_pareto_better_than": pareto,
+        "searched_dominated_by": dominated_by,
         "targets": None if s is None else {
             "flops_reduction>=20": s["flops_reduction"] >= 20,
             "latency_reduction>=10": s["latency_reduction"] >= 10,
             "gap_points<=1": s["gap_points"] <= 1,
             "pareto_better_than_every_baseline": all(pareto.values()) if pareto else None,
+            "not_dominated_by_any_baseline": not dominated_by,
         },
     }
     for r in rows:

@@ -103,7 +103,7 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     assert "profile: done earlier, kept" in r.stdout
     assert "resuming after epoch" in r.stdout  # the gallery continued from its checkpoint
     rep = json.loads((run / "report.json").read_text())
-    assert {"paragon", "rows", "targets", "budget_ms", "searched_pareto_better_than"} <= set(rep)
+    assert {"paragon", "rows", "targets", "budget_ms", "searched_pareto_better_than", "searched_dominated_by"} <= set(rep)
     models = [row["model"] for row in rep["rows"]]
     assert models[0] == "searched" and "timm-mobilenetv3_small_050" in models
     assert {"smallest", "largest"} <= set(models)

@@ -102,7 +102,6 @@ def test_failed_deploy_leaves_nothing(bundle, tmp_path):
 
 def _test_images(cfg, tmp_path, n=4):
     """A few test-split query images as PNG files (what an edge device would get)."""
-    from PIL import Image
 
     rd = api.RunDir(cfg)
     s = rd.splits(log=lambda *_: None)

@@ -93,7 +93,6 @@ def test_over_budget_archs_are_never_evaluated(search_run, tmp_path):
         seen.append(pred(arch))
         return real(arch)
 
-    t = time.time()
     res = run_search(cfg, evaluator=evaluator, log=lambda *_: None)
     assert seen and max(seen) <= cfg.search.budget_ms
     study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)

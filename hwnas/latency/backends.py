@@ -83,6 +83,18 @@ class LatencyBackend(ABC):
         raise HwnasError(f"backend {self.name} does not run ONNX models directly")
 
 
+class OnnxBackend(LatencyBackend):
+    """A backend that times the exported ONNX graph, exactly as it is deployed."""
+
+    def prepare(self, module: nn.Module, input_shape: Sequence[int]) -> Runner:
+        from hwnas.export.onnx import export_onnx
+
+        return self.prepare_onnx(export_onnx(module, input_shape), input_shape)
+
+    @abstractmethod
+    def prepare_onnx(self, onnx_bytes: bytes, input_shape: Sequence[int]) -> Runner: ...
+
+
 # ---------------------------------------------------------------------- measurement
 def _summarize(round_medians: list[float], n: int) -> Measurement:
     a = np.asarray(round_medians)
@@ -166,7 +178,7 @@ class _OrtRunner(Runner):
         return out
 
 
-class OrtCpuBackend(LatencyBackend):
+class OrtCpuBackend(OnnxBackend):
     """ONNX Runtime's CPU execution provider, as deployed: all graph optimizations (Conv+BN
     fusion etc.), batch 1, a fixed number of intra-op threads, sequential execution, and
     thread spinning off (spinning inflated whole-network times by ~40% against the block
@@ -208,11 +220,6 @@ class OrtCpuBackend(LatencyBackend):
 
     def prepare_onnx(self, onnx_bytes: bytes, input_shape) -> Runner:
         return _OrtRunner(self.session(onnx_bytes), input_shape)
-
-    def prepare(self, module: nn.Module, input_shape) -> Runner:
-        from hwnas.export.onnx import export_onnx
-
-        return self.prepare_onnx(export_onnx(module, input_shape), input_shape)
 
 
 # ---------------------------------------------------------------------- PyTorch CUDA
@@ -282,7 +289,7 @@ class TorchCudaBackend(LatencyBackend):
 
 
 # ---------------------------------------------------------------------- TensorRT
-class TensorRTBackend(LatencyBackend):
+class TensorRTBackend(OnnxBackend):
     """A TensorRT engine per module, built from its ONNX export, timed with CUDA events
     around ``execute_async_v3`` (TensorRT 10/11 API)."""
 
@@ -315,11 +322,6 @@ class TensorRTBackend(LatencyBackend):
         engine = TrtEngine(build_engine(onnx_bytes, fp16=self.fp16, input_shape=input_shape))
         engine.bind(input_shape)
         return _CudaEventRunner(engine.execute)
-
-    def prepare(self, module: nn.Module, input_shape) -> Runner:
-        from hwnas.export.onnx import export_onnx
-
-        return self.prepare_onnx(export_onnx(module, input_shape), input_shape)
 
 
 BACKENDS: dict[str, type[LatencyBackend]] = {

@@ -1,0 +1,88 @@
+"""Headline benchmark (issue 7): the whole pipeline, `hwnas run`, on Fashion-MNIST
+(configs/quickstart.yaml) and Omniglot open-set (configs/omniglot.yaml), and the headline
+table of each run against the paragon and the baselines, with the project's targets:
+>= 20x lower query FLOPs, >= 10x lower measured edge latency, M(q,g) recall@1 within
+1 point of the paragon's M(g,g), and Pareto-better than every baseline.
+
+Each run is resumable (`hwnas run` keeps finished steps), so a finished run directory is
+only re-reported. Writes benchmarks/results/headline.json, a PNG per data set and the
+BENCHMARKS.md section `headline`.
+
+    python benchmarks/bench_headline.py                       # both configs
+    python benchmarks/bench_headline.py --configs configs/quickstart.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from _common import ROOT, machine, machine_line, save_results, update_benchmarks_md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+",
+                    default=[str(ROOT / "configs" / "quickstart.yaml"), str(ROOT / "configs" / "omniglot.yaml")])
+    args = ap.parse_args()
+
+    import json
+
+    from hwnas.config import load_config
+    from hwnas.pipeline import run_pipeline
+    from hwnas.report import headline_table
+
+    out = ROOT / "benchmarks" / "results"
+    runs = []
+    for path in args.configs:
+        cfg = load_config(path)
+        run_dir = Path(cfg.run_dir)
+        if not run_dir.is_absolute():
+            run_dir = ROOT / run_dir
+            cfg.run_dir = str(run_dir)
+        t = time.time()
+        rc = run_pipeline(cfg)
+        if rc:
+            raise SystemExit(f"hwnas run {path} failed (exit {rc})")
+        steps = json.loads((run_dir / "steps.json").read_text())
+        report = json.loads((run_dir / "report.json").read_text())
+        name = Path(path).stem
+        png = out / f"headline_{name}.png"
+        shutil.copyfile(run_dir / "report_accuracy_vs_latency.png", png)
+        runs.append({"config": Path(path).name, "run_dir": str(run_dir), "this_call_s": time.time() - t,
+                     "step_seconds": {k: v.get("seconds") for k, v in steps["done"].items()},
+                     "report": report, "png": png.name})
+        print(headline_table(report), flush=True)
+    res = {"machine": machine(), "runs": runs}
+    save_results("headline", res)
+    update_benchmarks_md("headline", markdown(res))
+
+
+def markdown(res: dict) -> str:
+    from hwnas.report import headline_table
+
+    lines = ["## Headline: the searched query model vs the paragon and the baselines (issue 7)", "",
+             f"Machine: {machine_line(res['machine'])}. Script: `benchmarks/bench_headline.py` "
+             "(runs `hwnas run` per config; test split; edge latency = ONNX Runtime CPU, batch 1, "
+             "measured end to end). Every baseline is trained with the same compatibility recipe. "
+             "`FLOPs x` / `latency x` = paragon ÷ model; `gap pts` = M(g,g) − M(q,g) recall@1.",
+             "Targets: FLOPs x >= 20, latency x >= 10, gap <= 1 point, Pareto-better than every "
+             "baseline (`not_dominated_by_any_baseline` is the weaker: no baseline is both faster "
+             "and more accurate)."]
+    for r in res["runs"]:
+        rep = r["report"]
+        total = sum(v for v in r["step_seconds"].values() if v)
+        lines += ["", f"### {rep['dataset']} ({rep['protocol']}-set), `{r['config']}`", "",
+                  f"Pipeline time on this machine: {total / 60:.1f} min "
+                  f"({', '.join(f'{k} {v:.0f} s' for k, v in r['step_seconds'].items() if v)}). "
+                  f"Latency budget {rep['budget_ms']} ms (predicted).", "",
+                  headline_table(rep, markdown=True), "",
+                  f"Searched model dominated by: {', '.join(rep.get('searched_dominated_by') or []) or 'none'}.",
+                  "", f"![{rep['dataset']} headline](benchmarks/results/{r['png']})"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
