@@ -8,7 +8,7 @@
   K random feasible archs trained the same way, and vs MobileNetV3-small;
 * cost: seconds per evaluated trial.
 
-    python benchmarks/bench_search.py --config configs/quickstart.yaml --parts samplers rewards budgets
+    python benchmarks/bench_search.py --config configs/quickstart.yaml --parts samplers rewards budgets cost
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
     ap.add_argument("--run-dir", default=str(ROOT / "runs" / "quickstart"))
-    ap.add_argument("--parts", nargs="+", default=["samplers", "rewards", "budgets"])
+    ap.add_argument("--parts", nargs="+", default=["samplers", "rewards", "budgets", "cost"])
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--random-archs", type=int, default=5)
     args = ap.parse_args()
@@ -126,6 +126,45 @@ def main() -> None:
             print(rows[-1]["budget_ms"], s, rows[-1]["random_median_M(q,g)"], flush=True)
         res["budgets"] = rows
 
+    if "cost" in args.parts:
+        # seconds per evaluated trial vs the size of the validation set: the test split's
+        # images stand in for larger validation sets (timing only; no accuracy is reported)
+        import time as _time
+
+        import numpy as np
+
+        from hwnas.compat.api import PartImages, RunDir, gallery_embeddings, load_part, run_gallery
+        from hwnas.search.runner import SupernetEvaluator
+
+        ev = SupernetEvaluator(base, log=quiet)
+        rd = RunDir(base)
+        qi, gi = load_part(rd, "query", ev.pre, log=quiet), load_part(rd, "gallery", ev.pre, log=quiet)
+        g_all = gallery_embeddings(rd, run_gallery(rd), "gallery", gi, log=quiet)
+        rng = random.Random(7)
+        archs = [space.sample(rng) for _ in range(5)]
+        rows = [{"val_queries": len(ev.vq.images), "val_gallery": len(ev.vg.images), "kind": "validation split",
+                 "sec_per_trial": statistics.median(ev(a)["seconds"] for a in archs)}]
+        ev.ids = (None, None)
+        for ng in (1000, 2000, 4000, 8000):
+            nq = ng // 4
+            sq, sg = np.arange(min(nq, len(qi.images))), np.arange(min(ng, len(gi.images)))
+            ev.vq = PartImages(qi.images[sq], qi.labels[sq], qi.raw_labels[sq], [])
+            ev.vg = PartImages(gi.images[sg], gi.labels[sg], gi.raw_labels[sg], [])
+            ev.g_emb, ev.cache = g_all[sg], {}
+            t = _time.time()
+            secs = [ev(a)["seconds"] for a in archs]
+            rows.append({"val_queries": len(sq), "val_gallery": len(sg), "kind": "test images as validation",
+                         "sec_per_trial": statistics.median(secs), "wall_s": _time.time() - t})
+            print(rows[-1], flush=True)
+        res["cost"] = rows
+
+    prev = ROOT / "benchmarks" / "results" / "search.json"
+    if prev.exists():  # parts run separately accumulate (a part run again replaces its figures)
+        import json
+
+        old = json.loads(prev.read_text())
+        if old.get("run_dir") == res["run_dir"]:
+            res = {**old, **res}
     save_results("search", res)
     md = ["## Search (issue 5)", "", f"Machine: {machine_line(res['machine'])}. Script: "
           f"`benchmarks/bench_search.py` on the quickstart run (`{args.run_dir}`); latency "
@@ -158,6 +197,12 @@ def main() -> None:
                       f"{100 * m['M(q,g)']:.2f} / {100 * m['M(q,q)']:.2f} / {m['measured_ms']:.3f} |")
         md += ["", "MobileNetV3-small at width 0.5 is the narrowest timm registers; where its measured "
                "latency is above a budget it is shown for reference, not as a feasible rival."]
+    if "cost" in res:
+        md += ["", "Cost of one evaluated trial (BN recalibration + embedding + both accuracies) by "
+               "validation-set size (median of 5 random archs):", "",
+               "| validation set | queries | gallery | s / trial |", "|---|---|---|---|"]
+        for r in res["cost"]:
+            md.append(f"| {r['kind']} | {r['val_queries']} | {r['val_gallery']} | {r['sec_per_trial']:.2f} |")
     update_benchmarks_md("search", "\n".join(md))
 
 

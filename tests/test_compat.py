@@ -191,3 +191,15 @@ def test_timm_baseline_query(trained_gallery, tmp_path):
     assert q["kind"] == "timm" and q["flops"] > 0
     res = api.evaluate_query(cfg, query_dir=str(tmp_path / "run/query" / q["name"]), log=lambda *_: None)
     assert res["metrics"]["M(q,g)"]["n_queries"] == 120  # 20% of 60 test images x 10 classes
+
+
+def test_train_device_choice_and_clear_errors():
+    from hwnas.compat.train import TrainConfig, train_device
+
+    assert train_device(TrainConfig()).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert train_device(TrainConfig(device="cpu")).type == "cpu"
+    with pytest.raises(HwnasError, match="train.device 'tpu'"):
+        TrainConfig(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(HwnasError, match="no CUDA GPU.*train.device=cpu"):
+            train_device(TrainConfig(device="cuda"))

@@ -69,6 +69,16 @@ class CompatTask(nn.Module):
         self.sampler = sampler
         self.arch: Arch | None = None
 
+    def move_frozen(self, dev: torch.device) -> None:
+        """Move what ``.to()`` does not reach: the unregistered frozen gallery network and
+        classifier, and the cached gallery embeddings."""
+        if self._gallery is not None:
+            self._gallery.to(dev)
+        if self.loss._gallery_cls is not None:
+            self.loss._gallery_cls.to(dev)
+        if self.gallery_emb is not None:
+            self.gallery_emb = self.gallery_emb.to(dev)
+
     def before_step(self, epoch: int, step: int) -> None:
         if self.sampler is not None:
             self.arch = self.sampler(epoch, step)
@@ -78,7 +88,7 @@ class CompatTask(nn.Module):
         g = None
         if self.loss.cfg.regress > 0:
             if self.gallery_emb is not None:
-                g = self.gallery_emb[idx]
+                g = self.gallery_emb[idx.to(self.gallery_emb.device)]
             else:
                 with torch.no_grad():
                     g = self._gallery(x)

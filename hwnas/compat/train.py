@@ -40,6 +40,7 @@ class TrainConfig:
     augment: str = "none"  # none | crop | crop-flip
     grad_clip: float = 5.0  # 0: off
     threads: int = 0  # torch intra-op threads; 0: torch's default
+    device: str = "auto"  # auto (a CUDA GPU when present, else the CPU) | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -51,6 +52,22 @@ class TrainConfig:
             raise HwnasError(f"train.augment {self.augment!r} must be none, crop or crop-flip")
         if self.lr <= 0:
             raise HwnasError(f"train.lr must be positive, got {self.lr}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise HwnasError(f"train.device {self.device!r} must be auto, cpu, cuda or cuda:N")
+
+
+def train_device(cfg: TrainConfig) -> torch.device:
+    """The device to train on. Under torchrun with CUDA, each process takes its LOCAL_RANK GPU."""
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise HwnasError(f"train.device is {cfg.device!r} but PyTorch sees no CUDA GPU here; "
+                             "set train.device=cpu (or auto), or install a CUDA build of PyTorch")
+        if want == "cuda":
+            want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return torch.device(want)
 
 
 # ---------------------------------------------------------------------- distributed
@@ -180,8 +197,12 @@ def fit(
     rank, world = dist_info()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dev = train_device(cfg)
+    _to_device(module, dev)  # before the optimizer, so it holds the moved parameters
     opt = make_optimizer(module.parameters(), cfg)
-    key = content_hash({"train": asdict(cfg), "settings": settings or {}, "world": world})
+    # where it trains is not part of what it trains: a CPU run may be resumed on a GPU
+    key = content_hash({"train": {k: v for k, v in asdict(cfg).items() if k != "device"},
+                        "settings": settings or {}, "world": world})
     history: list[dict] = []
     start = 0
     if ckpt_path.exists():
@@ -203,7 +224,11 @@ def fit(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(module, find_unused_parameters=find_unused)
+        model = DDP(module, find_unused_parameters=find_unused,
+                    device_ids=[dev.index] if dev.type == "cuda" else None)
+    if rank == 0 and start < cfg.epochs:
+        log(f"[{desc}] training on {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
+            + (f", {world} processes" if world > 1 else ""))
 
     n = len(images)
     per_rank = n // world
@@ -225,8 +250,8 @@ def fit(
                 g["lr"] = lr
             if hasattr(module, "before_step"):
                 module.before_step(epoch, step)
-            x = augment_batch(normalize(images[idx]), cfg.augment, gen)
-            loss, parts = model(x, labels[idx], idx)
+            x = augment_batch(normalize(images[idx]), cfg.augment, gen).to(dev, non_blocking=True)
+            loss, parts = model(x, labels[idx].to(dev, non_blocking=True), idx)
             if not torch.isfinite(loss):
                 raise HwnasError(f"[{desc}] loss became {float(loss)} at epoch {epoch + 1} step "
                                  f"{step}; lower train.lr (now {cfg.lr})")
@@ -254,4 +279,13 @@ def fit(
         barrier()
     if start < cfg.epochs and rank == 0:
         log(f"[{desc}] trained {cfg.epochs - start} epochs in {time.time() - t_run:.0f} s")
+    _to_device(module, torch.device("cpu"))  # evaluation, export and saving run on the CPU
     return history
+
+
+def _to_device(module: nn.Module, dev: torch.device) -> None:
+    """Move a task, including the frozen parts it holds outside its registered submodules
+    (``move_frozen(dev)``: the gallery network and classifier, cached embeddings)."""
+    module.to(dev)
+    if hasattr(module, "move_frozen"):
+        module.move_frozen(dev)

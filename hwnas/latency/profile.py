@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from hwnas.errors import HwnasError
-from hwnas.latency.backends import LatencyBackend, measure
+from hwnas.latency.backends import LatencyBackend, OnnxBackend, measure
 from hwnas.latency.table import LatencyPredictor, LatencyTable, make_header
 from hwnas.space import OpSpec, SearchSpace, all_op_specs, arch_flops
 from hwnas.utils import save_figure
@@ -181,7 +181,10 @@ def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: in
         for a in archs[i:i + chunk]:
             torch.manual_seed(0)
             net = SubNet(space, a).eval()
-            runners.append(backend.prepare_onnx(export_onnx(net, shape, dynamic_batch=True), shape))
+            if isinstance(backend, OnnxBackend):  # the very graph that is deployed
+                runners.append(backend.prepare_onnx(export_onnx(net, shape, dynamic_batch=True), shape))
+            else:  # eager backends (torch-cuda) run the module itself
+                runners.append(backend.prepare(net, shape))
             bar.update(1)
         out += measure(runners, rounds, runs, warmup, seed=seed + i, progress=bar.update)
     bar.close()
