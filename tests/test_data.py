@@ -18,7 +18,8 @@ from hwnas.errors import DataError
 def _write_idx(path, arr, gz=False):
     header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
     data = header + arr.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
+    with (gzip.open if gz else open)(path, "wb") as f:  # closed: a gzip trailer is written on close
+        f.write(data)
 
 
 @pytest.mark.parametrize("gz", [False, True])

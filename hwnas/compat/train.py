@@ -60,11 +60,15 @@ def train_device(cfg: TrainConfig) -> torch.device:
     """The device to train on. Under torchrun with CUDA, each process takes its LOCAL_RANK GPU."""
     want = cfg.device
     if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
+        want = "cuda" if gpu_per_process() else "cpu"
     if want.startswith("cuda"):
         if not torch.cuda.is_available():
             raise HwnasError(f"train.device is {cfg.device!r} but PyTorch sees no CUDA GPU here; "
                              "set train.device=cpu (or auto), or install a CUDA build of PyTorch")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not gpu_per_process():
+            raise HwnasError(f"train.device is {cfg.device!r} but this node runs more processes than "
+                             f"it has GPUs ({torch.cuda.device_count()}); start torchrun with "
+                             "--nproc_per_node at most the GPU count, or set train.device=cpu")
         if want == "cuda":
             want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return torch.device(want)
@@ -79,11 +83,18 @@ def dist_info() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if gpu_per_process() else "gloo"
         dist.init_process_group(backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def gpu_per_process() -> bool:
+    """Whether every process on this node can have a GPU of its own (nccl refuses two
+    processes on one GPU); if not, distributed training runs on the CPUs over gloo."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return torch.cuda.is_available() and torch.cuda.device_count() >= local
 
 
 def barrier() -> None:
