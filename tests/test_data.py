@@ -189,3 +189,15 @@ def test_splits_from_other_data_refused(tmp_path, omniglot_dir):
     s.save(tmp_path / "splits.json")
     with pytest.raises(DataError, match="not in data set"):
         Splits.load(tmp_path / "splits.json", omniglot(omniglot_dir))
+
+
+def test_atomic_writes_leave_no_temp_and_usual_mode(tmp_path):
+    import os
+
+    from hwnas.utils import write_json
+
+    p = write_json(tmp_path / "a.json", {"x": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~mask)  # not mkstemp's 0600
+    assert [f.name for f in tmp_path.iterdir()] == ["a.json"]
