@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["samplers", "rewards", "budgets", "cost"])
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--random-archs", type=int, default=5)
+    ap.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "evolution", "random"])
     args = ap.parse_args()
 
     from hwnas.compat import api
@@ -57,7 +58,7 @@ def main() -> None:
         import optuna
 
         curves, rows = {}, []
-        for sampler in ("tpe", "nsga2", "evolution", "random"):
+        for sampler in args.samplers:
             cfg, r = search(budget_ms=budget, sampler=sampler, n_trials=args.trials,
                             study_name=f"bench-sampler-{sampler}")
             st = optuna.load_study(study_name=r["study"], storage=cfg.search.storage)

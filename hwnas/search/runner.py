@@ -258,8 +258,10 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
             f"reward {r:.4f} ({res['seconds']:.1f} s)")
         return (r, lat) if s.multi_objective else r
 
-    def stop_when_done(study, _trial):
-        if _n_feasible(study) >= s.n_trials:
+    def stop_when_done(study, trial):
+        # Counting needs every trial from the storage: do it only after an evaluated trial,
+        # so that the cheap over-budget trials stay cheap as a study grows to thousands.
+        if trial.user_attrs.get("feasible") and _n_feasible(study) >= s.n_trials:
             study.stop()
 
     if _n_feasible(study) < s.n_trials:
