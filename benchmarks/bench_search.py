@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--random-archs", type=int, default=5)
     ap.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "evolution", "random"])
+    ap.add_argument("--budget-fracs", nargs="+", type=float, default=[0.15, 0.3, 0.6],
+                    help="budgets as fractions of the table's latency range")
     args = ap.parse_args()
 
     from hwnas.compat import api
@@ -108,7 +110,7 @@ def main() -> None:
     if "budgets" in args.parts:
         rows = []
         mbv3 = train_eval("bench-mobilenetv3_small_050", timm_name="mobilenetv3_small_050")
-        for frac in (0.15, 0.3, 0.6):
+        for frac in args.budget_fracs:
             b = round(lo + frac * (hi - lo), 4)
             _, r = search(budget_ms=b, n_trials=50, study_name=f"bench-budget-{frac}")
             s = train_eval(f"bench-budget-{frac}-searched", arch=r["arch"])
