@@ -88,7 +88,7 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     cfg = write_cfg(tmp_path / "c.json", d)
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "hwnas.cli", "run", str(cfg)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # an unread pipe can fill and block it
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     t = time.time()
     ckpt = run / "gallery" / "checkpoint.safetensors"

@@ -128,7 +128,7 @@ def test_kill_and_resume(trained_gallery, tmp_path):
                           supernet={"train": {"epochs": 4, "batch_size": 32}})
     ckpt = tmp_path / "run" / "supernet" / "checkpoint.safetensors"
     cmd = [sys.executable, "-m", "hwnas.cli", "train-supernet", "--config", str(cfg_path)]
-    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # never an unread pipe
     t = time.time()
     while not ckpt.exists() and time.time() - t < 120 and p.poll() is None:
         time.sleep(0.05)

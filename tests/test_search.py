@@ -139,8 +139,10 @@ def test_resume_after_kill_keeps_trials(search_run, tmp_path):
     cmd = [sys.executable, "-m", "hwnas.cli", "search", "--config", str(cfg_path), "--budget-ms",
            f"{hi * 0.99:.4f}", "--storage", f"sqlite:///{db}", "--study-name", "k",
            "--n-trials", "8", "--sampler", "random"]
-    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
+    # output to a file, not a pipe nobody reads: a full pipe would block the worker
+    out = open(tmp_path / "worker.log", "wb")
+    p = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
 
     def done():
         if not db.exists():
@@ -155,8 +157,9 @@ def test_resume_after_kill_keeps_trials(search_run, tmp_path):
         time.sleep(0.2)
     p.send_signal(signal.SIGKILL)
     p.wait()
+    out.close()
     before = done()
-    assert 3 <= before < 10
+    assert 3 <= before < 10, (tmp_path / "worker.log").read_text()[-3000:]
     s0 = {t.number: t.values for t in optuna.load_study(study_name="k", storage=f"sqlite:///{db}").trials
           if t.state == optuna.trial.TrialState.COMPLETE}
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
