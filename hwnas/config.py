@@ -42,6 +42,9 @@ class SupernetConfig:
     train: dict = field(default_factory=dict)  # TrainConfig fields
     loss: dict = field(default_factory=dict)  # LossConfig fields
     flops_range: list | None = None  # [lo, hi] MFLOPs: sample only paths in this range
+    # fraction of training over which paths open up, from one anchor path (every layer k3 at
+    # scale 1.0) to uniform SPOS sampling; 0: uniform from the first step (see ArchSampler)
+    path_warmup: float = 0.4
     cache_gallery_embeddings: bool = True
 
 

@@ -4,6 +4,7 @@ import torch
 
 from hwnas.data import Preprocess, SplitConfig, make_splits, materialize, omniglot
 from hwnas.nn.supernet import Supernet, recalibrate_bn
+from hwnas.space import SKIP, Arch
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,79 @@ def test_standalone_subnet_has_exact_shapes(tiny_space):
     sub = net.extract(arch)
     for block, (op, _), mid in zip(sub.layers, arch.layers, net.mids(arch)):
         if op == "skip":
-            assert isinstance(block, torch.nn.Identity)
+            assert isinstance(block, torch.nn.Identity)  # folded into the next unit
         else:
             assert block.convs[1].weight.shape[0] in (mid, block.convs[0].weight.shape[0])
             assert all(b.num_features == c.out_channels for b, c in zip(block.bns, block.convs))
     np.testing.assert_equal(sub.arch, arch)
+
+
+def test_every_choice_of_a_layer_keeps_the_channel_layout(tiny_space, real_images):
+    """Whichever choice a layer takes, the channels that bypass its branch come out at the
+    same positions: a skip applies the units' shuffle, and a stride-2 layer's ops share one
+    projection. (With an identity skip and a projection per op, a trained path's loss rose
+    4-7x when one layer changed, and random-path training collapsed.)"""
+    torch.manual_seed(0)
+    net = Supernet(tiny_space).eval()
+    x = net.stem(real_images[:16])
+    with torch.no_grad():
+        for i, (layer, blocks) in enumerate(zip(tiny_space.layers(), net.layers)):
+            outs = {op: (net.shuffle(x) if op == SKIP else
+                         blocks[op](x, None, net.projs[str(i)] if str(i) in net.projs else None))
+                    for op in layer.choices}
+            half = next(iter(outs.values())).shape[1] - next(
+                b for b in blocks.values()).branch_out
+            first = next(iter(outs.values()))[:, :half]
+            for op, out in outs.items():
+                assert torch.equal(out[:, :half], first), (i, op)
+            if layer.stride == 1:
+                assert torch.equal(first, x[:, 0::2])
+            x = outs[layer.choices[0]]
+
+
+def test_path_warmup_opens_from_the_anchor_to_uniform(tiny_space):
+    from hwnas.compat.tasks import ArchSampler
+
+    s = ArchSampler(tiny_space, 0, warmup=0.5)
+    anchor = tiny_space.anchor()
+    assert s(0, 0, progress=0.0) == anchor  # all layers from the anchor at the start
+    assert s(3, 7, progress=0.3) == s(3, 7, progress=0.3)  # the same on every rank
+    n = len(anchor.layers)
+
+    def anchored(progress):
+        return np.mean([sum(a == b for a, b in zip(s(1, k, progress).layers, anchor.layers)) / n
+                        for k in range(300)])
+
+    p_same_uniform = anchored(1.0)  # chance that a uniform choice equals the anchor's
+    assert anchored(0.25) > 0.45 and anchored(0.25) > p_same_uniform + 0.3
+    assert abs(anchored(0.6) - p_same_uniform) < 0.05  # past the warm-up: uniform
+    with pytest.raises(Exception, match="path_warmup"):
+        ArchSampler(tiny_space, 0, warmup=1.5)
+    assert isinstance(anchor, Arch)
+
+
+def test_skips_cost_no_op_in_the_exported_subnet(tiny_space, real_images):
+    """A deployed subnet folds each skipped layer's channel shuffle into the next unit: the
+    exported graph has one Concat per unit and no Slice/Concat for a skip, and ONNX Runtime
+    gives what the supernet path gives."""
+    import onnx
+    import onnxruntime as ort
+
+    from hwnas.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    net = Supernet(tiny_space)
+    layers = tiny_space.layers()
+    arch = Arch(tuple((SKIP, None) if SKIP in l.choices else ("k3", 1.0) for l in layers))
+    recalibrate_bn(net, list(real_images[:96].split(32)), arch)
+    sub = net.extract(arch).eval()
+    data = export_onnx(sub, (1, 1, 32, 32))
+    ops = [n.op_type for n in onnx.load_from_string(data).graph.node]
+    n_units = sum(op != SKIP for op, _ in arch.layers)
+    assert ops.count("Concat") == n_units
+    assert ops.count("Gather") <= len(tiny_space.stage_layers)  # at most one per stage end
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    x = real_images[100:101]
+    with torch.no_grad():
+        ref = net(x, arch).numpy()
+    np.testing.assert_allclose(sess.run(None, {"image": x.numpy()})[0], ref, atol=1e-4)

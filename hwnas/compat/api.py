@@ -240,11 +240,13 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     net = Supernet(space)
     loss = CompatLoss(loss_cfg, space.embed_dim, len(classes),
                       gallery.classifier if gallery is not None else None)
-    sampler = ArchSampler(space, cfg.seed, cfg.supernet.flops_range)
+    sampler = ArchSampler(space, cfg.seed, cfg.supernet.flops_range,
+                          warmup=cfg.supernet.path_warmup)
     task = CompatTask(net, loss, gallery.net if gallery is not None else None, g_emb, sampler)
     gfp = gallery.fingerprint if gallery is not None else None
     settings = {"space": space.hash, "loss": loss_cfg.to_dict(), "gallery": gfp,
-                "flops_range": cfg.supernet.flops_range, "split": rd.splits().fingerprint}
+                "flops_range": cfg.supernet.flops_range, "path_warmup": cfg.supernet.path_warmup,
+                "split": rd.splits().fingerprint}
     log(f"[train-supernet] space {space.hash} on {len(data.images)} images, loss "
         f"{_loss_str(loss_cfg)}, {tc.epochs} epochs")
     hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",

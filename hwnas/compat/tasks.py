@@ -26,11 +26,24 @@ class GalleryTask(nn.Module):
 
 
 class ArchSampler:
-    """Uniform SPOS path sampling, optionally restricted to a FLOPs range (rejection
-    sampling). The same seed gives the same sequence on every rank."""
+    """SPOS path sampling, optionally restricted to a FLOPs range (rejection sampling),
+    with a path warm-up. The same seed gives the same sequence on every rank.
 
-    def __init__(self, space: SearchSpace, seed: int, flops_range=None, max_tries: int = 10000):
+    Warm-up: for the first ``warmup`` fraction of training each layer takes a uniformly
+    random choice with probability ``progress / warmup`` and otherwise the anchor path's
+    (``space.anchor()``); afterwards sampling is uniform. Uniform sampling from the first
+    step left the quickstart supernet at a constant embedding: at initialization paths that
+    differ in many layers compute unrelated functions and no shared signal gets through.
+    Opening paths up gradually trains a shared representation first."""
+
+    def __init__(self, space: SearchSpace, seed: int, flops_range=None, max_tries: int = 10000,
+                 warmup: float = 0.0):
         self.space, self.seed, self.max_tries = space, seed, max_tries
+        if not 0.0 <= warmup <= 1.0:
+            raise HwnasError(f"supernet.path_warmup {warmup} must be in [0, 1] (a fraction of "
+                             "training)")
+        self.warmup = warmup
+        self.anchor = space.anchor()
         self.range = None
         if flops_range:
             lo, hi = (float(v) * 1e6 for v in flops_range)
@@ -42,10 +55,14 @@ class ArchSampler:
                 )
             self.range = (lo, hi)
 
-    def __call__(self, epoch: int, step: int) -> Arch:
+    def __call__(self, epoch: int, step: int, progress: float = 1.0) -> Arch:
         rng = random.Random(f"{self.seed}-{epoch}-{step}")
+        p_random = 1.0 if self.warmup <= 0 else min(1.0, progress / self.warmup)
         for _ in range(self.max_tries):
             a = self.space.sample(rng)
+            if p_random < 1.0:
+                a = Arch(tuple(mine if rng.random() < p_random else anchor
+                               for mine, anchor in zip(a.layers, self.anchor.layers)))
             if self.range is None or self.range[0] <= arch_flops(self.space, a) <= self.range[1]:
                 return a
         raise HwnasError(f"no arch in supernet.flops_range after {self.max_tries} samples; widen it")
@@ -79,9 +96,9 @@ class CompatTask(nn.Module):
         if self.gallery_emb is not None:
             self.gallery_emb = self.gallery_emb.to(dev)
 
-    def before_step(self, epoch: int, step: int) -> None:
+    def before_step(self, epoch: int, step: int, progress: float = 1.0) -> None:
         if self.sampler is not None:
-            self.arch = self.sampler(epoch, step)
+            self.arch = self.sampler(epoch, step, progress)
 
     def forward(self, x, y, idx):
         q = self.net(x, self.arch) if self.sampler is not None else self.net(x)

@@ -200,9 +200,10 @@ def fit(
 ) -> list[dict]:
     """Train ``module`` whose ``forward(x, y, idx)`` returns ``(loss, {part: value})``.
 
-    ``module.before_step(epoch, step)`` is called, if defined, before every step (the
-    supernet samples its path there, identically on every rank). ``settings`` are hashed
-    into the checkpoint: resuming with other settings is refused."""
+    ``module.before_step(epoch, step, progress)`` is called, if defined, before every step,
+    ``progress`` being the fraction of training done (the supernet samples its path there,
+    identically on every rank). ``settings`` are hashed into the checkpoint: resuming with
+    other settings is refused."""
     from tqdm import tqdm
 
     rank, world = dist_info()
@@ -260,7 +261,7 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] = lr
             if hasattr(module, "before_step"):
-                module.before_step(epoch, step)
+                module.before_step(epoch, step, (epoch * spe + step) / total)
             x = augment_batch(normalize(images[idx]), cfg.augment, gen).to(dev, non_blocking=True)
             loss, parts = model(x, labels[idx].to(dev, non_blocking=True), idx)
             if not torch.isfinite(loss):

@@ -127,6 +127,7 @@ class LatencyPredictor:
         for layer in space.layers():
             d = {}
             for op, scale in enumerate_layer_choices(space, layer):
+                # a skip is folded away in deployed subnets (SubNet): it costs nothing
                 d[(op, scale)] = 0.0 if op == SKIP else net(layer_op(space, layer, op, scale).key())
             self.layers.append(d)
         cal = table.header.get("calibration") if calibrated else None

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hwnas.space.spec import PROJ_KERNEL
+
 
 class SlimConv2d(nn.Conv2d):
     """A bias-free conv that can run on the first ``in`` input / ``out`` output channels.
@@ -72,15 +74,53 @@ def split_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, 0::2], x[:, 1::2]
 
 
+def make_proj(c: int) -> nn.Sequential:
+    """The projection branch of a stride-2 unit: depthwise 3x3 stride 2, BN, 1x1, BN, ReLU.
+
+    One per stride-2 *layer* in the supernet, shared by every op of that layer: with a
+    projection per op, switching the op replaced half of all channels with the output of a
+    differently initialized branch, and random-path training collapsed (see Supernet)."""
+    return nn.Sequential(
+        nn.Conv2d(c, c, PROJ_KERNEL, 2, PROJ_KERNEL // 2, groups=c, bias=False),
+        nn.BatchNorm2d(c),
+        nn.Conv2d(c, c, 1, bias=False),
+        nn.BatchNorm2d(c),
+        nn.ReLU(inplace=True),
+    )
+
+
+def shuffle_index(c: int) -> torch.Tensor:
+    """``cat(x[:, 0::2], x[:, 1::2]) == x[:, shuffle_index(C)]``."""
+    return torch.cat([torch.arange(0, c, 2), torch.arange(1, c, 2)])
+
+
+class ChannelShuffle(nn.Module):
+    """What a skipped (stride-1) layer does: the unit's channel shuffle with the branch
+    replaced by the identity, ``cat(x[:, 0::2], x[:, 1::2])``.
+
+    A unit outputs ``cat(bypass = x[:, 0::2], branch(x[:, 1::2]))``. A plain identity for
+    ``skip`` would hand the next layer its channels in another order than any op does, so
+    every weight downstream would see scrambled inputs whenever the path skips a layer; with
+    the shuffle, channel ``c`` means the same thing whichever choice the layer takes.
+
+    Standalone subnets (what is exported) do not run it: ``SubNet`` folds the shuffles of
+    skipped layers into the channel selection of the next unit, so a skip costs nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(split_channels(x), 1)
+
+
 class ChoiceBlock(nn.Module):
     """A ShuffleNetV2 unit (``shufflenet``, depthwise kernel ``k``) or a Shuffle-Xception
     unit (``xception``), with stride 1 (half the channels bypass) or 2 (a projection branch
     downsamples the full input).
 
     ``forward(x, mid)`` runs with ``mid`` middle channels (default: all it was built with).
+    The stride-2 projection branch is the same for every op (depthwise ``PROJ_KERNEL``).
     """
 
-    def __init__(self, kind: str, c_in: int, c_out: int, mid: int, k: int, stride: int):
+    def __init__(self, kind: str, c_in: int, c_out: int, mid: int, k: int, stride: int,
+                 own_proj: bool = True):
         super().__init__()
         if kind not in ("shufflenet", "xception"):
             raise ValueError(f"unknown block kind {kind!r}")
@@ -110,23 +150,31 @@ class ChoiceBlock(nn.Module):
             self._plan = [(None, False), (None, True), (None, False), (None, True),
                           (None, False), (bo, True)]
         self.bns = nn.ModuleList([SlimBatchNorm2d(c.out_channels) for c in self.convs])
-        if stride == 2:
-            self.proj = nn.Sequential(
-                nn.Conv2d(bi, bi, k, stride, k // 2, groups=bi, bias=False),
-                nn.BatchNorm2d(bi),
-                nn.Conv2d(bi, bi, 1, bias=False),
-                nn.BatchNorm2d(bi),
-                nn.ReLU(inplace=True),
-            )
-        else:
-            self.proj = None
+        # the supernet passes its layer's shared projection to forward() instead
+        self.proj = make_proj(bi) if stride == 2 and own_proj else None
+        self.register_buffer("in_perm", None, persistent=False)
 
-    def forward(self, x: torch.Tensor, mid: int | None = None) -> torch.Tensor:
+    def set_input_perm(self, perm: torch.Tensor | None) -> None:
+        """Run as if the input were ``x[:, perm]`` (the channel shuffles of skipped layers
+        before this unit, folded): a stride-1 unit selects its two halves with ``perm`` (two
+        Gathers in place of two Slices, no extra op); a stride-2 unit gathers its input once.
+        Derived from the arch alone, so not saved with the weights."""
+        self.in_perm = None if perm is None else perm.clone()
+
+    def forward(self, x: torch.Tensor, mid: int | None = None,
+                proj: nn.Module | None = None) -> torch.Tensor:
         mid = self.mid if mid is None else mid
-        if self.stride == 1:
+        if self.in_perm is not None and self.stride == 1:
+            x_proj, h = x[:, self.in_perm[0::2]], x[:, self.in_perm[1::2]]
+        elif self.stride == 1:
             x_proj, h = split_channels(x)
         else:
-            x_proj, h = self.proj(x), x
+            if self.in_perm is not None:
+                x = x[:, self.in_perm]
+            proj = self.proj if proj is None else proj
+            if proj is None:
+                raise ValueError("a stride-2 ChoiceBlock built with own_proj=False needs proj=")
+            x_proj, h = proj(x), x
         for conv, bn, (c_out, act) in zip(self.convs, self.bns, self._plan):
             h = bn(conv(h, mid if c_out is None else c_out))
             if act:

@@ -7,27 +7,37 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from hwnas.nn.blocks import ChoiceBlock, EmbeddingHead, Stem
+from hwnas.nn.blocks import ChannelShuffle, ChoiceBlock, EmbeddingHead, Stem, make_proj, shuffle_index
 from hwnas.space.ops import layer_op
 from hwnas.space.spec import BLOCK_OPS, OP_KERNEL, OP_KIND, SKIP, Arch, SearchSpace
 
 
 class Supernet(nn.Module):
     """Every op of every layer at its largest middle width; ``forward(x, arch)`` runs one
-    path (the chosen op per layer at the chosen channel scale, skips bypassed)."""
+    path (the chosen op per layer at the chosen channel scale).
+
+    Two choices keep every path's channels meaning the same thing, without which
+    random-path training collapsed to a constant embedding (a trained path's loss rose
+    4-7x when one layer was skipped or one stride-2 op swapped): a skipped layer applies the
+    units' channel shuffle (``ChannelShuffle``), and each stride-2 layer has one projection
+    branch (``projs``) shared by its ops."""
 
     def __init__(self, space: SearchSpace):
         super().__init__()
         self.space = space
         self.stem = Stem(space.in_channels, space.stem_channels)
         self.layers = nn.ModuleList()
+        self.projs = nn.ModuleDict()
+        self.shuffle = ChannelShuffle()
         for layer in space.layers():
             mid = space.max_mid_channels(layer)
             self.layers.append(nn.ModuleDict({
                 op: ChoiceBlock(OP_KIND[op], layer.in_channels, layer.out_channels, mid,
-                                OP_KERNEL[op], layer.stride)
+                                OP_KERNEL[op], layer.stride, own_proj=False)
                 for op in layer.choices if op != SKIP
             }))
+            if layer.stride == 2:
+                self.projs[str(layer.index)] = make_proj(layer.in_channels)
         last = space.layers()[-1]
         self.head = EmbeddingHead(last.out_channels, space.head_channels, space.embed_dim)
 
@@ -39,17 +49,19 @@ class Supernet(nn.Module):
 
     def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         x = self.stem(x)
-        for blocks, (op, _), mid in zip(self.layers, arch.layers, self.mids(arch)):
-            if op != SKIP:
-                x = blocks[op](x, mid)
+        for i, (blocks, (op, _), mid) in enumerate(zip(self.layers, arch.layers, self.mids(arch))):
+            x = self.shuffle(x) if op == SKIP else blocks[op](x, mid, self.projs[str(i)]
+                                                             if str(i) in self.projs else None)
         return self.head(x)
 
     def path_modules(self, arch: Arch) -> Iterable[nn.Module]:
         """The modules one path uses (for per-path gradient checks and BN handling)."""
         yield self.stem
-        for blocks, (op, _) in zip(self.layers, arch.layers):
+        for i, (blocks, (op, _)) in enumerate(zip(self.layers, arch.layers)):
             if op != SKIP:
                 yield blocks[op]
+            if str(i) in self.projs:
+                yield self.projs[str(i)]
         yield self.head
 
     @torch.no_grad()
@@ -60,15 +72,22 @@ class Supernet(nn.Module):
         sub = SubNet(self.space, arch)
         sub.stem.load_state_dict(self.stem.state_dict())
         sub.head.load_state_dict(self.head.state_dict())
-        for sub_block, blocks, (op, _) in zip(sub.layers, self.layers, arch.layers):
+        for i, (sub_block, blocks, (op, _)) in enumerate(zip(sub.layers, self.layers, arch.layers)):
             if op != SKIP:
-                copy_leading_slices(blocks[op], sub_block)
+                copy_leading_slices(blocks[op], sub_block, skip_prefix="proj.")
+                if sub_block.proj is not None:
+                    sub_block.proj.load_state_dict(self.projs[str(i)].state_dict())
         sub.train(self.training)
         return sub
 
 
 class SubNet(nn.Module):
-    """One architecture as a plain network: ``forward(x)`` -> L2-normalized embeddings."""
+    """One architecture as a plain network: ``forward(x)`` -> L2-normalized embeddings.
+
+    It computes exactly what the supernet's path computes, but a skipped layer is an
+    ``nn.Identity``: the channel shuffles of skipped layers are folded into the channel
+    selection of the next unit (``ChoiceBlock.set_input_perm``) or a gather before the
+    head, so skips cost an edge device nothing."""
 
     def __init__(self, space: SearchSpace, arch: Arch):
         super().__init__()
@@ -76,14 +95,20 @@ class SubNet(nn.Module):
         self.space, self.arch = space, arch
         self.stem = Stem(space.in_channels, space.stem_channels)
         self.layers = nn.ModuleList()
+        perm = None  # pending shuffles: the logical tensor is x[:, perm]
         for layer, (op, scale) in zip(space.layers(), arch.layers):
             if op == SKIP:
                 self.layers.append(nn.Identity())
+                s = shuffle_index(layer.in_channels)
+                perm = s if perm is None else perm[s]
             else:
                 mid = layer_op(space, layer, op, scale).mid_channels
-                self.layers.append(ChoiceBlock(OP_KIND[op], layer.in_channels,
-                                               layer.out_channels, mid, OP_KERNEL[op],
-                                               layer.stride))
+                block = ChoiceBlock(OP_KIND[op], layer.in_channels, layer.out_channels, mid,
+                                    OP_KERNEL[op], layer.stride)
+                block.set_input_perm(perm)
+                perm = None
+                self.layers.append(block)
+        self.register_buffer("head_perm", perm, persistent=False)
         last = space.layers()[-1]
         self.head = EmbeddingHead(last.out_channels, space.head_channels, space.embed_dim)
 
@@ -91,15 +116,20 @@ class SubNet(nn.Module):
         x = self.stem(x)
         for block in self.layers:
             x = block(x)
+        if self.head_perm is not None:
+            x = x[:, self.head_perm]
         return self.head(x)
 
 
-def copy_leading_slices(src: nn.Module, dst: nn.Module) -> None:
+def copy_leading_slices(src: nn.Module, dst: nn.Module, skip_prefix: str | None = None) -> None:
     """Copy every parameter and buffer of ``src`` into ``dst`` by taking the leading slice
-    of each dimension (``dst`` is the same module built narrower)."""
+    of each dimension (``dst`` is the same module built narrower); names starting with
+    ``skip_prefix`` are left to the caller."""
     src_state = src.state_dict()
     dst_state = dst.state_dict()
     for name, t in dst_state.items():
+        if skip_prefix and name.startswith(skip_prefix):
+            continue
         s = src_state[name]
         if s.dim() != t.dim():
             raise ValueError(f"cannot slice {name}: {tuple(s.shape)} -> {tuple(t.shape)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hwnas.space.spec import OP_KERNEL, OP_KIND, SKIP, Arch, LayerSpec, SearchSpace
+from hwnas.space.spec import OP_KERNEL, OP_KIND, PROJ_KERNEL, SKIP, Arch, LayerSpec, SearchSpace
 
 
 def _conv_flops(c_in: int, c_out: int, k: int, out_hw: int, groups: int = 1) -> int:
@@ -62,8 +62,8 @@ class OpSpec:
         bi, bo = self._branch
         k = self.kernel
         proj = 0
-        if self.stride == 2:  # proj branch: dw k + pw on the full input
-            proj = _conv_flops(bi, bi, k, o, groups=bi) + _conv_flops(bi, bi, 1, o)
+        if self.stride == 2:  # proj branch: dw PROJ_KERNEL + pw on the full input
+            proj = _conv_flops(bi, bi, PROJ_KERNEL, o, groups=bi) + _conv_flops(bi, bi, 1, o)
         if self.kind == "shufflenet":
             main = (
                 _conv_flops(bi, m, 1, self.in_size)
@@ -94,7 +94,7 @@ class OpSpec:
         k = self.kernel
         proj = 0
         if self.stride == 2:
-            proj = _conv_params(bi, bi, k, groups=bi) + _conv_params(bi, bi, 1)
+            proj = _conv_params(bi, bi, PROJ_KERNEL, groups=bi) + _conv_params(bi, bi, 1)
         if self.kind == "shufflenet":
             main = (
                 _conv_params(bi, m, 1) + _conv_params(m, m, k, groups=m) + _conv_params(m, bo, 1)
@@ -137,7 +137,7 @@ def layer_op(space: SearchSpace, layer: LayerSpec, op: str, scale: float | None)
 
 
 def resolve_ops(space: SearchSpace, arch: Arch) -> list[OpSpec]:
-    """Stem, one OpSpec per layer (``skip`` included, with zero cost), head."""
+    """Stem, one OpSpec per layer (``skip`` included, with zero FLOPs), head."""
     space.validate(arch)
     ops = [stem_op(space)]
     for layer, (op, scale) in zip(space.layers(), arch.layers):
@@ -155,7 +155,8 @@ def arch_params(space: SearchSpace, arch: Arch) -> int:
 
 
 def all_op_specs(space: SearchSpace) -> list[OpSpec]:
-    """Every distinct op of the space (what a latency table must cover), skips excluded."""
+    """Every distinct op of the space (what a latency table must cover), skips excluded:
+    a deployed subnet folds a skipped layer's channel shuffle into the next unit."""
     from hwnas.space.spec import enumerate_layer_choices
 
     seen: dict[str, OpSpec] = {}

@@ -28,9 +28,14 @@ from typing import Iterable, Sequence
 from hwnas.errors import SpaceError
 from hwnas.utils import content_hash
 
-SPACE_FORMAT = "hwnas-space-v1"
+# v2: a skipped layer applies the units' channel shuffle instead of the identity, and a
+# stride-2 unit's projection branch has a fixed 3x3 depthwise kernel (shared by the
+# supernet's ops); v1 tables, supernets and query models do not describe v2 networks.
+SPACE_FORMAT = "hwnas-space-v2"
+PROJ_KERNEL = 3  # depthwise kernel of a stride-2 unit's projection branch, for every op
 
-#: Ops that carry a block. ``skip`` (identity) is allowed only on stride-1 layers.
+#: Ops that carry a block. ``skip`` (the channel shuffle alone, no weights) is allowed only
+#: on stride-1 layers.
 BLOCK_OPS = ("k3", "k5", "k7", "xc")
 SKIP = "skip"
 OP_KERNEL = {"k3": 3, "k5": 5, "k7": 7, "xc": 3}
@@ -205,7 +210,11 @@ class SearchSpace:
         d = dict(d)
         fmt = d.pop("format", SPACE_FORMAT)
         if fmt != SPACE_FORMAT:
-            raise SpaceError(f"search space format {fmt!r} is not {SPACE_FORMAT!r}")
+            raise SpaceError(
+                f"search space format {fmt!r} is not {SPACE_FORMAT!r}: it was made by another "
+                "hwnas version whose networks differ; rebuild it with this version (re-run "
+                "`hwnas profile` for a latency table, the training commands for models)"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -254,6 +263,12 @@ class SearchSpace:
 
     def largest(self) -> "Arch":
         return self._extreme(max)
+
+    def anchor(self) -> "Arch":
+        """The plain ShuffleNetV2 of the space: every layer its first op at the channel scale
+        nearest 1.0 (the supernet's path warm-up starts from it)."""
+        scale = min(self.channel_scales, key=lambda s: (abs(s - 1.0), s))
+        return Arch(tuple((self.ops[0], scale) for _ in self.layers()))
 
     def validate(self, arch: "Arch") -> "Arch":
         layers = self.layers()
