@@ -39,6 +39,8 @@ def machine() -> dict:
         "numpy": numpy.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
     for mod in ("faiss", "onnxruntime", "timm", "optuna"):
         try:
             info[mod] = __import__(mod).__version__
@@ -49,7 +51,8 @@ def machine() -> dict:
 
 def machine_line(m: dict) -> str:
     libs = ", ".join(f"{k} {m[k]}" for k in ("torch", "faiss", "onnxruntime", "timm") if k in m)
-    return f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, {libs}; measured {m['date']}"
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return f"{m['cpu']}, {m['cores']} cores{gpu}, Python {m['python']}, {libs}; measured {m['date']}"
 
 
 def save_results(name: str, results: dict) -> Path:
