@@ -141,7 +141,6 @@ def main() -> None:
     def measure_rows(rows):
         """End-to-end edge latency of query models, measured interleaved (ORT CPU), each
         rebuilt from its architecture (weights do not change what a runtime computes)."""
-        from hwnas.export.onnx import export_onnx
         from hwnas.latency.backends import OrtCpuBackend, measure
         from hwnas.nn.models import build_query
 
@@ -151,7 +150,7 @@ def main() -> None:
         nets = [build_query({"kind": r.get("kind", "subnet"), "space": space.to_dict(), "arch": r["arch"],
                              "timm": r["arch"], "embed_dim": space.embed_dim,
                              "preprocess": pre.to_dict()}).eval() for r in rows]
-        runners = [backend.prepare_onnx(export_onnx(n, shape), shape) for n in nets]
+        runners = [backend.prepare_deployed(n, shape) for n in nets]
         for r, m in zip(rows, measure(runners, rounds=15, runs=10, warmup=10)):
             r["measured_ms"] = m.latency_ms
 
@@ -180,11 +179,7 @@ def main() -> None:
             b = round(lo + frac * (hi - lo), 4)
             _, r = search(budget_ms=b, n_trials=50, study_name=f"bench-budget-{frac}")
             rng = random.Random(100 + int(frac * 100))
-            rand = []
-            while len(rand) < args.random_archs:
-                a = space.sample(rng)
-                if pred(a) <= b:
-                    rand.append(a.to_string(space))
+            rand = [pred.sample_feasible(b, rng).to_string(space) for _ in range(args.random_archs)]
             plan.append((frac, b, r, rand))
         jobs = [(f"bench-budget-{frac}-searched", {"arch": r["arch"]}) for frac, _, r, _ in plan]
         jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for frac, _, _, rand in plan

@@ -42,14 +42,11 @@ def baseline_models(cfg, space) -> dict:
 
     budget = load_best(RunDir(cfg).path)["budget_ms"]
     pred, _ = predictor_for(cfg, space)
-    rng = random.Random(cfg.seed + 1)
-    feasible = next((a for a in (space.sample(rng) for _ in range(20000)) if pred(a) <= budget), None)
-    out = {"timm-mobilenetv3_small_050": {"timm_name": "mobilenetv3_small_050"},
-           "smallest": {"arch": space.smallest().to_string(space)},
-           "largest": {"arch": space.largest().to_string(space)}}
-    if feasible is not None:
-        out["random-feasible"] = {"arch": feasible.to_string(space)}
-    return out
+    feasible = pred.sample_feasible(budget, random.Random(cfg.seed + 1))
+    return {"timm-mobilenetv3_small_050": {"timm_name": "mobilenetv3_small_050"},
+            "smallest": {"arch": space.smallest().to_string(space)},
+            "largest": {"arch": space.largest().to_string(space)},
+            "random-feasible": {"arch": feasible.to_string(space)}}
 
 
 def build_report(cfg, log=print) -> dict:
@@ -60,7 +57,6 @@ def build_report(cfg, log=print) -> dict:
     import math
 
     from hwnas.compat import api
-    from hwnas.export.onnx import export_onnx
     from hwnas.latency.backends import OrtCpuBackend, measure
     from hwnas.nn.models import load_query
     from hwnas.rundir import RunDir
@@ -91,11 +87,11 @@ def build_report(cfg, log=print) -> dict:
             p_ms = pred(space.parse(qcfg["arch"]))
         rows.append({"model": name, "kind": qcfg["kind"], "arch": qcfg.get("arch") or qcfg.get("timm"),
                      "mflops": qcfg["flops"] / 1e6, "predicted_ms": p_ms, "metrics": ev["metrics"]})
-        runners.append(backend.prepare_onnx(export_onnx(net, shape, dynamic_batch=True), shape))
+        runners.append(backend.prepare_deployed(net, shape))
     if not rows:
         raise HwnasError("no trained query models to report on")
     g_mflops = api.model_flops(gallery.net, pre) / 1e6
-    runners.append(backend.prepare_onnx(export_onnx(gallery.net, shape, dynamic_batch=True), shape))
+    runners.append(backend.prepare_deployed(gallery.net, shape))
     log(f"[report] measuring {len(runners)} models end to end on ONNX Runtime CPU "
         f"({backend.threads} threads, batch 1)")
     lat = measure(runners, rounds=15, runs=10, warmup=10)

@@ -67,7 +67,7 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
 def test_space_command():
     r = hwnas("space", "--sample", "2")
     assert r.returncode == 0, r.stderr
-    assert "1c82befadfc8" in r.stdout and "FLOPs range" in r.stdout
+    assert "c97e7325190f" in r.stdout and "FLOPs range" in r.stdout
 
 
 def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):

@@ -134,6 +134,25 @@ def test_predictor_is_additive_and_fast(table, tiny_space):
     assert rate > 10_000, f"{rate:.0f} predictions/s"
 
 
+def test_random_feasible_archs_fit_tight_budgets(table, tiny_space):
+    """A budget few uniform archs meet still yields random feasible archs (the report's
+    random baseline and the search benchmark need them); below the range is a clear error."""
+    import random
+
+    t, _, _ = table
+    p = LatencyPredictor(tiny_space, t)
+    lo, hi = p.range()
+    tight = lo + 0.02 * (hi - lo)
+    rng = random.Random(0)
+    assert sum(p(tiny_space.sample(rng)) <= tight for _ in range(50)) < 5  # few fit uniformly
+    archs = [p.sample_feasible(tight, random.Random(i), tries=50) for i in range(5)]
+    assert all(p(a) <= tight for a in archs)
+    assert len({a.to_string(tiny_space) for a in archs}) > 1  # random, not one fixed arch
+    assert p.sample_feasible(tight, random.Random(3)) == p.sample_feasible(tight, random.Random(3))
+    with pytest.raises(Exception, match="fastest is predicted"):
+        p.sample_feasible(lo - 0.01, random.Random(0))
+
+
 def test_validation_writes_header_and_plot(table, tiny_space, tmp_path):
     t, out, b = table
     dst = tmp_path / "v.json"

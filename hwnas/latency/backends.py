@@ -79,6 +79,11 @@ class LatencyBackend(ABC):
     @abstractmethod
     def prepare(self, module: nn.Module, input_shape: Sequence[int]) -> Runner: ...
 
+    def prepare_deployed(self, module: nn.Module, input_shape: Sequence[int]) -> Runner:
+        """A whole network as it is deployed on this backend (eager backends run the module
+        itself; ONNX backends the exported query model). End-to-end validation uses this."""
+        return self.prepare(module, input_shape)
+
     def prepare_onnx(self, onnx_bytes: bytes, input_shape: Sequence[int]) -> Runner:
         raise HwnasError(f"backend {self.name} does not run ONNX models directly")
 
@@ -90,6 +95,12 @@ class OnnxBackend(LatencyBackend):
         from hwnas.export.onnx import export_onnx
 
         return self.prepare_onnx(export_onnx(module, input_shape), input_shape)
+
+    def prepare_deployed(self, module: nn.Module, input_shape: Sequence[int]) -> Runner:
+        from hwnas.export.onnx import export_onnx
+
+        # the very graph `hwnas deploy` writes: dynamic batch axis, named input/output
+        return self.prepare_onnx(export_onnx(module, input_shape, dynamic_batch=True), input_shape)
 
     @abstractmethod
     def prepare_onnx(self, onnx_bytes: bytes, input_shape: Sequence[int]) -> Runner: ...

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from hwnas.errors import HwnasError
-from hwnas.latency.backends import LatencyBackend, OnnxBackend, measure
+from hwnas.latency.backends import LatencyBackend, measure
 from hwnas.latency.table import LatencyPredictor, LatencyTable, make_header
 from hwnas.space import OpSpec, SearchSpace, all_op_specs, arch_flops
 from hwnas.utils import save_figure
@@ -170,7 +170,6 @@ def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: in
     import torch
     from tqdm import tqdm
 
-    from hwnas.export.onnx import export_onnx
     from hwnas.nn.supernet import SubNet
 
     shape = (1, space.in_channels, space.input_size, space.input_size)
@@ -181,10 +180,7 @@ def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: in
         for a in archs[i:i + chunk]:
             torch.manual_seed(0)
             net = SubNet(space, a).eval()
-            if isinstance(backend, OnnxBackend):  # the very graph that is deployed
-                runners.append(backend.prepare_onnx(export_onnx(net, shape, dynamic_batch=True), shape))
-            else:  # eager backends (torch-cuda) run the module itself
-                runners.append(backend.prepare(net, shape))
+            runners.append(backend.prepare_deployed(net, shape))
             bar.update(1)
         out += measure(runners, rounds, runs, warmup, seed=seed + i, progress=bar.update)
     bar.close()

@@ -145,6 +145,27 @@ class LatencyPredictor:
         hi = self.base + sum(max(d.values()) for d in self.layers)
         return self.a * lo + self.c, self.a * hi + self.c
 
+    def sample_feasible(self, budget_ms: float, rng, tries: int = 2000) -> Arch:
+        """A random arch predicted within ``budget_ms``: a uniform sample of the space when
+        one of ``tries`` fits; else (tight budgets, where few uniform archs fit) a uniform
+        sample whose layers, picked at random, are swapped for random cheaper choices of
+        that layer until it fits."""
+        if self.range()[0] > budget_ms:
+            raise HwnasError(f"no arch fits {budget_ms} ms: the fastest is predicted at "
+                             f"{self.range()[0]:.4f} ms")
+        for _ in range(tries):
+            a = self.space.sample(rng)
+            if self(a) <= budget_ms:
+                return a
+        layers = list(self.space.sample(rng).layers)
+        while self(Arch(tuple(layers))) > budget_ms:
+            i = rng.randrange(len(layers))
+            d = self.layers[i]
+            cheaper = [c for c in d if d[c] < d[layers[i]]]
+            if cheaper:
+                layers[i] = rng.choice(cheaper)
+        return Arch(tuple(layers))
+
     def extreme_arch(self, fastest: bool = True) -> Arch:
         pick = min if fastest else max
         return Arch(tuple(pick(d, key=d.get) for d in self.layers))
