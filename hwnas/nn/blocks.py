@@ -164,10 +164,9 @@ class ChoiceBlock(nn.Module):
     def forward(self, x: torch.Tensor, mid: int | None = None,
                 proj: nn.Module | None = None) -> torch.Tensor:
         mid = self.mid if mid is None else mid
-        if self.in_perm is not None and self.stride == 1:
-            x_proj, h = x[:, self.in_perm[0::2]], x[:, self.in_perm[1::2]]
-        elif self.stride == 1:
-            x_proj, h = split_channels(x)
+        if self.stride == 1:
+            p = self.in_perm
+            x_proj, h = split_channels(x) if p is None else (x[:, p[0::2]], x[:, p[1::2]])
         else:
             if self.in_perm is not None:
                 x = x[:, self.in_perm]

@@ -47,11 +47,14 @@ class Supernet(nn.Module):
             for layer, (op, scale) in zip(self.space.layers(), arch.layers)
         ]
 
+    def proj(self, i: int) -> nn.Module | None:
+        """Layer ``i``'s shared projection branch (stride-2 layers), else None."""
+        return self.projs[str(i)] if str(i) in self.projs else None
+
     def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         x = self.stem(x)
         for i, (blocks, (op, _), mid) in enumerate(zip(self.layers, arch.layers, self.mids(arch))):
-            x = self.shuffle(x) if op == SKIP else blocks[op](x, mid, self.projs[str(i)]
-                                                             if str(i) in self.projs else None)
+            x = self.shuffle(x) if op == SKIP else blocks[op](x, mid, self.proj(i))
         return self.head(x)
 
     def path_modules(self, arch: Arch) -> Iterable[nn.Module]:
@@ -60,8 +63,8 @@ class Supernet(nn.Module):
         for i, (blocks, (op, _)) in enumerate(zip(self.layers, arch.layers)):
             if op != SKIP:
                 yield blocks[op]
-            if str(i) in self.projs:
-                yield self.projs[str(i)]
+            if self.proj(i) is not None:
+                yield self.proj(i)
         yield self.head
 
     @torch.no_grad()
@@ -76,7 +79,7 @@ class Supernet(nn.Module):
             if op != SKIP:
                 copy_leading_slices(blocks[op], sub_block, skip_prefix="proj.")
                 if sub_block.proj is not None:
-                    sub_block.proj.load_state_dict(self.projs[str(i)].state_dict())
+                    sub_block.proj.load_state_dict(self.proj(i).state_dict())
         sub.train(self.training)
         return sub
 
