@@ -85,7 +85,7 @@ def test_over_budget_archs_are_never_evaluated(search_run, tmp_path):
     lo, hi, pred = _budget(cfg)
     cfg.search.budget_ms = lo + 0.3 * (hi - lo)
     cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
-    cfg.search.sampler = "random"
+    cfg.search.sampler = "tpe"  # its start-up trials are uniform archs, most over budget
     real = SupernetEvaluator(cfg, log=lambda *_: None)
     seen = []
 
@@ -219,3 +219,27 @@ def test_evolution_sampler_mutates_the_population(tiny_space):
     # aging population (the last 4 completed trials)
     for i in range(4, 12):
         assert pool[i] in pool[i - 4:i]
+
+
+@pytest.mark.parametrize("sampler", ["random", "evolution"])
+def test_random_and_evolution_draw_only_feasible_archs(search_run, tmp_path, sampler):
+    """At a tight budget (about 2% of uniform archs fit) these samplers spend no trial on an
+    over-budget arch: they draw under the predictor's check, as SPOS's evolution does."""
+    import random as _random
+
+    root, cfg_path = search_run
+    cfg = load_config(cfg_path)
+    lo, hi, pred = _budget(cfg)
+    space = cfg.search_space()
+    rng = _random.Random(0)
+    cfg.search.budget_ms = sorted(pred(space.sample(rng)) for _ in range(500))[10]
+    cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
+    cfg.search.sampler, cfg.search.n_trials = sampler, 8
+    cfg.search.population, cfg.search.tournament = 3, 2  # evolution: 5 children after the pool
+    res = run_search(cfg, evaluator=lambda a: {"M(q,q)": {"recall@1": 0.5, "recall@5": 0.5, "mAP": 0.5},
+                                               "M(q,g)": {"recall@1": pred(a), "recall@5": 0.5, "mAP": 0.5},
+                                               "seconds": 0.0}, log=lambda *_: None)
+    study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 8 and all(t.user_attrs["feasible"] for t in done)
+    assert len({t.user_attrs["arch"] for t in done}) >= 4  # it explores, not one arch

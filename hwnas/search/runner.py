@@ -122,8 +122,17 @@ class SupernetEvaluator:
         return res
 
 
-def make_sampler(name: str, space, cfg: Config, seed: int | None, multi_objective: bool):
+def make_sampler(name: str, space, cfg: Config, seed: int | None, multi_objective: bool,
+                 predictor=None, budget: float | None = None):
+    """An Optuna sampler. With ``predictor`` and ``budget``, the random and evolution
+    samplers draw only archs predicted within the budget (TPE and NSGA-II learn the
+    constraint from the over-budget trials instead)."""
     import optuna
+
+    fits = init = None
+    if predictor is not None and budget is not None:
+        fits = lambda a: predictor(a) <= budget  # noqa: E731
+        init = lambda rng: predictor.sample_feasible(budget, rng)  # noqa: E731
 
     if name == "tpe":
         import warnings
@@ -135,13 +144,15 @@ def make_sampler(name: str, space, cfg: Config, seed: int | None, multi_objectiv
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=max(4, cfg.search.population), seed=seed)
     if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        from hwnas.search.evolution import RandomArchSampler
+
+        return RandomArchSampler(space, init=init, seed=seed)
     if name == "evolution":
         from hwnas.search.evolution import RegularizedEvolutionSampler
 
         s = cfg.search
         return RegularizedEvolutionSampler(space, s.population, s.tournament, s.mutation_prob,
-                                           s.crossover_prob, seed=seed)
+                                           s.crossover_prob, seed=seed, fits=fits, init=init)
     raise HwnasError(f"sampler {name!r} must be one of {SAMPLERS}")
 
 
@@ -208,7 +219,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     name = s.study_name or f"search-{s.reward}-{s.sampler}-{budget:g}ms{'-mo' if s.multi_objective else ''}"
     directions = ["maximize", "minimize"] if s.multi_objective else ["maximize"]
     seed = cfg.seed if seed is None and s.storage is None else seed
-    sampler = make_sampler(s.sampler, space, cfg, seed, s.multi_objective)
+    sampler = make_sampler(s.sampler, space, cfg, seed, s.multi_objective, predictor, budget)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                 directions=directions, load_if_exists=True)
