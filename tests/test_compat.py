@@ -203,3 +203,17 @@ def test_train_device_choice_and_clear_errors():
     if not torch.cuda.is_available():
         with pytest.raises(HwnasError, match="no CUDA GPU.*train.device=cpu"):
             train_device(TrainConfig(device="cuda"))
+
+
+def test_affine_augmentation_is_deterministic_and_keeps_edges():
+    from hwnas.compat.train import augment_batch
+
+    x = torch.zeros(8, 1, 32, 32)
+    x[:, :, 12:20, 14:18] = 1.0  # a stroke on a blank page
+    a = augment_batch(x, "affine", torch.Generator().manual_seed(3))
+    b = augment_batch(x, "affine", torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert not torch.allclose(a, x, atol=1e-3)          # it moves the stroke
+    assert abs(a.sum() / x.sum() - 1) < 0.35            # scale 0.9-1.1: the ink is roughly kept
+    page = torch.full((4, 1, 32, 32), 0.7)               # a blank page stays blank (edges extended)
+    assert torch.allclose(augment_batch(page, "affine", torch.Generator().manual_seed(0)), page, atol=1e-5)

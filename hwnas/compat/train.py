@@ -27,6 +27,7 @@ from torch import nn
 from hwnas.errors import HwnasError
 from hwnas.utils import content_hash
 
+AUGMENTS = ("none", "crop", "crop-flip", "affine")
 
 @dataclass
 class TrainConfig:
@@ -37,7 +38,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-5
     warmup_epochs: float = 0.3
-    augment: str = "none"  # none | crop | crop-flip
+    augment: str = "none"  # none | crop | crop-flip | affine
     grad_clip: float = 5.0  # 0: off
     threads: int = 0  # torch intra-op threads; 0: torch's default
     device: str = "auto"  # auto (a CUDA GPU when present, else the CPU) | cpu | cuda | cuda:N
@@ -48,8 +49,8 @@ class TrainConfig:
                              f"({self.batch_size}) must be at least 1")
         if self.optimizer not in ("sgd", "adamw"):
             raise HwnasError(f"train.optimizer {self.optimizer!r} must be 'sgd' or 'adamw'")
-        if self.augment not in ("none", "crop", "crop-flip"):
-            raise HwnasError(f"train.augment {self.augment!r} must be none, crop or crop-flip")
+        if self.augment not in AUGMENTS:
+            raise HwnasError(f"train.augment {self.augment!r} must be one of {', '.join(AUGMENTS)}")
         if self.lr <= 0:
             raise HwnasError(f"train.lr must be positive, got {self.lr}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -110,11 +111,22 @@ def is_main() -> bool:
 
 # ---------------------------------------------------------------------- augmentation
 def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """Random crop (reflect-pad by 1/8 of the size) and optional horizontal flip, on a float
-    batch. Deterministic given ``gen``."""
+    """Augment a float batch, deterministically given ``gen``:
+    ``crop``: random crop after reflect-padding by 1/8 of the size; ``crop-flip``: and a
+    horizontal flip half the time (natural images); ``affine``: a random rotation (+-10
+    degrees), scale (0.9-1.1) and shift (up to 1/8 of the size), edges extended
+    (handwriting and other images that a flip would change the meaning of)."""
     if mode == "none":
         return x
     n, _, h, w = x.shape
+    if mode == "affine":
+        u = lambda *s: 2 * torch.rand(*s, generator=gen) - 1  # noqa: E731  uniform in [-1, 1]
+        ang, scale, shift = u(n) * math.radians(10), 1 + 0.1 * u(n), 0.25 * u(n, 2)
+        cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                             torch.stack([sin, cos, shift[:, 1]], 1)], 1).to(x)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     pad = max(1, h // 8)
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
