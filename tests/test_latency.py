@@ -167,6 +167,40 @@ def test_validation_writes_header_and_plot(table, tiny_space, tmp_path):
     assert h["validation"]["n"] == 6 and v["n"] == 6
     assert h["calibration"]["n"] == 4
     assert dst.with_suffix(".validation.png").stat().st_size > 1000
+    # the noise floor: the same archs timed again, in a second pool
+    assert {"mape_pct", "within_10pct", "spearman"} <= set(h["validation"]["repeatability"])
+    rows = json.loads(dst.with_suffix(".validation.json").read_text())["archs"]
+    assert len(rows) == 10 and sum(r["role"] == "validation" for r in rows) == 6
+    assert all(r["measured_ms"] > 0 and r["measured_again_ms"] > 0 for r in rows)
+
+
+def test_calibration_picks_the_model_that_predicts_unseen_archs():
+    from hwnas.latency.profile import fit_calibration
+
+    rng = np.random.default_rng(0)
+    add, mp = rng.uniform(0.1, 1.0, 30), rng.uniform(1, 20, 30)
+    noise = 1 + 0.01 * rng.standard_normal(30)
+    cal = fit_calibration(add, mp, (0.6 * add + 0.05 * mp - 0.1) * noise)  # weights matter
+    assert cal["model"] == "linear+weights"
+    assert cal["a"] == pytest.approx(0.6, rel=0.1) and cal["b"] == pytest.approx(0.05, rel=0.1)
+    cal = fit_calibration(add, mp, (add + 0.02) * noise)  # a pure offset: no weights term
+    assert cal["b"] == pytest.approx(0.0, abs=1e-3) or cal["model"] != "linear+weights"
+    assert fit_calibration(add[:3], mp[:3], add[:3] + 0.02)["model"] == "offset"  # too few to fit more
+
+
+def test_predictor_is_the_calibrated_formula(table, tiny_space):
+    import random
+
+    t, _, _ = table
+    t = LatencyTable(json.loads(json.dumps(t.header)), dict(t.entries))
+    t.header["calibration"] = {"a": 0.8, "b": 0.3, "c": 0.01, "model": "linear+weights"}
+    p = LatencyPredictor(tiny_space, t)
+    rng = random.Random(1)
+    for _ in range(20):
+        a = tiny_space.sample(rng)
+        assert p(a) == pytest.approx(0.8 * p.additive(a) + 0.3 * p.mparams(a) + 0.01)
+    lo, hi = p.range()
+    assert p(p.extreme_arch(True)) == pytest.approx(lo) and p(p.extreme_arch(False)) == pytest.approx(hi)
 
 
 def test_rank_statistics_match_scipy():

@@ -21,7 +21,7 @@ from hwnas.errors import HwnasError
 from hwnas.latency.backends import LatencyBackend, measure
 from hwnas.latency.table import LatencyPredictor, LatencyTable, make_header
 from hwnas.space import OpSpec, SearchSpace, all_op_specs, arch_flops
-from hwnas.utils import save_figure
+from hwnas.utils import save_figure, write_json
 
 
 def op_module(space: SearchSpace, spec: OpSpec):
@@ -145,36 +145,78 @@ def error_stats(pred, meas) -> dict:
 
 
 # ---------------------------------------------------------------------- validation
-def fit_calibration(add: np.ndarray, meas: np.ndarray) -> tuple[float, float, str]:
-    """measured ~ a * additive + c. A least-squares line where it is sane (0.5 <= a <= 2,
-    and it fits the calibration archs better), else an offset only (a = 1, c = median
-    residual), which cannot go wrong with few or noisy calibration points."""
-    c0 = float(np.median(meas - add))
-    err0 = float(np.mean(np.abs(add + c0 - meas) / meas))
-    if len(add) >= 4 and np.ptp(add) > 0:
-        a, c = np.polyfit(add, meas, 1)
-        err = float(np.mean(np.abs(a * add + c - meas) / meas))
-        if 0.5 <= a <= 2.0 and err < err0:
-            return float(a), float(c), "linear"
-    return 1.0, c0, "offset"
+def _wls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares on relative error (rows weighted by 1/y): the targets are relative."""
+    w = 1.0 / y
+    return np.linalg.lstsq(X * w[:, None], y * w, rcond=None)[0]
+
+
+CALIBRATION_MODELS = ("offset", "linear", "linear+weights")
+
+
+def _fit_model(model: str, add: np.ndarray, mp: np.ndarray, meas: np.ndarray) -> tuple[float, float, float] | None:
+    """(a, b, c) of one model, or None where it is not sane (a or b negative, a > 3)."""
+    one = np.ones_like(add)
+    if model == "offset":
+        return 1.0, 0.0, float(np.median(meas - add))
+    if model == "linear":
+        a, c = _wls(np.stack([add, one], 1), meas)
+        b = 0.0
+    else:
+        a, b, c = _wls(np.stack([add, mp, one], 1), meas)
+    if not (0.2 <= a <= 3.0 and b >= 0):
+        return None
+    return float(a), float(b), float(c)
+
+
+def fit_calibration(add: np.ndarray, mparams: np.ndarray, meas: np.ndarray) -> dict:
+    """measured ~ a * additive + b * weights (M params) + c (see LatencyPredictor).
+
+    Three models, from the safest to the richest: an offset (a=1, b=0: the median residual,
+    which cannot go wrong with few or noisy points), a line in the additive sum, and a line
+    with the weights term. The one with the lowest leave-one-out relative error on the
+    calibration archs wins (the richer ones need at least 5 and 8 archs), so a richer model
+    is used only where it predicts archs it was not fitted on better."""
+    add, mparams, meas = (np.asarray(x, float) for x in (add, mparams, meas))
+    n, scores = len(meas), {}
+    for model, need in zip(CALIBRATION_MODELS, (1, 5, 8)):
+        if n < need or (model != "offset" and np.ptp(add) == 0):
+            continue
+        errs = []
+        for i in range(n):
+            keep = np.arange(n) != i
+            f = _fit_model(model, add[keep], mparams[keep], meas[keep])
+            if f is None:
+                break
+            a, b, c = f
+            errs.append(abs(a * add[i] + b * mparams[i] + c - meas[i]) / meas[i])
+        if len(errs) == n and _fit_model(model, add, mparams, meas) is not None:
+            scores[model] = float(np.mean(errs))
+    best = min(scores, key=scores.get)
+    a, b, c = _fit_model(best, add, mparams, meas)
+    return {"a": a, "b": b, "c": c, "model": best,
+            "loo_mape_pct": {k: round(100 * v, 2) for k, v in scores.items()}}
 
 
 def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: int, runs: int,
-                  warmup: int, chunk: int = 512, seed: int = 0, desc: str = "end-to-end") -> list:
+                  warmup: int, chunk: int = 512, seed: int = 0, desc: str = "end-to-end",
+                  repeats: int = 1) -> list:
     """End-to-end latency of whole subnets, exported exactly as a deployed query model
     (dynamic batch axis, named input/output), timed at batch 1.
 
     All archs are timed in one interleaved pool (up to ``chunk``): on a shared VM the
     machine's speed drifts by up to 2x over tens of seconds, and archs measured in separate
-    batches would carry that drift into the comparison."""
+    batches would carry that drift into the comparison. With ``repeats`` > 1 the pool is
+    timed that many times over (the same sessions) and a list per repeat is returned: how
+    well one measurement predicts the next is the floor under any predictor's error."""
     import torch
     from tqdm import tqdm
 
     from hwnas.nn.supernet import SubNet
 
     shape = (1, space.in_channels, space.input_size, space.input_size)
-    out = []
-    bar = tqdm(total=len(archs) * (rounds + 1), desc=desc, unit="step", mininterval=1.0)
+    out: list[list] = [[] for _ in range(repeats)]
+    bar = tqdm(total=len(archs) * (repeats * rounds + 1), desc=desc, unit="step", mininterval=1.0)
     for i in range(0, len(archs), chunk):
         runners = []
         for a in archs[i:i + chunk]:
@@ -182,34 +224,46 @@ def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: in
             net = SubNet(space, a).eval()
             runners.append(backend.prepare_deployed(net, shape))
             bar.update(1)
-        out += measure(runners, rounds, runs, warmup, seed=seed + i, progress=bar.update)
+        for r in range(repeats):
+            out[r] += measure(runners, rounds, runs, warmup, seed=seed + i + 7919 * r, progress=bar.update)
     bar.close()
-    return out
+    return out if repeats > 1 else out[0]
 
 
 def validate_table(space: SearchSpace, table: LatencyTable, backend: LatencyBackend, n: int,
-                   out: Path, calibrate: int = 10, seed: int = 0, rounds: int = 10, runs: int = 10,
+                   out: Path, calibrate: int = 20, seed: int = 0, rounds: int = 10, runs: int = 10,
                    warmup: int = 5, log: Callable = print) -> dict:
-    """Fit the calibration (a, c) on ``calibrate`` archs (smallest and largest included),
-    then measure ``n`` other random archs end to end and record how well the plain additive
-    sum, the calibrated predictor and FLOPs predict them. Writes the header's
-    ``calibration`` and ``validation`` objects and a scatter plot beside the table."""
+    """Fit the calibration (a, b, c; :func:`fit_calibration`) on ``calibrate`` archs
+    (smallest and largest included), then measure ``n`` other random archs end to end and
+    record how well the plain additive sum, each calibration model and FLOPs predict them.
+
+    The pool is timed twice: ``repeatability`` is how well the second measurement predicts
+    the first — the noise floor of this machine, under which no predictor can go. Writes
+    the header's ``calibration`` and ``validation`` objects, a scatter plot and the per-arch
+    figures (``.validation.json``) beside the table."""
     table.check(space, backend.settings())
     rng = random.Random(seed)
     calib = [space.smallest(), space.largest()] + [space.sample(rng) for _ in range(max(0, calibrate - 2))]
     valid = [space.sample(rng) for _ in range(n)]
-    meas = measure_archs(space, calib + valid, backend, rounds, runs, warmup, seed=seed)
+    meas, meas2 = measure_archs(space, calib + valid, backend, rounds, runs, warmup, seed=seed, repeats=2)
     m = np.array([x.latency_ms for x in meas])
+    m2 = np.array([x.latency_ms for x in meas2])
     plain = LatencyPredictor(space, table, calibrated=False)
     add = np.array([plain.additive(a) for a in calib + valid])
+    mp = np.array([plain.mparams(a) for a in calib + valid])
     k = len(calib)
-    a, c, kind = fit_calibration(add[:k], m[:k])
-    table.header["calibration"] = {"a": float(a), "c": float(c), "n": k, "model": kind,
-                                   "archs": [x.to_string(space) for x in calib]}
-    pred = a * add[k:] + c
+    cal = fit_calibration(add[:k], mp[:k], m[:k])
+    table.header["calibration"] = {**cal, "n": k, "archs": [x.to_string(space) for x in calib]}
+    pred = cal["a"] * add + cal["b"] * mp + cal["c"]
     flops = np.array([arch_flops(space, x) for x in valid], float)
     mv = m[k:]
-    v = {**error_stats(pred, mv), "additive": error_stats(add[k:], mv),
+    models = {}
+    for model in CALIBRATION_MODELS:
+        f = _fit_model(model, add[:k], mp[:k], m[:k]) if model in cal["loo_mape_pct"] else None
+        if f is not None:
+            models[model] = error_stats(f[0] * add[k:] + f[1] * mp[k:] + f[2], mv)
+    v = {**error_stats(pred[k:], mv), "model": cal["model"], "additive": error_stats(add[k:], mv),
+         "models": models, "repeatability": error_stats(m2[k:], mv),
          "flops_spearman": round(spearman(flops, mv), 4),
          "measured_range_ms": [round(float(m.min()), 4), round(float(m.max()), 4)],
          "measured_range_ratio": round(float(m.max() / m.min()), 2),
@@ -217,15 +271,24 @@ def validate_table(space: SearchSpace, table: LatencyTable, backend: LatencyBack
          "seed": seed}
     table.header["validation"] = v
     table.save(out)
+    write_json(out.with_suffix(".validation.json"), {
+        "table": out.name, "space_hash": space.hash, "calibration_archs": k,
+        "archs": [{"arch": x.to_string(space), "role": "calibration" if i < k else "validation",
+                   "additive_ms": round(float(add[i]), 5), "mparams": round(float(mp[i]), 5),
+                   "predicted_ms": round(float(pred[i]), 5), "measured_ms": round(float(m[i]), 5),
+                   "measured_again_ms": round(float(m2[i]), 5), "mflops": round(arch_flops(space, x) / 1e6, 4)}
+                  for i, x in enumerate(calib + valid)]})
     png = out.with_suffix(".validation.png")
-    _scatter(add[k:], pred, mv, v, png, table.header)
-    log(f"[profile] validation on {n} archs: calibrated MAPE {v['mape_pct']}%, within 10% "
+    _scatter(add[k:], pred[k:], mv, v, png, table.header, again=m2[k:])
+    r = v["repeatability"]
+    log(f"[profile] validation on {n} archs: calibrated ({cal['model']}) MAPE {v['mape_pct']}%, within 10% "
         f"{v['within_10pct']}%, Spearman {v['spearman']}; additive MAPE {v['additive']['mape_pct']}%; "
-        f"FLOPs Spearman {v['flops_spearman']}; plot {png}")
+        f"FLOPs Spearman {v['flops_spearman']}; noise floor (measured again vs measured): MAPE "
+        f"{r['mape_pct']}%, within 10% {r['within_10pct']}%, Spearman {r['spearman']}; plot {png}")
     return v
 
 
-def _scatter(add, pred, meas, v, path: Path, header: dict) -> None:
+def _scatter(add, pred, meas, v, path: Path, header: dict, again=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,7 +300,10 @@ def _scatter(add, pred, meas, v, path: Path, header: dict) -> None:
     ax.plot(xs, xs, "k-", lw=1, label="y = x")
     ax.fill_between(xs, xs * 0.9, xs * 1.1, color="0.9", label="±10%")
     ax.scatter(meas, add, s=12, c="0.5", label=f"additive sum (MAPE {v['additive']['mape_pct']}%)")
-    ax.scatter(meas, pred, s=12, c="tab:blue", label=f"calibrated (MAPE {v['mape_pct']}%)")
+    if again is not None:
+        ax.scatter(meas, again, s=10, c="tab:orange", marker="x",
+                   label=f"measured again: noise floor (MAPE {v['repeatability']['mape_pct']}%)")
+    ax.scatter(meas, pred, s=12, c="tab:blue", label=f"calibrated, {v.get('model', 'linear')} (MAPE {v['mape_pct']}%)")
     ax.set_xlabel("measured end-to-end latency (ms)")
     ax.set_ylabel("predicted latency (ms)")
     ax.set_title(f"{header.get('backend')} t{header.get('threads')} {header.get('input_size')}px: "

@@ -104,14 +104,20 @@ def make_header(space: SearchSpace, settings: dict, rounds: int, runs: int, warm
 
 
 class LatencyPredictor:
-    """latency(arch) = a * (sum of the arch's table entries) + c.
+    """latency(arch) = a * (sum of the arch's table entries) + b * (its weights, M params) + c.
 
     Each entry is counted without the backend's per-call overhead (measured once per table
     on a trivial graph), which is added back once: a network is one call, not one per op.
 
-    ``a`` and ``c`` come from the table's calibration (end-to-end measurements of a few
-    archs; a=1, c=0 without one). Per-layer lookups are precomputed, so a prediction is a
-    few dictionary reads (hundreds of thousands per second)."""
+    The weights term is what an op timed alone does not see: run again and again, its
+    weights stay in cache; in a whole network the other ops' weights evict them, so every
+    op pays for reading its weights from memory (measured on the 2-core VM, 32 px: the
+    largest subnets ran 2x their table sum, and a fit with the weights term halved the
+    error of a*sum+c).
+
+    ``a``, ``b`` and ``c`` come from the table's calibration (end-to-end measurements of a
+    few archs; a=1, b=0, c=0 without one). Per-layer costs are precomputed, so a prediction
+    is a few dictionary reads (hundreds of thousands per second)."""
 
     def __init__(self, space: SearchSpace, table: LatencyTable, stat: str | None = None,
                  calibrated: bool = True):
@@ -122,28 +128,41 @@ class LatencyPredictor:
         def net(key: str) -> float:  # an op's own cost, without the per-call overhead
             return max(0.0, table.ms(key, stat) - ov)
 
-        self.base = ov + net(stem_op(space).key()) + net(head_op(space).key())
-        self.layers = []
+        stem, head = stem_op(space), head_op(space)
+        self.base = ov + net(stem.key()) + net(head.key())
+        self.base_mparams = (stem.params + head.params) / 1e6
+        self.layers, self.layer_mparams = [], []
         for layer in space.layers():
-            d = {}
+            d, w = {}, {}
             for op, scale in enumerate_layer_choices(space, layer):
                 # a skip is folded away in deployed subnets (SubNet): it costs nothing
-                d[(op, scale)] = 0.0 if op == SKIP else net(layer_op(space, layer, op, scale).key())
+                spec = None if op == SKIP else layer_op(space, layer, op, scale)
+                d[(op, scale)] = 0.0 if spec is None else net(spec.key())
+                w[(op, scale)] = 0.0 if spec is None else spec.params / 1e6
             self.layers.append(d)
+            self.layer_mparams.append(w)
         cal = table.header.get("calibration") if calibrated else None
-        self.a, self.c = (cal["a"], cal["c"]) if cal else (1.0, 0.0)
+        self.a, self.b, self.c = (cal["a"], cal.get("b", 0.0), cal["c"]) if cal else (1.0, 0.0, 0.0)
+        # one combined cost per layer choice: a prediction is c + const + a sum of lookups
+        self._const = self.a * self.base + self.b * self.base_mparams + self.c
+        self._cost = [{lc: self.a * d[lc] + self.b * w[lc] for lc in d}
+                      for d, w in zip(self.layers, self.layer_mparams)]
 
     def additive(self, arch: Arch) -> float:
+        """The plain sum of the arch's table entries (plus one call overhead)."""
         return self.base + sum(d[lc] for d, lc in zip(self.layers, arch.layers))
 
+    def mparams(self, arch: Arch) -> float:
+        """The arch's weights, millions of parameters (analytic, as in the table's ops)."""
+        return self.base_mparams + sum(w[lc] for w, lc in zip(self.layer_mparams, arch.layers))
+
     def __call__(self, arch: Arch) -> float:
-        return self.a * self.additive(arch) + self.c
+        return self._const + sum(d[lc] for d, lc in zip(self._cost, arch.layers))
 
     def range(self) -> tuple[float, float]:
         """Predicted latency of the fastest and slowest archs (per-layer min/max)."""
-        lo = self.base + sum(min(d.values()) for d in self.layers)
-        hi = self.base + sum(max(d.values()) for d in self.layers)
-        return self.a * lo + self.c, self.a * hi + self.c
+        return (self._const + sum(min(d.values()) for d in self._cost),
+                self._const + sum(max(d.values()) for d in self._cost))
 
     def sample_feasible(self, budget_ms: float, rng, tries: int = 2000) -> Arch:
         """A random arch predicted within ``budget_ms``: a uniform sample of the space when
@@ -160,7 +179,7 @@ class LatencyPredictor:
         layers = list(self.space.sample(rng).layers)
         while self(Arch(tuple(layers))) > budget_ms:
             i = rng.randrange(len(layers))
-            d = self.layers[i]
+            d = self._cost[i]
             cheaper = [c for c in d if d[c] < d[layers[i]]]
             if cheaper:
                 layers[i] = rng.choice(cheaper)
@@ -168,4 +187,4 @@ class LatencyPredictor:
 
     def extreme_arch(self, fastest: bool = True) -> Arch:
         pick = min if fastest else max
-        return Arch(tuple(pick(d, key=d.get) for d in self.layers))
+        return Arch(tuple(pick(d, key=d.get) for d in self._cost))
