@@ -96,13 +96,13 @@ def run_pipeline(cfg: Config, log: Callable = print) -> int:
         from hwnas.search.runner import load_best
 
         best = load_best(rd.path)
-        api.train_query(cfg, arch=best["arch"], name="searched", resume=True, log=log)
+        api.train_query(cfg, arch=best["arch"], name="searched", resume=True, retrain_changed=True, log=log)
 
     def baselines():
         from hwnas.report import baseline_models
 
         for name, kw in baseline_models(cfg, space).items():
-            api.train_query(cfg, name=name, resume=True, log=log, **kw)
+            api.train_query(cfg, name=name, resume=True, retrain_changed=True, log=log, **kw)
 
     def deploy():
         from hwnas.export.deploy import deploy as do_deploy

@@ -217,3 +217,18 @@ def test_affine_augmentation_is_deterministic_and_keeps_edges():
     assert abs(a.sum() / x.sum() - 1) < 0.35            # scale 0.9-1.1: the ink is roughly kept
     page = torch.full((4, 1, 32, 32), 0.7)               # a blank page stays blank (edges extended)
     assert torch.allclose(augment_batch(page, "affine", torch.Generator().manual_seed(0)), page, atol=1e-5)
+
+
+def test_a_finished_model_of_another_arch_is_not_silently_kept(trained_gallery, tmp_path):
+    """A new search may choose a new arch for the same name ('searched'): the old model is an
+    error naming --restart, or (hwnas run) trained again — never reported as the new one."""
+    cfg = load_config(_clone_run(trained_gallery, tmp_path, query={"train": {"epochs": 1, "batch_size": 64}}))
+    space, quiet = cfg.search_space(), (lambda *_: None)
+    small, large = space.smallest().to_string(space), space.largest().to_string(space)
+    first = api.train_query(cfg, arch=small, name="searched", inherit=False, log=quiet)
+    again = api.train_query(cfg, arch=small, name="searched", inherit=False, log=quiet)
+    assert again["fingerprint"] == first["fingerprint"]  # the same model: kept
+    with pytest.raises(HwnasError, match="other arch.*--restart"):
+        api.train_query(cfg, arch=large, name="searched", inherit=False, log=quiet)
+    new = api.train_query(cfg, arch=large, name="searched", inherit=False, retrain_changed=True, log=quiet)
+    assert new["arch"] == large and new["fingerprint"] != first["fingerprint"]

@@ -11,6 +11,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -288,9 +289,14 @@ def load_supernet(rd: RunDir):
 
 def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = None,
                 name: str | None = None, resume: bool = False, restart: bool = False,
-                inherit: bool | None = None, loss_override: dict | None = None, log=print) -> dict:
+                inherit: bool | None = None, loss_override: dict | None = None,
+                retrain_changed: bool = False, log=print) -> dict:
     """Train one fixed query model (an SPOS arch, or a timm baseline) with the
-    compatibility loss, then evaluate it on the test split."""
+    compatibility loss, then evaluate it on the test split.
+
+    A finished model already under the name is kept only if it is the same model (arch or
+    timm name, loss, training settings, inheritance); otherwise it is an error naming the
+    fix, or with ``retrain_changed`` (``hwnas run``, after a new search) trained again."""
     from hwnas.compat.losses import CompatLoss, LossConfig
     from hwnas.compat.tasks import CompatTask
     from hwnas.compat.train import fit, is_main
@@ -304,11 +310,22 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     space = cfg.search_space()
     name = name or (f"timm-{timm_name}" if timm_name else f"arch-{_short(arch, space)}")
     out = rd.path / "query" / name
-    if _prepare_out(out, restart):
-        log(f"[train-query] {out} is already trained; --restart to train again")
-        return read_json(out / "config.json")
     loss_cfg = LossConfig(**loss_override) if loss_override is not None else cfg.loss_config("query")
     tc = cfg.train_config("query")
+    if _prepare_out(out, restart):
+        old = read_json(out / "config.json")
+        want = {"arch": None if arch is None else space.parse(arch).to_string(space), "timm": timm_name,
+                "loss": loss_cfg.to_dict(), "train": tc.__dict__,
+                "inherit": bool((cfg.query.inherit if inherit is None else inherit) and arch)}
+        diff = [k for k, v in json.loads(json.dumps(want)).items() if old.get(k) != v]
+        if not diff:
+            log(f"[train-query] {out} is already trained; --restart to train again")
+            return old
+        if not retrain_changed:
+            raise HwnasError(f"{out} holds a query model trained with other {', '.join(diff)} "
+                             f"than asked: train again with --restart, or give another --name")
+        log(f"[train-query] {out} was trained with other {', '.join(diff)}; training again")
+        shutil.rmtree(out)
     space, pre, gallery, classes, data = _compat_setup(rd, loss_cfg, log)
     inherit = cfg.query.inherit if inherit is None else inherit
     torch.manual_seed(cfg.seed)
