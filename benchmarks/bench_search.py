@@ -90,7 +90,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from hwnas.config import load_config
-    from hwnas.pipeline import resolve_budget
+    from hwnas.pipeline import run_budget
     from hwnas.search.runner import plot_progress, predictor_for, run_search
 
     base = load_config(args.config)
@@ -98,7 +98,7 @@ def main() -> None:
     space = base.search_space()
     pred, _ = predictor_for(base, space)
     lo, hi = pred.range()
-    budget = resolve_budget(base, pred)
+    budget = run_budget(base, pred)["budget_ms"]
     res: dict = {"machine": machine(), "run_dir": args.run_dir, "budget_ms": budget, "range_ms": [lo, hi]}
     out = ROOT / "benchmarks" / "results"
     quiet = lambda *_: None  # noqa: E731

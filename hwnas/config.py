@@ -66,6 +66,7 @@ class LatencyConfig:
 class SearchConfig:
     budget_ms: float | None = None
     budget_fraction: float = 0.3  # hwnas run without budget_ms: lo + f * (hi - lo) of the table
+    budget_speedup: float | None = None  # hwnas run: budget = the paragon's latency / this (measured)
     reward: str = "r3"  # r1: M(q,q) | r2: M(q,g) | r3: alpha*M(q,g) + (1-alpha)*M(q,q)
     alpha: float = 0.5
     metric: str = "recall@1"  # or mAP

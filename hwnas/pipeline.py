@@ -36,16 +36,86 @@ class Steps:
         write_json(self.path, self.state)
 
 
-def resolve_budget(cfg: Config, predictor) -> float:
-    """``search.budget_ms``, or ``search.budget_fraction`` of the way from the fastest to the
-    slowest predicted subnet (portable across machines with different tables)."""
+def resolve_budget(cfg: Config, predictor, paragon_ms: Callable[[], dict] | None = None) -> float:
+    """``search.budget_ms``; else ``search.budget_speedup`` (the query must be that many times
+    faster than the paragon, :func:`paragon_budget`; needs ``paragon_ms``); else
+    ``search.budget_fraction`` of the way from the fastest to the slowest predicted subnet
+    (portable across machines with different tables)."""
     if cfg.search.budget_ms is not None:
         return float(cfg.search.budget_ms)
     lo, hi = predictor.range()
+    if cfg.search.budget_speedup is not None:
+        sp = cfg.search.budget_speedup
+        if not sp > 1:
+            raise HwnasError(f"search.budget_speedup {sp} must be above 1 (the query model is "
+                             "that many times faster than the gallery model)")
+        if paragon_ms is None:
+            raise HwnasError("search.budget_speedup needs the trained gallery model (hwnas run "
+                             "measures it); or set search.budget_ms")
+        b = round(paragon_ms()["budget_ms"], 4)
+        if not lo <= b:
+            raise HwnasError(f"search.budget_speedup {sp}: the budget {b:.4f} ms is below the "
+                             f"fastest subnet ({lo:.4f} ms); lower the speed-up")
+        return min(b, round(hi * 0.999, 4))
     f = cfg.search.budget_fraction
     if not 0 < f < 1:
         raise HwnasError(f"search.budget_fraction {f} must be between 0 and 1 (or set budget_ms)")
     return round(lo + f * (hi - lo), 4)
+
+
+def paragon_budget(cfg: Config, predictor, gallery_net, log: Callable = print) -> dict:
+    """The latency budget at which a query model is ``search.budget_speedup`` times faster
+    than the paragon (the gallery model on the query side), on the table's device.
+
+    The paragon is timed in one interleaved pool with the fastest and the slowest subnet, and
+    its latency is put on the predictor's scale through them (budget = paragon / speed-up x
+    predicted / measured, the geometric mean over the two): the machine may run faster or
+    slower now than when the table was calibrated, and that drift cancels."""
+    import math
+
+    from hwnas.latency.backends import OrtCpuBackend, measure
+    from hwnas.nn.supernet import SubNet
+
+    space, pre = cfg.search_space(), cfg.preprocess()
+    shape = (1, pre.channels, pre.size, pre.size)
+    backend = OrtCpuBackend(threads=cfg.latency.threads)
+    refs = [predictor.extreme_arch(True), predictor.extreme_arch(False)]
+    runners = [backend.prepare_deployed(SubNet(space, a).eval(), shape) for a in refs]
+    runners.append(backend.prepare_deployed(gallery_net, shape))
+    m = measure(runners, rounds=15, runs=10, warmup=10)
+    scale = math.exp(sum(math.log(predictor(a) / x.latency_ms) for a, x in zip(refs, m)) / len(refs))
+    p_ms = m[-1].latency_ms
+    b = p_ms / cfg.search.budget_speedup * scale
+    log(f"[search] paragon measured {p_ms:.3f} ms (predictor scale x{scale:.3f} from the fastest "
+        f"and slowest subnets timed beside it): {cfg.search.budget_speedup:g}x faster is "
+        f"{b:.4f} ms predicted")
+    return {"paragon_ms": p_ms, "scale": scale, "budget_ms": b}
+
+
+def run_budget(cfg: Config, predictor, log: Callable = print) -> dict:
+    """The run's latency budget (:func:`resolve_budget`), resolved once and kept in
+    ``budget.json``: a measured budget (``budget_speedup``) would differ a little on every
+    measurement, and a resumed search must continue the same study."""
+    from hwnas.compat import api
+
+    rd = RunDir(cfg)
+    path = rd.path / "budget.json"
+    key = {"budget_ms": cfg.search.budget_ms, "budget_speedup": cfg.search.budget_speedup,
+           "budget_fraction": cfg.search.budget_fraction, "range_ms": [round(x, 5) for x in predictor.range()]}
+    if path.exists():
+        old = read_json(path)
+        if old.get("key") == key:
+            return old["resolved"]
+    measured: dict = {}
+
+    def paragon_ms() -> dict:
+        measured.update(paragon_budget(cfg, predictor, api.run_gallery(rd).net, log=log))
+        return measured
+
+    budget = resolve_budget(cfg, predictor, paragon_ms)
+    resolved = {**{k: v for k, v in measured.items() if k != "budget_ms"}, "budget_ms": budget}
+    write_json(path, {"key": key, "resolved": resolved})
+    return resolved
 
 
 def run_pipeline(cfg: Config, log: Callable = print) -> int:
@@ -87,10 +157,11 @@ def run_pipeline(cfg: Config, log: Callable = print) -> int:
         from hwnas.search.runner import predictor_for, run_search
 
         pred, _ = predictor_for(cfg, space)
-        cfg.search.budget_ms = resolve_budget(cfg, pred)
+        info = run_budget(cfg, pred, log=log)
+        cfg.search.budget_ms = info["budget_ms"]
         log(f"[search] budget {cfg.search.budget_ms} ms")
         r = run_search(cfg, log=log)
-        return {"arch": r["arch"], "budget_ms": cfg.search.budget_ms, "reward": r["reward"]}
+        return {"arch": r["arch"], "reward": r["reward"], **info}
 
     def train_query():
         from hwnas.search.runner import load_best

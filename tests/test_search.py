@@ -243,3 +243,35 @@ def test_random_and_evolution_draw_only_feasible_archs(search_run, tmp_path, sam
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 8 and all(t.user_attrs["feasible"] for t in done)
     assert len({t.user_attrs["arch"] for t in done}) >= 4  # it explores, not one arch
+
+
+def test_budget_as_a_speedup_over_the_paragon(search_run):
+    """search.budget_speedup: the paragon is timed beside the fastest and slowest subnets and
+    put on the predictor's scale; the run resolves it once (budget.json) so a resumed search
+    continues the same study."""
+    from hwnas.pipeline import paragon_budget, resolve_budget, run_budget
+    from hwnas.rundir import RunDir
+
+    root, cfg_path = search_run
+    cfg = load_config(cfg_path)
+    lo, hi, pred = _budget(cfg)
+    quiet = lambda *_: None  # noqa: E731
+    cfg.search.budget_speedup = 3.0
+    info = paragon_budget(cfg, pred, api.run_gallery(RunDir(cfg)).net, log=quiet)
+    assert info["paragon_ms"] > 0 and 0.1 < info["scale"] < 10
+    assert info["budget_ms"] == pytest.approx(info["paragon_ms"] / 3.0 * info["scale"])
+    assert resolve_budget(cfg, pred, lambda: {"budget_ms": (lo + hi) / 2}) == round((lo + hi) / 2, 4)
+    assert resolve_budget(cfg, pred, lambda: {"budget_ms": 2 * hi}) < hi  # every arch fits: clamped
+    with pytest.raises(HwnasError, match="below the fastest subnet"):
+        resolve_budget(cfg, pred, lambda: {"budget_ms": lo / 2})
+    with pytest.raises(HwnasError, match="needs the trained gallery"):
+        resolve_budget(cfg, pred)
+    cfg.search.budget_speedup = 0.5
+    with pytest.raises(HwnasError, match="must be above 1"):
+        resolve_budget(cfg, pred, lambda: {"budget_ms": 1.0})
+    # a speed-up that lands mid-range, resolved once and kept
+    cfg.search.budget_speedup = max(1.01, info["paragon_ms"] * info["scale"] / ((lo + hi) / 2))
+    first = run_budget(cfg, pred, log=quiet)
+    assert lo <= first["budget_ms"] < hi and first["paragon_ms"] == pytest.approx(info["paragon_ms"], rel=1.0)
+    assert run_budget(cfg, pred, log=quiet) == first
+    assert (RunDir(cfg).path / "budget.json").exists()
