@@ -83,9 +83,15 @@ def test_over_budget_archs_are_never_evaluated(search_run, tmp_path):
     root, cfg_path = search_run
     cfg = load_config(cfg_path)
     lo, hi, pred = _budget(cfg)
-    cfg.search.budget_ms = lo + 0.3 * (hi - lo)
+    import random as _random
+
+    space = cfg.search_space()
+    rng = _random.Random(0)
+    # 30% of uniform archs fit: TPE's own uniform start-up trials (a budget this loose gets
+    # no feasible start-up archs enqueued) are mostly over budget
+    cfg.search.budget_ms = sorted(pred(space.sample(rng)) for _ in range(1000))[300]
     cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
-    cfg.search.sampler = "tpe"  # its start-up trials are uniform archs, most over budget
+    cfg.search.sampler = "tpe"
     real = SupernetEvaluator(cfg, log=lambda *_: None)
     seen = []
 
@@ -93,7 +99,7 @@ def test_over_budget_archs_are_never_evaluated(search_run, tmp_path):
         seen.append(pred(arch))
         return real(arch)
 
-    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None)
+    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
     assert seen and max(seen) <= cfg.search.budget_ms
     study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)
     infeasible = [t for t in study.trials if t.user_attrs.get("feasible") is False]
@@ -275,3 +281,25 @@ def test_budget_as_a_speedup_over_the_paragon(search_run):
     assert lo <= first["budget_ms"] < hi and first["paragon_ms"] == pytest.approx(info["paragon_ms"], rel=1.0)
     assert run_budget(cfg, pred, log=quiet) == first
     assert (RunDir(cfg).path / "budget.json").exists()
+
+
+def test_tpe_starts_from_feasible_archs_at_a_tight_budget(search_run, tmp_path):
+    """At a budget only ~1% of uniform archs meet, TPE's start-up trials are random feasible
+    archs (enqueued), not uniform archs that nearly all fail the budget."""
+    import random as _random
+
+    root, cfg_path = search_run
+    cfg = load_config(cfg_path)
+    lo, hi, pred = _budget(cfg)
+    space = cfg.search_space()
+    rng = _random.Random(0)
+    cfg.search.budget_ms = sorted(pred(space.sample(rng)) for _ in range(1000))[10]
+    cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
+    cfg.search.sampler, cfg.search.n_trials = "tpe", 12
+    fake = {"M(q,q)": {"recall@1": 0.5, "recall@5": 0.5, "mAP": 0.5}, "seconds": 0.0}
+    res = run_search(cfg, evaluator=lambda a: {**fake, "M(q,g)": fake["M(q,q)"]}, log=lambda *_: None, seed=0)
+    study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)
+    enqueued = [t for t in study.trials if "baseline" in t.user_attrs]
+    assert sum(t.user_attrs["baseline"] == "random-feasible start-up" for t in enqueued) == 10
+    assert all(t.user_attrs["feasible"] for t in enqueued)
+    assert max(t.number for t in enqueued) < len(enqueued)  # they went first

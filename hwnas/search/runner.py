@@ -228,7 +228,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     old = study.user_attrs.get("hwnas")
     if old is None:
         study.set_user_attr("hwnas", meta)
-        _enqueue_baselines(study, space, predictor, budget)
+        _enqueue_baselines(study, space, predictor, budget, s.sampler, seed)
     elif old != meta:
         changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
         raise HwnasError(f"study {name!r} in {url} was started with other settings {changed}; "
@@ -291,8 +291,15 @@ def _n_feasible(study) -> int:
                if t.user_attrs.get("feasible"))
 
 
-def _enqueue_baselines(study, space, predictor, budget) -> None:
-    """Known archs go first: the fastest subnet, and the largest uniform arch within budget."""
+def _enqueue_baselines(study, space, predictor, budget, sampler: str = "tpe", seed: int | None = None,
+                       startup: int = 10) -> None:
+    """Known archs go first: the fastest subnet, and the largest uniform arch within budget.
+    For TPE and NSGA-II at a tight budget (under a fifth of uniform archs fit), also
+    ``startup`` random feasible archs: their own start-up trials are uniform archs, nearly
+    all over budget there, and a model fitted on over-budget trials alone keeps proposing
+    them."""
+    import random
+
     fastest = predictor.extreme_arch(True)
     study.enqueue_trial(space.params_of(fastest), user_attrs={"baseline": "fastest"})
     best_uniform = None
@@ -304,6 +311,12 @@ def _enqueue_baselines(study, space, predictor, budget) -> None:
                 best_uniform = (lat, a)
     if best_uniform is not None:
         study.enqueue_trial(space.params_of(best_uniform[1]), user_attrs={"baseline": "uniform"})
+    if sampler in ("tpe", "nsga2"):
+        rng = random.Random(seed)
+        if sum(predictor(space.sample(rng)) <= budget for _ in range(500)) < 100:
+            for _ in range(startup):
+                study.enqueue_trial(space.params_of(predictor.sample_feasible(budget, rng)),
+                                    user_attrs={"baseline": "random-feasible start-up"})
 
 
 def enqueue_archs(cfg: Config, archs: list[str]) -> None:
