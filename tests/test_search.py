@@ -61,6 +61,15 @@ def _budget(cfg):
     return lo, hi, p
 
 
+def _quantile_budget(cfg, pred, q: float) -> float:
+    """The budget that a fraction ``q`` of uniform archs meets (not a fixed ms value, which a
+    table timed while the machine was slow or fast would turn into another test)."""
+    import random
+
+    space, rng = cfg.search_space(), random.Random(0)
+    return sorted(pred(space.sample(rng)) for _ in range(1000))[int(q * 1000)]
+
+
 def test_reward_and_pareto():
     assert reward(0.6, 0.8, "r1") == 0.6
     assert reward(0.6, 0.8, "r2") == 0.8
@@ -83,13 +92,9 @@ def test_over_budget_archs_are_never_evaluated(search_run, tmp_path):
     root, cfg_path = search_run
     cfg = load_config(cfg_path)
     lo, hi, pred = _budget(cfg)
-    import random as _random
-
-    space = cfg.search_space()
-    rng = _random.Random(0)
     # 30% of uniform archs fit: TPE's own uniform start-up trials (a budget this loose gets
     # no feasible start-up archs enqueued) are mostly over budget
-    cfg.search.budget_ms = sorted(pred(space.sample(rng)) for _ in range(1000))[300]
+    cfg.search.budget_ms = _quantile_budget(cfg, pred, 0.3)
     cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
     cfg.search.sampler = "tpe"
     real = SupernetEvaluator(cfg, log=lambda *_: None)
@@ -231,14 +236,10 @@ def test_evolution_sampler_mutates_the_population(tiny_space):
 def test_random_and_evolution_draw_only_feasible_archs(search_run, tmp_path, sampler):
     """At a tight budget (about 2% of uniform archs fit) these samplers spend no trial on an
     over-budget arch: they draw under the predictor's check, as SPOS's evolution does."""
-    import random as _random
-
     root, cfg_path = search_run
     cfg = load_config(cfg_path)
     lo, hi, pred = _budget(cfg)
-    space = cfg.search_space()
-    rng = _random.Random(0)
-    cfg.search.budget_ms = sorted(pred(space.sample(rng)) for _ in range(500))[10]
+    cfg.search.budget_ms = _quantile_budget(cfg, pred, 0.02)
     cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
     cfg.search.sampler, cfg.search.n_trials = sampler, 8
     cfg.search.population, cfg.search.tournament = 3, 2  # evolution: 5 children after the pool
@@ -286,14 +287,10 @@ def test_budget_as_a_speedup_over_the_paragon(search_run):
 def test_tpe_starts_from_feasible_archs_at_a_tight_budget(search_run, tmp_path):
     """At a budget only ~1% of uniform archs meet, TPE's start-up trials are random feasible
     archs (enqueued), not uniform archs that nearly all fail the budget."""
-    import random as _random
-
     root, cfg_path = search_run
     cfg = load_config(cfg_path)
     lo, hi, pred = _budget(cfg)
-    space = cfg.search_space()
-    rng = _random.Random(0)
-    cfg.search.budget_ms = sorted(pred(space.sample(rng)) for _ in range(1000))[10]
+    cfg.search.budget_ms = _quantile_budget(cfg, pred, 0.01)
     cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
     cfg.search.sampler, cfg.search.n_trials = "tpe", 12
     fake = {"M(q,q)": {"recall@1": 0.5, "recall@5": 0.5, "mAP": 0.5}, "seconds": 0.0}
