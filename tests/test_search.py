@@ -243,9 +243,10 @@ def test_random_and_evolution_draw_only_feasible_archs(search_run, tmp_path, sam
     cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
     cfg.search.sampler, cfg.search.n_trials = sampler, 8
     cfg.search.population, cfg.search.tournament = 3, 2  # evolution: 5 children after the pool
+    cfg.search.mutation_prob = 0.5
     res = run_search(cfg, evaluator=lambda a: {"M(q,q)": {"recall@1": 0.5, "recall@5": 0.5, "mAP": 0.5},
                                                "M(q,g)": {"recall@1": pred(a), "recall@5": 0.5, "mAP": 0.5},
-                                               "seconds": 0.0}, log=lambda *_: None)
+                                               "seconds": 0.0}, log=lambda *_: None, seed=0)
     study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 8 and all(t.user_attrs["feasible"] for t in done)
