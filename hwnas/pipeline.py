@@ -36,7 +36,8 @@ class Steps:
         write_json(self.path, self.state)
 
 
-def resolve_budget(cfg: Config, predictor, paragon_ms: Callable[[], dict] | None = None) -> float:
+def resolve_budget(cfg: Config, predictor, paragon_ms: Callable[[], dict] | None = None,
+                   warn: Callable = print) -> float:
     """``search.budget_ms``; else ``search.budget_speedup`` (the query must be that many times
     faster than the paragon, :func:`paragon_budget`; needs ``paragon_ms``); else
     ``search.budget_fraction`` of the way from the fastest to the slowest predicted subnet
@@ -53,9 +54,12 @@ def resolve_budget(cfg: Config, predictor, paragon_ms: Callable[[], dict] | None
             raise HwnasError("search.budget_speedup needs the trained gallery model (hwnas run "
                              "measures it); or set search.budget_ms")
         b = round(paragon_ms()["budget_ms"], 4)
-        if not lo <= b:
-            raise HwnasError(f"search.budget_speedup {sp}: the budget {b:.4f} ms is below the "
-                             f"fastest subnet ({lo:.4f} ms); lower the speed-up")
+        if b < lo:  # a config meant for another machine: the fastest subnets, not an error
+            floor = round(lo + 0.02 * (hi - lo), 4)
+            warn(f"search.budget_speedup {sp}: {b:.4f} ms is below the fastest subnet here "
+                 f"({lo:.4f} ms); searching the fastest subnets instead (budget {floor:.4f} ms). "
+                 "Lower the speed-up or give search.budget_ms to silence this")
+            return floor
         return min(b, round(hi * 0.999, 4))
     f = cfg.search.budget_fraction
     if not 0 < f < 1:
@@ -112,7 +116,7 @@ def run_budget(cfg: Config, predictor, log: Callable = print) -> dict:
         measured.update(paragon_budget(cfg, predictor, api.run_gallery(rd).net, log=log))
         return measured
 
-    budget = resolve_budget(cfg, predictor, paragon_ms)
+    budget = resolve_budget(cfg, predictor, paragon_ms, warn=lambda m: log(f"[search] WARNING: {m}"))
     resolved = {**{k: v for k, v in measured.items() if k != "budget_ms"}, "budget_ms": budget}
     write_json(path, {"key": key, "resolved": resolved})
     return resolved
