@@ -117,7 +117,7 @@ def run_budget(cfg: Config, predictor, log: Callable = print) -> dict:
         return measured
 
     budget = resolve_budget(cfg, predictor, paragon_ms, warn=lambda m: log(f"[search] WARNING: {m}"))
-    resolved = {**{k: v for k, v in measured.items() if k != "budget_ms"}, "budget_ms": budget}
+    resolved = {**measured, "budget_ms": budget}  # the resolved (clamped) budget wins
     write_json(path, {"key": key, "resolved": resolved})
     return resolved
 

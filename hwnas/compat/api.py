@@ -312,11 +312,11 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     out = rd.path / "query" / name
     loss_cfg = LossConfig(**loss_override) if loss_override is not None else cfg.loss_config("query")
     tc = cfg.train_config("query")
+    inherit = cfg.query.inherit if inherit is None else inherit
     if _prepare_out(out, restart):
         old = read_json(out / "config.json")
         want = {"arch": None if arch is None else space.parse(arch).to_string(space), "timm": timm_name,
-                "loss": loss_cfg.to_dict(), "train": tc.__dict__,
-                "inherit": bool((cfg.query.inherit if inherit is None else inherit) and arch)}
+                "loss": loss_cfg.to_dict(), "train": tc.__dict__, "inherit": bool(inherit and arch)}
         diff = [k for k, v in json.loads(json.dumps(want)).items() if old.get(k) != v]
         if not diff:
             log(f"[train-query] {out} is already trained; --restart to train again")
@@ -327,7 +327,6 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         log(f"[train-query] {out} was trained with other {', '.join(diff)}; training again")
         shutil.rmtree(out)
     space, pre, gallery, classes, data = _compat_setup(rd, loss_cfg, log)
-    inherit = cfg.query.inherit if inherit is None else inherit
     torch.manual_seed(cfg.seed)
     qcfg = {"role": "query", "embed_dim": space.embed_dim, "preprocess": pre.to_dict()}
     own_state = None

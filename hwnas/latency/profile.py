@@ -169,19 +169,16 @@ def _fit_model(model: str, add: np.ndarray, mp: np.ndarray, meas: np.ndarray) ->
     return float(a), float(b), float(c)
 
 
-def fit_calibration(add: np.ndarray, mparams: np.ndarray, meas: np.ndarray) -> dict:
-    """measured ~ a * additive + b * weights (M params) + c (see LatencyPredictor).
-
-    Three models, from the safest to the richest: an offset (a=1, b=0: the median residual,
-    which cannot go wrong with few or noisy points), a line in the additive sum, and a line
-    with the weights term. The one with the lowest leave-one-out relative error on the
-    calibration archs wins (the richer ones need at least 5 and 8 archs), so a richer model
-    is used only where it predicts archs it was not fitted on better."""
+def _calibration_fits(add: np.ndarray, mparams: np.ndarray, meas: np.ndarray) -> dict:
+    """{model: ((a, b, c) on all points, leave-one-out relative error)} for every model that
+    is sane on all points and in every leave-one-out fold (the richer models need at least
+    5 and 8 archs)."""
     add, mparams, meas = (np.asarray(x, float) for x in (add, mparams, meas))
-    n, scores = len(meas), {}
+    n, out = len(meas), {}
     for model, need in zip(CALIBRATION_MODELS, (1, 5, 8)):
         if n < need or (model != "offset" and np.ptp(add) == 0):
             continue
+        full = _fit_model(model, add, mparams, meas)
         errs = []
         for i in range(n):
             keep = np.arange(n) != i
@@ -190,12 +187,24 @@ def fit_calibration(add: np.ndarray, mparams: np.ndarray, meas: np.ndarray) -> d
                 break
             a, b, c = f
             errs.append(abs(a * add[i] + b * mparams[i] + c - meas[i]) / meas[i])
-        if len(errs) == n and _fit_model(model, add, mparams, meas) is not None:
-            scores[model] = float(np.mean(errs))
-    best = min(scores, key=scores.get)
-    a, b, c = _fit_model(best, add, mparams, meas)
+        if full is not None and len(errs) == n:
+            out[model] = (full, float(np.mean(errs)))
+    return out
+
+
+def fit_calibration(add: np.ndarray, mparams: np.ndarray, meas: np.ndarray) -> dict:
+    """measured ~ a * additive + b * weights (M params) + c (see LatencyPredictor).
+
+    Three models, from the safest to the richest: an offset (a=1, b=0: the median residual,
+    which cannot go wrong with few or noisy points), a line in the additive sum, and a line
+    with the weights term. The one with the lowest leave-one-out relative error on the
+    calibration archs wins, so a richer model is used only where it predicts archs it was
+    not fitted on better."""
+    fits = _calibration_fits(add, mparams, meas)
+    best = min(fits, key=lambda m: fits[m][1])
+    a, b, c = fits[best][0]
     return {"a": a, "b": b, "c": c, "model": best,
-            "loo_mape_pct": {k: round(100 * v, 2) for k, v in scores.items()}}
+            "loo_mape_pct": {k: round(100 * e, 2) for k, (_, e) in fits.items()}}
 
 
 def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: int, runs: int,
@@ -257,11 +266,8 @@ def validate_table(space: SearchSpace, table: LatencyTable, backend: LatencyBack
     pred = cal["a"] * add + cal["b"] * mp + cal["c"]
     flops = np.array([arch_flops(space, x) for x in valid], float)
     mv = m[k:]
-    models = {}
-    for model in CALIBRATION_MODELS:
-        f = _fit_model(model, add[:k], mp[:k], m[:k]) if model in cal["loo_mape_pct"] else None
-        if f is not None:
-            models[model] = error_stats(f[0] * add[k:] + f[1] * mp[k:] + f[2], mv)
+    models = {model: error_stats(a * add[k:] + b * mp[k:] + c, mv)
+              for model, ((a, b, c), _) in _calibration_fits(add[:k], mp[:k], m[:k]).items()}
     v = {**error_stats(pred[k:], mv), "model": cal["model"], "additive": error_stats(add[k:], mv),
          "models": models, "repeatability": error_stats(m2[k:], mv),
          "flops_spearman": round(spearman(flops, mv), 4),

@@ -169,9 +169,9 @@ class LatencyPredictor:
         one of ``tries`` fits; else (tight budgets, where few uniform archs fit) a uniform
         sample whose layers, picked at random, are swapped for random cheaper choices of
         that layer until it fits."""
-        if self.range()[0] > budget_ms:
-            raise HwnasError(f"no arch fits {budget_ms} ms: the fastest is predicted at "
-                             f"{self.range()[0]:.4f} ms")
+        lo = self.range()[0]
+        if lo > budget_ms:
+            raise HwnasError(f"no arch fits {budget_ms} ms: the fastest is predicted at {lo:.4f} ms")
         for _ in range(tries):
             a = self.space.sample(rng)
             if self(a) <= budget_ms:
