@@ -232,3 +232,25 @@ def test_a_finished_model_of_another_arch_is_not_silently_kept(trained_gallery, 
         api.train_query(cfg, arch=large, name="searched", inherit=False, log=quiet)
     new = api.train_query(cfg, arch=large, name="searched", inherit=False, retrain_changed=True, log=quiet)
     assert new["arch"] == large and new["fingerprint"] != first["fingerprint"]
+
+
+def test_contrastive_part_rewards_keeping_the_gallery_neighbourhoods():
+    """InfoNCE over the batch: low when each query embedding is nearest its own image's
+    gallery embedding, high when the queries are shuffled; off by default and then left out
+    of the stored loss settings, so models trained before it keep their fingerprints."""
+    from hwnas.compat.losses import CompatLoss, LossConfig
+
+    off = LossConfig(own_cls=1.0, bct=0.0, regress=1.0)
+    assert "contrast" not in off.to_dict() and not LossConfig(own_cls=1.0, bct=0.0, regress=0.0).needs_gallery_emb
+    cfg = LossConfig(own_cls=0.0, bct=0.0, regress=0.0, contrast=1.0, contrast_temp=0.1)
+    assert cfg.needs_gallery_emb and cfg.to_dict()["contrast"] == 1.0
+    loss = CompatLoss(cfg, embed_dim=16, num_classes=4)
+    g = torch.nn.functional.normalize(torch.randn(32, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    y = torch.zeros(32, dtype=torch.long)
+    aligned, parts = loss(g.clone(), y, g)
+    shuffled, _ = loss(g[torch.randperm(32, generator=torch.Generator().manual_seed(1))], y, g)
+    assert set(parts) == {"contrast"} and float(aligned) < 0.5 < 2.0 < float(shuffled)
+    with pytest.raises(HwnasError, match="needs the gallery embeddings"):
+        loss(g, y, None)
+    with pytest.raises(HwnasError, match="contrast_temp"):
+        LossConfig(contrast=1.0, contrast_temp=0.0)

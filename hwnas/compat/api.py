@@ -234,7 +234,7 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     loss_cfg, tc = cfg.loss_config("supernet"), cfg.train_config("supernet")
     space, pre, gallery, classes, data = _compat_setup(rd, loss_cfg, log)
     g_emb = None
-    if gallery is not None and loss_cfg.regress > 0 and cfg.supernet.cache_gallery_embeddings \
+    if gallery is not None and loss_cfg.needs_gallery_emb and cfg.supernet.cache_gallery_embeddings \
             and tc.augment == "none":
         g_emb = torch.from_numpy(gallery_embeddings(rd, gallery, "train", data, log=log))
     torch.manual_seed(cfg.seed)
@@ -268,7 +268,8 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
 
 
 def _loss_str(c) -> str:
-    parts = [f"{k} {getattr(c, k):g}" for k in ("own_cls", "bct", "regress") if getattr(c, k) > 0]
+    parts = [f"{k} {getattr(c, k):g}" for k in ("own_cls", "bct", "regress", "contrast")
+             if getattr(c, k) > 0]
     return " + ".join(parts) + (f" ({c.regress_kind})" if c.regress > 0 else "")
 
 
@@ -354,7 +355,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     if own_state is not None and loss.own is not None:
         loss.own.load_state_dict(own_state)
     g_emb = None
-    if gallery is not None and loss_cfg.regress > 0 and tc.augment == "none":
+    if gallery is not None and loss_cfg.needs_gallery_emb and tc.augment == "none":
         g_emb = torch.from_numpy(gallery_embeddings(rd, gallery, "train", data, log=log))
     task = CompatTask(net, loss, gallery.net if gallery is not None else None, g_emb)
     gfp = gallery.fingerprint if gallery is not None else None

@@ -4,7 +4,13 @@
 * ``bct``: BCT influence loss (Shen et al., CVPR 2020) — the query embedding classified by
   the gallery model's *frozen* classifier, so it must land where the gallery puts its class;
 * ``regress``: regression of the query embedding onto the frozen gallery embedding of the
-  same image (``cosine``: 1 - cos; ``l2``: squared distance of the normalized vectors).
+  same image (``cosine``: 1 - cos; ``l2``: squared distance of the normalized vectors);
+* ``contrast``: contrastive alignment (InfoNCE over the batch): each query embedding must
+  pick the gallery embedding of its own image out of the batch's gallery embeddings, at
+  temperature ``contrast_temp``. Regression matches each point alone; this also asks the
+  query to keep the gallery's neighbourhoods (who is closer to whom), which is what
+  retrieval among classes never seen in training depends on (relational distillation, as
+  in CompRess / SEED for small retrieval students).
 """
 
 from __future__ import annotations
@@ -28,23 +34,36 @@ class LossConfig:
     # subnet, 15 epochs): M(q,g) recall@1 78.1 at weight 10, 79.2 at 30, 78.6 at 100.
     regress: float = 30.0
     regress_kind: str = "cosine"  # cosine | l2
+    contrast: float = 0.0
+    contrast_temp: float = 0.1
     scale: float = 30.0  # own classifier
     margin: float = 0.2
 
     def __post_init__(self) -> None:
         if self.regress_kind not in ("cosine", "l2"):
             raise HwnasError(f"loss.regress_kind {self.regress_kind!r} must be 'cosine' or 'l2'")
-        if min(self.own_cls, self.bct, self.regress) < 0:
+        if min(self.own_cls, self.bct, self.regress, self.contrast) < 0:
             raise HwnasError("loss weights must be >= 0")
-        if self.own_cls + self.bct + self.regress <= 0:
-            raise HwnasError("all loss weights are 0: set at least one of own_cls, bct, regress")
+        if self.own_cls + self.bct + self.regress + self.contrast <= 0:
+            raise HwnasError("all loss weights are 0: set at least one of own_cls, bct, regress, "
+                             "contrast")
+        if not self.contrast_temp > 0:
+            raise HwnasError(f"loss.contrast_temp {self.contrast_temp} must be > 0 (e.g. 0.1)")
 
     @property
     def needs_gallery(self) -> bool:
-        return self.bct > 0 or self.regress > 0
+        return self.bct > 0 or self.needs_gallery_emb
+
+    @property
+    def needs_gallery_emb(self) -> bool:
+        """The gallery model's embeddings of the training images are needed."""
+        return self.regress > 0 or self.contrast > 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.contrast:  # off: left out, so models trained before it keep their keys
+            del d["contrast"], d["contrast_temp"]
+        return d
 
 
 class CompatLoss(nn.Module):
@@ -68,12 +87,15 @@ class CompatLoss(nn.Module):
             parts["own_cls"] = F.cross_entropy(self.own(q, y), y)
         if c.bct > 0:
             parts["bct"] = F.cross_entropy(self._gallery_cls(q, y), y)
+        if c.needs_gallery_emb and g is None:
+            raise HwnasError("loss.regress or loss.contrast > 0 needs the gallery embeddings")
         if c.regress > 0:
-            if g is None:
-                raise HwnasError("loss.regress > 0 needs the gallery embeddings")
             if c.regress_kind == "cosine":
                 parts["regress"] = (1 - F.cosine_similarity(q, g, dim=1)).mean()
             else:
                 parts["regress"] = (F.normalize(q, dim=1) - g).pow(2).sum(1).mean()
+        if c.contrast > 0:
+            logits = F.normalize(q, dim=1) @ F.normalize(g, dim=1).T / c.contrast_temp
+            parts["contrast"] = F.cross_entropy(logits, torch.arange(len(q), device=q.device))
         total = sum(getattr(c, k) * v for k, v in parts.items())
         return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -103,7 +103,7 @@ class CompatTask(nn.Module):
     def forward(self, x, y, idx):
         q = self.net(x, self.arch) if self.sampler is not None else self.net(x)
         g = None
-        if self.loss.cfg.regress > 0:
+        if self.loss.cfg.needs_gallery_emb:
             if self.gallery_emb is not None:
                 g = self.gallery_emb[idx.to(self.gallery_emb.device)]
             else:
