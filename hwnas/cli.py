@@ -73,7 +73,8 @@ EXAMPLES = {
     "run": """\
         examples:
           hwnas run configs/quickstart.yaml
-          hwnas run configs/omniglot.yaml --run-dir runs/omni""",
+          hwnas run configs/omniglot.yaml --run-dir runs/omni
+          hwnas run configs/quickstart.yaml --from train-query   # and what builds on it""",
 }
 
 
@@ -225,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", "Run the pipeline end to end from a config, step by step (resumable).")
     p.add_argument("config", help="YAML/JSON config file, e.g. configs/quickstart.yaml")
     p.add_argument("--run-dir", help="override the config's run directory")
+    p.add_argument("--from", dest="redo_from", metavar="STEP",
+                   help="do STEP and every step that builds on it again (steps whose config "
+                        "changed are done again anyway); STEP: data, profile, train-gallery, "
+                        "train-supernet, search, train-query, baselines, deploy, report")
     return ap
 
 
@@ -468,7 +473,7 @@ def cmd_evaluate(args) -> int:
 def cmd_run(args) -> int:
     from hwnas.pipeline import run_pipeline
 
-    return run_pipeline(_load(args))
+    return run_pipeline(_load(args), redo_from=args.redo_from)
 
 
 COMMANDS = {"data": cmd_data, "space": cmd_space, "profile": cmd_profile, "search": cmd_search, "deploy": cmd_deploy, "verify": cmd_verify, "train-gallery": cmd_train_gallery,

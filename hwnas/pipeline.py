@@ -4,10 +4,16 @@ profile -> train-gallery -> train-supernet -> search -> train-query -> baselines
 -> report. Each step writes its results into the run directory and is recorded as done in
 ``steps.json``; a killed run continues with the first unfinished step (and inside a step,
 training resumes from its last epoch and the search from its stored study).
+
+Each finished step is recorded with a key: a hash of the config sections it reads and of
+the keys of the steps it builds on (``STEP_INPUTS``). Edit the config and run again, and
+exactly the steps whose inputs changed, and those downstream of them, are done again
+(``hwnas run CONFIG --from STEP`` forces it); the others are kept.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,24 +21,81 @@ from typing import Callable
 from hwnas.config import Config
 from hwnas.errors import HwnasError
 from hwnas.rundir import RunDir
-from hwnas.utils import read_json, write_json
+from hwnas.utils import content_hash, read_json, write_json
 
 STEPS = ["data", "profile", "train-gallery", "train-supernet", "search", "train-query",
          "baselines", "deploy", "report"]
+# step -> (config sections it reads, steps it builds on)
+STEP_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "data": (("seed", "data"), ()),
+    "profile": (("space", "latency"), ()),
+    "train-gallery": (("space", "gallery"), ("data",)),
+    "train-supernet": (("space", "supernet"), ("train-gallery",)),
+    "search": (("search",), ("train-supernet", "profile")),
+    "train-query": (("query",), ("search",)),
+    "baselines": (("query",), ("search",)),
+    "deploy": (("deploy",), ("train-query",)),
+    "report": ((), ("train-query", "baselines")),
+}
+
+
+# what a step keeps when it finds it finished, so a step done again removes it first (the
+# search: its default SQLite storage, whose trials scored the old supernet, and the resolved
+# budget); train-query and baselines keep a model only if trained with the same settings,
+# and report is rewritten
+REDO_OUTPUTS = {"data": ["splits.json", "cache"], "train-gallery": ["gallery", "cache"],
+                "train-supernet": ["supernet"], "deploy": ["bundle"],
+                "search": ["search.db", "budget.json", "best_arch.json", "trials.csv"]}
+
+
+def step_keys(cfg: Config) -> dict[str, str]:
+    """Each step's key: its config sections and the keys of the steps it builds on."""
+    d, keys = cfg.to_dict(), {}
+    # how many subnets validate a table: written to its header, read by no later step
+    d["latency"] = {k: v for k, v in d["latency"].items() if k != "validate"}
+    for name in STEPS:
+        sections, deps = STEP_INPUTS[name]
+        keys[name] = content_hash({"config": {k: d[k] for k in sections},
+                                   "after": {x: keys[x] for x in deps}})
+    return keys
+
+
+def downstream(names) -> set[str]:
+    """The steps given and every step that builds on them, directly or not."""
+    out = set(names)
+    for name in STEPS:  # STEPS is in dependency order
+        if set(STEP_INPUTS[name][1]) & out:
+            out.add(name)
+    return out
 
 
 class Steps:
-    """``steps.json``: which steps are done, with their summaries."""
+    """``steps.json``: which steps are done, with their summaries and keys."""
 
     def __init__(self, path: Path):
         self.path = path
         self.state = read_json(path) if path.exists() else {"done": {}}
 
-    def done(self, name: str) -> bool:
-        return name in self.state["done"]
+    def done(self, name: str, key: str | None = None) -> bool:
+        """Done, and with the same inputs (a step recorded before keys existed counts)."""
+        rec = self.state["done"].get(name)
+        return rec is not None and (key is None or rec.get("key", key) == key)
 
-    def mark(self, name: str, summary: dict) -> None:
-        self.state["done"][name] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}
+    def forget(self, names, outputs=()) -> None:
+        """Steps to do again: their records go first (persisted), then the outputs that a
+        step would otherwise keep as finished. A kill from here on resumes the new work."""
+        for n in names:
+            self.state["done"].pop(n, None)
+        write_json(self.path, self.state)
+        for out in outputs:
+            if out.is_dir():
+                shutil.rmtree(out)
+            elif out.exists():
+                out.unlink()
+
+    def mark(self, name: str, summary: dict, key: str | None = None) -> None:
+        self.state["done"][name] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary,
+                                    **({"key": key} if key else {})}
         write_json(self.path, self.state)
 
 
@@ -72,12 +135,15 @@ def paragon_budget(cfg: Config, predictor, gallery_net, log: Callable = print) -
     than the paragon (the gallery model on the query side), on the table's device.
 
     The paragon is timed in one interleaved pool with the fastest and the slowest subnet, and
-    its latency is put on the predictor's scale through them (budget = paragon / speed-up x
-    predicted / measured, the geometric mean over the two): the machine may run faster or
-    slower now than when the table was calibrated, and that drift cancels."""
+    the target (paragon / speed-up, measured) is put on the predictor's scale through them:
+    log-linear interpolation between the two (predicted vs measured), so the machine may run
+    faster or slower now than when the table was calibrated, and that drift cancels. (One
+    average scale over both did not: small networks are overhead-bound, and on a day when the
+    fastest subnet ran 1.6x and the slowest 2.2x their predictions, the average put a target
+    the fastest subnet met measured below the fastest prediction.)""" 
     import math
 
-    from hwnas.latency.backends import OrtCpuBackend, measure
+    from hwnas.latency.backends import OrtCpuBackend, measure_models
     from hwnas.nn.supernet import SubNet
 
     space, pre = cfg.search_space(), cfg.preprocess()
@@ -86,14 +152,17 @@ def paragon_budget(cfg: Config, predictor, gallery_net, log: Callable = print) -
     refs = [predictor.extreme_arch(True), predictor.extreme_arch(False)]
     runners = [backend.prepare_deployed(SubNet(space, a).eval(), shape) for a in refs]
     runners.append(backend.prepare_deployed(gallery_net, shape))
-    m = measure(runners, rounds=15, runs=10, warmup=10)
-    scale = math.exp(sum(math.log(predictor(a) / x.latency_ms) for a, x in zip(refs, m)) / len(refs))
+    m = measure_models(runners)
     p_ms = m[-1].latency_ms
-    b = p_ms / cfg.search.budget_speedup * scale
-    log(f"[search] paragon measured {p_ms:.3f} ms (predictor scale x{scale:.3f} from the fastest "
-        f"and slowest subnets timed beside it): {cfg.search.budget_speedup:g}x faster is "
-        f"{b:.4f} ms predicted")
-    return {"paragon_ms": p_ms, "scale": scale, "budget_ms": b}
+    target = p_ms / cfg.search.budget_speedup
+    (pf, ps), (mf, ms) = [predictor(a) for a in refs], [x.latency_ms for x in m[:2]]
+    t = (math.log(target) - math.log(mf)) / (math.log(ms) - math.log(mf)) if ms > mf else 0.0
+    b = math.exp(math.log(pf) + t * (math.log(ps) - math.log(pf)))
+    log(f"[search] paragon measured {p_ms:.3f} ms; {cfg.search.budget_speedup:g}x faster is "
+        f"{target:.4f} ms measured = {b:.4f} ms predicted (the fastest and slowest subnets, timed "
+        f"beside it: {mf:.4f} and {ms:.4f} ms measured, {pf:.4f} and {ps:.4f} predicted)")
+    return {"paragon_ms": p_ms, "target_ms": target, "refs_measured_ms": [mf, ms],
+            "refs_predicted_ms": [pf, ps], "budget_ms": b}
 
 
 def run_budget(cfg: Config, predictor, log: Callable = print) -> dict:
@@ -122,15 +191,32 @@ def run_budget(cfg: Config, predictor, log: Callable = print) -> dict:
     return resolved
 
 
-def run_pipeline(cfg: Config, log: Callable = print) -> int:
+def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = None) -> int:
+    """Run every step not yet done with this config (``redo_from``: that step and every
+    step that builds on it again, whatever was recorded)."""
     from hwnas.compat import api
 
+    if redo_from is not None and redo_from not in STEPS:
+        raise HwnasError(f"--from {redo_from!r} is not a step; steps: {', '.join(STEPS)}")
     rd = RunDir(cfg)
     rd.path.mkdir(parents=True, exist_ok=True)
     rd.save_config()
     steps = Steps(rd.path / "steps.json")
     t0 = time.time()
     space = cfg.search_space()
+    keys = step_keys(cfg)
+    changed = [n for n in STEPS if steps.state["done"].get(n) is not None and not steps.done(n, keys[n])]
+    forced = [redo_from] if redo_from is not None else []
+    redo = [n for n in STEPS if n in downstream(changed + forced)]  # unfinished ones too
+    if redo:
+        why = f"--from {redo_from}" if redo_from else f"the config changed for {', '.join(changed)}"
+        log(f"[run] {why}: doing again {', '.join(redo)}")
+        outputs = [rd.path / p for n in redo for p in REDO_OUTPUTS.get(n, [])
+                   if not (n == "search" and p == "search.db" and cfg.search.storage)]
+        if "search" in redo and cfg.search.storage:
+            log(f"[run] WARNING: the search continues its study in {cfg.search.storage}; set "
+                "search.study_name to a new name to search afresh")
+        steps.forget(redo, outputs)
 
     def step(name: str, fn) -> None:
         if steps.done(name):
@@ -139,7 +225,7 @@ def run_pipeline(cfg: Config, log: Callable = print) -> int:
         log(f"== {name}")
         t = time.time()
         summary = fn() or {}
-        steps.mark(name, {**summary, "seconds": round(time.time() - t, 1)})
+        steps.mark(name, {**summary, "seconds": round(time.time() - t, 1)}, keys[name])
 
     def data():
         s = rd.splits(log=log)

@@ -115,3 +115,42 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     assert (run / "bundle" / "manifest.json").exists()
     r2 = hwnas("run", str(cfg), timeout=600)  # everything done: nothing is redone
     assert r2.returncode == 0 and r2.stdout.count("done earlier, kept") == 9
+    # an edited config does again exactly the steps that read what changed
+    manifest = run / "bundle" / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    d["deploy"] = {"index": "Flat"}
+    write_cfg(tmp_path / "c.json", d)
+    r3 = hwnas("run", str(cfg), timeout=600)
+    assert r3.returncode == 0, r3.stdout[-2000:] + r3.stderr[-2000:]
+    assert "config changed for deploy: doing again deploy" in r3.stdout
+    assert r3.stdout.count("done earlier, kept") == 8 and manifest.stat().st_mtime_ns != before
+    r4 = hwnas("run", str(cfg), "--from", "baselines", timeout=600)
+    assert r4.returncode == 0 and "--from baselines: doing again baselines, report" in r4.stdout
+    assert r4.stdout.count("done earlier, kept") == 7 and "already trained" in r4.stdout
+    r5 = hwnas("run", str(cfg), "--from", "nonsense")
+    assert r5.returncode != 0 and "not a step" in r5.stderr
+
+
+def test_step_keys_follow_what_each_step_reads():
+    """A config edit changes the keys of the steps that read that section and of every step
+    built on them, and no other."""
+    from hwnas.config import load_config
+    from hwnas.pipeline import STEPS, downstream, step_keys
+
+    cfg = load_config("configs/quickstart.yaml")
+    base = step_keys(cfg)
+
+    def changed(edit) -> set[str]:
+        c = load_config("configs/quickstart.yaml")
+        edit(c)
+        k = step_keys(c)
+        return {n for n in STEPS if k[n] != base[n]}
+
+    assert changed(lambda c: c.query.train.update(epochs=11)) == {"train-query", "baselines", "deploy", "report"}
+    assert changed(lambda c: setattr(c.deploy, "int8", False)) == {"deploy"}
+    assert changed(lambda c: setattr(c.latency, "threads", 1)) == {"profile", "search", "train-query",
+                                                                 "baselines", "deploy", "report"}
+    assert changed(lambda c: setattr(c.latency, "validate", 5)) == set()
+    assert changed(lambda c: c.gallery.train.update(epochs=9)) == set(STEPS) - {"data", "profile"}
+    assert changed(lambda c: setattr(c, "run_dir", "elsewhere")) == set()
+    assert downstream(["search"]) == {"search", "train-query", "baselines", "deploy", "report"}
