@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import re
 import signal
@@ -266,8 +267,12 @@ def test_budget_as_a_speedup_over_the_paragon(search_run):
     quiet = lambda *_: None  # noqa: E731
     cfg.search.budget_speedup = 3.0
     info = paragon_budget(cfg, pred, api.run_gallery(RunDir(cfg)).net, log=quiet)
-    assert info["paragon_ms"] > 0 and 0.1 < info["scale"] < 10
-    assert info["budget_ms"] == pytest.approx(info["paragon_ms"] / 3.0 * info["scale"])
+    assert info["paragon_ms"] > 0 and info["target_ms"] == pytest.approx(info["paragon_ms"] / 3.0)
+    # the measured target maps onto the predictor's scale through the two subnets timed beside
+    # it: log-linearly, so each of them would map onto its own prediction
+    (mf, ms), (pf, ps) = info["refs_measured_ms"], info["refs_predicted_ms"]
+    slope = (math.log(ps) - math.log(pf)) / (math.log(ms) - math.log(mf))
+    assert math.log(info["budget_ms"]) == pytest.approx(math.log(pf) + slope * (math.log(info["target_ms"]) - math.log(mf)))
     assert resolve_budget(cfg, pred, lambda: {"budget_ms": (lo + hi) / 2}) == round((lo + hi) / 2, 4)
     assert resolve_budget(cfg, pred, lambda: {"budget_ms": 2 * hi}) < hi  # every arch fits: clamped
     warned = []  # a speed-up this machine cannot reach: the fastest subnets, with a warning
@@ -279,7 +284,8 @@ def test_budget_as_a_speedup_over_the_paragon(search_run):
     with pytest.raises(HwnasError, match="must be above 1"):
         resolve_budget(cfg, pred, lambda: {"budget_ms": 1.0})
     # a speed-up that lands mid-range, resolved once and kept
-    cfg.search.budget_speedup = max(1.01, info["paragon_ms"] * info["scale"] / ((lo + hi) / 2))
+    mid_measured = math.exp(math.log(mf) + (math.log((lo + hi) / 2) - math.log(pf)) / slope)
+    cfg.search.budget_speedup = max(1.01, info["paragon_ms"] / mid_measured)
     first = run_budget(cfg, pred, log=quiet)
     assert lo <= first["budget_ms"] < hi and first["paragon_ms"] == pytest.approx(info["paragon_ms"], rel=1.0)
     assert run_budget(cfg, pred, log=quiet) == first

@@ -149,7 +149,7 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
     from hwnas.compat import api
     from hwnas.data.images import Preprocess
     from hwnas.export.onnx import export_onnx
-    from hwnas.latency.backends import OrtCpuBackend, measure
+    from hwnas.latency.backends import OrtCpuBackend, measure_models
     from hwnas.nn.models import load_gallery, load_query
     from hwnas.retrieval import evaluate
 
@@ -296,7 +296,7 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
             int8_info = {"M(q,g)": m8, "delta_recall@1_points":
                          100 * (m8["recall@1"] - acc["M(q,g)"]["recall@1"]),
                          "parity_vs_fp32": _parity(qe_q, q8)}
-        lat = measure(runners, rounds=15, runs=10, warmup=10)
+        lat = measure_models(runners)
         measured = {"latency_ms": lat[0].latency_ms, "statistic": "p10 of round medians", "cv_pct": lat[0].cv_pct, "threads": backend.threads}
         if int8_info is not None:
             int8_info["latency_ms"] = lat[1].latency_ms

@@ -137,6 +137,15 @@ def measure(runners: Sequence[Runner], rounds: int = 15, runs: int = 10, warmup:
     return [_summarize(p, rounds * runs) for p in per]
 
 
+
+def measure_models(runners: Sequence[Runner]) -> list[Measurement]:
+    """Whole networks timed against one another (the report's table, deploy's figures, the
+    paragon behind a ``budget_speedup``): 40 interleaved rounds, not the table's 15. A ratio
+    such as paragon / query model is only as steady as its noisier side; with 15 rounds the
+    paragon (~1.4 ms, so 0.2 s of timing in all) measured 1.42 and 2.00 ms ten minutes apart
+    on this VM. 40 rounds of 10 runs cost the paragon about half a second."""
+    return measure(runners, rounds=40, runs=10, warmup=10)
+
 # ---------------------------------------------------------------------- machine facts
 def physical_cores() -> int:
     """Physical cores (hyper-threads not counted), from /proc/cpuinfo where available."""
