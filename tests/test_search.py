@@ -141,6 +141,10 @@ def test_outputs_and_from_search(search_run):
     q = json.loads((run / "query" / "searched" / "config.json").read_text())
     assert q["arch"] == best["arch"] and q["inherit"] is True
     assert (run / "query" / "searched" / "evaluation-test.json").exists()
+    from hwnas.report import baseline_models
+
+    space = cfg.search_space()  # the random feasible baseline is another arch than the searched
+    assert space.parse(baseline_models(cfg, space)["random-feasible"]["arch"]) != space.parse(best["arch"])
 
 
 def test_resume_after_kill_keeps_trials(search_run, tmp_path):
