@@ -187,25 +187,39 @@ def test_resume_after_kill_keeps_trials(search_run, tmp_path):
                if t.state == optuna.trial.TrialState.COMPLETE) >= 8
 
 
-def test_two_workers_share_one_journal_storage(search_run, tmp_path):
+def _postgres_url() -> str:
+    url = os.environ.get("HWNAS_TEST_POSTGRES_URL", "")
+    if not url:
+        pytest.skip("no PostgreSQL server: set HWNAS_TEST_POSTGRES_URL (e.g. postgresql:///hwnas, "
+                    "README: Scaling out) and pip install psycopg2-binary to run this")
+    return url
+
+
+@pytest.mark.parametrize("kind", ["journal", "postgresql"])
+def test_two_workers_share_one_storage(search_run, tmp_path, kind):
     root, cfg_path = search_run
     cfg = load_config(cfg_path)
     lo, hi, _ = _budget(cfg)
-    storage = f"journal:{tmp_path / 'journal.log'}"
+    if kind == "journal":
+        storage = f"journal:{tmp_path / 'journal.log'}"
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        load = JournalStorage(JournalFileBackend(str(tmp_path / "journal.log")))
+    else:
+        storage = load = _postgres_url()
+    study = f"shared-{tmp_path.name}"  # a server's studies outlive the test: a new name each run
+    budget = math.ceil((lo + 0.9 * (hi - lo)) * 1e4) / 1e4  # within the range, however narrow
     cmd = [sys.executable, "-m", "hwnas.cli", "search", "--config", str(cfg_path), "--budget-ms",
-           f"{hi * 0.99:.4f}", "--storage", storage, "--study-name", "shared", "--n-trials", "6",
+           f"{budget:.4f}", "--storage", storage, "--study-name", study, "--n-trials", "6",
            "--sampler", "random"]
     procs = [subprocess.Popen(cmd + ["--sampler-seed", str(i)], env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 0, f"range {lo:.5f}-{hi:.5f} ms: " + err[-3000:]
         outs.append(out)
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    st = optuna.load_study(study_name="shared",
-                           storage=JournalStorage(JournalFileBackend(str(tmp_path / "journal.log"))))
+    st = optuna.load_study(study_name=study, storage=load)
     done = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert 1 <= len({t.user_attrs["worker"] for t in done}) <= 2
     assert sum(bool(t.user_attrs.get("feasible")) for t in done) >= 6

@@ -183,7 +183,13 @@ def make_storage(url: str | None, rd: RunDir):
                 url, heartbeat_interval=30, grace_period=90,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1)), url
     except Exception as e:  # bad URL, missing driver, server down
-        raise HwnasError(f"cannot open the Optuna storage {url!r}: {e}") from None
+        fix = ""
+        if "import" in str(e).lower() and url.startswith("postgresql"):
+            # SQLAlchemy 2's driver for postgresql:// is psycopg 3 (postgresql+psycopg2:// for v2)
+            fix = "; install the driver: pip install 'psycopg[binary]'"
+        elif "import" in str(e).lower() and url.startswith("mysql"):
+            fix = "; install the driver: pip install pymysql (and use mysql+pymysql://)"
+        raise HwnasError(f"cannot open the Optuna storage {url!r}: {e}{fix}") from None
 
 
 # ---------------------------------------------------------------------- the search
