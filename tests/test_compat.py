@@ -54,6 +54,12 @@ def test_compatibility_is_learned_not_accidental(trained_gallery, tmp_path):
     assert wo["M(q,q)"]["recall@1"] > 0.5  # the model itself is fine...
     assert wo["M(q,g)"]["recall@1"] < chance + 0.15  # ...but it cannot search the gallery index
     assert w["M(q,g)"]["recall@1"] > wo["M(q,g)"]["recall@1"] + 0.3
+    # the contrastive part alone (no classifier, no regression) also makes it compatible
+    c = api.train_query(cfg, arch=arch, name="contrast", inherit=False, log=quiet,
+                        loss_override={"own_cls": 0.0, "bct": 0.0, "regress": 0.0, "contrast": 1.0})
+    assert c["loss"]["contrast"] == 1.0 and "contrast" in c["history"][-1]
+    mc = api.evaluate_query(cfg, query_dir=str(tmp_path / "run/query/contrast"), log=quiet)["metrics"]
+    assert mc["M(q,g)"]["recall@1"] > wo["M(q,g)"]["recall@1"] + 0.3
 
 
 def _sha(path: Path) -> str:
