@@ -39,6 +39,12 @@ def test_backend_contract(name):
     assert ms.n == 12 and ms.rounds == 4
     assert 0 < ms.min_ms <= ms.median_ms
     assert mb.median_ms > 3 * ms.median_ms  # ~1,000x the FLOPs: clearly slower
+    # whole networks against one another: several pools, each figure its median pool's
+    from hwnas.latency.backends import measure_models
+
+    ps, pb = measure_models([rs, rb], pools=3)
+    assert len(ps.pools_ms) == 3 and ps.latency_ms == sorted(ps.pools_ms)[1]
+    assert pb.latency_ms > 3 * ps.latency_ms and "pools_ms" not in ms.to_dict()
 
 
 def test_gpu_without_gpu_is_one_clear_line():

@@ -297,7 +297,7 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
                          100 * (m8["recall@1"] - acc["M(q,g)"]["recall@1"]),
                          "parity_vs_fp32": _parity(qe_q, q8)}
         lat = measure_models(runners)
-        measured = {"latency_ms": lat[0].latency_ms, "statistic": "p10 of round medians", "cv_pct": lat[0].cv_pct, "threads": backend.threads}
+        measured = {"latency_ms": lat[0].latency_ms, "statistic": f"p10 of round medians, median of {len(lat[0].pools_ms)} pools", "cv_pct": lat[0].cv_pct, "threads": backend.threads}
         if int8_info is not None:
             int8_info["latency_ms"] = lat[1].latency_ms
             int8_info["speedup"] = lat[0].latency_ms / lat[1].latency_ms
