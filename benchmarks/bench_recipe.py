@@ -117,12 +117,7 @@ def main() -> None:
             name = f"{model}-" + vname.replace("+", "_").replace(", ", "-").replace(" ", "")
             q = api.train_query(cfg, name=name, resume=True, loss_override=loss, **kw)
             m = api.evaluate_query(cfg, query_dir=str(run_dir / "query" / name))["metrics"]
-            n_q = m["M(q,g)"].get("n_queries") or 0
-            rows.append({"model": model, "variant": vname, "loss": loss, "epochs": epochs,
-                         "mflops": q["flops"] / 1e6, "train_s": q["train_seconds"],
-                         "M(g,g)_r1": m["M(g,g)"]["recall@1"], "M(q,g)_r1": m["M(q,g)"]["recall@1"],
-                         "M(q,q)_r1": m["M(q,q)"]["recall@1"], "M(q,g)_mAP": m["M(q,g)"]["mAP"],
-                         "n_queries": n_q})
+            rows.append(_row(model, vname, loss, epochs, q, m))
             print(rows[-1], flush=True)
     best = max(rows, key=lambda r: r["M(q,g)_r1"])
     gg = rows[0]["M(g,g)_r1"]
@@ -135,6 +130,15 @@ def main() -> None:
     save_results(f"recipe_fashion-mnist{suffix}", res)
     if not args.quick:
         update_benchmarks_md("recipe-fashion-mnist", markdown(res))
+
+
+def _row(model: str, variant: str, loss: dict, epochs: int, q: dict, m: dict) -> dict:
+    """One result row: a trained query model's config ``q`` and its test metrics ``m``."""
+    return {"model": model, "variant": variant, "loss": loss, "epochs": epochs,
+            "mflops": q["flops"] / 1e6, "train_s": q["train_seconds"],
+            "M(g,g)_r1": m["M(g,g)"]["recall@1"], "M(q,g)_r1": m["M(q,g)"]["recall@1"],
+            "M(q,q)_r1": m["M(q,q)"]["recall@1"], "M(q,g)_mAP": m["M(q,g)"]["mAP"],
+            "n_queries": m["M(q,g)"].get("n_queries") or 0}
 
 
 def open_set(args) -> None:
@@ -166,11 +170,7 @@ def open_set(args) -> None:
             print(f"{name}: {e}", flush=True)
             continue
         m = api.evaluate_query(cfg, query_dir=str(rd.path / "query" / name))["metrics"]
-        rows.append({"model": model, "variant": vname, "loss": OPEN_VARIANTS[vname],
-                     "epochs": q["train"]["epochs"], "mflops": q["flops"] / 1e6,
-                     "train_s": q["train_seconds"], "M(g,g)_r1": m["M(g,g)"]["recall@1"],
-                     "M(q,g)_r1": m["M(q,g)"]["recall@1"], "M(q,q)_r1": m["M(q,q)"]["recall@1"],
-                     "M(q,g)_mAP": m["M(q,g)"]["mAP"], "n_queries": m["M(q,g)"].get("n_queries") or 0})
+        rows.append(_row(model, vname, OPEN_VARIANTS[vname], q["train"]["epochs"], q, m))
         print(rows[-1], flush=True)
     if not rows:
         raise SystemExit("no variant could be trained (see the messages above)")

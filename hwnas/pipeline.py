@@ -76,10 +76,14 @@ class Steps:
         self.path = path
         self.state = read_json(path) if path.exists() else {"done": {}}
 
-    def done(self, name: str, key: str | None = None) -> bool:
-        """Done, and with the same inputs (a step recorded before keys existed counts)."""
-        rec = self.state["done"].get(name)
-        return rec is not None and (key is None or rec.get("key", key) == key)
+    def done(self, name: str) -> bool:
+        return name in self.state["done"]
+
+    def changed(self, keys: dict[str, str]) -> list[str]:
+        """Done steps recorded with other inputs than ``keys`` (a step recorded before keys
+        existed counts as unchanged)."""
+        return [n for n in STEPS if self.done(n)
+                and self.state["done"][n].get("key", keys[n]) != keys[n]]
 
     def forget(self, names, outputs=()) -> None:
         """Steps to do again: their records go first (persisted), then the outputs that a
@@ -205,7 +209,7 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     t0 = time.time()
     space = cfg.search_space()
     keys = step_keys(cfg)
-    changed = [n for n in STEPS if steps.state["done"].get(n) is not None and not steps.done(n, keys[n])]
+    changed = steps.changed(keys)
     forced = [redo_from] if redo_from is not None else []
     redo = [n for n in STEPS if n in downstream(changed + forced)]  # unfinished ones too
     if redo:

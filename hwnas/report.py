@@ -46,9 +46,10 @@ def baseline_models(cfg, space) -> dict:
     rng = random.Random(cfg.seed + 1)
     # another arch than the searched one where the budget leaves any (at a budget this tight
     # that only a few archs fit, the first draw can be the searched arch itself)
+    searched = space.parse(best["arch"])
     for _ in range(100):
         feasible = pred.sample_feasible(best["budget_ms"], rng)
-        if feasible.to_string(space) != space.parse(best["arch"]).to_string(space):
+        if feasible != searched:
             break
     return {"timm-mobilenetv3_small_050": {"timm_name": "mobilenetv3_small_050"},
             "smallest": {"arch": space.smallest().to_string(space)},
@@ -109,7 +110,7 @@ def build_report(cfg, log=print) -> dict:
         r.update({
             "measured_ms": m.latency_ms, "measured_cv_pct": m.cv_pct,
             # paragon / model in each timing pool (the figure above is from the medians)
-            "latency_reduction_pools": [g / x for g, x in zip(lat[-1].pools_ms, m.pools_ms)],
+            "latency_reduction_pools": [round(g / x, 3) for g, x in zip(lat[-1].pools_ms, m.pools_ms)],
             "M(q,g)_recall@1": mq["M(q,g)"]["recall@1"], "M(q,q)_recall@1": mq["M(q,q)"]["recall@1"],
             "M(q,g)_mAP": mq["M(q,g)"]["mAP"], "M(q,q)_mAP": mq["M(q,q)"]["mAP"],
             "flops_reduction": g_mflops / r["mflops"], "latency_reduction": g_ms / m.latency_ms,
@@ -141,7 +142,6 @@ def build_report(cfg, log=print) -> dict:
         for k, v in list(r.items()):
             if isinstance(v, float) and math.isfinite(v):
                 r[k] = round(v, 6)
-        r["latency_reduction_pools"] = [round(v, 3) for v in r["latency_reduction_pools"]]
     write_json(rd.path / "report.json", report)
     png = rd.path / "report_accuracy_vs_latency.png"
     _plot_report(report, png)

@@ -268,8 +268,9 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
 
 
 def _loss_str(c) -> str:
-    parts = [f"{k} {getattr(c, k):g}" for k in ("own_cls", "bct", "regress", "contrast")
-             if getattr(c, k) > 0]
+    from hwnas.compat.losses import PARTS
+
+    parts = [f"{k} {getattr(c, k):g}" for k in PARTS if getattr(c, k) > 0]
     return " + ".join(parts) + (f" ({c.regress_kind})" if c.regress > 0 else "")
 
 

@@ -25,6 +25,10 @@ from hwnas.errors import HwnasError
 from hwnas.nn.heads import CosineClassifier
 
 
+#: the weighted parts, in the order they are computed and printed
+PARTS = ("own_cls", "bct", "regress", "contrast")
+
+
 @dataclass
 class LossConfig:
     own_cls: float = 1.0
@@ -42,11 +46,11 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.regress_kind not in ("cosine", "l2"):
             raise HwnasError(f"loss.regress_kind {self.regress_kind!r} must be 'cosine' or 'l2'")
-        if min(self.own_cls, self.bct, self.regress, self.contrast) < 0:
+        weights = [getattr(self, k) for k in PARTS]
+        if min(weights) < 0:
             raise HwnasError("loss weights must be >= 0")
-        if self.own_cls + self.bct + self.regress + self.contrast <= 0:
-            raise HwnasError("all loss weights are 0: set at least one of own_cls, bct, regress, "
-                             "contrast")
+        if sum(weights) <= 0:
+            raise HwnasError(f"all loss weights are 0: set at least one of {', '.join(PARTS)}")
         if not self.contrast_temp > 0:
             raise HwnasError(f"loss.contrast_temp {self.contrast_temp} must be > 0 (e.g. 0.1)")
 

@@ -20,7 +20,7 @@ import platform
 import statistics
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -139,7 +139,6 @@ def measure(runners: Sequence[Runner], rounds: int = 15, runs: int = 10, warmup:
     return [_summarize(p, rounds * runs) for p in per]
 
 
-
 def measure_models(runners: Sequence[Runner], pools: int = 5) -> list[Measurement]:
     """Whole networks timed against one another (the report's table, deploy's figures, the
     paragon behind a ``budget_speedup``): ``pools`` pools, one after another, of 40
@@ -149,14 +148,12 @@ def measure_models(runners: Sequence[Runner], pools: int = 5) -> list[Measuremen
     0.81 and 0.90 ms in two pools seconds apart and 0.90-1.21 ms across reports, the searched
     query model 0.098-0.100 ms throughout, so one pool's paragon / query ratio ranged 9.0x to
     12.3x. Ratios from medians over pools are steadier, and ``pools_ms`` shows the spread."""
-    import dataclasses
-
     per = [measure(runners, rounds=40, runs=10, warmup=10 if i == 0 else 2, seed=i)
            for i in range(pools)]
     out = []
     for j in range(len(runners)):
         ms = sorted((p[j] for p in per), key=lambda m: m.latency_ms)
-        out.append(dataclasses.replace(ms[len(ms) // 2], pools_ms=[p[j].latency_ms for p in per]))
+        out.append(replace(ms[len(ms) // 2], pools_ms=[p[j].latency_ms for p in per]))
     return out
 
 

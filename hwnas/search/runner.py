@@ -183,12 +183,11 @@ def make_storage(url: str | None, rd: RunDir):
                 url, heartbeat_interval=30, grace_period=90,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1)), url
     except Exception as e:  # bad URL, missing driver, server down
-        fix = ""
-        if "import" in str(e).lower() and url.startswith("postgresql"):
-            # SQLAlchemy 2's driver for postgresql:// is psycopg 3 (postgresql+psycopg2:// for v2)
-            fix = "; install the driver: pip install 'psycopg[binary]'"
-        elif "import" in str(e).lower() and url.startswith("mysql"):
-            fix = "; install the driver: pip install pymysql (and use mysql+pymysql://)"
+        # SQLAlchemy 2 reaches postgresql:// through psycopg 3 (postgresql+psycopg2:// for v2)
+        drivers = {"postgresql": "pip install 'psycopg[binary]'",
+                   "mysql": "pip install pymysql (and use mysql+pymysql://)"}
+        hint = next((v for k, v in drivers.items() if url.startswith(k)), None)
+        fix = f"; install the driver: {hint}" if hint and "import" in str(e).lower() else ""
         raise HwnasError(f"cannot open the Optuna storage {url!r}: {e}{fix}") from None
 
 
