@@ -25,6 +25,24 @@ import statistics
 from pathlib import Path
 
 from _common import ROOT, machine, machine_line, save_results, update_benchmarks_md
+from tqdm import tqdm
+
+
+_WORKER_DEVICE = None  # set per worker process by _init_worker
+
+
+def _init_worker(counter, gpu_jobs: int) -> None:
+    """Worker i < gpu_jobs trains on the GPU (one thread: it mostly launches kernels); the
+    others on the CPU with two threads each — small models leave a GPU's time-slicing, not
+    its arithmetic, as the limit, so idle CPU cores add throughput."""
+    global _WORKER_DEVICE
+    import torch
+
+    with counter.get_lock():
+        i = counter.value
+        counter.value += 1
+    _WORKER_DEVICE = "auto" if i < gpu_jobs else "cpu"
+    torch.set_num_threads(1 if i < gpu_jobs else 2)
 
 
 def _train_eval(base, run_dir, name, kw):
@@ -34,14 +52,17 @@ def _train_eval(base, run_dir, name, kw):
     from hwnas.compat import api
 
     cfg = copy.deepcopy(base)
+    if _WORKER_DEVICE is not None:
+        cfg.query.train = {**cfg.query.train, "device": _WORKER_DEVICE}
     quiet = lambda *_: None  # noqa: E731
     q = api.train_query(cfg, name=name, resume=True, log=quiet, **kw)
     qdir = Path(run_dir) / "query" / q["name"]
     ev = api.evaluate_query(cfg, query_dir=str(qdir), log=quiet)["metrics"]
     return {"name": name, "kind": "timm" if "timm_name" in kw else "subnet",
             "mflops": q["flops"] / 1e6, "M(q,g)": ev["M(q,g)"]["recall@1"],
+            "test_queries": ev["M(q,g)"]["n_queries"],
             "M(q,q)": ev["M(q,q)"]["recall@1"], "arch": q.get("arch") or q.get("timm"),
-            "train_seconds": q.get("train_seconds")}
+            "train_seconds": q.get("train_seconds"), "device": _WORKER_DEVICE or "auto"}
 
 
 def plot_budgets(rows, path) -> None:
@@ -55,10 +76,10 @@ def plot_budgets(rows, path) -> None:
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
     for c, r in zip(colors, rows):
         ax.scatter([x["measured_ms"] for x in r["random"]], [100 * x["M(q,g)"] for x in r["random"]],
-                   s=14, alpha=0.5, color=c, label=f"random feasible, budget {r['budget_ms']} ms")
+                   s=14, alpha=0.5, color=c, label=f"random feasible, budget {r['budget_ms']} ms (predicted)")
         ax.scatter([r["searched"]["measured_ms"]], [100 * r["searched"]["M(q,g)"]], marker="*", s=160,
-                   color=c, edgecolor="k", label=f"searched, budget {r['budget_ms']} ms")
-        ax.axvline(r["budget_ms"], color=c, ls=":", lw=1)
+                   color=c, edgecolor="k", label=f"searched, budget {r['budget_ms']} ms (predicted)")
+        ax.axvline(r["budget_ms"], color=c, ls=":", lw=1)  # the budget, on the predictor's scale
     m = rows[0]["mobilenetv3"]
     ax.scatter([m["measured_ms"]], [100 * m["M(q,g)"]], marker="s", color="k", label="MobileNetV3-small-0.5")
     ax.set_xlabel("measured edge latency, ms (ONNX Runtime CPU, batch 1)")
@@ -82,6 +103,8 @@ def main() -> None:
     ap.add_argument("--samplers-budget-frac", type=float, default=None,
                     help="samplers part: budget as a fraction of the table's range (default: the config's)")
     ap.add_argument("--jobs", type=int, default=1, help="train-query processes in parallel")
+    ap.add_argument("--cpu-jobs", type=int, default=0,
+                    help="extra train-query processes on the CPU beside --jobs GPU ones (GPU machines)")
     ap.add_argument("--measure-later", action="store_true",
                     help="budgets: skip the latency measurement (run --parts measure on the target)")
     ap.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "evolution", "random"])
@@ -99,6 +122,8 @@ def main() -> None:
     pred, _ = predictor_for(base, space)
     lo, hi = pred.range()
     budget = run_budget(base, pred)["budget_ms"]
+    tag = Path(args.config).stem  # results per config: search.json (quickstart), search_omniglot.json
+    name = "search" if tag == "quickstart" else f"search_{tag}"
     res: dict = {"machine": machine(), "run_dir": args.run_dir, "budget_ms": budget, "range_ms": [lo, hi]}
     out = ROOT / "benchmarks" / "results"
     quiet = lambda *_: None  # noqa: E731
@@ -128,35 +153,99 @@ def main() -> None:
                          "sec_per_trial": statistics.median(t.user_attrs["eval_seconds"] for t in feas),
                          "infeasible": sum(1 for t in st.trials if t.user_attrs.get("feasible") is False)})
             print(rows[-1], flush=True)
-        plot_progress(curves, out / "search_samplers.png", title=f"budget {sb} ms, R3, recall@1")
+        plot_progress(curves, out / f"{name}_samplers.png", title=f"budget {sb} ms, R3, recall@1")
         res["samplers"] = rows
 
-    def train_many(jobs):
-        """[(name, train_query kwargs)] -> rows, in parallel processes with --jobs > 1."""
-        if args.jobs <= 1 or len(jobs) <= 1:
-            return [_train_eval(base, args.run_dir, n, kw) for n, kw in jobs]
+    pool: list = []  # the worker pool, made on first use and kept: trainings overlap the searches
+
+    def start_training(jobs):
+        """Start train-query of [(name, kwargs)]; returns a function that waits for them and
+        returns {name: row}. With --jobs/--cpu-jobs they train in worker processes while this
+        process goes on (searching, scoring)."""
+        workers = args.jobs + args.cpu_jobs
+        if workers <= 1:
+            return lambda: {n: _train_eval(base, args.run_dir, n, kw) for n, kw in tqdm(jobs, desc="train-query")}
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
-            return list(ex.map(_train_eval, [base] * len(jobs), [args.run_dir] * len(jobs),
-                               [n for n, _ in jobs], [kw for _, kw in jobs]))
+        if not pool:
+            ctx = mp.get_context("spawn")
+            init = (_init_worker, (ctx.Value("i", 0), args.jobs)) if args.cpu_jobs else (None, ())
+            pool.append(ProcessPoolExecutor(workers, mp_context=ctx, initializer=init[0], initargs=init[1]))
+        futs = {pool[0].submit(_train_eval, base, args.run_dir, n, kw): n for n, kw in jobs}
 
-    def measure_rows(rows):
-        """End-to-end edge latency of query models, measured interleaved (ORT CPU), each
-        rebuilt from its architecture (weights do not change what a runtime computes)."""
-        from hwnas.latency.backends import OrtCpuBackend, measure
+        def wait():
+            done = {}
+            for f in tqdm(as_completed(futs), total=len(futs), desc="train-query", unit="model"):
+                done[futs[f]] = f.result()
+            return done
+        return wait
+
+    def train_many(jobs):
+        done = start_training(jobs)()
+        return [done[n] for n, _ in jobs]
+
+    def proxy_scores(archs):
+        """The search's score of each arch (its supernet subnet's R3 reward on the validation
+        split) under each validation protocol: {arch: {"all": r, "split": r}}."""
+        from hwnas.search.runner import SupernetEvaluator, reward
+
+        out = {a: {} for a in archs}
+        for proto in ("all", "split"):
+            cfg = copy.deepcopy(base)
+            cfg.search.val_queries = proto
+            ev = SupernetEvaluator(cfg, log=quiet)
+            for a in tqdm(archs, desc=f"proxy ({proto})"):
+                m = ev(space.parse(a))
+                out[a][proto] = reward(m["M(q,q)"][cfg.search.metric], m["M(q,g)"][cfg.search.metric],
+                                       cfg.search.reward, cfg.search.alpha)
+            out[f"n_val_queries_{proto}"] = len(ev.vq.images)
+        return out
+
+    def proxy_fidelity(rows, scores):
+        """How well the search's score ranks the archs as trained: Kendall tau and Spearman
+        against their test M(q,g) and R3, over all trained subnets."""
+        from scipy.stats import kendalltau, spearmanr
+
+        from hwnas.search.runner import reward
+
+        subnets = [r for r in rows if r["kind"] == "subnet"]
+        out = {"n": len(subnets)}
+        test_qg = [r["M(q,g)"] for r in subnets]
+        test_r3 = [reward(r["M(q,q)"], r["M(q,g)"], base.search.reward, base.search.alpha) for r in subnets]
+        for proto in ("all", "split"):
+            proxy = [scores[r["arch"]][proto] for r in subnets]
+            for r, p in zip(subnets, proxy):
+                r[f"proxy_{proto}"] = p
+            out[proto] = {"kendall_M(q,g)": float(kendalltau(proxy, test_qg)[0]),
+                          "spearman_M(q,g)": float(spearmanr(proxy, test_qg)[0]),
+                          "kendall_r3": float(kendalltau(proxy, test_r3)[0]), "spearman_r3": float(spearmanr(proxy, test_r3)[0]),
+                          "n_val_queries": scores[f"n_val_queries_{proto}"]}
+            print(proto, out[proto], flush=True)
+        return out
+
+    def measure_budgets(budget_rows):
+        """End-to-end edge latency of every model of every budget (ORT CPU, batch 1), all in
+        one interleaved measurement (``measure_models``: the median of 5 pools), so that the
+        machine's drift over minutes cannot rank one budget's models against another's;
+        each model rebuilt from its architecture (weights do not change what a runtime
+        computes)."""
+        from hwnas.latency.backends import OrtCpuBackend, measure_models
         from hwnas.nn.models import build_query
 
+        rows = [budget_rows[0]["mobilenetv3"]] + [x for r in budget_rows for x in (r["searched"], *r["random"])]
         pre = base.preprocess()
         shape = (1, pre.channels, pre.size, pre.size)
         backend = OrtCpuBackend(threads=base.latency.threads)
-        nets = [build_query({"kind": r.get("kind", "subnet"), "space": space.to_dict(), "arch": r["arch"],
-                             "timm": r["arch"], "embed_dim": space.embed_dim,
-                             "preprocess": pre.to_dict()}).eval() for r in rows]
-        runners = [backend.prepare_deployed(n, shape) for n in nets]
-        for r, m in zip(rows, measure(runners, rounds=15, runs=10, warmup=10)):
-            r["measured_ms"] = m.latency_ms
+        runners = [backend.prepare_deployed(build_query(
+            {"kind": r.get("kind", "subnet"), "space": space.to_dict(), "arch": r["arch"], "timm": r["arch"],
+             "embed_dim": space.embed_dim, "preprocess": pre.to_dict()}).eval(), shape)
+            for r in tqdm(rows, desc="export")]
+        for r, m in zip(rows, measure_models(runners)):
+            r["measured_ms"], r["measured_pools_ms"] = m.latency_ms, m.pools_ms
+        for r in budget_rows:
+            r["mobilenetv3"].update(measured_ms=rows[0]["measured_ms"], measured_pools_ms=rows[0]["measured_pools_ms"])
+            summarize_budget(r)
 
     def summarize_budget(row):
         rand = row["random"]
@@ -177,40 +266,43 @@ def main() -> None:
         res["rewards"] = rows
 
     if "budgets" in args.parts:
-        mbv3 = train_many([("bench-mobilenetv3_small_050", {"timm_name": "mobilenetv3_small_050"})])[0]
+        # the random archs and MobileNetV3 train while the searches run; the searched archs
+        # follow, and the search's scores of every arch are computed while they train
         plan = []
         for frac in args.budget_fracs:
             b = round(lo + frac * (hi - lo), 4)
-            _, r = search(budget_ms=b, n_trials=50, study_name=f"bench-budget-{frac}")
             rng = random.Random(100 + int(frac * 100))
-            rand = [pred.sample_feasible(b, rng).to_string(space) for _ in range(args.random_archs)]
-            plan.append((frac, b, r, rand))
-        jobs = [(f"bench-budget-{frac}-searched", {"arch": r["arch"]}) for frac, _, r, _ in plan]
-        jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for frac, _, _, rand in plan
-                 for i, a in enumerate(rand)]
-        trained = {row["name"]: row for row in train_many(jobs)}
+            plan.append((frac, b, [pred.sample_feasible(b, rng).to_string(space) for _ in range(args.random_archs)]))
+        jobs = [("bench-mobilenetv3_small_050", {"timm_name": "mobilenetv3_small_050"})]
+        jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for frac, _, rand in plan for i, a in enumerate(rand)]
+        wait_random = start_training(jobs)
+        found = {frac: search(budget_ms=b, n_trials=50, study_name=f"bench-budget-{frac}")[1] for frac, b, _ in plan}
+        wait_searched = start_training([(f"bench-budget-{frac}-searched", {"arch": r["arch"]})
+                                        for frac, r in found.items()])
+        scores = proxy_scores(sorted({a for _, _, rand in plan for a in rand} | {r["arch"] for r in found.values()}))
+        trained = {**wait_random(), **wait_searched()}
+        mbv3 = trained["bench-mobilenetv3_small_050"]
         rows = []
-        for frac, b, r, rand in plan:
+        for frac, b, rand in plan:
             s = trained[f"bench-budget-{frac}-searched"]
-            s["predicted_ms"] = r["predicted_ms"]
+            s["predicted_ms"] = found[frac]["predicted_ms"]
             row = {"budget_ms": b, "searched": s, "mobilenetv3": dict(mbv3),
                    "random": [trained[f"bench-budget-{frac}-random{i}"] for i in range(len(rand))]}
-            if not args.measure_later:
-                measure_rows([s, row["mobilenetv3"], *row["random"]])
             summarize_budget(row)
             rows.append(row)
             print(b, s, row["random_median_M(q,g)"], flush=True)
+        if not args.measure_later:
+            measure_budgets(rows)
         res["budgets"] = rows
+        res["proxy_fidelity"] = proxy_fidelity([x for r in rows for x in (r["searched"], *r["random"])], scores)
         res["budgets_trained_on"] = machine()
         res["budgets_table_range_ms"] = [lo, hi]
 
     if "measure" in args.parts:  # the latency of --measure-later results, on this machine
         import json
 
-        old = json.loads((ROOT / "benchmarks" / "results" / "search.json").read_text())
-        for row in old.get("budgets", []):
-            measure_rows([row["searched"], row["mobilenetv3"], *row["random"]])
-            summarize_budget(row)
+        old = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+        measure_budgets(old["budgets"])
         res["budgets"] = old["budgets"]
         res["budgets_trained_on"] = old.get("budgets_trained_on")
         # the budgets and feasibility were decided with the table of the run that trained them
@@ -248,7 +340,9 @@ def main() -> None:
             print(rows[-1], flush=True)
         res["cost"] = rows
 
-    prev = ROOT / "benchmarks" / "results" / "search.json"
+    for ex in pool:
+        ex.shutdown()
+    prev = ROOT / "benchmarks" / "results" / f"{name}.json"
     if prev.exists():  # parts run separately accumulate (a part run again replaces its figures)
         import json
 
@@ -257,21 +351,22 @@ def main() -> None:
     done = [p for p in ("samplers", "rewards", "budgets", "cost") if p in args.parts
             or (p == "budgets" and "measure" in args.parts)]
     res.setdefault("part_run_dirs", {}).update({p: args.run_dir for p in done})
-    save_results("search", res)
+    save_results(name, res)
     runs = ", ".join(f"{p}: `{d}`" for p, d in sorted(res["part_run_dirs"].items()))
-    md = ["## Search (issue 5)", "", f"Machine: {machine_line(res['machine'])}. Script: "
-          f"`benchmarks/bench_search.py` on quickstart runs ({runs}); latency "
+    md = [f"## Search (issue 5){'' if tag == 'quickstart' else ': ' + tag}", "",
+          f"Machine: {machine_line(res['machine'])}. Script: "
+          f"`benchmarks/bench_search.py --config configs/{tag}.yaml` ({runs}); latency "
           f"budget {budget} ms unless stated (table range {lo:.3f}-{hi:.3f} ms)."]
     if "samplers" in res:
-        marks = sorted({n for r in res["samplers"] for n in r["best_at"]})
+        marks = sorted({int(n) for r in res["samplers"] for n in r["best_at"]})
         md += ["", f"Best R3 reward (validation recall@1) after N evaluated trials (budget "
                f"{res.get('samplers_budget_ms', budget)} ms):", "",
                "| sampler | " + " | ".join(f"N={n}" for n in marks) + " | s / trial | over-budget samples |",
                "|---|" + "---|" * len(marks) + "---|---|"]
         for r in res["samplers"]:
-            md.append(f"| {r['sampler']} | " + " | ".join(f"{r['best_at'].get(n, float('nan')):.4f}" for n in marks)
+            md.append(f"| {r['sampler']} | " + " | ".join(f"{r['best_at'].get(n, r['best_at'].get(str(n), float('nan'))):.4f}" for n in marks)
                       + f" | {r['sec_per_trial']:.2f} | {r['infeasible']} |")
-        md += ["", "![samplers](benchmarks/results/search_samplers.png)"]
+        md += ["", f"![samplers](benchmarks/results/{name}_samplers.png)"]
     if "rewards" in res:
         md += ["", "Reward ablation (best arch of a 50-trial TPE search, then train-query, test split):", "",
                "| reward | MFLOPs | predicted ms | M(q,g) R@1 | M(q,q) R@1 |", "|---|---|---|---|---|"]
@@ -280,6 +375,9 @@ def main() -> None:
                       f"{100 * r['M(q,g)']:.2f} | {100 * r['M(q,q)']:.2f} |")
     if "budgets" in res and all("random_median_measured_ms" in r for r in res["budgets"]):
         k = len(res["budgets"][0]["random"])
+        nq = res["budgets"][0]["searched"].get("test_queries", 2000)
+        p = res["budgets"][0]["searched"]["M(q,g)"]
+        se = 100 * (p * (1 - p) / nq) ** 0.5
         where = res.get("budgets_trained_on")
         md += ["", f"Searched vs the median of {k} random feasible archs (same training"
                + (f"; models trained on {machine_line(where)}, latency measured on the machine above"
@@ -287,7 +385,7 @@ def main() -> None:
                f"Budgets are fractions {args.budget_fracs} of the range of the table that run searched "
                f"with ({res.get('budgets_table_range_ms', [lo, hi])[0]:.3f}-"
                f"{res.get('budgets_table_range_ms', [lo, hi])[1]:.3f} ms predicted); the test split has "
-               "2,000 queries (one standard error of recall@1 is about 0.9 points).", "",
+               f"{nq:,} queries (one standard error of recall@1 is about {se:.1f} points).", "",
                "| budget ms (pred.) | searched M(q,g) | searched M(q,q) | searched meas. ms | random median M(q,g) "
                "| random median M(q,q) | random median meas. ms | random archs beaten on M(q,g) "
                "| MobileNetV3-small-0.5 M(q,g) / M(q,q) / meas. ms |",
@@ -300,17 +398,39 @@ def main() -> None:
                       f"{100 * r['random_median_M(q,q)']:.2f} | {r['random_median_measured_ms']:.3f} | "
                       f"{beaten}/{len(r['random'])} | "
                       f"{100 * m['M(q,g)']:.2f} / {100 * m['M(q,q)']:.2f} / {m['measured_ms']:.3f} |")
+        verdict = []
+        for r in res["budgets"]:
+            s, m = r["searched"], r["mobilenetv3"]
+            short = [w for w, bad in (
+                ("M(q,g) below the random median", s["M(q,g)"] < r["random_median_M(q,g)"]),
+                ("M(q,q) below the random median", s["M(q,q)"] < r["random_median_M(q,q)"]),
+                ("slower than the random median", s["measured_ms"] > r["random_median_measured_ms"]),
+                ("M(q,g) below MobileNetV3", s["M(q,g)"] < m["M(q,g)"])) if bad]
+            verdict.append(f"{r['budget_ms']} ms: " + ("searched >= both" if not short else "; ".join(short)))
+        md += ["", "Target (searched >= the random median and >= MobileNetV3-small at equal or lower measured "
+               "latency): " + " · ".join(verdict) + "."]
         md += ["", "MobileNetV3-small at width 0.5 is the narrowest timm registers; where its measured "
                "latency is above a budget it is shown for reference, not as a feasible rival.",
-               "", "![budgets](benchmarks/results/search_budgets.png)"]
-        plot_budgets(res["budgets"], ROOT / "benchmarks" / "results" / "search_budgets.png")
+               "", f"![budgets](benchmarks/results/{name}_budgets.png)"]
+        plot_budgets(res["budgets"], ROOT / "benchmarks" / "results" / f"{name}_budgets.png")
+        pf = res.get("proxy_fidelity")
+        if pf:
+            md += ["", f"How well the search's score ranks the {pf['n']} trained subnets above (the supernet "
+                   "subnet's R3 reward on the validation split vs the trained model on the test split):", "",
+                   "| validation protocol | validation queries | Kendall tau vs test M(q,g) | Spearman vs test "
+                   "M(q,g) | Kendall tau vs test R3 | Spearman vs test R3 |", "|---|---|---|---|---|---|"]
+            for proto, what in (("all", "leave-one-out over the split (default)"),
+                                ("split", "the split's query part vs its gallery part")):
+                f = pf[proto]
+                md.append(f"| {what} | {f['n_val_queries']} | {f['kendall_M(q,g)']:.3f} | "
+                          f"{f['spearman_M(q,g)']:.3f} | {f['kendall_r3']:.3f} | {f['spearman_r3']:.3f} |")
     if "cost" in res:
         md += ["", "Cost of one evaluated trial (BN recalibration + embedding + both accuracies) by "
                "validation-set size (median of 5 random archs):", "",
                "| validation set | queries | gallery | s / trial |", "|---|---|---|---|"]
         for r in res["cost"]:
             md.append(f"| {r['kind']} | {r['val_queries']} | {r['val_gallery']} | {r['sec_per_trial']:.2f} |")
-    update_benchmarks_md("search", "\n".join(md))
+    update_benchmarks_md(name.replace("_", "-"), "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,10 @@ class SearchConfig:
     n_trials: int = 100  # evaluated (feasible) trials
     multi_objective: bool = False
     bn_batches: int = 4  # BN recalibration batches (of 128 training images) per trial
+    # all: every validation image is a query against all the others (leave-one-out; about
+    # 5x the queries of the split, so a tighter estimate at the same embedding cost);
+    # split: the split's val_query part against its val_gallery part
+    val_queries: str = "all"
     max_infeasible: int = 2000  # consecutive over-budget samples before giving up
     population: int = 20  # evolution
     tournament: int = 5

@@ -117,6 +117,33 @@ def test_over_budget_archs_are_never_evaluated(search_run, tmp_path):
     assert res["n_evaluated"] == 4
 
 
+def test_leave_one_out_validation_scores_every_image(search_run):
+    """val_queries all: every validation image is a query against all the others, never
+    matching itself; split: the split's own query/gallery division."""
+    from hwnas.retrieval import evaluate
+
+    cfg = load_config(search_run[1])
+    loo = SupernetEvaluator(cfg, log=lambda *_: None)
+    cfg.search.val_queries = "split"
+    split = SupernetEvaluator(cfg, log=lambda *_: None)
+    n = len(split.vq.images) + len(split.vg.images)
+    arch = cfg.search_space().smallest()
+    a, b = loo(arch), split(arch)
+    assert a["M(q,g)"]["n_queries"] == a["M(q,g)"]["n_gallery"] == n
+    assert b["M(q,g)"]["n_queries"] == len(split.vq.images) < n
+    # the same images with self-matches kept: each query finds itself first
+    from hwnas.compat.api import embed
+
+    q = embed(loo.net, loo.vq.images, loo.pre.normalize, arch=arch)
+    assert evaluate(q, loo.vq.raw_labels, q, loo.vq.raw_labels)["recall@1"] == 1.0
+    assert a["M(q,q)"]["recall@1"] < 1.0
+    assert a["M(q,q)"]["recall@1"] == pytest.approx(evaluate(
+        q, loo.vq.raw_labels, q, loo.vq.raw_labels, query_ids=loo.ids[0], gallery_ids=loo.ids[1])["recall@1"])
+    cfg.search.val_queries = "bogus"
+    with pytest.raises(HwnasError, match="val_queries"):
+        SupernetEvaluator(cfg, log=lambda *_: None)
+
+
 def test_outputs_and_from_search(search_run):
     root, cfg_path = search_run
     cfg = load_config(cfg_path)

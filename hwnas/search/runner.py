@@ -35,6 +35,9 @@ SAMPLERS = ("tpe", "nsga2", "random", "evolution")
 REWARDS = ("r1", "r2", "r3")
 
 
+VAL_QUERIES = ("all", "split")
+
+
 def reward(m_qq: float, m_qg: float, kind: str = "r3", alpha: float = 0.5) -> float:
     if kind == "r1":
         return m_qq
@@ -86,16 +89,26 @@ class SupernetEvaluator:
         if not len(splits.parts["val_query"]) or not len(splits.parts["val_gallery"]):
             raise HwnasError("the split has no validation images (data.split.val_fraction is 0); "
                              "the search needs them: set val_fraction > 0 in a new run directory")
+        if cfg.search.val_queries not in VAL_QUERIES:
+            raise HwnasError(f"search.val_queries {cfg.search.val_queries!r} must be one of {VAL_QUERIES}")
+        same_pre = gallery.config["preprocess"] == self.pre.to_dict()
         self.vq = api.load_part(rd, "val_query", self.pre, log=log)
         self.vg = api.load_part(rd, "val_gallery", self.pre, log=log)
-        self.g_emb = api.gallery_embeddings(rd, gallery, "val_gallery",
-                                            self.vg if gallery.config["preprocess"] == self.pre.to_dict() else None,
-                                            log=log)
+        self.g_emb = api.gallery_embeddings(rd, gallery, "val_gallery", self.vg if same_pre else None, log=log)
+        self.ids = (self.vq.ids, self.vg.ids) if splits.shared_eval else (None, None)
+        if cfg.search.val_queries == "all" and not splits.shared_eval:
+            # leave-one-out over the whole validation split: each image a query against all
+            # the others (its own entry excluded by id)
+            qg = api.gallery_embeddings(rd, gallery, "val_query", self.vq if same_pre else None, log=log)
+            self.g_emb = np.concatenate([qg, self.g_emb])
+            self.vq = self.vg = api.PartImages(
+                torch.cat([self.vq.images, self.vg.images]), torch.cat([self.vq.labels, self.vg.labels]),
+                np.concatenate([self.vq.raw_labels, self.vg.raw_labels]), [*self.vq.ids, *self.vg.ids])
+            self.ids = (self.vq.ids, self.vq.ids)
         train = api.load_part(rd, "train", self.pre, log=log)
         n = min(len(train.images), 128 * cfg.search.bn_batches)
         sel = np.random.default_rng(cfg.seed).permutation(len(train.images))[:n]
         self.calib = [self.pre.normalize(train.images[sel[i:i + 128]]) for i in range(0, n, 128)]
-        self.ids = (self.vq.ids, self.vg.ids) if splits.shared_eval else (None, None)
         self.torch = torch
         self.cache: dict[str, dict] = {}
 
@@ -110,7 +123,7 @@ class SupernetEvaluator:
         t = time.time()
         recalibrate_bn(self.net, self.calib, arch)
         q = embed(self.net, self.vq.images, self.pre.normalize, arch=arch)
-        g = embed(self.net, self.vg.images, self.pre.normalize, arch=arch)
+        g = q if self.vg is self.vq else embed(self.net, self.vg.images, self.pre.normalize, arch=arch)
         res = {
             "M(q,q)": evaluate(q, self.vq.raw_labels, g, self.vg.raw_labels,
                                query_ids=self.ids[0], gallery_ids=self.ids[1]),
