@@ -260,3 +260,29 @@ def test_contrastive_part_rewards_keeping_the_gallery_neighbourhoods():
         loss(g, y, None)
     with pytest.raises(HwnasError, match="contrast_temp"):
         LossConfig(contrast=1.0, contrast_temp=0.0)
+
+
+def test_mix_part_matches_the_gallery_on_blended_images():
+    """The mix part: both models on blends of two batch images; zero when the query computes
+    the gallery's function, positive (with a gradient into the query) when it does not; only
+    in training; off by default and then left out of the stored loss settings."""
+    import copy
+
+    from hwnas.compat.losses import CompatLoss, LossConfig
+    from hwnas.compat.tasks import CompatTask
+
+    assert "mix" not in LossConfig().to_dict()
+    cfg = LossConfig(own_cls=0.0, bct=0.0, regress=1.0, mix=2.0)
+    assert cfg.needs_gallery and cfg.to_dict()["mix"] == 2.0
+    torch.manual_seed(0)
+    gallery = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    x, y, idx = torch.randn(16, 1, 8, 8), torch.zeros(16, dtype=torch.long), torch.arange(16)
+    same = CompatTask(copy.deepcopy(gallery), CompatLoss(cfg, 8, 2), gallery).train()
+    _, parts = same(x, y, idx)
+    assert set(parts) == {"regress", "mix"} and parts["mix"] < 1e-6
+    other = CompatTask(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8)), CompatLoss(cfg, 8, 2), gallery)
+    total, parts = other.train()(x, y, idx)
+    assert parts["mix"] > 0.1
+    total.backward()
+    assert other.net[1].weight.grad.abs().sum() > 0 and all(p.grad is None for p in gallery.parameters())
+    assert "mix" not in other.eval()(x, y, idx)[1]

@@ -11,6 +11,12 @@
   query to keep the gallery's neighbourhoods (who is closer to whom), which is what
   retrieval among classes never seen in training depends on (relational distillation, as
   in CompRess / SEED for small retrieval students).
+* ``mix``: regression (1 - cos) of the query embedding onto the frozen gallery embedding of
+  *mixed* images — two training images blended, x = l*a + (1-l)*b, l ~ U(0, 1), both
+  models seeing the same blend ("function matching", Beyer et al., CVPR 2022: a student
+  matches its teacher best on inputs off the training images). It asks the query to follow
+  the gallery model between and beyond the training images, which open-set retrieval
+  needs. Costs one more query and gallery forward pass per step (CompatTask computes it).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from hwnas.nn.heads import CosineClassifier
 
 
 #: the weighted parts, in the order they are computed and printed
-PARTS = ("own_cls", "bct", "regress", "contrast")
+PARTS = ("own_cls", "bct", "regress", "contrast", "mix")
 
 
 @dataclass
@@ -40,6 +46,7 @@ class LossConfig:
     regress_kind: str = "cosine"  # cosine | l2
     contrast: float = 0.0
     contrast_temp: float = 0.1
+    mix: float = 0.0
     scale: float = 30.0  # own classifier
     margin: float = 0.2
 
@@ -56,7 +63,7 @@ class LossConfig:
 
     @property
     def needs_gallery(self) -> bool:
-        return self.bct > 0 or self.needs_gallery_emb
+        return self.bct > 0 or self.needs_gallery_emb or self.mix > 0
 
     @property
     def needs_gallery_emb(self) -> bool:
@@ -67,6 +74,8 @@ class LossConfig:
         d = asdict(self)
         if not self.contrast:  # off: left out, so models trained before it keep their keys
             del d["contrast"], d["contrast_temp"]
+        if not self.mix:
+            del d["mix"]
         return d
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hwnas.compat.losses import CompatLoss
@@ -100,8 +101,11 @@ class CompatTask(nn.Module):
         if self.sampler is not None:
             self.arch = self.sampler(epoch, step, progress)
 
+    def _query(self, x):
+        return self.net(x, self.arch) if self.sampler is not None else self.net(x)
+
     def forward(self, x, y, idx):
-        q = self.net(x, self.arch) if self.sampler is not None else self.net(x)
+        q = self._query(x)
         g = None
         if self.loss.cfg.needs_gallery_emb:
             if self.gallery_emb is not None:
@@ -109,4 +113,15 @@ class CompatTask(nn.Module):
             else:
                 with torch.no_grad():
                     g = self._gallery(x)
-        return self.loss(q, y, g)
+        total, parts = self.loss(q, y, g)
+        w = self.loss.cfg.mix
+        if w > 0 and self.training:
+            # the loss's "mix" part: both models on blends of two images of the batch
+            lam = torch.rand(len(x), 1, 1, 1, device=x.device, dtype=x.dtype)
+            xm = lam * x + (1 - lam) * x.roll(1, 0)
+            with torch.no_grad():
+                gm = self._gallery(xm)
+            mix = (1 - F.cosine_similarity(self._query(xm), gm, dim=1)).mean()
+            total = total + w * mix
+            parts = {**parts, "mix": float(mix.detach())}
+        return total, parts
