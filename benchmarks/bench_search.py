@@ -352,8 +352,13 @@ def main() -> None:
     done = [p for p in ("samplers", "rewards", "budgets", "cost") if p in args.parts]  # measure
     # keeps the run dir of the budgets it timed (they were trained elsewhere)
     res.setdefault("part_run_dirs", {}).update({p: args.run_dir for p in done})
+    # how the search scored archs in each part (parts measured before search.val_queries
+    # existed used the split's query/gallery division)
+    res["part_val_queries"] = {**{p: "split" for p in res["part_run_dirs"]}, **res.get("part_val_queries", {}),
+                               **{p: base.search.val_queries for p in done}}
     save_results(name, res)
-    runs = ", ".join(f"{p}: `{d}`" for p, d in sorted(res["part_run_dirs"].items()))
+    runs = ", ".join(f"{p}: `{d}`, search.val_queries {res['part_val_queries'][p]}"
+                     for p, d in sorted(res["part_run_dirs"].items()))
     md = [f"## Search (issue 5){'' if tag == 'quickstart' else ': ' + tag}", "",
           f"Machine: {machine_line(res['machine'])}. Script: "
           f"`benchmarks/bench_search.py --config configs/{tag}.yaml` ({runs}); latency "
