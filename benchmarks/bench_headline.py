@@ -75,7 +75,7 @@ def _not_pareto_line(rep: dict) -> str:
     """For each baseline the searched model is not Pareto-better than, what it loses on,
     with the per-pool latency comparison (the pools are timed interleaved, so paired)."""
     rows = {r["model"]: r for r in rep["rows"]}
-    s, g = rows.get("searched"), rep["paragon"].get("measured_pools_ms")
+    s = rows.get("searched")
     if s is None:
         return ""
     out = []
@@ -84,10 +84,9 @@ def _not_pareto_line(rep: dict) -> str:
             continue
         b, why = rows[name], []
         if b["measured_ms"] < s["measured_ms"]:
-            slower = ""
-            if g and s.get("latency_reduction_pools") and b.get("latency_reduction_pools"):
-                n = sum(gg / a > gg / c for gg, a, c in zip(g, s["latency_reduction_pools"], b["latency_reduction_pools"]))
-                slower = f", slower in {n} of {len(g)} timing pools"
+            slower, sp, bp = "", s.get("latency_reduction_pools"), b.get("latency_reduction_pools")
+            if sp and bp:  # in a pool, the smaller paragon / model ratio is the slower model
+                slower = f", slower in {sum(a < c for a, c in zip(sp, bp))} of {len(sp)} timing pools"
             why.append(f"{1000 * (s['measured_ms'] - b['measured_ms']):.0f} µs slower "
                        f"({s['measured_ms']:.3f} vs {b['measured_ms']:.3f} ms{slower})")
         dq = 100 * (s["M(q,g)_recall@1"] - b["M(q,g)_recall@1"])

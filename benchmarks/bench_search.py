@@ -189,17 +189,15 @@ def main() -> None:
     def proxy_scores(archs):
         """The search's score of each arch (its supernet subnet's R3 reward on the validation
         split) under each validation protocol: {arch: {"all": r, "split": r}}."""
-        from hwnas.search.runner import SupernetEvaluator, reward
+        from hwnas.search.runner import VAL_QUERIES, SupernetEvaluator, search_reward
 
         out = {a: {} for a in archs}
-        for proto in ("all", "split"):
+        for proto in VAL_QUERIES:
             cfg = copy.deepcopy(base)
             cfg.search.val_queries = proto
             ev = SupernetEvaluator(cfg, log=quiet)
             for a in tqdm(archs, desc=f"proxy ({proto})"):
-                m = ev(space.parse(a))
-                out[a][proto] = reward(m["M(q,q)"][cfg.search.metric], m["M(q,g)"][cfg.search.metric],
-                                       cfg.search.reward, cfg.search.alpha)
+                out[a][proto] = search_reward(ev(space.parse(a)), cfg.search)
             out[f"n_val_queries_{proto}"] = len(ev.vq.images)
         return out
 
@@ -208,13 +206,13 @@ def main() -> None:
         against their test M(q,g) and R3, over all trained subnets."""
         from scipy.stats import kendalltau, spearmanr
 
-        from hwnas.search.runner import reward
+        from hwnas.search.runner import VAL_QUERIES, reward
 
         subnets = [r for r in rows if r["kind"] == "subnet"]
         out = {"n": len(subnets)}
         test_qg = [r["M(q,g)"] for r in subnets]
         test_r3 = [reward(r["M(q,q)"], r["M(q,g)"], base.search.reward, base.search.alpha) for r in subnets]
-        for proto in ("all", "split"):
+        for proto in VAL_QUERIES:
             proxy = [scores[r["arch"]][proto] for r in subnets]
             for r, p in zip(subnets, proxy):
                 r[f"proxy_{proto}"] = p

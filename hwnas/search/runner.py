@@ -135,6 +135,11 @@ class SupernetEvaluator:
         return res
 
 
+def search_reward(res: dict, s) -> float:
+    """The study's reward of an evaluator result, by the search config's metric and reward."""
+    return reward(res["M(q,q)"][s.metric], res["M(q,g)"][s.metric], s.reward, s.alpha)
+
+
 def make_sampler(name: str, space, cfg: Config, seed: int | None, multi_objective: bool,
                  predictor=None, budget: float | None = None):
     """An Optuna sampler. With ``predictor`` and ``budget``, the random and evolution
@@ -276,8 +281,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
             return (0.0, lat) if s.multi_objective else 0.0
         state["infeasible_run"] = 0
         res = evaluator(arch)
-        qq, qg = res["M(q,q)"][s.metric], res["M(q,g)"][s.metric]
-        r = reward(qq, qg, s.reward, s.alpha)
+        qq, qg, r = res["M(q,q)"][s.metric], res["M(q,g)"][s.metric], search_reward(res, s)
         trial.set_user_attr("feasible", True)
         for k in ("M(q,q)", "M(q,g)"):
             trial.set_user_attr(k, {m: res[k][m] for m in ("recall@1", "recall@5", "mAP")})
