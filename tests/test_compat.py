@@ -242,12 +242,15 @@ def test_a_finished_model_of_another_arch_is_not_silently_kept(trained_gallery, 
 
 def test_contrastive_part_rewards_keeping_the_gallery_neighbourhoods():
     """InfoNCE over the batch: low when each query embedding is nearest its own image's
-    gallery embedding, high when the queries are shuffled; off by default and then left out
-    of the stored loss settings, so models trained before it keep their fingerprints."""
+    gallery embedding, high when the queries are shuffled. On by default (weight 5); when
+    set to 0 it is left out of the stored loss settings, so models trained without it keep
+    their fingerprints."""
     from hwnas.compat.losses import CompatLoss, LossConfig
 
-    off = LossConfig(own_cls=1.0, bct=0.0, regress=1.0)
-    assert "contrast" not in off.to_dict() and not LossConfig(own_cls=1.0, bct=0.0, regress=0.0).needs_gallery_emb
+    assert LossConfig().contrast == 5.0 and LossConfig().to_dict()["contrast"] == 5.0
+    off = LossConfig(own_cls=1.0, bct=0.0, regress=1.0, contrast=0.0)
+    assert "contrast" not in off.to_dict()
+    assert not LossConfig(own_cls=1.0, bct=0.0, regress=0.0, contrast=0.0).needs_gallery_emb
     cfg = LossConfig(own_cls=0.0, bct=0.0, regress=0.0, contrast=1.0, contrast_temp=0.1)
     assert cfg.needs_gallery_emb and cfg.to_dict()["contrast"] == 1.0
     loss = CompatLoss(cfg, embed_dim=16, num_classes=4)
@@ -272,7 +275,7 @@ def test_mix_part_matches_the_gallery_on_blended_images():
     from hwnas.compat.tasks import CompatTask
 
     assert "mix" not in LossConfig().to_dict()
-    cfg = LossConfig(own_cls=0.0, bct=0.0, regress=1.0, mix=2.0)
+    cfg = LossConfig(own_cls=0.0, bct=0.0, regress=1.0, contrast=0.0, mix=2.0)
     assert cfg.needs_gallery and cfg.to_dict()["mix"] == 2.0
     torch.manual_seed(0)
     gallery = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))

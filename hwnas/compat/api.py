@@ -299,7 +299,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     A finished model already under the name is kept only if it is the same model (arch or
     timm name, loss, training settings, inheritance); otherwise it is an error naming the
     fix, or with ``retrain_changed`` (``hwnas run``, after a new search) trained again."""
-    from hwnas.compat.losses import CompatLoss, LossConfig
+    from hwnas.compat.losses import PARTS, CompatLoss, LossConfig
     from hwnas.compat.tasks import CompatTask
     from hwnas.compat.train import fit, is_main
     from hwnas.nn.models import EmbeddingNet, save_model
@@ -312,7 +312,9 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     space = cfg.search_space()
     name = name or (f"timm-{timm_name}" if timm_name else f"arch-{_short(arch, space)}")
     out = rd.path / "query" / name
-    loss_cfg = LossConfig(**loss_override) if loss_override is not None else cfg.loss_config("query")
+    # an override is the whole loss: a part it does not name is off, not at its default weight
+    loss_cfg = (LossConfig(**{**dict.fromkeys(PARTS, 0.0), **loss_override}) if loss_override is not None
+                else cfg.loss_config("query"))
     tc = cfg.train_config("query")
     inherit = cfg.query.inherit if inherit is None else inherit
     if _prepare_out(out, restart):
