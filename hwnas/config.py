@@ -24,6 +24,10 @@ class DataConfig:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     split: dict = field(default_factory=dict)  # SplitConfig fields
+    # images without labels (a folder, a .zip or a CSV manifest with a path column) added to
+    # the supernet's and query models' training for the parts that need no labels (regress,
+    # contrast, mix): e.g. more in-domain images than you can label. Never the test images.
+    unlabeled: str | None = None
 
 
 @dataclass

@@ -30,10 +30,10 @@ STEP_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": (("seed", "data"), ()),
     "profile": (("space", "latency"), ()),
     "train-gallery": (("space", "gallery"), ("data",)),
-    "train-supernet": (("space", "supernet"), ("train-gallery",)),
+    "train-supernet": (("space", "supernet", "unlabeled"), ("train-gallery",)),
     "search": (("search",), ("train-supernet", "profile")),
-    "train-query": (("query",), ("search",)),
-    "baselines": (("query",), ("search",)),
+    "train-query": (("query", "unlabeled"), ("search",)),
+    "baselines": (("query", "unlabeled"), ("search",)),
     "deploy": (("deploy",), ("train-query",)),
     "report": ((), ("train-query", "baselines")),
 }
@@ -53,9 +53,12 @@ def step_keys(cfg: Config) -> dict[str, str]:
     d, keys = cfg.to_dict(), {}
     # how many subnets validate a table: written to its header, read by no later step
     d["latency"] = {k: v for k, v in d["latency"].items() if k != "validate"}
+    # data.unlabeled feeds the compatibility trainings only: a new one keeps the split and
+    # the gallery (unset, it adds nothing to a key, so earlier runs keep theirs)
+    d["unlabeled"] = d["data"].pop("unlabeled", None)
     for name in STEPS:
         sections, deps = STEP_INPUTS[name]
-        keys[name] = content_hash({"config": {k: d[k] for k in sections},
+        keys[name] = content_hash({"config": {k: d[k] for k in sections if not (k == "unlabeled" and d[k] is None)},
                                    "after": {x: keys[x] for x in deps}})
     return keys
 

@@ -153,4 +153,6 @@ def test_step_keys_follow_what_each_step_reads():
     assert changed(lambda c: setattr(c.latency, "validate", 5)) == set()
     assert changed(lambda c: c.gallery.train.update(epochs=9)) == set(STEPS) - {"data", "profile"}
     assert changed(lambda c: setattr(c, "run_dir", "elsewhere")) == set()
+    # unlabeled images feed the compatibility trainings, not the split or the gallery
+    assert changed(lambda c: setattr(c.data, "unlabeled", "more/")) == set(STEPS) - {"data", "profile", "train-gallery"}
     assert downstream(["search"]) == {"search", "train-query", "baselines", "deploy", "report"}

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -289,3 +290,46 @@ def test_mix_part_matches_the_gallery_on_blended_images():
     total.backward()
     assert other.net[1].weight.grad.abs().sum() > 0 and all(p.grad is None for p in gallery.parameters())
     assert "mix" not in other.eval()(x, y, idx)[1]
+
+
+def test_unlabeled_images_feed_only_the_parts_without_labels(trained_gallery, tmp_path):
+    """Label -1 (an image of data.unlabeled) is left out of both classifier parts and kept
+    in the regression; a query trained with unlabeled images records them and is retrained
+    when they change; a loss with no part that can use them is refused."""
+    from PIL import Image
+
+    from hwnas.compat.losses import CompatLoss, LossConfig
+    from hwnas.data.sources import fashion_mnist
+    from hwnas.nn.heads import CosineClassifier
+
+    torch.manual_seed(0)
+    q, g = torch.randn(8, 16), torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    y = torch.tensor([0, 1, 2, 3, -1, -1, -1, -1])
+    loss = CompatLoss(LossConfig(contrast=0.0), 16, 4, CosineClassifier(16, 4, 30.0, 0.2))
+    _, mixed = loss(q, y, g)
+    _, lab = loss(q[:4], y[:4], g[:4])
+    assert mixed["own_cls"] == pytest.approx(lab["own_cls"]) and mixed["bct"] == pytest.approx(lab["bct"])
+    assert mixed["regress"] != pytest.approx(lab["regress"])
+    total, none = loss(q.requires_grad_(), torch.full((8,), -1), g)
+    assert none["own_cls"] == 0 == none["bct"] and none["regress"] > 0
+    total.backward()
+    assert loss.own.weight.grad is not None and float(loss.own.weight.grad.abs().sum()) == 0
+
+    col = fashion_mnist()
+    folder = tmp_path / "unlabeled"
+    folder.mkdir()
+    for i in [i for i, s in enumerate(col.splits) if s == "train"][-96:]:  # Fashion-MNIST's own train split
+        Image.fromarray(np.asarray(col.read(i))).save(folder / f"{i}.png")
+    quiet = lambda *_: None  # noqa: E731
+    cfg = load_config(_clone_run(trained_gallery, tmp_path, data={"unlabeled": str(folder)},
+                                 query={"train": {"epochs": 1, "lr": 0.1, "batch_size": 64}}))
+    arch = cfg.search_space().smallest().to_string()
+    q = api.train_query(cfg, arch=arch, name="u", inherit=False, log=quiet)
+    assert q["unlabeled"]["images"] == 96 and q["unlabeled"]["source"] == str(folder)
+    cfg.data.unlabeled = None
+    with pytest.raises(HwnasError, match="data.unlabeled"):
+        api.train_query(cfg, arch=arch, name="u", inherit=False, log=quiet)
+    cfg.data.unlabeled = str(folder)
+    with pytest.raises(HwnasError, match="no part that can use images"):
+        api.train_query(cfg, arch=arch, name="v", inherit=False, log=quiet,
+                        loss_override={"own_cls": 1.0, "bct": 1.0})

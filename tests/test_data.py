@@ -201,3 +201,30 @@ def test_atomic_writes_leave_no_temp_and_usual_mode(tmp_path):
     os.umask(mask)
     assert (p.stat().st_mode & 0o777) == (0o666 & ~mask)  # not mkstemp's 0600
     assert [f.name for f in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_unlabeled_images_from_folder_zip_and_manifest(tmp_path):
+    """data.unlabeled: every image under a folder (any depth, folder names ignored), in a
+    zip, or listed in a CSV's path column; one class; bad paths are clear errors."""
+    import zipfile
+
+    from hwnas.data.sources import unlabeled_images
+
+    root = make_png_folder(tmp_path / "u", {"a": 3, "b/deeper": 2})
+    (root / "notes.txt").write_text("not an image")
+    col = unlabeled_images(root)
+    assert len(col) == 5 and col.class_names == ["unlabeled"] and set(col.labels) == {0}
+    assert col.read(0).size == (20, 24)
+    with zipfile.ZipFile(tmp_path / "u.zip", "w") as zf:
+        for p in sorted(root.rglob("*.png")):
+            zf.write(p, p.relative_to(root))
+        zf.writestr("readme.txt", "x")
+    z = unlabeled_images(tmp_path / "u.zip")
+    assert len(z) == 5 and np.array_equal(np.asarray(z.read(4)), np.asarray(col.read(4)))
+    (tmp_path / "m.csv").write_text("path,comment\nu/a/img000.png,x\nu/b/deeper/img001.png,\n")
+    assert len(unlabeled_images(tmp_path / "m.csv")) == 2
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.csv").write_text("file\nu/a/img000.png\n")
+    for bad, msg in [("missing", "does not exist"), ("empty", "holds no images"), ("bad.csv", "path column")]:
+        with pytest.raises(DataError, match=msg):
+            unlabeled_images(tmp_path / bad)

@@ -216,7 +216,39 @@ def _compat_setup(rd: RunDir, loss_cfg, log):
     else:
         classes = train_class_names(rd)
     data = load_part(rd, "train", pre, classes, log=log)
-    return space, pre, gallery, classes, data
+    unlabeled = None
+    if cfg.data.unlabeled:
+        data, unlabeled = _add_unlabeled(cfg, data, pre, loss_cfg, log)
+    return space, pre, gallery, classes, data, unlabeled
+
+
+def _add_unlabeled(cfg: Config, data: PartImages, pre, loss_cfg, log) -> tuple[PartImages, dict]:
+    """``data.unlabeled`` appended to the training images with label -1: the classifier parts
+    skip them, the parts that compare with the gallery embedding use them."""
+    import hashlib
+
+    from hwnas.data.images import materialize
+    from hwnas.data.sources import unlabeled_images
+
+    if not (loss_cfg.regress > 0 or loss_cfg.contrast > 0 or loss_cfg.mix > 0):
+        raise HwnasError("data.unlabeled is set but the loss has no part that can use images "
+                         "without labels: set loss.regress, loss.contrast or loss.mix > 0, or "
+                         "data.unlabeled: null")
+    col = unlabeled_images(cfg.data.unlabeled)
+    arr = materialize(col, range(len(col)), pre, cfg.data.skip_bad_images, desc="unlabeled")
+    if arr.skipped:
+        log(f"[data] skipped {len(arr.skipped)} unreadable unlabeled images (e.g. {arr.skipped[0]})")
+    if not len(arr.images):
+        raise HwnasError(f"data.unlabeled {cfg.data.unlabeled}: no readable images")
+    info = {"source": str(cfg.data.unlabeled), "images": len(arr.images),
+            "fingerprint": hashlib.sha256(arr.images.tobytes()).hexdigest()[:16]}
+    log(f"[data] + {len(arr.images)} unlabeled images from {cfg.data.unlabeled} (regression/"
+        f"contrast/mix only) beside {len(data.images)} labeled")
+    n = len(arr.images)
+    return PartImages(torch.cat([data.images, torch.from_numpy(arr.images)]),
+                      torch.cat([data.labels, torch.full((n,), -1, dtype=data.labels.dtype)]),
+                      np.concatenate([data.raw_labels, np.full(n, -1, data.raw_labels.dtype)]),
+                      data.ids + arr.ids(col)), info
 
 
 def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log=print) -> dict:
@@ -232,11 +264,11 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
         log(f"[train-supernet] {out} is already trained; --restart to train again")
         return read_json(out / "config.json")
     loss_cfg, tc = cfg.loss_config("supernet"), cfg.train_config("supernet")
-    space, pre, gallery, classes, data = _compat_setup(rd, loss_cfg, log)
+    space, pre, gallery, classes, data, unlabeled = _compat_setup(rd, loss_cfg, log)
     g_emb = None
     if gallery is not None and loss_cfg.needs_gallery_emb and cfg.supernet.cache_gallery_embeddings \
             and tc.augment == "none":
-        g_emb = torch.from_numpy(gallery_embeddings(rd, gallery, "train", data, log=log))
+        g_emb = torch.from_numpy(gallery_embeddings(rd, gallery, _train_part(unlabeled), data, log=log))
     torch.manual_seed(cfg.seed)
     net = Supernet(space)
     loss = CompatLoss(loss_cfg, space.embed_dim, len(classes),
@@ -247,7 +279,7 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     gfp = gallery.fingerprint if gallery is not None else None
     settings = {"space": space.hash, "loss": loss_cfg.to_dict(), "gallery": gfp,
                 "flops_range": cfg.supernet.flops_range, "path_warmup": cfg.supernet.path_warmup,
-                "split": rd.splits().fingerprint}
+                "split": rd.splits().fingerprint, **_unlabeled_setting(unlabeled)}
     log(f"[train-supernet] space {space.hash} on {len(data.images)} images, loss "
         f"{_loss_str(loss_cfg)}, {tc.epochs} epochs")
     hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
@@ -322,6 +354,8 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         want = {"arch": None if arch is None else space.parse(arch).to_string(space), "timm": timm_name,
                 "loss": loss_cfg.to_dict(), "train": tc.__dict__, "inherit": bool(inherit and arch)}
         diff = [k for k, v in json.loads(json.dumps(want)).items() if old.get(k) != v]
+        if (old.get("unlabeled") or {}).get("source") != (str(cfg.data.unlabeled) if cfg.data.unlabeled else None):
+            diff.append("data.unlabeled")
         if not diff:
             log(f"[train-query] {out} is already trained; --restart to train again")
             return old
@@ -330,9 +364,10 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
                              f"than asked: train again with --restart, or give another --name")
         log(f"[train-query] {out} was trained with other {', '.join(diff)}; training again")
         shutil.rmtree(out)
-    space, pre, gallery, classes, data = _compat_setup(rd, loss_cfg, log)
+    space, pre, gallery, classes, data, unlabeled = _compat_setup(rd, loss_cfg, log)
     torch.manual_seed(cfg.seed)
-    qcfg = {"role": "query", "embed_dim": space.embed_dim, "preprocess": pre.to_dict()}
+    qcfg = {"role": "query", "embed_dim": space.embed_dim, "preprocess": pre.to_dict(),
+            **_unlabeled_setting(unlabeled)}
     own_state = None
     if arch is not None:
         a = space.parse(arch)
@@ -359,7 +394,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         loss.own.load_state_dict(own_state)
     g_emb = None
     if gallery is not None and loss_cfg.needs_gallery_emb and tc.augment == "none":
-        g_emb = torch.from_numpy(gallery_embeddings(rd, gallery, "train", data, log=log))
+        g_emb = torch.from_numpy(gallery_embeddings(rd, gallery, _train_part(unlabeled), data, log=log))
     task = CompatTask(net, loss, gallery.net if gallery is not None else None, g_emb)
     gfp = gallery.fingerprint if gallery is not None else None
     settings = {"query": {k: v for k, v in qcfg.items() if k != "flops"}, "loss": loss_cfg.to_dict(),
@@ -375,6 +410,17 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     saved = save_model(out, {"net": net}, qcfg)
     log(f"[train-query] saved {out}")
     return saved
+
+
+def _unlabeled_setting(unlabeled: dict | None) -> dict:
+    """What a model records of ``data.unlabeled`` (nothing when unset, so models trained
+    before the option keep their settings and fingerprints)."""
+    return {"unlabeled": unlabeled} if unlabeled else {}
+
+
+def _train_part(unlabeled: dict | None) -> str:
+    """The name the training images' cached gallery embeddings go under."""
+    return f"train+unlabeled-{unlabeled['fingerprint']}" if unlabeled else "train"
 
 
 def _short(arch: str, space) -> str:

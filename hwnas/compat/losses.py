@@ -99,10 +99,15 @@ class CompatLoss(nn.Module):
     def forward(self, q: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None = None):
         parts: dict[str, torch.Tensor] = {}
         c = self.cfg
+        # label -1: an unlabeled image (data.unlabeled), left out of the two classifier parts
+        lab = y >= 0
+        ql, yl = (q, y) if bool(lab.all()) else (q[lab], y[lab])
         if c.own_cls > 0:
-            parts["own_cls"] = F.cross_entropy(self.own(q, y), y)
+            # (a batch with no labeled image: a zero that still reaches the classifier, for DDP)
+            parts["own_cls"] = (F.cross_entropy(self.own(ql, yl), yl) if len(yl)
+                                else (q.sum() + self.own.weight.sum()) * 0)
         if c.bct > 0:
-            parts["bct"] = F.cross_entropy(self._gallery_cls(q, y), y)
+            parts["bct"] = F.cross_entropy(self._gallery_cls(ql, yl), yl) if len(yl) else q.sum() * 0
         if c.needs_gallery_emb and g is None:
             raise HwnasError("loss.regress or loss.contrast > 0 needs the gallery embeddings")
         if c.regress > 0:

@@ -312,6 +312,53 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool) -> Col
     )
 
 
+# ---------------------------------------------------------------------- unlabeled images
+def unlabeled_images(path: str | os.PathLike) -> Collection:
+    """Images without labels, for the loss parts that need none (regression to the gallery
+    embedding, contrast, mix): a folder (every image under it, at any depth; folder names
+    are ignored), a ``.zip`` of images, or a CSV manifest with a ``path`` column (other
+    columns ignored). One class, ``unlabeled``."""
+    path = Path(path)
+    fix = ("set data.unlabeled to a folder of images, a .zip of images or a CSV manifest with "
+           "a path column, or to null")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if _is_image(p))
+        if not files:
+            raise DataError(f"data.unlabeled {path} holds no images ({', '.join(sorted(IMAGE_EXTS))}); {fix}")
+        return _from_entries(f"unlabeled:{path.name}", path, [(f, "unlabeled", None) for f in files], False)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            if "path" not in cols:
+                raise DataError(f"data.unlabeled manifest {path} needs a header row with a path "
+                                f"column; found {cols or 'no header'}")
+            reader.fieldnames = cols
+            rel = [(r.get("path") or "").strip() for r in reader]
+        if not any(rel):
+            raise DataError(f"data.unlabeled manifest {path} lists no images; {fix}")
+        entries = [(Path(r) if Path(r).is_absolute() else path.parent / r, "unlabeled", None) for r in rel if r]
+        return _from_entries(f"unlabeled:{path.stem}", path.parent, entries, False)
+    if path.suffix.lower() == ".zip" and path.is_file():
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = sorted(n for n in zf.namelist()
+                               if Path(n).suffix.lower() in IMAGE_EXTS and not Path(n).name.startswith("."))
+                blobs = [zf.read(n) for n in names]
+        except zipfile.BadZipFile as e:
+            raise DataError(f"data.unlabeled {path} is not a valid zip file ({e})") from None
+        if not names:
+            raise DataError(f"data.unlabeled {path} holds no images; {fix}")
+        ids = [f"{path.stem}/{n}" for n in names]
+
+        def read(i: int):
+            return _open_image(io.BytesIO(blobs[i]), ids[i])
+
+        return Collection(f"unlabeled:{path.stem}", ids, np.zeros(len(ids)), ["unlabeled"], read=read,
+                          info={"source": str(path)})
+    raise DataError(f"data.unlabeled {path} does not exist or is not a folder, .zip or .csv; {fix}")
+
+
 # ---------------------------------------------------------------------- tiny (tests)
 def digits() -> Collection:
     """scikit-learn's 8x8 digits (1,797 images, 10 classes): tiny, for unit tests."""
