@@ -44,6 +44,7 @@ VARIANTS = {
 
 
 _REG30 = {"own_cls": 1.0, "bct": 1.0, "regress": 30.0, "regress_kind": "cosine"}
+UNLABELED = "unlabeled"  # a variant key (not a loss weight): train with data.unlabeled
 # Omniglot open-set: name -> loss weights (the run config's query training)
 OPEN_VARIANTS = {
     "own+bct+reg30": dict(_REG30),
@@ -52,6 +53,9 @@ OPEN_VARIANTS = {
     "own+bct+reg30+con10": {**_REG30, "contrast": 10.0},
     "bct+reg30+con1": {**_REG30, "own_cls": 0.0, "contrast": 1.0},
     "own+bct+reg30+con5+mix30": {**_REG30, "contrast": 5.0, "mix": 30.0},
+    # + data.unlabeled: the 800 images of Omniglot's one-shot runs (20 other alphabets)
+    "own+bct+reg30+con5+ul": {**_REG30, "contrast": 5.0, UNLABELED: True},
+    "own+bct+reg30+con5+mix30+ul": {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True},
 }
 # the arch the Omniglot search chose at budget_fraction 0.15 (2.03 MFLOPs, 9.5x faster than
 # the paragon measured), fixed here so that the table does not move with later searches
@@ -147,6 +151,7 @@ def open_set(args) -> None:
 
     from hwnas.compat import api
     from hwnas.config import load_config
+    from hwnas.data.sources import default_omniglot_dir
     from hwnas.errors import HwnasError
     from hwnas.rundir import RunDir
 
@@ -164,14 +169,17 @@ def open_set(args) -> None:
     rows = []
     for model, vname in OPEN_PLAN:
         name = f"recipe-{model}-" + vname.replace("+", "_")
+        loss = {k: v for k, v in OPEN_VARIANTS[vname].items() if k != UNLABELED}
+        cfg.data.unlabeled = (str((default_omniglot_dir() / "one_shot_all_runs.zip").resolve())
+                              if OPEN_VARIANTS[vname].get(UNLABELED) else None)
         try:
             q = api.train_query(cfg, arch=archs[model], name=name, resume=True, inherit=False,
-                                loss_override=OPEN_VARIANTS[vname])
+                                loss_override=loss)
         except HwnasError as e:  # e.g. a new search chose another arch: say so, go on
             print(f"{name}: {e}", flush=True)
             continue
         m = api.evaluate_query(cfg, query_dir=str(rd.path / "query" / name))["metrics"]
-        rows.append(_row(model, vname, OPEN_VARIANTS[vname], q["train"]["epochs"], q, m))
+        rows.append(_row(model, vname, loss, q["train"]["epochs"], q, m))
         print(rows[-1], flush=True)
     if not rows:
         raise SystemExit("no variant could be trained (see the messages above)")
@@ -187,7 +195,7 @@ def open_markdown(res: dict) -> str:
     base = {r["model"]: r for r in res["rows"] if r["variant"] == "own+bct+reg30"}
     b = res["best"]
     lines = [
-        "## Compatibility recipe on Omniglot open-set: the contrastive and mix parts (issue 3)",
+        "## Compatibility recipe on Omniglot open-set: contrastive, mix and unlabeled images (issue 3)",
         "",
         f"Machine: {machine_line(res['machine'])}. Script: `benchmarks/bench_recipe.py --dataset "
         "omniglot` on the `configs/omniglot.yaml` run (ResNet-18 gallery; 2,320 training images of "
@@ -196,7 +204,9 @@ def open_markdown(res: dict) -> str:
         f"{res['stderr_points']:.1f} points). Query models from scratch, crop, 60 epochs, lr 0.05. "
         "`con<w>`: the contrastive part (InfoNCE over the batch, temperature 0.1) at weight w; "
         "`mix<w>`: regression to the gallery embedding of blended image pairs (function "
-        "matching) at weight w.",
+        "matching) at weight w; `ul`: with `data.unlabeled`, the 800 unlabeled images of "
+        "Omniglot's one-shot runs (20 alphabets that are neither the training nor the test "
+        "characters') for the regression, contrastive and mix parts.",
         "",
         *compat_table(res["rows"], "loss", lambda r: r["variant"], digits=2),
         "",

@@ -353,7 +353,10 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         old = read_json(out / "config.json")
         want = {"arch": None if arch is None else space.parse(arch).to_string(space), "timm": timm_name,
                 "loss": loss_cfg.to_dict(), "train": tc.__dict__, "inherit": bool(inherit and arch)}
-        diff = [k for k, v in json.loads(json.dumps(want)).items() if old.get(k) != v]
+        # where and on how many threads it trained is not what it trained
+        runtime = lambda d: {k: v for k, v in (d or {}).items() if k not in ("threads", "device")}  # noqa: E731
+        diff = [k for k, v in json.loads(json.dumps(want)).items()
+                if (runtime(old.get(k)) != runtime(v) if k == "train" else old.get(k) != v)]
         if (old.get("unlabeled") or {}).get("source") != (str(cfg.data.unlabeled) if cfg.data.unlabeled else None):
             diff.append("data.unlabeled")
         if not diff:
