@@ -100,14 +100,18 @@ class CompatLoss(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         c = self.cfg
         # label -1: an unlabeled image (data.unlabeled), left out of the two classifier parts
-        lab = y >= 0
-        ql, yl = (q, y) if bool(lab.all()) else (q[lab], y[lab])
+        # by a mask rather than by indexing (no host sync per step; a batch with no labeled
+        # image gives a zero that still reaches the classifier, as DDP needs)
+        lab = (y >= 0).to(q.dtype)
+        yc = y.clamp(min=0)
+
+        def labeled_ce(logits):
+            return (F.cross_entropy(logits, yc, reduction="none") * lab).sum() / lab.sum().clamp(min=1)
+
         if c.own_cls > 0:
-            # (a batch with no labeled image: a zero that still reaches the classifier, for DDP)
-            parts["own_cls"] = (F.cross_entropy(self.own(ql, yl), yl) if len(yl)
-                                else (q.sum() + self.own.weight.sum()) * 0)
+            parts["own_cls"] = labeled_ce(self.own(q, yc))
         if c.bct > 0:
-            parts["bct"] = F.cross_entropy(self._gallery_cls(ql, yl), yl) if len(yl) else q.sum() * 0
+            parts["bct"] = labeled_ce(self._gallery_cls(q, yc))
         if c.needs_gallery_emb and g is None:
             raise HwnasError("loss.regress or loss.contrast > 0 needs the gallery embeddings")
         if c.regress > 0:

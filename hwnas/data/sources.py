@@ -174,23 +174,18 @@ def omniglot(
                 f"Omniglot zip {zpath} not found; pass --data-dir with the directory that "
                 f"holds {train_zip} and {test_zip}"
             )
-        try:
-            with zipfile.ZipFile(zpath) as zf:
-                names = sorted(n for n in zf.namelist() if n.lower().endswith(".png"))
-                for n in names:
-                    parts = n.split("/")
-                    if len(parts) < 4:
-                        continue
-                    cls = f"{Path(zname).stem}/{parts[-3]}/{parts[-2]}"
-                    if cls not in cls_index:
-                        cls_index[cls] = len(class_names)
-                        class_names.append(cls)
-                    ids.append(f"{Path(zname).stem}/{'/'.join(parts[-3:])}")
-                    labels.append(cls_index[cls])
-                    splits.append(split)
-                    blobs.append(zf.read(n))
-        except zipfile.BadZipFile as e:
-            raise DataError(f"{zpath} is not a valid zip file ({e})") from None
+        for n, blob in zip(*_zip_images(zpath, {".png"})):
+            parts = n.split("/")
+            if len(parts) < 4:
+                continue
+            cls = f"{Path(zname).stem}/{parts[-3]}/{parts[-2]}"
+            if cls not in cls_index:
+                cls_index[cls] = len(class_names)
+                class_names.append(cls)
+            ids.append(f"{Path(zname).stem}/{'/'.join(parts[-3:])}")
+            labels.append(cls_index[cls])
+            splits.append(split)
+            blobs.append(blob)
     if not ids:
         raise DataError(f"no PNG images found in the Omniglot zips under {data_dir}")
 
@@ -262,16 +257,7 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path} does not exist")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        if "path" not in cols or "label" not in cols:
-            raise DataError(
-                f"manifest {csv_path} must have a header row with columns path,label[,split]; "
-                f"found {cols or 'no header'}"
-            )
-        reader.fieldnames = cols
-        rows = list(reader)
+    cols, rows = _read_csv(csv_path, ("path", "label"), "manifest", "columns path,label[,split]")
     if not rows:
         raise DataError(f"manifest {csv_path} lists no images")
     has_split = "split" in cols
@@ -286,6 +272,28 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
         p = Path(path)
         entries.append((p if p.is_absolute() else csv_path.parent / p, label, split))
     return _from_entries(f"manifest:{csv_path.stem}", csv_path.parent, entries, has_split)
+
+
+def _read_csv(path: Path, required: Sequence[str], what: str, want: str) -> tuple[list[str], list[dict]]:
+    """A CSV's (stripped) header and rows; a missing required column is a DataError."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        if not set(required) <= set(cols):
+            raise DataError(f"{what} {path} must have a header row with {want}; found {cols or 'no header'}")
+        reader.fieldnames = cols
+        return cols, list(reader)
+
+
+def _zip_images(zpath: Path, suffixes) -> tuple[list[str], list[bytes]]:
+    """The sorted member names with one of ``suffixes`` in a zip, and their bytes."""
+    try:
+        with zipfile.ZipFile(zpath) as zf:
+            names = sorted(n for n in zf.namelist()
+                           if Path(n).suffix.lower() in suffixes and not Path(n).name.startswith("."))
+            return names, [zf.read(n) for n in names]
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{zpath} is not a valid zip file ({e})") from None
 
 
 def _from_entries(name: str, root: Path, entries: list, has_splits: bool) -> Collection:
@@ -327,26 +335,14 @@ def unlabeled_images(path: str | os.PathLike) -> Collection:
             raise DataError(f"data.unlabeled {path} holds no images ({', '.join(sorted(IMAGE_EXTS))}); {fix}")
         return _from_entries(f"unlabeled:{path.name}", path, [(f, "unlabeled", None) for f in files], False)
     if path.suffix.lower() == ".csv" and path.is_file():
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            cols = [c.strip() for c in (reader.fieldnames or [])]
-            if "path" not in cols:
-                raise DataError(f"data.unlabeled manifest {path} needs a header row with a path "
-                                f"column; found {cols or 'no header'}")
-            reader.fieldnames = cols
-            rel = [(r.get("path") or "").strip() for r in reader]
+        _, rows = _read_csv(path, ("path",), "data.unlabeled manifest", "a path column")
+        rel = [(r.get("path") or "").strip() for r in rows]
         if not any(rel):
             raise DataError(f"data.unlabeled manifest {path} lists no images; {fix}")
         entries = [(Path(r) if Path(r).is_absolute() else path.parent / r, "unlabeled", None) for r in rel if r]
         return _from_entries(f"unlabeled:{path.stem}", path.parent, entries, False)
     if path.suffix.lower() == ".zip" and path.is_file():
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = sorted(n for n in zf.namelist()
-                               if Path(n).suffix.lower() in IMAGE_EXTS and not Path(n).name.startswith("."))
-                blobs = [zf.read(n) for n in names]
-        except zipfile.BadZipFile as e:
-            raise DataError(f"data.unlabeled {path} is not a valid zip file ({e})") from None
+        names, blobs = _zip_images(path, IMAGE_EXTS)
         if not names:
             raise DataError(f"data.unlabeled {path} holds no images; {fix}")
         ids = [f"{path.stem}/{n}" for n in names]
