@@ -45,6 +45,7 @@ VARIANTS = {
 
 _REG30 = {"own_cls": 1.0, "bct": 1.0, "regress": 30.0, "regress_kind": "cosine"}
 UNLABELED = "unlabeled"  # a variant key (not a loss weight): train with data.unlabeled
+ONE_SHOT = "one_shot_all_runs.zip"  # True: these; a list: these and the list's other sources
 # Omniglot open-set: name -> loss weights (the run config's query training)
 OPEN_VARIANTS = {
     "own+bct+reg30": dict(_REG30),
@@ -56,13 +57,19 @@ OPEN_VARIANTS = {
     # + data.unlabeled: the 800 images of Omniglot's one-shot runs (20 other alphabets)
     "own+bct+reg30+con5+ul": {**_REG30, "contrast": 5.0, UNLABELED: True},
     "own+bct+reg30+con5+mix30+ul": {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True},
+    # + procedural pen strokes (hwnas.data.synthetic) beside the one-shot images
+    "own+bct+reg30+con5+mix30+ul+strokes2400": {**_REG30, "contrast": 5.0, "mix": 30.0,
+                                             UNLABELED: [ONE_SHOT, "strokes:2400"]},
 }
 # the arch the Omniglot search chose at budget_fraction 0.15 (2.03 MFLOPs, 9.5x faster than
 # the paragon measured), fixed here so that the table does not move with later searches
 OPEN_ARCH = ("k5@1.8,xc@0.6,skip,skip/k3@0.4,skip,skip,skip/k7@1,k7@0.4,skip,skip,skip,k3@1.8,"
              "skip,skip/k3@0.2,skip,skip,k7@0.2")
+PIPELINE_RECIPE = "own+bct+reg30+con5+mix30+ul"  # configs/omniglot.yaml's query recipe
 OPEN_PLAN = [("searched", v) for v in OPEN_VARIANTS] + [
-    ("largest", "own+bct+reg30")]
+    ("largest", "own+bct+reg30"),
+    # the arch of the run's own search (its query/searched model: the config's recipe)
+    ("pipeline", PIPELINE_RECIPE), ("pipeline", "own+bct+reg30+con5+mix30+ul+strokes2400")]
 
 
 def config(run_dir: Path, quick: bool) -> dict:
@@ -90,6 +97,10 @@ def main() -> None:
                     help="omniglot: the pipeline config whose run directory is used")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", nargs="+", default=["smallest", "mobilenetv3_small_050"])
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="omniglot: train only these rows (model:variant), e.g. to run two "
+                         "processes side by side with --threads 1; a last run without it collects")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), help="names from VARIANTS")
     args = ap.parse_args()
     if args.dataset == "omniglot":
@@ -155,7 +166,7 @@ def open_set(args) -> None:
     from hwnas.errors import HwnasError
     from hwnas.rundir import RunDir
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     cfg = load_config(args.config)
     if not Path(cfg.run_dir).is_absolute():  # the config's run_dir is relative to the project
@@ -165,13 +176,28 @@ def open_set(args) -> None:
         raise SystemExit(f"no gallery model in {rd.path}: run `hwnas run {args.config}` first "
                          "(its gallery and split are what this benchmark trains against)")
     archs = {"searched": OPEN_ARCH, "largest": space.largest().to_string(space)}
+    searched = rd.path / "query" / "searched" / "config.json"
+    if searched.exists():
+        archs["pipeline"] = json.loads(searched.read_text())["arch"]
     g = api.train_gallery(cfg, resume=True)
+    cfg.query.train["threads"] = args.threads
     rows = []
     for model, vname in OPEN_PLAN:
+        if model not in archs or (args.only and f"{model}:{vname}" not in args.only):
+            continue
         name = f"recipe-{model}-" + vname.replace("+", "_")
         loss = {k: v for k, v in OPEN_VARIANTS[vname].items() if k != UNLABELED}
-        cfg.data.unlabeled = (str((default_omniglot_dir() / "one_shot_all_runs.zip").resolve())
-                              if OPEN_VARIANTS[vname].get(UNLABELED) else None)
+        ul = OPEN_VARIANTS[vname].get(UNLABELED)
+        ul = [ONE_SHOT] if ul is True else ul or []
+        cfg.data.unlabeled = [str((default_omniglot_dir() / u).resolve()) if u == ONE_SHOT else u
+                              for u in ul] or None
+        if cfg.data.unlabeled and len(cfg.data.unlabeled) == 1:
+            cfg.data.unlabeled = cfg.data.unlabeled[0]  # as models trained before lists recorded it
+        if model == "pipeline" and vname == PIPELINE_RECIPE:  # the run's own query model
+            name, q = "searched", json.loads(searched.read_text())
+            rows.append(_row(model, vname, loss, q["train"]["epochs"], q, api.evaluate_query(
+                cfg, query_dir=str(rd.path / "query" / name))["metrics"]))
+            continue
         try:
             q = api.train_query(cfg, arch=archs[model], name=name, resume=True, inherit=False,
                                 loss_override=loss)
@@ -183,6 +209,8 @@ def open_set(args) -> None:
         print(rows[-1], flush=True)
     if not rows:
         raise SystemExit("no variant could be trained (see the messages above)")
+    if args.only:  # a part of the table: the run without --only writes the results
+        return
     gg, n = rows[0]["M(g,g)_r1"], rows[0]["n_queries"] or 1
     res = {"machine": machine(), "config": cfg.to_dict(), "gallery_fingerprint": g["fingerprint"],
            "archs": archs, "rows": rows, "best": max(rows, key=lambda r: r["M(q,g)_r1"]),
@@ -206,7 +234,11 @@ def open_markdown(res: dict) -> str:
         "`mix<w>`: regression to the gallery embedding of blended image pairs (function "
         "matching) at weight w; `ul`: with `data.unlabeled`, the 800 unlabeled images of "
         "Omniglot's one-shot runs (20 alphabets that are neither the training nor the test "
-        "characters') for the regression, contrastive and mix parts.",
+        "characters) for the regression, contrastive and mix parts; `strokes2400`: and 2,400 "
+        "procedural pen-stroke images (`data.unlabeled: [..., strokes:2400]`, "
+        "`hwnas/data/synthetic.py`). Models: `searched`, a fixed 2.03-MFLOP arch an earlier "
+        "Omniglot search chose; `pipeline`, the arch of this run's own search — its "
+        f"`{PIPELINE_RECIPE}` row is the run's query model itself (the config's recipe).",
         "",
         *compat_table(res["rows"], "loss", lambda r: r["variant"], digits=2),
         "",

@@ -24,10 +24,11 @@ class DataConfig:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     split: dict = field(default_factory=dict)  # SplitConfig fields
-    # images without labels (a folder, a .zip or a CSV manifest with a path column) added to
-    # the supernet's and query models' training for the parts that need no labels (regress,
-    # contrast, mix): e.g. more in-domain images than you can label. Never the test images.
-    unlabeled: str | None = None
+    # images without labels (a folder, a .zip, a CSV manifest with a path column, or
+    # strokes:N — N procedural pen-stroke images; or a list of these) added to the supernet's
+    # and query models' training for the parts that need no labels (regress, contrast, mix):
+    # e.g. more in-domain images than you can label. Never the test images.
+    unlabeled: str | list | None = None
 
 
 @dataclass

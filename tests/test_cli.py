@@ -62,6 +62,12 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     (tmp_path / "c.yaml").write_text("data:\n  datset: x\n")
     r = hwnas("run", str(tmp_path / "c.yaml"))
     assert r.returncode == 2 and "unknown keys ['datset']" in r.stderr
+    # a wrong data.unlabeled source fails before any step, not after the gallery's training
+    (tmp_path / "u.yaml").write_text(f"run_dir: {tmp_path / 'urun'}\ndata:\n  unlabeled: "
+                                     f"[strokes:10, {tmp_path / 'nope.zip'}]\n")
+    r = hwnas("run", str(tmp_path / "u.yaml"))
+    assert r.returncode == 2 and "nope.zip does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "urun").exists()
 
 
 def test_space_command():

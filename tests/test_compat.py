@@ -331,6 +331,11 @@ def test_unlabeled_images_feed_only_the_parts_without_labels(trained_gallery, tm
     cfg.data.unlabeled = None
     with pytest.raises(HwnasError, match="data.unlabeled"):
         api.train_query(cfg, arch=arch, name="u", inherit=False, log=quiet)
+    cfg.data.unlabeled = [str(folder), "strokes:32"]  # several sources: one more changes the model
+    with pytest.raises(HwnasError, match="data.unlabeled"):
+        api.train_query(cfg, arch=arch, name="u", inherit=False, log=quiet)
+    both = api.train_query(cfg, arch=arch, name="u", inherit=False, log=quiet, restart=True)
+    assert both["unlabeled"]["images"] == 128 and both["unlabeled"]["source"] == f"{folder}, strokes:32"
     cfg.data.unlabeled = str(folder)
     with pytest.raises(HwnasError, match="no part that can use images"):
         api.train_query(cfg, arch=arch, name="v", inherit=False, log=quiet,

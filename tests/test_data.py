@@ -228,3 +228,27 @@ def test_unlabeled_images_from_folder_zip_and_manifest(tmp_path):
     for bad, msg in [("missing", "does not exist"), ("empty", "holds no images"), ("bad.csv", "path column")]:
         with pytest.raises(DataError, match=msg):
             unlabeled_images(tmp_path / bad)
+
+
+def test_strokes_are_reproducible_handwriting_like_images():
+    """strokes:N[:SEED]: image i depends only on (SEED, i) — reproducible, a larger N extends
+    a smaller one, another seed draws others; black pen on white at about Omniglot's ink
+    fraction (7.5%); a malformed spec and a list with a bad entry are clear errors."""
+    from hwnas.data.sources import unlabeled_images, unlabeled_specs
+
+    small, big, other = (unlabeled_images(s) for s in ("strokes:4", "strokes:20", "strokes:4:1"))
+    assert len(small) == 4 and len(big) == 20 and small.class_names == ["unlabeled"]
+    px = [np.asarray(big.read(i).convert("L")) for i in range(20)]
+    for i in range(4):
+        assert np.array_equal(np.asarray(small.read(i).convert("L")), px[i])
+        assert not np.array_equal(np.asarray(other.read(i).convert("L")), px[i])
+    assert px[0].shape == (105, 105) and set(np.unique(np.stack(px))) == {0, 255}
+    ink = np.mean([(a == 0).mean() for a in px])
+    assert 0.02 < ink < 0.15 and all((a == 0).any() for a in px)
+    assert len({a.tobytes() for a in px}) == 20
+    assert unlabeled_specs(None) == [] and unlabeled_specs(["a.zip", "strokes:3"]) == ["a.zip", "strokes:3"]
+    for bad in ("strokes:", "strokes:x", "strokes:0", "strokes:5:-1", "strokes:1:2:3"):
+        with pytest.raises(DataError, match="strokes:N"):
+            unlabeled_images(bad)
+    with pytest.raises(DataError, match="a list of them"):
+        unlabeled_specs(["a.zip", 3])

@@ -222,33 +222,47 @@ def _compat_setup(rd: RunDir, loss_cfg, log):
     return space, pre, gallery, classes, data, unlabeled
 
 
+def _unlabeled_source(cfg: Config) -> str | None:
+    """``data.unlabeled`` as models record it: its sources, comma-separated (None: unset)."""
+    from hwnas.data.sources import unlabeled_specs
+
+    return ", ".join(unlabeled_specs(cfg.data.unlabeled)) or None
+
+
 def _add_unlabeled(cfg: Config, data: PartImages, pre, loss_cfg, log) -> tuple[PartImages, dict]:
     """``data.unlabeled`` appended to the training images with label -1: the classifier parts
     skip them, the parts that compare with the gallery embedding use them."""
     import hashlib
 
     from hwnas.data.images import materialize
-    from hwnas.data.sources import unlabeled_images
+    from hwnas.data.sources import unlabeled_images, unlabeled_specs
 
     if not (loss_cfg.regress > 0 or loss_cfg.contrast > 0 or loss_cfg.mix > 0):
         raise HwnasError("data.unlabeled is set but the loss has no part that can use images "
                          "without labels: set loss.regress, loss.contrast or loss.mix > 0, or "
                          "data.unlabeled: null")
-    col = unlabeled_images(cfg.data.unlabeled)
-    arr = materialize(col, range(len(col)), pre, cfg.data.skip_bad_images, desc="unlabeled")
-    if arr.skipped:
-        log(f"[data] skipped {len(arr.skipped)} unreadable unlabeled images (e.g. {arr.skipped[0]})")
-    if not len(arr.images):
-        raise HwnasError(f"data.unlabeled {cfg.data.unlabeled}: no readable images")
-    info = {"source": str(cfg.data.unlabeled), "images": len(arr.images),
-            "fingerprint": hashlib.sha256(arr.images.tobytes()).hexdigest()[:16]}
-    log(f"[data] + {len(arr.images)} unlabeled images from {cfg.data.unlabeled} (regression/"
-        f"contrast/mix only) beside {len(data.images)} labeled")
-    n = len(arr.images)
-    return PartImages(torch.cat([data.images, torch.from_numpy(arr.images)]),
+    images, ids = [], []
+    for spec in unlabeled_specs(cfg.data.unlabeled):
+        col = unlabeled_images(spec)
+        arr = materialize(col, range(len(col)), pre, cfg.data.skip_bad_images, desc="unlabeled")
+        if arr.skipped:
+            log(f"[data] skipped {len(arr.skipped)} unreadable unlabeled images of {spec} "
+                f"(e.g. {arr.skipped[0]})")
+        if not len(arr.images):
+            raise HwnasError(f"data.unlabeled {spec}: no readable images")
+        images.append(arr.images)
+        ids += arr.ids(col)
+    arr_images = np.concatenate(images)
+    source = _unlabeled_source(cfg)
+    info = {"source": source, "images": len(arr_images),
+            "fingerprint": hashlib.sha256(arr_images.tobytes()).hexdigest()[:16]}
+    log(f"[data] + {len(arr_images)} unlabeled images from {source} (regression/contrast/mix "
+        f"only) beside {len(data.images)} labeled")
+    n = len(arr_images)
+    return PartImages(torch.cat([data.images, torch.from_numpy(arr_images)]),
                       torch.cat([data.labels, torch.full((n,), -1, dtype=data.labels.dtype)]),
                       np.concatenate([data.raw_labels, np.full(n, -1, data.raw_labels.dtype)]),
-                      data.ids + arr.ids(col)), info
+                      data.ids + ids), info
 
 
 def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log=print) -> dict:
@@ -357,7 +371,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         runtime = lambda d: {k: v for k, v in (d or {}).items() if k not in ("threads", "device")}  # noqa: E731
         diff = [k for k, v in json.loads(json.dumps(want)).items()
                 if (runtime(old.get(k)) != runtime(v) if k == "train" else old.get(k) != v)]
-        if (old.get("unlabeled") or {}).get("source") != (str(cfg.data.unlabeled) if cfg.data.unlabeled else None):
+        if (old.get("unlabeled") or {}).get("source") != _unlabeled_source(cfg):
             diff.append("data.unlabeled")
         if not diff:
             log(f"[train-query] {out} is already trained; --restart to train again")

@@ -321,14 +321,30 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool) -> Col
 
 
 # ---------------------------------------------------------------------- unlabeled images
+def unlabeled_specs(value) -> list[str]:
+    """``data.unlabeled`` as a list of sources (it may be one source, a list of them, or null)."""
+    if value is None:
+        return []
+    specs = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    if not specs or not all(isinstance(s, (str, os.PathLike)) and str(s) for s in specs):
+        raise DataError(f"data.unlabeled {value!r} must be a source (a folder, a .zip, a CSV "
+                        "manifest or strokes:N), a list of them, or null")
+    return [str(s) for s in specs]
+
+
 def unlabeled_images(path: str | os.PathLike) -> Collection:
     """Images without labels, for the loss parts that need none (regression to the gallery
     embedding, contrast, mix): a folder (every image under it, at any depth; folder names
-    are ignored), a ``.zip`` of images, or a CSV manifest with a ``path`` column (other
-    columns ignored). One class, ``unlabeled``."""
+    are ignored), a ``.zip`` of images, a CSV manifest with a ``path`` column (other
+    columns ignored), or ``strokes:N[:SEED]``, N procedural pen-stroke images
+    (:mod:`hwnas.data.synthetic`). One class, ``unlabeled``."""
+    from hwnas.data.synthetic import is_synthetic, strokes_collection
+
+    if is_synthetic(str(path)):
+        return strokes_collection(str(path))
     path = Path(path)
-    fix = ("set data.unlabeled to a folder of images, a .zip of images or a CSV manifest with "
-           "a path column, or to null")
+    fix = ("set data.unlabeled to a folder of images, a .zip of images, a CSV manifest with "
+           "a path column or strokes:N (or a list of these), or to null")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if _is_image(p))
         if not files:
