@@ -328,6 +328,10 @@ def test_unlabeled_images_feed_only_the_parts_without_labels(trained_gallery, tm
     assert q["unlabeled"]["images"] == 96 and q["unlabeled"]["source"] == str(folder)
     cfg.query.train["threads"] = 1  # another thread count is not another model: kept as trained
     assert api.train_query(cfg, arch=arch, name="u", inherit=False, log=quiet)["fingerprint"] == q["fingerprint"]
+    cfg.seed = 1  # another seed is another model
+    with pytest.raises(HwnasError, match="seed"):
+        api.train_query(cfg, arch=arch, name="u", inherit=False, log=quiet)
+    cfg.seed = q["seed"]
     cfg.data.unlabeled = None
     with pytest.raises(HwnasError, match="data.unlabeled"):
         api.train_query(cfg, arch=arch, name="u", inherit=False, log=quiet)

@@ -373,6 +373,8 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
                 if (runtime(old.get(k)) != runtime(v) if k == "train" else old.get(k) != v)]
         if (old.get("unlabeled") or {}).get("source") != _unlabeled_source(cfg):
             diff.append("data.unlabeled")
+        if old.get("seed", 0) != cfg.seed:  # models from before the seed was recorded: seed 0
+            diff.append("seed")
         if not diff:
             log(f"[train-query] {out} is already trained; --restart to train again")
             return old
@@ -422,7 +424,8 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
                seed=cfg.seed, resume=resume, desc=f"train-query {name}", settings=settings, log=log)
     if not is_main():
         return {}
-    qcfg.update(gallery_fingerprint=gfp, loss=loss_cfg.to_dict(), inherit=bool(inherit and arch),
+    qcfg.update(seed=cfg.seed, gallery_fingerprint=gfp, loss=loss_cfg.to_dict(),
+                inherit=bool(inherit and arch),
                 train=tc.__dict__, history=hist, train_seconds=sum(h["seconds"] for h in hist), name=name)
     saved = save_model(out, {"net": net}, qcfg)
     log(f"[train-query] saved {out}")
