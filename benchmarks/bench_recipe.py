@@ -191,8 +191,6 @@ def open_set(args) -> None:
         ul = [ONE_SHOT] if ul is True else ul or []
         cfg.data.unlabeled = [str((default_omniglot_dir() / u).resolve()) if u == ONE_SHOT else u
                               for u in ul] or None
-        if cfg.data.unlabeled and len(cfg.data.unlabeled) == 1:
-            cfg.data.unlabeled = cfg.data.unlabeled[0]  # as models trained before lists recorded it
         if model == "pipeline" and vname == PIPELINE_RECIPE:  # the run's own query model
             name, q = "searched", json.loads(searched.read_text())
             rows.append(_row(model, vname, loss, q["train"]["epochs"], q, api.evaluate_query(
