@@ -117,6 +117,11 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
         for k in ("mflops", "measured_ms", "flops_reduction", "latency_reduction", "gap_points",
                   "M(q,g)_recall@1", "M(q,q)_recall@1"):
             assert row[k] is not None
+    # the query models at the table's thread count, the paragon at its fastest thread count
+    par = rep["paragon"]
+    assert rep["threads"] == 1 and set(par["measured_ms_by_threads"]) >= {"1"}
+    assert par["measured_ms"] == pytest.approx(min(par["measured_ms_by_threads"].values()), abs=1e-5)
+    assert par["measured_ms_by_threads"][str(par["threads"])] == pytest.approx(par["measured_ms"], abs=1e-5)
     assert (run / "report.md").exists() and (run / "report_accuracy_vs_latency.png").exists()
     assert (run / "bundle" / "manifest.json").exists()
     r2 = hwnas("run", str(cfg), timeout=600)  # everything done: nothing is redone
@@ -154,7 +159,7 @@ def test_step_keys_follow_what_each_step_reads():
 
     assert changed(lambda c: c.query.train.update(epochs=11)) == {"train-query", "baselines", "deploy", "report"}
     assert changed(lambda c: setattr(c.deploy, "int8", False)) == {"deploy"}
-    assert changed(lambda c: setattr(c.latency, "threads", 1)) == {"profile", "search", "train-query",
+    assert changed(lambda c: setattr(c.latency, "threads", 2)) == {"profile", "search", "train-query",
                                                                  "baselines", "deploy", "report"}
     assert changed(lambda c: setattr(c.latency, "validate", 5)) == set()
     assert changed(lambda c: c.gallery.train.update(epochs=9)) == set(STEPS) - {"data", "profile"}

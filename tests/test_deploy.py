@@ -163,6 +163,21 @@ def test_edge_runtime_without_torch_matches_pytorch(bundle, tmp_path):
     assert edge == _torch_topk(cfg, root / "run" / "bundle", paths, 5)
 
 
+def test_edge_session_runs_at_the_deployed_thread_count(bundle):
+    from hwnas_edge.bundle import Bundle, BundleError
+
+    root, cfg, m = bundle
+    b = Bundle(root / "run" / "bundle")
+    deployed = m["latency"]["measured_onnxruntime_cpu"]["threads"]
+    assert b.query_threads == deployed >= 1
+    assert b.session().get_session_options().intra_op_num_threads == deployed
+    other = b.session(threads=deployed + 1)  # an override, not cached as the default session
+    assert other.get_session_options().intra_op_num_threads == deployed + 1
+    assert b.session().get_session_options().intra_op_num_threads == deployed
+    with pytest.raises(BundleError, match="threads"):
+        b.session(threads=0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -313,6 +313,9 @@ def test_budget_as_a_speedup_over_the_paragon(search_run):
     cfg.search.budget_speedup = 3.0
     info = paragon_budget(cfg, pred, api.run_gallery(RunDir(cfg)).net, log=quiet)
     assert info["paragon_ms"] > 0 and info["target_ms"] == pytest.approx(info["paragon_ms"] / 3.0)
+    # the paragon counts at its fastest thread count
+    assert info["paragon_ms"] == pytest.approx(min(info["paragon_ms_by_threads"].values()), abs=1e-5)
+    assert info["paragon_ms_by_threads"][str(info["paragon_threads"])] == pytest.approx(info["paragon_ms"], abs=1e-5)
     # the measured target maps onto the predictor's scale through the two subnets timed beside
     # it: log-linearly, so each of them would map onto its own prediction
     (mf, ms), (pf, ps) = info["refs_measured_ms"], info["refs_predicted_ms"]

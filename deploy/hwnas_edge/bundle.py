@@ -93,17 +93,29 @@ class Bundle:
         return int(self.manifest["embed_dim"])
 
     # ---------------------------------------------------------------- query side
+    @property
+    def query_threads(self) -> int | None:
+        """The intra-op thread count the query model was measured at when deployed (the
+        latency table's; on small inputs one thread is the fastest on a 2-core CPU), or None
+        (ONNX Runtime's default) for bundles that do not record it."""
+        m = (self.manifest.get("latency") or {}).get("measured_onnxruntime_cpu") or {}
+        return m.get("threads")
+
     def session(self, int8: bool = False, threads: int | None = None):
+        """The query model's session, at ``threads`` intra-op threads (default: the deployed
+        thread count, :attr:`query_threads`)."""
         name = "query.int8.onnx" if int8 else "query.onnx"
         if int8 and name not in self.manifest["artifacts"]:
             raise BundleError(f"{self.path} has no int8 query model (deploy with --int8)")
-        if self._session is None or int8:
-            s = ort_session(self.path / name, threads)
+        if threads is not None and threads < 1:
+            raise BundleError(f"threads must be 1 or more, not {threads}")
+        if self._session is None or int8 or threads is not None:
+            s = ort_session(self.path / name, threads or self.query_threads)
             meta = s.get_modelmeta().custom_metadata_map
             if meta.get("gallery_fingerprint") != self.gallery_fingerprint:
                 raise BundleError(f"{name} is compatible with gallery {meta.get('gallery_fingerprint')} "
                                   f"but this index was built by gallery {self.gallery_fingerprint}")
-            if int8:
+            if int8 or threads is not None:
                 return s
             self._session = s
         return self._session
@@ -121,8 +133,8 @@ class Bundle:
                 raise BundleError(f"cannot read image {p}: {e}") from None
         return np.stack(out)
 
-    def embed(self, images_u8: np.ndarray, int8: bool = False) -> np.ndarray:
-        s = self.session(int8)
+    def embed(self, images_u8: np.ndarray, int8: bool = False, threads: int | None = None) -> np.ndarray:
+        s = self.session(int8, threads)
         x = normalize(images_u8, self.pre["mean"], self.pre["std"])
         out = [s.run(None, {s.get_inputs()[0].name: x[i:i + 256]})[0] for i in range(0, len(x), 256)]
         return np.concatenate(out).astype(np.float32)

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--server", help="search a remote gallery service instead of the local index")
     q.add_argument("--int8", action="store_true", help="use the int8 query model")
     q.add_argument("--json", action="store_true", help="print JSON")
+    q.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads for the query model (default: the thread "
+                        "count it was measured at when deployed, from the manifest)")
     s = sub.add_parser("serve", help="serve the bundle's gallery index over HTTP")
     s.add_argument("bundle")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "query":
             b = Bundle(args.bundle)
-            emb = b.embed(b.load_images(args.images), int8=args.int8)
+            emb = b.embed(b.load_images(args.images), int8=args.int8, threads=args.threads)
             res = (_remote_search(args.server, emb, b.query_fingerprint, args.top_k) if args.server
                    else b.search(emb, args.top_k))
             if args.json:

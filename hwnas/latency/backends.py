@@ -157,6 +157,21 @@ def measure_models(runners: Sequence[Runner], pools: int = 5) -> list[Measuremen
     return out
 
 
+def thread_options(threads: int) -> list[int]:
+    """The intra-op thread counts a model is tried at when it is timed at its fastest: 1, the
+    powers of two below the physical cores, the physical cores, and ``threads``."""
+    cores = physical_cores()
+    return sorted({1, threads, cores} | {2 ** i for i in range(1, 8) if 2 ** i < cores})
+
+
+def fastest_threads(ms: Sequence[Measurement], threads: Sequence[int]) -> tuple[Measurement, int, dict]:
+    """The fastest of one model's measurements at several thread counts (from one
+    ``measure_models`` call): (its measurement, its thread count, {"threads": ms}; string keys,
+    as JSON keeps them)."""
+    i = min(range(len(ms)), key=lambda j: ms[j].latency_ms)
+    return ms[i], threads[i], {str(t): round(m.latency_ms, 5) for t, m in zip(threads, ms)}
+
+
 # ---------------------------------------------------------------------- machine facts
 def physical_cores() -> int:
     """Physical cores (hyper-threads not counted), from /proc/cpuinfo where available."""
