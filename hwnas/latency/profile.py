@@ -240,7 +240,7 @@ def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: in
 
 
 def validate_table(space: SearchSpace, table: LatencyTable, backend: LatencyBackend, n: int,
-                   out: Path, calibrate: int = 20, seed: int = 0, rounds: int = 10, runs: int = 10,
+                   out: Path, calibrate: int = 40, seed: int = 0, rounds: int = 10, runs: int = 10,
                    warmup: int = 5, log: Callable = print) -> dict:
     """Fit the calibration (a, b, c; :func:`fit_calibration`) on ``calibrate`` archs
     (smallest and largest included), then measure ``n`` other random archs end to end and
