@@ -26,9 +26,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+",
                     default=[str(ROOT / "configs" / "quickstart.yaml"), str(ROOT / "configs" / "omniglot.yaml")])
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite the BENCHMARKS.md section from benchmarks/results/headline.json")
     args = ap.parse_args()
 
     import json
+
+    if args.render_only:
+        update_benchmarks_md("headline", markdown(json.loads((ROOT / "benchmarks" / "results" / "headline.json").read_text())))
+        return
 
     from hwnas.config import load_config
     from hwnas.pipeline import run_pipeline
@@ -55,6 +61,16 @@ def main() -> None:
                      "step_seconds": {k: v.get("seconds") for k, v in steps["done"].items()},
                      "report": report, "png": png.name})
         print(headline_table(report), flush=True)
+    # configs not run this time keep their last figures (marked with the date they were run)
+    prev = out / "headline.json"
+    if prev.exists():
+        old = json.loads(prev.read_text())
+        done = {r["config"] for r in runs}
+        for r in old.get("runs", []):
+            if r["config"] not in done:
+                runs.append({**r, "measured": r.get("measured") or old["machine"].get("date")})
+    for r in runs:
+        r.setdefault("measured", None)
     res = {"machine": machine(), "runs": runs}
     save_results("headline", res)
     update_benchmarks_md("headline", markdown(res))
@@ -107,18 +123,25 @@ def markdown(res: dict) -> str:
              "baseline (`not_dominated_by_any_baseline` is the weaker: no baseline is both faster "
              "and more accurate).",
              "",
-             "Why the latency target sits at the edge: at 32 px the fastest subnets of this space "
-             "take ~0.1 ms, mostly ONNX Runtime's per-call and per-node overhead, while the "
-             "ResNet-18 paragon took 0.74-2.0 ms over these days depending on this shared VM's "
-             "state (a large network drifts with it, a tiny one barely moves). The paragon / "
-             "fastest-subnet ratio was 8.4x with the machine quiet and 11.8x when it was slow, so "
-             "whether a run meets 10x depends on the machine's phase while its report is timed "
-             "(the per-pool range below shows it). A larger paragon or input (the real-scale "
-             "setting, 224 px and ResNet-50) leaves the query's overhead far behind."]
+             "Threads: a report times the query models at the latency table's intra-op thread "
+             "count and the paragon at every count from 1 to the physical cores, its fastest "
+             "counting. At 32 px on these 2 cores one thread runs every query model ~1.6x faster "
+             "than two (the second thread's wake-up per small op costs more than it saves; "
+             "BENCHMARKS.md, latency), so the configs use `latency.threads: 1`. At 2 threads the "
+             "fastest subnets took ~0.1 ms and the paragon / fastest-subnet ratio was 8.4x with "
+             "the machine quiet, which put the 10x target at the edge of the space. The ResNet-18 "
+             "paragon drifts with this shared VM's state (0.74-2.0 ms over these days) while a "
+             "tiny network barely moves; the per-pool range below shows it."]
     for r in res["runs"]:
         rep = r["report"]
         total = sum(v for v in r["step_seconds"].values() if v)
-        lines += ["", f"### {rep['dataset']} ({rep['protocol']}-set), `{r['config']}`", "",
+        lines += ["", f"### {rep['dataset']} ({rep['protocol']}-set), `{r['config']}`", ""]
+        if r.get("measured"):
+            lines += [f"*Not re-run with the others: these figures are from {r['measured']}, "
+                      f"the query models timed at {rep.get('threads')} thread(s)"
+                      + ("" if "threads" in rep["paragon"] else ", the paragon at the same count")
+                      + ".*", ""]
+        lines += [
                   f"Step times on this machine, each step's last run (a step redone after a config "
                   f"edit reuses the models it finds trained): {total / 60:.1f} min in all "
                   f"({', '.join(f'{k} {v:.0f} s' for k, v in r['step_seconds'].items() if v is not None)}). "
