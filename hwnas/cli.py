@@ -143,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: ONNX Runtime CPU (edge queries); gpu: TensorRT or torch-cuda")
     p.add_argument("--backend", choices=["onnxruntime-cpu", "torch-cuda", "tensorrt"],
                    help="force one backend")
-    p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    p.add_argument("--threads", type=int,
+                   help="intra-op threads (default: the config's latency.threads, else physical cores)")
+    p.add_argument("--compare-threads", type=int, nargs="*", metavar="N",
+                   help="only time a few subnets of the space at each of these thread counts "
+                        "(default 1 up to the physical cores) and recommend one for latency.threads")
     p.add_argument("--out", help="table path (default latency_tables/<device>-<runtime>-...json)")
     p.add_argument("--only-missing", action="store_true",
                    help="keep the table's entries, measure only missing ops (the default for an "
@@ -343,15 +347,31 @@ def cmd_space(args) -> int:
 def cmd_profile(args) -> int:
     from pathlib import Path
 
-    from hwnas.latency.backends import get_backend
-    from hwnas.latency.profile import gallery_throughput, profile_space, validate_table
+    from hwnas.latency.backends import get_backend, physical_cores, thread_options
+    from hwnas.latency.profile import compare_threads, gallery_throughput, profile_space, validate_table
     from hwnas.latency.table import LatencyTable
+    from hwnas.report import format_table
 
     cfg = _load(args)
     if args.only_missing and args.remeasure:
         raise HwnasError("--only-missing and --remeasure contradict each other; pick one")
     space = cfg.search_space()
-    backend = get_backend(args.device, args.backend, args.threads)
+    if args.compare_threads is not None:
+        if args.device != "cpu":
+            raise HwnasError("--compare-threads is for --device cpu (ONNX Runtime intra-op threads)")
+        c = compare_threads(space, args.compare_threads or thread_options(physical_cores()),
+                            rounds=args.rounds, runs=args.runs)
+        ts = [str(t) for t in c["threads"]]
+        print(format_table(["subnet"] + [f"{t} thr ms" for t in ts],
+                           [[a if len(a) <= 48 else a[:45] + "..."] + [f"{v[t]:.4f}" for t in ts]
+                            for a, v in c["archs"].items()]
+                           + [["geometric mean"] + [f"{c['geomean_ms'][t]:.4f}" for t in ts]]))
+        print(f"fastest for {c['fastest_count'][str(c['recommended'])]} of {len(c['archs'])} subnets: "
+              f"{c['recommended']} thread(s); set latency.threads: {c['recommended']} (or "
+              f"--threads {c['recommended']}) and build the table with it")
+        return 0
+    threads = args.threads if args.threads is not None else cfg.latency.threads
+    backend = get_backend(args.device, args.backend, threads)
     out = Path(args.out) if args.out else Path("latency_tables") / LatencyTable.default_name(
         backend.settings(), space)
     table = profile_space(space, backend, out, remeasure=args.remeasure, rounds=args.rounds,

@@ -225,3 +225,45 @@ def test_complete_table_is_kept_untouched(table, tiny_space):
     logs = []
     profile_space(tiny_space, b, out, rounds=2, runs=2, warmup=1, log=logs.append)
     assert out.read_bytes() == before and "kept" in logs[-1]
+
+
+# ---------------------------------------------------------------- thread count
+def test_fastest_thread_count_is_the_minimum():
+    from hwnas.latency.backends import Measurement, fastest_threads, thread_options
+
+    ms = [Measurement(0.0, v, 0.0, 0.0, 0.0, 1, 1, 0) for v in (0.30, 0.20, 0.25)]
+    m, t, by = fastest_threads(ms, [1, 2, 4])
+    assert (m.latency_ms, t) == (0.20, 2) and by == {"1": 0.3, "2": 0.2, "4": 0.25}
+    opts = thread_options(3)
+    assert opts[0] == 1 and 3 in opts and physical_cores() in opts and opts == sorted(set(opts))
+
+
+def test_compare_threads_times_every_subnet_at_every_count(tiny_space):
+    from hwnas.latency.profile import compare_threads
+
+    c = compare_threads(tiny_space, [2, 1], n_random=1, rounds=2, runs=2, warmup=1)
+    assert c["threads"] == [1, 2] and len(c["archs"]) == 3
+    assert all(set(v) == {"1", "2"} and min(v.values()) > 0 for v in c["archs"].values())
+    for t in ("1", "2"):
+        geo = np.exp(np.mean([np.log(v[t]) for v in c["archs"].values()]))
+        assert c["geomean_ms"][t] == pytest.approx(geo, rel=1e-3)
+    assert c["recommended"] == int(min(c["geomean_ms"], key=c["geomean_ms"].get))
+    assert sum(c["fastest_count"].values()) == 3
+    with pytest.raises(HwnasError, match="1 or more"):
+        compare_threads(tiny_space, [0])
+
+
+def test_profile_cli_uses_the_configs_thread_count(tmp_path):
+    from conftest import tiny_config, write_cfg
+
+    cfg = write_cfg(tmp_path / "c.json", tiny_config(tmp_path / "run", latency={"threads": 1}))
+    out = tmp_path / "t.json"
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "profile", "--config", str(cfg),
+                        "--out", str(out), "--rounds", "2", "--runs", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert LatencyTable.load(out).header["threads"] == 1
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "profile", "--config", str(cfg),
+                        "--compare-threads", "1", "2", "--rounds", "2", "--runs", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "geometric mean" in r.stdout and "set latency.threads:" in r.stdout
