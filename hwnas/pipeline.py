@@ -150,7 +150,7 @@ def paragon_budget(cfg: Config, predictor, gallery_net, log: Callable = print) -
     the fastest subnet met measured below the fastest prediction.)""" 
     import math
 
-    from hwnas.latency.backends import OrtCpuBackend, fastest_threads, measure_models, thread_options
+    from hwnas.latency.backends import OrtCpuBackend, fastest_threads, measure_models, runners_at_thread_options
     from hwnas.nn.supernet import SubNet
 
     space, pre = cfg.search_space(), cfg.preprocess()
@@ -158,8 +158,8 @@ def paragon_budget(cfg: Config, predictor, gallery_net, log: Callable = print) -
     backend = OrtCpuBackend(threads=cfg.latency.threads)
     refs = [predictor.extreme_arch(True), predictor.extreme_arch(False)]
     runners = [backend.prepare_deployed(SubNet(space, a).eval(), shape) for a in refs]
-    g_threads = thread_options(backend.threads)  # the paragon at its fastest (as in the report)
-    runners += [OrtCpuBackend(threads=t).prepare_deployed(gallery_net, shape) for t in g_threads]
+    g_threads, g_runners = runners_at_thread_options(gallery_net, shape, backend.threads)
+    runners += g_runners  # the paragon at its fastest thread count (as in the report)
     m = measure_models(runners)
     g_lat, g_best, g_by = fastest_threads(m[2:], g_threads)
     p_ms = g_lat.latency_ms

@@ -65,7 +65,7 @@ def build_report(cfg, log=print) -> dict:
     import math
 
     from hwnas.compat import api
-    from hwnas.latency.backends import OrtCpuBackend, fastest_threads, measure_models, thread_options
+    from hwnas.latency.backends import OrtCpuBackend, fastest_threads, measure_models, runners_at_thread_options
     from hwnas.nn.models import load_query
     from hwnas.rundir import RunDir
     from hwnas.search.runner import load_best, predictor_for
@@ -101,8 +101,8 @@ def build_report(cfg, log=print) -> dict:
     g_mflops = api.model_flops(gallery.net, pre) / 1e6
     # The query models run at the table's thread count (as deployed); the paragon at its
     # fastest, so no query model gains from a thread count that would handicap the paragon.
-    g_threads = thread_options(backend.threads)
-    runners += [OrtCpuBackend(threads=t).prepare_deployed(gallery.net, shape) for t in g_threads]
+    g_threads, g_runners = runners_at_thread_options(gallery.net, shape, backend.threads)
+    runners += g_runners
     log(f"[report] measuring {len(rows)} query models end to end on ONNX Runtime CPU "
         f"({backend.threads} threads, batch 1) and the paragon at {g_threads} threads")
     lat = measure_models(runners)

@@ -164,6 +164,14 @@ def thread_options(threads: int) -> list[int]:
     return sorted({1, threads, cores} | {2 ** i for i in range(1, 8) if 2 ** i < cores})
 
 
+def runners_at_thread_options(module: nn.Module, input_shape: Sequence[int], threads: int) -> tuple[list[int], list[Runner]]:
+    """A reference model (the paragon) deployed on ONNX Runtime CPU at each of
+    :func:`thread_options`, to be timed beside the query models; :func:`fastest_threads`
+    then picks its fastest."""
+    opts = thread_options(threads)
+    return opts, [OrtCpuBackend(threads=t).prepare_deployed(module, input_shape) for t in opts]
+
+
 def fastest_threads(ms: Sequence[Measurement], threads: Sequence[int]) -> tuple[Measurement, int, dict]:
     """The fastest of one model's measurements at several thread counts (from one
     ``measure_models`` call): (its measurement, its thread count, {"threads": ms}; string keys,
