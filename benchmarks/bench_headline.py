@@ -69,8 +69,6 @@ def main() -> None:
         for r in old.get("runs", []):
             if r["config"] not in done:
                 runs.append({**r, "measured": r.get("measured") or old["machine"].get("date")})
-    for r in runs:
-        r.setdefault("measured", None)
     res = {"machine": machine(), "runs": runs}
     save_results("headline", res)
     update_benchmarks_md("headline", markdown(res))

@@ -34,7 +34,7 @@ def main() -> None:
     from hwnas.space import SearchSpace
 
     out_dir = ROOT / "benchmarks" / "results"
-    rows = []
+    rows, mach = [], machine()
     for size, threads in [(s, t) for s in args.sizes for t in args.threads]:
         space = SearchSpace(input_size=size, name=f"default-{size}")
         backend = OrtCpuBackend(threads=threads)
@@ -52,9 +52,8 @@ def main() -> None:
                      "table_spread": table.header["spread"], "validation": v,
                      "calibration": table.header["calibration"], "plot": path.with_suffix(".validation.png").name})
         print(rows[-1], flush=True)
-        save_results("latency", {"machine": machine(), "calibrate": args.calibrate, "rows": rows,
+        save_results("latency", {"machine": mach, "calibrate": args.calibrate, "rows": rows,
                                  "partial": True})  # a kill keeps the finished tables' figures
-    mach = machine()
     speed = threads_speedup(rows, out_dir)
     save_results("latency", {"machine": mach, "calibrate": args.calibrate, "rows": rows,
                              "threads_speedup": speed})
