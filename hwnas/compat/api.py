@@ -237,9 +237,9 @@ def _add_unlabeled(cfg: Config, data: PartImages, pre, loss_cfg, log) -> tuple[P
     from hwnas.data.images import materialize
     from hwnas.data.sources import unlabeled_images, unlabeled_specs
 
-    if not (loss_cfg.regress > 0 or loss_cfg.contrast > 0 or loss_cfg.mix > 0):
+    if not (loss_cfg.needs_gallery_emb or loss_cfg.mix > 0):
         raise HwnasError("data.unlabeled is set but the loss has no part that can use images "
-                         "without labels: set loss.regress, loss.contrast or loss.mix > 0, or "
+                         "without labels: set loss.regress, loss.contrast, loss.mix or loss.bank > 0, or "
                          "data.unlabeled: null")
     images, ids = [], []
     for spec in unlabeled_specs(cfg.data.unlabeled):
@@ -256,8 +256,8 @@ def _add_unlabeled(cfg: Config, data: PartImages, pre, loss_cfg, log) -> tuple[P
     source = _unlabeled_source(cfg)
     info = {"source": source, "images": len(arr_images),
             "fingerprint": hashlib.sha256(arr_images.tobytes()).hexdigest()[:16]}
-    log(f"[data] + {len(arr_images)} unlabeled images from {source} (regression/contrast/mix "
-        f"only) beside {len(data.images)} labeled")
+    log(f"[data] + {len(arr_images)} unlabeled images from {source} (regression/contrast/mix/"
+        f"bank only) beside {len(data.images)} labeled")
     n = len(arr_images)
     return PartImages(torch.cat([data.images, torch.from_numpy(arr_images)]),
                       torch.cat([data.labels, torch.full((n,), -1, dtype=data.labels.dtype)]),

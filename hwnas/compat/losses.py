@@ -17,6 +17,16 @@
   matches its teacher best on inputs off the training images). It asks the query to follow
   the gallery model between and beyond the training images, which open-set retrieval
   needs. Costs one more query and gallery forward pass per step (CompatTask computes it).
+* ``bank``: relational distillation against a queue of the gallery model's embeddings of
+  earlier batches (the ``bank_size`` most recent; CompRess, Abbasi Koohpayegani et al.,
+  NeurIPS 2020, in its one-queue form): the query embedding's similarity distribution over
+  the queue (softmax at ``bank_temp``) must match the gallery embedding's over the same
+  queue, by KL divergence. ``contrast`` sees 63 other images of the batch and a one-hot
+  target; this sees thousands, with the gallery's own soft ranking of them as the target —
+  the neighbourhoods an unseen class's retrieval depends on. As the gallery model is frozen,
+  the queued embeddings never go stale. The queue is a buffer of the loss, so it is saved in
+  the training checkpoint and a resumed run continues with it; the current batch joins the
+  queue after its step, so an image is never its own neighbour.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from hwnas.nn.heads import CosineClassifier
 
 
 #: the weighted parts, in the order they are computed and printed
-PARTS = ("own_cls", "bct", "regress", "contrast", "mix")
+PARTS = ("own_cls", "bct", "regress", "contrast", "mix", "bank")
 
 
 @dataclass
@@ -50,6 +60,9 @@ class LossConfig:
     contrast: float = 5.0
     contrast_temp: float = 0.1
     mix: float = 0.0
+    bank: float = 0.0
+    bank_size: int = 4096
+    bank_temp: float = 0.04
     scale: float = 30.0  # own classifier
     margin: float = 0.2
 
@@ -63,6 +76,12 @@ class LossConfig:
             raise HwnasError(f"all loss weights are 0: set at least one of {', '.join(PARTS)}")
         if not self.contrast_temp > 0:
             raise HwnasError(f"loss.contrast_temp {self.contrast_temp} must be > 0 (e.g. 0.1)")
+        if not self.bank_temp > 0:
+            raise HwnasError(f"loss.bank_temp {self.bank_temp} must be > 0 (e.g. 0.04)")
+        if int(self.bank_size) != self.bank_size or self.bank_size < 1:
+            raise HwnasError(f"loss.bank_size {self.bank_size} must be a whole number >= 1 "
+                             "(e.g. 4096: the gallery embeddings of that many earlier images)")
+        self.bank_size = int(self.bank_size)
 
     @property
     def needs_gallery(self) -> bool:
@@ -71,7 +90,7 @@ class LossConfig:
     @property
     def needs_gallery_emb(self) -> bool:
         """The gallery model's embeddings of the training images are needed."""
-        return self.regress > 0 or self.contrast > 0
+        return self.regress > 0 or self.contrast > 0 or self.bank > 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -79,6 +98,8 @@ class LossConfig:
             del d["contrast"], d["contrast_temp"]
         if not self.mix:
             del d["mix"]
+        if not self.bank:
+            del d["bank"], d["bank_size"], d["bank_temp"]
         return d
 
 
@@ -95,6 +116,32 @@ class CompatLoss(nn.Module):
         if cfg.bct > 0 and gallery_classifier is None:
             raise HwnasError("loss.bct > 0 needs the gallery model's classifier")
         object.__setattr__(self, "_gallery_cls", gallery_classifier)
+        if cfg.bank > 0:  # registered only when used, so checkpoints without it still load
+            self.register_buffer("bank", torch.zeros(cfg.bank_size, embed_dim))
+            self.register_buffer("bank_fill", torch.zeros((), dtype=torch.long))  # rows in use
+            self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))  # next row
+
+    @torch.no_grad()
+    def _enqueue(self, g: torch.Tensor) -> None:
+        k = self.bank.shape[0]
+        g = g[-k:]
+        rows = (self.bank_ptr + torch.arange(len(g), device=g.device)) % k
+        self.bank[rows] = g.to(self.bank.dtype)
+        self.bank_ptr.copy_((self.bank_ptr + len(g)) % k)
+        self.bank_fill.copy_((self.bank_fill + len(g)).clamp(max=k))
+
+    def _bank_kl(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """KL(gallery's || query's similarity distribution over the queue), batch mean; 0
+        (still reaching ``q``, as DDP needs) until the queue holds a batch's worth."""
+        n = int(self.bank_fill)
+        if n < len(q):
+            return (q * 0).sum()
+        # a copy: the queue is updated in place after this step's forward, before backward
+        keys = self.bank[:n].clone()
+        t = self.cfg.bank_temp
+        log_pt = F.log_softmax(g @ keys.T / t, dim=1)
+        log_ps = F.log_softmax(F.normalize(q, dim=1) @ keys.T / t, dim=1)
+        return (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
 
     def forward(self, q: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None = None):
         parts: dict[str, torch.Tensor] = {}
@@ -113,7 +160,7 @@ class CompatLoss(nn.Module):
         if c.bct > 0:
             parts["bct"] = labeled_ce(self._gallery_cls(q, yc))
         if c.needs_gallery_emb and g is None:
-            raise HwnasError("loss.regress or loss.contrast > 0 needs the gallery embeddings")
+            raise HwnasError("loss.regress, loss.contrast or loss.bank > 0 needs the gallery embeddings")
         if c.regress > 0:
             if c.regress_kind == "cosine":
                 parts["regress"] = (1 - F.cosine_similarity(q, g, dim=1)).mean()
@@ -122,5 +169,10 @@ class CompatLoss(nn.Module):
         if c.contrast > 0:
             logits = F.normalize(q, dim=1) @ F.normalize(g, dim=1).T / c.contrast_temp
             parts["contrast"] = F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+        if c.bank > 0:
+            gn = F.normalize(g.detach(), dim=1)
+            parts["bank"] = self._bank_kl(q, gn)
+            if self.training:
+                self._enqueue(gn)
         total = sum(getattr(c, k) * v for k, v in parts.items())
         return total, {k: float(v.detach()) for k, v in parts.items()}
