@@ -114,6 +114,11 @@ def test_mismatches_are_clear_errors(table, tiny_space):
         LatencyTable.load(out).check(tiny_space, {**b.settings(), "threads": 7})
     with pytest.raises(HwnasError, match="runtime_version"):
         LatencyTable.load(out).check(tiny_space, {**b.settings(), "runtime_version": "0.1"})
+    # a table measured on the graphs an older hwnas exported (no graph_form: form 1)
+    old = LatencyTable.load(out)
+    del old.header["graph_form"]
+    with pytest.raises(HwnasError, match="graph form 1.*--remeasure"):
+        old.check(tiny_space, b.settings())
     t3 = LatencyTable.load(out)
     key = sorted(t3.entries)[0]
     del t3.entries[key]

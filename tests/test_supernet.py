@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hwnas.data import Preprocess, SplitConfig, make_splits, materialize, omniglot
-from hwnas.nn.supernet import Supernet, recalibrate_bn
+from hwnas.nn.supernet import SubNet, Supernet, recalibrate_bn
 from hwnas.space import SKIP, Arch
 
 
@@ -129,6 +129,47 @@ def test_path_warmup_opens_from_the_anchor_to_uniform(tiny_space):
     assert isinstance(anchor, Arch)
 
 
+def test_deploy_form_folds_permutations_into_weights(tiny_space):
+    """``SubNet.deploy_form`` computes the same function (random archs, both unit kinds,
+    non-trivial BatchNorm statistics) with the permutations skips leave before stride-2 units
+    and the head folded into their weights: the exported graph keeps Gathers only for
+    stride-1 units after a skip (two each), and the L2 normalization is three nodes."""
+    import random
+
+    import onnx
+
+    from hwnas.export.onnx import export_onnx
+    from hwnas.nn.blocks import ChoiceBlock
+
+    rng = random.Random(0)
+    x = torch.randn(3, 1, 32, 32)
+    n_folded = 0
+    for _ in range(8):
+        arch = tiny_space.sample(rng)
+        net = SubNet(tiny_space, arch).eval()
+        g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+        units = [b for b in net.layers if isinstance(b, ChoiceBlock)]
+        n_folded += sum(b.stride == 2 and b.in_perm is not None for b in units) + (net.head_perm is not None)
+        stride1_after_skip = sum(b.stride == 1 and b.in_perm is not None for b in units)
+        perms_before = [b.in_perm is None for b in units]
+        folded = net.deploy_form()
+        assert folded.head_perm is None and all(b.in_perm is None for b in folded.layers
+                                                if isinstance(b, ChoiceBlock) and b.stride == 2)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=0)
+        ops = [n.op_type for n in onnx.load_from_string(export_onnx(net, (1, 1, 32, 32))).graph.node]
+        assert ops.count("Gather") == 2 * stride1_after_skip
+        assert "Expand" not in ops and ops.count("ReduceL2") == 1
+        # the original keeps its permutations (deploy_form works on a copy)
+        assert [b.in_perm is None for b in units] == perms_before
+    assert n_folded >= 4  # the sampled archs did exercise the fold
+
+
 def test_skips_cost_no_op_in_the_exported_subnet(tiny_space, real_images):
     """A deployed subnet folds each skipped layer's channel shuffle into the next unit: the
     exported graph has one Concat per unit and no Slice/Concat for a skip, and ONNX Runtime
@@ -148,7 +189,8 @@ def test_skips_cost_no_op_in_the_exported_subnet(tiny_space, real_images):
     ops = [n.op_type for n in onnx.load_from_string(data).graph.node]
     n_units = sum(op != SKIP for op, _ in arch.layers)
     assert ops.count("Concat") == n_units
-    assert ops.count("Gather") <= len(tiny_space.stage_layers)  # at most one per stage end
+    # every skip here ends before a stride-2 unit or the head, which fold it into weights
+    assert ops.count("Gather") == 0
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     x = real_images[100:101]
     with torch.no_grad():

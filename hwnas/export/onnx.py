@@ -17,6 +17,11 @@ import torch
 from torch import nn
 
 DEFAULT_OPSET = 17
+#: what export_onnx writes for a given network; bumped when that changes in a way that moves
+#: latencies, so latency tables measured on older graphs are refused (LatencyTable.check).
+#: 2: input permutations of stride-2 units and the head folded into weights; L2 normalization
+#: as ReduceL2/Clip/Div (1: Gathers there, normalization with Shape/Expand).
+GRAPH_FORM = 2
 
 
 def export_onnx(
@@ -29,8 +34,15 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     exporter: str = "legacy",
     metadata: dict[str, str] | None = None,
+    deploy_form: bool = True,
 ) -> bytes:
-    """Serialized ONNX model of ``module`` (in eval mode) for inputs of ``input_shape``."""
+    """Serialized ONNX model of ``module`` (in eval mode) for inputs of ``input_shape``.
+
+    A module with a ``deploy_form()`` (``SubNet``) is exported in that form: the same
+    function with its channel permutations folded into the weights (``deploy_form=False``:
+    as it is, to measure what the fold saves — benchmarks/bench_graph.py)."""
+    if deploy_form and callable(getattr(module, "deploy_form", None)):
+        module = module.deploy_form()
     was = module.training
     module.eval()
     x = torch.zeros(*input_shape)

@@ -66,6 +66,14 @@ class LatencyTable:
         fix = (f"rebuild it: hwnas profile --device {h.get('device', 'cpu')}"
                + (f" --threads {settings['threads']}" if settings and settings.get("threads") else ""))
         where = getattr(self, "path", "the latency table")
+        from hwnas.export.onnx import GRAPH_FORM
+
+        if h.get("graph_form", 1) != GRAPH_FORM:
+            raise HwnasError(
+                f"{where} was measured on graph form {h.get('graph_form', 1)} of the exported "
+                f"networks, and this hwnas exports form {GRAPH_FORM} (hwnas/export/onnx.py, "
+                "GRAPH_FORM), so its entries and calibration no longer describe what is deployed; "
+                f"{fix} --remeasure")
         if h.get("space_hash") != space.hash:
             raise HwnasError(f"{where} was built for search space {h.get('space_hash')}, not "
                              f"{space.hash} (the config's space changed); {fix}")
@@ -95,7 +103,9 @@ class LatencyTable:
 
 
 def make_header(space: SearchSpace, settings: dict, rounds: int, runs: int, warmup: int) -> dict:
-    return {"format": TABLE_FORMAT, **settings, "batch": 1, "input_size": space.input_size,
+    from hwnas.export.onnx import GRAPH_FORM
+
+    return {"format": TABLE_FORMAT, **settings, "graph_form": GRAPH_FORM, "batch": 1, "input_size": space.input_size,
             "in_channels": space.in_channels, "space_hash": space.hash, "space": space.to_dict(),
             "warmup": warmup, "rounds": rounds, "runs_per_round": runs,
             "statistic": "10th percentile of round medians (rounds above Q3+1.5*IQR dropped)",

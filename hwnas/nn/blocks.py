@@ -69,6 +69,26 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         )
 
 
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(x, dim=1)``, written so that ONNX export gives three nodes (ReduceL2,
+    Clip, Div) instead of five (F.normalize adds Shape and Expand): on a 32 px query model
+    that runs in 70 us on one CPU thread, the two nodes cost about 1.5 us."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+def _permute_depthwise_(conv: nn.Conv2d, bn: nn.BatchNorm2d, inv: torch.Tensor) -> None:
+    """A depthwise conv and its BatchNorm computing on ``x`` what they computed on
+    ``x[:, perm]`` (``inv = argsort(perm)``); their output comes out in ``x``'s order."""
+    conv.weight.copy_(conv.weight[inv].clone())
+    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        t.copy_(t[inv].clone())
+
+
+def _permute_inputs_(conv: nn.Conv2d, inv: torch.Tensor) -> None:
+    """A 1x1 conv computing on ``x`` what it computed on ``x[:, perm]``."""
+    conv.weight.copy_(conv.weight[:, inv].clone())
+
+
 def split_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SPOS channel shuffle + split: even channels bypass, odd channels enter the branch."""
     return x[:, 0::2], x[:, 1::2]
@@ -161,6 +181,26 @@ class ChoiceBlock(nn.Module):
         Derived from the arch alone, so not saved with the weights."""
         self.in_perm = None if perm is None else perm.clone()
 
+    @torch.no_grad()
+    def fold_input_perm_(self) -> None:
+        """Fold a stride-2 unit's input permutation into its weights, in place: both of its
+        branches start with a conv over every input channel (a depthwise conv, whose
+        channels and BatchNorm are permuted along with the input columns of the 1x1 conv
+        after it, or a 1x1 conv, whose input columns are permuted), so the unit computes
+        the same function on the unpermuted input and the Gather leaves the graph. A
+        stride-1 unit keeps its two Gathers: half its channels bypass every weight."""
+        if self.stride != 2 or self.in_perm is None or self.proj is None:
+            return
+        inv = torch.argsort(self.in_perm)
+        _permute_depthwise_(self.proj[0], self.proj[1], inv)
+        _permute_inputs_(self.proj[2], inv)
+        if self.kind == "shufflenet":
+            _permute_inputs_(self.convs[0], inv)
+        else:
+            _permute_depthwise_(self.convs[0], self.bns[0], inv)
+            _permute_inputs_(self.convs[1], inv)
+        self.in_perm = None
+
     def forward(self, x: torch.Tensor, mid: int | None = None,
                 proj: nn.Module | None = None) -> torch.Tensor:
         mid = self.mid if mid is None else mid
@@ -202,4 +242,4 @@ class EmbeddingHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x).mean((2, 3))
-        return F.normalize(self.embed(x), dim=1)
+        return l2_normalize(self.embed(x))

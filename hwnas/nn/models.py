@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hwnas.errors import HwnasError
+from hwnas.nn.blocks import l2_normalize
 from hwnas.nn.heads import CosineClassifier
 from hwnas.utils import content_hash, read_json, stable_json, write_json
 
@@ -48,7 +48,7 @@ class EmbeddingNet(nn.Module):
         self.bn = nn.BatchNorm1d(embed_dim) if bn else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.bn(self.embed(self.backbone(x))), dim=1)
+        return l2_normalize(self.bn(self.embed(self.backbone(x))))
 
 
 def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
