@@ -167,3 +167,12 @@ def test_step_keys_follow_what_each_step_reads():
     # unlabeled images feed the compatibility trainings, not the split or the gallery
     assert changed(lambda c: setattr(c.data, "unlabeled", "more/")) == set(STEPS) - {"data", "profile", "train-gallery"}
     assert downstream(["search"]) == {"search", "train-query", "baselines", "deploy", "report"}
+    # an hwnas that exports another graph form redoes the table and what builds on it
+    import hwnas.export.onnx as exported
+
+    form = exported.GRAPH_FORM
+    try:
+        exported.GRAPH_FORM = form + 1
+        assert changed(lambda c: None) == {"profile", "search", "train-query", "baselines", "deploy", "report"}
+    finally:
+        exported.GRAPH_FORM = form
