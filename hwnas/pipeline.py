@@ -231,6 +231,12 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     redo = [n for n in STEPS if n in downstream(changed + forced)]  # unfinished ones too
     if redo:
         why = f"--from {redo_from}" if redo_from else f"the config changed for {', '.join(changed)}"
+        from hwnas.export.onnx import GRAPH_FORM
+
+        was = steps.state["done"].get("profile", {}).get("graph_form", 1)
+        if not redo_from and "profile" in changed and was != GRAPH_FORM:
+            why = (f"the exported graph form ({was} -> {GRAPH_FORM}: this hwnas exports other "
+                   f"graphs than the run's table timed) or the config changed for {', '.join(changed)}")
         log(f"[run] {why}: doing again {', '.join(redo)}")
         outputs = [rd.path / p for n in redo for p in REDO_OUTPUTS.get(n, [])
                    if not (n == "search" and p == "search.db" and cfg.search.storage)]
@@ -262,7 +268,8 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
         table = profile_space(space, backend, path, log=log)
         if "validation" not in table.header and cfg.latency.validate:
             validate_table(space, table, backend, cfg.latency.validate, path, seed=cfg.seed, log=log)
-        return {"table": str(path), "validation": table.header.get("validation")}
+        return {"table": str(path), "validation": table.header.get("validation"),
+                "graph_form": table.header.get("graph_form")}
 
     def search():
         from hwnas.search.runner import predictor_for, run_search
