@@ -337,6 +337,18 @@ def test_mix_part_matches_the_gallery_on_blended_images():
     total.backward()
     assert other.net[1].weight.grad.abs().sum() > 0 and all(p.grad is None for p in gallery.parameters())
     assert "mix" not in other.eval()(x, y, idx)[1]
+    # cutmix: each pixel from one of the two images, a box of the second in the first
+    from hwnas.compat.tasks import mix_images
+
+    a, b = torch.zeros(64, 1, 16, 16), torch.ones(64, 1, 16, 16)
+    m = mix_images(a, b, "cutmix")
+    frac = m.mean((1, 2, 3))
+    assert set(m.unique().tolist()) <= {0.0, 1.0} and 0.2 < float(frac.mean()) < 0.5
+    assert float(frac.min()) < 0.1 and float(frac.max()) > 0.6  # box sizes vary with l
+    assert LossConfig(mix=1.0, mix_kind="cutmix").to_dict()["mix_kind"] == "cutmix"
+    assert "mix_kind" not in LossConfig(mix=1.0).to_dict()
+    with pytest.raises(HwnasError, match="mix_kind"):
+        LossConfig(mix=1.0, mix_kind="mosaic")
 
 
 def test_unlabeled_images_feed_only_the_parts_without_labels(trained_gallery, tmp_path):

@@ -17,6 +17,9 @@
   matches its teacher best on inputs off the training images). It asks the query to follow
   the gallery model between and beyond the training images, which open-set retrieval
   needs. Costs one more query and gallery forward pass per step (CompatTask computes it).
+  ``mix_kind: cutmix`` pastes a random box of the other image instead of blending (the box
+  covers 1 - l of the image): for line drawings, pieces of two glyphs rather than two faint
+  glyphs on top of each other.
 * ``bank``: relational distillation against a queue of the gallery model's embeddings of
   earlier batches (the ``bank_size`` most recent; CompRess, Abbasi Koohpayegani et al.,
   NeurIPS 2020, in its one-queue form): the query embedding's similarity distribution over
@@ -60,6 +63,7 @@ class LossConfig:
     contrast: float = 5.0
     contrast_temp: float = 0.1
     mix: float = 0.0
+    mix_kind: str = "blend"  # blend | cutmix
     bank: float = 0.0
     bank_size: int = 4096
     bank_temp: float = 0.04
@@ -76,6 +80,8 @@ class LossConfig:
             raise HwnasError(f"all loss weights are 0: set at least one of {', '.join(PARTS)}")
         if not self.contrast_temp > 0:
             raise HwnasError(f"loss.contrast_temp {self.contrast_temp} must be > 0 (e.g. 0.1)")
+        if self.mix_kind not in ("blend", "cutmix"):
+            raise HwnasError(f"loss.mix_kind {self.mix_kind!r} must be 'blend' or 'cutmix'")
         if not self.bank_temp > 0:
             raise HwnasError(f"loss.bank_temp {self.bank_temp} must be > 0 (e.g. 0.04)")
         if int(self.bank_size) != self.bank_size or self.bank_size < 1:
@@ -97,7 +103,9 @@ class LossConfig:
         if not self.contrast:  # off: left out, so models trained before it keep their keys
             del d["contrast"], d["contrast_temp"]
         if not self.mix:
-            del d["mix"]
+            del d["mix"], d["mix_kind"]
+        elif self.mix_kind == "blend":  # the default: left out, so models trained before keep their keys
+            del d["mix_kind"]
         if not self.bank:
             del d["bank"], d["bank_size"], d["bank_temp"]
         return d

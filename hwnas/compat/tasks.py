@@ -69,6 +69,23 @@ class ArchSampler:
         raise HwnasError(f"no arch in supernet.flops_range after {self.max_tries} samples; widen it")
 
 
+def mix_images(a: torch.Tensor, b: torch.Tensor, kind: str = "blend") -> torch.Tensor:
+    """Per image, l ~ U(0, 1): ``blend`` l*a + (1-l)*b; ``cutmix`` a with a box of b pasted
+    in (side sqrt(1-l) of the image's, centre uniform, clipped at the border)."""
+    n, _, h, w = a.shape
+    lam = torch.rand(n, device=a.device, dtype=a.dtype)
+    if kind == "blend":
+        lam = lam.view(n, 1, 1, 1)
+        return lam * a + (1 - lam) * b
+    side = (1 - lam).sqrt()
+    cy, cx = torch.rand(n, device=a.device) * h, torch.rand(n, device=a.device) * w
+    ys = torch.arange(h, device=a.device).view(1, h, 1)
+    xs = torch.arange(w, device=a.device).view(1, 1, w)
+    half_h, half_w = (side * h / 2).view(n, 1, 1), (side * w / 2).view(n, 1, 1)
+    box = ((ys - cy.view(n, 1, 1)).abs() < half_h) & ((xs - cx.view(n, 1, 1)).abs() < half_w)
+    return torch.where(box.unsqueeze(1), b, a)
+
+
 class CompatTask(nn.Module):
     """A query network (the supernet, or one fixed network) trained with the compatibility
     loss against a frozen gallery model.
@@ -116,9 +133,8 @@ class CompatTask(nn.Module):
         total, parts = self.loss(q, y, g)
         w = self.loss.cfg.mix
         if w > 0 and self.training:
-            # the loss's "mix" part: both models on blends of two images of the batch
-            lam = torch.rand(len(x), 1, 1, 1, device=x.device, dtype=x.dtype)
-            xm = lam * x + (1 - lam) * x.roll(1, 0)
+            # the loss's "mix" part: both models on mixes of two images of the batch
+            xm = mix_images(x, x.roll(1, 0), self.loss.cfg.mix_kind)
             with torch.no_grad():
                 gm = self._gallery(xm)
             mix = (1 - F.cosine_similarity(self._query(xm), gm, dim=1)).mean()
