@@ -37,12 +37,13 @@ def compare(space, threads: int, n: int, seed: int = 0, archs=None, names=None) 
     from tqdm import tqdm
 
     rows = []
-    for a in tqdm(archs, desc=f"{space.name} {space.input_size} px", unit="subnet"):
+    names = names or [None] * len(archs)
+    for name, a in tqdm(list(zip(names, archs)), desc=f"{space.name} {space.input_size} px", unit="subnet"):
         net = SubNet(space, a).eval()
         graphs = [export_onnx(net, shape, dynamic_batch=True, deploy_form=f) for f in (False, True)]
         nodes = [len(onnx.load_from_string(g).graph.node) for g in graphs]
         before, after = measure_models([backend.prepare_onnx(g, shape) for g in graphs], pools=3)
-        rows.append({"name": names[len(rows)] if names else None, "arch": a.to_string(space), "mflops": arch_flops(space, a) / 1e6,
+        rows.append({"name": name, "arch": a.to_string(space), "mflops": arch_flops(space, a) / 1e6,
                      "nodes_before": nodes[0], "nodes_after": nodes[1],
                      "ms_before": before.latency_ms, "ms_after": after.latency_ms,
                      "saving_pct": 100 * (1 - after.latency_ms / before.latency_ms)})

@@ -84,7 +84,7 @@ def _permute_depthwise_(conv: nn.Conv2d, bn: nn.BatchNorm2d, inv: torch.Tensor) 
         t.copy_(t[inv].clone())
 
 
-def _permute_inputs_(conv: nn.Conv2d, inv: torch.Tensor) -> None:
+def permute_inputs_(conv: nn.Conv2d, inv: torch.Tensor) -> None:
     """A 1x1 conv computing on ``x`` what it computed on ``x[:, perm]``."""
     conv.weight.copy_(conv.weight[:, inv].clone())
 
@@ -193,12 +193,12 @@ class ChoiceBlock(nn.Module):
             return
         inv = torch.argsort(self.in_perm)
         _permute_depthwise_(self.proj[0], self.proj[1], inv)
-        _permute_inputs_(self.proj[2], inv)
+        permute_inputs_(self.proj[2], inv)
         if self.kind == "shufflenet":
-            _permute_inputs_(self.convs[0], inv)
+            permute_inputs_(self.convs[0], inv)
         else:
             _permute_depthwise_(self.convs[0], self.bns[0], inv)
-            _permute_inputs_(self.convs[1], inv)
+            permute_inputs_(self.convs[1], inv)
         self.in_perm = None
 
     def forward(self, x: torch.Tensor, mid: int | None = None,

@@ -7,7 +7,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from hwnas.nn.blocks import ChannelShuffle, ChoiceBlock, EmbeddingHead, Stem, make_proj, shuffle_index
+from hwnas.nn.blocks import (ChannelShuffle, ChoiceBlock, EmbeddingHead, Stem, make_proj, permute_inputs_,
+                              shuffle_index)
 from hwnas.space.ops import layer_op
 from hwnas.space.spec import BLOCK_OPS, OP_KERNEL, OP_KIND, SKIP, Arch, SearchSpace
 
@@ -129,8 +130,7 @@ class SubNet(nn.Module):
             if isinstance(block, ChoiceBlock):
                 block.fold_input_perm_()
         if net.head_perm is not None:
-            conv = net.head.conv[0]
-            conv.weight.copy_(conv.weight[:, torch.argsort(net.head_perm)].clone())
+            permute_inputs_(net.head.conv[0], torch.argsort(net.head_perm))
             net.head_perm = None
         return net
 
