@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from hwnas.errors import HwnasError
+from hwnas.export.onnx import GRAPH_FORM
 from hwnas.latency.backends import LATENCY_STAT
 from hwnas.space import SKIP, Arch, SearchSpace
 from hwnas.space.ops import head_op, layer_op, stem_op
@@ -66,8 +67,6 @@ class LatencyTable:
         fix = (f"rebuild it: hwnas profile --device {h.get('device', 'cpu')}"
                + (f" --threads {settings['threads']}" if settings and settings.get("threads") else ""))
         where = getattr(self, "path", "the latency table")
-        from hwnas.export.onnx import GRAPH_FORM
-
         if h.get("graph_form", 1) != GRAPH_FORM:
             raise HwnasError(
                 f"{where} was measured on graph form {h.get('graph_form', 1)} of the exported "
@@ -103,8 +102,6 @@ class LatencyTable:
 
 
 def make_header(space: SearchSpace, settings: dict, rounds: int, runs: int, warmup: int) -> dict:
-    from hwnas.export.onnx import GRAPH_FORM
-
     return {"format": TABLE_FORMAT, **settings, "graph_form": GRAPH_FORM, "batch": 1, "input_size": space.input_size,
             "in_channels": space.in_channels, "space_hash": space.hash, "space": space.to_dict(),
             "warmup": warmup, "rounds": rounds, "runs_per_round": runs,
