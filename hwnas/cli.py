@@ -42,6 +42,11 @@ EXAMPLES = {
           hwnas train-query --config c.yaml --arch 'k3@1,k5@0.6,skip,...'   # inherits supernet weights
           hwnas train-query --config c.yaml --timm mobilenetv3_small_050     # a fixed baseline
           hwnas train-query --config c.yaml --arch ... --no-inherit --set query.loss.bct=0""",
+    "adapt": """\
+        examples:
+          hwnas adapt --config configs/omniglot.yaml --epochs 15     # query/searched -> query/searched-adapted
+          hwnas adapt --config c.yaml --query runs/x/query/NAME --images /srv/catalog/   # your index's images
+          hwnas deploy --config c.yaml --query runs/x/query/searched-adapted""",
     "evaluate": """\
         examples:
           hwnas evaluate --config c.yaml --query runs/quickstart/query/NAME
@@ -219,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-inherit", action="store_true",
                    help="train the arch from scratch instead of from the supernet's weights")
 
+    p = add("adapt", "Fine-tune a trained query model on the gallery's images (no labels), "
+            "then evaluate it.")
+    _add_common(p)
+    _add_resume(p)
+    p.add_argument("--query", help="the trained query model (default RUN_DIR/query/searched)")
+    p.add_argument("--images", help="the images your index holds: a folder, .zip or CSV manifest "
+                   "(default: the split's gallery part, what hwnas deploy indexes)")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (adapt.epochs; default 15 here)")
+    p.add_argument("--name", help="model directory under RUN_DIR/query/ (default QUERY-adapted)")
+
     p = add("evaluate", "Report M(g,g), M(q,g), M(q,q) (recall@1/5, mAP) for a query model.")
     _add_common(p)
     src = p.add_mutually_exclusive_group(required=True)
@@ -233,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="redo_from", metavar="STEP",
                    help="do STEP and every step that builds on it again (steps whose config "
                         "changed are done again anyway); STEP: data, profile, train-gallery, "
-                        "train-supernet, search, train-query, baselines, deploy, report")
+                        "train-supernet, search, train-query, adapt, baselines, deploy, report")
     return ap
 
 
@@ -480,6 +495,26 @@ def cmd_train_query(args) -> int:
     return 0
 
 
+def cmd_adapt(args) -> int:
+    from hwnas.compat.api import adapt_query, evaluate_query, evaluation_table
+    from hwnas.compat.train import is_main
+
+    cfg = _load(args)
+    if args.epochs is not None:
+        cfg.adapt.epochs = args.epochs
+    elif cfg.adapt.epochs == 0:  # off in the config: asking for it on the command line turns it on
+        cfg.adapt.epochs = 15
+    if args.images:
+        cfg.adapt.images = args.images
+    q = adapt_query(cfg, query=args.query, name=args.name, resume=args.resume, restart=args.restart)
+    if is_main():
+        from pathlib import Path
+
+        res = evaluate_query(cfg, query_dir=str(Path(cfg.run_dir) / "query" / q["name"]))
+        print(evaluation_table(res))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     import json
 
@@ -498,7 +533,7 @@ def cmd_run(args) -> int:
 
 COMMANDS = {"data": cmd_data, "space": cmd_space, "profile": cmd_profile, "search": cmd_search, "deploy": cmd_deploy, "verify": cmd_verify, "train-gallery": cmd_train_gallery,
             "train-supernet": cmd_train_supernet, "train-query": cmd_train_query,
-            "evaluate": cmd_evaluate, "run": cmd_run}
+            "adapt": cmd_adapt, "evaluate": cmd_evaluate, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """Typed configuration: one YAML (or JSON) file with sections, overridden by CLI flags.
 
-Sections implemented so far: ``run_dir``, ``data`` (source, split protocol, preprocess)
-and ``space`` (the query search space). Unknown keys are errors, so a typo never silently
-falls back to a default.
+Sections: ``run_dir``, ``seed``, ``data`` (source, split protocol, preprocess, unlabeled
+images), ``space`` (the query search space), ``gallery``, ``supernet``, ``query``,
+``latency``, ``search``, ``deploy`` and ``adapt``. Unknown keys are errors, so a typo never
+silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -61,6 +62,29 @@ class QueryConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """Gallery adaptation (``hwnas adapt``): the trained query model fine-tuned on the images
+    the gallery indexes, without their labels, toward the gallery model's embeddings of them
+    (which the index holds anyway). The query model then fits the domain it is searched in;
+    its architecture, and so its edge latency, stay the same. It sees the gallery's images,
+    so on a benchmark it is transductive: report it apart from the inductive protocol."""
+    epochs: int = 0  # 0: off (hwnas run skips the step)
+    lr: float = 0.01  # a fine-tune from the trained weights: below query.train.lr, no warm-up
+    # what to adapt to: an unlabeled source (a folder, a .zip, a CSV manifest, or a list) —
+    # the images your index holds; null: the split's gallery part (what hwnas deploy indexes)
+    images: str | list | None = None
+    max_images: int = 20000  # a larger gallery is sampled (seeded) down to this many
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise HwnasError(f"adapt.epochs must be a whole number >= 0 (0: off), got {self.epochs!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise HwnasError(f"adapt.lr must be positive, got {self.lr!r}")
+        if not isinstance(self.max_images, int) or self.max_images < 1:
+            raise HwnasError(f"adapt.max_images must be a whole number >= 1, got {self.max_images!r}")
+
+
+@dataclass
 class LatencyConfig:
     table: str | None = None  # default: latency_tables/<device>-ort<ver>-fp32-t<threads>-r<size>-s<hash>.json
     threads: int | None = None  # ONNX Runtime intra-op threads (default: physical cores)
@@ -109,6 +133,7 @@ class Config:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     seed: int = 0
 
     # ---------------------------------------------------------------- builders
@@ -167,7 +192,7 @@ def _build(cls, d: dict, where: str):
 
 SECTIONS = {"data": DataConfig, "gallery": GalleryConfig, "supernet": SupernetConfig,
             "query": QueryConfig, "latency": LatencyConfig, "search": SearchConfig,
-            "deploy": DeployConfig}
+            "deploy": DeployConfig, "adapt": AdaptConfig}
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -1,7 +1,7 @@
 """``hwnas run CONFIG``: the whole method, step by step, resumable.
 
-profile -> train-gallery -> train-supernet -> search -> train-query -> baselines -> deploy
--> report. Each step writes its results into the run directory and is recorded as done in
+profile -> train-gallery -> train-supernet -> search -> train-query -> adapt -> baselines ->
+deploy -> report (adapt, the gallery adaptation, only where ``adapt.epochs`` > 0). Each step writes its results into the run directory and is recorded as done in
 ``steps.json``; a killed run continues with the first unfinished step (and inside a step,
 training resumes from its last epoch and the search from its stored study).
 
@@ -24,7 +24,7 @@ from hwnas.rundir import RunDir
 from hwnas.utils import content_hash, read_json, write_json
 
 STEPS = ["data", "profile", "train-gallery", "train-supernet", "search", "train-query",
-         "baselines", "deploy", "report"]
+         "adapt", "baselines", "deploy", "report"]
 # step -> (config sections it reads, steps it builds on)
 STEP_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": (("seed", "data"), ()),
@@ -33,10 +33,12 @@ STEP_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "train-supernet": (("space", "supernet", "unlabeled"), ("train-gallery",)),
     "search": (("search",), ("train-supernet", "profile")),
     "train-query": (("query", "unlabeled"), ("search",)),
+    "adapt": (("adapt", "unlabeled"), ("train-query",)),
     "baselines": (("query", "unlabeled"), ("search",)),
-    "deploy": (("deploy",), ("train-query",)),
-    "report": ((), ("train-query", "baselines")),
+    "deploy": (("deploy",), ("train-query", "adapt")),
+    "report": ((), ("train-query", "adapt", "baselines")),
 }
+ADAPTED = "searched-adapted"  # the searched query model after gallery adaptation
 
 
 # what a step keeps when it finds it finished, so a step done again removes it first (the
@@ -60,8 +62,13 @@ def step_keys(cfg: Config) -> dict[str, str]:
 
     for name in STEPS:
         sections, deps = STEP_INPUTS[name]
+        if name == "adapt" and not cfg.adapt.epochs:
+            # off: adds nothing to the keys of the steps after it (runs from before the step keep
+            # theirs); recorded as "off", so turning it on later does it and what builds on it
+            keys[name] = "off"
+            continue
         inputs = {"config": {k: d[k] for k in sections if not (k == "unlabeled" and d[k] is None)},
-                  "after": {x: keys[x] for x in deps}}
+                  "after": {x: keys[x] for x in deps if keys[x] != "off"}}
         if name == "profile":
             # what is timed is the exported graph: a new graph form (an hwnas upgrade) moves
             # every latency, so the table and all that builds on it are done again
@@ -287,6 +294,13 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
         best = load_best(rd.path)
         api.train_query(cfg, arch=best["arch"], name="searched", resume=True, retrain_changed=True, log=log)
 
+    def adapt():
+        if not cfg.adapt.epochs:
+            log("[adapt] off (adapt.epochs is 0)")
+            return {"skipped": "adapt.epochs is 0"}
+        m = api.adapt_query(cfg, name=ADAPTED, resume=True, retrain_changed=True, log=log)
+        return {"model": ADAPTED, "images": m["adapted"]["images"], "source": m["adapted"]["source"]}
+
     def baselines():
         from hwnas.report import baseline_models
 
@@ -298,7 +312,9 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
 
         if (rd.path / "bundle" / "manifest.json").exists():
             return {}
-        m = do_deploy(cfg, int8=cfg.deploy.int8, factory=cfg.deploy.index, log=log)
+        # with gallery adaptation on, the adapted model is the one the edge gets
+        query = str(rd.path / "query" / ADAPTED) if cfg.adapt.epochs else None
+        m = do_deploy(cfg, query=query, int8=cfg.deploy.int8, factory=cfg.deploy.index, log=log)
         return {"artifacts": len(m["artifacts"])}
 
     def report():
@@ -313,6 +329,7 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     step("train-supernet", lambda: (api.train_supernet(cfg, resume=True, log=log), {})[1])
     step("search", search)
     step("train-query", train_query)
+    step("adapt", adapt)
     step("baselines", baselines)
     step("deploy", deploy)
     step("report", report)

@@ -90,7 +90,7 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
                     supernet={"train": {"epochs": 1, "batch_size": 32}},
                     query={"train": {"epochs": 1, "batch_size": 32}},
                     latency={"table": str(tmp_path / "table.json"), "validate": 4, "threads": 1},
-                    search={"n_trials": 3, "bn_batches": 1})
+                    search={"n_trials": 3, "bn_batches": 1}, adapt={"epochs": 1})
     cfg = write_cfg(tmp_path / "c.json", d)
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "hwnas.cli", "run", str(cfg)],
@@ -112,6 +112,17 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     assert {"paragon", "rows", "targets", "budget_ms", "searched_pareto_better_than", "searched_dominated_by"} <= set(rep)
     models = [row["model"] for row in rep["rows"]]
     assert models[0] == "searched" and "timm-mobilenetv3_small_050" in models
+    # gallery adaptation: its own row and targets, kept out of the Pareto comparison, and the
+    # model the bundle ships (same arch, so the same predicted latency)
+    adapted = next(row for row in rep["rows"] if row["model"] == "searched-adapted")
+    assert adapted["adapted"]["source"] == "split:gallery" and adapted["adapted"]["epochs"] == 1
+    assert adapted["arch"] == rep["rows"][0]["arch"] and adapted["predicted_ms"] == rep["rows"][0]["predicted_ms"]
+    assert set(rep["targets_adapted"]) == {"flops_reduction>=20", "latency_reduction>=10", "gap_points<=1"}
+    assert "searched-adapted" not in rep["searched_pareto_better_than"]
+    shipped = json.loads((run / "bundle" / "manifest.json").read_text())
+    want = json.loads((run / "query" / "searched-adapted" / "config.json").read_text())
+    assert shipped["query"]["fingerprint"] == want["fingerprint"]
+    assert shipped["query"]["adapted"] == want["adapted"]
     assert {"smallest", "largest"} <= set(models)
     for row in rep["rows"]:
         for k in ("mflops", "measured_ms", "flops_reduction", "latency_reduction", "gap_points",
@@ -125,7 +136,7 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     assert (run / "report.md").exists() and (run / "report_accuracy_vs_latency.png").exists()
     assert (run / "bundle" / "manifest.json").exists()
     r2 = hwnas("run", str(cfg), timeout=600)  # everything done: nothing is redone
-    assert r2.returncode == 0 and r2.stdout.count("done earlier, kept") == 9
+    assert r2.returncode == 0 and r2.stdout.count("done earlier, kept") == 10
     # an edited config does again exactly the steps that read what changed
     manifest = run / "bundle" / "manifest.json"
     before = manifest.stat().st_mtime_ns
@@ -134,10 +145,10 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     r3 = hwnas("run", str(cfg), timeout=600)
     assert r3.returncode == 0, r3.stdout[-2000:] + r3.stderr[-2000:]
     assert "config changed for deploy: doing again deploy" in r3.stdout
-    assert r3.stdout.count("done earlier, kept") == 8 and manifest.stat().st_mtime_ns != before
+    assert r3.stdout.count("done earlier, kept") == 9 and manifest.stat().st_mtime_ns != before
     r4 = hwnas("run", str(cfg), "--from", "baselines", timeout=600)
     assert r4.returncode == 0 and "--from baselines: doing again baselines, report" in r4.stdout
-    assert r4.stdout.count("done earlier, kept") == 7 and "already trained" in r4.stdout
+    assert r4.stdout.count("done earlier, kept") == 8 and "already trained" in r4.stdout
     r5 = hwnas("run", str(cfg), "--from", "nonsense")
     assert r5.returncode != 0 and "not a step" in r5.stderr
 
@@ -162,11 +173,25 @@ def test_step_keys_follow_what_each_step_reads():
     assert changed(lambda c: setattr(c.latency, "threads", 2)) == {"profile", "search", "train-query",
                                                                  "baselines", "deploy", "report"}
     assert changed(lambda c: setattr(c.latency, "validate", 5)) == set()
-    assert changed(lambda c: c.gallery.train.update(epochs=9)) == set(STEPS) - {"data", "profile"}
+    # (adapt is off in this config: it stays "off" whatever it would build on)
+    assert changed(lambda c: c.gallery.train.update(epochs=9)) == set(STEPS) - {"data", "profile", "adapt"}
     assert changed(lambda c: setattr(c, "run_dir", "elsewhere")) == set()
     # unlabeled images feed the compatibility trainings, not the split or the gallery
-    assert changed(lambda c: setattr(c.data, "unlabeled", "more/")) == set(STEPS) - {"data", "profile", "train-gallery"}
-    assert downstream(["search"]) == {"search", "train-query", "baselines", "deploy", "report"}
+    assert changed(lambda c: setattr(c.data, "unlabeled", "more/")) == set(STEPS) - {"data", "profile", "train-gallery", "adapt"}
+    assert downstream(["search"]) == {"search", "train-query", "adapt", "baselines", "deploy", "report"}
+    # gallery adaptation turned on: it and what ships or reports its model, nothing else
+    assert changed(lambda c: setattr(c.adapt, "epochs", 15)) == {"adapt", "deploy", "report"}
+
+    def adapted(edit):
+        c = load_config("configs/quickstart.yaml")
+        c.adapt.epochs = 15
+        on = step_keys(c)
+        edit(c)
+        k = step_keys(c)
+        return {n for n in STEPS if k[n] != on[n]}
+
+    assert adapted(lambda c: setattr(c.adapt, "lr", 0.02)) == {"adapt", "deploy", "report"}
+    assert adapted(lambda c: c.query.train.update(epochs=11)) == {"train-query", "adapt", "baselines", "deploy", "report"}
     # an hwnas that exports another graph form redoes the table and what builds on it
     import hwnas.export.onnx as exported
 

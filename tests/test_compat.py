@@ -403,3 +403,57 @@ def test_unlabeled_images_feed_only_the_parts_without_labels(trained_gallery, tm
     with pytest.raises(HwnasError, match="no part that can use images"):
         api.train_query(cfg, arch=arch, name="v", inherit=False, log=quiet,
                         loss_override={"own_cls": 1.0, "bct": 1.0})
+
+
+def test_gallery_adaptation_pulls_the_query_onto_the_index_and_nothing_else(trained_gallery, tmp_path):
+    """hwnas adapt: the query model, fine-tuned on the gallery part's images without labels,
+    lands closer to the gallery model's embeddings of them; the gallery model is untouched,
+    the arch is the same, a finished adaptation is kept, and bad requests are clear errors."""
+    from hwnas.compat.api import embed, load_part, run_gallery
+    from hwnas.nn.models import load_query
+    from hwnas.rundir import RunDir
+
+    quiet = lambda *_: None  # noqa: E731
+    cfg = load_config(_clone_run(trained_gallery, tmp_path, adapt={"epochs": 3},
+                                 query={"train": {"epochs": 2, "lr": 0.1, "batch_size": 64}}))
+    run = tmp_path / "run"
+    arch = cfg.search_space().smallest().to_string()
+    api.train_query(cfg, arch=arch, name="searched", inherit=False, log=quiet)
+    g_sha = _sha(run / "gallery" / "model.safetensors")
+    rd = RunDir(cfg)
+    pre = cfg.preprocess()
+    gal = load_part(rd, "gallery", pre, log=quiet)
+    g_emb = torch.nn.functional.normalize(torch.from_numpy(
+        embed(run_gallery(rd).net, gal.images, pre.normalize)), dim=1)
+
+    def align(qdir) -> float:
+        q = torch.from_numpy(embed(load_query(qdir)[0], gal.images, pre.normalize))
+        return float((torch.nn.functional.normalize(q, dim=1) * g_emb).sum(1).mean())
+
+    a = api.adapt_query(cfg, log=quiet)
+    assert a["name"] == "searched-adapted" and a["arch"] == api.read_json(run / "query/searched/config.json")["arch"]
+    assert a["adapted"]["source"] == "split:gallery" and a["adapted"]["images"] == len(gal.images)
+    assert a["adapt_loss"]["own_cls"] == 0 and a["adapt_loss"]["regress"] > 0  # own classifier: not saved
+    assert align(run / "query/searched-adapted") > align(run / "query/searched") + 0.01
+    assert _sha(run / "gallery" / "model.safetensors") == g_sha  # the index's model never changes
+    assert api.adapt_query(cfg, log=quiet)["fingerprint"] == a["fingerprint"]  # finished: kept
+    cfg.adapt.lr = 0.02
+    with pytest.raises(HwnasError, match="--restart"):
+        api.adapt_query(cfg, log=quiet)
+    cfg.adapt.max_images = 50  # a large gallery is sampled down
+    assert api.adapt_query(cfg, log=quiet, restart=True)["adapted"]["images"] == 50
+    with pytest.raises(HwnasError, match="already an adapted model"):
+        api.adapt_query(cfg, query=str(run / "query/searched-adapted"), name="twice", log=quiet)
+    cfg.adapt.epochs = 0
+    with pytest.raises(HwnasError, match="adaptation is off"):
+        api.adapt_query(cfg, log=quiet)
+    cfg.adapt.epochs = -1
+    with pytest.raises(HwnasError, match="adapt.epochs"):
+        api.adapt_query(cfg, log=quiet)
+    cfg.adapt.epochs = 1
+    api.train_query(cfg, arch=arch, name="cls-only", inherit=False, log=quiet,
+                    loss_override={"own_cls": 1.0, "bct": 1.0})
+    with pytest.raises(HwnasError, match="nothing to adapt with"):
+        api.adapt_query(cfg, query=str(run / "query/cls-only"), log=quiet)
+    with pytest.raises(HwnasError, match="no trained query model"):
+        api.adapt_query(cfg, query=str(run / "query/none"), log=quiet)

@@ -229,40 +229,50 @@ def _unlabeled_source(cfg: Config) -> str | None:
     return ", ".join(unlabeled_specs(cfg.data.unlabeled)) or None
 
 
+def _load_unlabeled(cfg: Config, source, pre, log, what: str = "data.unlabeled") -> tuple[np.ndarray, list[str]]:
+    """Decode the images of an unlabeled source (a spec or a list of specs): (uint8 array, ids)."""
+    from hwnas.data.images import materialize
+    from hwnas.data.sources import unlabeled_images, unlabeled_specs
+
+    images, ids = [], []
+    for spec in unlabeled_specs(source):
+        col = unlabeled_images(spec)
+        arr = materialize(col, range(len(col)), pre, cfg.data.skip_bad_images, desc="unlabeled")
+        if arr.skipped:
+            log(f"[data] skipped {len(arr.skipped)} unreadable images of {what} {spec} "
+                f"(e.g. {arr.skipped[0]})")
+        if not len(arr.images):
+            raise HwnasError(f"{what} {spec}: no readable images")
+        images.append(arr.images)
+        ids += arr.ids(col)
+    return np.concatenate(images), ids
+
+
+def _with_unlabeled(data: PartImages, images: np.ndarray, ids: list[str]) -> PartImages:
+    """``data`` and ``images`` after it with label -1 (the classifier parts skip them)."""
+    n = len(images)
+    return PartImages(torch.cat([data.images, torch.as_tensor(images)]),
+                      torch.cat([data.labels, torch.full((n,), -1, dtype=data.labels.dtype)]),
+                      np.concatenate([data.raw_labels, np.full(n, -1, data.raw_labels.dtype)]),
+                      data.ids + list(ids))
+
+
 def _add_unlabeled(cfg: Config, data: PartImages, pre, loss_cfg, log) -> tuple[PartImages, dict]:
     """``data.unlabeled`` appended to the training images with label -1: the classifier parts
     skip them, the parts that compare with the gallery embedding use them."""
     import hashlib
 
-    from hwnas.data.images import materialize
-    from hwnas.data.sources import unlabeled_images, unlabeled_specs
-
-    if not (loss_cfg.needs_gallery_emb or loss_cfg.mix > 0):
+    if not loss_cfg.uses_unlabeled:
         raise HwnasError("data.unlabeled is set but the loss has no part that can use images "
                          "without labels: set loss.regress, loss.contrast, loss.mix or loss.bank > 0, or "
                          "data.unlabeled: null")
-    images, ids = [], []
-    for spec in unlabeled_specs(cfg.data.unlabeled):
-        col = unlabeled_images(spec)
-        arr = materialize(col, range(len(col)), pre, cfg.data.skip_bad_images, desc="unlabeled")
-        if arr.skipped:
-            log(f"[data] skipped {len(arr.skipped)} unreadable unlabeled images of {spec} "
-                f"(e.g. {arr.skipped[0]})")
-        if not len(arr.images):
-            raise HwnasError(f"data.unlabeled {spec}: no readable images")
-        images.append(arr.images)
-        ids += arr.ids(col)
-    arr_images = np.concatenate(images)
+    arr_images, ids = _load_unlabeled(cfg, cfg.data.unlabeled, pre, log)
     source = _unlabeled_source(cfg)
     info = {"source": source, "images": len(arr_images),
             "fingerprint": hashlib.sha256(arr_images.tobytes()).hexdigest()[:16]}
     log(f"[data] + {len(arr_images)} unlabeled images from {source} (regression/contrast/mix/"
         f"bank only) beside {len(data.images)} labeled")
-    n = len(arr_images)
-    return PartImages(torch.cat([data.images, torch.from_numpy(arr_images)]),
-                      torch.cat([data.labels, torch.full((n,), -1, dtype=data.labels.dtype)]),
-                      np.concatenate([data.raw_labels, np.full(n, -1, data.raw_labels.dtype)]),
-                      data.ids + ids), info
+    return _with_unlabeled(data, arr_images, ids), info
 
 
 def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log=print) -> dict:
@@ -429,6 +439,106 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
                 train=tc.__dict__, history=hist, train_seconds=sum(h["seconds"] for h in hist), name=name)
     saved = save_model(out, {"net": net}, qcfg)
     log(f"[train-query] saved {out}")
+    return saved
+
+
+def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
+                resume: bool = False, restart: bool = False, retrain_changed: bool = False,
+                log=print) -> dict:
+    """Gallery adaptation: fine-tune a trained query model on the images the gallery indexes,
+    without their labels, then evaluate it on the test split.
+
+    The index already holds the gallery model's embeddings of those images, so the query
+    model can be taught, image by image, to land where the gallery model puts them (the
+    query recipe's regression, contrastive and mix parts; BCT stays on the labeled training
+    images beside them, which keep it from drifting off the training classes). Only the
+    query model changes: the index and the gallery model stay as they are, and the
+    architecture, so the edge latency, is the same. The query's own classifier is not part
+    of a saved query model, so that part is off here.
+
+    What it sees: the gallery's images, never the queries; on a benchmark whose gallery
+    holds the test classes the result is transductive and is reported apart."""
+    import dataclasses
+    import hashlib
+
+    from hwnas.compat.losses import PARTS, CompatLoss, LossConfig
+    from hwnas.compat.tasks import CompatTask
+    from hwnas.compat.train import fit, is_main
+    from hwnas.data.sources import unlabeled_specs
+    from hwnas.nn.models import load_query, save_model
+
+    ac = dataclasses.replace(cfg.adapt)  # validates values set after loading (--set, --epochs)
+    if ac.epochs < 1:
+        raise HwnasError("adapt.epochs is 0, so adaptation is off: set it, e.g. --set adapt.epochs=15")
+    rd = RunDir(cfg)
+    src = Path(query) if query else rd.path / "query" / "searched"
+    if not (src / "config.json").exists():
+        raise HwnasError(f"no trained query model at {src}: train one first (hwnas train-query "
+                         "--from-search) or pass --query DIR")
+    net, qcfg = load_query(src)
+    if qcfg.get("adapted"):
+        raise HwnasError(f"{src} is already an adapted model; adapt the model it came from "
+                         f"({qcfg['adapted']['from']})")
+    gallery = run_gallery(rd)
+    if qcfg.get("gallery_fingerprint") not in (None, gallery.fingerprint):
+        raise HwnasError(f"{src} was trained against gallery {qcfg['gallery_fingerprint']}, not this "
+                         f"run's {gallery.fingerprint}: retrain it (hwnas train-query --restart)")
+    pre = cfg.preprocess()
+    check_compatible(gallery.config, qcfg["embed_dim"], pre)
+    # the recorded loss leaves out parts that were off: they stay off (not at their defaults)
+    loss_cfg = LossConfig(**{**dict.fromkeys(PARTS, 0.0),
+                             **(qcfg.get("loss") or cfg.loss_config("query").to_dict()), "own_cls": 0.0})
+    if not loss_cfg.uses_unlabeled:
+        raise HwnasError(f"{src} was trained without a part that can learn from unlabeled images "
+                         "(loss.regress, contrast, mix or bank), so there is nothing to adapt with: "
+                         "train it with one of them (e.g. query.loss.regress: 30)")
+    name = name or f"{src.name}-adapted"
+    out = rd.path / "query" / name
+    source = ", ".join(unlabeled_specs(ac.images)) if ac.images else "split:gallery"
+    if ac.images:
+        images, _ = _load_unlabeled(cfg, ac.images, pre, log, what="adapt.images")
+    else:
+        images = load_part(rd, "gallery", pre, log=log).images.numpy()
+    if len(images) > ac.max_images:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(images), ac.max_images, replace=False))
+        images = images[keep]
+    img_fp = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+    tc = dataclasses.replace(cfg.train_config("query"), epochs=ac.epochs, lr=ac.lr, warmup_epochs=0.0)
+    setting = {"from": qcfg["fingerprint"], "source": source, "images": len(images),
+               "fingerprint": img_fp, "epochs": ac.epochs, "lr": ac.lr,
+               "unlabeled": _unlabeled_source(cfg)}
+    if _prepare_out(out, restart):
+        old = read_json(out / "config.json")
+        runtime = lambda d: {k: v for k, v in (d or {}).items() if k not in ("threads", "device")}  # noqa: E731
+        if old.get("adapted") == setting and runtime(old.get("train")) == runtime(json.loads(json.dumps(tc.__dict__))):
+            log(f"[adapt] {out} is already adapted with these settings; --restart to do it again")
+            return old
+        if not retrain_changed:
+            raise HwnasError(f"{out} holds a model adapted from another query model or with other "
+                             "settings: do it again with --restart, or give another --name")
+        log(f"[adapt] {out} was adapted from another model or with other settings; adapting again")
+        shutil.rmtree(out)
+    # the query's training images (labeled: BCT) and its unlabeled ones, then the gallery's
+    _, _, _, classes, data, unlabeled = _compat_setup(rd, loss_cfg, log)
+    data = _with_unlabeled(data, images, [f"adapt:{i}" for i in range(len(images))])
+    log(f"[adapt] {name}: {src.name} fine-tuned on {len(images)} gallery images ({source}, no labels) "
+        f"beside {len(data.images) - len(images)} training images, {ac.epochs} epochs at lr {ac.lr}, "
+        f"loss {_loss_str(loss_cfg)}")
+    torch.manual_seed(cfg.seed)
+    loss = CompatLoss(loss_cfg, qcfg["embed_dim"], len(classes),
+                      gallery.classifier if loss_cfg.bct > 0 else None)
+    task = CompatTask(net, loss, gallery.net, None)
+    settings = {"adapt": setting, "loss": loss_cfg.to_dict(), "gallery": gallery.fingerprint,
+                "split": rd.splits().fingerprint, **_unlabeled_setting(unlabeled)}
+    hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
+               seed=cfg.seed + 7, resume=resume, desc=f"adapt {name}", settings=settings, log=log)
+    if not is_main():
+        return {}
+    keep = {k: v for k, v in qcfg.items() if k not in ("fingerprint", "format", "history", "train_seconds")}
+    saved = save_model(out, {"net": net}, {**keep, "name": name, "adapted": setting, "adapt_loss": loss_cfg.to_dict(),
+                                          "train": tc.__dict__, "history": hist,
+                                          "train_seconds": sum(h["seconds"] for h in hist)})
+    log(f"[adapt] saved {out}")
     return saved
 
 

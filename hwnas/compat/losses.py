@@ -98,6 +98,11 @@ class LossConfig:
         """The gallery model's embeddings of the training images are needed."""
         return self.regress > 0 or self.contrast > 0 or self.bank > 0
 
+    @property
+    def uses_unlabeled(self) -> bool:
+        """A part learns from images without labels (regress, contrast, mix or bank)."""
+        return self.needs_gallery_emb or self.mix > 0
+
     def to_dict(self) -> dict:
         d = asdict(self)
         if not self.contrast:  # off: left out, so models trained before it keep their keys
