@@ -221,11 +221,13 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
 
     if redo_from is not None and redo_from not in STEPS:
         raise HwnasError(f"--from {redo_from!r} is not a step; steps: {', '.join(STEPS)}")
-    if cfg.data.unlabeled:  # a wrong source fails now, not after the gallery's training
-        from hwnas.data.sources import unlabeled_images, unlabeled_specs
+    # a wrong image source fails now, not after the gallery's training
+    for source in (cfg.data.unlabeled, cfg.adapt.images if cfg.adapt.epochs else None):
+        if source:
+            from hwnas.data.sources import unlabeled_images, unlabeled_specs
 
-        for spec in unlabeled_specs(cfg.data.unlabeled):
-            unlabeled_images(spec)
+            for spec in unlabeled_specs(source):
+                unlabeled_images(spec)
     rd = RunDir(cfg)
     rd.path.mkdir(parents=True, exist_ok=True)
     rd.save_config()

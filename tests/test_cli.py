@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_png_folder
 
-SUBCOMMANDS = ["data", "space", "train-gallery", "train-supernet", "train-query", "evaluate", "run"]
+SUBCOMMANDS = ["data", "space", "train-gallery", "train-supernet", "train-query", "adapt", "evaluate", "run"]
 
 
 def hwnas(*args, cwd=None, timeout=300):
@@ -68,6 +68,15 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     r = hwnas("run", str(tmp_path / "u.yaml"))
     assert r.returncode == 2 and "nope.zip does not exist" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "urun").exists()
+    (tmp_path / "a.yaml").write_text(f"run_dir: {tmp_path / 'arun'}\nadapt:\n  epochs: 2\n  images: "
+                                     f"{tmp_path / 'catalog'}\n")
+    r = hwnas("run", str(tmp_path / "a.yaml"))
+    assert r.returncode == 2 and "catalog does not exist" in r.stderr and not (tmp_path / "arun").exists()
+    (tmp_path / "a.yaml").write_text("adapt:\n  epochs: -2\n")
+    r = hwnas("run", str(tmp_path / "a.yaml"))
+    assert r.returncode == 2 and "adapt.epochs must be a whole number" in r.stderr
+    r = hwnas("adapt", "--run-dir", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "no trained query model" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_space_command():
