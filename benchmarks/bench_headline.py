@@ -26,6 +26,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+",
                     default=[str(ROOT / "configs" / "quickstart.yaml"), str(ROOT / "configs" / "omniglot.yaml")])
+    ap.add_argument("--note", default=None,
+                    help="a sentence printed under the step times of the configs run this time "
+                         "(e.g. that other jobs shared the machine during a step)")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the BENCHMARKS.md section from benchmarks/results/headline.json")
     args = ap.parse_args()
@@ -59,7 +62,7 @@ def main() -> None:
         shutil.copyfile(run_dir / "report_accuracy_vs_latency.png", png)
         runs.append({"config": Path(path).name, "run_dir": str(run_dir), "this_call_s": time.time() - t,
                      "step_seconds": {k: v.get("seconds") for k, v in steps["done"].items()},
-                     "report": report, "png": png.name})
+                     "report": report, "png": png.name, **({"note": args.note} if args.note else {})})
         print(headline_table(report), flush=True)
     # configs not run this time keep their last figures (marked with the date they were run)
     prev = out / "headline.json"
@@ -68,7 +71,8 @@ def main() -> None:
         done = {r["config"] for r in runs}
         for r in old.get("runs", []):
             if r["config"] not in done:
-                runs.append({**r, "measured": r.get("measured") or old["machine"].get("date")})
+                runs.append({**r, "measured": r.get("measured") or old["machine"].get("date"),
+                             "machine": r.get("machine") or old["machine"]})
     res = {"machine": machine(), "runs": runs}
     save_results("headline", res)
     update_benchmarks_md("headline", markdown(res))
@@ -135,7 +139,9 @@ def markdown(res: dict) -> str:
         total = sum(v for v in r["step_seconds"].values() if v)
         lines += ["", f"### {rep['dataset']} ({rep['protocol']}-set), `{r['config']}`", ""]
         if r.get("measured"):
-            lines += [f"*Not re-run with the others: these figures are from {r['measured']}, "
+            lines += [f"*Not re-run with the others: these figures are from {r['measured']}"
+                      + (f" on {r['machine']['cpu']}, {r['machine']['cores']} cores" if r.get("machine") else "")
+                      + ", "
                       f"the query models timed at {rep.get('threads')} thread(s)"
                       + ("" if "threads" in rep["paragon"] else ", the paragon at the same count")
                       + ".*", ""]
@@ -143,7 +149,8 @@ def markdown(res: dict) -> str:
                   f"Step times on this machine, each step's last run (a step redone after a config "
                   f"edit reuses the models it finds trained): {total / 60:.1f} min in all "
                   f"({', '.join(f'{k} {v:.0f} s' for k, v in r['step_seconds'].items() if v is not None)}). "
-                  f"Latency budget {rep['budget_ms']} ms (predicted).", "",
+                  f"Latency budget {rep['budget_ms']} ms (predicted)."
+                  + (f" {r['note']}" if r.get("note") else ""), "",
                   headline_table(rep, markdown=True), "",
                   f"Searched model dominated by: {', '.join(rep.get('searched_dominated_by') or []) or 'none'}."
                   + _pools_line(rep) + _not_pareto_line(rep),

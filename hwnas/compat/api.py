@@ -444,7 +444,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
 
 def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
                 resume: bool = False, restart: bool = False, retrain_changed: bool = False,
-                log=print) -> dict:
+                images: tuple[str, np.ndarray] | None = None, log=print) -> dict:
     """Gallery adaptation: fine-tune a trained query model on the images the gallery indexes,
     without their labels, then evaluate it on the test split.
 
@@ -457,7 +457,11 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
     of a saved query model, so that part is off here.
 
     What it sees: the gallery's images, never the queries; on a benchmark whose gallery
-    holds the test classes the result is transductive and is reported apart."""
+    holds the test classes the result is transductive and is reported apart.
+
+    ``images``: (a name for them, decoded uint8 images (N, C, H, W) at the query's input)
+    instead of ``adapt.images`` — e.g. from a program, or none at all for a control that
+    fine-tunes on the training images alone (benchmarks/bench_adapt.py)."""
     import dataclasses
     import hashlib
 
@@ -494,10 +498,16 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
                          "train it with one of them (e.g. query.loss.regress: 30)")
     name = name or f"{src.name}-adapted"
     out = rd.path / "query" / name
-    source = ", ".join(unlabeled_specs(ac.images)) if ac.images else "split:gallery"
-    if ac.images:
+    if images is not None:
+        source, images = images
+        if images.ndim != 4 or images.dtype != np.uint8 or tuple(images.shape[1:]) != (pre.channels, pre.size, pre.size):
+            raise HwnasError(f"adapt images must be uint8 (N, {pre.channels}, {pre.size}, {pre.size}), "
+                             f"got {images.dtype} {tuple(images.shape)}")
+    elif ac.images:
+        source = ", ".join(unlabeled_specs(ac.images))
         images, _ = _load_unlabeled(cfg, ac.images, pre, log, what="adapt.images")
     else:
+        source = "split:gallery"
         images = load_part(rd, "gallery", pre, log=log).images.numpy()
     if len(images) > ac.max_images:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(images), ac.max_images, replace=False))
@@ -506,7 +516,7 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
     tc = dataclasses.replace(cfg.train_config("query"), epochs=ac.epochs, lr=ac.lr, warmup_epochs=0.0)
     setting = {"from": qcfg["fingerprint"], "source": source, "images": len(images),
                "fingerprint": img_fp, "epochs": ac.epochs, "lr": ac.lr,
-               "unlabeled": _unlabeled_source(cfg)}
+               "unlabeled": _unlabeled_source(cfg), "seed": cfg.seed}
     if _prepare_out(out, restart):
         old = read_json(out / "config.json")
         runtime = lambda d: {k: v for k, v in (d or {}).items() if k not in ("threads", "device")}  # noqa: E731
