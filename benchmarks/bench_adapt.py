@@ -146,7 +146,7 @@ def _plot(res: dict, path: Path) -> None:
     ax.set_xticks(range(len(res["rows"])), [f"{r['model']}\n{r['mflops']:.2f} MFLOPs" for r in res["rows"]])
     ax.set_ylabel("M(q,g) recall@1 (%), test split")
     ax.set_title("Gallery adaptation vs the same fine-tune without gallery images", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower center")
     save_figure(fig, path)
 
 
