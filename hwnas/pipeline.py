@@ -1,7 +1,8 @@
 """``hwnas run CONFIG``: the whole method, step by step, resumable.
 
-profile -> train-gallery -> train-supernet -> search -> train-query -> adapt -> baselines ->
-deploy -> report (adapt, the gallery adaptation, only where ``adapt.epochs`` > 0). Each step writes its results into the run directory and is recorded as done in
+profile -> train-gallery -> train-supernet -> search -> train-query -> adapt -> baselines
+-> deploy -> report (adapt, the gallery adaptation, does work only where ``adapt.epochs`` >
+0). Each step writes its results into the run directory and is recorded as done in
 ``steps.json``; a killed run continues with the first unfinished step (and inside a step,
 training resumes from its last epoch and the search from its stored study).
 
