@@ -132,6 +132,9 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     want = json.loads((run / "query" / "searched-adapted" / "config.json").read_text())
     assert shipped["query"]["fingerprint"] == want["fingerprint"]
     assert shipped["query"]["adapted"] == want["adapted"]
+    r = hwnas("deploy", "--config", str(cfg), "--out", str(tmp_path / "b2"))  # alone: the same model
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "b2" / "manifest.json").read_text())["query"]["fingerprint"] == want["fingerprint"]
     assert {"smallest", "largest"} <= set(models)
     for row in rep["rows"]:
         for k in ("mflops", "measured_ms", "flops_reduction", "latency_reduction", "gap_points",

@@ -159,6 +159,15 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
         raise HwnasError(f"{out} exists; pass --overwrite to replace it (the old bundle stays until "
                          "the new one is complete)")
     qdir = Path(query) if query else rd.path / "query" / "searched"
+    if not query and cfg.adapt.epochs:
+        # gallery adaptation on: the adapted model is the one to ship, as hwnas run does
+        from hwnas.pipeline import ADAPTED
+
+        if not (rd.path / "query" / ADAPTED / "config.json").exists():
+            raise HwnasError(f"adapt.epochs is {cfg.adapt.epochs} but {rd.path / 'query' / ADAPTED} is not "
+                             "there yet: run hwnas adapt first, or pass --query DIR to ship another model")
+        qdir = rd.path / "query" / ADAPTED
+        log(f"[deploy] shipping the adapted query model {qdir} (adapt.epochs > 0)")
     if not (qdir / "config.json").exists():
         have = sorted(p.name for p in (rd.path / "query").glob("*") if (p / "config.json").exists()) \
             if (rd.path / "query").exists() else []
