@@ -71,7 +71,7 @@ def main() -> None:
             cfg.seed = seed
             for mode in ("adapted", "control"):
                 name = f"bench-adapt-{model}-{mode}-s{seed}"
-                if (model, mode, seed) == ("searched", "adapted", run_seed):
+                if (model, mode, seed) == ("searched", "adapted", run_seed) and not args.epochs:
                     name = ADAPTED  # the pipeline's own adapted model: the same settings, kept
                 t = time.time()
                 m = api.adapt_query(cfg, query=str(qdir), name=name, resume=True,

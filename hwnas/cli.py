@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("deploy", "Export query.onnx, gallery.onnx (+TensorRT), a FAISS index and manifest.json.")
     _add_common(p)
     p.add_argument("--out", help="bundle directory (default RUN_DIR/bundle)")
-    p.add_argument("--query", help="query model directory (default RUN_DIR/query/searched)")
+    p.add_argument("--query", help="query model directory (default RUN_DIR/query/searched, or "
+                   "searched-adapted where adapt.epochs > 0)")
     p.add_argument("--gallery", help="gallery model directory (default RUN_DIR/gallery)")
     p.add_argument("--index", help="FAISS factory string, e.g. Flat, HNSW32, IVF1024,Flat "
                    "(default by gallery size)")

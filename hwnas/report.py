@@ -93,6 +93,9 @@ def build_report(cfg, log=print) -> dict:
         ev_path = qdir / "evaluation-test.json"
         ev = json.loads(ev_path.read_text()) if ev_path.exists() else api.evaluate_query(cfg, query_dir=str(qdir), log=log)
         net, qcfg = load_query(qdir)
+        if qcfg.get("adapted") and name != ADAPTED:
+            raise HwnasError(f"{qdir} holds an adapted model (it has seen the gallery's images), so it "
+                             f"cannot stand as the {name!r} model: retrain it (hwnas run --from train-query)")
         p_ms = None
         if qcfg["kind"] == "subnet" and SearchSpace.from_dict(qcfg["space"]).hash == space.hash:
             p_ms = pred(space.parse(qcfg["arch"]))

@@ -442,6 +442,15 @@ def test_gallery_adaptation_pulls_the_query_onto_the_index_and_nothing_else(trai
         api.adapt_query(cfg, log=quiet)
     cfg.adapt.max_images = 50  # a large gallery is sampled down
     assert api.adapt_query(cfg, log=quiet, restart=True)["adapted"]["images"] == 50
+    # killed before it saved, then the config changed: hwnas run (retrain_changed) starts over
+    (run / "query/searched-adapted/model.safetensors").unlink()
+    cfg.adapt.lr = 0.03
+    with pytest.raises(HwnasError, match="other training settings"):
+        api.adapt_query(cfg, resume=True, log=quiet)
+    assert api.adapt_query(cfg, resume=True, retrain_changed=True, log=quiet)["adapted"]["lr"] == 0.03
+    with pytest.raises(HwnasError, match="directory of its own"):
+        api.adapt_query(cfg, name="searched", restart=True, log=quiet)  # never over its own source
+    assert (run / "query/searched/model.safetensors").exists()
     with pytest.raises(HwnasError, match="already an adapted model"):
         api.adapt_query(cfg, query=str(run / "query/searched-adapted"), name="twice", log=quiet)
     cfg.adapt.epochs = 0
@@ -455,5 +464,7 @@ def test_gallery_adaptation_pulls_the_query_onto_the_index_and_nothing_else(trai
                     loss_override={"own_cls": 1.0, "bct": 1.0})
     with pytest.raises(HwnasError, match="nothing to adapt with"):
         api.adapt_query(cfg, query=str(run / "query/cls-only"), log=quiet)
+    with pytest.raises(HwnasError, match="not an adapted one"):  # nor over another trained model
+        api.adapt_query(cfg, name="cls-only", restart=True, log=quiet)
     with pytest.raises(HwnasError, match="no trained query model"):
         api.adapt_query(cfg, query=str(run / "query/none"), log=quiet)

@@ -357,7 +357,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     fix, or with ``retrain_changed`` (``hwnas run``, after a new search) trained again."""
     from hwnas.compat.losses import PARTS, CompatLoss, LossConfig
     from hwnas.compat.tasks import CompatTask
-    from hwnas.compat.train import fit, is_main
+    from hwnas.compat.train import drop_stale_checkpoint, fit, is_main
     from hwnas.nn.models import EmbeddingNet, save_model
     from hwnas.nn.supernet import SubNet, recalibrate_bn
     from hwnas.space import arch_flops
@@ -430,6 +430,8 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
                 "gallery": gfp, "inherit": bool(inherit and arch), "split": rd.splits().fingerprint}
     log(f"[train-query] {name}: {qcfg['flops'] / 1e6:.2f} MFLOPs, loss {_loss_str(loss_cfg)}, "
         f"{'inheriting supernet weights' if inherit and arch else 'from scratch'}, {tc.epochs} epochs")
+    if retrain_changed:
+        drop_stale_checkpoint(out / "checkpoint.safetensors", tc, settings, log=log)
     hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
                seed=cfg.seed, resume=resume, desc=f"train-query {name}", settings=settings, log=log)
     if not is_main():
@@ -467,7 +469,7 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
 
     from hwnas.compat.losses import PARTS, CompatLoss, LossConfig
     from hwnas.compat.tasks import CompatTask
-    from hwnas.compat.train import fit, is_main
+    from hwnas.compat.train import drop_stale_checkpoint, fit, is_main
     from hwnas.data.sources import unlabeled_specs
     from hwnas.nn.models import load_query, save_model
 
@@ -498,6 +500,17 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
                          "train it with one of them (e.g. query.loss.regress: 30)")
     name = name or f"{src.name}-adapted"
     out = rd.path / "query" / name
+    if out.resolve() == src.resolve():
+        raise HwnasError(f"--name {name} is the model being adapted ({src}); the adapted model needs "
+                         "a directory of its own (default: NAME-adapted)")
+    if (out / "config.json").exists() and not read_json(out / "config.json").get("adapted"):
+        raise HwnasError(f"{out} holds a query model that is not an adapted one; adapting into it would "
+                         "replace it: give another --name")
+    from hwnas.data.images import Preprocess
+
+    if qcfg.get("preprocess") and Preprocess.from_dict(qcfg["preprocess"]) != pre:
+        raise HwnasError(f"{src} takes other input ({qcfg['preprocess']}) than this config's "
+                         f"({pre.to_dict()}): adapt it with the config it was trained with")
     if images is not None:
         source, images = images
         if images.ndim != 4 or images.dtype != np.uint8 or tuple(images.shape[1:]) != (pre.channels, pre.size, pre.size):
@@ -540,6 +553,8 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
     task = CompatTask(net, loss, gallery.net, None)
     settings = {"adapt": setting, "loss": loss_cfg.to_dict(), "gallery": gallery.fingerprint,
                 "split": rd.splits().fingerprint, **_unlabeled_setting(unlabeled)}
+    if retrain_changed:
+        drop_stale_checkpoint(out / "checkpoint.safetensors", tc, settings, log=log)
     hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
                seed=cfg.seed + 7, resume=resume, desc=f"adapt {name}", settings=settings, log=log)
     if not is_main():

@@ -195,6 +195,28 @@ def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> floa
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def training_key(cfg: TrainConfig, settings: dict | None, world: int | None = None) -> str:
+    """What a checkpoint was trained with (where it trains is not part of it: a CPU run may be
+    resumed on a GPU)."""
+    world = dist_info()[1] if world is None else world
+    return content_hash({"train": {k: v for k, v in asdict(cfg).items() if k != "device"},
+                         "settings": settings or {}, "world": world})
+
+
+def drop_stale_checkpoint(ckpt_path: Path, cfg: TrainConfig, settings: dict | None, log=print) -> None:
+    """Remove an unfinished run's checkpoint made with other settings (``hwnas run`` after a
+    config edit: the step is done again, and a kill's leftover must not block it)."""
+    if not ckpt_path.exists():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt_path), framework="pt") as f:
+        old = json.loads((f.metadata() or {}).get("hwnas", "{}")).get("key")
+    if old != training_key(cfg, settings):
+        log(f"[train] {ckpt_path} was made with other settings; starting over")
+        ckpt_path.unlink()
+
+
 def fit(
     module: nn.Module,
     images: torch.Tensor,
@@ -224,9 +246,7 @@ def fit(
     dev = train_device(cfg)
     _to_device(module, dev)  # before the optimizer, so it holds the moved parameters
     opt = make_optimizer(module.parameters(), cfg)
-    # where it trains is not part of what it trains: a CPU run may be resumed on a GPU
-    key = content_hash({"train": {k: v for k, v in asdict(cfg).items() if k != "device"},
-                        "settings": settings or {}, "world": world})
+    key = training_key(cfg, settings, world)
     history: list[dict] = []
     start = 0
     if ckpt_path.exists():

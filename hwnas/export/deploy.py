@@ -7,6 +7,7 @@ the end, so a failed deploy leaves no half bundle behind; every check's figures 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import shutil
@@ -159,14 +160,20 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
         raise HwnasError(f"{out} exists; pass --overwrite to replace it (the old bundle stays until "
                          "the new one is complete)")
     qdir = Path(query) if query else rd.path / "query" / "searched"
-    if not query and cfg.adapt.epochs:
+    if not query and dataclasses.replace(cfg.adapt).epochs:  # (replace: validates --set values)
         # gallery adaptation on: the adapted model is the one to ship, as hwnas run does
         from hwnas.pipeline import ADAPTED
+        from hwnas.utils import read_json
 
-        if not (rd.path / "query" / ADAPTED / "config.json").exists():
-            raise HwnasError(f"adapt.epochs is {cfg.adapt.epochs} but {rd.path / 'query' / ADAPTED} is not "
-                             "there yet: run hwnas adapt first, or pass --query DIR to ship another model")
-        qdir = rd.path / "query" / ADAPTED
+        adir = rd.path / "query" / ADAPTED
+        if not (adir / "config.json").exists():
+            raise HwnasError(f"adapt.epochs is {cfg.adapt.epochs} but {adir} is not there yet: run "
+                             "hwnas adapt first, or pass --query DIR to ship another model")
+        src = qdir / "config.json"
+        if src.exists() and read_json(adir / "config.json")["adapted"]["from"] != read_json(src)["fingerprint"]:
+            raise HwnasError(f"{adir} was adapted from an earlier {qdir.name} model than the one there now: "
+                             "run hwnas adapt again (--restart), or pass --query DIR")
+        qdir = adir
         log(f"[deploy] shipping the adapted query model {qdir} (adapt.epochs > 0)")
     if not (qdir / "config.json").exists():
         have = sorted(p.name for p in (rd.path / "query").glob("*") if (p / "config.json").exists()) \
