@@ -188,13 +188,17 @@ def test_resume_after_kill_keeps_trials(search_run, tmp_path):
     deadline = time.time() + 240
 
     def done():
+        # read-only: opening the storage through Optuna while the worker creates it would race
+        # it to create the schema
+        import sqlite3
+
         if not db.exists():
             return 0
         try:
-            s = optuna.load_study(study_name="k", storage=f"sqlite:///{db}")
-        except KeyError:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+                return con.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+        except sqlite3.OperationalError:  # no trials table yet, or locked for a moment
             return 0
-        return sum(t.state == optuna.trial.TrialState.COMPLETE for t in s.trials)
 
     while done() < 3 and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)

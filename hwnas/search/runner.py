@@ -193,13 +193,26 @@ def make_storage(url: str | None, rd: RunDir):
 
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+        import time
+
         with warnings.catch_warnings():  # heartbeats are marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # A worker killed mid-trial stops its heartbeat; after the grace period its trial
-            # is failed and retried once, so a kill never leaves a trial RUNNING forever.
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=30, grace_period=90,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1)), url
+            for attempt in range(5):
+                try:
+                    # A worker killed mid-trial stops its heartbeat; after the grace period its
+                    # trial is failed and retried once, so a kill never leaves a trial RUNNING.
+                    return optuna.storages.RDBStorage(
+                        url, heartbeat_interval=30, grace_period=90,
+                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1)), url
+                except Exception as e:
+                    # several workers starting on a new storage at once race to create its
+                    # schema; the losers see a duplicate row or a locked file, and the schema
+                    # is there when they try again
+                    raced = type(e).__name__ in ("IntegrityError", "OperationalError") and (
+                        "UNIQUE" in str(e) or "already exists" in str(e) or "locked" in str(e))
+                    if not raced or attempt == 4:
+                        raise
+                    time.sleep(0.5 * (attempt + 1))
     except Exception as e:  # bad URL, missing driver, server down
         # SQLAlchemy 2 reaches postgresql:// through psycopg 3 (postgresql+psycopg2:// for v2)
         drivers = {"postgresql": "pip install 'psycopg[binary]'",
