@@ -315,9 +315,8 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
 
         if (rd.path / "bundle" / "manifest.json").exists():
             return {}
-        # with gallery adaptation on, the adapted model is the one the edge gets
-        query = str(rd.path / "query" / ADAPTED) if cfg.adapt.epochs else None
-        m = do_deploy(cfg, query=query, int8=cfg.deploy.int8, factory=cfg.deploy.index, log=log)
+        # (with gallery adaptation on, deploy ships the adapted model)
+        m = do_deploy(cfg, int8=cfg.deploy.int8, factory=cfg.deploy.index, log=log)
         return {"artifacts": len(m["artifacts"])}
 
     def report():

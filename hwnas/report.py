@@ -211,9 +211,9 @@ def headline_table(report: dict, markdown: bool = False) -> str:
         t += "\n\ntargets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in tg.items())
     ta = report.get("targets_adapted")
     if ta:
-        ad = next(r["adapted"] for r in report["rows"] if r.get("adapted"))
-        t += ("\n\n" + next(r["model"] for r in report["rows"] if r.get("adapted"))
-              + f": the searched model after gallery adaptation (hwnas adapt: {ad['epochs']} epochs on "
+        row = next(r for r in report["rows"] if r.get("adapted"))
+        ad = row["adapted"]
+        t += (f"\n\n{row['model']}: the searched model after gallery adaptation (hwnas adapt: {ad['epochs']} epochs on "
               f"{ad['images']} images of {ad['source']}, without their labels). It has seen the "
               "gallery's images, so where they hold the test classes its accuracy is transductive; "
               "the baselines were not adapted. Its targets: "

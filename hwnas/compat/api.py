@@ -117,6 +117,13 @@ def gallery_embeddings(rd: RunDir, gallery, part: str, images: PartImages | None
     return _cached(rd.path / "cache" / f"gallery-{part}.safetensors", key, compute)
 
 
+def _same_training(recorded: dict | None, wanted: dict) -> bool:
+    """A model's recorded training settings are the wanted ones: where and on how many
+    threads it trained is not what it trained."""
+    runtime = lambda d: {k: v for k, v in (d or {}).items() if k not in ("threads", "device")}  # noqa: E731
+    return runtime(recorded) == runtime(json.loads(json.dumps(wanted)))
+
+
 def _prepare_out(out: Path, restart: bool) -> bool:
     """True if a finished model is already there (and ``restart`` is off)."""
     if restart and out.exists():
@@ -378,9 +385,8 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         want = {"arch": None if arch is None else space.parse(arch).to_string(space), "timm": timm_name,
                 "loss": loss_cfg.to_dict(), "train": tc.__dict__, "inherit": bool(inherit and arch)}
         # where and on how many threads it trained is not what it trained
-        runtime = lambda d: {k: v for k, v in (d or {}).items() if k not in ("threads", "device")}  # noqa: E731
         diff = [k for k, v in json.loads(json.dumps(want)).items()
-                if (runtime(old.get(k)) != runtime(v) if k == "train" else old.get(k) != v)]
+                if (not _same_training(old.get(k), v) if k == "train" else old.get(k) != v)]
         if (old.get("unlabeled") or {}).get("source") != _unlabeled_source(cfg):
             diff.append("data.unlabeled")
         if old.get("seed", 0) != cfg.seed:  # models from before the seed was recorded: seed 0
@@ -532,8 +538,7 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
                "unlabeled": _unlabeled_source(cfg), "seed": cfg.seed}
     if _prepare_out(out, restart):
         old = read_json(out / "config.json")
-        runtime = lambda d: {k: v for k, v in (d or {}).items() if k not in ("threads", "device")}  # noqa: E731
-        if old.get("adapted") == setting and runtime(old.get("train")) == runtime(json.loads(json.dumps(tc.__dict__))):
+        if old.get("adapted") == setting and _same_training(old.get("train"), tc.__dict__):
             log(f"[adapt] {out} is already adapted with these settings; --restart to do it again")
             return old
         if not retrain_changed:

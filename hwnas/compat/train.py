@@ -158,11 +158,23 @@ def save_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer, m
     os.replace(tmp, path)
 
 
+def _meta(f) -> dict:
+    return json.loads((f.metadata() or {}).get("hwnas", "{}"))
+
+
+def checkpoint_meta(path: Path) -> dict:
+    """A checkpoint's metadata (epoch, key, history, ...), without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return _meta(f)
+
+
 def load_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["hwnas"])
+        meta = _meta(f)
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict = {}
@@ -208,11 +220,7 @@ def drop_stale_checkpoint(ckpt_path: Path, cfg: TrainConfig, settings: dict | No
     config edit: the step is done again, and a kill's leftover must not block it)."""
     if not ckpt_path.exists():
         return
-    from safetensors import safe_open
-
-    with safe_open(str(ckpt_path), framework="pt") as f:
-        old = json.loads((f.metadata() or {}).get("hwnas", "{}")).get("key")
-    if old != training_key(cfg, settings):
+    if checkpoint_meta(ckpt_path).get("key") != training_key(cfg, settings):
         log(f"[train] {ckpt_path} was made with other settings; starting over")
         ckpt_path.unlink()
 
