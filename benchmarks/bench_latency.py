@@ -63,8 +63,9 @@ def main() -> None:
           "search space (width 1.0, RGB), ONNX Runtime CPU EP, batch 1, all graph optimizations, "
           "spinning off; latency = 10th percentile of interleaved round medians; every op (and "
           f"every validation network) timed in one interleaved pool. Calibration: fitted on {args.calibrate} "
-          "other archs (smallest and largest included); three models — offset (sum+c), linear "
-          "(a*sum+c), linear+weights (a*sum+b*Mparams+c) — the one with the lowest leave-one-out "
+          "other archs (smallest and largest included); four models — offset (sum+c), linear "
+          "(a*sum+c), linear+weights (a*sum+b*Mparams+c), linear+weights+layers "
+          "(a*sum+b*Mparams+d*layers+c, layers: those not skipped) — the one with the lowest leave-one-out "
           "error on the calibration archs is the table's (marked *). *Noise floor*: the same "
           f"{args.n} archs timed again in a second pool, as a predictor of the first measurement: no "
           "predictor can be expected to beat it.", "",

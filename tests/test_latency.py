@@ -197,6 +197,14 @@ def test_calibration_picks_the_model_that_predicts_unseen_archs():
     cal = fit_calibration(add, mp, (add + 0.02) * noise)  # a pure offset: no weights term
     assert cal["b"] == pytest.approx(0.0, abs=1e-3) or cal["model"] != "linear+weights"
     assert fit_calibration(add[:3], mp[:3], add[:3] + 0.02)["model"] == "offset"  # too few to fit more
+    # a fixed cost per executed layer that the op timings miss: only the layers model sees it
+    layers = rng.integers(4, 20, 30).astype(float)
+    meas = (0.3 * add + 0.05 * mp + 0.02 * layers + 0.1) * noise
+    cal = fit_calibration(add, mp, meas, layers)
+    assert cal["model"] == "linear+weights+layers"
+    assert cal["d"] == pytest.approx(0.02, rel=0.1) and cal["a"] == pytest.approx(0.3, rel=0.15)
+    assert cal["loo_mape_pct"]["linear+weights+layers"] < cal["loo_mape_pct"]["linear+weights"]
+    assert "linear+weights+layers" not in fit_calibration(add, mp, meas)["loo_mape_pct"]  # no layer counts
 
 
 def test_predictor_is_the_calibrated_formula(table, tiny_space):
@@ -204,12 +212,14 @@ def test_predictor_is_the_calibrated_formula(table, tiny_space):
 
     t, _, _ = table
     t = LatencyTable(json.loads(json.dumps(t.header)), dict(t.entries))
-    t.header["calibration"] = {"a": 0.8, "b": 0.3, "c": 0.01, "model": "linear+weights"}
+    t.header["calibration"] = {"a": 0.8, "b": 0.3, "d": 0.004, "c": 0.01, "model": "linear+weights+layers"}
     p = LatencyPredictor(tiny_space, t)
     rng = random.Random(1)
     for _ in range(20):
         a = tiny_space.sample(rng)
-        assert p(a) == pytest.approx(0.8 * p.additive(a) + 0.3 * p.mparams(a) + 0.01)
+        n_run = sum(op != "skip" for op, _ in a.layers)
+        assert p.layers_run(a) == n_run
+        assert p(a) == pytest.approx(0.8 * p.additive(a) + 0.3 * p.mparams(a) + 0.004 * n_run + 0.01)
     lo, hi = p.range()
     assert p(p.extreme_arch(True)) == pytest.approx(lo) and p(p.extreme_arch(False)) == pytest.approx(hi)
 

@@ -192,59 +192,79 @@ def _wls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(X * w[:, None], y * w, rcond=None)[0]
 
 
-CALIBRATION_MODELS = ("offset", "linear", "linear+weights")
+#: (name, features beyond the additive sum, archs needed), from the safest to the richest
+CALIBRATION_MODELS = (("offset", (), 1), ("linear", (), 5), ("linear+weights", ("b",), 8),
+                      ("linear+weights+layers", ("b", "d"), 10))
 
 
-def _fit_model(model: str, add: np.ndarray, mp: np.ndarray, meas: np.ndarray) -> tuple[float, float, float] | None:
-    """(a, b, c) of one model, or None where it is not sane (a or b negative, a > 3)."""
+def _fit_model(model: str, add: np.ndarray, mp: np.ndarray, meas: np.ndarray,
+               layers: np.ndarray | None = None) -> dict | None:
+    """{a, b, d, c} of one model, or None where it is not sane (a slope negative, a > 3)."""
     one = np.ones_like(add)
     if model == "offset":
-        return 1.0, 0.0, float(np.median(meas - add))
-    if model == "linear":
-        a, c = _wls(np.stack([add, one], 1), meas)
-        b = 0.0
-    else:
-        a, b, c = _wls(np.stack([add, mp, one], 1), meas)
-    if not (0.2 <= a <= 3.0 and b >= 0):
+        return {"a": 1.0, "b": 0.0, "d": 0.0, "c": float(np.median(meas - add))}
+    names = ["a", *next(e for name, e, _ in CALIBRATION_MODELS if name == model)]
+    cols = {"a": add, "b": mp, "d": layers}
+    # slopes are costs, so none may be negative: a term whose fitted slope is negative is
+    # held at 0 and the rest refitted (an active set; with 2-3 slopes it ends in a few
+    # steps). a may end small: where whole networks are dominated by reading weights and
+    # per-layer costs (32 px on a 2-core VM) the op timings' own share is small, and the
+    # leave-one-out error decides between the models.
+    free = list(names)
+    while True:
+        coef = _wls(np.stack([cols[k] for k in free] + [one], 1), meas)
+        slopes = dict(zip(free, coef[:-1]))
+        neg = [k for k in free if slopes[k] < 0]
+        if not neg:
+            break
+        free.remove(min(neg, key=slopes.get))
+        if not free:
+            return None
+    out = {"a": 0.0, "b": 0.0, "d": 0.0, **{k: float(v) for k, v in slopes.items()}, "c": float(coef[-1])}
+    if out["a"] > 3.0:
         return None
-    return float(a), float(b), float(c)
+    return out
 
 
-def _calibration_fits(add: np.ndarray, mparams: np.ndarray, meas: np.ndarray) -> dict:
-    """{model: ((a, b, c) on all points, leave-one-out relative error)} for every model that
-    is sane on all points and in every leave-one-out fold (the richer models need at least
-    5 and 8 archs)."""
+def _calibration_fits(add: np.ndarray, mparams: np.ndarray, meas: np.ndarray,
+                      layers: np.ndarray | None = None) -> dict:
+    """{model: (coefficients on all points, leave-one-out relative error)} for every model
+    that is sane on all points and in every leave-one-out fold and has enough archs (the
+    layers model only with ``layers``)."""
     add, mparams, meas = (np.asarray(x, float) for x in (add, mparams, meas))
+    layers = None if layers is None else np.asarray(layers, float)
     n, out = len(meas), {}
-    for model, need in zip(CALIBRATION_MODELS, (1, 5, 8)):
-        if n < need or (model != "offset" and np.ptp(add) == 0):
+    for model, extra, need in CALIBRATION_MODELS:
+        if n < need or (model != "offset" and np.ptp(add) == 0) or ("d" in extra and layers is None):
             continue
-        full = _fit_model(model, add, mparams, meas)
+        full = _fit_model(model, add, mparams, meas, layers)
         errs = []
         for i in range(n):
             keep = np.arange(n) != i
-            f = _fit_model(model, add[keep], mparams[keep], meas[keep])
+            f = _fit_model(model, add[keep], mparams[keep], meas[keep],
+                           None if layers is None else layers[keep])
             if f is None:
                 break
-            a, b, c = f
-            errs.append(abs(a * add[i] + b * mparams[i] + c - meas[i]) / meas[i])
+            lay = 0.0 if layers is None else layers[i]
+            errs.append(abs(f["a"] * add[i] + f["b"] * mparams[i] + f["d"] * lay + f["c"] - meas[i]) / meas[i])
         if full is not None and len(errs) == n:
             out[model] = (full, float(np.mean(errs)))
     return out
 
 
-def fit_calibration(add: np.ndarray, mparams: np.ndarray, meas: np.ndarray) -> dict:
-    """measured ~ a * additive + b * weights (M params) + c (see LatencyPredictor).
+def fit_calibration(add: np.ndarray, mparams: np.ndarray, meas: np.ndarray,
+                    layers: np.ndarray | None = None) -> dict:
+    """measured ~ a * additive + b * weights (M params) + d * layers + c (see LatencyPredictor).
 
-    Three models, from the safest to the richest: an offset (a=1, b=0: the median residual,
-    which cannot go wrong with few or noisy points), a line in the additive sum, and a line
-    with the weights term. The one with the lowest leave-one-out relative error on the
-    calibration archs wins, so a richer model is used only where it predicts archs it was
-    not fitted on better."""
-    fits = _calibration_fits(add, mparams, meas)
+    Four models, from the safest to the richest: an offset (a=1: the median residual, which
+    cannot go wrong with few or noisy points), a line in the additive sum, a line with the
+    weights term, and one with a per-layer term too (``layers``: the arch's layers that
+    are not skips). The one with the lowest leave-one-out relative error on the calibration
+    archs wins, so a richer model is used only where it predicts archs it was not fitted on
+    better."""
+    fits = _calibration_fits(add, mparams, meas, layers)
     best = min(fits, key=lambda m: fits[m][1])
-    a, b, c = fits[best][0]
-    return {"a": a, "b": b, "c": c, "model": best,
+    return {**fits[best][0], "model": best,
             "loo_mape_pct": {k: round(100 * e, 2) for k, (_, e) in fits.items()}}
 
 
@@ -283,7 +303,7 @@ def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: in
 def validate_table(space: SearchSpace, table: LatencyTable, backend: LatencyBackend, n: int,
                    out: Path, calibrate: int = 40, seed: int = 0, rounds: int = 10, runs: int = 10,
                    warmup: int = 5, log: Callable = print) -> dict:
-    """Fit the calibration (a, b, c; :func:`fit_calibration`) on ``calibrate`` archs
+    """Fit the calibration (a, b, d, c; :func:`fit_calibration`) on ``calibrate`` archs
     (smallest and largest included), then measure ``n`` other random archs end to end and
     record how well the plain additive sum, each calibration model and FLOPs predict them.
 
@@ -301,14 +321,19 @@ def validate_table(space: SearchSpace, table: LatencyTable, backend: LatencyBack
     plain = LatencyPredictor(space, table, calibrated=False)
     add = np.array([plain.additive(a) for a in calib + valid])
     mp = np.array([plain.mparams(a) for a in calib + valid])
+    lay = np.array([plain.layers_run(a) for a in calib + valid], float)
     k = len(calib)
-    cal = fit_calibration(add[:k], mp[:k], m[:k])
+    cal = fit_calibration(add[:k], mp[:k], m[:k], lay[:k])
     table.header["calibration"] = {**cal, "n": k, "archs": [x.to_string(space) for x in calib]}
-    pred = cal["a"] * add + cal["b"] * mp + cal["c"]
+
+    def predict(f: dict) -> np.ndarray:
+        return f["a"] * add + f["b"] * mp + f["d"] * lay + f["c"]
+
+    pred = predict(cal)
     flops = np.array([arch_flops(space, x) for x in valid], float)
     mv = m[k:]
-    models = {model: error_stats(a * add[k:] + b * mp[k:] + c, mv)
-              for model, ((a, b, c), _) in _calibration_fits(add[:k], mp[:k], m[:k]).items()}
+    models = {model: error_stats(predict(f)[k:], mv)
+              for model, (f, _) in _calibration_fits(add[:k], mp[:k], m[:k], lay[:k]).items()}
     v = {**error_stats(pred[k:], mv), "model": cal["model"], "additive": error_stats(add[k:], mv),
          "models": models, "repeatability": error_stats(m2[k:], mv),
          "flops_spearman": round(spearman(flops, mv), 4),
