@@ -74,6 +74,12 @@ def step_keys(cfg: Config) -> dict[str, str]:
             # what is timed is the exported graph: a new graph form (an hwnas upgrade) moves
             # every latency, so the table and all that builds on it are done again
             inputs["graph_form"] = GRAPH_FORM
+            if not cfg.latency.table:
+                # the default table is this CPU's (its model is in the name): on another CPU
+                # the run times and searches for that one
+                from hwnas.search.runner import table_path
+
+                inputs["table"] = table_path(cfg, cfg.search_space()).name
         keys[name] = content_hash(inputs)
     return keys
 

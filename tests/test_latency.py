@@ -282,3 +282,16 @@ def test_profile_cli_uses_the_configs_thread_count(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "geometric mean" in r.stdout and "set latency.threads:" in r.stdout
+
+
+def test_default_table_name_tells_cpus_apart(tiny_space):
+    """A table measured on one CPU model is not found on another (it would mispredict it)."""
+    from hwnas.latency.table import cpu_slug
+
+    base = {"runtime": "onnxruntime", "runtime_version": "1.32.0", "device": "cpu",
+            "machine": "x86_64", "precision": "fp32", "threads": 1}
+    amd = LatencyTable.default_name({**base, "device_name": "AMD EPYC 7763 64-Core Processor"}, tiny_space)
+    intel = LatencyTable.default_name({**base, "device_name": "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"},
+                                      tiny_space)
+    assert amd != intel and "-amdepyc" in amd and "-intelxeonplatinum8375c" in intel
+    assert cpu_slug("") == "cpu" and cpu_slug("AMD EPYC") == "amdepyc"

@@ -23,6 +23,13 @@ TABLE_FORMAT = "hwnas-latency-v1"
 SPREAD_WARN_PCT = 15.0  # median per-op CV above this: the table says it is noisy
 
 
+def cpu_slug(name: str) -> str:
+    """A short file-name tag of a CPU model: 'Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz'
+    -> 'intelxeonplatinum8375c', 'AMD EPYC' -> 'amdepyc' ('cpu' when unknown)."""
+    s = re.sub(r"\((r|tm)\)|@.*$|\b(cpu|processor)\b", " ", name.lower())
+    return re.sub(r"[^a-z0-9]+", "", s)[:24] or "cpu"
+
+
 class LatencyTable:
     def __init__(self, header: dict, entries: dict[str, dict] | None = None):
         self.header = header
@@ -53,7 +60,10 @@ class LatencyTable:
         if settings["device"] == "cpu":
             from hwnas.latency.backends import physical_cores
 
-            dev = f"{settings.get('machine', 'cpu')}-{physical_cores()}c"
+            # the CPU model is in the name: a table built on one CPU does not describe another
+            # (the quickstart's table from an AMD EPYC VM predicted an Intel Xeon VM's query
+            # model at 0.081 ms; it ran in 0.200), so another CPU finds no table and builds its own
+            dev = f"{settings.get('machine', 'cpu')}-{cpu_slug(settings.get('device_name', ''))}-{physical_cores()}c"
         else:
             dev = "gpu-" + re.sub(r"[^a-z0-9]+", "", settings["device_name"].lower())[:16]
         th = f"-t{settings['threads']}" if settings.get("threads") else ""
