@@ -295,3 +295,26 @@ def test_default_table_name_tells_cpus_apart(tiny_space):
                                       tiny_space)
     assert amd != intel and "-amdepyc" in amd and "-intelxeonplatinum8375c" in intel
     assert cpu_slug("") == "cpu" and cpu_slug("AMD EPYC") == "amdepyc"
+
+
+def test_timing_parks_torch_threads_and_restores_them():
+    """While ONNX Runtime is timed PyTorch's pool holds one thread (after training in the same
+    process its threads competed for the cores); afterwards the caller's count is back."""
+    import torch
+
+    from hwnas.latency.backends import Runner, measure
+
+    class Probe(Runner):
+        seen: set = set()
+
+        def run_timed(self, n):
+            self.seen.add(torch.get_num_threads())
+            return [0.01] * n
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        measure([Probe()], rounds=2, runs=2, warmup=1)
+        assert Probe.seen == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

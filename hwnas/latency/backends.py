@@ -20,6 +20,7 @@ import platform
 import statistics
 import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
@@ -124,18 +125,39 @@ def _summarize(round_medians: list[float], n: int) -> Measurement:
     )
 
 
+@contextmanager
+def torch_threads_parked():
+    """PyTorch's intra-op thread pool held at one thread while something else is timed.
+
+    In a process that has just trained with PyTorch (``hwnas run``: the report and deploy
+    steps come after the training steps) its pool threads compete with ONNX Runtime's for
+    the cores: on the 2-core VM the quickstart's report measured the searched query model
+    at 0.120 ms in the pipeline's process and 0.052 ms re-run on its own, and a
+    40-second training loop before timing moved a query model 0.049 -> 0.060 ms, back to
+    0.050 with the pool at one thread."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def measure(runners: Sequence[Runner], rounds: int = 15, runs: int = 10, warmup: int = 10,
             seed: int = 0, progress=None) -> list[Measurement]:
     """Interleaved timing of several runners (see the module docstring)."""
-    for r in runners:
-        r.run_timed(warmup)
-    rng = np.random.default_rng(seed)
-    per: list[list[float]] = [[] for _ in runners]
-    for _ in range(rounds):
-        for i in rng.permutation(len(runners)):
-            per[i].append(statistics.median(runners[i].run_timed(runs)))
-            if progress is not None:
-                progress(1)
+    with torch_threads_parked():
+        for r in runners:
+            r.run_timed(warmup)
+        rng = np.random.default_rng(seed)
+        per: list[list[float]] = [[] for _ in runners]
+        for _ in range(rounds):
+            for i in rng.permutation(len(runners)):
+                per[i].append(statistics.median(runners[i].run_timed(runs)))
+                if progress is not None:
+                    progress(1)
     return [_summarize(p, rounds * runs) for p in per]
 
 
