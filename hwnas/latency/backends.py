@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 from hwnas.errors import HwnasError
@@ -135,8 +136,6 @@ def torch_threads_parked():
     at 0.120 ms in the pipeline's process and 0.052 ms re-run on its own, and a
     40-second training loop before timing moved a query model 0.049 -> 0.060 ms, back to
     0.050 with the pool at one thread."""
-    import torch
-
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -193,8 +193,6 @@ def make_storage(url: str | None, rd: RunDir):
 
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-        import time
-
         with warnings.catch_warnings():  # heartbeats are marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             for attempt in range(5):
