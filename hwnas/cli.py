@@ -274,6 +274,8 @@ def _apply_sets(cfg, sets) -> None:
                                      f"{part!r}; valid keys: {names}")
                 if last:
                     setattr(obj, part, value)
+                    if hasattr(obj, "__post_init__"):  # the section's own checks, as on loading
+                        obj.__post_init__()
                 else:
                     nxt = getattr(obj, part)
                     if nxt is None:
@@ -507,6 +509,7 @@ def cmd_adapt(args) -> int:
         cfg.adapt.epochs = 15
     if args.images:
         cfg.adapt.images = args.images
+    cfg.adapt.__post_init__()  # checks --epochs as the config's own values are checked
     q = adapt_query(cfg, query=args.query, name=args.name, resume=args.resume, restart=args.restart)
     if is_main():
         from pathlib import Path

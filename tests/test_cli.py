@@ -77,6 +77,11 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     assert r.returncode == 2 and "adapt.epochs must be a whole number" in r.stderr
     r = hwnas("adapt", "--run-dir", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "no trained query model" in r.stderr and "Traceback" not in r.stderr
+    # values given on the command line get the section's own checks, before any work
+    r = hwnas("adapt", "--run-dir", str(tmp_path / "nothing"), "--epochs", "-3")
+    assert r.returncode == 2 and "adapt.epochs must be a whole number" in r.stderr
+    r = hwnas("deploy", "--run-dir", str(tmp_path / "nothing"), "--set", "adapt.lr=-1")
+    assert r.returncode == 2 and "adapt.lr must be positive" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_space_command():

@@ -479,7 +479,7 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
     from hwnas.data.sources import unlabeled_specs
     from hwnas.nn.models import load_query, save_model
 
-    ac = dataclasses.replace(cfg.adapt)  # validates values set after loading (--set, --epochs)
+    ac = cfg.adapt
     if ac.epochs < 1:
         raise HwnasError("adapt.epochs is 0, so adaptation is off: set it, e.g. --set adapt.epochs=15")
     rd = RunDir(cfg)

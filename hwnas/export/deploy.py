@@ -7,7 +7,6 @@ the end, so a failed deploy leaves no half bundle behind; every check's figures 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import shutil
@@ -160,7 +159,7 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
         raise HwnasError(f"{out} exists; pass --overwrite to replace it (the old bundle stays until "
                          "the new one is complete)")
     qdir = Path(query) if query else rd.path / "query" / "searched"
-    if not query and dataclasses.replace(cfg.adapt).epochs:  # (replace: validates --set values)
+    if not query and cfg.adapt.epochs:
         # gallery adaptation on: the adapted model is the one to ship, as hwnas run does
         from hwnas.pipeline import ADAPTED
         from hwnas.utils import read_json
