@@ -55,6 +55,17 @@ def machine_line(m: dict) -> str:
     return f"{m['cpu']}, {m['cores']} cores{gpu}, Python {m['python']}, {libs}; measured {m['date']}"
 
 
+def run_config(path: str | Path):
+    """A config whose run directory, if relative, is taken from the project root (where
+    `hwnas run` puts it), not from where the benchmark is started."""
+    from hwnas.config import load_config
+
+    cfg = load_config(path)
+    if not Path(cfg.run_dir).is_absolute():
+        cfg.run_dir = str(ROOT / cfg.run_dir)
+    return cfg
+
+
 def save_results(name: str, results: dict) -> Path:
     return write_json(ROOT / "benchmarks" / "results" / f"{name}.json", results)
 

@@ -24,7 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import ROOT, machine, machine_line, save_results, update_benchmarks_md
+from _common import ROOT, machine, machine_line, run_config, save_results, update_benchmarks_md
 
 
 def main() -> None:
@@ -43,14 +43,10 @@ def main() -> None:
     import torch
 
     from hwnas.compat import api
-    from hwnas.config import load_config
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
+    cfg = run_config(args.config)
     run = Path(cfg.run_dir)
-    if not run.is_absolute():
-        run = ROOT / run
-        cfg.run_dir = str(run)
     cfg.adapt.epochs = args.epochs or cfg.adapt.epochs or 15
     pre = cfg.preprocess()
     none = ("none (control: the training images alone)",

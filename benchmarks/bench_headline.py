@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import ROOT, machine, machine_line, save_results, update_benchmarks_md
+from _common import ROOT, machine, machine_line, run_config, save_results, update_benchmarks_md
 
 
 def main() -> None:
@@ -39,18 +39,14 @@ def main() -> None:
         update_benchmarks_md("headline", markdown(json.loads((ROOT / "benchmarks" / "results" / "headline.json").read_text())))
         return
 
-    from hwnas.config import load_config
     from hwnas.pipeline import run_pipeline
     from hwnas.report import headline_table
 
     out = ROOT / "benchmarks" / "results"
     runs = []
     for path in args.configs:
-        cfg = load_config(path)
+        cfg = run_config(path)
         run_dir = Path(cfg.run_dir)
-        if not run_dir.is_absolute():
-            run_dir = ROOT / run_dir
-            cfg.run_dir = str(run_dir)
         t = time.time()
         rc = run_pipeline(cfg)
         if rc:

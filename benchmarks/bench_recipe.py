@@ -29,7 +29,7 @@ import re
 import time
 from pathlib import Path
 
-from _common import ROOT, compat_table, machine, machine_line, save_results, update_benchmarks_md
+from _common import ROOT, compat_table, machine, machine_line, run_config, save_results, update_benchmarks_md
 
 # name -> (loss weights, epochs)
 VARIANTS = {
@@ -186,16 +186,13 @@ def open_set(args) -> None:
     import torch
 
     from hwnas.compat import api
-    from hwnas.config import load_config
     from hwnas.data.sources import default_omniglot_dir
     from hwnas.errors import HwnasError
     from hwnas.rundir import RunDir
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    cfg = load_config(args.config)
-    if not Path(cfg.run_dir).is_absolute():  # the config's run_dir is relative to the project
-        cfg.run_dir = str(ROOT / cfg.run_dir)
+    cfg = run_config(args.config)
     space, rd = cfg.search_space(), RunDir(cfg)
     if not (rd.path / "gallery" / "model.safetensors").exists():
         raise SystemExit(f"no gallery model in {rd.path}: run `hwnas run {args.config}` first "
