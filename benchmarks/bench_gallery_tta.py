@@ -55,7 +55,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -63,6 +62,7 @@ def main() -> None:
     from hwnas.data.images import Preprocess
     from hwnas.nn.models import load_query
     from hwnas.retrieval import evaluate
+    from hwnas.retrieval.metrics import knn, l2_normalize
     from hwnas.rundir import RunDir
     from hwnas.utils import save_figure
 
@@ -73,25 +73,22 @@ def main() -> None:
     quiet = lambda *a, **k: None  # noqa: E731
     qi, gi = api.load_part(rd, "query", gpre, log=quiet), api.load_part(rd, "gallery", gpre, log=quiet)
 
-    def unit(e):
-        return e / np.linalg.norm(e, axis=1, keepdims=True)
-
     def embed_views(net, images, pre, offsets):
         h, w = images.shape[-2:]
         padded = F.pad(images, (PAD,) * 4, mode="reflect")
-        total = sum(unit(api.embed(net, padded[:, :, y:y + h, x:x + w], pre.normalize, desc="views"))
+        total = sum(l2_normalize(api.embed(net, padded[:, :, y:y + h, x:x + w], pre.normalize, desc="views"))
                     for y, x in offsets)
-        return unit(total)
+        return l2_normalize(total)
 
     def scores(q, g):
         m = evaluate(q, qi.raw_labels, g, gi.raw_labels)
-        hits = gi.raw_labels[np.argmax(q @ g.T, axis=1)] == qi.raw_labels  # per-query top-1
+        hits = gi.raw_labels[knn(q, g, 1)[1][:, 0]] == qi.raw_labels  # per-query top-1
         assert abs(hits.mean() - m["recall@1"]) < 1e-9, "per-query hits disagree with recall@1"
         return {"recall@1": m["recall@1"], "mAP": m["mAP"]}, hits
 
     t0 = time.time()
     index = {name: embed_views(gallery.net, gi.images, gpre, offs) for name, offs in VIEWS.items()}
-    g_query = unit(api.embed(gallery.net, qi.images, gpre.normalize, desc="paragon queries"))
+    g_query = l2_normalize(api.embed(gallery.net, qi.images, gpre.normalize, desc="paragon queries"))
     paragon, paragon_hits = {}, {}
     for name, idx in index.items():
         paragon[name], paragon_hits[name] = scores(g_query, idx)
@@ -99,7 +96,7 @@ def main() -> None:
     for model in args.models:
         net, qcfg = load_query(rd.path / "query" / model)
         qpre = Preprocess.from_dict(qcfg["preprocess"])
-        q = unit(api.embed(net, qi.images, qpre.normalize, desc=f"{model} queries"))
+        q = l2_normalize(api.embed(net, qi.images, qpre.normalize, desc=f"{model} queries"))
         plain_m, plain_hits = scores(q, index["1 (plain)"])
         for name, idx in index.items():
             m, hits = scores(q, idx)

@@ -162,7 +162,7 @@ def paragon_budget(cfg: Config, predictor, gallery_net, log: Callable = print, p
     """The latency budget at which a query model is ``search.budget_speedup`` times faster
     than the paragon (the gallery model on the query side), on the table's device.
 
-    The paragon is timed in one interleaved pool with the fastest and the slowest subnet, and
+    The paragon is timed interleaved with the fastest and the slowest subnet, and
     the target (paragon / speed-up, measured) is put on the predictor's scale through them:
     log-linear interpolation between the two (predicted vs measured), so the machine may run
     faster or slower now than when the table was calibrated, and that drift cancels. (One
