@@ -32,18 +32,23 @@ from tqdm import tqdm
 _WORKER_DEVICE = None  # set per worker process by _init_worker
 
 
-def _init_worker(counter, gpu_jobs: int) -> None:
+def _init_worker(counter, gpu_jobs: int, cpu_jobs: int) -> None:
     """Worker i < gpu_jobs trains on the GPU (one thread: it mostly launches kernels); the
-    others on the CPU with two threads each — small models leave a GPU's time-slicing, not
-    its arithmetic, as the limit, so idle CPU cores add throughput."""
+    others on the CPU, sharing the cores the GPU workers leave — small models leave a GPU's
+    time-slicing, not its arithmetic, as the limit, so idle CPU cores add throughput. On a
+    CPU-only machine (``--jobs 0 --cpu-jobs 2`` on 2 cores) each worker gets one thread:
+    these small models gain less from a second intra-op thread than from a second model."""
     global _WORKER_DEVICE
+    import os
+
     import torch
 
     with counter.get_lock():
         i = counter.value
         counter.value += 1
     _WORKER_DEVICE = "auto" if i < gpu_jobs else "cpu"
-    torch.set_num_threads(1 if i < gpu_jobs else 2)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(1 if i < gpu_jobs else max(1, (cores - gpu_jobs) // max(1, cpu_jobs)))
 
 
 def _train_eval(base, run_dir, name, kw):
@@ -111,14 +116,20 @@ def main() -> None:
     ap.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "evolution", "random"])
     ap.add_argument("--budget-fracs", nargs="+", type=float, default=[0.15, 0.3, 0.6],
                     help="budgets as fractions of the table's latency range")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, as `hwnas --set`; e.g. latency.table=PATH keeps a "
+                         "benchmark resumed on another CPU on the table (so the budgets and random "
+                         "archs) it started with")
     args = ap.parse_args()
 
+    from hwnas.cli import apply_sets
     from hwnas.config import load_config
     from hwnas.pipeline import run_budget
     from hwnas.search.runner import plot_progress, predictor_for, run_search
 
     base = load_config(args.config)
     base.run_dir = args.run_dir
+    apply_sets(base, args.set)
     space = base.search_space()
     pred, _ = predictor_for(base, space)
     lo, hi = pred.range()
@@ -171,7 +182,7 @@ def main() -> None:
 
         if not pool:
             ctx = mp.get_context("spawn")
-            init = (_init_worker, (ctx.Value("i", 0), args.jobs)) if args.cpu_jobs else (None, ())
+            init = (_init_worker, (ctx.Value("i", 0), args.jobs, args.cpu_jobs)) if args.cpu_jobs else (None, ())
             pool.append(ProcessPoolExecutor(workers, mp_context=ctx, initializer=init[0], initargs=init[1]))
         futs = {pool[0].submit(_train_eval, base, args.run_dir, n, kw): n for n, kw in jobs}
 
@@ -265,21 +276,23 @@ def main() -> None:
         res["rewards"] = rows
 
     if "budgets" in args.parts:
-        # the random archs and MobileNetV3 train while the searches run; the searched archs
-        # follow, and the search's scores of every arch are computed while they train
+        # the searches first (a minute each), then every model trains budget by budget — the
+        # searched arch, then its random ones — so that a run stopped part way (it resumes:
+        # finished models are kept) has whole budgets done; the search's scores of every arch
+        # are computed while they train
         plan = []
         for frac in args.budget_fracs:
             b = round(lo + frac * (hi - lo), 4)
             rng = random.Random(100 + int(frac * 100))
             plan.append((frac, b, [pred.sample_feasible(b, rng).to_string(space) for _ in range(args.random_archs)]))
-        jobs = [("bench-mobilenetv3_small_050", {"timm_name": "mobilenetv3_small_050"})]
-        jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for frac, _, rand in plan for i, a in enumerate(rand)]
-        wait_random = start_training(jobs)
         found = {frac: search(budget_ms=b, n_trials=50, study_name=f"bench-budget-{frac}")[1] for frac, b, _ in plan}
-        wait_searched = start_training([(f"bench-budget-{frac}-searched", {"arch": r["arch"]})
-                                        for frac, r in found.items()])
+        jobs = [("bench-mobilenetv3_small_050", {"timm_name": "mobilenetv3_small_050"})]
+        for frac, _, rand in plan:
+            jobs.append((f"bench-budget-{frac}-searched", {"arch": found[frac]["arch"]}))
+            jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for i, a in enumerate(rand)]
+        wait = start_training(jobs)
         scores = proxy_scores(sorted({a for _, _, rand in plan for a in rand} | {r["arch"] for r in found.values()}))
-        trained = {**wait_random(), **wait_searched()}
+        trained = wait()
         mbv3 = trained["bench-mobilenetv3_small_050"]
         rows = []
         for frac, b, rand in plan:
@@ -359,7 +372,8 @@ def main() -> None:
                      for p, d in sorted(res["part_run_dirs"].items()))
     md = [f"## Search (issue 5){'' if tag == 'quickstart' else ': ' + tag}", "",
           f"Machine: {machine_line(res['machine'])}. Script: "
-          f"`benchmarks/bench_search.py --config configs/{tag}.yaml` ({runs}); latency "
+          f"`benchmarks/bench_search.py --config configs/{tag}.yaml{''.join(' --set ' + x for x in args.set)}` "
+          f"({runs}); latency "
           f"budget {budget} ms unless stated (table range {lo:.3f}-{hi:.3f} ms)."]
     if "samplers" in res:
         marks = sorted({int(n) for r in res["samplers"] for n in r["best_at"]})

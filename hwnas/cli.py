@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _apply_sets(cfg, sets) -> None:
+def apply_sets(cfg, sets) -> None:
     """``--set a.b.c=value``: walk dataclasses and dicts, assign the YAML-parsed value."""
     import dataclasses
 
@@ -295,7 +295,7 @@ def _load(args):
     from hwnas.config import load_config
 
     cfg = load_config(getattr(args, "config", None))
-    _apply_sets(cfg, getattr(args, "set", []))
+    apply_sets(cfg, getattr(args, "set", []))
     if getattr(args, "run_dir", None):
         cfg.run_dir = args.run_dir
     d = cfg.data
