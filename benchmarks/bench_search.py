@@ -199,17 +199,32 @@ def main() -> None:
 
     def proxy_scores(archs):
         """The search's score of each arch (its supernet subnet's R3 reward on the validation
-        split) under each validation protocol: {arch: {"all": r, "split": r}}."""
-        from hwnas.search.runner import VAL_QUERIES, SupernetEvaluator, search_reward
+        split) under each validation protocol: {arch: {"all": r, "split": r}}.
+        Scores are kept in the run dir per supernet fingerprint and reward, so a resumed
+        benchmark does not spend minutes scoring the same archs again."""
+        import json
 
+        from hwnas.search.runner import VAL_QUERIES, SupernetEvaluator, search_reward
+        from hwnas.utils import atomic_write_text
+
+        fp = json.loads((Path(args.run_dir) / "supernet" / "config.json").read_text())["fingerprint"]
+        key = f"{fp}:{base.search.metric}:{base.search.reward}:{base.search.alpha}"
+        cache_path = Path(args.run_dir) / "bench_proxy_scores.json"
+        cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+        kept = cache.get(key, {})
         out = {a: {} for a in archs}
         for proto in VAL_QUERIES:
             cfg = copy.deepcopy(base)
             cfg.search.val_queries = proto
-            ev = SupernetEvaluator(cfg, log=quiet)
+            ev = None
             for a in tqdm(archs, desc=f"proxy ({proto})"):
-                out[a][proto] = search_reward(ev(space.parse(a)), cfg.search)
-            out[f"n_val_queries_{proto}"] = len(ev.vq.images)
+                if proto not in kept.get(a, {}):
+                    ev = ev or SupernetEvaluator(cfg, log=quiet)
+                    kept.setdefault(a, {})[proto] = search_reward(ev(space.parse(a)), cfg.search)
+                    kept[f"n_val_queries_{proto}"] = len(ev.vq.images)
+                    atomic_write_text(cache_path, json.dumps({**cache, key: kept}))
+                out[a][proto] = kept[a][proto]
+            out[f"n_val_queries_{proto}"] = kept[f"n_val_queries_{proto}"]
         return out
 
     def proxy_fidelity(rows, scores):
@@ -309,6 +324,7 @@ def main() -> None:
         res["proxy_fidelity"] = proxy_fidelity([x for r in rows for x in (r["searched"], *r["random"])], scores)
         res["budgets_trained_on"] = machine()
         res["budgets_table_range_ms"] = [lo, hi]
+        res["budget_fracs"] = args.budget_fracs
 
     if "measure" in args.parts:  # the latency of --measure-later results, on this machine
         import json
@@ -400,7 +416,7 @@ def main() -> None:
         md += ["", f"Searched vs the median of {k} random feasible archs (same training"
                + (f"; models trained on {machine_line(where)}, latency measured on the machine above"
                   if where and where.get("gpu") else "") + "):", "",
-               f"Budgets are fractions {args.budget_fracs} of the range of the table that run searched "
+               f"Budgets are fractions {res.get('budget_fracs', args.budget_fracs)} of the range of the table that run searched "
                f"with ({res.get('budgets_table_range_ms', [lo, hi])[0]:.3f}-"
                f"{res.get('budgets_table_range_ms', [lo, hi])[1]:.3f} ms predicted); the test split has "
                f"{nq:,} queries (one standard error of recall@1 is about {se:.1f} points).", "",
