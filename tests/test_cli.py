@@ -218,3 +218,13 @@ def test_step_keys_follow_what_each_step_reads():
         assert changed(lambda c: None) == {"profile", "search", "train-query", "baselines", "deploy", "report"}
     finally:
         exported.GRAPH_FORM = form
+
+
+def test_run_takes_set_overrides():
+    """configs/gpu-large.yaml's example points `hwnas run` at the user's data with --set."""
+    from hwnas.cli import _load, build_parser
+
+    args = build_parser().parse_args(["run", "configs/quickstart.yaml", "--set", "search.n_trials=7",
+                                      "--set", "data.data_dir=/data/own"])
+    cfg = _load(args)
+    assert cfg.search.n_trials == 7 and cfg.data.data_dir == "/data/own"
