@@ -122,10 +122,10 @@ def markdown(res: dict) -> str:
              "and more accurate).",
              "",
              "Threads: a report times the query models at the latency table's intra-op thread "
-             "count and the paragon at every count from 1 to the physical cores, its fastest "
-             "counting. At 32 px on these 2 cores one thread runs every query model ~1.6x faster "
+             "count and the paragon at 1, the powers of two below the physical cores, their count and the table's, its fastest "
+             "counting. At 32 px on these 2 cores one thread runs every query model faster (median 1.35x) "
              "than two (the second thread's wake-up per small op costs more than it saves; "
-             "BENCHMARKS.md, latency), so the configs use `latency.threads: 1`. At 2 threads the "
+             "BENCHMARKS.md, deploy form, thread count), so the configs use `latency.threads: 1`. At 2 threads the "
              "fastest subnets took ~0.1 ms and the paragon / fastest-subnet ratio was 8.4x with "
              "the machine quiet, which put the 10x target at the edge of the space. The ResNet-18 "
              "paragon drifts with this shared VM's state (0.74-2.0 ms over these days) while a "
