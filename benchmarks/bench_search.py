@@ -39,16 +39,15 @@ def _init_worker(counter, gpu_jobs: int, cpu_jobs: int) -> None:
     CPU-only machine (``--jobs 0 --cpu-jobs 2`` on 2 cores) each worker gets one thread:
     these small models gain less from a second intra-op thread than from a second model."""
     global _WORKER_DEVICE
-    import os
-
     import torch
+
+    from hwnas.latency.backends import physical_cores
 
     with counter.get_lock():
         i = counter.value
         counter.value += 1
     _WORKER_DEVICE = "auto" if i < gpu_jobs else "cpu"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(1 if i < gpu_jobs else max(1, (cores - gpu_jobs) // max(1, cpu_jobs)))
+    torch.set_num_threads(1 if i < gpu_jobs else max(1, (physical_cores() - gpu_jobs) // max(1, cpu_jobs)))
 
 
 def _train_eval(base, run_dir, name, kw):
@@ -205,12 +204,12 @@ def main() -> None:
         import json
 
         from hwnas.search.runner import VAL_QUERIES, SupernetEvaluator, search_reward
-        from hwnas.utils import atomic_write_text
+        from hwnas.utils import atomic_write_text, read_json
 
-        fp = json.loads((Path(args.run_dir) / "supernet" / "config.json").read_text())["fingerprint"]
+        fp = read_json(Path(args.run_dir) / "supernet" / "config.json")["fingerprint"]
         key = f"{fp}:{base.search.metric}:{base.search.reward}:{base.search.alpha}"
         cache_path = Path(args.run_dir) / "bench_proxy_scores.json"
-        cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+        cache = read_json(cache_path) if cache_path.exists() else {}
         kept = cache.get(key, {})
         out = {a: {} for a in archs}
         for proto in VAL_QUERIES:

@@ -86,6 +86,10 @@ EXAMPLES = {
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/JSON config file (flags override it)")
     p.add_argument("--run-dir", help="run directory (default: from the config, runs/default)")
+    _add_set(p)
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set supernet.train.epochs=5 "
                    "(repeatable; VALUE is read as YAML)")
@@ -246,9 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", "Run the pipeline end to end from a config, step by step (resumable).")
     p.add_argument("config", help="YAML/JSON config file, e.g. configs/quickstart.yaml")
     p.add_argument("--run-dir", help="override the config's run directory")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set data.data_dir=/data/deepfashion2 "
-                   "(repeatable; VALUE is read as YAML; a step whose config it changes is done again)")
+    _add_set(p)  # a step whose config it changes is done again
     p.add_argument("--from", dest="redo_from", metavar="STEP",
                    help="do STEP and every step that builds on it again (steps whose config "
                         "changed are done again anyway); STEP: data, profile, train-gallery, "
