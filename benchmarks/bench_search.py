@@ -112,6 +112,10 @@ def main() -> None:
                     help="extra train-query processes on the CPU beside --jobs GPU ones (GPU machines)")
     ap.add_argument("--measure-later", action="store_true",
                     help="budgets: skip the latency measurement (run --parts measure on the target)")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="budgets: train nothing; measure and report the models a stopped run has "
+                         "finished (each budget with its searched model and the random archs done so "
+                         "far, shown as done/planned), so a run spanning days has figures on the way")
     ap.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "evolution", "random"])
     ap.add_argument("--budget-fracs", nargs="+", type=float, default=[0.15, 0.3, 0.6],
                     help="budgets as fractions of the table's latency range")
@@ -304,16 +308,30 @@ def main() -> None:
         for frac, _, rand in plan:
             jobs.append((f"bench-budget-{frac}-searched", {"arch": found[frac]["arch"]}))
             jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for i, a in enumerate(rand)]
-        wait = start_training(jobs)
-        scores = proxy_scores(sorted({a for _, _, rand in plan for a in rand} | {r["arch"] for r in found.values()}))
+        if args.finished_only:  # the models a stopped run finished, evaluated here in turn
+            from hwnas.compat.api import _prepare_out
+
+            jobs = [j for j in jobs if _prepare_out(Path(args.run_dir) / "query" / j[0], restart=False)]
+            trained = {n: _train_eval(base, args.run_dir, n, kw) for n, kw in tqdm(jobs, desc="evaluate finished")}
+            if "bench-mobilenetv3_small_050" not in trained:
+                raise SystemExit("--finished-only: MobileNetV3-small is not trained yet; run without it first")
+            plan = [p for p in plan if f"bench-budget-{p[0]}-searched" in trained]
+            wait = lambda: trained
+        else:
+            wait = start_training(jobs)
+        scores = proxy_scores(sorted({a for _, _, rand in plan for a in rand} | {found[p[0]]["arch"] for p in plan}))
         trained = wait()
         mbv3 = trained["bench-mobilenetv3_small_050"]
         rows = []
         for frac, b, rand in plan:
             s = trained[f"bench-budget-{frac}-searched"]
             s["predicted_ms"] = found[frac]["predicted_ms"]
-            row = {"budget_ms": b, "searched": s, "mobilenetv3": dict(mbv3),
-                   "random": [trained[f"bench-budget-{frac}-random{i}"] for i in range(len(rand))]}
+            done = [trained[n] for n in (f"bench-budget-{frac}-random{i}" for i in range(len(rand))) if n in trained]
+            if len(done) < 2:
+                print(f"budget {frac}: {len(done)} random archs finished; not reported yet", flush=True)
+                continue
+            row = {"budget_ms": b, "budget_frac": frac, "searched": s, "mobilenetv3": dict(mbv3),
+                   "random_planned": len(rand), "random": done}
             summarize_budget(row)
             rows.append(row)
             print(b, s, row["random_median_M(q,g)"], flush=True)
@@ -323,7 +341,8 @@ def main() -> None:
         res["proxy_fidelity"] = proxy_fidelity([x for r in rows for x in (r["searched"], *r["random"])], scores)
         res["budgets_trained_on"] = machine()
         res["budgets_table_range_ms"] = [lo, hi]
-        res["budget_fracs"] = args.budget_fracs
+        res["budget_fracs"] = [r["budget_frac"] for r in rows]
+        res["budgets_finished_only"] = args.finished_only  # True: a run still in progress
 
     if "measure" in args.parts:  # the latency of --measure-later results, on this machine
         import json
@@ -387,7 +406,8 @@ def main() -> None:
                      for p, d in sorted(res["part_run_dirs"].items()))
     md = [f"## Search (issue 5){'' if tag == 'quickstart' else ': ' + tag}", "",
           f"Machine: {machine_line(res['machine'])}. Script: "
-          f"`benchmarks/bench_search.py --config configs/{tag}.yaml{''.join(' --set ' + x for x in args.set)}` "
+          f"`benchmarks/bench_search.py --config configs/{tag}.yaml{''.join(' --set ' + x for x in args.set)}"
+          f"{' --finished-only' if args.finished_only else ''}` "
           f"({runs}); latency "
           f"budget {budget} ms unless stated (table range {lo:.3f}-{hi:.3f} ms)."]
     if "samplers" in res:
@@ -407,7 +427,8 @@ def main() -> None:
             md.append(f"| {r['reward'].upper()} | {r['mflops']:.2f} | {r['predicted_ms']:.3f} | "
                       f"{100 * r['M(q,g)']:.2f} | {100 * r['M(q,q)']:.2f} |")
     if "budgets" in res and all("random_median_measured_ms" in r for r in res["budgets"]):
-        k = len(res["budgets"][0]["random"])
+        ks = {len(r["random"]) for r in res["budgets"]}
+        k = f"{ks.pop()}" if len(ks) == 1 else "the"
         nq = res["budgets"][0]["searched"].get("test_queries", 2000)
         p = res["budgets"][0]["searched"]["M(q,g)"]
         se = 100 * (p * (1 - p) / nq) ** 0.5
@@ -418,20 +439,26 @@ def main() -> None:
                f"Budgets are fractions {res.get('budget_fracs', args.budget_fracs)} of the range of the table that run searched "
                f"with ({res.get('budgets_table_range_ms', [lo, hi])[0]:.3f}-"
                f"{res.get('budgets_table_range_ms', [lo, hi])[1]:.3f} ms predicted); the test split has "
-               f"{nq:,} queries (one standard error of recall@1 is about {se:.1f} points).", "",
+               f"{nq:,} queries (one standard error of recall@1 is about {se:.1f} points).", ""]
+        if res.get("budgets_finished_only"):
+            md += ["Still in progress: the models finished so far (`--finished-only`); random archs trained "
+                   "per budget: " + ", ".join(f"{r['budget_ms']} ms {len(r['random'])}/{r.get('random_planned')}"
+                                              for r in res["budgets"]) + ".", ""]
+        md += [
                "| budget ms (pred.) | searched M(q,g) | searched M(q,q) | searched meas. ms | random median M(q,g) "
                "| random median M(q,q) | random median meas. ms | random M(q,g) SD (range) "
-               "| random archs beaten on M(q,g) | MobileNetV3-small-0.5 M(q,g) / M(q,q) / meas. ms |",
+               "| random archs beaten on M(q,g) / M(q,q) | MobileNetV3-small-0.5 M(q,g) / M(q,q) / meas. ms |",
                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["budgets"]:
             s, m = r["searched"], r["mobilenetv3"]
             beaten = sum(s["M(q,g)"] >= x["M(q,g)"] for x in r["random"])
+            beaten_qq = sum(s["M(q,q)"] >= x["M(q,q)"] for x in r["random"])
             qg = [x["M(q,g)"] for x in r["random"]]
             md.append(f"| {r['budget_ms']} | {100 * s['M(q,g)']:.2f} | {100 * s['M(q,q)']:.2f} | "
                       f"{s['measured_ms']:.3f} | {100 * r['random_median_M(q,g)']:.2f} | "
                       f"{100 * r['random_median_M(q,q)']:.2f} | {r['random_median_measured_ms']:.3f} | "
                       f"{100 * statistics.stdev(qg):.2f} ({100 * min(qg):.2f}-{100 * max(qg):.2f}) | "
-                      f"{beaten}/{len(r['random'])} | "
+                      f"{beaten}/{len(r['random'])} / {beaten_qq}/{len(r['random'])} | "
                       f"{100 * m['M(q,g)']:.2f} / {100 * m['M(q,q)']:.2f} / {m['measured_ms']:.3f} |")
         verdict = []
         for r in res["budgets"]:
