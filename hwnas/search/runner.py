@@ -221,7 +221,12 @@ def make_storage(url: str | None, rd: RunDir):
 
 
 # ---------------------------------------------------------------------- the search
-def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int | None = None) -> dict:
+def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int | None = None,
+               out: Path | None = None) -> dict:
+    """Search (or resume searching) the study of ``cfg.search``; write ``best_arch.json``,
+    ``trials.csv`` and the plots into ``out`` (default: the run directory, where
+    ``train-query --from-search`` and the report read them; a benchmark's side searches
+    write elsewhere, so the run's own choice stays)."""
     import optuna
 
     s = cfg.search
@@ -314,7 +319,9 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         raise HwnasError(f"the {s.sampler} sampler found no arch within {budget} ms in "
                          f"{s.max_infeasible} consecutive tries; raise the budget (range "
                          f"{lo:.3f} to {hi:.3f} ms) or try another sampler")
-    return write_outputs(study, rd.path, space, budget, s, url, log=log)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    return write_outputs(study, rd.path if out is None else out, space, budget, s, url, log=log)
 
 
 def _n_feasible(study) -> int:
@@ -467,6 +474,26 @@ def plot_progress(curves: dict[str, list[float]], path: Path, title: str = "") -
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def top_archs(run_dir: Path, k: int) -> list[dict]:
+    """The search's ``k`` best distinct feasible archs by reward, best first (from
+    ``trials.csv``): ``[{"arch", "reward", "predicted_ms", "mflops"}]``."""
+    best = load_best(run_dir)
+    p = run_dir / "trials.csv"
+    if not p.exists():
+        raise HwnasError(f"{p} does not exist: run `hwnas search` again to write it")
+    with open(p, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["state"] == "COMPLETE" and r["feasible"] == "True" and r["reward"]]
+    rows.sort(key=lambda r: -float(r["reward"]))
+    out, seen = [], set()
+    for r in [{"arch": best["arch"], "reward": best["reward"], "predicted_ms": best["predicted_ms"],
+               "mflops": best["mflops"]}] + rows:
+        if r["arch"] not in seen and len(out) < k:
+            seen.add(r["arch"])
+            out.append({"arch": r["arch"], "reward": float(r["reward"]), "predicted_ms": float(r["predicted_ms"]),
+                        "mflops": float(r["mflops"])})
+    return out
 
 
 def load_best(run_dir: Path) -> dict:
