@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--arch", help="an arch string of the search space")
     src.add_argument("--timm", help="a timm model as a fixed baseline, e.g. mobilenetv3_small_050")
     src.add_argument("--from-search", action="store_true",
-                     help="the arch of RUN_DIR/best_arch.json (from hwnas search)")
+                     help="the arch of RUN_DIR/best_arch.json (from hwnas search); with "
+                          "query.finalists K > 1, the best of the search's top K after "
+                          "query.finalist_epochs epochs of training each")
     p.add_argument("--name", help="name of the model directory under RUN_DIR/query/")
     p.add_argument("--no-inherit", action="store_true",
                    help="train the arch from scratch instead of from the supernet's weights")
@@ -487,14 +489,14 @@ def cmd_train_query(args) -> int:
 
     cfg = _load(args)
     if args.from_search:
-        from pathlib import Path
+        from hwnas.compat.api import train_searched
 
-        from hwnas.search.runner import load_best
-
-        args.arch = load_best(Path(cfg.run_dir))["arch"]
-        args.name = args.name or "searched"
-    q = train_query(cfg, arch=args.arch, timm_name=args.timm, name=args.name, resume=args.resume,
-                    restart=args.restart, inherit=False if args.no_inherit else None)
+        if args.no_inherit:
+            cfg.query.inherit = False
+        q = train_searched(cfg, name=args.name or "searched", resume=args.resume, restart=args.restart)
+    else:
+        q = train_query(cfg, arch=args.arch, timm_name=args.timm, name=args.name, resume=args.resume,
+                        restart=args.restart, inherit=False if args.no_inherit else None)
     if is_main():
         from pathlib import Path
 

@@ -59,6 +59,17 @@ class QueryConfig:
     train: dict = field(default_factory=dict)  # TrainConfig fields
     loss: dict | None = None  # LossConfig fields; None: the supernet's loss
     inherit: bool = True  # start SPOS subnets from the supernet's weights
+    # > 1: the search's best `finalists` archs each train `finalist_epochs` epochs of the full
+    # schedule; the lowest training loss there finishes (hwnas train-query --from-search, run)
+    finalists: int = 0
+    finalist_epochs: int = 10
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.finalists, int) or self.finalists < 0:
+            raise HwnasError(f"query.finalists must be a whole number >= 0 (0 or 1: the search's best "
+                             f"arch alone), got {self.finalists!r}")
+        if not isinstance(self.finalist_epochs, int) or self.finalist_epochs < 1:
+            raise HwnasError(f"query.finalist_epochs must be a whole number >= 1, got {self.finalist_epochs!r}")
 
 
 @dataclass

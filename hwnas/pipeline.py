@@ -33,7 +33,7 @@ STEP_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "train-gallery": (("space", "gallery"), ("data",)),
     "train-supernet": (("space", "supernet", "unlabeled"), ("train-gallery",)),
     "search": (("search",), ("train-supernet", "profile")),
-    "train-query": (("query", "unlabeled"), ("search",)),
+    "train-query": (("query", "finalists", "unlabeled"), ("search",)),
     "adapt": (("adapt", "unlabeled"), ("train-query",)),
     "baselines": (("query", "unlabeled"), ("search",)),
     "deploy": (("deploy",), ("train-query", "adapt")),
@@ -59,6 +59,9 @@ def step_keys(cfg: Config) -> dict[str, str]:
     # data.unlabeled feeds the compatibility trainings only: a new one keeps the split and
     # the gallery (unset, it adds nothing to a key, so earlier runs keep theirs)
     d["unlabeled"] = d["data"].pop("unlabeled", None)
+    # how the searched arch is picked concerns train-query alone (off: nothing in any key)
+    fin = {k: d["query"].pop(k) for k in ("finalists", "finalist_epochs")}
+    d["finalists"] = fin if fin["finalists"] > 1 else None
     from hwnas.export.onnx import GRAPH_FORM
 
     for name in STEPS:
@@ -68,7 +71,7 @@ def step_keys(cfg: Config) -> dict[str, str]:
             # theirs); recorded as "off", so turning it on later does it and what builds on it
             keys[name] = "off"
             continue
-        inputs = {"config": {k: d[k] for k in sections if not (k == "unlabeled" and d[k] is None)},
+        inputs = {"config": {k: d[k] for k in sections if not (k in ("unlabeled", "finalists") and d[k] is None)},
                   "after": {x: keys[x] for x in deps if keys[x] != "off"}}
         if name == "profile":
             # what is timed is the exported graph: a new graph form (an hwnas upgrade) moves
@@ -304,10 +307,8 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
         return {"arch": r["arch"], "reward": r["reward"], **info}
 
     def train_query():
-        from hwnas.search.runner import load_best
-
-        best = load_best(rd.path)
-        api.train_query(cfg, arch=best["arch"], name="searched", resume=True, retrain_changed=True, log=log)
+        q = api.train_searched(cfg, name="searched", resume=True, retrain_changed=True, log=log)
+        return {"arch": q["arch"]} if cfg.query.finalists > 1 else {}
 
     def adapt():
         if not cfg.adapt.epochs:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 from hwnas.errors import HwnasError
-from hwnas.utils import save_figure
+from hwnas.utils import read_json, save_figure
 
 
 def _fmt(v: Any) -> str:
@@ -144,6 +145,8 @@ def build_report(cfg, log=print) -> dict:
                     "M(g,g)_recall@1": paragon["recall@1"],
                     "M(g,g)_mAP": paragon["mAP"]},
         "rows": rows,
+        # how the searched arch was picked among the search's best (query.finalists > 1)
+        "finalists": _finalists(rd.path, s),
         "searched_pareto_better_than": pareto,
         "searched_dominated_by": dominated_by,
         "targets": None if s is None else {
@@ -180,9 +183,25 @@ def build_report(cfg, log=print) -> dict:
         md += [f"The paragon measured {min(lat[-1].pools_ms):.3f}-{max(lat[-1].pools_ms):.3f} ms "
                f"across the pools, the searched model {min(lat[0].pools_ms):.3f}-"
                f"{max(lat[0].pools_ms):.3f} ms; its latency x per pool: {min(pools):.1f}-{max(pools):.1f}.", ""]
+    fin = report["finalists"]
+    if fin:
+        rank = [f["arch"] for f in fin["finalists"]].index(fin["chosen"]) + 1
+        md += [f"The searched arch is the one of the search's {len(fin['finalists'])} best (by reward) "
+               f"with the lowest training loss after {fin['epochs']} of {fin['of_epochs']} epochs: the "
+               f"search's number {rank} (losses: "
+               + ", ".join(f"{f['train_loss']:.4f}" for f in fin["finalists"]) + ").", ""]
     md += [f"![accuracy vs latency]({png.name})", ""]
     atomic_write_text(rd.path / "report.md", "\n".join(md))
     return report
+
+
+def _finalists(run_dir: Path, searched: dict | None) -> dict | None:
+    """``query/finalists.json`` where the searched model is the finalists' choice, else None."""
+    p = run_dir / "query" / "finalists.json"
+    if searched is None or not p.exists():
+        return None
+    fin = read_json(p)
+    return fin if fin["chosen"] == searched["arch"] else None
 
 
 def dominates(a: dict, b: dict, tol: float = 0.02) -> bool:

@@ -82,6 +82,8 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     assert r.returncode == 2 and "adapt.epochs must be a whole number" in r.stderr
     r = hwnas("deploy", "--run-dir", str(tmp_path / "nothing"), "--set", "adapt.lr=-1")
     assert r.returncode == 2 and "adapt.lr must be positive" in r.stderr and "Traceback" not in r.stderr
+    r = hwnas("train-query", "--run-dir", str(tmp_path / "nothing"), "--from-search", "--set", "query.finalists=-1")
+    assert r.returncode == 2 and "query.finalists must be a whole number" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_space_command():
@@ -198,6 +200,9 @@ def test_step_keys_follow_what_each_step_reads():
     assert downstream(["search"]) == {"search", "train-query", "adapt", "baselines", "deploy", "report"}
     # gallery adaptation turned on: it and what ships or reports its model, nothing else
     assert changed(lambda c: setattr(c.adapt, "epochs", 15)) == {"adapt", "deploy", "report"}
+    # the finalists' selection is train-query's alone; off, its settings change no key
+    assert changed(lambda c: setattr(c.query, "finalists", 5)) == {"train-query", "deploy", "report"}
+    assert changed(lambda c: setattr(c.query, "finalist_epochs", 3)) == set()
 
     def adapted(edit):
         c = load_config("configs/quickstart.yaml")

@@ -174,6 +174,44 @@ def test_outputs_and_from_search(search_run):
     assert space.parse(baseline_models(cfg, space)["random-feasible"]["arch"]) != space.parse(best["arch"])
 
 
+def test_finalists_pick_by_training_loss_and_continue(search_run):
+    """query.finalists: the search's best K archs train part way; the lowest training loss
+    goes on from its own checkpoint (not from scratch) and the choice is recorded."""
+    root, cfg_path = search_run
+    cfg = load_config(cfg_path)
+    lo, hi, _ = _budget(cfg)
+    cfg.search.budget_ms = round(lo + 0.8 * (hi - lo), 4)
+    cfg.search.study_name = "finalists"
+    quiet = lambda *_: None  # noqa: E731
+    run_search(cfg, log=quiet)
+    cfg.query.train = {**cfg.query.train, "epochs": 2}
+    cfg.query.finalists, cfg.query.finalist_epochs = 3, 1
+    q = api.train_searched(cfg, name="picked", log=quiet)
+    run = root / "run"
+    fin = json.loads((run / "query" / "finalists.json").read_text())
+    archs = [f["arch"] for f in fin["finalists"]]
+    assert len(archs) == len(set(archs)) >= 2
+    assert archs[0] == json.loads((run / "best_arch.json").read_text())["arch"]  # the search's best first
+    chosen = min(fin["finalists"], key=lambda f: f["train_loss"])
+    assert fin["chosen"] == chosen["arch"] == q["arch"]
+    for f in fin["finalists"]:  # part way: a checkpoint, no model
+        d = run / "query" / f["name"]
+        assert (d / "checkpoint.safetensors").exists() and not (d / "model.safetensors").exists()
+    # the chosen run went on: its first epoch is the finalist's, the second is new
+    assert len(q["history"]) == 2 and q["history"][0]["loss"] == chosen["train_loss"]
+    assert (run / "query" / "picked" / "model.safetensors").exists()
+    # asked again, nothing trains: the finalists' checkpoints are read back, the model is kept
+    files = [run / "query" / f["name"] / "checkpoint.safetensors" for f in fin["finalists"]]
+    files.append(run / "query" / "picked" / "model.safetensors")
+    before = [f.stat().st_mtime_ns for f in files]
+    again = api.train_searched(cfg, name="picked", log=quiet)
+    assert again["fingerprint"] == q["fingerprint"]
+    assert [f.stat().st_mtime_ns for f in files] == before
+    cfg.query.finalist_epochs = 2  # not part way
+    with pytest.raises(HwnasError, match="finalist_epochs"):
+        api.train_searched(cfg, name="picked", log=quiet)
+
+
 def test_resume_after_kill_keeps_trials(search_run, tmp_path):
     root, cfg_path = search_run
     cfg = load_config(cfg_path)

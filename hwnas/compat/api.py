@@ -355,13 +355,17 @@ def load_supernet(rd: RunDir):
 def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = None,
                 name: str | None = None, resume: bool = False, restart: bool = False,
                 inherit: bool | None = None, loss_override: dict | None = None,
-                retrain_changed: bool = False, log=print) -> dict:
+                retrain_changed: bool = False, stop_after: int | None = None, log=print) -> dict:
     """Train one fixed query model (an SPOS arch, or a timm baseline) with the
     compatibility loss, then evaluate it on the test split.
 
     A finished model already under the name is kept only if it is the same model (arch or
     timm name, loss, training settings, inheritance); otherwise it is an error naming the
-    fix, or with ``retrain_changed`` (``hwnas run``, after a new search) trained again."""
+    fix, or with ``retrain_changed`` (``hwnas run``, after a new search) trained again.
+
+    ``stop_after`` (fewer than the schedule's epochs): train that many epochs of the full
+    schedule and return ``{"name", "partial": True, "history"}`` without saving a model; the
+    checkpoint stays, so a later call (``resume``) finishes the same training."""
     from hwnas.compat.losses import PARTS, CompatLoss, LossConfig
     from hwnas.compat.tasks import CompatTask
     from hwnas.compat.train import drop_stale_checkpoint, fit, is_main
@@ -439,15 +443,73 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     if retrain_changed:
         drop_stale_checkpoint(out / "checkpoint.safetensors", tc, settings, log=log)
     hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
-               seed=cfg.seed, resume=resume, desc=f"train-query {name}", settings=settings, log=log)
+               seed=cfg.seed, resume=resume, desc=f"train-query {name}", settings=settings,
+               stop_after=stop_after, log=log)
     if not is_main():
         return {}
+    if stop_after is not None and stop_after < tc.epochs:
+        return {"name": name, "partial": True, "history": hist, "flops": qcfg["flops"]}
     qcfg.update(seed=cfg.seed, gallery_fingerprint=gfp, loss=loss_cfg.to_dict(),
                 inherit=bool(inherit and arch),
                 train=tc.__dict__, history=hist, train_seconds=sum(h["seconds"] for h in hist), name=name)
     saved = save_model(out, {"net": net}, qcfg)
     log(f"[train-query] saved {out}")
     return saved
+
+
+def train_searched(cfg: Config, name: str = "searched", resume: bool = False, restart: bool = False,
+                   retrain_changed: bool = False, log=print) -> dict:
+    """Train the search's choice as the query model ``name``.
+
+    With ``query.finalists`` K > 1 the choice is made by training, not by the supernet alone:
+    the search's K best distinct archs (by reward) each train ``query.finalist_epochs``
+    epochs of the full schedule, and the one with the lowest training loss there goes on to
+    the end of its schedule (its run resumed, not redone). A weight-sharing supernet ranks
+    archs of one budget poorly where they differ little (Kendall tau near 0 on Omniglot, in
+    BENCHMARKS.md), while a model's own loss a sixth of the way into its training ranked 21
+    trained archs of one budget at tau 0.39-0.44. The finalists' runs are kept under
+    ``query/finalist-<hash>`` (a killed selection resumes) and the choice in
+    ``query/finalists.json``. Costs about (K - 1) * finalist_epochs / epochs more trainings."""
+    from hwnas.search.runner import load_best, top_archs
+
+    rd = RunDir(cfg)
+    best = load_best(rd.path)
+    k, e = cfg.query.finalists, cfg.query.finalist_epochs
+    tc = cfg.train_config("query")
+    if k <= 1:
+        return train_query(cfg, arch=best["arch"], name=name, resume=resume, restart=restart,
+                           retrain_changed=retrain_changed, log=log)
+    if e >= tc.epochs:
+        raise HwnasError(f"query.finalist_epochs ({e}) must be fewer than query.train.epochs "
+                         f"({tc.epochs}): the finalists are compared part way through their training")
+    space = cfg.search_space()
+    rows, cands = [], top_archs(rd.path, k)
+    for i, c in enumerate(cands):
+        log(f"[finalists] {i + 1}/{len(cands)}: search reward {c['reward']:.4f}, {c['predicted_ms']:.4f} ms "
+            f"predicted, {e} of {tc.epochs} epochs")
+        r = train_query(cfg, arch=c["arch"], name=f"finalist-{_short(c['arch'], space)}", resume=True,
+                        restart=restart, retrain_changed=True, stop_after=e, log=log)
+        rows.append({**c, "name": r["name"], "train_loss": r["history"][e - 1]["loss"]})
+    chosen = min(rows, key=lambda r: r["train_loss"])
+    write_json(rd.path / "query" / "finalists.json",
+               {"epochs": e, "of_epochs": tc.epochs, "chosen": chosen["arch"], "search_best": best["arch"],
+                "finalists": rows})
+    log("[finalists] training loss after {} epochs: {}; chosen {} (search rank {})".format(
+        e, ", ".join(f"{r['train_loss']:.4f}" for r in rows), chosen["name"], rows.index(chosen) + 1))
+    # the chosen run goes on from its checkpoint, in the model's own directory
+    out = rd.path / "query" / name
+    if restart and out.exists():
+        shutil.rmtree(out)
+    if (_prepare_out(out, False) and retrain_changed
+            and read_json(out / "config.json").get("arch") != space.parse(chosen["arch"]).to_string(space)):
+        shutil.rmtree(out)  # a model of an earlier choice: the new one continues its finalist's run
+    ckpt = out / "checkpoint.safetensors"
+    if not _prepare_out(out, False) and not ckpt.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".checkpoint.tmp"
+        shutil.copyfile(rd.path / "query" / chosen["name"] / "checkpoint.safetensors", tmp)
+        os.replace(tmp, ckpt)
+    return train_query(cfg, arch=chosen["arch"], name=name, resume=True, retrain_changed=retrain_changed, log=log)
 
 
 def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,

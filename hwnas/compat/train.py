@@ -238,6 +238,7 @@ def fit(
     desc: str = "train",
     settings: dict | None = None,
     find_unused: bool = False,
+    stop_after: int | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Train ``module`` whose ``forward(x, y, idx)`` returns ``(loss, {part: value})``.
@@ -245,7 +246,10 @@ def fit(
     ``module.before_step(epoch, step, progress)`` is called, if defined, before every step,
     ``progress`` being the fraction of training done (the supernet samples its path there,
     identically on every rank). ``settings`` are hashed into the checkpoint: resuming with
-    other settings is refused."""
+    other settings is refused. ``stop_after``: return after that many epochs of the
+    schedule (the learning rate follows ``cfg.epochs`` all the same), leaving the checkpoint
+    for a later call to resume: a short look at a model that may then be trained to the end
+    exactly as if it had never stopped."""
     from tqdm import tqdm
 
     rank, world = dist_info()
@@ -257,6 +261,7 @@ def fit(
     key = training_key(cfg, settings, world)
     history: list[dict] = []
     start = 0
+    end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     if ckpt_path.exists():
         if not resume:
             raise HwnasError(
@@ -270,7 +275,7 @@ def fit(
                 "over with the new settings (or restore the old config)"
             )
         start, history = meta["epoch"] + 1, meta["history"]
-        if start < cfg.epochs:
+        if start < end:
             log(f"[{desc}] resuming after epoch {start}/{cfg.epochs}")
     model = module
     if world > 1:
@@ -278,7 +283,7 @@ def fit(
 
         model = DDP(module, find_unused_parameters=find_unused,
                     device_ids=[dev.index] if dev.type == "cuda" else None)
-    if rank == 0 and start < cfg.epochs:
+    if rank == 0 and start < end:
         log(f"[{desc}] training on {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
             + (f", {world} processes" if world > 1 else ""))
 
@@ -287,7 +292,7 @@ def fit(
     spe = max(1, per_rank // cfg.batch_size) if per_rank >= cfg.batch_size else 1
     total = spe * cfg.epochs
     t_run = time.time()
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, end):
         module.train()
         perm = np.random.default_rng([seed, epoch]).permutation(n)[rank::world][: spe * cfg.batch_size]
         gen = torch.Generator().manual_seed(seed * 100003 + epoch * 1009 + rank)
@@ -324,13 +329,13 @@ def fit(
         history.append(rec)
         if rank == 0:
             save_checkpoint(ckpt_path, module, opt, {"epoch": epoch, "key": key, "history": history})
-            left = (cfg.epochs - epoch - 1) * dt
+            left = (end - epoch - 1) * dt
             parts_s = " ".join(f"{k} {v / spe:.3f}" for k, v in sums.items() if k != "loss")
             log(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f} ({parts_s}) "
                 f"{rec['images_per_s']:.0f} img/s, {dt:.0f} s, ETA {left / 60:.1f} min")
         barrier()
-    if start < cfg.epochs and rank == 0:
-        log(f"[{desc}] trained {cfg.epochs - start} epochs in {time.time() - t_run:.0f} s")
+    if start < end and rank == 0:
+        log(f"[{desc}] trained {end - start} epochs in {time.time() - t_run:.0f} s")
     _to_device(module, torch.device("cpu"))  # evaluation, export and saving run on the CPU
     return history
 
