@@ -67,7 +67,41 @@ def _train_eval(base, run_dir, name, kw):
             "mflops": q["flops"] / 1e6, "M(q,g)": ev["M(q,g)"]["recall@1"],
             "test_queries": ev["M(q,g)"]["n_queries"],
             "M(q,q)": ev["M(q,q)"]["recall@1"], "arch": q.get("arch") or q.get("timm"),
-            "train_seconds": q.get("train_seconds"), "device": _WORKER_DEVICE or "auto"}
+            "train_seconds": q.get("train_seconds"), "device": _WORKER_DEVICE or "auto",
+            "train_loss_by_epoch": [h["loss"] for h in q.get("history", [])]}
+
+
+def selection_fidelity(budget_rows, epochs: int, k: int, draws: int = 4000) -> list[dict]:
+    """Per budget, how well two cheap signals rank its trained subnets (searched + random)
+    by test M(q,g): the search's score (the supernet subnet's validation reward) and a
+    model's own training loss after ``epochs`` epochs of its schedule (what
+    ``query.finalists`` compares). Kendall tau of each (the loss negated: lower is better),
+    and, over ``draws`` seeded draws of ``k`` of those archs, how often the one each signal
+    picks reaches the budget's median test M(q,g) and M(q,q), and its mean M(q,g) over the
+    draw's average."""
+    from scipy.stats import kendalltau
+
+    out = []
+    for r in budget_rows:
+        subs = [x for x in (r["searched"], *r["random"]) if len(x.get("train_loss_by_epoch", [])) >= epochs]
+        if len(subs) < max(k, 3) or any("proxy_all" not in x for x in subs):
+            continue
+        qg = [x["M(q,g)"] for x in subs]
+        med_qg, med_qq = statistics.median(qg), statistics.median(x["M(q,q)"] for x in subs)
+        row = {"budget_ms": r["budget_ms"], "n": len(subs), "epochs": epochs, "k": k}
+        signals = {"search_score": lambda x: x["proxy_all"], "train_loss": lambda x: -x["train_loss_by_epoch"][epochs - 1]}
+        rng = random.Random(0)
+        picks = [rng.sample(range(len(subs)), k) for _ in range(draws)]
+        for name, f in signals.items():
+            row[f"kendall_{name}"] = float(kendalltau([f(x) for x in subs], qg)[0])
+            chosen = [(max(d, key=lambda i: f(subs[i])), d) for d in picks]
+            row[f"p_median_qg_{name}"] = sum(subs[c]["M(q,g)"] >= med_qg for c, _ in chosen) / draws
+            row[f"p_median_both_{name}"] = sum(subs[c]["M(q,g)"] >= med_qg and subs[c]["M(q,q)"] >= med_qq
+                                               for c, _ in chosen) / draws
+            row[f"gain_qg_{name}"] = statistics.mean(subs[c]["M(q,g)"] - statistics.mean(qg[i] for i in d)
+                                                     for c, d in chosen)
+        out.append(row)
+    return out
 
 
 def plot_budgets(rows, path) -> None:
@@ -148,7 +182,9 @@ def main() -> None:
         for k, v in kw.items():
             setattr(cfg.search, k, v)
         cfg.search.storage = f"sqlite:///{Path(args.run_dir).resolve() / 'bench_search.db'}"
-        return cfg, run_search(cfg, log=quiet)
+        # its outputs beside its study, not over the run's own search (best_arch.json, which
+        # train-query --from-search and the report read)
+        return cfg, run_search(cfg, log=quiet, out=Path(args.run_dir) / "bench_search" / kw["study_name"])
 
     if "samplers" in args.parts:
         import optuna
@@ -339,6 +375,7 @@ def main() -> None:
             measure_budgets(rows)
         res["budgets"] = rows
         res["proxy_fidelity"] = proxy_fidelity([x for r in rows for x in (r["searched"], *r["random"])], scores)
+        res["selection_fidelity"] = selection_fidelity(rows, base.query.finalist_epochs, 5)
         res["budgets_trained_on"] = machine()
         res["budgets_table_range_ms"] = [lo, hi]
         res["budget_fracs"] = [r["budget_frac"] for r in rows]
@@ -488,6 +525,23 @@ def main() -> None:
                 f = pf[proto]
                 md.append(f"| {what} | {f['n_val_queries']} | {f['kendall_M(q,g)']:.3f} | "
                           f"{f['spearman_M(q,g)']:.3f} | {f['kendall_r3']:.3f} | {f['spearman_r3']:.3f} |")
+    sf = res.get("selection_fidelity")
+    if sf:
+        e, k = sf[0]["epochs"], sf[0]["k"]
+        md += ["", f"Picking among archs of one budget without training them to the end: the search's score vs "
+               f"a model's own training loss after {e} of its {base.train_config('query').epochs} epochs "
+               f"(`query.finalists` compares the latter). Kendall tau against test M(q,g) (loss negated), "
+               f"and over 4,000 seeded draws of {k} of the budget's trained subnets, how often the one each "
+               f"signal picks reaches the budget's median test M(q,g) (and M(q,q) too), and its mean M(q,g) "
+               f"gain over the draw's average:", "",
+               "| budget ms (pred.) | subnets | tau: search score | tau: training loss | search score picks >= median "
+               "M(q,g) (both) | training loss picks >= median M(q,g) (both) | mean gain, points: score / loss |",
+               "|---|---|---|---|---|---|---|"]
+        for r in sf:
+            md.append(f"| {r['budget_ms']} | {r['n']} | {r['kendall_search_score']:.2f} | {r['kendall_train_loss']:.2f} | "
+                      f"{100 * r['p_median_qg_search_score']:.0f}% ({100 * r['p_median_both_search_score']:.0f}%) | "
+                      f"{100 * r['p_median_qg_train_loss']:.0f}% ({100 * r['p_median_both_train_loss']:.0f}%) | "
+                      f"{100 * r['gain_qg_search_score']:+.2f} / {100 * r['gain_qg_train_loss']:+.2f} |")
     if "cost" in res:
         md += ["", "Cost of one evaluated trial (BN recalibration + embedding + both accuracies) by "
                "validation-set size (median of 5 random archs):", "",
