@@ -60,7 +60,11 @@ def _train_eval(base, run_dir, name, kw):
     if _WORKER_DEVICE is not None:
         cfg.query.train = {**cfg.query.train, "device": _WORKER_DEVICE}
     quiet = lambda *_: None  # noqa: E731
-    q = api.train_query(cfg, name=name, resume=True, log=quiet, **kw)
+    if "finalists_from" in kw:  # the search's choice by query.finalists (its best K, part-trained)
+        cfg.query.finalists = kw["finalists"]
+        q = api.train_searched(cfg, name=name, resume=True, search_dir=Path(kw["finalists_from"]), log=quiet)
+    else:
+        q = api.train_query(cfg, name=name, resume=True, log=quiet, **kw)
     qdir = Path(run_dir) / "query" / q["name"]
     ev = api.evaluate_query(cfg, query_dir=str(qdir), log=quiet)["metrics"]
     return {"name": name, "kind": "timm" if "timm_name" in kw else "subnet",
@@ -119,6 +123,10 @@ def plot_budgets(rows, path) -> None:
         ax.scatter([r["searched"]["measured_ms"]], [100 * r["searched"]["M(q,g)"]], marker="*", s=160,
                    color=c, edgecolor="k", label=f"searched, budget {r['budget_ms']} ms (predicted)")
         ax.axvline(r["budget_ms"], color=c, ls=":", lw=1)  # the budget, on the predictor's scale
+        f = r.get("finalists")
+        if f and "measured_ms" in f:
+            ax.scatter([f["measured_ms"]], [100 * f["M(q,g)"]], marker="D", s=70, color=c, edgecolor="k",
+                       label=f"searched + finalists, budget {r['budget_ms']} ms")
     m = rows[0]["mobilenetv3"]
     ax.scatter([m["measured_ms"]], [100 * m["M(q,g)"]], marker="s", color="k", label="MobileNetV3-small-0.5")
     ax.set_xlabel("measured edge latency, ms (ONNX Runtime CPU, batch 1)")
@@ -150,6 +158,8 @@ def main() -> None:
                     help="budgets: train nothing; measure and report the models a stopped run has "
                          "finished (each budget with its searched model and the random archs done so "
                          "far, shown as done/planned), so a run spanning days has figures on the way")
+    ap.add_argument("--finalists", type=int, default=5,
+                    help="budgets: also train each budget's choice by query.finalists=K (0: not)")
     ap.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "evolution", "random"])
     ap.add_argument("--budget-fracs", nargs="+", type=float, default=[0.15, 0.3, 0.6],
                     help="budgets as fractions of the table's latency range")
@@ -297,7 +307,8 @@ def main() -> None:
         from hwnas.latency.backends import OrtCpuBackend, measure_models
         from hwnas.nn.models import build_query
 
-        rows = [budget_rows[0]["mobilenetv3"]] + [x for r in budget_rows for x in (r["searched"], *r["random"])]
+        rows = [budget_rows[0]["mobilenetv3"]] + [x for r in budget_rows for x in (
+            r["searched"], *r["random"], *([r["finalists"]] if "finalists" in r else []))]
         pre = base.preprocess()
         shape = (1, pre.channels, pre.size, pre.size)
         backend = OrtCpuBackend(threads=base.latency.threads)
@@ -344,6 +355,9 @@ def main() -> None:
         for frac, _, rand in plan:
             jobs.append((f"bench-budget-{frac}-searched", {"arch": found[frac]["arch"]}))
             jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for i, a in enumerate(rand)]
+        if args.finalists > 1:  # after all the rest (added after a long run had started)
+            jobs += [(f"bench-budget-{frac}-finalists", {"finalists": args.finalists, "finalists_from": str(
+                Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}")}) for frac, _, _ in plan]
         if args.finished_only:  # the models a stopped run finished, evaluated here in turn
             from hwnas.compat.api import _prepare_out
 
@@ -368,6 +382,12 @@ def main() -> None:
                 continue
             row = {"budget_ms": b, "budget_frac": frac, "searched": s, "mobilenetv3": dict(mbv3),
                    "random_planned": len(rand), "random": done}
+            fin = trained.get(f"bench-budget-{frac}-finalists")
+            if fin is not None:
+                from hwnas.utils import read_json
+
+                row["finalists"] = {**fin, "k": args.finalists, **read_json(
+                    Path(args.run_dir) / "query" / fin["name"] / "finalists.json")}
             summarize_budget(row)
             rows.append(row)
             print(b, s, row["random_median_M(q,g)"], flush=True)
@@ -510,6 +530,27 @@ def main() -> None:
                "moves M(q,g) within that budget and no search can beat the median by more than noise."]
         md += ["", "Target (searched >= the random median and >= MobileNetV3-small at equal or lower measured "
                "latency): " + " · ".join(verdict) + "."]
+        fins = [r for r in res["budgets"] if "measured_ms" in r.get("finalists", {})]
+        if fins:
+            f0 = fins[0]["finalists"]
+            md += ["", f"The search's choice made by training (`query.finalists: {f0['k']}`: its {f0['k']} best archs "
+                   f"by score each train {f0['epochs']} of {f0['of_epochs']} epochs, the lowest training loss "
+                   "finishes), against the same random archs:", "",
+                   "| budget ms (pred.) | chosen: search rank | M(q,g) | M(q,q) | meas. ms | random archs beaten on "
+                   "M(q,g) / M(q,q) | target |", "|---|---|---|---|---|---|---|"]
+            for r in fins:
+                f = r["finalists"]
+                rank = [x["arch"] for x in f["finalists"]].index(f["chosen"]) + 1
+                bq = sum(f["M(q,g)"] >= x["M(q,g)"] for x in r["random"])
+                bqq = sum(f["M(q,q)"] >= x["M(q,q)"] for x in r["random"])
+                short = [w for w, bad in (
+                    ("M(q,g) below the random median", f["M(q,g)"] < r["random_median_M(q,g)"]),
+                    ("M(q,q) below the random median", f["M(q,q)"] < r["random_median_M(q,q)"]),
+                    ("slower than the random median", f["measured_ms"] > r["random_median_measured_ms"]),
+                    ("M(q,g) below MobileNetV3", f["M(q,g)"] < r["mobilenetv3"]["M(q,g)"])) if bad]
+                md.append(f"| {r['budget_ms']} | {rank} | {100 * f['M(q,g)']:.2f} | {100 * f['M(q,q)']:.2f} | "
+                          f"{f['measured_ms']:.3f} | {bq}/{len(r['random'])} / {bqq}/{len(r['random'])} | "
+                          f"{'; '.join(short) or 'searched >= both'} |")
         md += ["", "MobileNetV3-small at width 0.5 is the narrowest timm registers; where its measured "
                "latency is above a budget it is shown for reference, not as a feasible rival.",
                "", f"![budgets](benchmarks/results/{name}_budgets.png)"]

@@ -196,8 +196,8 @@ def build_report(cfg, log=print) -> dict:
 
 
 def _finalists(run_dir: Path, searched: dict | None) -> dict | None:
-    """``query/finalists.json`` where the searched model is the finalists' choice, else None."""
-    p = run_dir / "query" / "finalists.json"
+    """``query/searched/finalists.json`` where the searched model is the finalists' choice, else None."""
+    p = run_dir / "query" / "searched" / "finalists.json"
     if searched is None or not p.exists():
         return None
     fin = read_json(p)

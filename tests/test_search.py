@@ -188,7 +188,7 @@ def test_finalists_pick_by_training_loss_and_continue(search_run):
     cfg.query.finalists, cfg.query.finalist_epochs = 3, 1
     q = api.train_searched(cfg, name="picked", log=quiet)
     run = root / "run"
-    fin = json.loads((run / "query" / "finalists.json").read_text())
+    fin = json.loads((run / "query" / "picked" / "finalists.json").read_text())
     archs = [f["arch"] for f in fin["finalists"]]
     assert len(archs) == len(set(archs)) >= 2
     assert archs[0] == json.loads((run / "best_arch.json").read_text())["arch"]  # the search's best first

@@ -458,8 +458,9 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
 
 
 def train_searched(cfg: Config, name: str = "searched", resume: bool = False, restart: bool = False,
-                   retrain_changed: bool = False, log=print) -> dict:
-    """Train the search's choice as the query model ``name``.
+                   retrain_changed: bool = False, search_dir: Path | None = None, log=print) -> dict:
+    """Train the search's choice (``best_arch.json`` and ``trials.csv`` in ``search_dir``,
+    default the run directory) as the query model ``name``.
 
     With ``query.finalists`` K > 1 the choice is made by training, not by the supernet alone:
     the search's K best distinct archs (by reward) each train ``query.finalist_epochs``
@@ -468,12 +469,13 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
     archs of one budget poorly where they differ little (Kendall tau near 0 on Omniglot, in
     BENCHMARKS.md), while a model's own loss a sixth of the way into its training ranked 21
     trained archs of one budget at tau 0.39-0.44. The finalists' runs are kept under
-    ``query/finalist-<hash>`` (a killed selection resumes) and the choice in
-    ``query/finalists.json``. Costs about (K - 1) * finalist_epochs / epochs more trainings."""
+    ``query/finalist-<hash>`` (a killed selection resumes) and the choice in the model's
+    ``finalists.json``. Costs about (K - 1) * finalist_epochs / epochs more trainings."""
     from hwnas.search.runner import load_best, top_archs
 
     rd = RunDir(cfg)
-    best = load_best(rd.path)
+    search_dir = rd.path if search_dir is None else Path(search_dir)
+    best = load_best(search_dir)
     k, e = cfg.query.finalists, cfg.query.finalist_epochs
     tc = cfg.train_config("query")
     if k <= 1:
@@ -483,7 +485,7 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
         raise HwnasError(f"query.finalist_epochs ({e}) must be fewer than query.train.epochs "
                          f"({tc.epochs}): the finalists are compared part way through their training")
     space = cfg.search_space()
-    rows, cands = [], top_archs(rd.path, k)
+    rows, cands = [], top_archs(search_dir, k)
     for i, c in enumerate(cands):
         log(f"[finalists] {i + 1}/{len(cands)}: search reward {c['reward']:.4f}, {c['predicted_ms']:.4f} ms "
             f"predicted, {e} of {tc.epochs} epochs")
@@ -491,9 +493,6 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
                         restart=restart, retrain_changed=True, stop_after=e, log=log)
         rows.append({**c, "name": r["name"], "train_loss": r["history"][e - 1]["loss"]})
     chosen = min(rows, key=lambda r: r["train_loss"])
-    write_json(rd.path / "query" / "finalists.json",
-               {"epochs": e, "of_epochs": tc.epochs, "chosen": chosen["arch"], "search_best": best["arch"],
-                "finalists": rows})
     log("[finalists] training loss after {} epochs: {}; chosen {} (search rank {})".format(
         e, ", ".join(f"{r['train_loss']:.4f}" for r in rows), chosen["name"], rows.index(chosen) + 1))
     # the chosen run goes on from its checkpoint, in the model's own directory
@@ -509,7 +508,10 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
         tmp = out / ".checkpoint.tmp"
         shutil.copyfile(rd.path / "query" / chosen["name"] / "checkpoint.safetensors", tmp)
         os.replace(tmp, ckpt)
-    return train_query(cfg, arch=chosen["arch"], name=name, resume=True, retrain_changed=retrain_changed, log=log)
+    q = train_query(cfg, arch=chosen["arch"], name=name, resume=True, retrain_changed=retrain_changed, log=log)
+    write_json(out / "finalists.json", {"epochs": e, "of_epochs": tc.epochs, "chosen": chosen["arch"],
+                                        "search_best": best["arch"], "finalists": rows})
+    return q
 
 
 def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
