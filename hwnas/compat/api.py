@@ -481,6 +481,11 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
     if k <= 1:
         return train_query(cfg, arch=best["arch"], name=name, resume=resume, restart=restart,
                            retrain_changed=retrain_changed, log=log)
+    from hwnas.compat.train import dist_info
+
+    if dist_info()[1] > 1:
+        raise HwnasError("query.finalists compares its finalists in one process: run train-query "
+                         "without torchrun, or set query.finalists: 0")
     if e >= tc.epochs:
         raise HwnasError(f"query.finalist_epochs ({e}) must be fewer than query.train.epochs "
                          f"({tc.epochs}): the finalists are compared part way through their training")
