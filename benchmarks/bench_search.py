@@ -62,7 +62,10 @@ def _train_eval(base, run_dir, name, kw):
     quiet = lambda *_: None  # noqa: E731
     if "finalists_from" in kw:  # the search's choice by query.finalists (its best K, part-trained)
         cfg.query.finalists = kw["finalists"]
-        q = api.train_searched(cfg, name=name, resume=True, search_dir=Path(kw["finalists_from"]), log=quiet)
+        # each budget's finalists in their own directories: two budgets training in parallel
+        # may share an arch
+        q = api.train_searched(cfg, name=name, resume=True, search_dir=Path(kw["finalists_from"]),
+                               finalist_prefix=f"{name}-finalist", log=quiet)
     else:
         q = api.train_query(cfg, name=name, resume=True, log=quiet, **kw)
     qdir = Path(run_dir) / "query" / q["name"]
@@ -386,16 +389,19 @@ def main() -> None:
             if fin is not None:
                 from hwnas.utils import read_json
 
-                row["finalists"] = {**fin, "k": args.finalists, **read_json(
+                row["finalists"] = {**fin, **read_json(
                     Path(args.run_dir) / "query" / fin["name"] / "finalists.json")}
             summarize_budget(row)
             rows.append(row)
             print(b, s, row["random_median_M(q,g)"], flush=True)
+        if not rows:
+            raise SystemExit("no budget has its searched model and 2 random archs trained yet: "
+                             "run without --finished-only first")
         if not args.measure_later:
             measure_budgets(rows)
         res["budgets"] = rows
         res["proxy_fidelity"] = proxy_fidelity([x for r in rows for x in (r["searched"], *r["random"])], scores)
-        res["selection_fidelity"] = selection_fidelity(rows, base.query.finalist_epochs, 5)
+        res["selection_fidelity"] = selection_fidelity(rows, base.query.finalist_epochs, max(args.finalists, 2))
         res["budgets_trained_on"] = machine()
         res["budgets_table_range_ms"] = [lo, hi]
         res["budget_fracs"] = [r["budget_frac"] for r in rows]
@@ -533,14 +539,14 @@ def main() -> None:
         fins = [r for r in res["budgets"] if "measured_ms" in r.get("finalists", {})]
         if fins:
             f0 = fins[0]["finalists"]
-            md += ["", f"The search's choice made by training (`query.finalists: {f0['k']}`: its {f0['k']} best archs "
+            k0 = len(f0["finalists"])
+            md += ["", f"The search's choice made by training (`query.finalists: {k0}`: its {k0} best archs "
                    f"by score each train {f0['epochs']} of {f0['of_epochs']} epochs, the lowest training loss "
                    "finishes), against the same random archs:", "",
                    "| budget ms (pred.) | chosen: search rank | M(q,g) | M(q,q) | meas. ms | random archs beaten on "
                    "M(q,g) / M(q,q) | target |", "|---|---|---|---|---|---|---|"]
             for r in fins:
                 f = r["finalists"]
-                rank = [x["arch"] for x in f["finalists"]].index(f["chosen"]) + 1
                 bq = sum(f["M(q,g)"] >= x["M(q,g)"] for x in r["random"])
                 bqq = sum(f["M(q,q)"] >= x["M(q,q)"] for x in r["random"])
                 short = [w for w, bad in (
@@ -548,7 +554,7 @@ def main() -> None:
                     ("M(q,q) below the random median", f["M(q,q)"] < r["random_median_M(q,q)"]),
                     ("slower than the random median", f["measured_ms"] > r["random_median_measured_ms"]),
                     ("M(q,g) below MobileNetV3", f["M(q,g)"] < r["mobilenetv3"]["M(q,g)"])) if bad]
-                md.append(f"| {r['budget_ms']} | {rank} | {100 * f['M(q,g)']:.2f} | {100 * f['M(q,q)']:.2f} | "
+                md.append(f"| {r['budget_ms']} | {f['chosen_rank']} | {100 * f['M(q,g)']:.2f} | {100 * f['M(q,q)']:.2f} | "
                           f"{f['measured_ms']:.3f} | {bq}/{len(r['random'])} / {bqq}/{len(r['random'])} | "
                           f"{'; '.join(short) or 'searched >= both'} |")
         md += ["", "MobileNetV3-small at width 0.5 is the narrowest timm registers; where its measured "

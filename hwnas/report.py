@@ -146,7 +146,7 @@ def build_report(cfg, log=print) -> dict:
                     "M(g,g)_mAP": paragon["mAP"]},
         "rows": rows,
         # how the searched arch was picked among the search's best (query.finalists > 1)
-        "finalists": _finalists(rd.path, s),
+        "finalists": _finalists(rd.path, s) if cfg.query.finalists > 1 else None,
         "searched_pareto_better_than": pareto,
         "searched_dominated_by": dominated_by,
         "targets": None if s is None else {
@@ -185,10 +185,9 @@ def build_report(cfg, log=print) -> dict:
                f"{max(lat[0].pools_ms):.3f} ms; its latency x per pool: {min(pools):.1f}-{max(pools):.1f}.", ""]
     fin = report["finalists"]
     if fin:
-        rank = [f["arch"] for f in fin["finalists"]].index(fin["chosen"]) + 1
         md += [f"The searched arch is the one of the search's {len(fin['finalists'])} best (by reward) "
                f"with the lowest training loss after {fin['epochs']} of {fin['of_epochs']} epochs: the "
-               f"search's number {rank} (losses: "
+               f"search's number {fin['chosen_rank']} (losses: "
                + ", ".join(f"{f['train_loss']:.4f}" for f in fin["finalists"]) + ").", ""]
     md += [f"![accuracy vs latency]({png.name})", ""]
     atomic_write_text(rd.path / "report.md", "\n".join(md))

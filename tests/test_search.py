@@ -186,7 +186,8 @@ def test_finalists_pick_by_training_loss_and_continue(search_run):
     run_search(cfg, log=quiet)
     cfg.query.train = {**cfg.query.train, "epochs": 2}
     cfg.query.finalists, cfg.query.finalist_epochs = 3, 1
-    q = api.train_searched(cfg, name="picked", log=quiet)
+    logged: list[str] = []
+    q = api.train_searched(cfg, name="picked", log=logged.append)
     run = root / "run"
     fin = json.loads((run / "query" / "picked" / "finalists.json").read_text())
     archs = [f["arch"] for f in fin["finalists"]]
@@ -197,8 +198,14 @@ def test_finalists_pick_by_training_loss_and_continue(search_run):
     for f in fin["finalists"]:  # part way: a checkpoint, no model
         d = run / "query" / f["name"]
         assert (d / "checkpoint.safetensors").exists() and not (d / "model.safetensors").exists()
-    # the chosen run went on: its first epoch is the finalist's, the second is new
-    assert len(q["history"]) == 2 and q["history"][0]["loss"] == chosen["train_loss"]
+    # the chosen run went on from the finalist's checkpoint: its first epoch is the finalist's
+    # record (timing included), and only the second epoch trained
+    from hwnas.compat.train import checkpoint_meta
+
+    first = checkpoint_meta(run / "query" / chosen["name"] / "checkpoint.safetensors")["history"][0]
+    assert len(q["history"]) == 2 and q["history"][0] == first
+    assert any("[train-query picked] resuming after epoch 1/2" in m for m in logged)
+    assert fin["chosen_rank"] == archs.index(chosen["arch"]) + 1
     assert (run / "query" / "picked" / "model.safetensors").exists()
     # asked again, nothing trains: the finalists' checkpoints are read back, the model is kept
     files = [run / "query" / f["name"] / "checkpoint.safetensors" for f in fin["finalists"]]

@@ -355,7 +355,8 @@ def load_supernet(rd: RunDir):
 def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = None,
                 name: str | None = None, resume: bool = False, restart: bool = False,
                 inherit: bool | None = None, loss_override: dict | None = None,
-                retrain_changed: bool = False, stop_after: int | None = None, log=print) -> dict:
+                retrain_changed: bool = False, stop_after: int | None = None,
+                start_from: Path | None = None, log=print) -> dict:
     """Train one fixed query model (an SPOS arch, or a timm baseline) with the
     compatibility loss, then evaluate it on the test split.
 
@@ -364,8 +365,10 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     fix, or with ``retrain_changed`` (``hwnas run``, after a new search) trained again.
 
     ``stop_after`` (fewer than the schedule's epochs): train that many epochs of the full
-    schedule and return ``{"name", "partial": True, "history"}`` without saving a model; the
-    checkpoint stays, so a later call (``resume``) finishes the same training."""
+    schedule and return ``{"name", "partial": True, "history", "flops"}`` without saving a
+    model; the checkpoint stays, so a later call (``resume``) finishes the same training.
+    ``start_from``: another run's checkpoint of the same model and settings (a finalist's) to
+    go on from, where this name holds no checkpoint of its own."""
     from hwnas.compat.losses import PARTS, CompatLoss, LossConfig
     from hwnas.compat.tasks import CompatTask
     from hwnas.compat.train import drop_stale_checkpoint, fit, is_main
@@ -442,6 +445,11 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         f"{'inheriting supernet weights' if inherit and arch else 'from scratch'}, {tc.epochs} epochs")
     if retrain_changed:
         drop_stale_checkpoint(out / "checkpoint.safetensors", tc, settings, log=log)
+    if start_from is not None and not (out / "checkpoint.safetensors").exists():
+        from hwnas.utils import atomic_write_bytes
+
+        atomic_write_bytes(out / "checkpoint.safetensors", Path(start_from).read_bytes())
+        resume = True  # (fit refuses a checkpoint made with other settings all the same)
     hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
                seed=cfg.seed, resume=resume, desc=f"train-query {name}", settings=settings,
                stop_after=stop_after, log=log)
@@ -458,7 +466,8 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
 
 
 def train_searched(cfg: Config, name: str = "searched", resume: bool = False, restart: bool = False,
-                   retrain_changed: bool = False, search_dir: Path | None = None, log=print) -> dict:
+                   retrain_changed: bool = False, search_dir: Path | None = None,
+                   finalist_prefix: str = "finalist", log=print) -> dict:
     """Train the search's choice (``best_arch.json`` and ``trials.csv`` in ``search_dir``,
     default the run directory) as the query model ``name``.
 
@@ -466,12 +475,15 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
     the search's K best distinct archs (by reward) each train ``query.finalist_epochs``
     epochs of the full schedule, and the one with the lowest training loss there goes on to
     the end of its schedule (its run resumed, not redone). A weight-sharing supernet ranks
-    archs of one budget poorly where they differ little (Kendall tau near 0 on Omniglot, in
-    BENCHMARKS.md), while a model's own loss a sixth of the way into its training ranked 21
-    trained archs of one budget at tau 0.39-0.44. The finalists' runs are kept under
-    ``query/finalist-<hash>`` (a killed selection resumes) and the choice in the model's
-    ``finalists.json``. Costs about (K - 1) * finalist_epochs / epochs more trainings."""
+    archs of one budget poorly where they differ little, while a model's own loss a sixth of
+    the way into its training ranks them better (BENCHMARKS.md, "Search: omniglot", the
+    selection table). The finalists' runs are kept under ``query/<finalist_prefix>-<hash of
+    arch and supernet>`` (a killed selection resumes them; ``restart`` redoes the chosen
+    model's training from its finalist's checkpoint, not the finalists, whose runs are
+    deterministic) and the choice in the model's ``finalists.json``. Costs about
+    (K - 1) * finalist_epochs / epochs more trainings."""
     from hwnas.search.runner import load_best, top_archs
+    from hwnas.utils import content_hash
 
     rd = RunDir(cfg)
     search_dir = rd.path if search_dir is None else Path(search_dir)
@@ -490,32 +502,27 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
         raise HwnasError(f"query.finalist_epochs ({e}) must be fewer than query.train.epochs "
                          f"({tc.epochs}): the finalists are compared part way through their training")
     space = cfg.search_space()
+    # a finalist's run is its arch's with this run's supernet (when inheriting): a retrained
+    # supernet gives other finalists, not the old ones' checkpoints
+    sfp = read_json(rd.path / "supernet" / "config.json")["fingerprint"] if cfg.query.inherit else None
     rows, cands = [], top_archs(search_dir, k)
     for i, c in enumerate(cands):
         log(f"[finalists] {i + 1}/{len(cands)}: search reward {c['reward']:.4f}, {c['predicted_ms']:.4f} ms "
             f"predicted, {e} of {tc.epochs} epochs")
-        r = train_query(cfg, arch=c["arch"], name=f"finalist-{_short(c['arch'], space)}", resume=True,
-                        restart=restart, retrain_changed=True, stop_after=e, log=log)
+        fname = f"{finalist_prefix}-{content_hash({'arch': space.parse(c['arch']).to_string(space), 'supernet': sfp}, 8)}"
+        r = train_query(cfg, arch=c["arch"], name=fname, resume=True, retrain_changed=True, stop_after=e, log=log)
         rows.append({**c, "name": r["name"], "train_loss": r["history"][e - 1]["loss"]})
     chosen = min(rows, key=lambda r: r["train_loss"])
+    rank = rows.index(chosen) + 1
     log("[finalists] training loss after {} epochs: {}; chosen {} (search rank {})".format(
-        e, ", ".join(f"{r['train_loss']:.4f}" for r in rows), chosen["name"], rows.index(chosen) + 1))
-    # the chosen run goes on from its checkpoint, in the model's own directory
+        e, ", ".join(f"{r['train_loss']:.4f}" for r in rows), chosen["name"], rank))
+    # the chosen run goes on from its finalist's checkpoint, in the model's own directory
+    q = train_query(cfg, arch=chosen["arch"], name=name, resume=resume, restart=restart,
+                    retrain_changed=retrain_changed, log=log,
+                    start_from=rd.path / "query" / chosen["name"] / "checkpoint.safetensors")
     out = rd.path / "query" / name
-    if restart and out.exists():
-        shutil.rmtree(out)
-    if (_prepare_out(out, False) and retrain_changed
-            and read_json(out / "config.json").get("arch") != space.parse(chosen["arch"]).to_string(space)):
-        shutil.rmtree(out)  # a model of an earlier choice: the new one continues its finalist's run
-    ckpt = out / "checkpoint.safetensors"
-    if not _prepare_out(out, False) and not ckpt.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".checkpoint.tmp"
-        shutil.copyfile(rd.path / "query" / chosen["name"] / "checkpoint.safetensors", tmp)
-        os.replace(tmp, ckpt)
-    q = train_query(cfg, arch=chosen["arch"], name=name, resume=True, retrain_changed=retrain_changed, log=log)
     write_json(out / "finalists.json", {"epochs": e, "of_epochs": tc.epochs, "chosen": chosen["arch"],
-                                        "search_best": best["arch"], "finalists": rows})
+                                        "chosen_rank": rank, "search_best": best["arch"], "finalists": rows})
     return q
 
 
