@@ -226,6 +226,38 @@ def test_affine_augmentation_is_deterministic_and_keeps_edges():
     assert torch.allclose(augment_batch(page, "affine", torch.Generator().manual_seed(0)), page, atol=1e-5)
 
 
+def test_a_resumed_run_trains_the_same_model_as_an_unbroken_one(tmp_path):
+    """Stopped after an epoch (stop_after, or a kill) and resumed in a fresh process — whose
+    setup seeds torch's global generator again — a run ends bit-identical to an unbroken
+    one, random draws from that generator (the mix part's blend weights) included."""
+    from hwnas.compat.train import TrainConfig, fit
+
+    class Noisy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x, y, idx):
+            noise = torch.rand(len(x), 1)  # the global generator, as mix_images draws
+            return ((self.lin(x.flatten(1)) + noise - y.float().unsqueeze(1)) ** 2).mean(), {}
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(64, 1, 2, 2, generator=g), torch.randint(0, 3, (64,), generator=g)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05)
+    quiet = lambda *_: None  # noqa: E731
+
+    def run(path, stops):
+        for stop in stops:  # each call as a fresh process would make it
+            torch.manual_seed(0)
+            m = Noisy()
+            fit(m, images, labels, lambda x: x, cfg, path, seed=0, resume=True, stop_after=stop, log=quiet)
+        return m.state_dict()
+
+    unbroken = run(tmp_path / "a.safetensors", [None])
+    resumed = run(tmp_path / "b.safetensors", [1, 2, None])
+    assert all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
+
+
 def test_a_finished_model_of_another_arch_is_not_silently_kept(trained_gallery, tmp_path):
     """A new search may choose a new arch for the same name ('searched'): the old model is an
     error naming --restart, or (hwnas run) trained again — never reported as the new one."""

@@ -296,6 +296,9 @@ def fit(
         module.train()
         perm = np.random.default_rng([seed, epoch]).permutation(n)[rank::world][: spe * cfg.batch_size]
         gen = torch.Generator().manual_seed(seed * 100003 + epoch * 1009 + rank)
+        # what draws from torch's global generator (the mix part's blend weights) draws per
+        # epoch too, so a run resumed after a kill trains the very model an unbroken one would
+        torch.manual_seed(int(np.random.default_rng([seed, epoch, rank, 1]).integers(2**62)))
         sums: dict[str, float] = {}
         t0 = time.time()
         bar = tqdm(total=len(perm), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="img",
