@@ -487,11 +487,10 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
 
     rd = RunDir(cfg)
     search_dir = rd.path if search_dir is None else Path(search_dir)
-    best = load_best(search_dir)
     k, e = cfg.query.finalists, cfg.query.finalist_epochs
     tc = cfg.train_config("query")
     if k <= 1:
-        return train_query(cfg, arch=best["arch"], name=name, resume=resume, restart=restart,
+        return train_query(cfg, arch=load_best(search_dir)["arch"], name=name, resume=resume, restart=restart,
                            retrain_changed=retrain_changed, log=log)
     from hwnas.compat.train import dist_info
 
@@ -505,7 +504,7 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
     # a finalist's run is its arch's with this run's supernet (when inheriting): a retrained
     # supernet gives other finalists, not the old ones' checkpoints
     sfp = read_json(rd.path / "supernet" / "config.json")["fingerprint"] if cfg.query.inherit else None
-    rows, cands = [], top_archs(search_dir, k)
+    rows, cands = [], top_archs(search_dir, k)  # the search's best first
     for i, c in enumerate(cands):
         log(f"[finalists] {i + 1}/{len(cands)}: search reward {c['reward']:.4f}, {c['predicted_ms']:.4f} ms "
             f"predicted, {e} of {tc.epochs} epochs")
@@ -522,7 +521,7 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
                     start_from=rd.path / "query" / chosen["name"] / "checkpoint.safetensors")
     out = rd.path / "query" / name
     write_json(out / "finalists.json", {"epochs": e, "of_epochs": tc.epochs, "chosen": chosen["arch"],
-                                        "chosen_rank": rank, "search_best": best["arch"], "finalists": rows})
+                                        "chosen_rank": rank, "search_best": cands[0]["arch"], "finalists": rows})
     return q
 
 
