@@ -200,8 +200,9 @@ def test_step_keys_follow_what_each_step_reads():
     assert downstream(["search"]) == {"search", "train-query", "adapt", "baselines", "deploy", "report"}
     # gallery adaptation turned on: it and what ships or reports its model, nothing else
     assert changed(lambda c: setattr(c.adapt, "epochs", 15)) == {"adapt", "deploy", "report"}
-    # the finalists' selection is train-query's alone; off, its settings change no key
-    assert changed(lambda c: setattr(c.query, "finalists", 5)) == {"train-query", "deploy", "report"}
+    # the finalists' selection is train-query's (and the random baseline avoids every
+    # finalist); off, its settings change no key
+    assert changed(lambda c: setattr(c.query, "finalists", 5)) == {"train-query", "baselines", "deploy", "report"}
     assert changed(lambda c: setattr(c.query, "finalist_epochs", 3)) == set()
 
     def adapted(edit):

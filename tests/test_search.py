@@ -172,6 +172,13 @@ def test_outputs_and_from_search(search_run):
 
     space = cfg.search_space()  # the random feasible baseline is another arch than the searched
     assert space.parse(baseline_models(cfg, space)["random-feasible"]["arch"]) != space.parse(best["arch"])
+    # with finalists on, training may choose any of them: the baseline is none of them
+    from hwnas.search.runner import top_archs
+
+    cfg.query.finalists = 3
+    finalists = {space.parse(a["arch"]) for a in top_archs(run, 3)}
+    assert len(finalists) == 3
+    assert space.parse(baseline_models(cfg, space)["random-feasible"]["arch"]) not in finalists
 
 
 def test_finalists_pick_by_training_loss_and_continue(search_run):
