@@ -360,9 +360,9 @@ def main() -> None:
 
     if "budgets" in args.parts:
         # the searches first (a minute each), then every model trains budget by budget — the
-        # searched arch, then its random ones — so that a run stopped part way (it resumes:
-        # finished models are kept) has whole budgets done; the search's scores of every arch
-        # are computed while they train
+        # searched arch and the finalists' choice, then its random ones — so that a run stopped
+        # part way (it resumes: finished models are kept) has whole budgets done; the search's
+        # scores of every arch are computed while they train
         plan = []
         for frac in args.budget_fracs:
             b = round(lo + frac * (hi - lo), 4)
@@ -372,10 +372,10 @@ def main() -> None:
         jobs = [("bench-mobilenetv3_small_050", {"timm_name": "mobilenetv3_small_050"})]
         for frac, _, rand in plan:
             jobs.append((f"bench-budget-{frac}-searched", {"arch": found[frac]["arch"]}))
+            if args.finalists > 1:  # the pipeline's choice, next to the search's best
+                jobs.append((f"bench-budget-{frac}-finalists", {"finalists": args.finalists, "finalists_from": str(
+                    Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}")}))
             jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for i, a in enumerate(rand)]
-        if args.finalists > 1:  # after all the rest (added after a long run had started)
-            jobs += [(f"bench-budget-{frac}-finalists", {"finalists": args.finalists, "finalists_from": str(
-                Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}")}) for frac, _, _ in plan]
         if args.finished_only:  # the models a stopped run finished, evaluated here in turn
             from hwnas.compat.api import _prepare_out
 
