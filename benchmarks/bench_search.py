@@ -538,8 +538,7 @@ def main() -> None:
                       f"{100 * m['M(q,g)']:.2f} / {100 * m['M(q,q)']:.2f} / {m['measured_ms']:.3f} |")
         verdict = []
         for r in res["budgets"]:
-            s, m = r["searched"], r["mobilenetv3"]
-            short = _shortfalls(s, r)
+            short = _shortfalls(r["searched"], r)
             verdict.append(f"{r['budget_ms']} ms: " + ("searched >= both" if not short else "; ".join(short)))
         md += ["", "Where the random archs' SD is near the test split's standard error, architecture barely "
                "moves M(q,g) within that budget and no search can beat the median by more than noise."]
