@@ -270,7 +270,11 @@ def apply_sets(cfg, sets) -> None:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise HwnasError(f"--set {item!r}: expected KEY=VALUE, e.g. supernet.train.epochs=5")
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise HwnasError(f"--set {item!r}: the value is not valid YAML ({e.__class__.__name__}); "
+                             "quote it, e.g. --set 'data.unlabeled=[a.zip, b.zip]'") from None
         obj, parts = cfg, key.split(".")
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
@@ -280,6 +284,12 @@ def apply_sets(cfg, sets) -> None:
                     raise HwnasError(f"--set {key}: {'.'.join(parts[:i]) or 'config'} has no key "
                                      f"{part!r}; valid keys: {names}")
                 if last:
+                    if dataclasses.is_dataclass(getattr(obj, part)):
+                        raise HwnasError(f"--set {key}: {key} is a section; set one of its keys, "
+                                         f"e.g. --set {key}.{dataclasses.fields(getattr(obj, part))[0].name}=...")
+                    from hwnas.config import checked_fields
+
+                    value = checked_fields(type(obj), {part: value}, ".".join(parts[:i]))[part]
                     setattr(obj, part, value)
                     if hasattr(obj, "__post_init__"):  # the section's own checks, as on loading
                         obj.__post_init__()
@@ -315,7 +325,7 @@ def _load(args):
         d.split = {**d.split, "protocol": args.protocol}
     if getattr(args, "seed", None) is not None:
         d.split = {**d.split, "seed": args.seed}
-    return cfg
+    return cfg.validate()
 
 
 def cmd_data(args) -> int:
@@ -332,6 +342,11 @@ def cmd_data(args) -> int:
           f"(protocol {s.config.protocol}, seed {s.config.seed}, query_mode {s.config.query_mode})")
     print(format_table(["part", "images", "classes"], rows))
     print(f"splits: {rd.splits_path}")
+    from hwnas.data.splits import no_validation_reason
+
+    why = no_validation_reason(s)
+    if why:
+        print(f"WARNING: {why} (`hwnas search` and `hwnas run` stop on it)", file=sys.stderr)
     return 0
 
 

@@ -42,6 +42,13 @@ class GalleryConfig:
     freeze_backbone: bool = False  # with a checkpoint: train only the embedding head
     train: dict = field(default_factory=dict)  # TrainConfig fields
 
+    def __post_init__(self) -> None:
+        if self.classifier not in CLASSIFIERS:
+            raise HwnasError(f"gallery.classifier {self.classifier!r} must be one of {', '.join(CLASSIFIERS)}")
+        if not self.scale > 0 or self.margin < 0:
+            raise HwnasError(f"gallery.scale ({self.scale}) must be > 0 and gallery.margin "
+                             f"({self.margin}) >= 0 (e.g. 30 and 0.2)")
+
 
 @dataclass
 class SupernetConfig:
@@ -101,6 +108,20 @@ class LatencyConfig:
     threads: int | None = None  # ONNX Runtime intra-op threads (default: physical cores)
     validate: int = 0  # hwnas run: end-to-end validation archs when it builds a table
 
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise HwnasError(f"latency.threads {self.threads} must be at least 1, or null for the "
+                             "physical core count")
+        if self.validate < 0:
+            raise HwnasError(f"latency.validate {self.validate} must be >= 0 (0: no end-to-end check)")
+
+
+SAMPLERS = ("tpe", "nsga2", "random", "evolution")
+REWARDS = ("r1", "r2", "r3")
+METRICS = ("recall@1", "recall@5", "recall@10", "mAP")
+VAL_QUERIES = ("all", "split")
+CLASSIFIERS = ("cosface", "arcface")
+
 
 @dataclass
 class SearchConfig:
@@ -125,6 +146,37 @@ class SearchConfig:
     crossover_prob: float = 0.5
     storage: str | None = None  # default: sqlite in the run directory
     study_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """The settings' own checks; ``hwnas search`` runs them again after its flags."""
+        for name, allowed in (("reward", REWARDS), ("metric", METRICS), ("sampler", SAMPLERS),
+                              ("val_queries", VAL_QUERIES)):
+            if getattr(self, name) not in allowed:
+                raise HwnasError(f"search.{name} (--{name.replace('_', '-')}) {getattr(self, name)!r} "
+                                 f"must be one of {', '.join(allowed)}")
+        if not 0 <= self.alpha <= 1:
+            raise HwnasError(f"search.alpha (--alpha) {self.alpha} must be between 0 and 1 "
+                             "(the weight of M(q,g) in the r3 reward)")
+        if self.sampler == "evolution" and self.multi_objective:
+            raise HwnasError("the evolution sampler is single-objective; use nsga2 or tpe with "
+                             "--multi-objective")
+        for name in ("n_trials", "bn_batches", "max_infeasible", "population", "tournament"):
+            if getattr(self, name) < 1:
+                raise HwnasError(f"search.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("mutation_prob", "crossover_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise HwnasError(f"search.{name} {getattr(self, name)} must be between 0 and 1")
+        if self.budget_ms is not None and self.budget_ms <= 0:
+            raise HwnasError(f"search.budget_ms (--budget-ms) {self.budget_ms} must be positive")
+        if not 0 <= self.budget_fraction <= 1:
+            raise HwnasError(f"search.budget_fraction {self.budget_fraction} must be between 0 and 1 "
+                             "(0: the fastest subnet's latency, 1: the slowest's)")
+        if self.budget_speedup is not None and self.budget_speedup <= 0:
+            raise HwnasError(f"search.budget_speedup {self.budget_speedup} must be positive (e.g. 10: "
+                             "a tenth of the paragon's latency)")
 
 
 @dataclass
@@ -156,11 +208,7 @@ class Config:
     def split_config(self):
         from hwnas.data.splits import SplitConfig
 
-        known = {f.name for f in dataclasses.fields(SplitConfig)}
-        bad = sorted(set(self.data.split) - known)
-        if bad:
-            raise HwnasError(f"config data.split: unknown keys {bad}; valid keys: {sorted(known)}")
-        return SplitConfig(**self.data.split)
+        return _build(SplitConfig, self.data.split, "data.split")
 
     def preprocess(self):
         from hwnas.data.images import Preprocess
@@ -180,30 +228,52 @@ class Config:
         d = self.query.loss if (section == "query" and self.query.loss is not None) else self.supernet.loss
         return _build(LossConfig, d, f"{section}.loss")
 
+    def validate(self) -> "Config":
+        """Build every part that is otherwise built only when its step starts (the split, the
+        space, the preprocessing, the training and loss settings), so a mistake in any of
+        them fails at once, not after earlier steps have trained for hours."""
+        if not isinstance(self.run_dir, str) or not self.run_dir:
+            raise HwnasError(f"config run_dir must be a folder path, got {self.run_dir!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise HwnasError(f"config seed must be a whole number, got {self.seed!r}")
+        for section in (self.data, self.gallery, self.supernet, self.query, self.latency,
+                        self.search, self.deploy, self.adapt):
+            # re-check the sections: a --set, a flag or code may have changed a value since loading
+            name = _SECTION_NAMES[type(section)]
+            for k, v in checked_fields(type(section), dataclasses.asdict(section), name).items():
+                setattr(section, k, v)
+            if hasattr(section, "__post_init__"):
+                section.__post_init__()
+        self.split_config()
+        self.preprocess()
+        for section in ("gallery", "supernet", "query"):
+            self.train_config(section)
+        self.loss_config("supernet")
+        self.loss_config("query")
+        return self
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def _build(cls, d: dict, where: str):
-    if not isinstance(d, dict):
-        raise HwnasError(f"config section {where!r} must be a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    bad = sorted(set(d) - set(fields))
-    if bad:
-        raise HwnasError(f"config {where}: unknown keys {bad}; valid keys: {sorted(fields)}")
-    kw: dict[str, Any] = {}
-    for k, v in d.items():
+    kw = checked_fields(cls, d, where)
+    for k, v in kw.items():
         if k in SECTIONS:
-            v = _build(SECTIONS[k], v, k)
-        elif isinstance(v, list) and k in ("mean", "std"):
-            v = tuple(v)
-        kw[k] = v
+            kw[k] = _build(SECTIONS[k], v, k)
     return cls(**kw)
+
+
+def checked_fields(cls, d: dict, where: str) -> dict:
+    from hwnas.fields import checked_fields as check
+
+    return check(cls, d, where)
 
 
 SECTIONS = {"data": DataConfig, "gallery": GalleryConfig, "supernet": SupernetConfig,
             "query": QueryConfig, "latency": LatencyConfig, "search": SearchConfig,
             "deploy": DeployConfig, "adapt": AdaptConfig}
+_SECTION_NAMES = {cls: name for name, cls in SECTIONS.items()}
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -223,4 +293,7 @@ def load_config(path: str | Path | None) -> Config:
             d = yaml.safe_load(text)
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
         raise HwnasError(f"config file {path} is not valid YAML/JSON: {e}") from None
-    return _build(Config, d or {}, str(path))
+    try:
+        return _build(Config, {} if d is None else d, "")
+    except HwnasError as e:
+        raise HwnasError(f"{path}: {e}") from None

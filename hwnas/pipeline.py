@@ -238,6 +238,7 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
 
     if redo_from is not None and redo_from not in STEPS:
         raise HwnasError(f"--from {redo_from!r} is not a step; steps: {', '.join(STEPS)}")
+    cfg.validate()  # every setting a step reads, checked before the first step starts
     # a wrong image source fails now, not after the gallery's training
     for source in (cfg.data.unlabeled, cfg.adapt.images if cfg.adapt.epochs else None):
         if source:
@@ -281,7 +282,12 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
         steps.mark(name, {**summary, "seconds": round(time.time() - t, 1)}, keys[name])
 
     def data():
+        from hwnas.data.splits import no_validation_reason
+
         s = rd.splits(log=log)
+        why = no_validation_reason(s)
+        if why:  # the search step needs them: fail now, not after the gallery's training
+            raise HwnasError(f"{why} (a new split needs a new run directory, or --from data)")
         return {"fingerprint": s.fingerprint, "counts": s.counts()}
 
     def profile():

@@ -68,6 +68,11 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     r = hwnas("run", str(tmp_path / "u.yaml"))
     assert r.returncode == 2 and "nope.zip does not exist" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "urun").exists()
+    # a setting only a late step reads (the query model's training) fails before the first step
+    (tmp_path / "t.yaml").write_text(f"run_dir: {tmp_path / 'trun'}\nquery:\n  train: {{epochs: ten}}\n")
+    r = hwnas("run", str(tmp_path / "t.yaml"))
+    assert r.returncode == 2 and "query.train.epochs must be a whole number" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "trun").exists()
     (tmp_path / "a.yaml").write_text(f"run_dir: {tmp_path / 'arun'}\nadapt:\n  epochs: 2\n  images: "
                                      f"{tmp_path / 'catalog'}\n")
     r = hwnas("run", str(tmp_path / "a.yaml"))

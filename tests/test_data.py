@@ -183,6 +183,75 @@ def test_empty_class_single_image_missing_dir(tmp_path):
         image_folder(tmp_path / "missing")
 
 
+def test_split_layouts_hidden_folders_and_one_class(tmp_path):
+    """A train/test layout beside a hidden folder still reads as train/test; split folders
+    beside others (val/, or train/ alone) are an error that names the fix, while a class
+    that happens to be called "train" (CIFAR-100 has one: images, not folders) is a class."""
+    make_png_folder(tmp_path / "ds" / "train", {"a": 4, "b": 4})
+    make_png_folder(tmp_path / "ds" / "test", {"a": 3, "b": 3})
+    (tmp_path / "ds" / ".ipynb_checkpoints").mkdir()
+    col = image_folder(tmp_path / "ds")
+    assert col.class_names == ["a", "b"] and sorted(set(col.splits)) == ["test", "train"]
+    make_png_folder(tmp_path / "ds" / "val", {"a": 2, "b": 2})
+    with pytest.raises(DataError, match=r"split folders \['test', 'train', 'val'\].*ds/train as the data folder"):
+        image_folder(tmp_path / "ds")
+    make_png_folder(tmp_path / "vehicles", {"train": 3, "bus": 3})
+    assert image_folder(tmp_path / "vehicles").class_names == ["bus", "train"]
+    make_png_folder(tmp_path / "one", {"a": 10})
+    with pytest.raises(DataError, match="1 class.*at least 2 classes"):
+        make_splits(image_folder(tmp_path / "one"), SplitConfig())
+
+
+def test_small_classes_name_the_setting_that_fixes_them(tmp_path):
+    """Seven images a class leave one test image at test_fraction 0.2: the error gives the
+    test_fraction that works, and that value does work; too few training images for a
+    validation split is reported with the val_fraction that gives one."""
+    from hwnas.data.splits import no_validation_reason
+
+    col = image_folder(make_png_folder(tmp_path / "imgs", {"a": 7, "b": 9}))
+    with pytest.raises(DataError, match="'a' has 7 images.*test_fraction to at least 0.22") as e:
+        make_splits(col, SplitConfig())
+    assert "eval_per_class" not in str(e.value)
+    s = make_splits(col, SplitConfig(test_fraction=0.22))
+    assert len(s.parts["query"]) and len(s.parts["gallery"])
+    why = no_validation_reason(s)
+    assert why and "val_fraction to at least" in why
+    need = float(why.split("at least ")[1].split(",")[0])
+    assert no_validation_reason(make_splits(col, SplitConfig(test_fraction=0.22, val_fraction=need))) is None
+    assert "val_fraction is 0" in no_validation_reason(make_splits(col, SplitConfig(test_fraction=0.22, val_fraction=0)))
+
+
+def test_manifest_encodings(tmp_path):
+    """A spreadsheet's "CSV UTF-8" (with a byte-order mark) reads; Latin-1 text and a folder
+    given as the manifest are clear errors."""
+    make_png_folder(tmp_path / "imgs", {"x": 3, "y": 3})
+    rows = "path,label\n" + "".join(f"imgs/{c}/img{i:03d}.png,{c}\n" for c in "xy" for i in range(3))
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + rows.encode())
+    assert len(manifest(tmp_path / "bom.csv")) == 6
+    (tmp_path / "latin1.csv").write_bytes((rows + "imgs/x/img000.png,caf\xe9\n").encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8.*CSV UTF-8"):
+        manifest(tmp_path / "latin1.csv")
+    with pytest.raises(DataError, match="is a folder"):
+        manifest(tmp_path / "imgs")
+
+
+def test_16bit_and_float_images_are_rescaled_not_clipped(tmp_path):
+    """A 16-bit PNG and a float image in [0, 1] decode to the same 8-bit picture as their
+    8-bit original, not to white (clipped) or black (truncated)."""
+    from PIL import Image
+
+    from hwnas_edge.preprocess import image_to_array
+
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    ref = image_to_array(Image.fromarray(np.rint(ramp * 255).astype(np.uint8)), 32, 1).astype(int)
+    Image.fromarray(np.rint(ramp * 65535).astype(np.uint16)).save(tmp_path / "a16.png")
+    with Image.open(tmp_path / "a16.png") as im16:
+        for img in (im16, Image.fromarray(ramp.astype(np.float32))):
+            got = image_to_array(img, 32, 1).astype(int)
+            assert np.abs(got - ref).max() <= 1, img.mode
+            assert image_to_array(img, 16, 3).shape == (3, 16, 16)
+
+
 def test_splits_from_other_data_refused(tmp_path, omniglot_dir):
     root = make_png_folder(tmp_path / "imgs", {"a": 3, "b": 3})
     s = make_splits(image_folder(root), SplitConfig(protocol="closed", test_fraction=0.5))

@@ -14,10 +14,29 @@ import numpy as np
 RESIZE_RULE = "shorter-side-bilinear+center-crop"
 
 
+def _to_8bit(img):
+    """A 16-bit, 32-bit or float grey image as 8-bit grey, rescaled. Pillow's ``convert``
+    clips these instead (a 16-bit PNG turns nearly all white, a float image in [0, 1] black)."""
+    from PIL import Image
+
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        a = a / 257.0  # the full 16-bit range onto 0..255
+    else:  # "I" (a 16-bit PNG may open so) or "F": the range the values use
+        hi = float(a.max()) if a.size else 0.0
+        if img.mode == "F" and hi <= 1.0:
+            a = a * 255.0
+        elif hi > 255:
+            a = a * (255.0 / (65535.0 if hi <= 65535 else hi))
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
 def image_to_array(img, size: int, channels: int) -> np.ndarray:
     """PIL image -> uint8 array (channels, size, size)."""
     from PIL import Image
 
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_8bit(img)
     img = img.convert("L" if channels == 1 else "RGB")
     w, h = img.size
     if (w, h) != (size, size):

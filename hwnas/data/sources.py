@@ -29,6 +29,8 @@ FASHION_MNIST_CLASSES = (
 )
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 SPLITS = ("train", "test")
+# folder names that mark a split layout (root/<split>/<class>/<image>)
+SPLIT_FOLDER_NAMES = {"train", "test", "val", "valid", "validation", "dev", "query", "gallery"}
 
 
 @dataclass
@@ -204,7 +206,7 @@ def _open_image(src, name: str):
         img = Image.open(src)
         img.load()
         return img
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(
             f"cannot read image {name}: {e}; fix or remove the file, or pass "
             "--skip-bad-images to skip unreadable images (they are counted)"
@@ -241,8 +243,22 @@ def image_folder(root: str | os.PathLike) -> Collection:
         raise DataError(f"image folder {root} does not exist; pass the directory that holds "
                         "one folder per class")
     entries: list = []
-    subdirs = {d.name for d in root.iterdir() if d.is_dir()}
+    subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
     has_splits = subdirs == set(SPLITS)
+    # split folders (train/, val/, ...) that hold class folders, beside others: reading them
+    # as classes would make "train" and "val" the classes. A class folder named "train"
+    # (CIFAR-100 has one) holds images, not folders, so it is not mistaken for a split.
+    split_like = sorted(n for n in subdirs & SPLIT_FOLDER_NAMES
+                        if any(d.is_dir() for d in (root / n).iterdir()))
+    if split_like and not has_splits:
+        others = sorted(subdirs - set(split_like))
+        beside = f" beside {others}" if others else ""
+        main = "train" if "train" in split_like else split_like[0]
+        raise DataError(
+            f"{root} holds split folders {split_like} of class folders{beside}; hwnas reads "
+            "either one folder per class, or exactly train/ and test/ of class folders: move "
+            "validation images into train/ (hwnas makes its own validation split), or pass "
+            f"{root / main} as the data folder")
     if has_splits:
         for s in SPLITS:
             _scan_class_dirs(root / s, s, entries)
@@ -255,6 +271,9 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
     """A CSV manifest with header ``path,label[,split]``; relative paths are resolved
     against the CSV's directory; ``split`` is ``train`` or ``test``."""
     csv_path = Path(csv_path)
+    if csv_path.is_dir():
+        raise DataError(f"manifest {csv_path} is a folder; give the CSV file's path (or, for a "
+                        "folder of class folders, --dataset folder)")
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path} does not exist")
     cols, rows = _read_csv(csv_path, ("path", "label"), "manifest", "columns path,label[,split]")
@@ -276,13 +295,18 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
 
 def _read_csv(path: Path, required: Sequence[str], what: str, want: str) -> tuple[list[str], list[dict]]:
     """A CSV's (stripped) header and rows; a missing required column is a DataError."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        if not set(required) <= set(cols):
-            raise DataError(f"{what} {path} must have a header row with {want}; found {cols or 'no header'}")
-        reader.fieldnames = cols
-        return cols, list(reader)
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            reader = csv.DictReader(f)
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            if not set(required) <= set(cols):
+                raise DataError(f"{what} {path} must have a header row with {want}; found {cols or 'no header'}")
+            reader.fieldnames = cols
+            return cols, list(reader)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it "
+                            "as CSV UTF-8") from None
 
 
 def _zip_images(zpath: Path, suffixes) -> tuple[list[str], list[bytes]]:

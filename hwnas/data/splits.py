@@ -167,7 +167,7 @@ def _subsample(col: Collection, idx: np.ndarray, per_class: int | None, seed: in
     return np.sort(np.concatenate(keep)) if keep else idx[:0]
 
 
-def _query_gallery(col: Collection, idx: np.ndarray, cfg: SplitConfig, what: str):
+def _query_gallery(col: Collection, idx: np.ndarray, cfg: SplitConfig, what: str, fix: str = ""):
     """Split eval images into (query, gallery): seeded per class, or leave-one-out."""
     q, g = [], []
     for c, ix in _by_class(col, idx).items():
@@ -175,7 +175,7 @@ def _query_gallery(col: Collection, idx: np.ndarray, cfg: SplitConfig, what: str
             raise DataError(
                 f"class {col.class_names[c]!r} has {len(ix)} image in the {what} images; "
                 "retrieval needs at least 2 per class (one query, one gallery item): add "
-                "images, drop the class, or raise eval_per_class"
+                f"images or drop the class{fix}"
             )
         if cfg.query_mode == "all":
             q.append(ix)
@@ -188,9 +188,35 @@ def _query_gallery(col: Collection, idx: np.ndarray, cfg: SplitConfig, what: str
     return cat(q), cat(g)
 
 
+def no_validation_reason(splits: "Splits") -> str | None:
+    """Why the split has no validation images (which the search needs), and the fix; None
+    when it has them."""
+    if len(splits.parts["val_query"]) and len(splits.parts["val_gallery"]):
+        return None
+    cfg = splits.config
+    if cfg.val_fraction == 0:
+        return ("the split has no validation images (data.split.val_fraction is 0); the search "
+                "needs them: set val_fraction > 0 in a new run directory")
+    if cfg.protocol == "closed":
+        per = np.bincount(splits.labels("train"))
+        most = int(per.max()) if len(per) else 0
+        need = min(0.9, 1.5 / most + 0.005) if most else 0.9
+        return (f"the split has no validation images: with val_fraction {cfg.val_fraction}, a class "
+                f"gives validation images only when val_fraction x its training images rounds to 2 "
+                f"or more, and the largest class has {most} training images; set "
+                f"data.split.val_fraction to at least {need:.2f}, or add images")
+    return (f"the split has no validation images: val_fraction {cfg.val_fraction} of the "
+            f"{len(splits.classes('train'))} training classes rounds to none; raise "
+            "data.split.val_fraction or add classes")
+
+
 def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
     cfg = cfg or SplitConfig()
+    if col.num_classes < 2:
+        raise DataError(f"{col.name}: {col.num_classes} class ({', '.join(col.class_names) or 'none'}); "
+                        "retrieval needs at least 2 classes: give one folder (or label) per class")
     all_idx = np.arange(len(col), dtype=np.int64)
+    fix = f", or raise data.split.eval_per_class (now {cfg.eval_per_class})" if cfg.eval_per_class else ""
     if col.splits is not None and set(col.splits) != {"train", "test"}:
         raise DataError(
             f"{col.name}: the source split has only {sorted(set(col.splits))}; it needs both "
@@ -203,12 +229,21 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
             train, test = all_idx[src == "train"], all_idx[src == "test"]
         else:
             tr, te = [], []
-            for c, ix in _by_class(col, all_idx).items():
-                if len(ix) < 3:
-                    raise DataError(
-                        f"class {col.class_names[c]!r} has {len(ix)} image(s); the closed-set "
-                        "protocol needs at least 3 per class (train, query, gallery)"
-                    )
+            by_class = _by_class(col, all_idx)
+            c, ix = min(by_class.items(), key=lambda kv: len(kv[1]))  # the smallest class
+            if len(ix) < 3:
+                raise DataError(
+                    f"class {col.class_names[c]!r} has {len(ix)} image(s); the closed-set "
+                    "protocol needs at least 3 per class (train, query, gallery)"
+                )
+            if min(max(1, int(round(cfg.test_fraction * len(ix)))), len(ix) - 1) < 2:
+                raise DataError(
+                    f"class {col.class_names[c]!r} has {len(ix)} images: test_fraction "
+                    f"{cfg.test_fraction} of them is 1 test image, and retrieval needs at "
+                    "least 2 (one query, one gallery item); set data.split.test_fraction to "
+                    f"at least {min(0.67, 1.5 / len(ix) + 0.005):.2f}, or add images"
+                )
+            for c, ix in by_class.items():
                 a, b = _split_idx(ix, cfg.test_fraction, _rng(cfg.seed, 1, col.class_names[c]))
                 te.append(a)
                 tr.append(b)
@@ -230,7 +265,7 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
         train = np.sort(np.concatenate(keep))
         vq = np.sort(np.concatenate(val_q)) if val_q else np.zeros(0, np.int64)
         vg = np.sort(np.concatenate(val_g)) if val_g else np.zeros(0, np.int64)
-        q, g = _query_gallery(col, test, cfg, "test")
+        q, g = _query_gallery(col, test, cfg, "test", fix)
     else:  # open set
         if src is not None:
             tr_cls = set(col.labels[src == "train"].tolist())
@@ -264,7 +299,7 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
             vq, vg = _query_gallery(col, val, SplitConfig(**{**asdict(cfg), "query_mode": "split"}), "validation")
         else:
             vq = vg = np.zeros(0, np.int64)
-        q, g = _query_gallery(col, test, cfg, "test")
+        q, g = _query_gallery(col, test, cfg, "test", fix)
     if not len(train):
         raise DataError(f"{col.name}: no training images left after splitting")
     return Splits(cfg, {"train": train, "val_query": vq, "val_gallery": vg, "query": q, "gallery": g}, col)

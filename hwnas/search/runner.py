@@ -25,17 +25,11 @@ from typing import Callable
 
 import numpy as np
 
-from hwnas.config import Config
+from hwnas.config import REWARDS, SAMPLERS, VAL_QUERIES, Config
 from hwnas.errors import HwnasError
 from hwnas.rundir import RunDir
 from hwnas.space import Arch, arch_flops
 from hwnas.utils import atomic_write_text, save_figure, write_json
-
-SAMPLERS = ("tpe", "nsga2", "random", "evolution")
-REWARDS = ("r1", "r2", "r3")
-
-
-VAL_QUERIES = ("all", "split")
 
 
 def reward(m_qq: float, m_qg: float, kind: str = "r3", alpha: float = 0.5) -> float:
@@ -79,6 +73,7 @@ class SupernetEvaluator:
 
         from hwnas.compat import api
         from hwnas.data.images import Preprocess
+        from hwnas.data.splits import no_validation_reason
 
         rd = RunDir(cfg)
         self.net, scfg, _ = api.load_supernet(rd)
@@ -86,9 +81,9 @@ class SupernetEvaluator:
         self.pre = Preprocess.from_dict(scfg["preprocess"])
         api.check_compatible(gallery.config, self.net.space.embed_dim, self.pre)
         splits = rd.splits(log=log)
-        if not len(splits.parts["val_query"]) or not len(splits.parts["val_gallery"]):
-            raise HwnasError("the split has no validation images (data.split.val_fraction is 0); "
-                             "the search needs them: set val_fraction > 0 in a new run directory")
+        why = no_validation_reason(splits)
+        if why:
+            raise HwnasError(why)
         if cfg.search.val_queries not in VAL_QUERIES:
             raise HwnasError(f"search.val_queries {cfg.search.val_queries!r} must be one of {VAL_QUERIES}")
         same_pre = gallery.config["preprocess"] == self.pre.to_dict()
@@ -230,15 +225,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     import optuna
 
     s = cfg.search
-    if s.reward not in REWARDS:
-        raise HwnasError(f"--reward {s.reward!r} must be one of {REWARDS}")
-    if s.metric not in ("recall@1", "recall@5", "recall@10", "mAP"):
-        raise HwnasError(f"--metric {s.metric!r} must be recall@1, recall@5, recall@10 or mAP")
-    if not 0 <= s.alpha <= 1:
-        raise HwnasError(f"--alpha {s.alpha} must be between 0 and 1")
-    if s.sampler == "evolution" and s.multi_objective:
-        raise HwnasError("the evolution sampler is single-objective; use nsga2 or tpe with "
-                         "--multi-objective")
+    s.check()
     rd = RunDir(cfg)
     space = cfg.search_space()
     predictor, tpath = predictor_for(cfg, space)

@@ -215,13 +215,9 @@ class SearchSpace:
                 "hwnas version whose networks differ; rebuild it with this version (re-run "
                 "`hwnas profile` for a latency table, the training commands for models)"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SpaceError(
-                f"unknown search-space keys {unknown}; valid keys are {sorted(known)}"
-            )
-        return cls(**d)
+        from hwnas.fields import checked_fields
+
+        return cls(**checked_fields(cls, d, "space", SpaceError))
 
     @property
     def hash(self) -> str:

@@ -1,0 +1,60 @@
+"""Config checks: a wrong type or value in any section is a clear error when the config is
+loaded (or a --set applied), not a TypeError in the middle of a training hours later."""
+
+import pytest
+
+from hwnas.config import load_config
+from hwnas.errors import HwnasError
+
+
+def _load(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return load_config(p).validate()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("supernet:\n  train: {epochs: ten}", r"supernet\.train\.epochs must be a whole number, got str 'ten'"),
+    ("gallery:\n  train: {batch_size: '64'}", "batch_size must be a whole number.*without quotes"),
+    ("data:\n  mean: 0.5", r"data\.mean must be a list.*e\.g\. \[0\.5\]"),
+    ("data:\n  skip_bad_images: 'false'", "skip_bad_images must be true or false"),
+    ("data:\n  split: {query_fraction: '0.2'}", r"data\.split\.query_fraction must be a number"),
+    ("data:\n  data_dir: 123", r"data\.data_dir must be text or null"),
+    ("run_dir: null", "run_dir must be text"),
+    ("seed: abc", "seed must be a whole number"),
+    ("space:\n  input_size: '32'", r"space\.input_size must be a whole number"),
+    ("supernet:\n  loss: {bct: high}", r"supernet\.loss\.bct must be a number"),
+    ("search:\n  sampler: bayes", r"search\.sampler.*'bayes' must be one of tpe, nsga2"),
+    ("search:\n  alpha: 2", r"search\.alpha.*between 0 and 1"),
+    ("gallery:\n  classifier: softmax", "gallery.classifier 'softmax' must be one of cosface, arcface"),
+    ("latency:\n  threads: 0", "latency.threads 0 must be at least 1"),
+    ("- a\n- b", "config file must be a mapping"),
+])
+def test_wrong_type_or_value_is_named_at_load(tmp_path, text, message):
+    with pytest.raises(HwnasError, match=message):
+        _load(tmp_path, text)
+
+
+def test_yaml_exponent_numbers_are_numbers(tmp_path):
+    """PyYAML reads ``1e-3`` (no dot) as text; a float field takes it as the number meant."""
+    cfg = _load(tmp_path, "query:\n  train: {lr: 1e-3, epochs: 3}\nadapt:\n  lr: 5E-4\n")
+    assert cfg.train_config("query").lr == 0.001 and cfg.adapt.lr == 0.0005
+
+
+def test_set_overrides_are_checked(tmp_path):
+    from hwnas.cli import apply_sets
+
+    cfg = load_config(None)
+    apply_sets(cfg, ["search.n_trials=7", "data.mean=[0.4]"])
+    assert cfg.search.n_trials == 7 and cfg.data.mean == (0.4,)
+    for item, message in [("search.n_trials=many", "n_trials must be a whole number"),
+                          ("data.split.query_fraction=[", "not valid YAML"),
+                          ("data=5", "data is a section; set one of its keys"),
+                          ("search.sampler=bayes", "must be one of")]:
+        with pytest.raises(HwnasError, match=message):
+            apply_sets(load_config(None), [item])
+    # a key inside a plain-dict part (train, loss, split) is checked when the config validates
+    cfg = load_config(None)
+    apply_sets(cfg, ["supernet.train.epochs=ten"])
+    with pytest.raises(HwnasError, match=r"supernet\.train\.epochs"):
+        cfg.validate()
