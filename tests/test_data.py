@@ -233,6 +233,9 @@ def test_manifest_encodings(tmp_path):
         manifest(tmp_path / "latin1.csv")
     with pytest.raises(DataError, match="is a folder"):
         manifest(tmp_path / "imgs")
+    (tmp_path / "dup.csv").write_text(rows + "imgs/y/img001.png,x\n")
+    with pytest.raises(DataError, match="img001.png' is listed more than once"):
+        manifest(tmp_path / "dup.csv")
 
 
 def test_16bit_and_float_images_are_rescaled_not_clipped(tmp_path):

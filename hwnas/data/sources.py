@@ -51,7 +51,10 @@ class Collection:
         if len(self.ids) != len(self.labels):
             raise ValueError("ids and labels differ in length")
         if len(set(self.ids)) != len(self.ids):
-            raise DataError(f"{self.name}: image ids are not unique")
+            seen: set = set()
+            dup = next(i for i in self.ids if i in seen or seen.add(i))
+            raise DataError(f"{self.name}: image {dup!r} is listed more than once (each image "
+                            "must appear once, with one label): remove the repeated rows")
         if not len(self.ids):
             raise DataError(f"{self.name}: no images found")
 
