@@ -178,6 +178,57 @@ def test_edge_session_runs_at_the_deployed_thread_count(bundle):
         b.session(threads=0)
 
 
+def test_damaged_bundles_are_clear_errors(bundle, tmp_path):
+    """A bundle whose manifest is cut off or lacks a key, whose query.onnx is not ONNX or
+    from another deployment, or whose index is cut off, is a BundleError naming the file and
+    the fix (deploy again), never a decoder traceback; the edge CLI checks its own flags."""
+    import shutil
+
+    from hwnas_edge.bundle import Bundle, BundleError, verify
+
+    root, _, m = bundle
+
+    def damaged(name, edit):
+        d = tmp_path / name
+        shutil.copytree(root / "run" / "bundle", d)
+        edit(d)
+        return d
+
+    cut = damaged("cut", lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text()[:200]))
+    with pytest.raises(BundleError, match="manifest.*deploy the bundle again"):
+        Bundle(cut)
+
+    def drop_preprocess(d):
+        mf = json.loads((d / "manifest.json").read_text())
+        del mf["preprocess"]["size"]
+        (d / "manifest.json").write_text(json.dumps(mf))
+    with pytest.raises(BundleError, match="lacks preprocess.size"):
+        Bundle(damaged("nokey", drop_preprocess))
+
+    def other_fingerprint(d):
+        mf = json.loads((d / "manifest.json").read_text())
+        mf["query"]["fingerprint"] = "0123456789abcdef"
+        (d / "manifest.json").write_text(json.dumps(mf))
+    with pytest.raises(BundleError, match="query_fingerprint .* manifest says 0123456789abcdef"):
+        Bundle(damaged("otherfp", other_fingerprint)).session()
+    notonnx = damaged("notonnx", lambda d: (d / "query.onnx").write_bytes(b"not a model"))
+    with pytest.raises(BundleError, match="ONNX Runtime cannot load .*query.onnx"):
+        Bundle(notonnx, check_hashes=False).session()
+    short = damaged("short", lambda d: (d / "gallery.index").write_bytes((d / "gallery.index").read_bytes()[:100]))
+    with pytest.raises(BundleError, match="FAISS cannot read"):
+        Bundle(short, check_hashes=False).index
+    with pytest.raises(BundleError, match="gallery.index has changed"):
+        verify(short)
+    env = _no_torch_env(tmp_path)
+    b = str(root / "run" / "bundle")
+    img = str(_test_images(bundle[1], tmp_path, 1)[0])
+    for args, word in [(["--top-k", "0"], "--top-k: must be a whole number of 1 or more"),
+                       (["--server", "notaurl"], "must be an http:// or https:// URL")]:
+        r = subprocess.run([sys.executable, "-m", "hwnas_edge.cli", "query", b, img, *args],
+                           env=env, capture_output=True, text=True)
+        assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -230,6 +281,8 @@ def test_service_answers_and_refuses(service, bundle, tmp_path):
         ({"embeddings": [[0.1] * dim] * 5, "fingerprint": fp}, 413, "batch limit"),
         ({"embeddings": v, "fingerprint": fp, "top_k": 0}, 400, "top_k"),
         ({"embeddings": [["x"] * dim], "fingerprint": fp}, 422, "numbers"),
+        ({"embeddings": [["0.5"] * dim], "fingerprint": fp}, 422, "only numbers"),
+        ({"embeddings": [[[1]] * dim], "fingerprint": fp}, 422, "only numbers"),
         ({"embeddings": v}, 400, "fingerprint"),
     ]
     for body_, code, word in cases:
@@ -270,3 +323,13 @@ def test_index_search_params_travel_with_the_file(tmp_path):
         assert got == info["search_params"][key]
     with pytest.raises(HwnasError, match="needs training data"):
         build_index(x[:10], "IVF32,Flat")
+
+
+def test_an_index_too_large_for_the_gallery_names_one_that_fits():
+    from hwnas.export.deploy import build_index
+
+    emb = np.random.default_rng(0).normal(size=(500, 16)).astype(np.float32)
+    with pytest.raises(HwnasError, match=r"at least 100000 items.*has 500.*IVF12,Flat"):
+        build_index(emb, "IVF100000,Flat", use_gpu=False)
+    index, _ = build_index(emb, "IVF12,Flat", use_gpu=False)  # the suggestion builds
+    assert index.ntotal == 500

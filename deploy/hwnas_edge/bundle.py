@@ -31,6 +31,27 @@ class BundleError(Exception):
     """A bundle that is missing, tampered with, or used with the wrong model."""
 
 
+# what every reader of the manifest relies on (dotted: nested keys)
+MANIFEST_KEYS = ("artifacts", "embed_dim", "preprocess.size", "preprocess.channels",
+                 "preprocess.mean", "preprocess.std", "query.fingerprint", "gallery.fingerprint")
+
+
+def _has(d: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return True
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BundleError(f"cannot read the bundle's {what} {path}: {e}; deploy the bundle "
+                          "again (or restore it from where it was copied)") from None
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -47,7 +68,11 @@ def ort_session(path: str | Path, threads: int | None = None):
         so.intra_op_num_threads = threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"ONNX Runtime cannot load {path}: {first}; deploy the bundle again") from None
 
 
 class Bundle:
@@ -57,9 +82,14 @@ class Bundle:
         if not mpath.exists():
             raise BundleError(f"{self.path} is not an hwnas bundle (no manifest.json); create one "
                               "with `hwnas deploy`")
-        self.manifest = json.loads(mpath.read_text())
-        if self.manifest.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"{mpath} has format {self.manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+        self.manifest = _read_json(mpath, "manifest")
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != BUNDLE_FORMAT:
+            got = self.manifest.get("format") if isinstance(self.manifest, dict) else type(self.manifest).__name__
+            raise BundleError(f"{mpath} has format {got!r}, expected {BUNDLE_FORMAT!r}")
+        missing = [k for k in MANIFEST_KEYS if not _has(self.manifest, k)]
+        if missing:
+            raise BundleError(f"{mpath} lacks {', '.join(missing)}: it is damaged or was not "
+                              "written by `hwnas deploy`; deploy the bundle again")
         if check_hashes:
             bad = self.check_hashes()
             if bad:
@@ -115,6 +145,12 @@ class Bundle:
             if meta.get("gallery_fingerprint") != self.gallery_fingerprint:
                 raise BundleError(f"{name} is compatible with gallery {meta.get('gallery_fingerprint')} "
                                   f"but this index was built by gallery {self.gallery_fingerprint}")
+            # the model's own record of what it is and takes, against the manifest's
+            for key, want in (("query_fingerprint", self.query_fingerprint),
+                              ("input_size", self.pre["size"]), ("channels", self.pre["channels"])):
+                if key in meta and str(meta[key]) != str(want):
+                    raise BundleError(f"{name} records {key} {meta[key]} but the manifest says {want}: "
+                                      "the two come from different deployments; deploy the bundle again")
             if int8 or threads is not None:
                 return s
             self._session = s
@@ -145,7 +181,12 @@ class Bundle:
         if self._index is None:
             import faiss
 
-            self._index = faiss.read_index(str(self.path / "gallery.index"))
+            try:
+                self._index = faiss.read_index(str(self.path / "gallery.index"))
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
+                raise BundleError(f"FAISS cannot read {self.path / 'gallery.index'} ({first}); "
+                                  "deploy the bundle again") from None
             if self._index.d != self.dim:
                 raise BundleError(f"gallery.index has dimension {self._index.d}, manifest says {self.dim}")
         return self._index
@@ -153,7 +194,10 @@ class Bundle:
     @property
     def items(self) -> list[dict]:
         if self._items is None:
-            self._items = json.loads((self.path / "gallery_items.json").read_text())
+            self._items = _read_json(self.path / "gallery_items.json", "gallery items")
+            if not isinstance(self._items, list) or len(self._items) != self.index.ntotal:
+                raise BundleError(f"{self.path / 'gallery_items.json'} does not list the index's "
+                                  f"{self.index.ntotal} rows; deploy the bundle again")
         return self._items
 
     def search(self, emb: np.ndarray, k: int = 5) -> list[list[dict]]:
@@ -196,6 +240,7 @@ def verify(path: str | Path, min_cosine: float = 0.9999) -> dict:
         if p["min_cosine"] < min_cosine:
             raise BundleError(f"{side}.onnx parity failed: min cosine {p['min_cosine']:.6f} < {min_cosine}")
     b.session()  # metadata fingerprint check
+    len(b.items)  # the index and its rows load
     return {"bundle": str(path), "artifacts": len(b.manifest["artifacts"]), "hashes": "ok",
             "parity": par, "query_fingerprint": b.query_fingerprint,
             "gallery_fingerprint": b.gallery_fingerprint}

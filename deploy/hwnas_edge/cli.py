@@ -18,17 +18,37 @@ from hwnas_edge.bundle import Bundle, BundleError, verify
 
 
 def _remote_search(server: str, emb, fingerprint: str, k: int, timeout: float = 30.0) -> list:
+    if not server.startswith(("http://", "https://")):
+        raise BundleError(f"--server {server!r} must be an http:// or https:// URL, e.g. "
+                          "http://127.0.0.1:8000")
     body = json.dumps({"embeddings": emb.tolist(), "fingerprint": fingerprint, "top_k": k}).encode()
     req = urllib.request.Request(server.rstrip("/") + "/search", data=body,
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())["results"]
+            raw = r.read()
+        results = json.loads(raw)["results"]
+        if not isinstance(results, list):
+            raise TypeError
+        return results
+    except (ValueError, KeyError, TypeError):  # no JSON, or no "results" list in it
+        raise BundleError(f"{server} answered, but not as an hwnas gallery service (no JSON "
+                          "'results'); check the address and that `hwnas-edge serve` runs there") from None
     except urllib.error.HTTPError as e:
         msg = e.read().decode(errors="replace")
         raise BundleError(f"gallery service refused the query ({e.code}): {msg}") from None
     except urllib.error.URLError as e:
         raise BundleError(f"cannot reach the gallery service at {server}: {e.reason}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, not {text!r}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="embed images with query.onnx and search the gallery")
     q.add_argument("bundle")
     q.add_argument("images", nargs="+")
-    q.add_argument("--top-k", type=int, default=5)
+    q.add_argument("--top-k", type=_positive_int, default=5, help="hits per image (default 5)")
     q.add_argument("--server", help="search a remote gallery service instead of the local index")
     q.add_argument("--int8", action="store_true", help="use the int8 query model")
     q.add_argument("--json", action="store_true", help="print JSON")

@@ -82,10 +82,10 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
             return error(400, f"'top_k' must be an integer from 1 to {max_top_k}")
         if not all(isinstance(v, list) and len(v) == bundle.dim for v in emb):
             return error(422, f"every embedding must be a list of {bundle.dim} numbers")
-        try:
-            arr = np.asarray(emb, dtype=np.float32)
-        except (TypeError, ValueError):
-            return error(422, "embeddings must contain only numbers")
+        # numbers only: numpy would take "0.5" and true as numbers, and nest a list in a list
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for v in emb for x in v):
+            return error(422, "embeddings must contain only numbers (no strings, booleans or lists)")
+        arr = np.asarray(emb, dtype=np.float32)
         if not np.isfinite(arr).all() or any(math.isclose(float(n), 0.0) for n in np.linalg.norm(arr, axis=1)):
             return error(422, "embeddings must be finite and non-zero")
         return {"results": bundle.search(arr, top_k)}

@@ -77,10 +77,16 @@ def build_index(emb: np.ndarray, factory: str, use_gpu: bool | None = None) -> t
         info["gpu_skipped"] = "faiss-gpu or a GPU is not present"
     if info["built_on"] == "cpu":
         if not index.is_trained:
-            if len(emb) < 40:
-                raise HwnasError(f"index {factory!r} needs training data; the gallery has only "
-                                 f"{len(emb)} items: use --index Flat")
-            index.train(emb)
+            nlist = getattr(faiss.extract_index_ivf(index), "nlist", 0) if "IVF" in factory else 0
+            if len(emb) < max(40, nlist):
+                raise HwnasError(f"index {factory!r} needs training data: at least "
+                                 f"{max(40, nlist)} items, and the gallery has {len(emb)}: use "
+                                 f"--index Flat, or fewer lists (IVF{max(1, len(emb) // 39)},Flat)")
+            try:
+                index.train(emb)
+            except RuntimeError as e:
+                raise HwnasError(f"FAISS cannot train index {factory!r} on {len(emb)} gallery "
+                                 f"items: {str(e).splitlines()[0]}; use --index Flat") from None
         index.add(emb)
     info["search_params"] = _search_params(index)
     return index, info
