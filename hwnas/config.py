@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hwnas.errors import HwnasError
 
@@ -169,12 +169,14 @@ class SearchConfig:
         for name in ("mutation_prob", "crossover_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise HwnasError(f"search.{name} {getattr(self, name)} must be between 0 and 1")
-        if self.budget_ms is not None and self.budget_ms <= 0:
-            raise HwnasError(f"search.budget_ms (--budget-ms) {self.budget_ms} must be positive")
+        if self.budget_ms is not None and not (math.isfinite(self.budget_ms) and self.budget_ms > 0):
+            raise HwnasError(f"search.budget_ms (--budget-ms) {self.budget_ms} must be a positive number "
+                             "of milliseconds")
         if not 0 <= self.budget_fraction <= 1:
             raise HwnasError(f"search.budget_fraction {self.budget_fraction} must be between 0 and 1 "
                              "(0: the fastest subnet's latency, 1: the slowest's)")
-        if self.budget_speedup is not None and self.budget_speedup <= 0:
+        if self.budget_speedup is not None and not (math.isfinite(self.budget_speedup)
+                                                    and self.budget_speedup > 0):
             raise HwnasError(f"search.budget_speedup {self.budget_speedup} must be positive (e.g. 10: "
                              "a tenth of the paragon's latency)")
 

@@ -65,7 +65,6 @@ def build_report(cfg, log=print) -> dict:
     """Evaluate the searched query model, the baselines and the paragon on the test split,
     measure every model's edge latency (ONNX Runtime CPU, batch 1, interleaved), and write
     report.json, report.md and report_accuracy_vs_latency.png."""
-    import json
     import math
 
     from hwnas.compat import api
@@ -95,7 +94,7 @@ def build_report(cfg, log=print) -> dict:
             log(f"[report] {name}: not trained, left out")
             continue
         ev_path = qdir / "evaluation-test.json"
-        ev = json.loads(ev_path.read_text()) if ev_path.exists() else api.evaluate_query(cfg, query_dir=str(qdir), log=log)
+        ev = read_json(ev_path) if ev_path.exists() else api.evaluate_query(cfg, query_dir=str(qdir), log=log)
         net, qcfg = load_query(qdir)
         if qcfg.get("adapted") and name != ADAPTED:
             raise HwnasError(f"{qdir} holds an adapted model (it has seen the gallery's images), so it "

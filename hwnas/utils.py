@@ -6,8 +6,9 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def stable_json(obj: Any) -> str:
@@ -19,28 +20,36 @@ def content_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(stable_json(obj).encode()).hexdigest()[:n]
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp file beside ``path`` to write to. On success it replaces ``path`` in one
+    rename; on any failure (Ctrl-C and a kill's KeyboardInterrupt included) it is removed,
+    so neither a half-written file nor a stray temp file is left. The name is unique, so
+    several workers may write the same file at once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; artifacts get the usual umask mode
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: a temp file in the same directory, fsync, rename.
 
     A reader (or a killed writer) never sees a half-written file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; artifacts get the usual umask mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def _file_mode() -> int:
@@ -59,8 +68,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file hwnas wrote; a damaged one (cut off by a full disk, edited by hand) is an
+    error naming it and the fix, not a decoder traceback."""
+    from hwnas.errors import HwnasError
+
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HwnasError(f"{path} is damaged (not valid JSON: {e}); restore it, or run the "
+                             "command that wrote it again (--restart for a training)") from None
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:

@@ -12,7 +12,6 @@ Run directory layout::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from hwnas.config import Config
 from hwnas.errors import HwnasError
 from hwnas.rundir import RunDir
-from hwnas.utils import read_json, write_json
+from hwnas.utils import atomic_path, read_json, write_json
 
 
 # ---------------------------------------------------------------------- data
@@ -88,16 +87,17 @@ def _cached(path: Path, key: str, compute) -> np.ndarray:
     from safetensors.numpy import load_file, save_file
 
     if path.exists():
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="np") as f:
-            if (f.metadata() or {}).get("key") == key:
-                return load_file(str(path))["emb"]
+        try:
+            with safe_open(str(path), framework="np") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    return load_file(str(path))["emb"]
+        except (SafetensorError, OSError):
+            pass  # a damaged cache is a miss: recomputed and rewritten below
     emb = np.ascontiguousarray(compute(), dtype=np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # workers may race here
-    save_file({"emb": emb}, str(tmp), metadata={"key": key})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # a unique temp name: workers may race here
+        save_file({"emb": emb}, str(tmp), metadata={"key": key})
     return emb
 
 
@@ -160,6 +160,9 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
 
     rd = RunDir(cfg)
     out = rd.path / "gallery"
+    from hwnas.nn.models import check_timm_name
+
+    check_timm_name(cfg.gallery.backbone)  # a typo must not cost the trained model (--restart)
     if _prepare_out(out, restart):
         g = read_json(out / "config.json")
         log(f"[train-gallery] {out} is already trained (fingerprint {g['fingerprint']}); "
@@ -387,6 +390,13 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
                 else cfg.loss_config("query"))
     tc = cfg.train_config("query")
     inherit = cfg.query.inherit if inherit is None else inherit
+    # the arch or timm name is checked first: with --restart a typo must not cost the trained model
+    if arch is not None:
+        space.parse(arch)
+    else:
+        from hwnas.nn.models import check_timm_name
+
+        check_timm_name(timm_name)
     if _prepare_out(out, restart):
         old = read_json(out / "config.json")
         want = {"arch": None if arch is None else space.parse(arch).to_string(space), "timm": timm_name,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwnas.errors import HwnasError
-from hwnas.utils import content_hash
+from hwnas.utils import atomic_path, content_hash
 
 AUGMENTS = ("none", "crop", "crop-flip", "affine")
 
@@ -152,30 +152,34 @@ def save_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer, m
             else:
                 other.setdefault(str(pid), {})[k] = v
     meta = {**meta, "param_groups": sd["param_groups"], "opt_other": other}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"hwnas": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"hwnas": json.dumps(meta)})
 
 
 def _meta(f) -> dict:
     return json.loads((f.metadata() or {}).get("hwnas", "{}"))
 
 
+def _read_checkpoint(path: Path, tensors: bool) -> tuple[dict, dict]:
+    """A checkpoint's metadata, and its tensors if asked; a damaged file (a disk filled
+    mid-write before writes were atomic, a copy cut short) is an error with the fix."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return _meta(f), ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise HwnasError(f"checkpoint {path} is damaged ({e}); train from the start with "
+                         "--restart instead of --resume") from None
+
+
 def checkpoint_meta(path: Path) -> dict:
     """A checkpoint's metadata (epoch, key, history, ...), without reading its tensors."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return _meta(f)
+    return _read_checkpoint(path, tensors=False)[0]
 
 
 def load_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = _meta(f)
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = _read_checkpoint(path, tensors=True)
     module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict = {}
     for k, v in tensors.items():

@@ -43,7 +43,7 @@ class LatencyTable:
             raise HwnasError(f"latency table {path} does not exist; build it with "
                              "`hwnas profile --device cpu` (or pass --table)")
         d = read_json(path)
-        if d.get("header", {}).get("format") != TABLE_FORMAT:
+        if not isinstance(d, dict) or not isinstance(d.get("header"), dict) or d["header"].get("format") != TABLE_FORMAT:
             raise HwnasError(f"{path} is not a {TABLE_FORMAT} latency table")
         t = cls(d["header"], d["entries"])
         t.path = path

@@ -9,7 +9,6 @@ fingerprint of the gallery model it was trained to be compatible with.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -18,18 +17,25 @@ from torch import nn
 from hwnas.errors import HwnasError
 from hwnas.nn.blocks import l2_normalize
 from hwnas.nn.heads import CosineClassifier
-from hwnas.utils import content_hash, read_json, stable_json, write_json
+from hwnas.utils import atomic_path, content_hash, read_json, stable_json, write_json
 
 MODEL_FORMAT = "hwnas-model-v1"
 
 
-def _timm_create(name: str, in_chans: int, **kw) -> nn.Module:
+def check_timm_name(name: str) -> None:
+    """An unknown timm model name is an error naming similar ones."""
     import timm
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise HwnasError(f"unknown timm model {name!r}; similar names: {close or 'none'} "
                          "(see timm.list_models())")
+
+
+def _timm_create(name: str, in_chans: int, **kw) -> nn.Module:
+    import timm
+
+    check_timm_name(name)
     return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)
 
 
@@ -98,12 +104,11 @@ def save_model(out_dir: str | Path, modules: dict[str, nn.Module], config: dict)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
                for name, m in modules.items() for k, v in m.state_dict().items()}
-    tmp = out_dir / f".model.safetensors.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp))
     cfg = {k: v for k, v in config.items() if k not in ("fingerprint", "metrics")}
     cfg["format"] = MODEL_FORMAT
-    fp = hashlib.sha256((stable_json(cfg) + _weights_hash(tmp)).encode()).hexdigest()[:16]
-    tmp.replace(out_dir / "model.safetensors")
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+        fp = hashlib.sha256((stable_json(cfg) + _weights_hash(tmp)).encode()).hexdigest()[:16]
     full = {**config, **cfg, "fingerprint": fp}
     write_json(out_dir / "config.json", full)
     return full

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import socket
 import time
@@ -29,7 +28,7 @@ from hwnas.config import REWARDS, SAMPLERS, VAL_QUERIES, Config
 from hwnas.errors import HwnasError
 from hwnas.rundir import RunDir
 from hwnas.space import Arch, arch_flops
-from hwnas.utils import atomic_write_text, save_figure, write_json
+from hwnas.utils import atomic_write_text, read_json, save_figure, write_json
 
 
 def reward(m_qq: float, m_qg: float, kind: str = "r3", alpha: float = 0.5) -> float:
@@ -181,8 +180,15 @@ def make_storage(url: str | None, rd: RunDir):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         path = url[len("journal:"):]
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(path)), url
+        if not path or Path(path).is_dir():
+            raise HwnasError(f"--storage {url!r} needs a journal file's path after 'journal:' "
+                             "(e.g. journal:/shared/search.log), not a folder or nothing")
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(path)), url
+        except OSError as e:
+            raise HwnasError(f"cannot open the journal storage {path}: {e.strerror or e}; give a "
+                             "path in a folder you can write") from None
     try:
         import warnings
 
@@ -211,8 +217,15 @@ def make_storage(url: str | None, rd: RunDir):
         drivers = {"postgresql": "pip install 'psycopg[binary]'",
                    "mysql": "pip install pymysql (and use mysql+pymysql://)"}
         hint = next((v for k, v in drivers.items() if url.startswith(k)), None)
-        fix = f"; install the driver: {hint}" if hint and "import" in str(e).lower() else ""
-        raise HwnasError(f"cannot open the Optuna storage {url!r}: {e}{fix}") from None
+        if hint and "import" in str(e).lower():
+            fix = f"; install the driver: {hint}"
+        elif url.startswith("sqlite:"):
+            fix = ("; if the file is damaged, move it away (its finished trials are lost) or "
+                   "search in a new study with --storage or search.study_name")
+        else:
+            fix = ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HwnasError(f"cannot open the Optuna storage {url!r}: {first}{fix}") from None
 
 
 # ---------------------------------------------------------------------- the search
@@ -487,4 +500,8 @@ def load_best(run_dir: Path) -> dict:
     p = run_dir / "best_arch.json"
     if not p.exists():
         raise HwnasError(f"{p} does not exist: run `hwnas search --budget-ms B` first")
-    return json.loads(p.read_text())
+    best = read_json(p)
+    if not isinstance(best, dict) or not isinstance(best.get("arch"), str):
+        raise HwnasError(f"{p} names no arch (an \"arch\" string); run `hwnas search` again to "
+                         "write it, or give the arch with --arch")
+    return best

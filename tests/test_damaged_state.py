@@ -1,0 +1,89 @@
+"""A run directory's files damaged (a disk filled, a copy cut short, a hand edit) or a typo
+beside --restart: clear errors naming the fix, nothing trained lost, no temp files left."""
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config, write_cfg
+from hwnas.config import SearchConfig, load_config
+from hwnas.errors import HwnasError
+
+
+def test_a_typo_with_restart_keeps_the_trained_model(tmp_path):
+    """--restart empties the model's folder only once the arch or timm name is known good."""
+    from hwnas.compat import api
+
+    cfg = load_config(write_cfg(tmp_path / "c.json", tiny_config(tmp_path / "run")))
+    victim = tmp_path / "run" / "query" / "victim"
+    victim.mkdir(parents=True)
+    (victim / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(HwnasError, match="layers"):
+        api.train_query(cfg, arch="k3@0.6,skip", name="victim", restart=True)
+    with pytest.raises(HwnasError, match="unknown timm model 'mobilenetv3_smal'"):
+        api.train_query(cfg, timm_name="mobilenetv3_smal", name="victim", restart=True)
+    assert (victim / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_damaged_json_checkpoint_and_best_arch_name_the_fix(tmp_path):
+    from hwnas.compat.train import checkpoint_meta
+    from hwnas.search.runner import load_best
+    from hwnas.utils import read_json
+
+    (tmp_path / "splits.json").write_text('{"config": {"protocol": "cl')
+    with pytest.raises(HwnasError, match="splits.json is damaged.*run the command that wrote it"):
+        read_json(tmp_path / "splits.json")
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    with pytest.raises(HwnasError, match="damaged.*--restart instead of --resume"):
+        checkpoint_meta(tmp_path / "checkpoint.safetensors")
+    (tmp_path / "best_arch.json").write_text("{}")
+    with pytest.raises(HwnasError, match="names no arch"):
+        load_best(tmp_path)
+
+
+def test_a_damaged_embedding_cache_is_recomputed(tmp_path):
+    from hwnas.compat.api import _cached
+
+    path = tmp_path / "cache" / "gallery-val.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(b"\x50\x00\x00\x00\x00\x00\x00\x00{\"emb\": {\"dtype")  # cut off
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.ones((3, 4))
+
+    assert _cached(path, "k", compute).shape == (3, 4)
+    assert _cached(path, "k", compute).shape == (3, 4) and len(calls) == 1  # the rewrite is read
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_an_interrupted_write_leaves_neither_a_half_file_nor_a_temp_file(tmp_path):
+    from hwnas.utils import atomic_path
+
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt  # Ctrl-C mid-save
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_search_settings_and_storage_errors(tmp_path):
+    from hwnas.rundir import RunDir
+    from hwnas.search.runner import make_storage
+
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(HwnasError, match="budget_ms"):
+            SearchConfig(budget_ms=bad)
+    rd = RunDir(load_config(write_cfg(tmp_path / "c.json", tiny_config(tmp_path / "run"))))
+    for url in ("journal:", f"journal:{tmp_path}"):
+        with pytest.raises(HwnasError, match="journal file's path"):
+            make_storage(url, rd)
+    (tmp_path / "bad.db").write_bytes(b"this is not a sqlite database" * 100)
+    with pytest.raises(HwnasError, match="cannot open the Optuna storage.*move it away") as e:
+        make_storage(f"sqlite:///{tmp_path / 'bad.db'}", rd)
+    assert "\n" not in str(e.value)
