@@ -358,6 +358,13 @@ def cmd_space(args) -> int:
     from hwnas.space import arch_flops, arch_params
 
     sp = load_config(args.config).search_space()
+    if args.sample < 0:
+        raise HwnasError(f"--sample {args.sample} must be 0 or more (random archs to show)")
+    if args.arch is not None and not args.arch.strip():
+        raise HwnasError("--arch is empty; give an arch string, e.g. from `hwnas space --sample 1`")
+    if args.json and (args.arch or args.sample):
+        raise HwnasError("--json prints the space itself; drop --arch/--sample, or drop --json "
+                         "for the table of archs")
     if args.json:
         print(json.dumps({**sp.to_dict(), "hash": sp.hash}, indent=2))
         return 0
@@ -395,6 +402,23 @@ def cmd_profile(args) -> int:
     cfg = _load(args)
     if args.only_missing and args.remeasure:
         raise HwnasError("--only-missing and --remeasure contradict each other; pick one")
+    for flag, v, least in (("--rounds", args.rounds, 1), ("--runs", args.runs, 1),
+                           ("--validate", args.validate, 0), ("--threads", args.threads, 1)):
+        if v is not None and v < least:
+            raise HwnasError(f"{flag} {v} must be at least {least}"
+                             + (" (omit it for the physical core count)" if flag == "--threads" else ""))
+    if args.out:  # checked now, not after minutes of timing
+        import tempfile
+
+        o = Path(args.out)
+        if o.is_dir():
+            raise HwnasError(f"--out {o} is a folder; give the table's file path (e.g. {o / 'table.json'})")
+        try:
+            o.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=o.parent).close()
+        except OSError as e:
+            raise HwnasError(f"--out {o}: cannot write in {o.parent} ({e.strerror or e}); give a path "
+                             "in a folder you can write") from None
     space = cfg.search_space()
     if args.compare_threads is not None:
         if args.device != "cpu":

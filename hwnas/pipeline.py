@@ -52,6 +52,23 @@ REDO_OUTPUTS = {"data": ["splits.json", "cache"], "train-gallery": ["gallery", "
                 "search": ["search.db", "budget.json", "best_arch.json", "trials.csv"]}
 
 
+def lost_steps(cfg: Config, done: Callable[[str], bool]) -> list[str]:
+    """The steps marked done whose products are gone (deleted, or moved away by hand): the
+    record alone is not trusted, so they are done again with what builds on them."""
+    root = RunDir(cfg).path
+    products = {
+        "data": ["splits.json"], "train-gallery": ["gallery/model.safetensors"],
+        "train-supernet": ["supernet/model.safetensors"], "search": ["best_arch.json"],
+        "train-query": ["query/searched/model.safetensors"],
+        "adapt": [f"query/{ADAPTED}/model.safetensors"] if cfg.adapt.epochs else [],
+        "deploy": ["bundle/manifest.json"], "report": ["report.json"],
+    }
+    # (not the profile's table: it lies outside the run directory, under the working
+    # directory's latency_tables/, and a run started from elsewhere must not re-time the CPU;
+    # the search names the missing table instead)
+    return [n for n in STEPS if done(n) and any(not (root / p).exists() for p in products.get(n, []))]
+
+
 def step_keys(cfg: Config) -> dict[str, str]:
     """Each step's key: its config sections and the keys of the steps it builds on."""
     d, keys = cfg.to_dict(), {}
@@ -240,12 +257,13 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
         raise HwnasError(f"--from {redo_from!r} is not a step; steps: {', '.join(STEPS)}")
     cfg.validate()  # every setting a step reads, checked before the first step starts
     # a wrong image source fails now, not after the gallery's training
-    for source in (cfg.data.unlabeled, cfg.adapt.images if cfg.adapt.epochs else None):
+    for setting, source in (("data.unlabeled", cfg.data.unlabeled),
+                            ("adapt.images", cfg.adapt.images if cfg.adapt.epochs else None)):
         if source:
             from hwnas.data.sources import unlabeled_images, unlabeled_specs
 
-            for spec in unlabeled_specs(source):
-                unlabeled_images(spec)
+            for spec in unlabeled_specs(source, setting):
+                unlabeled_images(spec, setting)
     rd = RunDir(cfg)
     rd.path.mkdir(parents=True, exist_ok=True)
     rd.save_config()
@@ -255,9 +273,13 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     keys = step_keys(cfg)
     changed = steps.changed(keys)
     forced = [redo_from] if redo_from is not None else []
-    redo = [n for n in STEPS if n in downstream(changed + forced)]  # unfinished ones too
+    lost = [n for n in lost_steps(cfg, steps.done) if n not in downstream(changed + forced)]
+    redo = [n for n in STEPS if n in downstream(changed + forced + lost)]  # unfinished ones too
     if redo:
-        why = f"--from {redo_from}" if redo_from else f"the config changed for {', '.join(changed)}"
+        why = "; ".join(w for w in (
+            f"--from {redo_from}" if redo_from else "",
+            f"the config changed for {', '.join(changed)}" if changed else "",
+            f"the outputs of {', '.join(lost)} are missing" if lost else "") if w)
         from hwnas.export.onnx import GRAPH_FORM
 
         was = steps.state["done"].get("profile", {}).get("graph_form", 1)

@@ -73,6 +73,14 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     r = hwnas("run", str(tmp_path / "t.yaml"))
     assert r.returncode == 2 and "query.train.epochs must be a whole number" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "trun").exists()
+    # numbers a command cannot use, refused before any timing starts
+    for args, word in [(["profile", "--device", "cpu", "--threads", "0"], "--threads 0 must be at least 1"),
+                       (["profile", "--device", "cpu", "--validate", "-3"], "--validate -3 must be at least 0"),
+                       (["profile", "--device", "cpu", "--out", str(tmp_path)], "is a folder"),
+                       (["space", "--sample", "-3"], "--sample -3 must be 0 or more"),
+                       (["space", "--json", "--arch", "k3@1"], "--json prints the space itself")]:
+        r = hwnas(*args)
+        assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     (tmp_path / "a.yaml").write_text(f"run_dir: {tmp_path / 'arun'}\nadapt:\n  epochs: 2\n  images: "
                                      f"{tmp_path / 'catalog'}\n")
     r = hwnas("run", str(tmp_path / "a.yaml"))

@@ -87,3 +87,38 @@ def test_search_settings_and_storage_errors(tmp_path):
     with pytest.raises(HwnasError, match="cannot open the Optuna storage.*move it away") as e:
         make_storage(f"sqlite:///{tmp_path / 'bad.db'}", rd)
     assert "\n" not in str(e.value)
+
+
+def test_a_model_name_cannot_leave_the_query_folder(tmp_path):
+    """--name .. with --restart once emptied the whole run directory."""
+    from hwnas.compat import api
+
+    cfg = load_config(write_cfg(tmp_path / "c.json", tiny_config(tmp_path / "run")))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "splits.json").write_text("{}")
+    arch = cfg.search_space().smallest().to_string()
+    for name in ("..", ".", "a/b", ".hidden"):
+        with pytest.raises(HwnasError, match="plain folder name"):
+            api.train_query(cfg, arch=arch, name=name, restart=True)
+    assert (tmp_path / "run" / "splits.json").exists()
+
+
+def test_steps_whose_outputs_are_gone_are_done_again(tmp_path):
+    """hwnas run trusts no step record whose product is missing: that step (and what builds
+    on it) is redone, instead of a traceback or a report without the searched model."""
+    from hwnas.pipeline import STEPS, lost_steps
+
+    cfg = load_config(write_cfg(tmp_path / "c.json", tiny_config(tmp_path / "run")))
+    run = tmp_path / "run"
+    for p in ("splits.json", "gallery/model.safetensors", "supernet/model.safetensors",
+              "best_arch.json", "query/searched/model.safetensors", "bundle/manifest.json",
+              "report.json"):
+        (run / p).parent.mkdir(parents=True, exist_ok=True)
+        (run / p).write_text("x")
+    assert lost_steps(cfg, lambda n: True) == []
+    (run / "report.json").unlink()
+    (run / "best_arch.json").unlink()
+    assert lost_steps(cfg, lambda n: True) == ["search", "report"]
+    assert lost_steps(cfg, lambda n: n not in ("search", "report")) == []
+    cfg.adapt.epochs = 3  # on: its model is a product too
+    assert "adapt" in lost_steps(cfg, lambda n: n in STEPS)

@@ -318,3 +318,26 @@ def test_timing_parks_torch_threads_and_restores_them():
         assert Probe.seen == {1} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_table_part_measured_on_another_cpu_is_not_finished_here(tmp_path):
+    """Resuming a part-measured table on another machine would mix two CPUs' timings."""
+    from hwnas.latency.backends import OrtCpuBackend
+    from hwnas.latency.table import make_header
+    from hwnas.space import SearchSpace
+
+    space = SearchSpace(input_size=16, in_channels=1, stem_channels=8, stage_layers=(1, 1, 1, 1),
+                        stage_widths=(16, 24, 32, 40), head_channels=16, embed_dim=8)
+    backend = OrtCpuBackend(threads=1)
+    header = make_header(space, backend.settings(), 1, 1, 1)
+    header["device_name"] = "Some Other CPU"
+    LatencyTable(header, {}).save(tmp_path / "t.json")
+    with pytest.raises(HwnasError, match="part-measured on 'Some Other CPU'.*another --out"):
+        profile_space(space, backend, tmp_path / "t.json", log=lambda *_: None)
+
+
+def test_unlabeled_source_errors_name_the_setting(tmp_path):
+    from hwnas.data.sources import unlabeled_images
+
+    with pytest.raises(HwnasError, match=r"adapt.images .*missing does not exist.*set adapt.images"):
+        unlabeled_images(tmp_path / "missing", "adapt.images")

@@ -124,6 +124,15 @@ def _same_training(recorded: dict | None, wanted: dict) -> bool:
     return runtime(recorded) == runtime(json.loads(json.dumps(wanted)))
 
 
+def query_dir(rd: RunDir, name: str) -> Path:
+    """``RUN_DIR/query/NAME``; a name that would leave that folder (``..``, ``a/b``) is an
+    error, since --restart empties the folder it names."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise HwnasError(f"--name {name!r} must be a plain folder name (letters, digits, - _ @ ...; "
+                         "no '/', no leading '.'): it names RUN_DIR/query/NAME")
+    return rd.path / "query" / name
+
+
 def _prepare_out(out: Path, restart: bool) -> bool:
     """True if a finished model is already there (and ``restart`` is off)."""
     if restart and out.exists():
@@ -245,8 +254,8 @@ def _load_unlabeled(cfg: Config, source, pre, log, what: str = "data.unlabeled")
     from hwnas.data.sources import unlabeled_images, unlabeled_specs
 
     images, ids = [], []
-    for spec in unlabeled_specs(source):
-        col = unlabeled_images(spec)
+    for spec in unlabeled_specs(source, what):
+        col = unlabeled_images(spec, what)
         arr = materialize(col, range(len(col)), pre, cfg.data.skip_bad_images, desc="unlabeled")
         if arr.skipped:
             log(f"[data] skipped {len(arr.skipped)} unreadable images of {what} {spec} "
@@ -384,7 +393,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     rd = RunDir(cfg)
     space = cfg.search_space()
     name = name or (f"timm-{timm_name}" if timm_name else f"arch-{_short(arch, space)}")
-    out = rd.path / "query" / name
+    out = query_dir(rd, name)
     # an override is the whole loss: a part it does not name is off, not at its default weight
     loss_cfg = (LossConfig(**{**dict.fromkeys(PARTS, 0.0), **loss_override}) if loss_override is not None
                 else cfg.loss_config("query"))
@@ -529,7 +538,7 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
     q = train_query(cfg, arch=chosen["arch"], name=name, resume=resume, restart=restart,
                     retrain_changed=retrain_changed, log=log,
                     start_from=rd.path / "query" / chosen["name"] / "checkpoint.safetensors")
-    out = rd.path / "query" / name
+    out = query_dir(rd, name)
     write_json(out / "finalists.json", {"epochs": e, "of_epochs": tc.epochs, "chosen": chosen["arch"],
                                         "chosen_rank": rank, "search_best": cands[0]["arch"], "finalists": rows})
     return q
@@ -590,7 +599,7 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
                          "(loss.regress, contrast, mix or bank), so there is nothing to adapt with: "
                          "train it with one of them (e.g. query.loss.regress: 30)")
     name = name or f"{src.name}-adapted"
-    out = rd.path / "query" / name
+    out = query_dir(rd, name)
     if out.resolve() == src.resolve():
         raise HwnasError(f"--name {name} is the model being adapted ({src}); the adapted model needs "
                          "a directory of its own (default: NAME-adapted)")
@@ -608,7 +617,7 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
             raise HwnasError(f"adapt images must be uint8 (N, {pre.channels}, {pre.size}, {pre.size}), "
                              f"got {images.dtype} {tuple(images.shape)}")
     elif ac.images:
-        source = ", ".join(unlabeled_specs(ac.images))
+        source = ", ".join(unlabeled_specs(ac.images, "adapt.images"))
         images, _ = _load_unlabeled(cfg, ac.images, pre, log, what="adapt.images")
     else:
         source = "split:gallery"

@@ -212,7 +212,8 @@ def _open_image(src, name: str):
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(
             f"cannot read image {name}: {e}; fix or remove the file, or pass "
-            "--skip-bad-images to skip unreadable images (they are counted)"
+            "--skip-bad-images (or --set data.skip_bad_images=true) to skip unreadable images (they are "
+            "counted)"
         ) from None
 
 
@@ -337,7 +338,7 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool) -> Col
     def read(i: int):
         if not os.path.exists(paths[i]):
             raise DataError(f"image {paths[i]} does not exist (listed in {name}); fix the path "
-                            "or pass --skip-bad-images")
+                            "or pass --skip-bad-images (or --set data.skip_bad_images=true)")
         return _open_image(paths[i], paths[i])
 
     return Collection(
@@ -348,18 +349,19 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool) -> Col
 
 
 # ---------------------------------------------------------------------- unlabeled images
-def unlabeled_specs(value) -> list[str]:
-    """``data.unlabeled`` as a list of sources (it may be one source, a list of them, or null)."""
+def unlabeled_specs(value, setting: str = "data.unlabeled") -> list[str]:
+    """``data.unlabeled`` (or ``setting``, e.g. adapt.images) as a list of sources (it may be
+    one source, a list of them, or null)."""
     if value is None:
         return []
     specs = [value] if isinstance(value, (str, os.PathLike)) else list(value)
     if not specs or not all(isinstance(s, (str, os.PathLike)) and str(s) for s in specs):
-        raise DataError(f"data.unlabeled {value!r} must be a source (a folder, a .zip, a CSV "
+        raise DataError(f"{setting} {value!r} must be a source (a folder, a .zip, a CSV "
                         "manifest or strokes:N), a list of them, or null")
     return [str(s) for s in specs]
 
 
-def unlabeled_images(path: str | os.PathLike) -> Collection:
+def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled") -> Collection:
     """Images without labels, for the loss parts that need none (regression to the gallery
     embedding, contrast, mix): a folder (every image under it, at any depth; folder names
     are ignored), a ``.zip`` of images, a CSV manifest with a ``path`` column (other
@@ -370,24 +372,24 @@ def unlabeled_images(path: str | os.PathLike) -> Collection:
     if is_synthetic(str(path)):
         return strokes_collection(str(path))
     path = Path(path)
-    fix = ("set data.unlabeled to a folder of images, a .zip of images, a CSV manifest with "
+    fix = (f"set {setting} to a folder of images, a .zip of images, a CSV manifest with "
            "a path column or strokes:N (or a list of these), or to null")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if _is_image(p))
         if not files:
-            raise DataError(f"data.unlabeled {path} holds no images ({', '.join(sorted(IMAGE_EXTS))}); {fix}")
+            raise DataError(f"{setting} {path} holds no images ({', '.join(sorted(IMAGE_EXTS))}); {fix}")
         return _from_entries(f"unlabeled:{path.name}", path, [(f, "unlabeled", None) for f in files], False)
     if path.suffix.lower() == ".csv" and path.is_file():
-        _, rows = _read_csv(path, ("path",), "data.unlabeled manifest", "a path column")
+        _, rows = _read_csv(path, ("path",), f"{setting} manifest", "a path column")
         rel = [(r.get("path") or "").strip() for r in rows]
         if not any(rel):
-            raise DataError(f"data.unlabeled manifest {path} lists no images; {fix}")
+            raise DataError(f"{setting} manifest {path} lists no images; {fix}")
         entries = [(Path(r) if Path(r).is_absolute() else path.parent / r, "unlabeled", None) for r in rel if r]
         return _from_entries(f"unlabeled:{path.stem}", path.parent, entries, False)
     if path.suffix.lower() == ".zip" and path.is_file():
         names, blobs = _zip_images(path, IMAGE_EXTS)
         if not names:
-            raise DataError(f"data.unlabeled {path} holds no images; {fix}")
+            raise DataError(f"{setting} {path} holds no images; {fix}")
         ids = [f"{path.stem}/{n}" for n in names]
 
         def read(i: int):
@@ -395,7 +397,7 @@ def unlabeled_images(path: str | os.PathLike) -> Collection:
 
         return Collection(f"unlabeled:{path.stem}", ids, np.zeros(len(ids)), ["unlabeled"], read=read,
                           info={"source": str(path)})
-    raise DataError(f"data.unlabeled {path} does not exist or is not a folder, .zip or .csv; {fix}")
+    raise DataError(f"{setting} {path} does not exist or is not a folder, .zip or .csv; {fix}")
 
 
 # ---------------------------------------------------------------------- tiny (tests)

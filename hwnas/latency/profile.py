@@ -54,6 +54,15 @@ def profile_space(space: SearchSpace, backend: LatencyBackend, out: Path, *,
     if out.exists() and not remeasure:
         table = LatencyTable.load(out)
         table.check(space, settings)
+        there, here = table.header.get("device_name"), settings.get("device_name")
+        if there != here and not table.header.get("complete"):
+            # finishing it here would mix two CPUs' timings in one table
+            raise HwnasError(f"{out} is part-measured on {there!r}, and this machine is {here!r}: "
+                             "finish it on that machine, or measure this one into another --out "
+                             "(or --remeasure to start it afresh here)")
+        if there != here:
+            log(f"[profile] note: {out} was measured on {there!r}, not on this machine ({here!r}); "
+                "kept as the table of that device (--remeasure to time this one instead)")
         if not table.header.get("complete"):
             log(f"[profile] resuming {out}: {len(table.entries)}/{len(specs)} ops measured")
     if table is None:
