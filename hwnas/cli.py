@@ -290,9 +290,9 @@ def apply_sets(cfg, sets) -> None:
                     from hwnas.config import checked_fields
 
                     value = checked_fields(type(obj), {part: value}, ".".join(parts[:i]))[part]
+                    # (the section's own checks run once every --set is in: Config.validate;
+                    # one at a time, a pair that must change together would be refused)
                     setattr(obj, part, value)
-                    if hasattr(obj, "__post_init__"):  # the section's own checks, as on loading
-                        obj.__post_init__()
                 else:
                     nxt = getattr(obj, part)
                     if nxt is None:
@@ -403,10 +403,10 @@ def cmd_profile(args) -> int:
     if args.only_missing and args.remeasure:
         raise HwnasError("--only-missing and --remeasure contradict each other; pick one")
     for flag, v, least in (("--rounds", args.rounds, 1), ("--runs", args.runs, 1),
-                           ("--validate", args.validate, 0), ("--threads", args.threads, 1)):
+                           ("--validate", args.validate, 0), ("--threads", args.threads, 0)):
         if v is not None and v < least:
             raise HwnasError(f"{flag} {v} must be at least {least}"
-                             + (" (omit it for the physical core count)" if flag == "--threads" else ""))
+                             + (" (0 or omitted: the physical core count)" if flag == "--threads" else ""))
     if args.out:  # checked now, not after minutes of timing
         import tempfile
 

@@ -109,9 +109,9 @@ class LatencyConfig:
     validate: int = 0  # hwnas run: end-to-end validation archs when it builds a table
 
     def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise HwnasError(f"latency.threads {self.threads} must be at least 1, or null for the "
-                             "physical core count")
+        if self.threads is not None and self.threads < 0:
+            raise HwnasError(f"latency.threads {self.threads} must be at least 1 (0 or null: the "
+                             "physical core count)")
         if self.validate < 0:
             raise HwnasError(f"latency.validate {self.validate} must be >= 0 (0: no end-to-end check)")
 
@@ -258,7 +258,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _build(cls, d: dict, where: str):
+def _build(cls, d: dict | None, where: str):
+    if d is None:  # a section whose keys are all commented out: its defaults
+        d = {}
     kw = checked_fields(cls, d, where)
     for k, v in kw.items():
         if k in SECTIONS:

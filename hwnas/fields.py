@@ -80,7 +80,8 @@ def _check(value, tp):
             return list(value)
         raise _Mismatch
     if tp is dict or origin is dict:
-        if isinstance(value, dict):
+        # null: a YAML section whose keys are all commented out — its defaults, as before
+        if value is None or isinstance(value, dict):
             return value
         raise _Mismatch
     return value  # a type this checker does not know: the dataclass's own checks decide
@@ -114,7 +115,10 @@ def checked_fields(cls, d: dict, where: str, error: type[HwnasError] = HwnasErro
         except _Mismatch:
             hint = ""
             if isinstance(v, str) and _is_number(v) and "number" in _describe(tp).split(" (")[0]:
-                hint = " (write the number without quotes)"
+                n = float(v)
+                hint = (f" (write {int(n)}: a whole number, without quotes)"
+                        if "whole number" in _describe(tp) and n.is_integer() else
+                        " (write the number without quotes)")
             elif isinstance(v, (int, float)) and typing.get_origin(tp) is tuple:
                 hint = f" (e.g. [{v}])"
             raise error(f"config {where + '.' if where else ''}{k} must be {_describe(tp)}, got "

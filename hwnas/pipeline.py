@@ -54,7 +54,9 @@ REDO_OUTPUTS = {"data": ["splits.json", "cache"], "train-gallery": ["gallery", "
 
 def lost_steps(cfg: Config, done: Callable[[str], bool]) -> list[str]:
     """The steps marked done whose products are gone (deleted, or moved away by hand): the
-    record alone is not trusted, so they are done again with what builds on them."""
+    record alone is not trusted, so they run again, with what builds on them, over what is
+    still there (a deleted splits.json is split again the same way, a deleted best_arch.json
+    rewritten from the stored study, a deleted model resumed from its checkpoint)."""
     root = RunDir(cfg).path
     products = {
         "data": ["splits.json"], "train-gallery": ["gallery/model.safetensors"],
@@ -275,6 +277,9 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     forced = [redo_from] if redo_from is not None else []
     lost = [n for n in lost_steps(cfg, steps.done) if n not in downstream(changed + forced)]
     redo = [n for n in STEPS if n in downstream(changed + forced + lost)]  # unfinished ones too
+    # a lost product's step (and what builds on it) runs again over what is still there: its
+    # checkpoints, study and caches resume it; only changed or forced steps lose their outputs
+    fresh = [n for n in redo if n in downstream(changed + forced)]
     if redo:
         why = "; ".join(w for w in (
             f"--from {redo_from}" if redo_from else "",
@@ -287,9 +292,9 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
             why = (f"the exported graph form ({was} -> {GRAPH_FORM}: this hwnas exports other "
                    f"graphs than the run's table timed) or the config changed for {', '.join(changed)}")
         log(f"[run] {why}: doing again {', '.join(redo)}")
-        outputs = [rd.path / p for n in redo for p in REDO_OUTPUTS.get(n, [])
+        outputs = [rd.path / p for n in fresh for p in REDO_OUTPUTS.get(n, [])
                    if not (n == "search" and p == "search.db" and cfg.search.storage)]
-        if "search" in redo and cfg.search.storage:
+        if "search" in fresh and cfg.search.storage:
             log(f"[run] WARNING: the search continues its study in {cfg.search.storage}; set "
                 "search.study_name to a new name to search afresh")
         steps.forget(redo, outputs)
@@ -306,10 +311,14 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     def data():
         from hwnas.data.splits import no_validation_reason
 
+        made = not rd.splits_path.exists()
         s = rd.splits(log=log)
         why = no_validation_reason(s)
         if why:  # the search step needs them: fail now, not after the gallery's training
-            raise HwnasError(f"{why} (a new split needs a new run directory, or --from data)")
+            if made:  # not kept: a corrected config then splits afresh
+                rd.splits_path.unlink()
+                raise HwnasError(why)
+            raise HwnasError(f"{why} (then split again: --from data)")
         return {"fingerprint": s.fingerprint, "counts": s.counts()}
 
     def profile():

@@ -76,8 +76,8 @@ def read_json(path: str | os.PathLike) -> Any:
         try:
             return json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HwnasError(f"{path} is damaged (not valid JSON: {e}); restore it, or run the "
-                             "command that wrote it again (--restart for a training)") from None
+            raise HwnasError(f"{path} is damaged (not valid JSON: {e}); restore it, or delete it "
+                             "and run the command again: hwnas writes it anew") from None
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:

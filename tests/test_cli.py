@@ -74,7 +74,7 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     assert r.returncode == 2 and "query.train.epochs must be a whole number" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "trun").exists()
     # numbers a command cannot use, refused before any timing starts
-    for args, word in [(["profile", "--device", "cpu", "--threads", "0"], "--threads 0 must be at least 1"),
+    for args, word in [(["profile", "--device", "cpu", "--threads", "-1"], "--threads -1 must be at least 0"),
                        (["profile", "--device", "cpu", "--validate", "-3"], "--validate -3 must be at least 0"),
                        (["profile", "--device", "cpu", "--out", str(tmp_path)], "is a folder"),
                        (["space", "--sample", "-3"], "--sample -3 must be 0 or more"),

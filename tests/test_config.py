@@ -27,7 +27,8 @@ def _load(tmp_path, text):
     ("search:\n  sampler: bayes", r"search\.sampler.*'bayes' must be one of tpe, nsga2"),
     ("search:\n  alpha: 2", r"search\.alpha.*between 0 and 1"),
     ("gallery:\n  classifier: softmax", "gallery.classifier 'softmax' must be one of cosface, arcface"),
-    ("latency:\n  threads: 0", "latency.threads 0 must be at least 1"),
+    ("latency:\n  threads: -2", "latency.threads -2 must be at least 1"),
+    ("space:\n  width_mult: 0.5\nadapt:\n  max_images: 2e4", "write 20000: a whole number"),
     ("- a\n- b", "config file must be a mapping"),
 ])
 def test_wrong_type_or_value_is_named_at_load(tmp_path, text, message):
@@ -49,12 +50,32 @@ def test_set_overrides_are_checked(tmp_path):
     assert cfg.search.n_trials == 7 and cfg.data.mean == (0.4,)
     for item, message in [("search.n_trials=many", "n_trials must be a whole number"),
                           ("data.split.query_fraction=[", "not valid YAML"),
-                          ("data=5", "data is a section; set one of its keys"),
-                          ("search.sampler=bayes", "must be one of")]:
+                          ("data=5", "data is a section; set one of its keys")]:
         with pytest.raises(HwnasError, match=message):
             apply_sets(load_config(None), [item])
-    # a key inside a plain-dict part (train, loss, split) is checked when the config validates
-    cfg = load_config(None)
-    apply_sets(cfg, ["supernet.train.epochs=ten"])
-    with pytest.raises(HwnasError, match=r"supernet\.train\.epochs"):
+    # a key inside a plain-dict part (train, loss, split), and each section's own value
+    # checks, run when the config validates (the CLI does so once every --set is in)
+    for item, message in [("supernet.train.epochs=ten", r"supernet\.train\.epochs"),
+                          ("search.sampler=bayes", "'bayes' must be one of")]:
+        cfg = load_config(None)
+        apply_sets(cfg, [item])
+        with pytest.raises(HwnasError, match=message):
+            cfg.validate()
+
+
+def test_empty_sections_and_set_order(tmp_path):
+    """A section whose keys are all commented out (YAML null) means its defaults, as it did;
+    --set values that must change together are checked once all are in, in any order."""
+    from hwnas.cli import apply_sets
+
+    cfg = _load(tmp_path, "space:\ndata:\n  split:\ngallery:\n  train:\n")
+    assert cfg.search_space().name == "default" and cfg.train_config("gallery").epochs >= 1
+    p = tmp_path / "e.yaml"
+    p.write_text("search:\n  sampler: evolution\n")
+    cfg = load_config(p)
+    apply_sets(cfg, ["search.multi_objective=true", "search.sampler=nsga2"])
+    assert cfg.validate().search.sampler == "nsga2"
+    cfg = load_config(p)
+    apply_sets(cfg, ["search.multi_objective=true"])
+    with pytest.raises(HwnasError, match="single-objective"):
         cfg.validate()

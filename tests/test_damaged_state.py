@@ -30,10 +30,10 @@ def test_damaged_json_checkpoint_and_best_arch_name_the_fix(tmp_path):
     from hwnas.utils import read_json
 
     (tmp_path / "splits.json").write_text('{"config": {"protocol": "cl')
-    with pytest.raises(HwnasError, match="splits.json is damaged.*run the command that wrote it"):
+    with pytest.raises(HwnasError, match="splits.json is damaged.*delete it and run the command again"):
         read_json(tmp_path / "splits.json")
     (tmp_path / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
-    with pytest.raises(HwnasError, match="damaged.*--restart instead of --resume"):
+    with pytest.raises(HwnasError, match="damaged.*delete it to train from the first epoch"):
         checkpoint_meta(tmp_path / "checkpoint.safetensors")
     (tmp_path / "best_arch.json").write_text("{}")
     with pytest.raises(HwnasError, match="names no arch"):

@@ -195,8 +195,8 @@ def test_split_layouts_hidden_folders_and_one_class(tmp_path):
     make_png_folder(tmp_path / "ds" / "val", {"a": 2, "b": 2})
     with pytest.raises(DataError, match=r"split folders \['test', 'train', 'val'\].*ds/train as the data folder"):
         image_folder(tmp_path / "ds")
-    make_png_folder(tmp_path / "vehicles", {"train": 3, "bus": 3})
-    assert image_folder(tmp_path / "vehicles").class_names == ["bus", "train"]
+    make_png_folder(tmp_path / "vehicles", {"train": 3, "bus": 3, "test/tube": 2})
+    assert image_folder(tmp_path / "vehicles").class_names == ["bus", "test", "train"]
     make_png_folder(tmp_path / "one", {"a": 10})
     with pytest.raises(DataError, match="1 class.*at least 2 classes"):
         make_splits(image_folder(tmp_path / "one"), SplitConfig())

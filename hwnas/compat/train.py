@@ -169,8 +169,8 @@ def _read_checkpoint(path: Path, tensors: bool) -> tuple[dict, dict]:
         with safe_open(str(path), framework="pt") as f:
             return _meta(f), ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
     except (SafetensorError, OSError, ValueError) as e:
-        raise HwnasError(f"checkpoint {path} is damaged ({e}); train from the start with "
-                         "--restart instead of --resume") from None
+        raise HwnasError(f"checkpoint {path} is damaged ({e}); delete it to train from the "
+                         "first epoch (or --restart)") from None
 
 
 def checkpoint_meta(path: Path) -> dict:

@@ -249,12 +249,16 @@ def image_folder(root: str | os.PathLike) -> Collection:
     entries: list = []
     subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
     has_splits = subdirs == set(SPLITS)
-    # split folders (train/, val/, ...) that hold class folders, beside others: reading them
-    # as classes would make "train" and "val" the classes. A class folder named "train"
-    # (CIFAR-100 has one) holds images, not folders, so it is not mistaken for a split.
-    split_like = sorted(n for n in subdirs & SPLIT_FOLDER_NAMES
-                        if any(d.is_dir() for d in (root / n).iterdir()))
-    if split_like and not has_splits:
+    # split folders (train/, val/, ...) of class folders: reading them as classes would make
+    # "train" and "val" the classes. A layout when split-named folders of folders are all
+    # there is, or two of them hold folders of the same names (the classes); a class that is
+    # merely called "train" (CIFAR-100 has one) sits beside other classes and shares no
+    # subfolder names, so it stays a class.
+    inner = {n: {d.name for d in (root / n).iterdir() if d.is_dir() and not d.name.startswith(".")}
+             for n in subdirs & SPLIT_FOLDER_NAMES}
+    split_like = sorted(n for n, sub in inner.items() if sub)
+    shared = any(inner[a] & inner[b] for a in split_like for b in split_like if a < b)
+    if split_like and not has_splits and (set(split_like) == subdirs or shared):
         others = sorted(subdirs - set(split_like))
         beside = f" beside {others}" if others else ""
         main = "train" if "train" in split_like else split_like[0]

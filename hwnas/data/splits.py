@@ -200,7 +200,10 @@ def no_validation_reason(splits: "Splits") -> str | None:
     if cfg.protocol == "closed":
         per = np.bincount(splits.labels("train"))
         most = int(per.max()) if len(per) else 0
-        need = min(0.9, 1.5 / most + 0.005) if most else 0.9
+        if most < 3:
+            return (f"the split has no validation images: the largest class has {most} training "
+                    "image(s), and a class needs at least 3 to spare 2 for validation; add images")
+        need = 1.5 / most + 0.005
         return (f"the split has no validation images: with val_fraction {cfg.val_fraction}, a class "
                 f"gives validation images only when val_fraction x its training images rounds to 2 "
                 f"or more, and the largest class has {most} training images; set "

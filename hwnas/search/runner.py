@@ -221,7 +221,7 @@ def make_storage(url: str | None, rd: RunDir):
             fix = f"; install the driver: {hint}"
         elif url.startswith("sqlite:"):
             fix = ("; if the file is damaged, move it away (its finished trials are lost) or "
-                   "search in a new study with --storage or search.study_name")
+                   "give another --storage")
         else:
             fix = ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
