@@ -183,6 +183,12 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     assert r4.stdout.count("done earlier, kept") == 8 and "already trained" in r4.stdout
     r5 = hwnas("run", str(cfg), "--from", "nonsense")
     assert r5.returncode != 0 and "not a step" in r5.stderr
+    # a product deleted by hand: its step runs again (a traceback before), nothing else
+    (run / "report.json").unlink()
+    r6 = hwnas("run", str(cfg), timeout=600)
+    assert r6.returncode == 0, r6.stdout[-2000:] + r6.stderr[-2000:]
+    assert "the outputs of report are missing: doing again report" in r6.stdout
+    assert r6.stdout.count("done earlier, kept") == 9 and (run / "report.json").exists()
 
 
 def test_step_keys_follow_what_each_step_reads():
