@@ -133,7 +133,7 @@ def plot_budgets(rows, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
     for c, r in zip(colors, rows):
         ax.scatter([x["measured_ms"] for x in r["random"]], [100 * x["M(q,g)"] for x in r["random"]],
@@ -149,7 +149,8 @@ def plot_budgets(rows, path) -> None:
     ax.scatter([m["measured_ms"]], [100 * m["M(q,g)"]], marker="s", color="k", label="MobileNetV3-small-0.5")
     ax.set_xlabel("measured edge latency, ms (ONNX Runtime CPU, batch 1)")
     ax.set_ylabel("M(q,g) recall@1, %  (test split)")
-    ax.legend(fontsize=7, loc="lower right")
+    # beside the axes, not over them: a legend inside hid the markers in its corner
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     from hwnas.utils import save_figure
