@@ -272,7 +272,8 @@ def main() -> None:
         benchmark does not spend minutes scoring the same archs again."""
         import json
 
-        from hwnas.search.runner import VAL_QUERIES, SupernetEvaluator, search_reward
+        from hwnas.config import VAL_QUERIES
+        from hwnas.search.runner import SupernetEvaluator, search_reward
         from hwnas.utils import atomic_write_text, read_json
 
         fp = read_json(Path(args.run_dir) / "supernet" / "config.json")["fingerprint"]
@@ -300,7 +301,8 @@ def main() -> None:
         against their test M(q,g) and R3, over all trained subnets."""
         from scipy.stats import kendalltau, spearmanr
 
-        from hwnas.search.runner import VAL_QUERIES, reward
+        from hwnas.config import VAL_QUERIES
+        from hwnas.search.runner import reward
 
         subnets = [r for r in rows if r["kind"] == "subnet"]
         out = {"n": len(subnets)}

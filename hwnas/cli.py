@@ -287,7 +287,7 @@ def apply_sets(cfg, sets) -> None:
                     if dataclasses.is_dataclass(getattr(obj, part)):
                         raise HwnasError(f"--set {key}: {key} is a section; set one of its keys, "
                                          f"e.g. --set {key}.{dataclasses.fields(getattr(obj, part))[0].name}=...")
-                    from hwnas.config import checked_fields
+                    from hwnas.fields import checked_fields
 
                     value = checked_fields(type(obj), {part: value}, ".".join(parts[:i]))[part]
                     # (the section's own checks run once every --set is in: Config.validate;

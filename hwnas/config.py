@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hwnas.errors import HwnasError
+from hwnas.fields import checked_fields
 
 
 @dataclass
@@ -266,12 +267,6 @@ def _build(cls, d: dict | None, where: str):
         if k in SECTIONS:
             kw[k] = _build(SECTIONS[k], v, k)
     return cls(**kw)
-
-
-def checked_fields(cls, d: dict, where: str) -> dict:
-    from hwnas.fields import checked_fields as check
-
-    return check(cls, d, where)
 
 
 SECTIONS = {"data": DataConfig, "gallery": GalleryConfig, "supernet": SupernetConfig,

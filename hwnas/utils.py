@@ -86,15 +86,9 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
 
     path = Path(path)
     fig.tight_layout()
-    # a unique temp name: several search workers may write the same plot at once
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
+    try:  # (atomic_path's unique temp name: several search workers may write one plot at once)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -44,6 +44,12 @@ def _has(d: dict, dotted: str) -> bool:
     return True
 
 
+def _first_line(e: Exception) -> str:
+    """An exception's first message line (native libraries append pages of context)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _read_json(path: Path, what: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -71,8 +77,7 @@ def ort_session(path: str | Path, threads: int | None = None):
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BundleError(f"ONNX Runtime cannot load {path}: {first}; deploy the bundle again") from None
+        raise BundleError(f"ONNX Runtime cannot load {path}: {_first_line(e)}; deploy the bundle again") from None
 
 
 class Bundle:
@@ -184,8 +189,7 @@ class Bundle:
             try:
                 self._index = faiss.read_index(str(self.path / "gallery.index"))
             except RuntimeError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
-                raise BundleError(f"FAISS cannot read {self.path / 'gallery.index'} ({first}); "
+                raise BundleError(f"FAISS cannot read {self.path / 'gallery.index'} ({_first_line(e)}); "
                                   "deploy the bundle again") from None
             if self._index.d != self.dim:
                 raise BundleError(f"gallery.index has dimension {self._index.d}, manifest says {self.dim}")

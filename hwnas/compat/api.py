@@ -400,15 +400,14 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     tc = cfg.train_config("query")
     inherit = cfg.query.inherit if inherit is None else inherit
     # the arch or timm name is checked first: with --restart a typo must not cost the trained model
-    if arch is not None:
-        space.parse(arch)
-    else:
+    parsed = space.parse(arch) if arch is not None else None
+    if parsed is None:
         from hwnas.nn.models import check_timm_name
 
         check_timm_name(timm_name)
     if _prepare_out(out, restart):
         old = read_json(out / "config.json")
-        want = {"arch": None if arch is None else space.parse(arch).to_string(space), "timm": timm_name,
+        want = {"arch": None if parsed is None else parsed.to_string(space), "timm": timm_name,
                 "loss": loss_cfg.to_dict(), "train": tc.__dict__, "inherit": bool(inherit and arch)}
         # where and on how many threads it trained is not what it trained
         diff = [k for k, v in json.loads(json.dumps(want)).items()
@@ -431,7 +430,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
             **_unlabeled_setting(unlabeled)}
     own_state = None
     if arch is not None:
-        a = space.parse(arch)
+        a = parsed
         qcfg.update(kind="subnet", space=space.to_dict(), arch=a.to_string(space),
                     flops=arch_flops(space, a))
         if inherit:
