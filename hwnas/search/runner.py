@@ -83,6 +83,7 @@ class SupernetEvaluator:
         why = no_validation_reason(splits)
         if why:
             raise HwnasError(why)
+        cfg.search.check()  # (val_queries among them: a caller may have set it since loading)
         same_pre = gallery.config["preprocess"] == self.pre.to_dict()
         self.vq = api.load_part(rd, "val_query", self.pre, log=log)
         self.vg = api.load_part(rd, "val_gallery", self.pre, log=log)
