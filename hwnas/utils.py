@@ -80,6 +80,41 @@ def read_json(path: str | os.PathLike) -> Any:
                              "and run the command again: hwnas writes it anew") from None
 
 
+def place_labels(ax, points, labels, fontsize: float = 7, marker_pts: float = 6) -> None:
+    """Annotate each of ``points`` (data coordinates) with its label, at the first of eight
+    offsets around the marker whose text box overlaps no label placed before it and no other
+    marker (a fixed offset wrote labels over neighbouring markers where models cluster). Call
+    after the axes' limits and scales are final."""
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    fig.canvas.draw()  # positions and text sizes in display units
+    renderer = fig.canvas.get_renderer()
+    disp = ax.transData.transform(points)
+    r = marker_pts * fig.dpi / 72
+    markers = [Bbox.from_extents(x - r, y - r, x + r, y + r) for x, y in disp]
+    offsets = [(5, -11), (5, 4), (-5, 4), (-5, -11), (0, 9), (0, -16), (12, -3), (-12, -3)]
+    placed: list = []
+    for i, ((x, y), text) in enumerate(zip(points, labels)):
+        best = None
+        for dx, dy in offsets:
+            ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+            a = ax.annotate(text, (x, y), fontsize=fontsize, xytext=(dx, dy),
+                            textcoords="offset points", ha=ha)
+            box = a.get_window_extent(renderer)
+            clash = sum(box.overlaps(b) for b in placed) + sum(
+                box.overlaps(m) for j, m in enumerate(markers) if j != i)
+            if best is None or clash < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (clash, a, box)
+            else:
+                a.remove()
+            if clash == 0:
+                break
+        placed.append(best[2])
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Save a matplotlib figure as PNG atomically (temp file + rename) and close it."""
     import matplotlib.pyplot as plt

@@ -138,7 +138,10 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     assert "profile: done earlier, kept" in r.stdout
     assert "resuming after epoch" in r.stdout  # the gallery continued from its checkpoint
     rep = json.loads((run / "report.json").read_text())
-    assert {"paragon", "rows", "targets", "budget_ms", "searched_pareto_better_than", "searched_dominated_by"} <= set(rep)
+    assert {"paragon", "rows", "targets", "budget_ms", "searched_pareto_better_than", "searched_dominated_by",
+            "pareto_latency_tol", "budget_speedup", "finalists"} <= set(rep)
+    assert rep["budget_speedup"] is None  # this config sets no speed-up
+    assert all(len(row["measured_pools_ms"]) == len(rep["paragon"]["measured_pools_ms"]) for row in rep["rows"])
     models = [row["model"] for row in rep["rows"]]
     assert models[0] == "searched" and "timm-mobilenetv3_small_050" in models
     # gallery adaptation: its own row and targets, kept out of the Pareto comparison, and the

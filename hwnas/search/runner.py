@@ -435,7 +435,7 @@ def plot_search(feas, front, best, budget, path: Path, s) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 5))
     x = [t.user_attrs["predicted_ms"] for t in feas]
     y = [t.user_attrs["reward"] for t in feas]
     ax.scatter(x, y, s=14, c="tab:blue", alpha=0.6, label="evaluated archs")
@@ -453,7 +453,8 @@ def plot_search(feas, front, best, budget, path: Path, s) -> None:
     ax.axvline(budget, color="k", ls="--", lw=1, label=f"budget {budget:g} ms")
     ax.set_xlabel("predicted edge latency (ms)")
     ax.set_ylabel(f"reward {s.reward.upper()} ({s.metric})")
-    ax.legend(fontsize=8, loc="lower right")
+    # below the axes: inside, it hid evaluated archs
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4, frameon=False)
     save_figure(fig, path)
 
 
