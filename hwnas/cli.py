@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("space", "Show the query search space: widths, choices, hash, FLOPs range; cost of an arch.")
     p.add_argument("--config", help="YAML/JSON config file")
+    _add_set(p)  # e.g. --set space.width_mult=1.0, to see another space before writing it down
     p.add_argument("--arch", help="an arch string to cost")
     p.add_argument("--sample", type=int, default=0, help="also show N random archs")
     p.add_argument("--json", action="store_true", help="print the spec as JSON")
@@ -353,11 +354,10 @@ def cmd_data(args) -> int:
 def cmd_space(args) -> int:
     import json
 
-    from hwnas.config import load_config
     from hwnas.report import format_table
     from hwnas.space import arch_flops, arch_params
 
-    sp = load_config(args.config).search_space()
+    sp = _load(args).search_space()
     if args.sample < 0:
         raise HwnasError(f"--sample {args.sample} must be 0 or more (random archs to show)")
     if args.arch is not None and not args.arch.strip():

@@ -103,6 +103,12 @@ def test_space_command():
     r = hwnas("space", "--sample", "2")
     assert r.returncode == 0, r.stderr
     assert "c97e7325190f" in r.stdout and "FLOPs range" in r.stdout
+    # --set reaches the space as it does every other command's config
+    r = hwnas("space", "--set", "space.width_mult=0.5")
+    assert r.returncode == 0, r.stderr
+    assert "c97e7325190f" not in r.stdout and "FLOPs range" in r.stdout
+    r = hwnas("space", "--set", "space.widht_mult=1.0")
+    assert r.returncode == 2 and "unknown keys ['widht_mult']" in r.stderr
 
 
 def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
