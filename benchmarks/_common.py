@@ -55,6 +55,11 @@ def machine_line(m: dict) -> str:
     return f"{m['cpu']}, {m['cores']} cores{gpu}, Python {m['python']}, {libs}; measured {m['date']}"
 
 
+def se_points(p: float, n: int) -> float:
+    """One binomial standard error, in points, of a recall@1 of ``p`` (a fraction) over ``n`` queries."""
+    return 100 * (p * (1 - p) / max(1, n)) ** 0.5
+
+
 def run_config(path: str | Path):
     """A config whose run directory, if relative, is taken from the project root (where
     `hwnas run` puts it), not from where the benchmark is started."""

@@ -24,7 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import ROOT, machine, machine_line, run_config, save_results, update_benchmarks_md
+from _common import ROOT, machine, machine_line, run_config, save_results, se_points, update_benchmarks_md
 
 
 def main() -> None:
@@ -97,13 +97,16 @@ def _mean(row: dict, mode: str, key: str = "M(q,g)", metric: str = "recall@1") -
 
 def markdown(res: dict, png: str) -> str:
     a = res["adapt"]
+    nq = res["rows"][0]["runs"][0]["metrics"]["M(q,g)"]["n_queries"]
+    p = statistics.mean(row["base"]["M(q,g)"]["recall@1"] for row in res["rows"])
     lines = ["## Gallery adaptation (issues 3, 7)", "",
              f"Machine: {machine_line(res['machine'])}. Script: `benchmarks/bench_adapt.py` on the "
              f"`{res['config']}` run. `adapted`: `hwnas adapt` ({a['epochs']} epochs, lr {a['lr']}) on the "
              "test split's gallery images without labels; `control`: the same fine-tune with no gallery "
-             "images. Test split: 156 characters never in training, 780 queries never seen by any model "
-             "(one standard error of recall@1 about 1.4 points). Adapted models have seen the gallery's "
-             "images, so their figures are transductive.", "",
+             f"images. Test split: characters never in training, {nq} queries never seen by any model "
+             f"(one standard error of recall@1 about {se_points(p, nq):.1f} points, at the models' mean "
+             "before adaptation). Adapted models have seen the gallery's images, so their figures are "
+             "transductive.", "",
              "| query model | MFLOPs | M(g,g) R@1 | before M(q,g) R@1 | control M(q,g) R@1 (seeds) | "
              "adapted M(q,g) R@1 (seeds) | adapted mean gap (points) | before / control / adapted "
              "M(q,g) mAP | adapted M(q,q) R@1 |",

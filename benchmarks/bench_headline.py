@@ -110,7 +110,7 @@ def _not_pareto_line(rep: dict) -> str:
 
 
 def markdown(res: dict) -> str:
-    from hwnas.report import headline_table
+    from hwnas.report import PARETO_LATENCY_TOL, headline_table
 
     lines = ["## Headline: the searched query model vs the paragon and the baselines (issue 7)", "",
              f"Machine: {machine_line(res['machine'])}. Script: `benchmarks/bench_headline.py` "
@@ -118,14 +118,15 @@ def markdown(res: dict) -> str:
              "measured end to end). Every baseline is trained with the same compatibility recipe. "
              "`FLOPs x` / `latency x` = paragon ÷ model; `gap pts` = M(g,g) − M(q,g) recall@1.",
              "Targets: FLOPs x >= 20, latency x >= 10, gap <= 1 point, Pareto-better than every "
-             "baseline (`not_dominated_by_any_baseline` is the weaker: no baseline is both faster "
-             "and more accurate).",
+             "baseline: no slower, no less accurate on M(q,g) recall@1 and better in one, measured "
+             f"latencies within {100 * PARETO_LATENCY_TOL:g}% counting as equal (`not_dominated_by_any_baseline` is the weaker: no "
+             "baseline is Pareto-better than the searched model).",
              "",
              "Threads: a report times the query models at the latency table's intra-op thread "
              "count and the paragon at 1, the powers of two below the physical cores, their count and the table's, its fastest "
              "counting. At 32 px on these 2 cores one thread runs every query model faster (median 1.35x) "
              "than two (the second thread's wake-up per small op costs more than it saves; "
-             "BENCHMARKS.md, deploy form, thread count), so the configs use `latency.threads: 1`. At 2 threads the "
+             "BENCHMARKS.md, latency, thread count), so the configs use `latency.threads: 1`. At 2 threads the "
              "fastest subnets took ~0.1 ms and the paragon / fastest-subnet ratio was 8.4x with "
              "the machine quiet, which put the 10x target at the edge of the space. The ResNet-18 "
              "paragon drifts with this shared VM's state (0.74-2.0 ms over these days) while a "

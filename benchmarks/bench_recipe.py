@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import time
 from pathlib import Path
 
-from _common import ROOT, compat_table, machine, machine_line, run_config, save_results, update_benchmarks_md
+from _common import ROOT, compat_table, machine, machine_line, run_config, save_results, se_points, update_benchmarks_md
 
 # name -> (loss weights, epochs)
 VARIANTS = {
@@ -166,7 +165,7 @@ def main() -> None:
     res = {"machine": machine(), "quick": args.quick, "config": config(run_dir, args.quick),
            "gallery_fingerprint": g["fingerprint"], "rows": rows, "best": best,
            # one binomial standard error of a recall@1 near the paragon's, in points
-           "stderr_points": 100 * math.sqrt(gg * (1 - gg) / n), "wall_s": time.time() - t0}
+           "stderr_points": se_points(gg, n), "wall_s": time.time() - t0}
     suffix = "-quick" if args.quick else ""
     save_results(f"recipe_fashion-mnist{suffix}", res)
     if not args.quick:
@@ -245,7 +244,7 @@ def open_set(args) -> None:
     gg, n = rows[0]["M(g,g)_r1"], rows[0]["n_queries"] or 1
     res = {"machine": machine(), "config": cfg.to_dict(), "gallery_fingerprint": g["fingerprint"],
            "archs": archs_all, "rows": rows, "best": max(rows, key=lambda r: r["M(q,g)_r1"]),
-           "stderr_points": 100 * math.sqrt(gg * (1 - gg) / n), "wall_s": time.time() - t0}
+           "stderr_points": se_points(gg, n), "wall_s": time.time() - t0}
     save_results("recipe_omniglot", res)
     update_benchmarks_md("recipe-omniglot", open_markdown(res))
 

@@ -25,7 +25,7 @@ import random
 import statistics
 from pathlib import Path
 
-from _common import ROOT, machine, machine_line, save_results, update_benchmarks_md
+from _common import ROOT, machine, machine_line, save_results, se_points, update_benchmarks_md
 from tqdm import tqdm
 
 
@@ -159,6 +159,144 @@ def plot_budgets(rows, path) -> None:
     plt.close(fig)
 
 
+def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
+    """The BENCHMARKS.md section (and the budgets plot) from a results file: run at the end
+    of every benchmark, and alone with ``--render-only``."""
+    lo, hi = res["range_ms"]
+    budget = res["budget_ms"]
+
+    def measured(part: str) -> str:
+        m = res["part_measured"].get(part)
+        if not m or (m["date"] == res["machine"]["date"] and m["cpu"] == res["machine"]["cpu"]
+                     and [round(v, 4) for v in m["table_range_ms"]] == [round(lo, 4), round(hi, 4)]):
+            return ""
+        return (f" Measured {m['date']} on {m['cpu']}{' ' + m['note'] if m.get('note') else ''}, "
+                f"against a table of range {m['table_range_ms'][0]:.3f}-{m['table_range_ms'][1]:.3f} ms "
+                "(an earlier search space or table).")
+
+    runs = ", ".join(f"{p}: `{d}`, search.val_queries {res['part_val_queries'][p]}"
+                     for p, d in sorted(res["part_run_dirs"].items()))
+    md = [f"## Search (issue 5){'' if tag == 'quickstart' else ': ' + tag}", "",
+          f"Machine: {machine_line(res['machine'])}. Script: "
+          f"`{res['script']}` "
+          f"({runs}); latency "
+          f"budget {budget} ms unless stated (table range {lo:.3f}-{hi:.3f} ms)."]
+    if "samplers" in res:
+        marks = sorted({int(n) for r in res["samplers"] for n in r["best_at"]})
+        md += ["", f"Best R3 reward (validation recall@1) after N evaluated trials (budget "
+               f"{res.get('samplers_budget_ms', budget)} ms).{measured('samplers')}", "",
+               "| sampler | " + " | ".join(f"N={n}" for n in marks) + " | s / trial | over-budget samples |",
+               "|---|" + "---|" * len(marks) + "---|---|"]
+        for r in res["samplers"]:
+            md.append(f"| {r['sampler']} | " + " | ".join(f"{r['best_at'].get(n, r['best_at'].get(str(n), float('nan'))):.4f}" for n in marks)
+                      + f" | {r['sec_per_trial']:.2f} | {r['infeasible']} |")
+        md += ["", f"![samplers](benchmarks/results/{name}_samplers.png)"]
+    if "rewards" in res:
+        md += ["", "Reward ablation (best arch of a 50-trial TPE search, then train-query, test split)."
+               f"{measured('rewards')}", "",
+               "| reward | MFLOPs | predicted ms | M(q,g) R@1 | M(q,q) R@1 |", "|---|---|---|---|---|"]
+        for r in res["rewards"]:
+            md.append(f"| {r['reward'].upper()} | {r['mflops']:.2f} | {r['predicted_ms']:.3f} | "
+                      f"{100 * r['M(q,g)']:.2f} | {100 * r['M(q,q)']:.2f} |")
+    if "budgets" in res and all("random_median_measured_ms" in r for r in res["budgets"]):
+        ks = {len(r["random"]) for r in res["budgets"]}
+        k = f"{ks.pop()}" if len(ks) == 1 else "the"
+        nq = res["budgets"][0]["searched"].get("test_queries", 2000)
+        p = res["budgets"][0]["searched"]["M(q,g)"]
+        se = se_points(p, nq)
+        where = res.get("budgets_trained_on")
+        md += ["", f"Searched vs the median of {k} random feasible archs (same training"
+               + (f"; models trained on {machine_line(where)}, latency measured on the machine above"
+                  if where and where.get("gpu") else "") + "):", "",
+               f"Budgets are fractions {res['budget_fracs']} of the range of the table that run searched "
+               f"with ({res.get('budgets_table_range_ms', [lo, hi])[0]:.3f}-"
+               f"{res.get('budgets_table_range_ms', [lo, hi])[1]:.3f} ms predicted); the test split has "
+               f"{nq:,} queries (one standard error of recall@1 is about {se:.1f} points).", ""]
+        if res.get("budgets_finished_only"):
+            md += ["Still in progress: the models finished so far (`--finished-only`); random archs trained "
+                   "per budget: " + ", ".join(f"{r['budget_ms']} ms {len(r['random'])}/{r.get('random_planned')}"
+                                              for r in res["budgets"]) + ".", ""]
+        md += [
+               "| budget ms (pred.) | searched M(q,g) | searched M(q,q) | searched meas. ms | random median M(q,g) "
+               "| random median M(q,q) | random median meas. ms | random M(q,g) SD (range) "
+               "| random archs beaten on M(q,g) / M(q,q) | MobileNetV3-small-0.5 M(q,g) / M(q,q) / meas. ms |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["budgets"]:
+            s, m = r["searched"], r["mobilenetv3"]
+            qg = [x["M(q,g)"] for x in r["random"]]
+            md.append(f"| {r['budget_ms']} | {100 * s['M(q,g)']:.2f} | {100 * s['M(q,q)']:.2f} | "
+                      f"{s['measured_ms']:.3f} | {100 * r['random_median_M(q,g)']:.2f} | "
+                      f"{100 * r['random_median_M(q,q)']:.2f} | {r['random_median_measured_ms']:.3f} | "
+                      f"{100 * statistics.stdev(qg):.2f} ({100 * min(qg):.2f}-{100 * max(qg):.2f}) | "
+                      f"{_beaten(s, r)} | "
+                      f"{100 * m['M(q,g)']:.2f} / {100 * m['M(q,q)']:.2f} / {m['measured_ms']:.3f} |")
+        verdict = []
+        for r in res["budgets"]:
+            short = _shortfalls(r["searched"], r)
+            verdict.append(f"{r['budget_ms']} ms: " + ("searched >= both" if not short else "; ".join(short)))
+        md += ["", "Where the random archs' SD is near the test split's standard error, architecture barely "
+               "moves M(q,g) within that budget and no search can beat the median by more than noise."]
+        md += ["", "Target (searched >= the random median and >= MobileNetV3-small at equal or lower measured "
+               "latency): " + " · ".join(verdict) + "."]
+        fins = [r for r in res["budgets"] if "measured_ms" in r.get("finalists", {})]
+        if fins:
+            f0 = fins[0]["finalists"]
+            k0 = len(f0["finalists"])
+            md += ["", f"The search's choice made by training (`query.finalists: {k0}`: its {k0} best archs "
+                   f"by score each train {f0['epochs']} of {f0['of_epochs']} epochs, the lowest training loss "
+                   "finishes), against the same random archs:", "",
+                   "| budget ms (pred.) | chosen: search rank | M(q,g) | M(q,q) | meas. ms | random archs beaten on "
+                   "M(q,g) / M(q,q) | target |", "|---|---|---|---|---|---|---|"]
+            for r in fins:
+                f = r["finalists"]
+                short = _shortfalls(f, r)
+                same = " (the searched arch)" if f["chosen"] == r["searched"]["arch"] else ""
+                md.append(f"| {r['budget_ms']} | {f['chosen_rank']}{same} | {100 * f['M(q,g)']:.2f} | {100 * f['M(q,q)']:.2f} | "
+                          f"{f['measured_ms']:.3f} | {_beaten(f, r)} | "
+                          f"{'; '.join(short) or 'searched >= both'} |")
+            md += ["", "Where the choice is the searched arch itself, the two rows differ by training noise "
+                   "alone: the same arch trained twice."]
+        md += ["", "MobileNetV3-small at width 0.5 is the narrowest timm registers; where its measured "
+               "latency is above a budget it is shown for reference, not as a feasible rival.",
+               "", f"![budgets](benchmarks/results/{name}_budgets.png)"]
+        plot_budgets(res["budgets"], ROOT / "benchmarks" / "results" / f"{name}_budgets.png")
+        pf = res.get("proxy_fidelity")
+        if pf:
+            md += ["", f"How well the search's score ranks the {pf['n']} trained subnets above (the supernet "
+                   "subnet's R3 reward on the validation split vs the trained model on the test split):", "",
+                   "| validation protocol | validation queries | Kendall tau vs test M(q,g) | Spearman vs test "
+                   "M(q,g) | Kendall tau vs test R3 | Spearman vs test R3 |", "|---|---|---|---|---|---|"]
+            for proto, what in (("all", "leave-one-out over the split (default)"),
+                                ("split", "the split's query part vs its gallery part")):
+                f = pf[proto]
+                md.append(f"| {what} | {f['n_val_queries']} | {f['kendall_M(q,g)']:.3f} | "
+                          f"{f['spearman_M(q,g)']:.3f} | {f['kendall_r3']:.3f} | {f['spearman_r3']:.3f} |")
+    sf = res.get("selection_fidelity")
+    if sf:
+        e, k = sf[0]["epochs"], sf[0]["k"]
+        md += ["", f"Picking among archs of one budget without training them to the end: the search's score vs "
+               f"a model's own training loss after {e} of its {query_epochs} epochs "
+               f"(`query.finalists` compares the latter). Kendall tau against test M(q,g) (loss negated), "
+               f"and over 4,000 seeded draws of {k} of the budget's trained subnets, how often the one each "
+               f"signal picks reaches the budget's median test M(q,g) (and M(q,q) too), and its mean M(q,g) "
+               f"gain over the draw's average:", "",
+               "| budget ms (pred.) | subnets | tau: search score | tau: training loss | search score picks >= median "
+               "M(q,g) (both) | training loss picks >= median M(q,g) (both) | mean gain, points: score / loss |",
+               "|---|---|---|---|---|---|---|"]
+        for r in sf:
+            md.append(f"| {r['budget_ms']} | {r['n']} | {r['kendall_search_score']:.2f} | {r['kendall_train_loss']:.2f} | "
+                      f"{100 * r['p_median_qg_search_score']:.0f}% ({100 * r['p_median_both_search_score']:.0f}%) | "
+                      f"{100 * r['p_median_qg_train_loss']:.0f}% ({100 * r['p_median_both_train_loss']:.0f}%) | "
+                      f"{100 * r['gain_qg_search_score']:+.2f} / {100 * r['gain_qg_train_loss']:+.2f} |")
+    if "cost" in res:
+        md += ["", "Cost of one evaluated trial (BN recalibration + embedding + both accuracies) by "
+               f"validation-set size (median of 5 random archs).{measured('cost')}", "",
+               "| validation set | queries | gallery | s / trial |", "|---|---|---|---|"]
+        for r in res["cost"]:
+            md.append(f"| {r['kind']} | {r['val_queries']} | {r['val_gallery']} | {r['sec_per_trial']:.2f} |")
+    update_benchmarks_md(name.replace("_", "-"), "\n".join(md))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
@@ -186,6 +324,9 @@ def main() -> None:
                     help="override a config value, as `hwnas --set`; e.g. latency.table=PATH keeps a "
                          "benchmark resumed on another CPU on the table (so the budgets and random "
                          "archs) it started with")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite the BENCHMARKS.md section (and the budgets plot) from the results "
+                         "file, running nothing")
     args = ap.parse_args()
 
     from hwnas.cli import apply_sets
@@ -196,12 +337,18 @@ def main() -> None:
     base = load_config(args.config)
     base.run_dir = args.run_dir
     apply_sets(base, args.set)
+    tag = Path(args.config).stem  # results per config: search.json (quickstart), search_omniglot.json
+    name = "search" if tag == "quickstart" else f"search_{tag}"
+    if args.render_only:
+        import json
+
+        write_markdown(json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text()),
+                       name, tag, base.train_config("query").epochs)
+        return
     space = base.search_space()
     pred, _ = predictor_for(base, space)
     lo, hi = pred.range()
     budget = run_budget(base, pred)["budget_ms"]
-    tag = Path(args.config).stem  # results per config: search.json (quickstart), search_omniglot.json
-    name = "search" if tag == "quickstart" else f"search_{tag}"
     res: dict = {"machine": machine(), "run_dir": args.run_dir, "budget_ms": budget, "range_ms": [lo, hi]}
     out = ROOT / "benchmarks" / "results"
     quiet = lambda *_: None  # noqa: E731
@@ -482,128 +629,16 @@ def main() -> None:
     # existed used the split's query/gallery division)
     res["part_val_queries"] = {**{p: "split" for p in res["part_run_dirs"]}, **res.get("part_val_queries", {}),
                                **{p: base.search.val_queries for p in done}}
+    # when, where and against which table each part was measured: parts run at other stops
+    # keep theirs, and the markdown says so beside them
+    res["part_measured"] = {**res.get("part_measured", {}), **{
+        p: {"date": res["machine"]["date"], "cpu": res["machine"]["cpu"], "table_range_ms": [lo, hi]}
+        for p in done}}
+    res["script"] = (f"benchmarks/bench_search.py --config configs/{tag}.yaml"
+                     + "".join(" --set " + x for x in args.set)
+                     + (" --finished-only" if args.finished_only else ""))
     save_results(name, res)
-    runs = ", ".join(f"{p}: `{d}`, search.val_queries {res['part_val_queries'][p]}"
-                     for p, d in sorted(res["part_run_dirs"].items()))
-    md = [f"## Search (issue 5){'' if tag == 'quickstart' else ': ' + tag}", "",
-          f"Machine: {machine_line(res['machine'])}. Script: "
-          f"`benchmarks/bench_search.py --config configs/{tag}.yaml{''.join(' --set ' + x for x in args.set)}"
-          f"{' --finished-only' if args.finished_only else ''}` "
-          f"({runs}); latency "
-          f"budget {budget} ms unless stated (table range {lo:.3f}-{hi:.3f} ms)."]
-    if "samplers" in res:
-        marks = sorted({int(n) for r in res["samplers"] for n in r["best_at"]})
-        md += ["", f"Best R3 reward (validation recall@1) after N evaluated trials (budget "
-               f"{res.get('samplers_budget_ms', budget)} ms):", "",
-               "| sampler | " + " | ".join(f"N={n}" for n in marks) + " | s / trial | over-budget samples |",
-               "|---|" + "---|" * len(marks) + "---|---|"]
-        for r in res["samplers"]:
-            md.append(f"| {r['sampler']} | " + " | ".join(f"{r['best_at'].get(n, r['best_at'].get(str(n), float('nan'))):.4f}" for n in marks)
-                      + f" | {r['sec_per_trial']:.2f} | {r['infeasible']} |")
-        md += ["", f"![samplers](benchmarks/results/{name}_samplers.png)"]
-    if "rewards" in res:
-        md += ["", "Reward ablation (best arch of a 50-trial TPE search, then train-query, test split):", "",
-               "| reward | MFLOPs | predicted ms | M(q,g) R@1 | M(q,q) R@1 |", "|---|---|---|---|---|"]
-        for r in res["rewards"]:
-            md.append(f"| {r['reward'].upper()} | {r['mflops']:.2f} | {r['predicted_ms']:.3f} | "
-                      f"{100 * r['M(q,g)']:.2f} | {100 * r['M(q,q)']:.2f} |")
-    if "budgets" in res and all("random_median_measured_ms" in r for r in res["budgets"]):
-        ks = {len(r["random"]) for r in res["budgets"]}
-        k = f"{ks.pop()}" if len(ks) == 1 else "the"
-        nq = res["budgets"][0]["searched"].get("test_queries", 2000)
-        p = res["budgets"][0]["searched"]["M(q,g)"]
-        se = 100 * (p * (1 - p) / nq) ** 0.5
-        where = res.get("budgets_trained_on")
-        md += ["", f"Searched vs the median of {k} random feasible archs (same training"
-               + (f"; models trained on {machine_line(where)}, latency measured on the machine above"
-                  if where and where.get("gpu") else "") + "):", "",
-               f"Budgets are fractions {res.get('budget_fracs', args.budget_fracs)} of the range of the table that run searched "
-               f"with ({res.get('budgets_table_range_ms', [lo, hi])[0]:.3f}-"
-               f"{res.get('budgets_table_range_ms', [lo, hi])[1]:.3f} ms predicted); the test split has "
-               f"{nq:,} queries (one standard error of recall@1 is about {se:.1f} points).", ""]
-        if res.get("budgets_finished_only"):
-            md += ["Still in progress: the models finished so far (`--finished-only`); random archs trained "
-                   "per budget: " + ", ".join(f"{r['budget_ms']} ms {len(r['random'])}/{r.get('random_planned')}"
-                                              for r in res["budgets"]) + ".", ""]
-        md += [
-               "| budget ms (pred.) | searched M(q,g) | searched M(q,q) | searched meas. ms | random median M(q,g) "
-               "| random median M(q,q) | random median meas. ms | random M(q,g) SD (range) "
-               "| random archs beaten on M(q,g) / M(q,q) | MobileNetV3-small-0.5 M(q,g) / M(q,q) / meas. ms |",
-               "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in res["budgets"]:
-            s, m = r["searched"], r["mobilenetv3"]
-            qg = [x["M(q,g)"] for x in r["random"]]
-            md.append(f"| {r['budget_ms']} | {100 * s['M(q,g)']:.2f} | {100 * s['M(q,q)']:.2f} | "
-                      f"{s['measured_ms']:.3f} | {100 * r['random_median_M(q,g)']:.2f} | "
-                      f"{100 * r['random_median_M(q,q)']:.2f} | {r['random_median_measured_ms']:.3f} | "
-                      f"{100 * statistics.stdev(qg):.2f} ({100 * min(qg):.2f}-{100 * max(qg):.2f}) | "
-                      f"{_beaten(s, r)} | "
-                      f"{100 * m['M(q,g)']:.2f} / {100 * m['M(q,q)']:.2f} / {m['measured_ms']:.3f} |")
-        verdict = []
-        for r in res["budgets"]:
-            short = _shortfalls(r["searched"], r)
-            verdict.append(f"{r['budget_ms']} ms: " + ("searched >= both" if not short else "; ".join(short)))
-        md += ["", "Where the random archs' SD is near the test split's standard error, architecture barely "
-               "moves M(q,g) within that budget and no search can beat the median by more than noise."]
-        md += ["", "Target (searched >= the random median and >= MobileNetV3-small at equal or lower measured "
-               "latency): " + " · ".join(verdict) + "."]
-        fins = [r for r in res["budgets"] if "measured_ms" in r.get("finalists", {})]
-        if fins:
-            f0 = fins[0]["finalists"]
-            k0 = len(f0["finalists"])
-            md += ["", f"The search's choice made by training (`query.finalists: {k0}`: its {k0} best archs "
-                   f"by score each train {f0['epochs']} of {f0['of_epochs']} epochs, the lowest training loss "
-                   "finishes), against the same random archs:", "",
-                   "| budget ms (pred.) | chosen: search rank | M(q,g) | M(q,q) | meas. ms | random archs beaten on "
-                   "M(q,g) / M(q,q) | target |", "|---|---|---|---|---|---|---|"]
-            for r in fins:
-                f = r["finalists"]
-                short = _shortfalls(f, r)
-                same = " (the searched arch)" if f["chosen"] == r["searched"]["arch"] else ""
-                md.append(f"| {r['budget_ms']} | {f['chosen_rank']}{same} | {100 * f['M(q,g)']:.2f} | {100 * f['M(q,q)']:.2f} | "
-                          f"{f['measured_ms']:.3f} | {_beaten(f, r)} | "
-                          f"{'; '.join(short) or 'searched >= both'} |")
-            md += ["", "Where the choice is the searched arch itself, the two rows differ by training noise "
-                   "alone: the same arch trained twice."]
-        md += ["", "MobileNetV3-small at width 0.5 is the narrowest timm registers; where its measured "
-               "latency is above a budget it is shown for reference, not as a feasible rival.",
-               "", f"![budgets](benchmarks/results/{name}_budgets.png)"]
-        plot_budgets(res["budgets"], ROOT / "benchmarks" / "results" / f"{name}_budgets.png")
-        pf = res.get("proxy_fidelity")
-        if pf:
-            md += ["", f"How well the search's score ranks the {pf['n']} trained subnets above (the supernet "
-                   "subnet's R3 reward on the validation split vs the trained model on the test split):", "",
-                   "| validation protocol | validation queries | Kendall tau vs test M(q,g) | Spearman vs test "
-                   "M(q,g) | Kendall tau vs test R3 | Spearman vs test R3 |", "|---|---|---|---|---|---|"]
-            for proto, what in (("all", "leave-one-out over the split (default)"),
-                                ("split", "the split's query part vs its gallery part")):
-                f = pf[proto]
-                md.append(f"| {what} | {f['n_val_queries']} | {f['kendall_M(q,g)']:.3f} | "
-                          f"{f['spearman_M(q,g)']:.3f} | {f['kendall_r3']:.3f} | {f['spearman_r3']:.3f} |")
-    sf = res.get("selection_fidelity")
-    if sf:
-        e, k = sf[0]["epochs"], sf[0]["k"]
-        md += ["", f"Picking among archs of one budget without training them to the end: the search's score vs "
-               f"a model's own training loss after {e} of its {base.train_config('query').epochs} epochs "
-               f"(`query.finalists` compares the latter). Kendall tau against test M(q,g) (loss negated), "
-               f"and over 4,000 seeded draws of {k} of the budget's trained subnets, how often the one each "
-               f"signal picks reaches the budget's median test M(q,g) (and M(q,q) too), and its mean M(q,g) "
-               f"gain over the draw's average:", "",
-               "| budget ms (pred.) | subnets | tau: search score | tau: training loss | search score picks >= median "
-               "M(q,g) (both) | training loss picks >= median M(q,g) (both) | mean gain, points: score / loss |",
-               "|---|---|---|---|---|---|---|"]
-        for r in sf:
-            md.append(f"| {r['budget_ms']} | {r['n']} | {r['kendall_search_score']:.2f} | {r['kendall_train_loss']:.2f} | "
-                      f"{100 * r['p_median_qg_search_score']:.0f}% ({100 * r['p_median_both_search_score']:.0f}%) | "
-                      f"{100 * r['p_median_qg_train_loss']:.0f}% ({100 * r['p_median_both_train_loss']:.0f}%) | "
-                      f"{100 * r['gain_qg_search_score']:+.2f} / {100 * r['gain_qg_train_loss']:+.2f} |")
-    if "cost" in res:
-        md += ["", "Cost of one evaluated trial (BN recalibration + embedding + both accuracies) by "
-               "validation-set size (median of 5 random archs):", "",
-               "| validation set | queries | gallery | s / trial |", "|---|---|---|---|"]
-        for r in res["cost"]:
-            md.append(f"| {r['kind']} | {r['val_queries']} | {r['val_gallery']} | {r['sec_per_trial']:.2f} |")
-    update_benchmarks_md(name.replace("_", "-"), "\n".join(md))
+    write_markdown(res, name, tag, base.train_config("query").epochs)
 
 
 if __name__ == "__main__":
