@@ -7,6 +7,7 @@ handlers, never at module level, so ``hwnas --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
@@ -592,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         ap.print_help()
         return 2
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        # under torchrun the first process speaks for all (each printed every line); errors
+        # from any process still reach stderr
+        sys.stdout = open(os.devnull, "w")
     try:
         return COMMANDS[args.command](args) or 0
     except HwnasError as e:

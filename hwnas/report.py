@@ -95,7 +95,10 @@ def build_report(cfg, log=print) -> dict:
             log(f"[report] {name}: not trained, left out")
             continue
         ev_path = qdir / "evaluation-test.json"
-        ev = read_json(ev_path) if ev_path.exists() else api.evaluate_query(cfg, query_dir=str(qdir), log=log)
+        ev = read_json(ev_path) if ev_path.exists() else None
+        if ev is None or ev.get("gallery_fingerprint") != gallery.fingerprint:
+            # (an evaluation against another gallery model, or none yet: evaluated here)
+            ev = api.evaluate_query(cfg, query_dir=str(qdir), log=log)
         net, qcfg = load_query(qdir)
         if qcfg.get("adapted") and name != ADAPTED:
             raise HwnasError(f"{qdir} holds an adapted model (it has seen the gallery's images), so it "

@@ -223,6 +223,9 @@ def test_step_keys_follow_what_each_step_reads():
     # (adapt is off in this config: it stays "off" whatever it would build on)
     assert changed(lambda c: c.gallery.train.update(epochs=9)) == set(STEPS) - {"data", "profile", "adapt"}
     assert changed(lambda c: setattr(c, "run_dir", "elsewhere")) == set()
+    # where and on how many threads models train: a run goes on on a GPU without redoing them
+    assert changed(lambda c: (c.gallery.train.update(threads=1, device="cpu"),
+                              c.supernet.train.update(device="cuda"))) == set()
     # unlabeled images feed the compatibility trainings, not the split or the gallery
     assert changed(lambda c: setattr(c.data, "unlabeled", "more/")) == set(STEPS) - {"data", "profile", "train-gallery", "adapt"}
     assert downstream(["search"]) == {"search", "train-query", "adapt", "baselines", "deploy", "report"}

@@ -500,3 +500,104 @@ def test_gallery_adaptation_pulls_the_query_onto_the_index_and_nothing_else(trai
         api.adapt_query(cfg, name="cls-only", restart=True, log=quiet)
     with pytest.raises(HwnasError, match="no trained query model"):
         api.adapt_query(cfg, query=str(run / "query/none"), log=quiet)
+
+
+def test_models_built_on_another_gallery_or_config_are_not_silently_kept(trained_gallery, tmp_path):
+    """A finished gallery, supernet or query model is kept only if it is what the config asks
+    for — settings and the gallery it was trained against — else an error naming what differs
+    and --restart; a supernet of another gallery cannot be inherited from or evaluated; and an
+    evaluation against another gallery does not overwrite the model's own."""
+    quiet = lambda *_: None  # noqa: E731
+    cfg_path = _clone_run(trained_gallery, tmp_path, supernet={"train": {"epochs": 1, "batch_size": 64}},
+                          query={"train": {"epochs": 1, "batch_size": 64}})
+    cfg = load_config(cfg_path)
+    fp = json.loads((tmp_path / "run" / "gallery" / "config.json").read_text())["fingerprint"]
+    assert api.train_gallery(cfg, log=quiet)["fingerprint"] == fp  # the same model: kept
+    cfg.gallery.margin = 0.35
+    with pytest.raises(HwnasError, match="other classifier than this config asks: --restart"):
+        api.train_gallery(cfg, log=quiet)
+    cfg = load_config(cfg_path)
+    cfg.gallery.train = {**cfg.gallery.train, "threads": 1}  # a runtime setting: still the same model
+    assert api.train_gallery(cfg, log=quiet)["fingerprint"] == fp
+    small = cfg.search_space().smallest().to_string()
+    api.train_supernet(cfg, log=quiet)
+    q = api.train_query(cfg, arch=small, name="q", inherit=True, log=quiet)
+    ev_path = tmp_path / "run" / "query" / "q" / "evaluation-test.json"
+    api.evaluate_query(cfg, query_dir=str(ev_path.parent), log=quiet)
+    ev_before = ev_path.read_bytes()
+    cfg.supernet.loss = {**cfg.supernet.loss, "bct": 0.0}
+    with pytest.raises(HwnasError, match="supernet trained with other loss"):
+        api.train_supernet(cfg, log=quiet)
+
+    # the gallery retrained (one epoch): what was built on the old one is refused
+    cfg2 = load_config(cfg_path)
+    cfg2.gallery.train = {**cfg2.gallery.train, "epochs": 1}
+    assert api.train_gallery(cfg2, restart=True, log=quiet)["fingerprint"] != fp
+    with pytest.raises(HwnasError, match="other gallery_fingerprint"):
+        api.train_supernet(cfg2, log=quiet)
+    with pytest.raises(HwnasError, match="other gallery_fingerprint"):
+        api.train_query(cfg2, arch=small, name="q", inherit=True, log=quiet)
+    with pytest.raises(HwnasError, match="supernet was trained against gallery model"):
+        api.train_query(cfg2, arch=small, name="q2", inherit=True, log=quiet)
+    with pytest.raises(HwnasError, match="supernet was trained against gallery model"):
+        api.evaluate_query(cfg2, arch=small, log=quiet)
+    api.evaluate_query(cfg2, query_dir=str(tmp_path / "run" / "query" / "q"), log=quiet)
+    assert ev_path.read_bytes() == ev_before and q["gallery_fingerprint"] == fp
+
+
+def test_a_resume_refusal_names_what_differs_and_ignores_runtime_settings(tmp_path):
+    """A checkpoint resumes at another thread count (a runtime setting), and a checkpoint
+    of an older hwnas (keyed with the thread count) still resumes; other settings are refused
+    by name."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hwnas.compat.train import TrainConfig, _legacy_key, fit
+
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x, y, idx):
+            return ((self.lin(x.flatten(1)) - y.float().unsqueeze(1)) ** 2).mean(), {}
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(64, 1, 2, 2, generator=g), torch.randint(0, 3, (64,), generator=g)
+    quiet = lambda *_: None  # noqa: E731
+    ck = tmp_path / "c.safetensors"
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05)
+    fit(Lin(), images, labels, lambda x: x, cfg, ck, settings={"seed": 0}, stop_after=1, log=quiet)
+    with pytest.raises(HwnasError, match=r"other train\.lr, seed than this run's; pass --restart"):
+        fit(Lin(), images, labels, lambda x: x, TrainConfig(epochs=3, batch_size=16, lr=0.1), ck,
+            settings={"seed": 1}, resume=True, log=quiet)
+    hist = fit(Lin(), images, labels, lambda x: x, TrainConfig(epochs=3, batch_size=16, lr=0.05, threads=1),
+               ck, settings={"seed": 0}, resume=True, stop_after=2, log=quiet)
+    assert [h["epoch"] for h in hist] == [1, 2]
+    # an older hwnas's checkpoint: its key hashed the thread count, and it kept no key inputs
+    with safe_open(str(ck), framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()["hwnas"]), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["key_inputs"]
+    meta["key"] = _legacy_key(cfg, {"seed": 0}, 1)
+    save_file(tensors, str(ck), metadata={"hwnas": json.dumps(meta)})
+    hist = fit(Lin(), images, labels, lambda x: x, cfg, ck, settings={"seed": 0}, resume=True, log=quiet)
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+
+
+def test_a_partial_torchrun_environment_is_an_error_before_anything_is_deleted(trained_gallery, tmp_path):
+    cfg_path = _clone_run(trained_gallery, tmp_path)
+    model = tmp_path / "run" / "gallery" / "model.safetensors"
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "train-gallery", "--config", str(cfg_path), "--restart"],
+                       env={**_env(), "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not set" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and model.exists()
+
+
+def test_a_gallery_at_another_input_size_is_refused():
+    from hwnas.data.images import Preprocess
+
+    pre = Preprocess(size=32, channels=1, mean=(0.5,), std=(0.5,))
+    g = {"embed_dim": 32, "preprocess": {**pre.to_dict(), "size": 64}}
+    with pytest.raises(HwnasError, match="gallery model takes 64 px images but the query space takes 32 px"):
+        api.check_compatible(g, 32, pre)
+    api.check_compatible({**g, "preprocess": pre.to_dict()}, 32, pre)

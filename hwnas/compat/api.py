@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +102,20 @@ def _cached(path: Path, key: str, compute) -> np.ndarray:
 
 
 def gallery_embeddings(rd: RunDir, gallery, part: str, images: PartImages | None = None,
-                       log=print) -> np.ndarray:
-    """The frozen gallery model's embeddings of a split part, cached per fingerprint+split."""
+                       log=print, all_ranks: bool = False) -> np.ndarray:
+    """The frozen gallery model's embeddings of a split part, cached per fingerprint+split.
+    ``all_ranks``: every torchrun process calls this at once (training): the first computes
+    and writes the cache, the others wait for it and read it."""
+    from hwnas.compat.train import barrier, dist_info
+
+    if all_ranks and dist_info()[1] > 1:
+        first = dist_info()[0] == 0
+        if not first:
+            barrier()
+        emb = gallery_embeddings(rd, gallery, part, images, log=log if first else (lambda *a, **k: None))
+        if first:
+            barrier()
+        return emb
     from hwnas.data.images import Preprocess
 
     pre = Preprocess.from_dict(gallery.config["preprocess"])
@@ -124,6 +136,30 @@ def _same_training(recorded: dict | None, wanted: dict) -> bool:
     return runtime(recorded) == runtime(json.loads(json.dumps(wanted)))
 
 
+def _differs(old: dict, want: dict, always: tuple = ()) -> list[str]:
+    """The keys of ``want`` whose recorded value in a finished model's ``old`` config differs
+    (``train`` compared without its runtime settings). A key the model does not record (made
+    by an older hwnas) is not compared, except those in ``always``."""
+    want = json.loads(json.dumps(want))
+    return [k for k, v in want.items() if (k in old or k in always)
+            and (not _same_training(old.get(k), v) if k == "train" else old.get(k) != v)]
+
+
+def _gallery_fingerprint(rd: RunDir) -> str | None:
+    """The run's trained gallery model's fingerprint, without loading its weights (None: none yet)."""
+    p = rd.path / "gallery" / "config.json"
+    return read_json(p)["fingerprint"] if p.exists() else None
+
+
+def check_supernet_gallery(scfg: dict, gallery_fp: str | None, what: str) -> None:
+    """Refuse a supernet trained against another gallery model than the run's (the gallery
+    retrained since): its subnets learned another embedding space."""
+    if gallery_fp is not None and scfg.get("gallery_fingerprint") not in (None, gallery_fp):
+        raise HwnasError(f"the supernet was trained against gallery model {scfg['gallery_fingerprint']}, "
+                         f"but this run's gallery is {gallery_fp} (retrained since): retrain the supernet "
+                         f"(hwnas train-supernet --restart) before {what}")
+
+
 def query_dir(rd: RunDir, name: str) -> Path:
     """``RUN_DIR/query/NAME``; a name that would leave that folder (``..``, ``a/b``) is an
     error, since --restart empties the folder it names."""
@@ -134,9 +170,14 @@ def query_dir(rd: RunDir, name: str) -> Path:
 
 
 def _prepare_out(out: Path, restart: bool) -> bool:
-    """True if a finished model is already there (and ``restart`` is off)."""
-    if restart and out.exists():
+    """True if a finished model is already there (and ``restart`` is off). Under torchrun the
+    environment is checked before anything is deleted, and one process deletes."""
+    from hwnas.compat.train import barrier, dist_info
+
+    rank, _ = dist_info()
+    if restart and out.exists() and rank == 0:
         shutil.rmtree(out)
+    barrier()
     return (out / "model.safetensors").exists() and (out / "config.json").exists()
 
 
@@ -152,6 +193,12 @@ def check_compatible(gallery_cfg: dict, embed_dim: int, pre) -> None:
     if gp["channels"] != pre.channels:
         raise HwnasError(f"the gallery model takes {gp['channels']}-channel images but the query "
                          f"space takes {pre.channels}: set space.in_channels to match")
+    if gp["size"] != pre.size:
+        # the query learns the gallery's embeddings of the very images it sees: at another size
+        # those targets are not what the gallery indexes with
+        raise HwnasError(f"the gallery model takes {gp['size']} px images but the query space takes "
+                         f"{pre.size} px: set space.input_size: {gp['size']}, or retrain the gallery at "
+                         f"{pre.size} px (hwnas train-gallery --restart)")
     if [round(v, 6) for v in gp["mean"]] != [round(v, 6) for v in pre.mean] or \
             [round(v, 6) for v in gp["std"]] != [round(v, 6) for v in pre.std]:
         raise HwnasError(
@@ -172,13 +219,24 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     from hwnas.nn.models import check_timm_name
 
     check_timm_name(cfg.gallery.backbone)  # a typo must not cost the trained model (--restart)
+    gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
+    tc = cfg.train_config("gallery")
     if _prepare_out(out, restart):
         g = read_json(out / "config.json")
+        classes = train_class_names(rd)
+        want = {"backbone": gc.backbone, "embed_dim": space.embed_dim, "preprocess": pre.to_dict(),
+                "classifier": {**CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin,
+                                                  gc.classifier).config(), "classes": classes},
+                "backbone_checkpoint": gc.backbone_checkpoint, "freeze_backbone": gc.freeze_backbone,
+                "train": tc.__dict__, "splits_fingerprint": rd.splits().fingerprint, "seed": cfg.seed}
+        diff = _differs(g, want)
+        if diff:
+            raise HwnasError(f"{out} holds a gallery model trained with other {', '.join(diff)} than "
+                             "this config asks: --restart to train it again (the supernet and query "
+                             "models built on it must then be retrained too), or restore the config")
         log(f"[train-gallery] {out} is already trained (fingerprint {g['fingerprint']}); "
             "--restart to train again")
         return g
-    gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
-    tc = cfg.train_config("gallery")
     classes = train_class_names(rd)
     data = load_part(rd, "train", pre, classes, log=log)
     torch.manual_seed(cfg.seed)
@@ -193,11 +251,16 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
                 p.requires_grad_(False)
     head = CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin, gc.classifier)
     task = GalleryTask(net, head)
-    settings = {"backbone": gc.backbone, "classes": len(classes), "split": rd.splits().fingerprint}
+    legacy = {"backbone": gc.backbone, "classes": len(classes), "split": rd.splits().fingerprint}
+    # every model setting (a resume with another margin, embedding size or normalization
+    # would train a model that is neither)
+    settings = {**legacy, "gallery": {k: v for k, v in asdict(gc).items() if k != "train"},
+                "embed_dim": space.embed_dim, "preprocess": pre.to_dict(), "seed": cfg.seed}
     log(f"[train-gallery] {gc.backbone} on {len(data.images)} images, {len(classes)} classes, "
         f"{tc.epochs} epochs")
     hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
-               seed=cfg.seed, resume=resume, desc="train-gallery", settings=settings, log=log)
+               seed=cfg.seed, resume=resume, desc="train-gallery", settings=settings, log=log,
+               legacy_settings=legacy)
     if not is_main():
         return {}
     config = {
@@ -206,7 +269,7 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
         "classifier": {**head.config(), "classes": classes},
         "backbone_checkpoint": gc.backbone_checkpoint, "freeze_backbone": gc.freeze_backbone,
         "train": tc.__dict__, "history": hist, "train_seconds": sum(h["seconds"] for h in hist),
-        "splits_fingerprint": rd.splits().fingerprint,
+        "splits_fingerprint": rd.splits().fingerprint, "seed": cfg.seed,
     }
     saved = save_model(out, {"net": net, "classifier": head}, config)
     log(f"[train-gallery] saved {out} (fingerprint {saved['fingerprint']})")
@@ -303,15 +366,29 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
 
     rd = RunDir(cfg)
     out = rd.path / "supernet"
-    if _prepare_out(out, restart):
-        log(f"[train-supernet] {out} is already trained; --restart to train again")
-        return read_json(out / "config.json")
     loss_cfg, tc = cfg.loss_config("supernet"), cfg.train_config("supernet")
+    if _prepare_out(out, restart):
+        old = read_json(out / "config.json")
+        space = cfg.search_space()
+        want = {"space": space.to_dict(), "preprocess": cfg.preprocess().to_dict(),
+                "loss": loss_cfg.to_dict(), "flops_range": cfg.supernet.flops_range,
+                "train": tc.__dict__, "path_warmup": cfg.supernet.path_warmup, "seed": cfg.seed,
+                "splits_fingerprint": rd.splits().fingerprint, "unlabeled_source": _unlabeled_source(cfg)}
+        gfp = _gallery_fingerprint(rd) if loss_cfg.needs_gallery else None
+        if gfp is not None:
+            want["gallery_fingerprint"] = gfp
+        diff = _differs(old, want, always=("space", "loss", "train", "flops_range"))
+        if diff:
+            raise HwnasError(f"{out} holds a supernet trained with other {', '.join(diff)} than this "
+                             "config asks: --restart to train it again, or restore the config")
+        log(f"[train-supernet] {out} is already trained; --restart to train again")
+        return old
     space, pre, gallery, classes, data, unlabeled = _compat_setup(rd, loss_cfg, log)
     g_emb = None
     if gallery is not None and loss_cfg.needs_gallery_emb and cfg.supernet.cache_gallery_embeddings \
             and tc.augment == "none":
-        g_emb = torch.from_numpy(gallery_embeddings(rd, gallery, _train_part(unlabeled), data, log=log))
+        g_emb = torch.from_numpy(gallery_embeddings(rd, gallery, _train_part(unlabeled), data, log=log,
+                                                    all_ranks=True))
     torch.manual_seed(cfg.seed)
     net = Supernet(space)
     loss = CompatLoss(loss_cfg, space.embed_dim, len(classes),
@@ -323,17 +400,22 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     settings = {"space": space.hash, "loss": loss_cfg.to_dict(), "gallery": gfp,
                 "flops_range": cfg.supernet.flops_range, "path_warmup": cfg.supernet.path_warmup,
                 "split": rd.splits().fingerprint, **_unlabeled_setting(unlabeled)}
+    legacy = dict(settings)
+    if cfg.seed:  # (seed 0 adds nothing: checkpoints from before the seed was keyed stay valid)
+        settings["seed"] = cfg.seed
     log(f"[train-supernet] space {space.hash} on {len(data.images)} images, loss "
         f"{_loss_str(loss_cfg)}, {tc.epochs} epochs")
     hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
                seed=cfg.seed, resume=resume, desc="train-supernet", settings=settings,
-               find_unused=True, log=log)
+               find_unused=True, log=log, legacy_settings=legacy)
     if not is_main():
         return {}
     config = {"role": "supernet", "space": space.to_dict(), "preprocess": pre.to_dict(),
               "loss": loss_cfg.to_dict(), "gallery_fingerprint": gfp, "classes": classes,
               "flops_range": cfg.supernet.flops_range, "train": tc.__dict__, "history": hist,
-              "train_seconds": sum(h["seconds"] for h in hist)}
+              "train_seconds": sum(h["seconds"] for h in hist), "path_warmup": cfg.supernet.path_warmup,
+              "seed": cfg.seed, "splits_fingerprint": rd.splits().fingerprint,
+              "unlabeled_source": _unlabeled_source(cfg)}
     modules = {"net": net}
     if loss.own is not None:
         modules["own"] = loss.own
@@ -409,9 +491,17 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         old = read_json(out / "config.json")
         want = {"arch": None if parsed is None else parsed.to_string(space), "timm": timm_name,
                 "loss": loss_cfg.to_dict(), "train": tc.__dict__, "inherit": bool(inherit and arch)}
-        # where and on how many threads it trained is not what it trained
-        diff = [k for k, v in json.loads(json.dumps(want)).items()
-                if (not _same_training(old.get(k), v) if k == "train" else old.get(k) != v)]
+        # what it was trained against and on (compared where the model records it)
+        also = {"embed_dim": space.embed_dim, "preprocess": cfg.preprocess().to_dict(),
+                "splits_fingerprint": rd.splits().fingerprint}
+        if arch is not None:
+            also["space"] = space.to_dict()
+        gfp = _gallery_fingerprint(rd) if loss_cfg.needs_gallery else None
+        if gfp is not None:
+            also["gallery_fingerprint"] = gfp
+        if inherit and arch and (rd.path / "supernet" / "config.json").exists():
+            also["supernet_fingerprint"] = read_json(rd.path / "supernet" / "config.json")["fingerprint"]
+        diff = _differs(old, {**want, **also}, always=tuple(want))
         if (old.get("unlabeled") or {}).get("source") != _unlabeled_source(cfg):
             diff.append("data.unlabeled")
         if old.get("seed", 0) != cfg.seed:  # models from before the seed was recorded: seed 0
@@ -438,6 +528,9 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
             if supernet.space.hash != space.hash:
                 raise HwnasError("the supernet was trained on another search space; retrain it "
                                  "(hwnas train-supernet --restart) or use --no-inherit")
+            check_supernet_gallery(scfg, gallery.fingerprint if gallery is not None else None,
+                                   "inheriting its weights (or use --no-inherit)")
+            qcfg["supernet_fingerprint"] = scfg["fingerprint"]
             batches = [pre.normalize(data.images[i:i + 128]) for i in range(0, min(len(data.images), 1024), 128)]
             recalibrate_bn(supernet, batches, a)
             net = supernet.extract(a)
@@ -454,15 +547,20 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         loss.own.load_state_dict(own_state)
     g_emb = None
     if gallery is not None and loss_cfg.needs_gallery_emb and tc.augment == "none":
-        g_emb = torch.from_numpy(gallery_embeddings(rd, gallery, _train_part(unlabeled), data, log=log))
+        g_emb = torch.from_numpy(gallery_embeddings(rd, gallery, _train_part(unlabeled), data, log=log,
+                                                    all_ranks=True))
     task = CompatTask(net, loss, gallery.net if gallery is not None else None, g_emb)
     gfp = gallery.fingerprint if gallery is not None else None
-    settings = {"query": {k: v for k, v in qcfg.items() if k != "flops"}, "loss": loss_cfg.to_dict(),
-                "gallery": gfp, "inherit": bool(inherit and arch), "split": rd.splits().fingerprint}
+    settings = {"query": {k: v for k, v in qcfg.items() if k not in ("flops", "supernet_fingerprint")},
+                "loss": loss_cfg.to_dict(), "gallery": gfp, "inherit": bool(inherit and arch),
+                "split": rd.splits().fingerprint}
+    legacy = dict(settings)
+    if cfg.seed:  # (seed 0 adds nothing: checkpoints from before the seed was keyed stay valid)
+        settings["seed"] = cfg.seed
     log(f"[train-query] {name}: {qcfg['flops'] / 1e6:.2f} MFLOPs, loss {_loss_str(loss_cfg)}, "
         f"{'inheriting supernet weights' if inherit and arch else 'from scratch'}, {tc.epochs} epochs")
     if retrain_changed:
-        drop_stale_checkpoint(out / "checkpoint.safetensors", tc, settings, log=log)
+        drop_stale_checkpoint(out / "checkpoint.safetensors", tc, settings, log=log, legacy_settings=legacy)
     if start_from is not None and not (out / "checkpoint.safetensors").exists():
         from hwnas.utils import atomic_write_bytes
 
@@ -470,13 +568,13 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         resume = True  # (fit refuses a checkpoint made with other settings all the same)
     hist = fit(task, data.images, data.labels, pre.normalize, tc, out / "checkpoint.safetensors",
                seed=cfg.seed, resume=resume, desc=f"train-query {name}", settings=settings,
-               stop_after=stop_after, log=log)
+               stop_after=stop_after, log=log, legacy_settings=legacy)
     if not is_main():
         return {}
     if stop_after is not None and stop_after < tc.epochs:
         return {"name": name, "partial": True, "history": hist, "flops": qcfg["flops"]}
     qcfg.update(seed=cfg.seed, gallery_fingerprint=gfp, loss=loss_cfg.to_dict(),
-                inherit=bool(inherit and arch),
+                inherit=bool(inherit and arch), splits_fingerprint=rd.splits().fingerprint,
                 train=tc.__dict__, history=hist, train_seconds=sum(h["seconds"] for h in hist), name=name)
     saved = save_model(out, {"net": net}, qcfg)
     log(f"[train-query] saved {out}")
@@ -712,16 +810,20 @@ def evaluate_query(cfg: Config, query_dir: str | None = None, arch: str | None =
         raise HwnasError("evaluate needs exactly one of --query DIR or --arch ARCH (a supernet subnet)")
     if query_dir is not None:
         net, qcfg = load_query(query_dir)
-        if qcfg.get("gallery_fingerprint") not in (None, gallery.fingerprint):
+        foreign = qcfg.get("gallery_fingerprint") not in (None, gallery.fingerprint)
+        if foreign:
             log(f"[evaluate] warning: {query_dir} was trained against gallery "
-                f"{qcfg['gallery_fingerprint']}, not this run's {gallery.fingerprint}")
+                f"{qcfg['gallery_fingerprint']}, not this run's {gallery.fingerprint}; its "
+                f"evaluation-{part}.json (against its own gallery) is left as it is")
         qpre = Preprocess.from_dict(qcfg["preprocess"])
         label = qcfg.get("name", Path(query_dir).name)
         run_arch = None
     else:
         net, scfg, _ = load_supernet(rd)
+        check_supernet_gallery(scfg, gallery.fingerprint, "evaluating its subnets")
         qpre = Preprocess.from_dict(scfg["preprocess"])
         run_arch = net.space.parse(arch)
+        foreign = False
         train = load_part(rd, "train", qpre, log=log)
         sel = np.random.default_rng(cfg.seed).permutation(len(train.images))[:1024]
         recalibrate_bn(net, [qpre.normalize(train.images[sel[i:i + 128]]) for i in range(0, len(sel), 128)], run_arch)
@@ -747,7 +849,7 @@ def evaluate_query(cfg: Config, query_dir: str | None = None, arch: str | None =
         "bct_criterion_M(q,g)>M(q,q)": res["M(q,g)"]["recall@1"] > res["M(q,q)"]["recall@1"],
         "gap_to_paragon_points": 100 * (res["M(g,g)"]["recall@1"] - res["M(q,g)"]["recall@1"]),
     }
-    if query_dir is not None:
+    if query_dir is not None and not foreign:
         write_json(Path(query_dir) / f"evaluation-{part}.json", out)
     return out
 

@@ -76,14 +76,24 @@ def train_device(cfg: TrainConfig) -> torch.device:
 
 
 # ---------------------------------------------------------------------- distributed
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def dist_info() -> tuple[int, int]:
-    """(rank, world size); initializes the process group under torchrun."""
+    """(rank, world size); initializes the process group under torchrun. A partial torchrun
+    environment (WORLD_SIZE set by hand, say) is an error naming what is missing."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        missing = [k for k in TORCHRUN_ENV if not os.environ.get(k)]
+        if missing:
+            raise HwnasError(f"WORLD_SIZE is {world} but {', '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not set: start several processes "
+                             "with torchrun (e.g. torchrun --nproc_per_node 2 -m hwnas.cli ...), or unset "
+                             "WORLD_SIZE to train in one")
         backend = "nccl" if gpu_per_process() else "gloo"
         dist.init_process_group(backend)
         if backend == "nccl":
@@ -211,20 +221,59 @@ def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> floa
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def training_key(cfg: TrainConfig, settings: dict | None, world: int | None = None) -> str:
-    """What a checkpoint was trained with (where it trains is not part of it: a CPU run may be
-    resumed on a GPU)."""
+RUNTIME = ("device", "threads")  # where and on how many threads: not what is trained
+
+
+def key_inputs(cfg: TrainConfig, settings: dict | None, world: int | None = None) -> dict:
+    """What a checkpoint was trained with, as hashed into its key and kept beside it (to name
+    what differs). Where it trains is not part of it: a CPU run may be resumed on a GPU, or
+    at another thread count."""
     world = dist_info()[1] if world is None else world
+    return json.loads(json.dumps({"train": {k: v for k, v in asdict(cfg).items() if k not in RUNTIME},
+                                  "settings": settings or {}, "world": world}))
+
+
+def training_key(cfg: TrainConfig, settings: dict | None, world: int | None = None) -> str:
+    return content_hash(key_inputs(cfg, settings, world))
+
+
+def _legacy_key(cfg: TrainConfig, settings: dict | None, world: int) -> str:
+    """The key of checkpoints written before the key left out the thread count (hwnas up to
+    stop 25), so a run killed under an older hwnas still resumes."""
     return content_hash({"train": {k: v for k, v in asdict(cfg).items() if k != "device"},
                          "settings": settings or {}, "world": world})
 
 
-def drop_stale_checkpoint(ckpt_path: Path, cfg: TrainConfig, settings: dict | None, log=print) -> None:
+def _key_mismatch(path: Path, meta: dict, cfg: TrainConfig, settings: dict | None, world: int) -> str:
+    """Why a checkpoint's key differs from the wanted one, naming the settings that differ."""
+    old = meta.get("key_inputs")
+    if old is None:  # written before checkpoints kept what they were keyed on
+        return (f"{path} was made with other training settings; pass --restart to start over with "
+                "the new settings (or restore the old config)")
+    new = key_inputs(cfg, settings, world)
+    if old["world"] != new["world"] and old["train"] == new["train"] and old["settings"] == new["settings"]:
+        return (f"{path} was made by {old['world']} process(es), this run has {new['world']}: each "
+                f"process trains its share of the images, so resume with torchrun --nproc_per_node "
+                f"{old['world']} (or {'without torchrun' if old['world'] == 1 else 'as it ran'}), or "
+                "--restart")
+    diff = [f"train.{k}" for k in sorted(set(old["train"]) | set(new["train"]))
+            if old["train"].get(k) != new["train"].get(k)]
+    diff += [k for k in sorted(set(old["settings"]) | set(new["settings"]))
+             if old["settings"].get(k) != new["settings"].get(k)]
+    diff += ["world size"] if old["world"] != new["world"] else []
+    return (f"{path} was made with other {', '.join(diff) or 'settings'} than this run's; pass "
+            "--restart to start over with the new settings (or restore the old config)")
+
+
+def drop_stale_checkpoint(ckpt_path: Path, cfg: TrainConfig, settings: dict | None, log=print,
+                          legacy_settings: dict | None = None) -> None:
     """Remove an unfinished run's checkpoint made with other settings (``hwnas run`` after a
     config edit: the step is done again, and a kill's leftover must not block it)."""
     if not ckpt_path.exists():
         return
-    if checkpoint_meta(ckpt_path).get("key") != training_key(cfg, settings):
+    world = dist_info()[1]
+    if checkpoint_meta(ckpt_path).get("key") not in (training_key(cfg, settings, world),
+                                                     _legacy_key(cfg, legacy_settings or settings, world)):
         log(f"[train] {ckpt_path} was made with other settings; starting over")
         ckpt_path.unlink()
 
@@ -244,13 +293,15 @@ def fit(
     find_unused: bool = False,
     stop_after: int | None = None,
     log: Callable[[str], None] = print,
+    legacy_settings: dict | None = None,
 ) -> list[dict]:
     """Train ``module`` whose ``forward(x, y, idx)`` returns ``(loss, {part: value})``.
 
     ``module.before_step(epoch, step, progress)`` is called, if defined, before every step,
     ``progress`` being the fraction of training done (the supernet samples its path there,
     identically on every rank). ``settings`` are hashed into the checkpoint: resuming with
-    other settings is refused. ``stop_after``: return after that many epochs of the
+    other settings is refused, naming them (``legacy_settings``: what older hwnas versions
+    keyed the same training on, where they keyed less). ``stop_after``: return after that many epochs of the
     schedule (the learning rate follows ``cfg.epochs`` all the same), leaving the checkpoint
     for a later call to resume: a short look at a model that may then be trained to the end
     exactly as if it had never stopped."""
@@ -272,12 +323,10 @@ def fit(
                 f"{ckpt_path} exists from an earlier run: pass --resume to continue it, or "
                 "--restart to discard it and start over"
             )
+        meta = checkpoint_meta(ckpt_path)
+        if meta["key"] not in (key, _legacy_key(cfg, legacy_settings or settings, world)):
+            raise HwnasError(_key_mismatch(ckpt_path, meta, cfg, settings, world))
         meta = load_checkpoint(ckpt_path, module, opt)
-        if meta["key"] != key:
-            raise HwnasError(
-                f"{ckpt_path} was made with other training settings; pass --restart to start "
-                "over with the new settings (or restore the old config)"
-            )
         start, history = meta["epoch"] + 1, meta["history"]
         if start < end:
             log(f"[{desc}] resuming after epoch {start}/{cfg.epochs}")
@@ -335,7 +384,8 @@ def fit(
                "seconds": dt, "images_per_s": len(perm) * world / dt}
         history.append(rec)
         if rank == 0:
-            save_checkpoint(ckpt_path, module, opt, {"epoch": epoch, "key": key, "history": history})
+            save_checkpoint(ckpt_path, module, opt, {"epoch": epoch, "key": key, "history": history,
+                                                     "key_inputs": key_inputs(cfg, settings, world)})
             left = (end - epoch - 1) * dt
             parts_s = " ".join(f"{k} {v / spe:.3f}" for k, v in sums.items() if k != "loss")
             log(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f} ({parts_s}) "

@@ -77,6 +77,7 @@ class SupernetEvaluator:
         rd = RunDir(cfg)
         self.net, scfg, _ = api.load_supernet(rd)
         gallery = api.run_gallery(rd)
+        api.check_supernet_gallery(scfg, gallery.fingerprint, "searching it")
         self.pre = Preprocess.from_dict(scfg["preprocess"])
         api.check_compatible(gallery.config, self.net.space.embed_dim, self.pre)
         splits = rd.splits(log=log)
