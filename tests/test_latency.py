@@ -341,3 +341,21 @@ def test_unlabeled_source_errors_name_the_setting(tmp_path):
 
     with pytest.raises(HwnasError, match=r"adapt.images .*missing does not exist.*set adapt.images"):
         unlabeled_images(tmp_path / "missing", "adapt.images")
+
+
+def test_a_table_given_by_path_is_checked_against_the_thread_count_asked_for():
+    """latency.table from elsewhere (the edge device's) is not checked against this machine's
+    runtime, but a latency.threads other than the table's is refused: deploy and the report
+    would time the query models at other threads than the predictions."""
+    from hwnas.config import load_config
+    from hwnas.search.runner import predictor_for
+
+    cfg = load_config("configs/omniglot.yaml")
+    cfg.latency.table = "latency_tables/x86_64-amdepyc-2c-ort1.32-fp32-t1-r32-s7b287ae9.json"
+    space = cfg.search_space()
+    for threads in (None, 1):
+        cfg.latency.threads = threads
+        predictor_for(cfg, space)
+    cfg.latency.threads = 2
+    with pytest.raises(HwnasError, match=r"measured with threads=1 but this run uses 2.*set latency.threads: 1"):
+        predictor_for(cfg, space)

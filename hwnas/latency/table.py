@@ -90,7 +90,8 @@ class LatencyTable:
             for k in ("backend", "runtime_version", "threads", "precision"):
                 if k in settings and h.get(k) != settings[k]:
                     raise HwnasError(f"{where} was measured with {k}={h.get(k)!r} but this run uses "
-                                     f"{settings[k]!r}; {fix}")
+                                     f"{settings[k]!r}; {fix}"
+                                     + (f" (or set latency.threads: {h.get(k)})" if k == "threads" else ""))
 
     def ms(self, key: str, stat: str | None = None) -> float:
         stat = stat or self.header.get("statistic_key", "median_ms")

@@ -60,7 +60,11 @@ def predictor_for(cfg: Config, space):
     if not path.exists():
         raise HwnasError(f"no latency table at {path}: build it with `hwnas profile --device cpu"
                          f"{' --config ' + '...' if cfg.space else ''}` (or set latency.table)")
-    settings = OrtCpuBackend(threads=cfg.latency.threads).settings() if not cfg.latency.table else None
+    # a table of the config's own device is checked against this machine's runtime; one given
+    # by path (profiled on the edge device, say) only against the thread count asked for, which
+    # deploy and the report time the query models at
+    settings = (OrtCpuBackend(threads=cfg.latency.threads).settings() if not cfg.latency.table
+                else {"threads": cfg.latency.threads} if cfg.latency.threads else None)
     return load_predictor(space, path, settings), path
 
 
