@@ -166,7 +166,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
     budget = res["budget_ms"]
 
     def measured(part: str) -> str:
-        m = res["part_measured"].get(part)
+        m = res.get("part_measured", {}).get(part)
         if not m or (m["date"] == res["machine"]["date"] and m["cpu"] == res["machine"]["cpu"]
                      and [round(v, 4) for v in m["table_range_ms"]] == [round(lo, 4), round(hi, 4)]):
             return ""
@@ -178,7 +178,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                      for p, d in sorted(res["part_run_dirs"].items()))
     md = [f"## Search (issue 5){'' if tag == 'quickstart' else ': ' + tag}", "",
           f"Machine: {machine_line(res['machine'])}. Script: "
-          f"`{res['script']}` "
+          f"`{res.get('script', 'benchmarks/bench_search.py')}` "
           f"({runs}); latency "
           f"budget {budget} ms unless stated (table range {lo:.3f}-{hi:.3f} ms)."]
     if "samplers" in res:
@@ -208,7 +208,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
         md += ["", f"Searched vs the median of {k} random feasible archs (same training"
                + (f"; models trained on {machine_line(where)}, latency measured on the machine above"
                   if where and where.get("gpu") else "") + "):", "",
-               f"Budgets are fractions {res['budget_fracs']} of the range of the table that run searched "
+               f"Budgets are fractions {res.get('budget_fracs', [0.15, 0.3, 0.6])} of the range of the table that run searched "
                f"with ({res.get('budgets_table_range_ms', [lo, hi])[0]:.3f}-"
                f"{res.get('budgets_table_range_ms', [lo, hi])[1]:.3f} ms predicted); the test split has "
                f"{nq:,} queries (one standard error of recall@1 is about {se:.1f} points).", ""]

@@ -71,8 +71,10 @@ def lost_steps(cfg: Config, done: Callable[[str], bool]) -> list[str]:
     return [n for n in STEPS if done(n) and any(not (root / p).exists() for p in products.get(n, []))]
 
 
-def step_keys(cfg: Config) -> dict[str, str]:
-    """Each step's key: its config sections and the keys of the steps it builds on."""
+def step_keys(cfg: Config, with_runtime: bool = False) -> dict[str, str]:
+    """Each step's key: its config sections and the keys of the steps it builds on.
+    ``with_runtime``: as hwnas up to stop 25 keyed them, ``*.train.device/threads`` included
+    (a run recorded so is not redone for them)."""
     d, keys = cfg.to_dict(), {}
     # how many subnets validate a table: written to its header, read by no later step
     d["latency"] = {k: v for k, v in d["latency"].items() if k != "validate"}
@@ -80,7 +82,7 @@ def step_keys(cfg: Config) -> dict[str, str]:
     # CPU goes on on a GPU without redoing its models (unset, nothing changes in a key)
     from hwnas.compat.train import RUNTIME
 
-    for sec in ("gallery", "supernet", "query"):
+    for sec in ("gallery", "supernet", "query") if not with_runtime else ():
         if isinstance(d[sec].get("train"), dict):
             d[sec]["train"] = {k: v for k, v in d[sec]["train"].items() if k not in RUNTIME}
     # data.unlabeled feeds the compatibility trainings only: a new one keeps the split and
@@ -133,11 +135,12 @@ class Steps:
     def done(self, name: str) -> bool:
         return name in self.state["done"]
 
-    def changed(self, keys: dict[str, str]) -> list[str]:
+    def changed(self, keys: dict[str, str], legacy: dict[str, str] | None = None) -> list[str]:
         """Done steps recorded with other inputs than ``keys`` (a step recorded before keys
-        existed counts as unchanged)."""
+        existed counts as unchanged; so does one recorded with its ``legacy`` key)."""
+        legacy = legacy or keys
         return [n for n in STEPS if self.done(n)
-                and self.state["done"][n].get("key", keys[n]) != keys[n]]
+                and self.state["done"][n].get("key", keys[n]) not in (keys[n], legacy[n])]
 
     def forget(self, names, outputs=()) -> None:
         """Steps to do again: their records go first (persisted), then the outputs that a
@@ -280,7 +283,7 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     t0 = time.time()
     space = cfg.search_space()
     keys = step_keys(cfg)
-    changed = steps.changed(keys)
+    changed = steps.changed(keys, step_keys(cfg, with_runtime=True))
     forced = [redo_from] if redo_from is not None else []
     lost = [n for n in lost_steps(cfg, steps.done) if n not in downstream(changed + forced)]
     redo = [n for n in STEPS if n in downstream(changed + forced + lost)]  # unfinished ones too

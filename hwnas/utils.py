@@ -83,8 +83,9 @@ def read_json(path: str | os.PathLike) -> Any:
 def place_labels(ax, points, labels, fontsize: float = 7, marker_pts: float = 6) -> None:
     """Annotate each of ``points`` (data coordinates) with its label, at the first of eight
     offsets around the marker whose text box overlaps no label placed before it and no other
-    marker (a fixed offset wrote labels over neighbouring markers where models cluster). Call
-    after the axes' limits and scales are final."""
+    marker, and stays inside the axes (a fixed offset wrote labels over neighbouring markers
+    where models cluster); failing that, where it clashes least. Call after the axes' limits
+    and scales are final."""
     from matplotlib.transforms import Bbox
 
     fig = ax.figure
@@ -94,6 +95,7 @@ def place_labels(ax, points, labels, fontsize: float = 7, marker_pts: float = 6)
     r = marker_pts * fig.dpi / 72
     markers = [Bbox.from_extents(x - r, y - r, x + r, y + r) for x, y in disp]
     offsets = [(5, -11), (5, 4), (-5, 4), (-5, -11), (0, 9), (0, -16), (12, -3), (-12, -3)]
+    frame = ax.get_window_extent(renderer)
     placed: list = []
     for i, ((x, y), text) in enumerate(zip(points, labels)):
         best = None
@@ -104,6 +106,8 @@ def place_labels(ax, points, labels, fontsize: float = 7, marker_pts: float = 6)
             box = a.get_window_extent(renderer)
             clash = sum(box.overlaps(b) for b in placed) + sum(
                 box.overlaps(m) for j, m in enumerate(markers) if j != i)
+            # (a label across the axes' edge is cut off or runs into the legend)
+            clash += not (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1)
             if best is None or clash < best[0]:
                 if best is not None:
                     best[1].remove()

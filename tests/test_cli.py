@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -226,6 +227,17 @@ def test_step_keys_follow_what_each_step_reads():
     # where and on how many threads models train: a run goes on on a GPU without redoing them
     assert changed(lambda c: (c.gallery.train.update(threads=1, device="cpu"),
                               c.supernet.train.update(device="cuda"))) == set()
+    # and a run recorded by an hwnas that keyed them (a config that set them) is not redone
+    from hwnas.pipeline import Steps
+
+    c = load_config("configs/quickstart.yaml")
+    c.gallery.train.update(threads=2)
+    old_keys = step_keys(c, with_runtime=True)
+    assert old_keys["train-gallery"] != step_keys(c)["train-gallery"]
+    st = Steps(Path("/nonexistent/steps.json"))
+    st.state["done"] = {n: {"key": old_keys[n]} for n in STEPS}
+    assert st.changed(step_keys(c), old_keys) == []
+    assert st.changed(step_keys(c)) != []
     # unlabeled images feed the compatibility trainings, not the split or the gallery
     assert changed(lambda c: setattr(c.data, "unlabeled", "more/")) == set(STEPS) - {"data", "profile", "train-gallery", "adapt"}
     assert downstream(["search"]) == {"search", "train-query", "adapt", "baselines", "deploy", "report"}

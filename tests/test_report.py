@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from hwnas.report import PARETO_LATENCY_TOL, dominates  # noqa: E402
 from hwnas.utils import place_labels  # noqa: E402
@@ -42,4 +43,41 @@ def test_place_labels_keeps_clustered_labels_apart():
     boxes = [t.get_window_extent(r) for t in ax.texts]
     assert [t.get_text() for t in ax.texts] == ["searched", "random-feasible", "smallest"]
     assert not any(boxes[i].overlaps(boxes[j]) for i in range(3) for j in range(i + 1, 3))
+    # nor over another model's marker (6 pt around its point), nor across the axes' edge
+    rad = 6 * fig.dpi / 72
+    marks = [Bbox.from_extents(x - rad, y - rad, x + rad, y + rad) for x, y in ax.transData.transform(pts)]
+    assert not any(boxes[i].overlaps(marks[j]) for i in range(3) for j in range(3) if i != j)
+    frame = ax.get_window_extent(r)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
     plt.close(fig)
+
+
+def test_place_labels_keeps_a_label_at_the_edge_inside_the_axes():
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.scatter([0.98], [0.5])
+    place_labels(ax, [(0.98, 0.5)], ["paragon (resnet18)"])
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    box, frame = ax.texts[0].get_window_extent(r), ax.get_window_extent(r)
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1
+    plt.close(fig)
+
+
+def test_the_budget_speedup_is_the_one_the_search_ran_at(tmp_path):
+    """The plot's target line: the speed-up budget.json resolved the search's budget from —
+    not one of a budget given in ms, nor of a search run by hand at another budget."""
+    import json
+
+    from hwnas.report import _budget_speedup
+
+    assert _budget_speedup(tmp_path, 0.08) is None  # no budget.json: a search run by hand
+    b = {"key": {"budget_ms": None, "budget_speedup": 12, "budget_fraction": 0.15},
+         "resolved": {"budget_ms": 0.0798, "target_ms": 0.115}}
+    (tmp_path / "budget.json").write_text(json.dumps(b))
+    assert _budget_speedup(tmp_path, 0.0798) == 12
+    assert _budget_speedup(tmp_path, 0.2) is None
+    b["key"]["budget_ms"] = 0.0798
+    (tmp_path / "budget.json").write_text(json.dumps(b))
+    assert _budget_speedup(tmp_path, 0.0798) is None

@@ -136,13 +136,33 @@ def _same_training(recorded: dict | None, wanted: dict) -> bool:
     return runtime(recorded) == runtime(json.loads(json.dumps(wanted)))
 
 
+# how a difference is named to the user: what was retrained since, rather than a hash
+_DIFF_NAMES = {"gallery_fingerprint": "gallery model (retrained since)",
+               "supernet_fingerprint": "supernet (retrained since)", "splits_fingerprint": "split"}
+
+
 def _differs(old: dict, want: dict, always: tuple = ()) -> list[str]:
-    """The keys of ``want`` whose recorded value in a finished model's ``old`` config differs
-    (``train`` compared without its runtime settings). A key the model does not record (made
-    by an older hwnas) is not compared, except those in ``always``."""
+    """What a finished model's recorded ``old`` config has other than ``want``, named for the
+    user (``train`` compared without its runtime settings; ``space`` by hash, its name aside).
+    A key the model does not record (made by an older hwnas) is not compared, except those in
+    ``always``."""
+    from hwnas.space import SearchSpace
+
     want = json.loads(json.dumps(want))
-    return [k for k, v in want.items() if (k in old or k in always)
+    old = dict(old)
+    for d in (old, want):
+        if isinstance(d.get("space"), dict):
+            d["space"] = SearchSpace.from_dict(d["space"]).hash
+    return [_DIFF_NAMES.get(k, k) for k, v in want.items() if (k in old or k in always)
             and (not _same_training(old.get(k), v) if k == "train" else old.get(k) != v)]
+
+
+def _differs_error(out: Path, what: str, diff: list[str], step: str) -> HwnasError:
+    """A finished model is not what is asked: the error names the difference and the fixes."""
+    fixes = f"--restart to train it again (hwnas run: --from {step})"
+    if any(d not in _DIFF_NAMES.values() for d in diff):
+        fixes += ", or restore the config"
+    return HwnasError(f"{out} holds {what} trained with other {', '.join(diff)} than this run asks: {fixes}")
 
 
 def _gallery_fingerprint(rd: RunDir) -> str | None:
@@ -157,7 +177,7 @@ def check_supernet_gallery(scfg: dict, gallery_fp: str | None, what: str) -> Non
     if gallery_fp is not None and scfg.get("gallery_fingerprint") not in (None, gallery_fp):
         raise HwnasError(f"the supernet was trained against gallery model {scfg['gallery_fingerprint']}, "
                          f"but this run's gallery is {gallery_fp} (retrained since): retrain the supernet "
-                         f"(hwnas train-supernet --restart) before {what}")
+                         f"(hwnas train-supernet --restart; hwnas run: --from train-supernet) before {what}")
 
 
 def query_dir(rd: RunDir, name: str) -> Path:
@@ -231,9 +251,7 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
                 "train": tc.__dict__, "splits_fingerprint": rd.splits().fingerprint, "seed": cfg.seed}
         diff = _differs(g, want)
         if diff:
-            raise HwnasError(f"{out} holds a gallery model trained with other {', '.join(diff)} than "
-                             "this config asks: --restart to train it again (the supernet and query "
-                             "models built on it must then be retrained too), or restore the config")
+            raise _differs_error(out, "a gallery model", diff, "train-gallery")
         log(f"[train-gallery] {out} is already trained (fingerprint {g['fingerprint']}); "
             "--restart to train again")
         return g
@@ -379,8 +397,7 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
             want["gallery_fingerprint"] = gfp
         diff = _differs(old, want, always=("space", "loss", "train", "flops_range"))
         if diff:
-            raise HwnasError(f"{out} holds a supernet trained with other {', '.join(diff)} than this "
-                             "config asks: --restart to train it again, or restore the config")
+            raise _differs_error(out, "a supernet", diff, "train-supernet")
         log(f"[train-supernet] {out} is already trained; --restart to train again")
         return old
     space, pre, gallery, classes, data, unlabeled = _compat_setup(rd, loss_cfg, log)
@@ -487,6 +504,11 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         from hwnas.nn.models import check_timm_name
 
         check_timm_name(timm_name)
+    sp_cfg = rd.path / "supernet" / "config.json"
+    if inherit and arch is not None and loss_cfg.needs_gallery and sp_cfg.exists():
+        # before --restart deletes anything: a supernet of another gallery cannot be inherited
+        check_supernet_gallery(read_json(sp_cfg), _gallery_fingerprint(rd),
+                               "inheriting its weights (or use --no-inherit)")
     if _prepare_out(out, restart):
         old = read_json(out / "config.json")
         want = {"arch": None if parsed is None else parsed.to_string(space), "timm": timm_name,

@@ -76,7 +76,7 @@ def train_device(cfg: TrainConfig) -> torch.device:
 
 
 # ---------------------------------------------------------------------- distributed
-TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")  # what env:// rendezvous needs
 
 
 def dist_info() -> tuple[int, int]:
@@ -95,7 +95,11 @@ def dist_info() -> tuple[int, int]:
                              "with torchrun (e.g. torchrun --nproc_per_node 2 -m hwnas.cli ...), or unset "
                              "WORLD_SIZE to train in one")
         backend = "nccl" if gpu_per_process() else "gloo"
-        dist.init_process_group(backend)
+        # long: the other processes wait at a barrier while the first embeds the training
+        # images for the cache (minutes for a large gallery at 224 px; NCCL's default is 10)
+        from datetime import timedelta
+
+        dist.init_process_group(backend, timeout=timedelta(hours=2))
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()

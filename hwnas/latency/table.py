@@ -88,6 +88,8 @@ class LatencyTable:
                              f"{space.hash} (the config's space changed); {fix}")
         if settings:
             for k in ("backend", "runtime_version", "threads", "precision"):
+                if k == "threads" and h.get("device", "cpu") != "cpu":
+                    continue  # (a GPU table's thread count is not a CPU runtime's)
                 if k in settings and h.get(k) != settings[k]:
                     raise HwnasError(f"{where} was measured with {k}={h.get(k)!r} but this run uses "
                                      f"{settings[k]!r}; {fix}"
