@@ -606,3 +606,21 @@ def test_a_gallery_at_another_input_size_is_refused():
     with pytest.raises(HwnasError, match="gallery model takes 64 px images but the query space takes 32 px"):
         api.check_compatible(g, 32, pre)
     api.check_compatible({**g, "preprocess": pre.to_dict()}, 32, pre)
+
+
+def test_a_non_finite_loss_stops_training_with_the_fix(tmp_path):
+    from hwnas.compat.train import TrainConfig, fit
+
+    class Diverged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x, y, idx):
+            return self.lin(x.flatten(1)).sum() * float("nan"), {}
+
+    images, labels = torch.rand(32, 1, 2, 2), torch.zeros(32, dtype=torch.long)
+    with pytest.raises(HwnasError, match=r"loss became nan at epoch 1 step 0; lower train.lr \(now 0.05\)"):
+        fit(Diverged(), images, labels, lambda x: x, TrainConfig(epochs=1, batch_size=16, lr=0.05),
+            tmp_path / "c.safetensors", log=lambda *_: None)
+    assert not (tmp_path / "c.safetensors").exists()

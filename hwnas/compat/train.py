@@ -369,9 +369,16 @@ def fit(
                 module.before_step(epoch, step, (epoch * spe + step) / total)
             x = augment_batch(normalize(images[idx]), cfg.augment, gen).to(dev, non_blocking=True)
             loss, parts = model(x, labels[idx].to(dev, non_blocking=True), idx)
-            if not torch.isfinite(loss):
-                raise HwnasError(f"[{desc}] loss became {float(loss)} at epoch {epoch + 1} step "
-                                 f"{step}; lower train.lr (now {cfg.lr})")
+            finite = here = bool(torch.isfinite(loss))
+            if world > 1:  # every process stops together (one alone would leave the others
+                import torch.distributed as dist  # waiting in the gradients' all-reduce)
+
+                bad = torch.tensor([0.0 if finite else 1.0], device=dev)
+                dist.all_reduce(bad)
+                finite = float(bad) == 0.0
+            if not finite:
+                raise HwnasError(f"[{desc}] loss became {float(loss.detach()) if not here else 'non-finite in another process'} "
+                                 f"at epoch {epoch + 1} step {step}; lower train.lr (now {cfg.lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
