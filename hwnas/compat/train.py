@@ -390,6 +390,13 @@ def fit(
             bar.update(len(idx))
             bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}", lr=f"{lr:.3g}")
         bar.close()
+        if world > 1:  # the epoch's losses over every process's share, not the first's alone
+            import torch.distributed as dist
+
+            names = sorted(sums)
+            t = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=dev)
+            dist.all_reduce(t)
+            sums = {k: float(v) / world for k, v in zip(names, t)}
         dt = time.time() - t0
         rec = {"epoch": epoch + 1, **{k: v / spe for k, v in sums.items()},
                "seconds": dt, "images_per_s": len(perm) * world / dt}
