@@ -477,7 +477,7 @@ def test_gallery_adaptation_pulls_the_query_onto_the_index_and_nothing_else(trai
     # killed before it saved, then the config changed: hwnas run (retrain_changed) starts over
     (run / "query/searched-adapted/model.safetensors").unlink()
     cfg.adapt.lr = 0.03
-    with pytest.raises(HwnasError, match="other training settings"):
+    with pytest.raises(HwnasError, match=r"made with other train\.lr, adapt than this run's; pass --restart"):
         api.adapt_query(cfg, resume=True, log=quiet)
     assert api.adapt_query(cfg, resume=True, retrain_changed=True, log=quiet)["adapted"]["lr"] == 0.03
     with pytest.raises(HwnasError, match="directory of its own"):
