@@ -108,8 +108,9 @@ def gallery_embeddings(rd: RunDir, gallery, part: str, images: PartImages | None
     and writes the cache, the others wait for it and read it."""
     from hwnas.compat.train import barrier, dist_info
 
-    if all_ranks and dist_info()[1] > 1:
-        first = dist_info()[0] == 0
+    rank, world = dist_info()
+    if all_ranks and world > 1:
+        first = rank == 0
         if not first:
             barrier()
         emb = gallery_embeddings(rd, gallery, part, images, log=log if first else (lambda *a, **k: None))
@@ -132,7 +133,9 @@ def gallery_embeddings(rd: RunDir, gallery, part: str, images: PartImages | None
 def _same_training(recorded: dict | None, wanted: dict) -> bool:
     """A model's recorded training settings are the wanted ones: where and on how many
     threads it trained is not what it trained."""
-    runtime = lambda d: {k: v for k, v in (d or {}).items() if k not in ("threads", "device")}  # noqa: E731
+    from hwnas.compat.train import RUNTIME
+
+    runtime = lambda d: {k: v for k, v in (d or {}).items() if k not in RUNTIME}  # noqa: E731
     return runtime(recorded) == runtime(json.loads(json.dumps(wanted)))
 
 
@@ -241,21 +244,21 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     check_timm_name(cfg.gallery.backbone)  # a typo must not cost the trained model (--restart)
     gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
     tc = cfg.train_config("gallery")
+    classes, split_fp = train_class_names(rd), rd.splits().fingerprint
+    # what the model records of its training: compared with a finished model, saved with a new one
+    record = {"backbone": gc.backbone, "embed_dim": space.embed_dim, "preprocess": pre.to_dict(),
+              "classifier": {**CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin,
+                                                gc.classifier).config(), "classes": classes},
+              "backbone_checkpoint": gc.backbone_checkpoint, "freeze_backbone": gc.freeze_backbone,
+              "train": tc.__dict__, "splits_fingerprint": split_fp, "seed": cfg.seed}
     if _prepare_out(out, restart):
         g = read_json(out / "config.json")
-        classes = train_class_names(rd)
-        want = {"backbone": gc.backbone, "embed_dim": space.embed_dim, "preprocess": pre.to_dict(),
-                "classifier": {**CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin,
-                                                  gc.classifier).config(), "classes": classes},
-                "backbone_checkpoint": gc.backbone_checkpoint, "freeze_backbone": gc.freeze_backbone,
-                "train": tc.__dict__, "splits_fingerprint": rd.splits().fingerprint, "seed": cfg.seed}
-        diff = _differs(g, want)
+        diff = _differs(g, record)
         if diff:
             raise _differs_error(out, "a gallery model", diff, "train-gallery")
         log(f"[train-gallery] {out} is already trained (fingerprint {g['fingerprint']}); "
             "--restart to train again")
         return g
-    classes = train_class_names(rd)
     data = load_part(rd, "train", pre, classes, log=log)
     torch.manual_seed(cfg.seed)
     net = EmbeddingNet(gc.backbone, space.embed_dim, pre.channels, bn=True)
@@ -269,7 +272,7 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
                 p.requires_grad_(False)
     head = CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin, gc.classifier)
     task = GalleryTask(net, head)
-    legacy = {"backbone": gc.backbone, "classes": len(classes), "split": rd.splits().fingerprint}
+    legacy = {"backbone": gc.backbone, "classes": len(classes), "split": split_fp}
     # every model setting (a resume with another margin, embedding size or normalization
     # would train a model that is neither)
     settings = {**legacy, "gallery": {k: v for k, v in asdict(gc).items() if k != "train"},
@@ -281,14 +284,8 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
                legacy_settings=legacy)
     if not is_main():
         return {}
-    config = {
-        "role": "gallery", "backbone": gc.backbone, "embed_dim": space.embed_dim,
-        "preprocess": pre.to_dict(),
-        "classifier": {**head.config(), "classes": classes},
-        "backbone_checkpoint": gc.backbone_checkpoint, "freeze_backbone": gc.freeze_backbone,
-        "train": tc.__dict__, "history": hist, "train_seconds": sum(h["seconds"] for h in hist),
-        "splits_fingerprint": rd.splits().fingerprint, "seed": cfg.seed,
-    }
+    config = {"role": "gallery", **record, "history": hist,
+              "train_seconds": sum(h["seconds"] for h in hist)}
     saved = save_model(out, {"net": net, "classifier": head}, config)
     log(f"[train-gallery] saved {out} (fingerprint {saved['fingerprint']})")
     return saved
@@ -385,16 +382,15 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     rd = RunDir(cfg)
     out = rd.path / "supernet"
     loss_cfg, tc = cfg.loss_config("supernet"), cfg.train_config("supernet")
+    # what the model records of its training: compared with a finished model, saved with a new one
+    record = {"space": cfg.search_space().to_dict(), "preprocess": cfg.preprocess().to_dict(),
+              "loss": loss_cfg.to_dict(), "flops_range": cfg.supernet.flops_range,
+              "train": tc.__dict__, "path_warmup": cfg.supernet.path_warmup, "seed": cfg.seed,
+              "splits_fingerprint": rd.splits().fingerprint, "unlabeled_source": _unlabeled_source(cfg)}
     if _prepare_out(out, restart):
         old = read_json(out / "config.json")
-        space = cfg.search_space()
-        want = {"space": space.to_dict(), "preprocess": cfg.preprocess().to_dict(),
-                "loss": loss_cfg.to_dict(), "flops_range": cfg.supernet.flops_range,
-                "train": tc.__dict__, "path_warmup": cfg.supernet.path_warmup, "seed": cfg.seed,
-                "splits_fingerprint": rd.splits().fingerprint, "unlabeled_source": _unlabeled_source(cfg)}
         gfp = _gallery_fingerprint(rd) if loss_cfg.needs_gallery else None
-        if gfp is not None:
-            want["gallery_fingerprint"] = gfp
+        want = {**record, **({"gallery_fingerprint": gfp} if gfp is not None else {})}
         diff = _differs(old, want, always=("space", "loss", "train", "flops_range"))
         if diff:
             raise _differs_error(out, "a supernet", diff, "train-supernet")
@@ -416,7 +412,7 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     gfp = gallery.fingerprint if gallery is not None else None
     settings = {"space": space.hash, "loss": loss_cfg.to_dict(), "gallery": gfp,
                 "flops_range": cfg.supernet.flops_range, "path_warmup": cfg.supernet.path_warmup,
-                "split": rd.splits().fingerprint, **_unlabeled_setting(unlabeled)}
+                "split": record["splits_fingerprint"], **_unlabeled_setting(unlabeled)}
     legacy = dict(settings)
     if cfg.seed:  # (seed 0 adds nothing: checkpoints from before the seed was keyed stay valid)
         settings["seed"] = cfg.seed
@@ -427,12 +423,8 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
                find_unused=True, log=log, legacy_settings=legacy)
     if not is_main():
         return {}
-    config = {"role": "supernet", "space": space.to_dict(), "preprocess": pre.to_dict(),
-              "loss": loss_cfg.to_dict(), "gallery_fingerprint": gfp, "classes": classes,
-              "flops_range": cfg.supernet.flops_range, "train": tc.__dict__, "history": hist,
-              "train_seconds": sum(h["seconds"] for h in hist), "path_warmup": cfg.supernet.path_warmup,
-              "seed": cfg.seed, "splits_fingerprint": rd.splits().fingerprint,
-              "unlabeled_source": _unlabeled_source(cfg)}
+    config = {"role": "supernet", **record, "gallery_fingerprint": gfp, "classes": classes,
+              "history": hist, "train_seconds": sum(h["seconds"] for h in hist)}
     modules = {"net": net}
     if loss.own is not None:
         modules["own"] = loss.own
@@ -505,10 +497,10 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
 
         check_timm_name(timm_name)
     sp_cfg = rd.path / "supernet" / "config.json"
-    if inherit and arch is not None and loss_cfg.needs_gallery and sp_cfg.exists():
+    sup = read_json(sp_cfg) if inherit and arch is not None and sp_cfg.exists() else None
+    if sup is not None and loss_cfg.needs_gallery:
         # before --restart deletes anything: a supernet of another gallery cannot be inherited
-        check_supernet_gallery(read_json(sp_cfg), _gallery_fingerprint(rd),
-                               "inheriting its weights (or use --no-inherit)")
+        check_supernet_gallery(sup, _gallery_fingerprint(rd), "inheriting its weights (or use --no-inherit)")
     if _prepare_out(out, restart):
         old = read_json(out / "config.json")
         want = {"arch": None if parsed is None else parsed.to_string(space), "timm": timm_name,
@@ -521,8 +513,8 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         gfp = _gallery_fingerprint(rd) if loss_cfg.needs_gallery else None
         if gfp is not None:
             also["gallery_fingerprint"] = gfp
-        if inherit and arch and (rd.path / "supernet" / "config.json").exists():
-            also["supernet_fingerprint"] = read_json(rd.path / "supernet" / "config.json")["fingerprint"]
+        if sup is not None:
+            also["supernet_fingerprint"] = sup["fingerprint"]
         diff = _differs(old, {**want, **also}, always=tuple(want))
         if (old.get("unlabeled") or {}).get("source") != _unlabeled_source(cfg):
             diff.append("data.unlabeled")
@@ -550,8 +542,6 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
             if supernet.space.hash != space.hash:
                 raise HwnasError("the supernet was trained on another search space; retrain it "
                                  "(hwnas train-supernet --restart) or use --no-inherit")
-            check_supernet_gallery(scfg, gallery.fingerprint if gallery is not None else None,
-                                   "inheriting its weights (or use --no-inherit)")
             qcfg["supernet_fingerprint"] = scfg["fingerprint"]
             batches = [pre.normalize(data.images[i:i + 128]) for i in range(0, min(len(data.images), 1024), 128)]
             recalibrate_bn(supernet, batches, a)

@@ -248,6 +248,12 @@ def _legacy_key(cfg: TrainConfig, settings: dict | None, world: int) -> str:
                          "settings": settings or {}, "world": world})
 
 
+def _key_matches(key: str | None, cfg: TrainConfig, settings: dict | None,
+                 legacy_settings: dict | None, world: int) -> bool:
+    """A checkpoint's key is this training's, as keyed now or by an older hwnas."""
+    return key in (training_key(cfg, settings, world), _legacy_key(cfg, legacy_settings or settings, world))
+
+
 def _key_mismatch(path: Path, meta: dict, cfg: TrainConfig, settings: dict | None, world: int) -> str:
     """Why a checkpoint's key differs from the wanted one, naming the settings that differ."""
     old = meta.get("key_inputs")
@@ -275,9 +281,7 @@ def drop_stale_checkpoint(ckpt_path: Path, cfg: TrainConfig, settings: dict | No
     config edit: the step is done again, and a kill's leftover must not block it)."""
     if not ckpt_path.exists():
         return
-    world = dist_info()[1]
-    if checkpoint_meta(ckpt_path).get("key") not in (training_key(cfg, settings, world),
-                                                     _legacy_key(cfg, legacy_settings or settings, world)):
+    if not _key_matches(checkpoint_meta(ckpt_path).get("key"), cfg, settings, legacy_settings, dist_info()[1]):
         log(f"[train] {ckpt_path} was made with other settings; starting over")
         ckpt_path.unlink()
 
@@ -328,7 +332,7 @@ def fit(
                 "--restart to discard it and start over"
             )
         meta = checkpoint_meta(ckpt_path)
-        if meta["key"] not in (key, _legacy_key(cfg, legacy_settings or settings, world)):
+        if not _key_matches(meta["key"], cfg, settings, legacy_settings, world):
             raise HwnasError(_key_mismatch(ckpt_path, meta, cfg, settings, world))
         meta = load_checkpoint(ckpt_path, module, opt)
         start, history = meta["epoch"] + 1, meta["history"]
@@ -336,6 +340,7 @@ def fit(
             log(f"[{desc}] resuming after epoch {start}/{cfg.epochs}")
     model = module
     if world > 1:
+        import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(module, find_unused_parameters=find_unused,
@@ -371,8 +376,7 @@ def fit(
             loss, parts = model(x, labels[idx].to(dev, non_blocking=True), idx)
             finite = here = bool(torch.isfinite(loss))
             if world > 1:  # every process stops together (one alone would leave the others
-                import torch.distributed as dist  # waiting in the gradients' all-reduce)
-
+                # waiting in the gradients' all-reduce)
                 bad = torch.tensor([0.0 if finite else 1.0], device=dev)
                 dist.all_reduce(bad)
                 finite = float(bad) == 0.0
@@ -391,8 +395,6 @@ def fit(
             bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}", lr=f"{lr:.3g}")
         bar.close()
         if world > 1:  # the epoch's losses over every process's share, not the first's alone
-            import torch.distributed as dist
-
             names = sorted(sums)
             t = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=dev)
             dist.all_reduce(t)
