@@ -587,11 +587,23 @@ COMMANDS = {"data": cmd_data, "space": cmd_space, "profile": cmd_profile, "searc
             "adapt": cmd_adapt, "evaluate": cmd_evaluate, "run": cmd_run}
 
 
+# the commands that train under torchrun (DistributedDataParallel, one process writing)
+DIST_COMMANDS = ("train-gallery", "train-supernet", "train-query", "adapt")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if not args.command:
         ap.print_help()
+        return 2
+    world = os.environ.get("WORLD_SIZE", "1")
+    if args.command not in DIST_COMMANDS and world not in ("", "1"):
+        # every process would do the whole command: each writing, deleting and timing the same
+        # files (hwnas run's redo deletes a changed step's outputs) — refused before any of it
+        print(f"hwnas {args.command}: error: it runs as one process, not under torchrun "
+              f"(WORLD_SIZE={world}); only {', '.join(DIST_COMMANDS)} train on several: run "
+              f"`hwnas {args.command}` without torchrun", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") not in ("", "0"):
         # under torchrun the first process speaks for all (each printed every line); errors

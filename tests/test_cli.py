@@ -52,6 +52,19 @@ def test_data_command_writes_splits(tmp_path):
     assert r.returncode == 2 and "new --run-dir" in r.stderr
 
 
+def test_commands_that_do_not_train_refuse_torchrun(tmp_path, monkeypatch, capsys):
+    # each of torchrun's processes would run the whole pipeline, deleting and writing the
+    # same files: refused before anything is made
+    from hwnas.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    rc = main(["run", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not under torchrun (WORLD_SIZE=2)" in err and "train-supernet" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     r = hwnas("data", "--dataset", "folder", "--data-dir", str(tmp_path / "missing"),
               "--run-dir", str(tmp_path / "run"))

@@ -172,6 +172,22 @@ def test_torchrun_two_cpu_processes(trained_gallery, tmp_path):
     assert cfg["history"][0]["images_per_s"] > 0
 
 
+def test_torchrun_train_query_and_adapt(trained_gallery, tmp_path):
+    # the README names them beside train-gallery and train-supernet for torchrun
+    cfg_path = _clone_run(trained_gallery, tmp_path, query={"train": {"epochs": 1, "batch_size": 32}})
+    arch = load_config(cfg_path).search_space().smallest().to_string()
+    query = tmp_path / "run" / "query"
+    for args in (["train-query", "--arch", arch, "--no-inherit", "--name", "small"],
+                 ["adapt", "--query", str(query / "small"), "--epochs", "1"]):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "hwnas.cli", *args, "--config", str(cfg_path)],
+                           env=_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert "2 processes" in r.stdout
+    assert sorted(p.name for p in query.iterdir()) == ["small", "small-adapted"]
+    assert len(json.loads((query / "small-adapted" / "config.json").read_text())["history"]) == 1
+
+
 def test_evaluate_cli_json(trained_gallery, tmp_path):
     cfg_path = _clone_run(trained_gallery, tmp_path, query={"train": {"epochs": 1, "batch_size": 64}})
     arch = load_config(cfg_path).search_space().smallest().to_string()
