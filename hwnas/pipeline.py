@@ -71,6 +71,19 @@ def lost_steps(cfg: Config, done: Callable[[str], bool]) -> list[str]:
     return [n for n in STEPS if done(n) and any(not (root / p).exists() for p in products.get(n, []))]
 
 
+def replaced_steps(cfg: Config, done: dict) -> dict[str, tuple[str, str]]:
+    """Done steps whose model was replaced since they were recorded (``hwnas train-gallery
+    --restart`` by hand, or a gallery copied in): ``{step: (recorded, present fingerprint)}``.
+    What builds on it was made against the old model (the step keys see the config only)."""
+    rec = done.get("train-gallery", {}).get("fingerprint")
+    p = RunDir(cfg).path / "gallery" / "config.json"
+    if rec and p.exists():
+        now = read_json(p).get("fingerprint")
+        if now and now != rec:
+            return {"train-gallery": (rec, now)}
+    return {}
+
+
 def step_keys(cfg: Config, with_runtime: bool = False) -> dict[str, str]:
     """Each step's key: its config sections and the keys of the steps it builds on.
     ``with_runtime``: as hwnas up to stop 25 keyed them, ``*.train.device/threads`` included
@@ -260,6 +273,38 @@ def run_budget(cfg: Config, predictor, log: Callable = print) -> dict:
     return resolved
 
 
+def redo_plan(cfg: Config, steps: "Steps", keys: dict[str, str],
+              redo_from: str | None = None) -> tuple[list[str], list[str], str]:
+    """The steps to do again, those of them whose outputs go first, and why (empty: none)."""
+    changed = steps.changed(keys, step_keys(cfg, with_runtime=True))
+    forced = [redo_from] if redo_from is not None else []
+    lost = [n for n in lost_steps(cfg, steps.done) if n not in downstream(changed + forced)]
+    replaced = {n: fp for n, fp in replaced_steps(cfg, steps.state["done"]).items()
+                if n not in downstream(changed + forced)}
+    redo = [n for n in STEPS if n in downstream(changed + forced + lost + list(replaced))]  # unfinished ones too
+    # a lost product's step (and what builds on it) runs again over what is still there: its
+    # checkpoints, study and caches resume it; only changed or forced steps lose their outputs,
+    # and what was made against a replaced model (the model itself is kept, and recorded anew)
+    fresh = [n for n in redo if n in downstream(changed + forced)
+             or (n in downstream(replaced) and n not in replaced)]
+    if not redo:
+        return [], [], ""
+    why = "; ".join(w for w in (
+        f"--from {redo_from}" if redo_from else "",
+        f"the config changed for {', '.join(changed)}" if changed else "",
+        f"the outputs of {', '.join(lost)} are missing" if lost else "",
+        *(f"the {n.split('-', 1)[1]} model was replaced since {n} recorded it (fingerprint "
+          f"{old} -> {new}), so what was trained against it is not its" for n, (old, new) in replaced.items()))
+        if w)
+    from hwnas.export.onnx import GRAPH_FORM
+
+    was = steps.state["done"].get("profile", {}).get("graph_form", 1)
+    if not redo_from and "profile" in changed and was != GRAPH_FORM:
+        why = (f"the exported graph form ({was} -> {GRAPH_FORM}: this hwnas exports other "
+               f"graphs than the run's table timed) or the config changed for {', '.join(changed)}")
+    return redo, fresh, why
+
+
 def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = None) -> int:
     """Run every step not yet done with this config (``redo_from``: that step and every
     step that builds on it again, whatever was recorded)."""
@@ -283,24 +328,8 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     t0 = time.time()
     space = cfg.search_space()
     keys = step_keys(cfg)
-    changed = steps.changed(keys, step_keys(cfg, with_runtime=True))
-    forced = [redo_from] if redo_from is not None else []
-    lost = [n for n in lost_steps(cfg, steps.done) if n not in downstream(changed + forced)]
-    redo = [n for n in STEPS if n in downstream(changed + forced + lost)]  # unfinished ones too
-    # a lost product's step (and what builds on it) runs again over what is still there: its
-    # checkpoints, study and caches resume it; only changed or forced steps lose their outputs
-    fresh = [n for n in redo if n in downstream(changed + forced)]
+    redo, fresh, why = redo_plan(cfg, steps, keys, redo_from)
     if redo:
-        why = "; ".join(w for w in (
-            f"--from {redo_from}" if redo_from else "",
-            f"the config changed for {', '.join(changed)}" if changed else "",
-            f"the outputs of {', '.join(lost)} are missing" if lost else "") if w)
-        from hwnas.export.onnx import GRAPH_FORM
-
-        was = steps.state["done"].get("profile", {}).get("graph_form", 1)
-        if not redo_from and "profile" in changed and was != GRAPH_FORM:
-            why = (f"the exported graph form ({was} -> {GRAPH_FORM}: this hwnas exports other "
-                   f"graphs than the run's table timed) or the config changed for {', '.join(changed)}")
         log(f"[run] {why}: doing again {', '.join(redo)}")
         outputs = [rd.path / p for n in fresh for p in REDO_OUTPUTS.get(n, [])
                    if not (n == "search" and p == "search.db" and cfg.search.storage)]

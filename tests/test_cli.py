@@ -214,6 +214,37 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     assert r6.stdout.count("done earlier, kept") == 9 and (run / "report.json").exists()
 
 
+def test_a_gallery_replaced_by_hand_redoes_what_was_trained_against_it(tmp_path):
+    """The step keys see the config only: a gallery retrained with `hwnas train-gallery
+    --restart` (or copied in) keeps its config, so the run must notice its fingerprint."""
+    from hwnas.config import load_config
+    from hwnas.pipeline import STEPS, Steps, downstream, redo_plan, step_keys
+
+    cfg = load_config("configs/quickstart.yaml")
+    cfg.run_dir = str(tmp_path / "run")
+    run = tmp_path / "run"
+    for p in ("splits.json", "gallery/model.safetensors", "supernet/model.safetensors", "best_arch.json",
+              "query/searched/model.safetensors", "bundle/manifest.json", "report.json"):
+        (run / p).parent.mkdir(parents=True, exist_ok=True)
+        (run / p).write_text("{}")
+    (run / "gallery" / "config.json").write_text(json.dumps({"fingerprint": "bbbb"}))
+    keys = step_keys(cfg)
+    steps = Steps(run / "steps.json")
+    steps.state["done"] = {n: {"key": keys[n]} for n in STEPS}
+    steps.state["done"]["train-gallery"]["fingerprint"] = "bbbb"
+    assert redo_plan(cfg, steps, keys) == ([], [], "")  # the gallery it recorded: nothing to do
+    steps.state["done"]["train-gallery"]["fingerprint"] = "aaaa"
+    redo, fresh, why = redo_plan(cfg, steps, keys)
+    assert set(redo) == downstream(["train-gallery"])
+    # what was trained against the old gallery loses its outputs; the new gallery is kept
+    assert "train-gallery" not in fresh and {"train-supernet", "search"} <= set(fresh)
+    assert "gallery model was replaced since train-gallery recorded it (fingerprint aaaa -> bbbb)" in why
+    # a config change to the gallery redoes it anyway, outputs and all
+    cfg.gallery.train.update(epochs=9)
+    redo, fresh, why = redo_plan(cfg, steps, step_keys(cfg))
+    assert "train-gallery" in fresh and "replaced" not in why
+
+
 def test_step_keys_follow_what_each_step_reads():
     """A config edit changes the keys of the steps that read that section and of every step
     built on them, and no other."""
