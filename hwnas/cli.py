@@ -597,15 +597,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         ap.print_help()
         return 2
-    world = os.environ.get("WORLD_SIZE", "1")
-    if args.command not in DIST_COMMANDS and world not in ("", "1"):
+    from hwnas.utils import env_world_size
+
+    try:
+        world = env_world_size()
+    except HwnasError as e:
+        print(f"hwnas {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.command not in DIST_COMMANDS and world > 1:
         # every process would do the whole command: each writing, deleting and timing the same
         # files (hwnas run's redo deletes a changed step's outputs) — refused before any of it
         print(f"hwnas {args.command}: error: it runs as one process, not under torchrun "
               f"(WORLD_SIZE={world}); only {', '.join(DIST_COMMANDS)} train on several: run "
               f"`hwnas {args.command}` without torchrun", file=sys.stderr)
         return 2
-    if os.environ.get("RANK", "0") not in ("", "0"):
+    if world > 1 and os.environ.get("RANK", "0") not in ("", "0"):
         # under torchrun the first process speaks for all (each printed every line); errors
         # from any process still reach stderr
         sys.stdout = open(os.devnull, "w")

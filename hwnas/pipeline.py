@@ -71,15 +71,32 @@ def lost_steps(cfg: Config, done: Callable[[str], bool]) -> list[str]:
     return [n for n in STEPS if done(n) and any(not (root / p).exists() for p in products.get(n, []))]
 
 
+def redo_outputs(cfg: Config, names) -> list[Path]:
+    """What steps done afresh lose first (a search study in a user's --storage is not ours)."""
+    root = RunDir(cfg).path
+    return [root / p for n in names for p in REDO_OUTPUTS.get(n, [])
+            if not (n == "search" and p == "search.db" and cfg.search.storage)]
+
+
 def replaced_steps(cfg: Config, done: dict) -> dict[str, tuple[str, str]]:
     """Done steps whose model was replaced since they were recorded (``hwnas train-gallery
     --restart`` by hand, or a gallery copied in): ``{step: (recorded, present fingerprint)}``.
     What builds on it was made against the old model (the step keys see the config only)."""
     rec = done.get("train-gallery", {}).get("fingerprint")
-    p = RunDir(cfg).path / "gallery" / "config.json"
+    rd = RunDir(cfg)
+    p = rd.path / "gallery" / "config.json"
     if rec and p.exists():
         now = read_json(p).get("fingerprint")
         if now and now != rec:
+            from hwnas.compat.api import gallery_differs
+
+            diff = gallery_differs(cfg, rd)
+            if diff:  # before anything is deleted: the run would stop at train-gallery after it
+                raise HwnasError(
+                    f"{p.parent} holds another gallery model than the run recorded (fingerprint "
+                    f"{rec} -> {now}), trained with other {', '.join(diff)} than this config asks: "
+                    "put the run's gallery back; or, to use this one, give it a run directory of "
+                    "its own (--run-dir) with a config of its settings (its config.json names them)")
             return {"train-gallery": (rec, now)}
     return {}
 
@@ -279,30 +296,42 @@ def redo_plan(cfg: Config, steps: "Steps", keys: dict[str, str],
     changed = steps.changed(keys, step_keys(cfg, with_runtime=True))
     forced = [redo_from] if redo_from is not None else []
     lost = [n for n in lost_steps(cfg, steps.done) if n not in downstream(changed + forced)]
-    replaced = {n: fp for n, fp in replaced_steps(cfg, steps.state["done"]).items()
-                if n not in downstream(changed + forced)}
+    # (a gallery done again anyway, for a config change or --from, is not checked)
+    replaced = (replaced_steps(cfg, steps.state["done"])
+                if "train-gallery" not in downstream(changed + forced) else {})
     redo = [n for n in STEPS if n in downstream(changed + forced + lost + list(replaced))]  # unfinished ones too
     # a lost product's step (and what builds on it) runs again over what is still there: its
     # checkpoints, study and caches resume it; only changed or forced steps lose their outputs,
     # and what was made against a replaced model (the model itself is kept, and recorded anew)
     fresh = [n for n in redo if n in downstream(changed + forced)
-             or (n in downstream(replaced) and n not in replaced)]
+             or (n in downstream(replaced) and n not in replaced and not _made_for_present(cfg, n))]
     if not redo:
         return [], [], ""
-    why = "; ".join(w for w in (
-        f"--from {redo_from}" if redo_from else "",
-        f"the config changed for {', '.join(changed)}" if changed else "",
-        f"the outputs of {', '.join(lost)} are missing" if lost else "",
-        *(f"the {n.split('-', 1)[1]} model was replaced since {n} recorded it (fingerprint "
-          f"{old} -> {new}), so what was trained against it is not its" for n, (old, new) in replaced.items()))
-        if w)
     from hwnas.export.onnx import GRAPH_FORM
 
     was = steps.state["done"].get("profile", {}).get("graph_form", 1)
-    if not redo_from and "profile" in changed and was != GRAPH_FORM:
-        why = (f"the exported graph form ({was} -> {GRAPH_FORM}: this hwnas exports other "
-               f"graphs than the run's table timed) or the config changed for {', '.join(changed)}")
+    why = "; ".join(w for w in (
+        f"--from {redo_from}" if redo_from else "",
+        f"the config changed for {', '.join(changed)}" if changed else "",
+        f"the exported graph form changed ({was} -> {GRAPH_FORM}: this hwnas exports other graphs "
+        "than the run's table timed)" if not redo_from and "profile" in changed and was != GRAPH_FORM else "",
+        f"the outputs of {', '.join(lost)} are missing" if lost else "",
+        *(f"the {n.split('-', 1)[1]} model was replaced since {n} recorded it (fingerprint "
+          f"{old} -> {new}), so what was trained against the old one is done again"
+          for n, (old, new) in replaced.items()))
+        if w)
     return redo, fresh, why
+
+
+def _made_for_present(cfg: Config, name: str) -> bool:
+    """Whether a step's product was made against the present gallery already (a supernet
+    retrained by hand, under torchrun say, after the gallery was replaced): kept, not redone."""
+    if name != "train-supernet":
+        return False
+    root = RunDir(cfg).path
+    sup, gal = root / "supernet" / "config.json", root / "gallery" / "config.json"
+    return (sup.exists() and gal.exists()
+            and read_json(sup).get("gallery_fingerprint") == read_json(gal).get("fingerprint"))
 
 
 def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = None) -> int:
@@ -328,11 +357,13 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     t0 = time.time()
     space = cfg.search_space()
     keys = step_keys(cfg)
+    # the gallery the run's later steps were trained against (a lost gallery trained again, or
+    # a replacement killed before it finished, shows only once train-gallery has run)
+    gallery_fp = steps.state["done"].get("train-gallery", {}).get("fingerprint")
     redo, fresh, why = redo_plan(cfg, steps, keys, redo_from)
     if redo:
         log(f"[run] {why}: doing again {', '.join(redo)}")
-        outputs = [rd.path / p for n in fresh for p in REDO_OUTPUTS.get(n, [])
-                   if not (n == "search" and p == "search.db" and cfg.search.storage)]
+        outputs = redo_outputs(cfg, fresh)
         if "search" in fresh and cfg.search.storage:
             log(f"[run] WARNING: the search continues its study in {cfg.search.storage}; set "
                 "search.study_name to a new name to search afresh")
@@ -418,6 +449,13 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     step("data", data)
     step("profile", profile)
     step("train-gallery", lambda: {"fingerprint": api.train_gallery(cfg, resume=True, log=log)["fingerprint"]})
+    new_fp = steps.state["done"].get("train-gallery", {}).get("fingerprint")
+    after = [n for n in STEPS if n in downstream(["train-gallery"]) and n != "train-gallery"
+             and n not in fresh and not _made_for_present(cfg, n)]
+    if gallery_fp and new_fp != gallery_fp and "train-gallery" not in fresh and after:
+        log(f"[run] the gallery model is another than the one the run recorded (fingerprint "
+            f"{gallery_fp} -> {new_fp}): doing again {', '.join(after)}")
+        steps.forget(after, redo_outputs(cfg, after))
     step("train-supernet", lambda: (api.train_supernet(cfg, resume=True, log=log), {})[1])
     step("search", search)
     step("train-query", train_query)

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from hwnas.errors import HwnasError
+
 
 def stable_json(obj: Any) -> str:
     """Canonical JSON (sorted keys, no whitespace) used for content hashes."""
@@ -131,3 +133,19 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def env_world_size() -> int:
+    """The process count torchrun set in ``WORLD_SIZE`` (unset or empty: 1); anything but a
+    whole number >= 1 is an error naming it."""
+    raw = os.environ.get("WORLD_SIZE", "").strip()
+    if not raw:
+        return 1
+    try:
+        world = int(raw)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise HwnasError(f"WORLD_SIZE is {raw!r}, not a process count: unset it to run as one "
+                         "process (torchrun sets it for each of the processes it starts)")
+    return world

@@ -63,6 +63,17 @@ def test_commands_that_do_not_train_refuse_torchrun(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert rc == 2 and "not under torchrun (WORLD_SIZE=2)" in err and "train-supernet" in err
     assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert main(["space", "--config", "configs/quickstart.yaml"]) == 2
+    assert "WORLD_SIZE is 'two', not a process count" in capsys.readouterr().err
+    # empty, or RANK alone: one process, which prints as usual
+    for world in ("", None):
+        if world is None:
+            monkeypatch.delenv("WORLD_SIZE")
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        assert main(["space", "--config", "configs/quickstart.yaml"]) == 0
+        assert "MFLOPs" in capsys.readouterr().out
 
 
 def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
@@ -217,17 +228,28 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
 def test_a_gallery_replaced_by_hand_redoes_what_was_trained_against_it(tmp_path):
     """The step keys see the config only: a gallery retrained with `hwnas train-gallery
     --restart` (or copied in) keeps its config, so the run must notice its fingerprint."""
-    from hwnas.config import load_config
-    from hwnas.pipeline import STEPS, Steps, downstream, redo_plan, step_keys
+    from conftest import tiny_config, write_cfg
 
-    cfg = load_config("configs/quickstart.yaml")
-    cfg.run_dir = str(tmp_path / "run")
+    from hwnas.compat.api import gallery_record
+    from hwnas.config import load_config
+    from hwnas.errors import HwnasError
+    from hwnas.pipeline import STEPS, Steps, downstream, redo_plan, step_keys
+    from hwnas.rundir import RunDir
+
+    root = make_png_folder(tmp_path / "imgs", {f"c{i}": 6 for i in range(4)})
     run = tmp_path / "run"
-    for p in ("splits.json", "gallery/model.safetensors", "supernet/model.safetensors", "best_arch.json",
+    cfg = load_config(write_cfg(tmp_path / "c.json", tiny_config(
+        run, data={"dataset": "folder", "data_dir": str(root), "mean": [0.5], "std": [0.5],
+                   "split": {"protocol": "open", "val_fraction": 0.0}})))
+    rd = RunDir(cfg)
+    rd.splits(log=lambda *_: None)
+    for p in ("gallery/model.safetensors", "supernet/model.safetensors", "best_arch.json",
               "query/searched/model.safetensors", "bundle/manifest.json", "report.json"):
         (run / p).parent.mkdir(parents=True, exist_ok=True)
         (run / p).write_text("{}")
-    (run / "gallery" / "config.json").write_text(json.dumps({"fingerprint": "bbbb"}))
+    gallery = {**json.loads(json.dumps(gallery_record(cfg, rd))), "fingerprint": "bbbb"}
+    (run / "gallery" / "config.json").write_text(json.dumps(gallery))
+    (run / "supernet" / "config.json").write_text(json.dumps({"gallery_fingerprint": "aaaa"}))
     keys = step_keys(cfg)
     steps = Steps(run / "steps.json")
     steps.state["done"] = {n: {"key": keys[n]} for n in STEPS}
@@ -239,6 +261,14 @@ def test_a_gallery_replaced_by_hand_redoes_what_was_trained_against_it(tmp_path)
     # what was trained against the old gallery loses its outputs; the new gallery is kept
     assert "train-gallery" not in fresh and {"train-supernet", "search"} <= set(fresh)
     assert "gallery model was replaced since train-gallery recorded it (fingerprint aaaa -> bbbb)" in why
+    # a supernet trained again by hand against the new gallery (under torchrun, say) is kept
+    (run / "supernet" / "config.json").write_text(json.dumps({"gallery_fingerprint": "bbbb"}))
+    redo, fresh, why = redo_plan(cfg, steps, keys)
+    assert "train-supernet" in redo and "train-supernet" not in fresh and "search" in fresh
+    # a gallery of other settings than the config's: refused before anything is deleted
+    (run / "gallery" / "config.json").write_text(json.dumps({**gallery, "seed": 7}))
+    with pytest.raises(HwnasError, match="trained with other seed than this config asks"):
+        redo_plan(cfg, steps, keys)
     # a config change to the gallery redoes it anyway, outputs and all
     cfg.gallery.train.update(epochs=9)
     redo, fresh, why = redo_plan(cfg, steps, step_keys(cfg))

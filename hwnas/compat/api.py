@@ -231,6 +231,28 @@ def check_compatible(gallery_cfg: dict, embed_dim: int, pre) -> None:
 
 
 # ---------------------------------------------------------------------- gallery
+def gallery_record(cfg: Config, rd: RunDir) -> dict:
+    """What a gallery model records of its training: compared with a finished model, saved
+    with a new one."""
+    from hwnas.nn.heads import CosineClassifier
+
+    gc, space = cfg.gallery, cfg.search_space()
+    classes = train_class_names(rd)
+    return {"backbone": gc.backbone, "embed_dim": space.embed_dim, "preprocess": cfg.preprocess().to_dict(),
+            "classifier": {**CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin,
+                                              gc.classifier).config(), "classes": classes},
+            "backbone_checkpoint": gc.backbone_checkpoint, "freeze_backbone": gc.freeze_backbone,
+            "train": cfg.train_config("gallery").__dict__, "splits_fingerprint": rd.splits().fingerprint,
+            "seed": cfg.seed}
+
+
+def gallery_differs(cfg: Config, rd: RunDir) -> list[str]:
+    """What the run's trained gallery model was trained with other than the config asks
+    (named for the user; [] when it is what the config asks, or when there is none)."""
+    p = rd.path / "gallery" / "config.json"
+    return _differs(read_json(p), gallery_record(cfg, rd)) if p.exists() else []
+
+
 def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=print) -> dict:
     from hwnas.compat.tasks import GalleryTask
     from hwnas.compat.train import fit, is_main
@@ -245,12 +267,7 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
     tc = cfg.train_config("gallery")
     classes, split_fp = train_class_names(rd), rd.splits().fingerprint
-    # what the model records of its training: compared with a finished model, saved with a new one
-    record = {"backbone": gc.backbone, "embed_dim": space.embed_dim, "preprocess": pre.to_dict(),
-              "classifier": {**CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin,
-                                                gc.classifier).config(), "classes": classes},
-              "backbone_checkpoint": gc.backbone_checkpoint, "freeze_backbone": gc.freeze_backbone,
-              "train": tc.__dict__, "splits_fingerprint": split_fp, "seed": cfg.seed}
+    record = gallery_record(cfg, rd)
     if _prepare_out(out, restart):
         g = read_json(out / "config.json")
         diff = _differs(g, record)

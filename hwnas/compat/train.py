@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwnas.errors import HwnasError
-from hwnas.utils import atomic_path, content_hash
+from hwnas.utils import atomic_path, content_hash, env_world_size
 
 AUGMENTS = ("none", "crop", "crop-flip", "affine")
 
@@ -82,7 +82,7 @@ TORCHRUN_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")  # what env:// rendezvous 
 def dist_info() -> tuple[int, int]:
     """(rank, world size); initializes the process group under torchrun. A partial torchrun
     environment (WORLD_SIZE set by hand, say) is an error naming what is missing."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_world_size()
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
