@@ -192,30 +192,37 @@ def main() -> None:
     ap.add_argument("--bundle", default=str(ROOT / "runs" / "quickstart" / "bundle"))
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--skip-index", action="store_true")
-    ap.add_argument("--only-index", action="store_true", help="keep earlier edge/service results")
-    ap.add_argument("--only-edge", action="store_true", help="keep earlier index/service results")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--only-index", action="store_true", help="keep earlier edge/service results")
+    only.add_argument("--only-edge", action="store_true", help="keep earlier index/service results")
     args = ap.parse_args()
     bundle = Path(args.bundle)
     res = {"machine": machine(), "bundle": str(bundle)}
     old = (json.loads((ROOT / "benchmarks" / "results" / "deploy.json").read_text())
            if args.only_index or args.only_edge else {})
+    # the date of the figures a partial run keeps (the first run that measured them)
+    kept_from = old.get("kept_from", old["machine"]["date"]) if old else None
     if args.only_index:
-        res.update(edge=old["edge"], service=old["service"])
+        edge = old["edge"]
+        if isinstance(edge, dict):  # written before the edge rows had a thread count (2)
+            edge = [{"model": k, "threads": 2, "deployed": False, **v} for k, v in edge.items()]
+        res.update(edge=edge, service=old["service"], kept_from=kept_from)
     elif args.only_edge:
         res["edge"] = edge_latency(bundle)
         print("edge", res["edge"], flush=True)
-        res.update(service=old["service"], index=old["index"],
-                   kept_from=old["machine"]["date"])  # the index and service figures' date
+        res.update(service=old["service"], kept_from=kept_from,
+                   **({"index": old["index"], "n": old.get("n", args.n)} if old.get("index") else {}))
     else:
         res["edge"] = edge_latency(bundle)
         print("edge", res["edge"], flush=True)
         res["service"] = service_load(bundle)
         print("service", res["service"], flush=True)
     if not args.skip_index and not args.only_edge:
-        res["index"] = index_bench(args.n)
+        res["index"], res["n"] = index_bench(args.n), args.n
     save_results("deploy", res)
     e, s = res["edge"], res["service"]
-    kept = (f" The FAISS and service figures are kept from {res['kept_from']} (`--only-edge`)."
+    kept = (f" The {'FAISS and service' if args.only_edge else 'edge and service'} figures are "
+            f"kept from {res['kept_from']} (`--only-{'edge' if args.only_edge else 'index'}`)."
             if res.get("kept_from") else "")
     md = ["## Deploy: edge latency, FAISS indexes, search service (issue 6)", "",
           f"Machine: {machine_line(res['machine'])}. Script: `benchmarks/bench_deploy.py` on the "
@@ -229,7 +236,7 @@ def main() -> None:
                   f"{' (deployed)' if v['deployed'] else ''} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | "
                   f"{100 * v['M(q,g)_recall@1']:.2f} |")
     if "index" in res:
-        md += ["", f"FAISS on {args.n:,} x 128 clustered synthetic vectors (10,000 clusters on the unit "
+        md += ["", f"FAISS on {res.get('n', args.n):,} x 128 clustered synthetic vectors (10,000 clusters on the unit "
                "sphere, each along its own random 8-d subspace; 10,000 queries from the same clusters; "
                "2 threads; recall@10 against exact inner-product search):", "",
                "| index | search param | build s | queries/s (batch 1) | queries/s (batch 100) | recall@10 |",

@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true",
                     help="omniglot: rewrite the BENCHMARKS.md section from results/recipe_omniglot.json")
     args = ap.parse_args()
+    if args.render_only and args.dataset != "omniglot":
+        ap.error("--render-only is for --dataset omniglot")
     if args.dataset == "omniglot" and args.render_only:
         res = json.loads((ROOT / "benchmarks" / "results" / "recipe_omniglot.json").read_text())
         return update_benchmarks_md("recipe-omniglot", open_markdown(res))

@@ -85,7 +85,9 @@ def replaced_steps(cfg: Config, done: dict) -> dict[str, tuple[str, str]]:
     rec = done.get("train-gallery", {}).get("fingerprint")
     rd = RunDir(cfg)
     p = rd.path / "gallery" / "config.json"
-    if rec and p.exists():
+    # (without the split, the data step makes it again first: train-gallery then compares the
+    # gallery with the config itself, and the run compares its fingerprint once it has run)
+    if rec and p.exists() and rd.splits_path.exists():
         now = read_json(p).get("fingerprint")
         if now and now != rec:
             from hwnas.compat.api import gallery_differs
@@ -96,7 +98,8 @@ def replaced_steps(cfg: Config, done: dict) -> dict[str, tuple[str, str]]:
                     f"{p.parent} holds another gallery model than the run recorded (fingerprint "
                     f"{rec} -> {now}), trained with other {', '.join(diff)} than this config asks: "
                     "put the run's gallery back; or, to use this one, give it a run directory of "
-                    "its own (--run-dir) with a config of its settings (its config.json names them)")
+                    "its own (--run-dir) with a config of its settings (its config.json names them); "
+                    "or --from train-gallery to train the config's gallery again")
             return {"train-gallery": (rec, now)}
     return {}
 
@@ -334,6 +337,21 @@ def _made_for_present(cfg: Config, name: str) -> bool:
             and read_json(sup).get("gallery_fingerprint") == read_json(gal).get("fingerprint"))
 
 
+def gallery_settled(cfg: Config, steps: "Steps", gallery_fp: str | None, fresh: list[str],
+                    log: Callable = print) -> None:
+    """After train-gallery: if the gallery is another than the one the later steps were
+    trained against (``gallery_fp``), they lose their outputs and are done again."""
+    new_fp = steps.state["done"].get("train-gallery", {}).get("fingerprint")
+    after = [n for n in STEPS if n in downstream(["train-gallery"]) and n != "train-gallery"
+             and n not in fresh and not _made_for_present(cfg, n)]
+    if gallery_fp and new_fp != gallery_fp and "train-gallery" not in fresh and after:
+        log(f"[run] the gallery model is another than the one the run recorded (fingerprint "
+            f"{gallery_fp} -> {new_fp}): doing again {', '.join(after)}")
+        steps.forget(after, redo_outputs(cfg, after))
+    steps.state.pop("against_gallery", None)  # the later steps are now trained against new_fp
+    write_json(steps.path, steps.state)
+
+
 def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = None) -> int:
     """Run every step not yet done with this config (``redo_from``: that step and every
     step that builds on it again, whatever was recorded)."""
@@ -358,8 +376,11 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     space = cfg.search_space()
     keys = step_keys(cfg)
     # the gallery the run's later steps were trained against (a lost gallery trained again, or
-    # a replacement killed before it finished, shows only once train-gallery has run)
-    gallery_fp = steps.state["done"].get("train-gallery", {}).get("fingerprint")
+    # a replacement killed before it finished, shows only once train-gallery has run); kept in
+    # steps.json until then, as the step's own record goes when it is done again
+    gallery_fp = (steps.state.get("against_gallery")
+                  or steps.state["done"].get("train-gallery", {}).get("fingerprint"))
+    steps.state["against_gallery"] = gallery_fp
     redo, fresh, why = redo_plan(cfg, steps, keys, redo_from)
     if redo:
         log(f"[run] {why}: doing again {', '.join(redo)}")
@@ -449,13 +470,7 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     step("data", data)
     step("profile", profile)
     step("train-gallery", lambda: {"fingerprint": api.train_gallery(cfg, resume=True, log=log)["fingerprint"]})
-    new_fp = steps.state["done"].get("train-gallery", {}).get("fingerprint")
-    after = [n for n in STEPS if n in downstream(["train-gallery"]) and n != "train-gallery"
-             and n not in fresh and not _made_for_present(cfg, n)]
-    if gallery_fp and new_fp != gallery_fp and "train-gallery" not in fresh and after:
-        log(f"[run] the gallery model is another than the one the run recorded (fingerprint "
-            f"{gallery_fp} -> {new_fp}): doing again {', '.join(after)}")
-        steps.forget(after, redo_outputs(cfg, after))
+    gallery_settled(cfg, steps, gallery_fp, fresh, log)
     step("train-supernet", lambda: (api.train_supernet(cfg, resume=True, log=log), {})[1])
     step("search", search)
     step("train-query", train_query)

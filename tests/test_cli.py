@@ -273,6 +273,18 @@ def test_a_gallery_replaced_by_hand_redoes_what_was_trained_against_it(tmp_path)
     cfg.gallery.train.update(epochs=9)
     redo, fresh, why = redo_plan(cfg, steps, step_keys(cfg))
     assert "train-gallery" in fresh and "replaced" not in why
+    # a gallery that turns out another only once train-gallery has run (lost and trained
+    # again, or a replacement killed part way): what builds on it loses its outputs then
+    from hwnas.pipeline import gallery_settled
+
+    (run / "supernet" / "config.json").write_text(json.dumps({"gallery_fingerprint": "aaaa"}))
+    steps.state["done"] = {n: {"key": keys[n]} for n in ("data", "profile", "train-gallery")}
+    steps.state["done"]["train-gallery"]["fingerprint"] = "bbbb"
+    steps.state["against_gallery"] = "aaaa"
+    gallery_settled(cfg, steps, "aaaa", [], log=lambda *_: None)
+    assert not (run / "supernet").exists() and not (run / "best_arch.json").exists()
+    assert not (run / "bundle").exists() and (run / "gallery" / "model.safetensors").exists()
+    assert "against_gallery" not in json.loads((run / "steps.json").read_text())
 
 
 def test_step_keys_follow_what_each_step_reads():
