@@ -88,11 +88,12 @@ def replaced_steps(cfg: Config, done: dict) -> dict[str, tuple[str, str]]:
     # (without the split, the data step makes it again first: train-gallery then compares the
     # gallery with the config itself, and the run compares its fingerprint once it has run)
     if rec and p.exists() and rd.splits_path.exists():
-        now = read_json(p).get("fingerprint")
+        present = read_json(p)
+        now = present.get("fingerprint")
         if now and now != rec:
             from hwnas.compat.api import gallery_differs
 
-            diff = gallery_differs(cfg, rd)
+            diff = gallery_differs(cfg, rd, present)
             if diff:  # before anything is deleted: the run would stop at train-gallery after it
                 raise HwnasError(
                     f"{p.parent} holds another gallery model than the run recorded (fingerprint "

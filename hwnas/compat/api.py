@@ -246,11 +246,10 @@ def gallery_record(cfg: Config, rd: RunDir) -> dict:
             "seed": cfg.seed}
 
 
-def gallery_differs(cfg: Config, rd: RunDir) -> list[str]:
-    """What the run's trained gallery model was trained with other than the config asks
-    (named for the user; [] when it is what the config asks, or when there is none)."""
-    p = rd.path / "gallery" / "config.json"
-    return _differs(read_json(p), gallery_record(cfg, rd)) if p.exists() else []
+def gallery_differs(cfg: Config, rd: RunDir, recorded: dict) -> list[str]:
+    """What a gallery model (its ``config.json``, ``recorded``) was trained with other than the
+    config asks, named for the user ([]: what the config asks)."""
+    return _differs(recorded, gallery_record(cfg, rd))
 
 
 def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=print) -> dict:
@@ -266,8 +265,8 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     check_timm_name(cfg.gallery.backbone)  # a typo must not cost the trained model (--restart)
     gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
     tc = cfg.train_config("gallery")
-    classes, split_fp = train_class_names(rd), rd.splits().fingerprint
     record = gallery_record(cfg, rd)
+    classes, split_fp = record["classifier"]["classes"], record["splits_fingerprint"]
     if _prepare_out(out, restart):
         g = read_json(out / "config.json")
         diff = _differs(g, record)
