@@ -640,3 +640,58 @@ def test_a_non_finite_loss_stops_training_with_the_fix(tmp_path):
         fit(Diverged(), images, labels, lambda x: x, TrainConfig(epochs=1, batch_size=16, lr=0.05),
             tmp_path / "c.safetensors", log=lambda *_: None)
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_weight_average_is_the_model_kept_and_resumes_exactly(tmp_path):
+    """train.ema: the training path is the one without it (the checkpoint's raw weights are
+    bit-identical), the model kept at the end is the exponential average of the weights after
+    each step (recomputed here step by step), a run stopped and resumed keeps the same average,
+    and at its default (0) the training key is what it was before the setting existed."""
+    from safetensors import safe_open
+
+    from hwnas.compat.train import TrainConfig, fit, training_key
+
+    seen: list[torch.Tensor] = []
+
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x, y, idx):
+            seen.append(self.lin.weight.detach().clone())  # the weights after the step before
+            return ((self.lin(x.flatten(1)) - y.float().unsqueeze(1)) ** 2).mean(), {}
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(64, 1, 2, 2, generator=g), torch.randint(0, 3, (64,), generator=g)
+    quiet = lambda *_: None  # noqa: E731
+    plain, avg = TrainConfig(epochs=3, batch_size=16, lr=0.05), TrainConfig(epochs=3, batch_size=16, lr=0.05, ema=0.9)
+    assert training_key(plain, {"seed": 0}, 1) == "67d78dbdccda"  # pinned: hwnas of stop 27
+    assert training_key(avg, {"seed": 0}, 1) != training_key(plain, {"seed": 0}, 1)
+
+    raw = Lin()
+    fit(raw, images, labels, lambda x: x, plain, tmp_path / "raw.safetensors", log=quiet)
+    seen.clear()
+    m = Lin()
+    fit(m, images, labels, lambda x: x, avg, tmp_path / "avg.safetensors", log=quiet)
+    after_steps = seen[1:] + [None]  # the last step's weights: the checkpoint's raw ones
+    with safe_open(str(tmp_path / "avg.safetensors"), framework="pt") as f:
+        kept_raw = f.get_tensor("model.lin.weight")
+        assert torch.equal(f.get_tensor("ema.lin.weight"), m.lin.weight.detach())
+    assert torch.equal(kept_raw, raw.lin.weight.detach())
+    expect = seen[0].clone()
+    for t, w in enumerate(after_steps):
+        d = min(0.9, (1 + t) / (10 + t))
+        expect = d * expect + (1 - d) * (kept_raw if w is None else w)
+    assert torch.allclose(m.lin.weight.detach(), expect, atol=1e-6)
+    assert not torch.allclose(m.lin.weight.detach(), kept_raw, atol=1e-4)
+
+    resumed = Lin()
+    for stop in (1, 2, None):  # killed after each epoch and resumed
+        resumed = Lin()
+        fit(resumed, images, labels, lambda x: x, avg, tmp_path / "b.safetensors", resume=True,
+            stop_after=stop, log=quiet)
+    assert torch.equal(resumed.lin.weight, m.lin.weight)
+    with pytest.raises(HwnasError, match="train.ema"):
+        TrainConfig(ema=1.0)

@@ -42,6 +42,9 @@ class TrainConfig:
     grad_clip: float = 5.0  # 0: off
     threads: int = 0  # torch intra-op threads; 0: torch's default
     device: str = "auto"  # auto (a CUDA GPU when present, else the CPU) | cpu | cuda | cuda:N
+    # exponential moving average of the weights (0: off): the model kept at the end is the
+    # average, with decay min(ema, (1 + t) / (10 + t)) at step t; the training path is the same
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -55,6 +58,9 @@ class TrainConfig:
             raise HwnasError(f"train.lr must be positive, got {self.lr}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise HwnasError(f"train.device {self.device!r} must be auto, cpu, cuda or cuda:N")
+        if not 0.0 <= self.ema < 1.0:
+            raise HwnasError(f"train.ema {self.ema} must be in [0, 1): the weights' average decay "
+                             "per step (e.g. 0.998), or 0 for none")
 
 
 def train_device(cfg: TrainConfig) -> torch.device:
@@ -153,10 +159,12 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Ten
 
 
 # ---------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer, meta: dict) -> None:
+def save_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer, meta: dict,
+                    ema: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in (ema or {}).items()})
     sd = opt.state_dict()
     other: dict = {}
     for pid, st in sd["state"].items():
@@ -192,9 +200,12 @@ def checkpoint_meta(path: Path) -> dict:
     return _read_checkpoint(path, tensors=False)[0]
 
 
-def load_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer,
+                    ema: "WeightAverage | None" = None) -> dict:
     meta, tensors = _read_checkpoint(path, tensors=True)
     module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.load({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, path)
     state: dict = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
@@ -226,6 +237,36 @@ def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> floa
 
 
 RUNTIME = ("device", "threads")  # where and on how many threads: not what is trained
+# settings added after checkpoints were keyed: at these defaults they are left out of the
+# key, so a checkpoint of an earlier hwnas (which trained the same) still resumes
+ADDED = {"ema": 0.0}
+
+
+class WeightAverage:
+    """An exponential moving average of a module's floating-point state (parameters and
+    BatchNorm statistics), updated after each optimizer step; integer buffers (BatchNorm's
+    step counts) are copied."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            avg = self.state[k]
+            if avg.is_floating_point():
+                avg.mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                avg.copy_(v)
+
+    def load(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        if set(tensors) != set(self.state):
+            raise HwnasError(f"{path} holds no weight average for this model (train.ema); "
+                             "pass --restart to train it again")
+        for k, v in tensors.items():
+            self.state[k].copy_(v)
 
 
 def key_inputs(cfg: TrainConfig, settings: dict | None, world: int | None = None) -> dict:
@@ -233,7 +274,9 @@ def key_inputs(cfg: TrainConfig, settings: dict | None, world: int | None = None
     what differs). Where it trains is not part of it: a CPU run may be resumed on a GPU, or
     at another thread count."""
     world = dist_info()[1] if world is None else world
-    return json.loads(json.dumps({"train": {k: v for k, v in asdict(cfg).items() if k not in RUNTIME},
+    train = {k: v for k, v in asdict(cfg).items()
+             if k not in RUNTIME and not (k in ADDED and v == ADDED[k])}
+    return json.loads(json.dumps({"train": train,
                                   "settings": settings or {}, "world": world}))
 
 
@@ -244,7 +287,8 @@ def training_key(cfg: TrainConfig, settings: dict | None, world: int | None = No
 def _legacy_key(cfg: TrainConfig, settings: dict | None, world: int) -> str:
     """The key of checkpoints written before the key left out the thread count (hwnas up to
     stop 25), so a run killed under an older hwnas still resumes."""
-    return content_hash({"train": {k: v for k, v in asdict(cfg).items() if k != "device"},
+    return content_hash({"train": {k: v for k, v in asdict(cfg).items()
+                                   if k != "device" and not (k in ADDED and v == ADDED[k])},
                          "settings": settings or {}, "world": world})
 
 
@@ -321,6 +365,7 @@ def fit(
     dev = train_device(cfg)
     _to_device(module, dev)  # before the optimizer, so it holds the moved parameters
     opt = make_optimizer(module.parameters(), cfg)
+    ema = WeightAverage(module, cfg.ema) if cfg.ema else None
     key = training_key(cfg, settings, world)
     history: list[dict] = []
     start = 0
@@ -334,7 +379,7 @@ def fit(
         meta = checkpoint_meta(ckpt_path)
         if not _key_matches(meta["key"], cfg, settings, legacy_settings, world):
             raise HwnasError(_key_mismatch(ckpt_path, meta, cfg, settings, world))
-        meta = load_checkpoint(ckpt_path, module, opt)
+        meta = load_checkpoint(ckpt_path, module, opt, ema)
         start, history = meta["epoch"] + 1, meta["history"]
         if start < end:
             log(f"[{desc}] resuming after epoch {start}/{cfg.epochs}")
@@ -388,6 +433,8 @@ def fit(
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
             opt.step()
+            if ema is not None:
+                ema.update(module, epoch * spe + step)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -405,7 +452,8 @@ def fit(
         history.append(rec)
         if rank == 0:
             save_checkpoint(ckpt_path, module, opt, {"epoch": epoch, "key": key, "history": history,
-                                                     "key_inputs": key_inputs(cfg, settings, world)})
+                                                     "key_inputs": key_inputs(cfg, settings, world)},
+                            ema=ema.state if ema is not None else None)
             left = (end - epoch - 1) * dt
             parts_s = " ".join(f"{k} {v / spe:.3f}" for k, v in sums.items() if k != "loss")
             log(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f} ({parts_s}) "
@@ -413,6 +461,8 @@ def fit(
         barrier()
     if start < end and rank == 0:
         log(f"[{desc}] trained {end - start} epochs in {time.time() - t_run:.0f} s")
+    if ema is not None and end == cfg.epochs:  # trained to the end: the average is the model
+        module.load_state_dict(ema.state)
     _to_device(module, torch.device("cpu"))  # evaluation, export and saving run on the CPU
     return history
 
