@@ -114,11 +114,11 @@ def step_keys(cfg: Config, with_runtime: bool = False) -> dict[str, str]:
     d["latency"] = {k: v for k, v in d["latency"].items() if k != "validate"}
     # where and on how many threads a model trains is not what it learns: a run started on the
     # CPU goes on on a GPU without redoing its models (unset, nothing changes in a key)
-    from hwnas.compat.train import RUNTIME
+    from hwnas.compat.train import what_trains
 
     for sec in ("gallery", "supernet", "query") if not with_runtime else ():
         if isinstance(d[sec].get("train"), dict):
-            d[sec]["train"] = {k: v for k, v in d[sec]["train"].items() if k not in RUNTIME}
+            d[sec]["train"] = what_trains(d[sec]["train"])
     # data.unlabeled feeds the compatibility trainings only: a new one keeps the split and
     # the gallery (unset, it adds nothing to a key, so earlier runs keep theirs)
     d["unlabeled"] = d["data"].pop("unlabeled", None)

@@ -695,3 +695,11 @@ def test_weight_average_is_the_model_kept_and_resumes_exactly(tmp_path):
     assert torch.equal(resumed.lin.weight, m.lin.weight)
     with pytest.raises(HwnasError, match="train.ema"):
         TrainConfig(ema=1.0)
+    # a finished model recorded by an earlier hwnas (no ema in its training) is what the
+    # default asks, and not what an average asks
+    from dataclasses import asdict
+
+    from hwnas.compat.api import _same_training
+
+    earlier = {k: v for k, v in asdict(plain).items() if k != "ema"}
+    assert _same_training(earlier, asdict(plain)) and not _same_training(earlier, asdict(avg))

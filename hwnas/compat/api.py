@@ -132,11 +132,10 @@ def gallery_embeddings(rd: RunDir, gallery, part: str, images: PartImages | None
 
 def _same_training(recorded: dict | None, wanted: dict) -> bool:
     """A model's recorded training settings are the wanted ones: where and on how many
-    threads it trained is not what it trained."""
-    from hwnas.compat.train import RUNTIME
+    threads it trained is not what it trained, nor a setting added since at its default."""
+    from hwnas.compat.train import what_trains
 
-    runtime = lambda d: {k: v for k, v in (d or {}).items() if k not in RUNTIME}  # noqa: E731
-    return runtime(recorded) == runtime(json.loads(json.dumps(wanted)))
+    return what_trains(recorded or {}) == what_trains(json.loads(json.dumps(wanted)))
 
 
 # how a difference is named to the user: what was retrained since, rather than a hash

@@ -238,8 +238,15 @@ def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> floa
 
 RUNTIME = ("device", "threads")  # where and on how many threads: not what is trained
 # settings added after checkpoints were keyed: at these defaults they are left out of the
-# key, so a checkpoint of an earlier hwnas (which trained the same) still resumes
+# key and of what a finished model is compared on, so a checkpoint or a model of an earlier
+# hwnas (which trained the same) still resumes, or is kept
 ADDED = {"ema": 0.0}
+
+
+def what_trains(train: dict, runtime: tuple = RUNTIME) -> dict:
+    """A ``train`` block as far as it decides what is learned: without the runtime settings
+    and without settings added since at their defaults."""
+    return {k: v for k, v in train.items() if k not in runtime and not (k in ADDED and v == ADDED[k])}
 
 
 class WeightAverage:
@@ -274,9 +281,7 @@ def key_inputs(cfg: TrainConfig, settings: dict | None, world: int | None = None
     what differs). Where it trains is not part of it: a CPU run may be resumed on a GPU, or
     at another thread count."""
     world = dist_info()[1] if world is None else world
-    train = {k: v for k, v in asdict(cfg).items()
-             if k not in RUNTIME and not (k in ADDED and v == ADDED[k])}
-    return json.loads(json.dumps({"train": train,
+    return json.loads(json.dumps({"train": what_trains(asdict(cfg)),
                                   "settings": settings or {}, "world": world}))
 
 
@@ -287,8 +292,7 @@ def training_key(cfg: TrainConfig, settings: dict | None, world: int | None = No
 def _legacy_key(cfg: TrainConfig, settings: dict | None, world: int) -> str:
     """The key of checkpoints written before the key left out the thread count (hwnas up to
     stop 25), so a run killed under an older hwnas still resumes."""
-    return content_hash({"train": {k: v for k, v in asdict(cfg).items()
-                                   if k != "device" and not (k in ADDED and v == ADDED[k])},
+    return content_hash({"train": what_trains(asdict(cfg), runtime=("device",)),
                          "settings": settings or {}, "world": world})
 
 
