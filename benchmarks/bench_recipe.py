@@ -102,9 +102,8 @@ OPEN_PLAN = [("searched", v) for v in OPEN_VARIANTS] + [
     ("pipeline", "own+bct+reg30+con5+mix30+ul, 180 ep"), ("pipeline", "own+bct+reg30+con5+mix30+ul, affine"),
     ("pipeline", "own+bct+reg30+con5+mix30+ul, wd5e-4"),
     ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998"), ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.995"),
-    # the average on two more archs (the fixed searched one, the largest subnet): each row
-    # also evaluates its run's last weights, so each is a paired comparison of its own
-    ("searched", "own+bct+reg30+con5+mix30+ul, ema0.998"), ("largest", "own+bct+reg30+con5+mix30+ul, ema0.998"),
+    # (the fixed searched arch has every variant above, the average among them; an average's
+    # row also evaluates its run's last weights, so each is a paired comparison of its own)
     # a ceiling: a query of the gallery's own timm architecture (ResNet-18 here, 70.9 MFLOPs),
     # trained with the recipe from scratch. Near M(g,g), the recipe can make a query fully
     # compatible and what is left at ~2 MFLOPs is the small model's; far below it, the recipe's
@@ -212,12 +211,14 @@ def _last_weights(model_dir: Path) -> Path:
     from hwnas.nn.models import load_query, save_model
 
     out = model_dir.with_name(model_dir.name + "-last")
-    if not (out / "config.json").exists():
+    src = json.loads((model_dir / "config.json").read_text())["fingerprint"]
+    if not (out / "config.json").exists() or json.loads((out / "config.json").read_text()).get("last_of") != src:
         net, qcfg = load_query(model_dir)
         with safe_open(str(model_dir / "checkpoint.safetensors"), framework="pt") as f:
             net.load_state_dict({k[len("model.net."):]: f.get_tensor(k) for k in f.keys()
                                  if k.startswith("model.net.")})
-        save_model(out, {"net": net}, {**qcfg, "name": out.name, "train": {**qcfg["train"], "ema": 0.0}})
+        save_model(out, {"net": net}, {**qcfg, "name": out.name, "train": {**qcfg["train"], "ema": 0.0},
+                                       "last_of": src})
     return out
 
 
@@ -253,7 +254,8 @@ def open_set(args) -> None:
         archs["pipeline"] = json.loads(searched.read_text())["arch"]
     g = api.train_gallery(cfg, resume=True)
     cfg.query.train["threads"] = args.threads
-    base_train = dict(cfg.query.train)
+    # the variants name what they add: the config's own average (train.ema) is not in the others
+    base_train = {k: v for k, v in cfg.query.train.items() if k != "ema"}
     rows = []
     for model, vname in OPEN_PLAN:
         if model not in archs or (args.only and f"{model}:{vname}" not in args.only):
@@ -267,8 +269,12 @@ def open_set(args) -> None:
                               for u in ul] or None
         if model == "pipeline" and vname == PIPELINE_RECIPE:  # the run's own query model
             name, q = "searched", json.loads(searched.read_text())
-            rows.append(_row(model, vname, loss, q["train"]["epochs"], q, api.evaluate_query(
-                cfg, query_dir=str(rd.path / "query" / name))["metrics"]))
+            ema = q["train"].get("ema")  # (trained with the config's average: a row of its own)
+            rows.append(_row(model, vname + (f", ema{ema:g} (run)" if ema else ""), loss, q["train"]["epochs"],
+                             q, api.evaluate_query(cfg, query_dir=str(rd.path / "query" / name))["metrics"]))
+            if ema:
+                rows[-1]["last_weights"] = _metrics(api.evaluate_query(
+                    cfg, query_dir=str(_last_weights(rd.path / "query" / name)))["metrics"])
             continue
         try:
             arch, timm_name = ((None, archs[model][5:]) if archs[model].startswith("timm:")
@@ -383,11 +389,13 @@ def _train_notes(rows: list[dict], weight_decay: float) -> str:
     for r in rows:
         if ", " not in r["variant"]:
             continue
+        # the recipe's row of the same arch against the same gallery (kept rows may be of another)
         base = next((b for b in rows if b["variant"] == r["variant"].split(", ")[0]
-                     and b["model"] == r["model"] and round(b["mflops"], 4) == round(r["mflops"], 4)), None)
+                     and b["model"] == r["model"] and round(b["mflops"], 4) == round(r["mflops"], 4)
+                     and b["M(g,g)_r1"] == r["M(g,g)_r1"]), None)
         if base is None:
             continue
-        what = r["variant"].split(", ")[1]
+        what = r["variant"].split(", ", 1)[1]
         last = r.get("last_weights")
         out.append(f"`{what}` (measured {r.get('date', '2026-12-02')}) on the {r['mflops']:.2f}-MFLOP arch: M(q,g) R@1 "
                    f"{100 * r['M(q,g)_r1']:.2f} vs {100 * base['M(q,g)_r1']:.2f} with the recipe "
@@ -407,9 +415,13 @@ def _train_notes(rows: list[dict], weight_decay: float) -> str:
             "three times the epochs (patient function matching, Beyer et al. 2022); `affine`: random "
             "rotation (+-10 degrees), scale and shift instead of crops, both models on the same view; "
             f"`wd5e-4`: weight decay 5e-4 instead of the config's {weight_decay:g}; `ema<d>`: the "
-            "model kept is the exponential moving average of the weights at decay d per step "
-            "(`train.ema`); the average does not change the training, so the same run's last weights "
-            "are its paired control. "
+            "model kept is the exponential moving average of the weights (`train.ema`), decay "
+            "min(d, (1+t)/(10+t)) at step t; the warm-up term reaches 0.998 only after 4,490 steps, "
+            "more than these trainings take (60 epochs of 48 steps), so at 0.998 the average runs "
+            "on it alone and weights about the last tenth of training; the average does not change "
+            "the training, so the same run's last weights are its paired control (`(run)`: the "
+            "run's own searched model, trained on 2 threads as the recipe's row beside it; the "
+            "others on 1 thread). "
             + (f"Within 1 point of the paragon: {', '.join(closes)}. " if closes else
                "None closes the gap to the paragon to 1 point. ")
             + "The longer schedule's gain is about one standard "

@@ -750,7 +750,9 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(images), ac.max_images, replace=False))
         images = images[keep]
     img_fp = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
-    tc = dataclasses.replace(cfg.train_config("query"), epochs=ac.epochs, lr=ac.lr, warmup_epochs=0.0)
+    # the fine-tune keeps its last weights, as measured (benchmarks/bench_adapt.py): the query
+    # training's weight average (train.ema) is not carried over to it
+    tc = dataclasses.replace(cfg.train_config("query"), epochs=ac.epochs, lr=ac.lr, warmup_epochs=0.0, ema=0.0)
     setting = {"from": qcfg["fingerprint"], "source": source, "images": len(images),
                "fingerprint": img_fp, "epochs": ac.epochs, "lr": ac.lr,
                "unlabeled": _unlabeled_source(cfg), "seed": cfg.seed}
