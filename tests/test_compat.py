@@ -703,3 +703,47 @@ def test_weight_average_is_the_model_kept_and_resumes_exactly(tmp_path):
 
     earlier = {k: v for k, v in asdict(plain).items() if k != "ema"}
     assert _same_training(earlier, asdict(plain)) and not _same_training(earlier, asdict(avg))
+
+
+@pytest.mark.gpu
+def test_training_on_a_gpu_is_the_cpu_training_and_moves_between_them(tmp_path):
+    """train.device=cuda: the model trained (with the weight average, BatchNorm statistics
+    included) is the CPU's to float tolerance (cuDNN may use TF32), it ends on the CPU, and its
+    checkpoint is resumed on the CPU: a run moved off the GPU mid-way ends where an unbroken
+    CPU run does."""
+    from hwnas.compat.train import TrainConfig, fit
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                            torch.nn.Linear(8, 3))
+
+        def forward(self, x, y, idx):
+            return torch.nn.functional.cross_entropy(self.body(x), y), {}
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(128, 1, 8, 8, generator=g), torch.randint(0, 3, (128,), generator=g)
+    quiet = lambda *_: None  # noqa: E731
+
+    def run(path, devices):
+        for i, dev in enumerate(devices):  # each a fresh process's call, the last to the end
+            m = Net()
+            cfg = TrainConfig(epochs=len(devices), batch_size=16, lr=0.05, ema=0.9, device=dev)
+            fit(m, images, labels, lambda x: x, cfg, path, resume=True,
+                stop_after=None if i == len(devices) - 1 else i + 1, log=quiet)
+        assert all(t.device.type == "cpu" for t in m.state_dict().values())
+        return m.state_dict()
+
+    cpu = run(tmp_path / "cpu.safetensors", ["cpu", "cpu", "cpu"])
+    gpu = run(tmp_path / "gpu.safetensors", ["cuda", "cuda", "cuda"])
+    moved = run(tmp_path / "moved.safetensors", ["cuda", "cuda", "cpu"])
+    for k, v in cpu.items():
+        if v.is_floating_point():
+            assert torch.allclose(gpu[k], v, atol=2e-3), k
+            assert torch.allclose(moved[k], v, atol=2e-3), k
+        else:
+            assert torch.equal(gpu[k], v) and torch.equal(moved[k], v), k
+    assert not torch.allclose(cpu["body.5.weight"], Net().state_dict()["body.5.weight"], atol=1e-3)

@@ -205,7 +205,7 @@ def load_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer,
     meta, tensors = _read_checkpoint(path, tensors=True)
     module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     if ema is not None:
-        ema.load({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, path)
+        ema.load({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     state: dict = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
@@ -256,22 +256,21 @@ class WeightAverage:
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
-        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        live = module.state_dict()  # the module's own tensors (loading a state copies into them)
+        self.state = {k: v.detach().clone() for k, v in live.items()}
+        self._pairs = [(self.state[k], v.detach()) for k, v in live.items()]
 
     @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
+    def update(self, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in module.state_dict().items():
-            avg = self.state[k]
+        for avg, v in self._pairs:
             if avg.is_floating_point():
-                avg.mul_(d).add_(v.detach(), alpha=1 - d)
+                avg.mul_(d).add_(v, alpha=1 - d)
             else:
                 avg.copy_(v)
 
-    def load(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
-        if set(tensors) != set(self.state):
-            raise HwnasError(f"{path} holds no weight average for this model (train.ema); "
-                             "pass --restart to train it again")
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        # (a checkpoint of the same model with the same train.ema: its training key says so)
         for k, v in tensors.items():
             self.state[k].copy_(v)
 
@@ -438,7 +437,7 @@ def fit(
                 nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
             opt.step()
             if ema is not None:
-                ema.update(module, epoch * spe + step)
+                ema.update(epoch * spe + step)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
