@@ -82,10 +82,11 @@ def render(src: Path) -> None:
     save_results("gpu", res)
     m, bk = res["machine"], res["backend"]
     lines = ["## GPU: latency tables and gallery indexing throughput (issue 4)", "",
-             f"Machine: {m['gpu']} ({machine_line(m)}). Backend: {bk['backend']} "
+             f"Machine: {m['gpu']} ({machine_line({k: v for k, v in m.items() if k != 'gpu'})}). Backend: {bk['backend']} "
              f"({bk['runtime']} {bk['runtime_version']}, {bk['precision']}). Script: "
              "`benchmarks/bench_gpu.py` on a lent GPU machine. TensorRT was not installed there, so "
-             "these are the torch-cuda backend's figures (eager PyTorch, CUDA-event timing).", "",
+             "these are the torch-cuda backend's figures (eager PyTorch, CUDA-event timing)."
+             + (f" {res['tables_note'][0].upper()}{res['tables_note'][1:]}." if res.get("tables_note") else ""), "",
              "| input | ops | build s | n | calibrated MAPE % | within 10 % | Spearman | additive MAPE % "
              "| FLOPs Spearman | measured range ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in res["tables"]:
@@ -98,17 +99,20 @@ def render(src: Path) -> None:
     for r in res["throughput"]:
         lines.append(f"| {r['backbone']} | {r['precision']} | {r['1']['images_per_s']:.0f} | "
                      f"{r['32']['images_per_s']:.0f} | {r['256']['images_per_s']:.0f} |")
+    by = {(r["backbone"], r["precision"]): r for r in res["throughput"]}
+    half = [f"{b} {by[b, 'fp16']['1']['images_per_s'] / by[b, 'fp32']['1']['images_per_s']:.2f}x" for b, p in by
+            if p == "fp32" and (b, "fp16") in by]
     lines += ["", "Eager PyTorch at batch 1 is bound by kernel launches: the subnets span only "
-              f"{res['tables'][0]['validation']['measured_range_ratio']}x in latency on the GPU, and fp16 at "
-              "batch 1 is no faster than fp32; the engine path (TensorRT) is what a deployment on this "
-              "GPU would use, and it was not installable there."]
+              f"{res['tables'][0]['validation']['measured_range_ratio']}x in latency on the GPU"
+              + (f", and fp16 at batch 1 gains little over fp32 ({', '.join(half)})" if half else "")
+              + "; the engine path (TensorRT) is what a deployment on this GPU would use, and it was "
+              "not installable there."]
     log = src.parent.parent / "train_cuda.log"
     if log.exists():
         res["train_cuda_log"] = log.read_text()
         save_results("gpu", res)
     if res.get("train_cuda_log"):
-        lines += ["", "Training on the GPU (`hwnas train-gallery` / `train-supernet` / `profile --device gpu "
-                  "--gallery-throughput` on the quickstart data; same code path as on the CPU), as it printed:",
+        lines += ["", "Training on the GPU (the same code path as on the CPU), as it printed:",
                   "", "```", res["train_cuda_log"].strip(), "```"]
     lines += [""] + [f"![gpu {t['input_size']} px](benchmarks/results/{t['png']})" for t in res["tables"]]
     update_benchmarks_md("gpu", "\n".join(lines))
