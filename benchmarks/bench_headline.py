@@ -29,6 +29,10 @@ def main() -> None:
     ap.add_argument("--note", default=None,
                     help="a sentence printed under the step times of the configs run this time "
                          "(e.g. that other jobs shared the machine during a step)")
+    ap.add_argument("--from-run", action="store_true",
+                    help="report each config's finished run directory as it stands (its report and "
+                         "step times) without calling hwnas run: e.g. when the latency table it was "
+                         "searched with is gone, which hwnas run would make again and search anew")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the BENCHMARKS.md section from benchmarks/results/headline.json")
     args = ap.parse_args()
@@ -48,17 +52,21 @@ def main() -> None:
         cfg = run_config(path)
         run_dir = Path(cfg.run_dir)
         t = time.time()
-        rc = run_pipeline(cfg)
-        if rc:
-            raise SystemExit(f"hwnas run {path} failed (exit {rc})")
-        steps = json.loads((run_dir / "steps.json").read_text())
+        if not args.from_run:
+            rc = run_pipeline(cfg)
+            if rc:
+                raise SystemExit(f"hwnas run {path} failed (exit {rc})")
+        steps = json.loads((run_dir / "steps.json").read_text()) if (run_dir / "steps.json").exists() else {}
+        if "report" not in steps.get("done", {}):
+            raise SystemExit(f"{run_dir} holds no finished run: `hwnas run {path}` first (or leave out --from-run)")
         report = json.loads((run_dir / "report.json").read_text())
         name = Path(path).stem
         png = out / f"headline_{name}.png"
         shutil.copyfile(run_dir / "report_accuracy_vs_latency.png", png)
         runs.append({"config": Path(path).name, "run_dir": str(run_dir), "this_call_s": time.time() - t,
                      "step_seconds": {k: v.get("seconds") for k, v in steps["done"].items()},
-                     "report": report, "png": png.name, **({"note": args.note} if args.note else {})})
+                     "report": report, "png": png.name, **({"note": args.note} if args.note else {}),
+                     **({"from_run": steps["done"]["report"]["finished"]} if args.from_run else {})})
         print(headline_table(report), flush=True)
     # configs not run this time keep their last figures (marked with the date they were run)
     prev = out / "headline.json"
@@ -142,6 +150,9 @@ def markdown(res: dict) -> str:
                       f"the query models timed at {rep.get('threads')} thread(s)"
                       + ("" if "threads" in rep["paragon"] else ", the paragon at the same count")
                       + ".*", ""]
+        if r.get("from_run"):
+            lines += [f"*Reported from the finished run directory as it stood (its report written "
+                      f"{r['from_run'].replace('T', ' ')}), not re-run by this call.*", ""]
         lines += [
                   f"Step times on this machine, each step's last run (a step redone after a config "
                   f"edit reuses the models it finds trained): {total / 60:.1f} min in all "
