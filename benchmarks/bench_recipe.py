@@ -28,7 +28,8 @@ import re
 import time
 from pathlib import Path
 
-from _common import ROOT, compat_table, machine, machine_line, run_config, save_results, se_points, update_benchmarks_md
+from _common import (ROOT, compat_table, machine, machine_line, run_config, save_results, se_points,
+                     update_benchmarks_md, write_json)
 
 # name -> (loss weights, epochs)
 VARIANTS = {
@@ -93,6 +94,13 @@ OPEN_VARIANTS = {
 OPEN_ARCH = ("k5@1.8,xc@0.6,skip,skip/k3@0.4,skip,skip,skip/k7@1,k7@0.4,skip,skip,skip,k3@1.8,"
              "skip,skip/k3@0.2,skip,skip,k7@0.2")
 PIPELINE_RECIPE = "own+bct+reg30+con5+mix30+ul"  # configs/omniglot.yaml's query recipe
+# timm query models of more capacity than the space's largest subnet (MFLOPs at 32 px, 1 channel)
+# the baselines `hwnas run` trains with the config's recipe (query/<name>), by row model
+RUN_BASELINES = {"largest": "largest", "smallest": "smallest", "mobilenetv3": "timm-mobilenetv3_small_050"}
+CAPACITY = {"mobilenetv3": "timm:mobilenetv3_small_050",  # 1.9
+            "mobilenetv3-small-100": "timm:mobilenetv3_small_100",  # 4.4
+            "mobilenetv3-large": "timm:mobilenetv3_large_100",  # 14.3
+            "resnet10t": "timm:resnet10t"}  # 44.7
 OPEN_PLAN = [("searched", v) for v in OPEN_VARIANTS] + [
     ("largest", "own+bct+reg30"),
     # the arch of the run's own search (its query/searched model: the config's recipe)
@@ -104,6 +112,11 @@ OPEN_PLAN = [("searched", v) for v in OPEN_VARIANTS] + [
     ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998"), ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.995"),
     # (the fixed searched arch has every variant above, the average among them; an average's
     # row also evaluates its run's last weights, so each is a paired comparison of its own)
+    # query capacity between the subnets (under 10 MFLOPs) and the gallery's arch (70.9): timm
+    # nets of 4-45 MFLOPs at this input, with the config's recipe and average (trained where a
+    # GPU is lent: --rows-out there, --add-rows here)
+    *[(m, PIPELINE_RECIPE + ", ema0.998") for m in ("smallest", "mobilenetv3", "largest", "mobilenetv3-small-100",
+                                                     "mobilenetv3-large", "resnet10t", "gallery-arch")],
     # a ceiling: a query of the gallery's own timm architecture (ResNet-18 here, 70.9 MFLOPs),
     # trained with the recipe from scratch. Near M(g,g), the recipe can make a query fully
     # compatible and what is left at ~2 MFLOPs is the small model's; far below it, the recipe's
@@ -142,6 +155,11 @@ def main() -> None:
                     help="omniglot, with --only: add (or replace) these rows in the results file "
                          "and BENCHMARKS.md, keeping the others (e.g. rows of an arch an earlier "
                          "search chose, whose models are gone)")
+    ap.add_argument("--rows-out", help="omniglot, with --only: write this run's rows to this JSON file "
+                    "(e.g. on a lent GPU machine) instead of the results file")
+    ap.add_argument("--add-rows", nargs="+", default=[], metavar="JSON",
+                    help="omniglot: add (or replace) rows from --rows-out files in the results file "
+                         "and BENCHMARKS.md; trains nothing unless --only names rows too")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), help="names from VARIANTS")
     ap.add_argument("--render-only", action="store_true",
@@ -181,8 +199,7 @@ def main() -> None:
             cfg.query.train["epochs"] = epochs
             name = f"{model}-" + vname.replace("+", "_").replace(", ", "-").replace(" ", "")
             q = api.train_query(cfg, name=name, resume=True, loss_override=loss, **kw)
-            m = api.evaluate_query(cfg, query_dir=str(run_dir / "query" / name))["metrics"]
-            rows.append(_row(model, vname, loss, epochs, q, m))
+            rows.append(_row(model, vname, loss, q, api.evaluate_query(cfg, query_dir=str(run_dir / "query" / name))))
             print(rows[-1], flush=True)
     best = max(rows, key=lambda r: r["M(q,g)_r1"])
     gg = rows[0]["M(g,g)_r1"]
@@ -195,6 +212,15 @@ def main() -> None:
     save_results(f"recipe_fashion-mnist{suffix}", res)
     if not args.quick:
         update_benchmarks_md("recipe-fashion-mnist", markdown(res))
+
+
+def _spelled_as(own, paths: list[str]):
+    """``paths`` as the config spells the same files (relative to the project root), so that
+    models its run trained with them are recognized; else ``paths``."""
+    own_list = [own] if isinstance(own, str) else list(own or [])
+    same = len(own_list) == len(paths) and all(
+        ":" not in o and (ROOT / o).resolve() == Path(p).resolve() for o, p in zip(own_list, paths))
+    return own if same else paths
 
 
 def _metrics(m: dict) -> dict:
@@ -222,13 +248,13 @@ def _last_weights(model_dir: Path) -> Path:
     return out
 
 
-def _row(model: str, variant: str, loss: dict, epochs: int, q: dict, m: dict) -> dict:
-    """One result row: a trained query model's config ``q`` and its test metrics ``m``."""
-    return {"model": model, "variant": variant, "loss": loss, "epochs": epochs, "cpu": machine()["cpu"],
-            "date": time.strftime("%Y-%m-%d"),
+def _row(model: str, variant: str, loss: dict, q: dict, evaluation: dict) -> dict:
+    """One result row: a trained query model's config ``q`` and its test ``evaluation``."""
+    m = evaluation["metrics"]
+    return {"model": model, "variant": variant, "loss": loss, "epochs": q["train"]["epochs"],
+            "cpu": machine()["cpu"], "date": time.strftime("%Y-%m-%d"),
             "mflops": q["flops"] / 1e6, "train_s": q["train_seconds"],
-            "M(g,g)_r1": m["M(g,g)"]["recall@1"], "M(q,g)_r1": m["M(q,g)"]["recall@1"],
-            "M(q,q)_r1": m["M(q,q)"]["recall@1"], "M(q,g)_mAP": m["M(q,g)"]["mAP"],
+            "M(g,g)_r1": m["M(g,g)"]["recall@1"], **_metrics(m),
             "n_queries": m["M(q,g)"].get("n_queries") or 0}
 
 
@@ -248,54 +274,65 @@ def open_set(args) -> None:
         raise SystemExit(f"no gallery model in {rd.path}: run `hwnas run {args.config}` first "
                          "(its gallery and split are what this benchmark trains against)")
     archs = {"searched": OPEN_ARCH, "largest": space.largest().to_string(space),
-             "gallery-arch": f"timm:{cfg.gallery.backbone}"}
+             "smallest": space.smallest().to_string(space),
+             "gallery-arch": f"timm:{cfg.gallery.backbone}", **CAPACITY}
     searched = rd.path / "query" / "searched" / "config.json"
     if searched.exists():
         archs["pipeline"] = json.loads(searched.read_text())["arch"]
     g = api.train_gallery(cfg, resume=True)
+    own_ul = cfg.data.unlabeled  # as the config spells it (its run's models record that)
     cfg.query.train["threads"] = args.threads
     # the variants name what they add: the config's own average (train.ema) is not in the others
     base_train = {k: v for k, v in cfg.query.train.items() if k != "ema"}
     rows = []
     for model, vname in OPEN_PLAN:
-        if model not in archs or (args.only and f"{model}:{vname}" not in args.only):
+        if model not in archs or (args.only and f"{model}:{vname}" not in args.only) or (
+                args.add_rows and not args.only):
             continue
         name = f"recipe-{model}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", vname.replace("+", "_"))
         loss = {k: v for k, v in OPEN_VARIANTS[vname].items() if k != UNLABELED and k not in TRAIN_KEYS}
         cfg.query.train = {**base_train, **{k: v for k, v in OPEN_VARIANTS[vname].items() if k in TRAIN_KEYS}}
         ul = OPEN_VARIANTS[vname].get(UNLABELED)
         ul = [ONE_SHOT] if ul is True else ul or []
-        cfg.data.unlabeled = [str((default_omniglot_dir() / u).resolve()) if u == ONE_SHOT else u
-                              for u in ul] or None
+        cfg.data.unlabeled = _spelled_as(own_ul, [str((default_omniglot_dir() / u).resolve()) if u == ONE_SHOT
+                                                  else u for u in ul]) or None
+        arch, timm_name = ((None, archs[model][5:]) if archs[model].startswith("timm:") else (archs[model], None))
+        if (rd.path / "query" / RUN_BASELINES.get(model, "-") / "config.json").exists():
+            try:  # the run's own baseline, if trained as this row asks: not a second training
+                api.train_query(cfg, arch=arch, timm_name=timm_name, name=RUN_BASELINES[model], resume=True,
+                                inherit=False, loss_override=loss, log=lambda *_: None)
+                name = RUN_BASELINES[model]
+            except HwnasError:
+                pass
         if model == "pipeline" and vname == PIPELINE_RECIPE:  # the run's own query model
             name, q = "searched", json.loads(searched.read_text())
             ema = q["train"].get("ema")  # (trained with the config's average: a row of its own)
-            rows.append(_row(model, vname + (f", ema{ema:g} (run)" if ema else ""), loss, q["train"]["epochs"],
-                             q, api.evaluate_query(cfg, query_dir=str(rd.path / "query" / name))["metrics"]))
-            if ema:
-                rows[-1]["last_weights"] = _metrics(api.evaluate_query(
-                    cfg, query_dir=str(_last_weights(rd.path / "query" / name)))["metrics"])
-            continue
-        try:
-            arch, timm_name = ((None, archs[model][5:]) if archs[model].startswith("timm:")
-                               else (archs[model], None))
-            q = api.train_query(cfg, arch=arch, timm_name=timm_name, name=name, resume=True,
-                                inherit=False, loss_override=loss)
-        except HwnasError as e:  # e.g. a new search chose another arch: say so, go on
-            print(f"{name}: {e}", flush=True)
-            continue
-        m = api.evaluate_query(cfg, query_dir=str(rd.path / "query" / name))["metrics"]
-        rows.append(_row(model, vname, loss, q["train"]["epochs"], q, m))
+            vname += f", ema{ema:g} (run)" if ema else ""
+        else:
+            try:
+                q = api.train_query(cfg, arch=arch, timm_name=timm_name, name=name, resume=True,
+                                    inherit=False, loss_override=loss)
+            except HwnasError as e:  # e.g. a new search chose another arch: say so, go on
+                print(f"{name}: {e}", flush=True)
+                continue
+        rows.append(_row(model, vname, loss, q, api.evaluate_query(cfg, query_dir=str(rd.path / "query" / name))))
         if q["train"].get("ema"):  # the same training without the average: paired, same batches
             rows[-1]["last_weights"] = _metrics(api.evaluate_query(
                 cfg, query_dir=str(_last_weights(rd.path / "query" / name)))["metrics"])
         print(rows[-1], flush=True)
+    if args.rows_out:
+        write_json(Path(args.rows_out), {"machine": machine(), "archs": archs, "rows": rows})
+        return print(f"wrote {len(rows)} rows to {args.rows_out}")
+    for path in args.add_rows:  # rows measured elsewhere carry where they were measured
+        got = json.loads(Path(path).read_text())
+        rows += [{"cpu": got["machine"]["cpu"], **({"gpu": got["machine"]["gpu"]} if "gpu" in got["machine"] else {}),
+                  **r} for r in got["rows"]]
     if not rows:
         raise SystemExit("no variant could be trained (see the messages above)")
-    if args.only and not args.update_results:  # a part: the run without --only writes the results
+    if args.only and not (args.update_results or args.add_rows):  # a part: the run without --only writes
         return
     archs_all = archs
-    if args.update_results:
+    if args.update_results or args.add_rows:
         old = json.loads((ROOT / "benchmarks" / "results" / "recipe_omniglot.json").read_text())
         key = lambda r: (r["model"], r["variant"], round(r["mflops"], 4))  # noqa: E731
         new = {key(r) for r in rows}
@@ -321,7 +358,7 @@ def open_markdown(res: dict) -> str:
     lines = [
         "## Compatibility recipe on Omniglot open-set: contrastive, mix and unlabeled images (issue 3)",
         "",
-        f"Machine: {machine_line(res['machine'])}{_other_machines(res)}. Script: "
+        f"Machine: {machine_line(res['machine'])}{_other_machines(res)}{_dates(res['rows'])}. Script: "
         "`benchmarks/bench_recipe.py --dataset omniglot` on the `configs/omniglot.yaml` run (ResNet-18 gallery; 2,320 training images of "
         "116 characters; test: 156 unseen characters, "
         f"{res['rows'][0]['n_queries']} queries, one standard error of recall@1 about "
@@ -368,8 +405,15 @@ def open_markdown(res: dict) -> str:
         "the blend stays the default."
         + _train_notes(res["rows"], res["config"]["query"]["train"].get("weight_decay", 5e-5))
         + _ceiling_note(res["rows"]),
+        *_capacity_lines(res["rows"]),
     ]
     return "\n".join(lines)
+
+
+def _dates(rows: list[dict]) -> str:
+    """When the rows were measured, where that spans days (each row keeps its date)."""
+    dates = sorted({r["date"] for r in rows if r.get("date")})
+    return f"; rows measured {dates[0]} to {dates[-1]} (each row's date in the results file)" if len(dates) > 1 else ""
 
 
 def _other_machines(res: dict) -> str:
@@ -377,9 +421,14 @@ def _other_machines(res: dict) -> str:
     here = res["machine"]["cpu"]
     other: dict[str, int] = {}
     for r in res["rows"]:
-        if r.get("cpu", here) != here:
-            other[r["cpu"]] = other.get(r["cpu"], 0) + 1
-    return "".join(f" ({n} rows of earlier runs on {cpu}, same library versions)" for cpu, n in other.items())
+        if r.get("gpu"):
+            where = f"trained and evaluated on an {r['gpu']} (host {r['cpu']})"
+        elif r.get("cpu", here) != here:
+            where = f"of earlier runs on {r['cpu']}, same library versions"
+        else:
+            continue
+        other[where] = other.get(where, 0) + 1
+    return "".join(f" ({n} rows {where})" for where, n in other.items())
 
 
 def _train_notes(rows: list[dict], weight_decay: float) -> str:
@@ -426,6 +475,82 @@ def _train_notes(rows: list[dict], weight_decay: float) -> str:
                "None closes the gap to the paragon to 1 point. ")
             + "The longer schedule's gain is about one standard "
             "error for three times the training, so 60 epochs stay the config's.")
+
+
+CAPACITY_VARIANT = PIPELINE_RECIPE + ", ema0.998"  # the config's recipe and average
+
+
+def _capacity_rows(rows: list[dict]) -> list[dict]:
+    """One row per query model trained with the config's recipe and average against the
+    latest gallery (the run's own searched model included), by FLOPs."""
+    latest = max((r for r in rows if r["variant"].startswith(CAPACITY_VARIANT)), key=lambda r: r.get("date", ""),
+                 default=None)
+    if latest is None:
+        return []
+    got = {}
+    for r in sorted(rows, key=lambda r: r["variant"].endswith("(run)")):  # the run's own model first
+        if r["variant"] in (CAPACITY_VARIANT, CAPACITY_VARIANT + " (run)") and r["M(g,g)_r1"] == latest["M(g,g)_r1"]:
+            got[(r["model"], round(r["mflops"], 2))] = r
+    return sorted(got.values(), key=lambda r: r["mflops"])
+
+
+def _capacity_lines(rows: list[dict]) -> list[str]:
+    """Query capacity against the gap: a table line per model and a plot (PNG)."""
+    cap = _capacity_rows(rows)
+    if len(cap) < 3:
+        return []
+    gg = cap[0]["M(g,g)_r1"]
+    png = plot_capacity(cap, ROOT / "benchmarks" / "results" / "recipe_omniglot_capacity.png")
+    within = [r for r in cap if r["model"] != "gallery-arch" and 100 * (gg - r["M(q,g)_r1"]) <= 1.0]
+    gmf = next((r["mflops"] for r in cap if r["model"] == "gallery-arch"), None)
+    return ["", f"Query capacity: every query model trained with the config's recipe and its average "
+            f"(`{CAPACITY_VARIANT}`) against the same gallery (M(g,g) {100 * gg:.2f}), by FLOPs; the timm "
+            "ones (MobileNetV3-small 0.5 and 1.0, MobileNetV3-large, ResNet-10-T) span the space "
+            "between the largest subnet and the gallery's own architecture. `last` is the same "
+            "training's last weights (the average's paired control).", "",
+            "| query model | MFLOPs | M(q,g) R@1 | last | M(q,q) R@1 | M(q,g) mAP | gap (points) |",
+            "|---|---|---|---|---|---|---|",
+            *[f"| {r['model']} | {r['mflops']:.2f} | {100 * r['M(q,g)_r1']:.2f} | "
+              + (f"{100 * r['last_weights']['M(q,g)_r1']:.2f}" if r.get("last_weights") else "-")
+              + f" | {100 * r['M(q,q)_r1']:.2f} | {100 * r['M(q,g)_mAP']:.2f} | "
+              f"{100 * (gg - r['M(q,g)_r1']):.2f} |" for r in cap],
+            "", ("Within 1 point of the paragon: " + ", ".join(
+                f"{r['model']} ({r['mflops']:.1f} MFLOPs" + (f", {gmf / r['mflops']:.1f}x fewer FLOPs than the "
+                                                             "paragon" if gmf else "") + ")" for r in within) + "."
+                 if within else "No query model below the gallery's own architecture comes within 1 point of "
+                 "the paragon."), "", f"![capacity](benchmarks/results/{png.name})"]
+
+
+def plot_capacity(cap: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hwnas.utils import atomic_path
+
+    gg = 100 * cap[0]["M(g,g)_r1"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for key, style in (("M(q,g)_r1", "o"), ("M(q,q)_r1", "s")):  # other families: no curve
+        ax.plot([r["mflops"] for r in cap], [100 * r[key] for r in cap], style, label=key.split("_")[0])
+    last = [r for r in cap if r.get("last_weights")]
+    ax.plot([r["mflops"] for r in last], [100 * r["last_weights"]["M(q,g)_r1"] for r in last], "x", color="grey",
+            label="M(q,g), last weights")
+    for r in cap:
+        ax.annotate(r["model"], (r["mflops"], 100 * r["M(q,g)_r1"]), fontsize=7, xytext=(3, -9),
+                    textcoords="offset points")
+    ax.axhline(gg, color="k", lw=0.8, label="paragon M(g,g)")
+    ax.axhspan(gg - 1, gg, color="green", alpha=0.12, label="within 1 point")
+    ax.set_xscale("log")
+    ax.set_xlabel("query MFLOPs (32 px)")
+    ax.set_ylabel("recall@1 (%)")
+    ax.set_title("Omniglot open-set: query capacity vs compatibility")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
 
 
 def _ceiling_note(rows: list[dict]) -> str:

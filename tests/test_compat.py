@@ -747,3 +747,18 @@ def test_training_on_a_gpu_is_the_cpu_training_and_moves_between_them(tmp_path):
         else:
             assert torch.equal(gpu[k], v) and torch.equal(moved[k], v), k
     assert not torch.allclose(cpu["body.5.weight"], Net().state_dict()["body.5.weight"], atol=1e-3)
+
+
+def test_unlabeled_sources_are_compared_as_files_not_spellings(tmp_path, monkeypatch):
+    """A finished model trained with data.unlabeled given one way (relative to the working
+    directory) is the one asked for when the same file is given another way (absolute)."""
+    from hwnas.compat.api import _same_sources
+
+    (tmp_path / "a.zip").write_bytes(b"")
+    (tmp_path / "b.zip").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert _same_sources("a.zip", str(tmp_path / "a.zip"))
+    assert _same_sources("a.zip, strokes:2400", f"{tmp_path / 'sub' / '..' / 'a.zip'}, strokes:2400")
+    assert not _same_sources("a.zip", "b.zip")
+    assert not _same_sources("a.zip, strokes:2400", "a.zip, strokes:800")
+    assert not _same_sources("a.zip", None) and _same_sources(None, None)

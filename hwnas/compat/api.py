@@ -341,6 +341,17 @@ def _unlabeled_source(cfg: Config) -> str | None:
     return ", ".join(unlabeled_specs(cfg.data.unlabeled)) or None
 
 
+def _same_sources(a: str | None, b: str | None) -> bool:
+    """Two recorded ``data.unlabeled`` values name the same sources: a file or folder given by
+    another path (relative here, or absolute) is the same one."""
+    from hwnas.data.synthetic import is_synthetic
+
+    def norm(source):
+        return [s if is_synthetic(s) else str(Path(s).resolve()) for s in (source or "").split(", ") if s]
+
+    return norm(a) == norm(b)
+
+
 def _load_unlabeled(cfg: Config, source, pre, log, what: str = "data.unlabeled") -> tuple[np.ndarray, list[str]]:
     """Decode the images of an unlabeled source (a spec or a list of specs): (uint8 array, ids)."""
     from hwnas.data.images import materialize
@@ -531,7 +542,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         if sup is not None:
             also["supernet_fingerprint"] = sup["fingerprint"]
         diff = _differs(old, {**want, **also}, always=tuple(want))
-        if (old.get("unlabeled") or {}).get("source") != _unlabeled_source(cfg):
+        if not _same_sources((old.get("unlabeled") or {}).get("source"), _unlabeled_source(cfg)):
             diff.append("data.unlabeled")
         if old.get("seed", 0) != cfg.seed:  # models from before the seed was recorded: seed 0
             diff.append("seed")
