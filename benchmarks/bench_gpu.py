@@ -32,9 +32,11 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=["resnet50", "resnet101"])
     ap.add_argument("--render", help="a gpu.json from a GPU run: copy it and its plots here and "
                     "write the BENCHMARKS.md section")
+    ap.add_argument("--note", help="with --render: a sentence on how the figures were taken, kept in gpu.json "
+                    "and printed under the machine line")
     args = ap.parse_args()
     if args.render:
-        return render(Path(args.render))
+        return render(Path(args.render), args.note)
 
     import torch
 
@@ -73,8 +75,10 @@ def main() -> None:
     (out / "gpu.json").write_text(json.dumps(res, indent=2))
 
 
-def render(src: Path) -> None:
+def render(src: Path, note: str | None = None) -> None:
     res = json.loads(src.read_text())
+    if note:
+        res["note"] = note
     dst = ROOT / "benchmarks" / "results"
     for t in res["tables"]:
         if (src.parent / t["png"]).exists() and src.parent.resolve() != dst.resolve():
@@ -86,7 +90,7 @@ def render(src: Path) -> None:
              f"({bk['runtime']} {bk['runtime_version']}, {bk['precision']}). Script: "
              "`benchmarks/bench_gpu.py` on a lent GPU machine. TensorRT was not installed there, so "
              "these are the torch-cuda backend's figures (eager PyTorch, CUDA-event timing)."
-             + (f" {res['tables_note'][0].upper()}{res['tables_note'][1:]}." if res.get("tables_note") else ""), "",
+             + (f" {res['note']}" if res.get("note") else ""), "",
              "| input | ops | build s | n | calibrated MAPE % | within 10 % | Spearman | additive MAPE % "
              "| FLOPs Spearman | measured range ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in res["tables"]:
@@ -104,7 +108,7 @@ def render(src: Path) -> None:
             if p == "fp32" and (b, "fp16") in by]
     lines += ["", "Eager PyTorch at batch 1 is bound by kernel launches: the subnets span only "
               f"{res['tables'][0]['validation']['measured_range_ratio']}x in latency on the GPU"
-              + (f", and fp16 at batch 1 gains little over fp32 ({', '.join(half)})" if half else "")
+              + (f", and fp16 at batch 1 runs at {', '.join(half)} fp32's images/s" if half else "")
               + "; the engine path (TensorRT) is what a deployment on this GPU would use, and it was "
               "not installable there."]
     log = src.parent.parent / "train_cuda.log"
