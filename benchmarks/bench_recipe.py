@@ -28,8 +28,7 @@ import re
 import time
 from pathlib import Path
 
-from _common import (ROOT, compat_table, machine, machine_line, run_config, save_results, se_points,
-                     update_benchmarks_md, write_json)
+from _common import ROOT, compat_table, machine, machine_line, run_config, save_results, se_points, update_benchmarks_md
 
 # name -> (loss weights, epochs)
 VARIANTS = {
@@ -94,13 +93,15 @@ OPEN_VARIANTS = {
 OPEN_ARCH = ("k5@1.8,xc@0.6,skip,skip/k3@0.4,skip,skip,skip/k7@1,k7@0.4,skip,skip,skip,k3@1.8,"
              "skip,skip/k3@0.2,skip,skip,k7@0.2")
 PIPELINE_RECIPE = "own+bct+reg30+con5+mix30+ul"  # configs/omniglot.yaml's query recipe
-# timm query models of more capacity than the space's largest subnet (MFLOPs at 32 px, 1 channel)
 # the baselines `hwnas run` trains with the config's recipe (query/<name>), by row model
 RUN_BASELINES = {"largest": "largest", "smallest": "smallest", "mobilenetv3": "timm-mobilenetv3_small_050"}
-CAPACITY = {"mobilenetv3": "timm:mobilenetv3_small_050",  # 1.9
-            "mobilenetv3-small-100": "timm:mobilenetv3_small_100",  # 4.4
+# timm query nets of the capacity study, other families and sizes than the space's (MFLOPs at
+# 32 px, 1 channel); not candidates for the best deployable row
+CAPACITY = {"mobilenetv3-small-100": "timm:mobilenetv3_small_100",  # 4.4
             "mobilenetv3-large": "timm:mobilenetv3_large_100",  # 14.3
             "resnet10t": "timm:resnet10t"}  # 44.7
+TIMM_NAMES = {"mobilenetv3": "mobilenetv3_small_050", "gallery-arch": "the gallery's own",
+              **{k: v[5:] for k, v in CAPACITY.items()}}
 OPEN_PLAN = [("searched", v) for v in OPEN_VARIANTS] + [
     ("largest", "own+bct+reg30"),
     # the arch of the run's own search (its query/searched model: the config's recipe)
@@ -112,9 +113,9 @@ OPEN_PLAN = [("searched", v) for v in OPEN_VARIANTS] + [
     ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998"), ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.995"),
     # (the fixed searched arch has every variant above, the average among them; an average's
     # row also evaluates its run's last weights, so each is a paired comparison of its own)
-    # query capacity between the subnets (under 10 MFLOPs) and the gallery's arch (70.9): timm
-    # nets of 4-45 MFLOPs at this input, with the config's recipe and average (trained where a
-    # GPU is lent: --rows-out there, --add-rows here)
+    # query capacity, 0.9 to 70.9 MFLOPs: the space's subnets, timm nets of other families and
+    # the gallery's own arch, each with the config's recipe and average (the run's baselines,
+    # trained so, are reused)
     *[(m, PIPELINE_RECIPE + ", ema0.998") for m in ("smallest", "mobilenetv3", "largest", "mobilenetv3-small-100",
                                                      "mobilenetv3-large", "resnet10t", "gallery-arch")],
     # a ceiling: a query of the gallery's own timm architecture (ResNet-18 here, 70.9 MFLOPs),
@@ -155,12 +156,10 @@ def main() -> None:
                     help="omniglot, with --only: add (or replace) these rows in the results file "
                          "and BENCHMARKS.md, keeping the others (e.g. rows of an arch an earlier "
                          "search chose, whose models are gone)")
-    ap.add_argument("--rows-out", help="omniglot, with --only: write this run's rows to this JSON file "
-                    "(e.g. on a lent GPU machine) instead of the results file")
-    ap.add_argument("--add-rows", nargs="+", default=[], metavar="JSON",
-                    help="omniglot: add (or replace) rows from --rows-out files in the results file "
-                         "and BENCHMARKS.md; trains nothing unless --only names rows too")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time", action="store_true",
+                    help="omniglot: also time the capacity table's models end to end against the "
+                         "paragon, as the report does (keep the machine otherwise idle)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), help="names from VARIANTS")
     ap.add_argument("--render-only", action="store_true",
                     help="omniglot: rewrite the BENCHMARKS.md section from results/recipe_omniglot.json")
@@ -214,13 +213,36 @@ def main() -> None:
         update_benchmarks_md("recipe-fashion-mnist", markdown(res))
 
 
-def _spelled_as(own, paths: list[str]):
-    """``paths`` as the config spells the same files (relative to the project root), so that
-    models its run trained with them are recognized; else ``paths``."""
-    own_list = [own] if isinstance(own, str) else list(own or [])
-    same = len(own_list) == len(paths) and all(
-        ":" not in o and (ROOT / o).resolve() == Path(p).resolve() for o, p in zip(own_list, paths))
-    return own if same else paths
+def _recipe_name(model: str, variant: str) -> str:
+    """The query model directory (under the run's query/) of a row this script trains."""
+    return f"recipe-{model}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", variant.replace("+", "_"))
+
+
+def _model_dir(r: dict) -> str:
+    """A row's query model directory (rows from before rows recorded it: by the naming rule)."""
+    return r.get("model_dir") or ("searched" if r["variant"].endswith("(run)") else _recipe_name(r["model"], r["variant"]))
+
+
+def time_capacity(cfg, rd, cap: list[dict]) -> dict:
+    """The capacity table's models timed end to end as the report times them (ONNX Runtime CPU,
+    batch 1, the config's latency.threads; the paragon at its fastest thread count), interleaved
+    in the same pools; each row gets ``measured_ms``. Models no longer on disk are left out."""
+    from hwnas.compat import api
+    from hwnas.latency.backends import OrtCpuBackend, fastest_threads, measure_models, runners_at_thread_options
+    from hwnas.nn.models import load_query
+
+    pre = cfg.preprocess()
+    shape = (1, pre.channels, pre.size, pre.size)
+    backend = OrtCpuBackend(threads=cfg.latency.threads)
+    here = [r for r in cap if (rd.path / "query" / _model_dir(r) / "model.safetensors").exists()]
+    runners = [backend.prepare_deployed(load_query(rd.path / "query" / _model_dir(r))[0], shape) for r in here]
+    g_threads, g_runners = runners_at_thread_options(api.run_gallery(rd).net, shape, backend.threads)
+    lat = measure_models(runners + g_runners)
+    g_lat, g_best, _ = fastest_threads(lat[len(here):], g_threads)
+    for r, m in zip(here, lat):
+        r["measured_ms"] = m.latency_ms
+    return {"paragon_ms": g_lat.latency_ms, "paragon_threads": g_best, "threads": backend.threads,
+            "date": time.strftime("%Y-%m-%d"), "cpu": machine()["cpu"]}
 
 
 def _metrics(m: dict) -> dict:
@@ -274,65 +296,57 @@ def open_set(args) -> None:
         raise SystemExit(f"no gallery model in {rd.path}: run `hwnas run {args.config}` first "
                          "(its gallery and split are what this benchmark trains against)")
     archs = {"searched": OPEN_ARCH, "largest": space.largest().to_string(space),
-             "smallest": space.smallest().to_string(space),
+             "smallest": space.smallest().to_string(space), "mobilenetv3": "timm:mobilenetv3_small_050",
              "gallery-arch": f"timm:{cfg.gallery.backbone}", **CAPACITY}
     searched = rd.path / "query" / "searched" / "config.json"
     if searched.exists():
         archs["pipeline"] = json.loads(searched.read_text())["arch"]
     g = api.train_gallery(cfg, resume=True)
-    own_ul = cfg.data.unlabeled  # as the config spells it (its run's models record that)
     cfg.query.train["threads"] = args.threads
     # the variants name what they add: the config's own average (train.ema) is not in the others
     base_train = {k: v for k, v in cfg.query.train.items() if k != "ema"}
     rows = []
     for model, vname in OPEN_PLAN:
-        if model not in archs or (args.only and f"{model}:{vname}" not in args.only) or (
-                args.add_rows and not args.only):
+        if model not in archs or (args.only and f"{model}:{vname}" not in args.only):
             continue
-        name = f"recipe-{model}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", vname.replace("+", "_"))
+        name = _recipe_name(model, vname)
         loss = {k: v for k, v in OPEN_VARIANTS[vname].items() if k != UNLABELED and k not in TRAIN_KEYS}
         cfg.query.train = {**base_train, **{k: v for k, v in OPEN_VARIANTS[vname].items() if k in TRAIN_KEYS}}
         ul = OPEN_VARIANTS[vname].get(UNLABELED)
         ul = [ONE_SHOT] if ul is True else ul or []
-        cfg.data.unlabeled = _spelled_as(own_ul, [str((default_omniglot_dir() / u).resolve()) if u == ONE_SHOT
-                                                  else u for u in ul]) or None
+        cfg.data.unlabeled = [str((default_omniglot_dir() / u).resolve()) if u == ONE_SHOT else u
+                              for u in ul] or None
         arch, timm_name = ((None, archs[model][5:]) if archs[model].startswith("timm:") else (archs[model], None))
         if (rd.path / "query" / RUN_BASELINES.get(model, "-") / "config.json").exists():
             try:  # the run's own baseline, if trained as this row asks: not a second training
-                api.train_query(cfg, arch=arch, timm_name=timm_name, name=RUN_BASELINES[model], resume=True,
-                                inherit=False, loss_override=loss, log=lambda *_: None)
+                q = api.train_query(cfg, arch=arch, timm_name=timm_name, name=RUN_BASELINES[model], resume=True,
+                                    inherit=False, loss_override=loss, log=lambda *_: None)
                 name = RUN_BASELINES[model]
-            except HwnasError:
-                pass
+            except HwnasError as e:
+                print(f"the run's {RUN_BASELINES[model]} is not this row's model ({e}); training {name}", flush=True)
         if model == "pipeline" and vname == PIPELINE_RECIPE:  # the run's own query model
             name, q = "searched", json.loads(searched.read_text())
             ema = q["train"].get("ema")  # (trained with the config's average: a row of its own)
             vname += f", ema{ema:g} (run)" if ema else ""
-        else:
+        elif name != RUN_BASELINES.get(model):
             try:
                 q = api.train_query(cfg, arch=arch, timm_name=timm_name, name=name, resume=True,
                                     inherit=False, loss_override=loss)
             except HwnasError as e:  # e.g. a new search chose another arch: say so, go on
                 print(f"{name}: {e}", flush=True)
                 continue
-        rows.append(_row(model, vname, loss, q, api.evaluate_query(cfg, query_dir=str(rd.path / "query" / name))))
+        rows.append({**_row(model, vname, loss, q, api.evaluate_query(cfg, query_dir=str(rd.path / "query" / name))),
+                     "model_dir": name, "gallery_fingerprint": g["fingerprint"]})
         if q["train"].get("ema"):  # the same training without the average: paired, same batches
             rows[-1]["last_weights"] = _metrics(api.evaluate_query(
                 cfg, query_dir=str(_last_weights(rd.path / "query" / name)))["metrics"])
         print(rows[-1], flush=True)
-    if args.rows_out:
-        write_json(Path(args.rows_out), {"machine": machine(), "archs": archs, "rows": rows})
-        return print(f"wrote {len(rows)} rows to {args.rows_out}")
-    for path in args.add_rows:  # rows measured elsewhere carry where they were measured
-        got = json.loads(Path(path).read_text())
-        rows += [{"cpu": got["machine"]["cpu"], **({"gpu": got["machine"]["gpu"]} if "gpu" in got["machine"] else {}),
-                  **r} for r in got["rows"]]
     if not rows:
         raise SystemExit("no variant could be trained (see the messages above)")
-    if args.only and not (args.update_results or args.add_rows):  # a part: the run without --only writes
+    if args.only and not args.update_results:  # a part: the run without --only writes the results
         return
     archs_all = archs
-    if args.update_results or args.add_rows:
+    if args.update_results:
         old = json.loads((ROOT / "benchmarks" / "results" / "recipe_omniglot.json").read_text())
         key = lambda r: (r["model"], r["variant"], round(r["mflops"], 4))  # noqa: E731
         new = {key(r) for r in rows}
@@ -345,9 +359,14 @@ def open_set(args) -> None:
            "archs": archs_all, "rows": rows,
            # the gallery's own arch is a ceiling, not a query model one would deploy
            # by the gap: rows kept from earlier runs may be of another gallery (paragon)
-           "best": min((r for r in rows if r["model"] != "gallery-arch"),
+           # the best deployable query model: within the space's cost (not the capacity study's nets)
+           "best": min((r for r in rows if r["model"] not in CAPACITY and r["model"] != "gallery-arch"),
                        key=lambda r: r["M(g,g)_r1"] - r["M(q,g)_r1"], default=rows[0]),
            "stderr_points": se_points(gg, n), "wall_s": time.time() - t0}
+    if args.time:
+        res["capacity_timing"] = time_capacity(cfg, rd, _capacity_rows(rows))
+    elif args.update_results and old.get("capacity_timing"):
+        res["capacity_timing"] = old["capacity_timing"]
     save_results("recipe_omniglot", res)
     update_benchmarks_md("recipe-omniglot", open_markdown(res))
 
@@ -405,15 +424,24 @@ def open_markdown(res: dict) -> str:
         "the blend stays the default."
         + _train_notes(res["rows"], res["config"]["query"]["train"].get("weight_decay", 5e-5))
         + _ceiling_note(res["rows"]),
-        *_capacity_lines(res["rows"]),
+        *_capacity_lines(res),
     ]
     return "\n".join(lines)
+
+
+UNDATED = "before 2026-12-03"  # rows kept from before rows recorded their date
+
+
+def _date(r: dict) -> str:
+    return r.get("date") or UNDATED
 
 
 def _dates(rows: list[dict]) -> str:
     """When the rows were measured, where that spans days (each row keeps its date)."""
     dates = sorted({r["date"] for r in rows if r.get("date")})
-    return f"; rows measured {dates[0]} to {dates[-1]} (each row's date in the results file)" if len(dates) > 1 else ""
+    first = UNDATED if any(not r.get("date") for r in rows) else dates[0] if dates else None
+    return (f"; rows measured from {first} to {dates[-1]} (each row's date in the results file)"
+            if dates and first != dates[-1] else "")
 
 
 def _other_machines(res: dict) -> str:
@@ -421,9 +449,7 @@ def _other_machines(res: dict) -> str:
     here = res["machine"]["cpu"]
     other: dict[str, int] = {}
     for r in res["rows"]:
-        if r.get("gpu"):
-            where = f"trained and evaluated on an {r['gpu']} (host {r['cpu']})"
-        elif r.get("cpu", here) != here:
+        if r.get("cpu", here) != here:
             where = f"of earlier runs on {r['cpu']}, same library versions"
         else:
             continue
@@ -434,7 +460,7 @@ def _other_machines(res: dict) -> str:
 def _train_notes(rows: list[dict], weight_decay: float) -> str:
     """A sentence on the training-setting variants (``, 180 ep``, ``, affine``): each against
     the config's recipe on the same arch, from the rows."""
-    out = []
+    out, compared = [], []
     for r in rows:
         if ", " not in r["variant"]:
             continue
@@ -444,9 +470,10 @@ def _train_notes(rows: list[dict], weight_decay: float) -> str:
                      and b["M(g,g)_r1"] == r["M(g,g)_r1"]), None)
         if base is None:
             continue
+        compared.append(r)
         what = r["variant"].split(", ", 1)[1]
         last = r.get("last_weights")
-        out.append(f"`{what}` (measured {r.get('date', '2026-12-02')}) on the {r['mflops']:.2f}-MFLOP arch: M(q,g) R@1 "
+        out.append(f"`{what}` (measured {_date(r)}) on the {r['mflops']:.2f}-MFLOP arch: M(q,g) R@1 "
                    f"{100 * r['M(q,g)_r1']:.2f} vs {100 * base['M(q,g)_r1']:.2f} with the recipe "
                    f"({base['epochs']} epochs, crop), mAP {100 * r['M(q,g)_mAP']:.2f} vs "
                    f"{100 * base['M(q,g)_mAP']:.2f}, {r['train_s'] / 60:.0f} vs "
@@ -458,8 +485,8 @@ def _train_notes(rows: list[dict], weight_decay: float) -> str:
                       f"{100 * last['M(q,g)_mAP']:.2f}" if last else ""))
     if not out:
         return ""
-    closes = [r["variant"].split(", ")[1] for r in rows if ", " in r["variant"]
-              and 100 * (r["M(g,g)_r1"] - r["M(q,g)_r1"]) <= 1.0]
+    closes = [f"{r['model']} ({r['variant'].split(', ', 1)[1]})" for r in compared
+              if 100 * (r["M(g,g)_r1"] - r["M(q,g)_r1"]) <= 1.0]
     return (" Training settings (one seed each): " + "; ".join(out) + ". `180 ep`: "
             "three times the epochs (patient function matching, Beyer et al. 2022); `affine`: random "
             "rotation (+-10 degrees), scale and shift instead of crops, both models on the same view; "
@@ -483,20 +510,20 @@ CAPACITY_VARIANT = PIPELINE_RECIPE + ", ema0.998"  # the config's recipe and ave
 def _capacity_rows(rows: list[dict]) -> list[dict]:
     """One row per query model trained with the config's recipe and average against the
     latest gallery (the run's own searched model included), by FLOPs."""
-    latest = max((r for r in rows if r["variant"].startswith(CAPACITY_VARIANT)), key=lambda r: r.get("date", ""),
+    latest = max((r for r in rows if r["variant"].startswith(CAPACITY_VARIANT)), key=lambda r: r.get("date") or "",
                  default=None)
     if latest is None:
         return []
     got = {}
-    for r in sorted(rows, key=lambda r: r["variant"].endswith("(run)")):  # the run's own model first
+    for r in sorted(rows, key=lambda r: r["variant"].endswith("(run)")):  # the run's own model last: it wins
         if r["variant"] in (CAPACITY_VARIANT, CAPACITY_VARIANT + " (run)") and r["M(g,g)_r1"] == latest["M(g,g)_r1"]:
             got[(r["model"], round(r["mflops"], 2))] = r
     return sorted(got.values(), key=lambda r: r["mflops"])
 
 
-def _capacity_lines(rows: list[dict]) -> list[str]:
+def _capacity_lines(res: dict) -> list[str]:
     """Query capacity against the gap: a table line per model and a plot (PNG)."""
-    cap = _capacity_rows(rows)
+    cap, t = _capacity_rows(res["rows"]), res.get("capacity_timing")
     if len(cap) < 3:
         return []
     gg = cap[0]["M(g,g)_r1"]
@@ -504,17 +531,23 @@ def _capacity_lines(rows: list[dict]) -> list[str]:
     within = [r for r in cap if r["model"] != "gallery-arch" and 100 * (gg - r["M(q,g)_r1"]) <= 1.0]
     gmf = next((r["mflops"] for r in cap if r["model"] == "gallery-arch"), None)
     return ["", f"Query capacity: every query model trained with the config's recipe and its average "
-            f"(`{CAPACITY_VARIANT}`) against the same gallery (M(g,g) {100 * gg:.2f}), by FLOPs; the timm "
-            "ones (MobileNetV3-small 0.5 and 1.0, MobileNetV3-large, ResNet-10-T) span the space "
-            "between the largest subnet and the gallery's own architecture. `last` is the same "
-            "training's last weights (the average's paired control).", "",
-            "| query model | MFLOPs | M(q,g) R@1 | last | M(q,q) R@1 | M(q,g) mAP | gap (points) |",
-            "|---|---|---|---|---|---|---|",
-            *[f"| {r['model']} | {r['mflops']:.2f} | {100 * r['M(q,g)_r1']:.2f} | "
+            f"(`{CAPACITY_VARIANT}`) against the same gallery (M(g,g) {100 * gg:.2f}), by FLOPs: subnets "
+            "of the search space and timm nets of other families ("
+            + ", ".join(f"`{r['model']}` {TIMM_NAMES.get(r['model'], '')}".strip() for r in cap
+                        if r["model"] in TIMM_NAMES)
+            + "). `last` is the same training's last weights (the average's paired control).", "",
+            "| query model | MFLOPs | meas. ms | latency x | M(q,g) R@1 | last | M(q,q) R@1 | M(q,g) mAP | gap (points) |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *[f"| {r['model']} | {r['mflops']:.2f} | "
+              + (f"{r['measured_ms']:.3f} | {t['paragon_ms'] / r['measured_ms']:.1f} | " if t and r.get("measured_ms")
+                 else "- | - | ") + f"{100 * r['M(q,g)_r1']:.2f} | "
               + (f"{100 * r['last_weights']['M(q,g)_r1']:.2f}" if r.get("last_weights") else "-")
               + f" | {100 * r['M(q,q)_r1']:.2f} | {100 * r['M(q,g)_mAP']:.2f} | "
               f"{100 * (gg - r['M(q,g)_r1']):.2f} |" for r in cap],
-            "", ("Within 1 point of the paragon: " + ", ".join(
+            "", (f"Latency: ONNX Runtime CPU, batch 1, {t['threads']} thread(s), the models and the paragon "
+                 f"({t['paragon_ms']:.3f} ms at {t['paragon_threads']} thread(s)) timed interleaved as the "
+                 f"report times them, on {t['cpu']}, {t['date']}. " if t else "")
+            + ("Within 1 point of the paragon: " + ", ".join(
                 f"{r['model']} ({r['mflops']:.1f} MFLOPs" + (f", {gmf / r['mflops']:.1f}x fewer FLOPs than the "
                                                              "paragon" if gmf else "") + ")" for r in within) + "."
                  if within else "No query model below the gallery's own architecture comes within 1 point of "
@@ -561,7 +594,7 @@ def _ceiling_note(rows: list[dict]) -> str:
     gap = 100 * (c["M(g,g)_r1"] - c["M(q,g)_r1"])
     small = min((r for r in rows if r["model"] != "gallery-arch" and r["mflops"] < 5),
                 key=lambda r: r["M(g,g)_r1"] - r["M(q,g)_r1"], default=None)
-    return (f" Ceiling (measured {c.get('date', '')}): the gallery's own architecture as the query "
+    return (f" Ceiling (measured {_date(c)}): the gallery's own architecture as the query "
             f"({c['mflops']:.1f} MFLOPs), trained with the recipe from scratch, reaches M(q,g) R@1 "
             f"{100 * c['M(q,g)_r1']:.2f} vs M(g,g) {100 * c['M(g,g)_r1']:.2f} (gap {gap:.2f} points; "
             f"M(q,q) {100 * c['M(q,q)_r1']:.2f})"
