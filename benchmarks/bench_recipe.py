@@ -228,7 +228,7 @@ def time_capacity(cfg, rd, cap: list[dict]) -> dict:
     batch 1, the config's latency.threads; the paragon at its fastest thread count), interleaved
     in the same pools; each row gets ``measured_ms``. Models no longer on disk are left out."""
     from hwnas.compat import api
-    from hwnas.latency.backends import OrtCpuBackend, fastest_threads, measure_models, runners_at_thread_options
+    from hwnas.latency.backends import OrtCpuBackend, measure_beside_paragon
     from hwnas.nn.models import load_query
 
     pre = cfg.preprocess()
@@ -236,9 +236,7 @@ def time_capacity(cfg, rd, cap: list[dict]) -> dict:
     backend = OrtCpuBackend(threads=cfg.latency.threads)
     here = [r for r in cap if (rd.path / "query" / _model_dir(r) / "model.safetensors").exists()]
     runners = [backend.prepare_deployed(load_query(rd.path / "query" / _model_dir(r))[0], shape) for r in here]
-    g_threads, g_runners = runners_at_thread_options(api.run_gallery(rd).net, shape, backend.threads)
-    lat = measure_models(runners + g_runners)
-    g_lat, g_best, _ = fastest_threads(lat[len(here):], g_threads)
+    lat, g_lat, g_best, _ = measure_beside_paragon(runners, api.run_gallery(rd).net, shape, backend.threads)
     for r, m in zip(here, lat):
         r["measured_ms"] = m.latency_ms
     return {"paragon_ms": g_lat.latency_ms, "paragon_threads": g_best, "threads": backend.threads,
@@ -560,7 +558,7 @@ def plot_capacity(cap: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hwnas.utils import atomic_path
+    from hwnas.utils import place_labels, save_figure
 
     gg = 100 * cap[0]["M(g,g)_r1"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -569,9 +567,6 @@ def plot_capacity(cap: list[dict], path: Path) -> Path:
     last = [r for r in cap if r.get("last_weights")]
     ax.plot([r["mflops"] for r in last], [100 * r["last_weights"]["M(q,g)_r1"] for r in last], "x", color="grey",
             label="M(q,g), last weights")
-    for r in cap:
-        ax.annotate(r["model"], (r["mflops"], 100 * r["M(q,g)_r1"]), fontsize=7, xytext=(3, -9),
-                    textcoords="offset points")
     ax.axhline(gg, color="k", lw=0.8, label="paragon M(g,g)")
     ax.axhspan(gg - 1, gg, color="green", alpha=0.12, label="within 1 point")
     ax.set_xscale("log")
@@ -579,11 +574,8 @@ def plot_capacity(cap: list[dict], path: Path) -> Path:
     ax.set_ylabel("recall@1 (%)")
     ax.set_title("Omniglot open-set: query capacity vs compatibility")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    place_labels(ax, [(r["mflops"], 100 * r["M(q,g)_r1"]) for r in cap], [r["model"] for r in cap])
+    return save_figure(fig, path)
 
 
 def _ceiling_note(rows: list[dict]) -> str:

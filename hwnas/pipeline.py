@@ -244,7 +244,7 @@ def paragon_budget(cfg: Config, predictor, gallery_net, log: Callable = print, p
     0.085-0.099 ms (one run's 5-pool budget, 0.059 ms, fell at the fastest subnet's latency)."""
     import math
 
-    from hwnas.latency.backends import OrtCpuBackend, fastest_threads, measure_models, runners_at_thread_options
+    from hwnas.latency.backends import OrtCpuBackend, measure_beside_paragon
     from hwnas.nn.supernet import SubNet
 
     space, pre = cfg.search_space(), cfg.preprocess()
@@ -252,10 +252,8 @@ def paragon_budget(cfg: Config, predictor, gallery_net, log: Callable = print, p
     backend = OrtCpuBackend(threads=cfg.latency.threads)
     refs = [predictor.extreme_arch(True), predictor.extreme_arch(False)]
     runners = [backend.prepare_deployed(SubNet(space, a).eval(), shape) for a in refs]
-    g_threads, g_runners = runners_at_thread_options(gallery_net, shape, backend.threads)
-    runners += g_runners  # the paragon at its fastest thread count (as in the report)
-    m = measure_models(runners, pools=pools)
-    g_lat, g_best, g_by = fastest_threads(m[2:], g_threads)
+    # the paragon at its fastest thread count (as in the report)
+    m, g_lat, g_best, g_by = measure_beside_paragon(runners, gallery_net, shape, backend.threads, pools=pools)
     p_ms = g_lat.latency_ms
     target = p_ms / cfg.search.budget_speedup
     (pf, ps), (mf, ms) = [predictor(a) for a in refs], [x.latency_ms for x in m[:2]]

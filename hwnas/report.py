@@ -69,7 +69,7 @@ def build_report(cfg, log=print) -> dict:
     import statistics
 
     from hwnas.compat import api
-    from hwnas.latency.backends import OrtCpuBackend, fastest_threads, measure_models, runners_at_thread_options
+    from hwnas.latency.backends import OrtCpuBackend, measure_beside_paragon, thread_options
     from hwnas.nn.models import load_query
     from hwnas.rundir import RunDir
     from hwnas.search.runner import load_best, predictor_for
@@ -116,13 +116,10 @@ def build_report(cfg, log=print) -> dict:
     g_mflops = api.model_flops(gallery.net, pre) / 1e6
     # The query models run at the table's thread count (as deployed); the paragon at its
     # fastest, so no query model gains from a thread count that would handicap the paragon.
-    g_threads, g_runners = runners_at_thread_options(gallery.net, shape, backend.threads)
-    runners += g_runners
     log(f"[report] measuring {len(rows)} query models end to end on ONNX Runtime CPU "
-        f"({backend.threads} threads, batch 1) and the paragon at {g_threads} threads")
-    lat = measure_models(runners)
-    g_lat, g_best_threads, g_by_threads = fastest_threads(lat[len(rows):], g_threads)
-    lat = lat[:len(rows)] + [g_lat]
+        f"({backend.threads} threads, batch 1) and the paragon at {thread_options(backend.threads)} threads")
+    lat, g_lat, g_best_threads, g_by_threads = measure_beside_paragon(runners, gallery.net, shape, backend.threads)
+    lat = lat + [g_lat]
     g_ms = g_lat.latency_ms
     paragon = rows[0]["metrics"]["M(g,g)"]
     for r, m in zip(rows, lat):

@@ -201,6 +201,17 @@ def fastest_threads(ms: Sequence[Measurement], threads: Sequence[int]) -> tuple[
     return ms[i], threads[i], {str(t): round(m.latency_ms, 5) for t, m in zip(threads, ms)}
 
 
+def measure_beside_paragon(runners: Sequence[Runner], paragon: nn.Module, input_shape: Sequence[int],
+                           threads: int, pools: int = 5) -> tuple[list[Measurement], Measurement, int, dict]:
+    """``runners`` and a reference model (the paragon, at each of :func:`thread_options`) timed
+    interleaved with :func:`measure_models`: (the runners' measurements, the paragon's fastest,
+    its thread count, {"threads": ms}), so that no model gains from a thread count that would
+    handicap the paragon."""
+    p_threads, p_runners = runners_at_thread_options(paragon, input_shape, threads)
+    m = measure_models(list(runners) + p_runners, pools=pools)
+    return (m[:len(runners)], *fastest_threads(m[len(runners):], p_threads))
+
+
 # ---------------------------------------------------------------------- machine facts
 def physical_cores() -> int:
     """Physical cores (hyper-threads not counted), from /proc/cpuinfo where available."""
