@@ -399,10 +399,11 @@ def test_mix_part_matches_the_gallery_on_blended_images():
         LossConfig(mix=1.0, mix_kind="mosaic")
 
 
-def test_unlabeled_images_feed_only_the_parts_without_labels(trained_gallery, tmp_path):
+def test_unlabeled_images_feed_only_the_parts_without_labels(trained_gallery, tmp_path, monkeypatch):
     """Label -1 (an image of data.unlabeled) is left out of both classifier parts and kept
-    in the regression; a query trained with unlabeled images records them and is retrained
-    when they change; a loss with no part that can use them is refused."""
+    in the regression; a supernet or query trained with unlabeled images records them, is
+    kept when the same folder is named by another path, and is retrained when they change;
+    a loss with no part that can use them is refused."""
     from PIL import Image
 
     from hwnas.compat.losses import CompatLoss, LossConfig
@@ -429,10 +430,20 @@ def test_unlabeled_images_feed_only_the_parts_without_labels(trained_gallery, tm
         Image.fromarray(np.asarray(col.read(i))).save(folder / f"{i}.png")
     quiet = lambda *_: None  # noqa: E731
     cfg = load_config(_clone_run(trained_gallery, tmp_path, data={"unlabeled": str(folder)},
+                                 supernet={"train": {"epochs": 1, "batch_size": 64}},
                                  query={"train": {"epochs": 1, "lr": 0.1, "batch_size": 64}}))
     arch = cfg.search_space().smallest().to_string()
     q = api.train_query(cfg, arch=arch, name="u", inherit=False, log=quiet)
     assert q["unlabeled"]["images"] == 96 and q["unlabeled"]["source"] == str(folder)
+    sup = api.train_supernet(cfg, log=quiet)
+    monkeypatch.chdir(tmp_path)
+    cfg.data.unlabeled = "unlabeled"  # the same folder, named relative to the working directory
+    assert api.train_supernet(cfg, log=quiet)["fingerprint"] == sup["fingerprint"]
+    assert api.train_query(cfg, arch=arch, name="u", inherit=False, log=quiet)["fingerprint"] == q["fingerprint"]
+    cfg.data.unlabeled = "strokes:32"
+    with pytest.raises(HwnasError, match=r"supernet trained with other data\.unlabeled than this run asks.*restore the config"):
+        api.train_supernet(cfg, log=quiet)
+    cfg.data.unlabeled = str(folder)
     cfg.query.train["threads"] = 1  # another thread count is not another model: kept as trained
     assert api.train_query(cfg, arch=arch, name="u", inherit=False, log=quiet)["fingerprint"] == q["fingerprint"]
     cfg.seed = 1  # another seed is another model
@@ -756,9 +767,12 @@ def test_unlabeled_sources_are_compared_as_files_not_spellings(tmp_path, monkeyp
 
     (tmp_path / "a.zip").write_bytes(b"")
     (tmp_path / "b.zip").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path)
     assert _same_sources("a.zip", str(tmp_path / "a.zip"))
     assert _same_sources("a.zip, strokes:2400", f"{tmp_path / 'sub' / '..' / 'a.zip'}, strokes:2400")
     assert not _same_sources("a.zip", "b.zip")
     assert not _same_sources("a.zip, strokes:2400", "a.zip, strokes:800")
     assert not _same_sources("a.zip", None) and _same_sources(None, None)
+    # what is not on disk is compared as written, wherever it is read from
+    assert _same_sources("split:gallery", "split:gallery") and not _same_sources("gone.zip", str(tmp_path / "gone.zip"))

@@ -143,11 +143,11 @@ _DIFF_NAMES = {"gallery_fingerprint": "gallery model (retrained since)",
                "supernet_fingerprint": "supernet (retrained since)", "splits_fingerprint": "split"}
 
 
-def _differs(old: dict, want: dict, always: tuple = ()) -> list[str]:
+def _differs(old: dict, want: dict, always: tuple = (), sources: tuple = ("unlabeled_source",)) -> list[str]:
     """What a finished model's recorded ``old`` config has other than ``want``, named for the
-    user (``train`` compared without its runtime settings; ``space`` by hash, its name aside).
-    A key the model does not record (made by an older hwnas) is not compared, except those in
-    ``always``."""
+    user (``train`` compared without its runtime settings; ``space`` by hash, its name aside;
+    the keys in ``sources`` as the files they name, not as spellings of them). A key the model
+    does not record (made by an older hwnas) is not compared, except those in ``always``."""
     from hwnas.space import SearchSpace
 
     want = json.loads(json.dumps(want))
@@ -155,8 +155,15 @@ def _differs(old: dict, want: dict, always: tuple = ()) -> list[str]:
     for d in (old, want):
         if isinstance(d.get("space"), dict):
             d["space"] = SearchSpace.from_dict(d["space"]).hash
-    return [_DIFF_NAMES.get(k, k) for k, v in want.items() if (k in old or k in always)
-            and (not _same_training(old.get(k), v) if k == "train" else old.get(k) != v)]
+
+    def same(k, a, b):
+        if k == "train":
+            return _same_training(a, b)
+        return _same_sources(a, b) if k in sources else a == b
+
+    names = {**_DIFF_NAMES, "unlabeled_source": "data.unlabeled"}
+    return [names.get(k, k) for k, v in want.items()
+            if (k in old or k in always) and not same(k, old.get(k), v)]
 
 
 def _differs_error(out: Path, what: str, diff: list[str], step: str) -> HwnasError:
@@ -342,12 +349,11 @@ def _unlabeled_source(cfg: Config) -> str | None:
 
 
 def _same_sources(a: str | None, b: str | None) -> bool:
-    """Two recorded ``data.unlabeled`` values name the same sources: a file or folder given by
-    another path (relative here, or absolute) is the same one."""
-    from hwnas.data.synthetic import is_synthetic
-
+    """Two recorded source lists (``data.unlabeled``, ``adapt.images``) name the same sources:
+    a file or folder given by another path (relative here, or absolute) is the same one; what
+    is not on disk (``strokes:N``, ``split:gallery``, a caller's label) is compared as written."""
     def norm(source):
-        return [s if is_synthetic(s) else str(Path(s).resolve()) for s in (source or "").split(", ") if s]
+        return [str(Path(s).resolve()) if Path(s).exists() else s for s in (source or "").split(", ") if s]
 
     return norm(a) == norm(b)
 
@@ -769,7 +775,8 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
                "unlabeled": _unlabeled_source(cfg), "seed": cfg.seed}
     if _prepare_out(out, restart):
         old = read_json(out / "config.json")
-        if old.get("adapted") == setting and _same_training(old.get("train"), tc.__dict__):
+        if not _differs(old.get("adapted") or {}, setting, always=tuple(setting), sources=("source", "unlabeled")) \
+                and _same_training(old.get("train"), tc.__dict__):
             log(f"[adapt] {out} is already adapted with these settings; --restart to do it again")
             return old
         if not retrain_changed:
