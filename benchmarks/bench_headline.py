@@ -77,7 +77,10 @@ def main() -> None:
             if r["config"] not in done:
                 runs.append({**r, "measured": r.get("measured") or old["machine"].get("date"),
                              "machine": r.get("machine") or old["machine"]})
-    res = {"machine": machine(), "runs": runs}
+    # the Machine line's date is when this call's figures were measured: a --from-run report's own
+    m = machine()
+    m["date"] = max(r["from_run"][:10] if r.get("from_run") else m["date"] for r in runs if not r.get("measured"))
+    res = {"machine": m, "runs": runs}
     save_results("headline", res)
     update_benchmarks_md("headline", markdown(res))
 
