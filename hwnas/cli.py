@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML/JSON config file, e.g. configs/quickstart.yaml")
     p.add_argument("--run-dir", help="override the config's run directory")
     _add_set(p)  # a step whose config it changes is done again
+    p.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="skip (and count) unreadable images instead of stopping (data.skip_bad_images)")
     p.add_argument("--from", dest="redo_from", metavar="STEP",
                    help="do STEP and every step that builds on it again (steps whose config "
                         "changed are done again anyway); STEP: data, profile, train-gallery, "
@@ -334,17 +336,26 @@ def cmd_data(args) -> int:
     from hwnas.report import format_table
     from hwnas.rundir import RunDir
 
+    from hwnas.data.splits import check_split_images, no_validation_reason
+    from hwnas.errors import DataError
+
     cfg = _load(args)
     rd = RunDir(cfg)
     col = rd.collection()
+    made = not rd.splits_path.exists()
     s = rd.splits(col)
+    try:  # every image read once now, not first by the step that needs it
+        check_split_images(s, cfg.data.skip_bad_images)
+    except DataError:
+        if made:  # a data set with files fixed or removed then splits afresh
+            rd.splits_path.unlink()
+        raise
     rd.save_config()
     rows = [[p, c["images"], c["classes"]] for p, c in s.counts().items()]
     print(f"data set {col.name}: {len(col)} images, {col.num_classes} classes "
           f"(protocol {s.config.protocol}, seed {s.config.seed}, query_mode {s.config.query_mode})")
     print(format_table(["part", "images", "classes"], rows))
     print(f"splits: {rd.splits_path}")
-    from hwnas.data.splits import no_validation_reason
 
     why = no_validation_reason(s)
     if why:

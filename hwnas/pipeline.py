@@ -399,7 +399,8 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
         steps.mark(name, {**summary, "seconds": round(time.time() - t, 1)}, keys[name])
 
     def data():
-        from hwnas.data.splits import no_validation_reason
+        from hwnas.data.splits import check_split_images, no_validation_reason
+        from hwnas.errors import DataError
 
         made = not rd.splits_path.exists()
         s = rd.splits(log=log)
@@ -409,7 +410,13 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
                 rd.splits_path.unlink()
                 raise HwnasError(why)
             raise HwnasError(f"{why} (then split again: --from data)")
-        return {"fingerprint": s.fingerprint, "counts": s.counts()}
+        try:  # every image is read once here, not first by the step that needs it
+            skipped = check_split_images(s, cfg.data.skip_bad_images, log)
+        except DataError:
+            if made:  # a data set with files fixed or removed then splits afresh
+                rd.splits_path.unlink()
+            raise
+        return {"fingerprint": s.fingerprint, "counts": s.counts(), "unreadable": len(skipped)}
 
     def profile():
         from hwnas.latency.backends import OrtCpuBackend

@@ -363,3 +363,38 @@ def test_run_takes_set_overrides():
                                       "--set", "data.data_dir=/data/own"])
     cfg = _load(args)
     assert cfg.search.n_trials == 7 and cfg.data.data_dir == "/data/own"
+
+
+def test_unreadable_images_stop_a_run_at_its_data_step_naming_them_all(tmp_path):
+    """A truncated PNG and a manifest row naming no file are found by the data step, before
+    anything trains (not hours later by the first step that reads them): all of them named,
+    exit 2, no split kept; with --skip-bad-images they are counted and the split is made."""
+    root = make_png_folder(tmp_path / "imgs", {f"c{i:02d}": 5 for i in range(20)})
+    png = root / "c03" / "img002.png"
+    png.write_bytes(png.read_bytes()[:120])  # truncated
+    (root / "c07" / "img004.png").write_bytes(b"\x89PNG not really")
+    cfg = tmp_path / "own.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\ndata:\n  dataset: folder\n  data_dir: {root}\n"
+                   "  split: {protocol: open}\n")
+    r = hwnas("run", str(cfg))
+    assert r.returncode == 2, r.stderr
+    assert "2 of 100 images of the split cannot be read (c03/img002.png, c07/img004.png)" in r.stderr
+    assert "--skip-bad-images" in r.stderr
+    assert not (tmp_path / "run" / "splits.json").exists() and not (tmp_path / "run" / "gallery").exists()
+    r = hwnas("data", "--config", str(cfg), "--skip-bad-images")
+    assert r.returncode == 0, r.stderr
+    assert "2 unreadable images are left out" in r.stdout + r.stderr
+    # the README's config for your own images, as the README runs it
+    r = hwnas("data", "--config", "configs/own-data.yaml", "--data-dir", str(root), "--skip-bad-images",
+              "--run-dir", str(tmp_path / "run-own"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run-own" / "splits.json").read_text())["config"]["protocol"] == "open"
+
+    rows = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted(root.rglob("*.png"))
+                             if p.parent.name not in ("c03", "c07")] + [f"{root / 'gone.png'},c00"]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    r = hwnas("data", "--dataset", "manifest", "--data-dir", str(tmp_path / "m.csv"), "--protocol", "open",
+              "--run-dir", str(tmp_path / "run-m"))
+    assert r.returncode == 2 and "gone.png does not exist" in r.stderr, r.stderr
+    assert not (tmp_path / "run-m" / "splits.json").exists()
+

@@ -45,5 +45,5 @@ def test_make_targets_and_configs():
     assert re.search(r"^demo:", mk, re.M) and re.search(r"^test:", mk, re.M)
     assert "make demo" in README and "make test" in README
     assert "make test" in (ROOT / ".ci" / "run").read_text()
-    for name in ("quickstart", "omniglot", "gpu-large"):
+    for name in ("quickstart", "omniglot", "gpu-large", "own-data"):
         load_config(ROOT / "configs" / f"{name}.yaml")

@@ -78,6 +78,29 @@ class ImageArray:
         return [col.ids[i] for i in self.indices]
 
 
+def check_readable(col: Collection, indices: Sequence[int], skip_bad: bool = False, progress: bool = True,
+                   desc: str = "check images") -> list[str]:
+    """Open and decode every image of ``indices`` once, before anything trains on them, so a
+    broken file or a manifest row naming no file stops a run at its start rather than at the
+    step that first reads it (hours later at scale). All unreadable images are named at once
+    (a DataError) unless ``skip_bad``; then their ids are returned (later steps leave them out)."""
+    from tqdm import tqdm
+
+    bad: list[tuple[str, str]] = []
+    indices = np.unique(np.asarray(indices, dtype=np.int64))
+    for i in tqdm(indices, desc=desc, unit="img", disable=None if (progress and len(indices) >= 2000) else True,
+                  mininterval=1.0, leave=False):
+        try:
+            col.read(int(i))
+        except DataError as e:
+            bad.append((col.ids[int(i)], str(e)))
+    if bad and not skip_bad:
+        named = ", ".join(b for b, _ in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{len(bad)} of {len(indices)} images of the split cannot be read ({named}); "
+                        f"the first: {bad[0][1]}")
+    return [b for b, _ in bad]
+
+
 def materialize(
     col: Collection,
     indices: Sequence[int],

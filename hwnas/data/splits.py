@@ -306,3 +306,14 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
     if not len(train):
         raise DataError(f"{col.name}: no training images left after splitting")
     return Splits(cfg, {"train": train, "val_query": vq, "val_gallery": vg, "query": q, "gallery": g}, col)
+
+
+def check_split_images(splits: Splits, skip_bad: bool = False, log=print) -> list[str]:
+    """Read every image of the split's parts once (:func:`hwnas.data.images.check_readable`):
+    a DataError naming the unreadable ones, or with ``skip_bad`` their ids (logged)."""
+    from hwnas.data.images import check_readable
+
+    skipped = check_readable(splits.collection, np.concatenate([splits.parts[p] for p in PARTS]), skip_bad)
+    if skipped:
+        log(f"[data] {len(skipped)} unreadable images are left out (data.skip_bad_images), e.g. {skipped[0]}")
+    return skipped
