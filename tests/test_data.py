@@ -173,6 +173,9 @@ def test_empty_class_single_image_missing_dir(tmp_path):
     col = image_folder(root)
     with pytest.raises(DataError, match="'solo' has 1 image"):
         make_splits(col, SplitConfig(protocol="closed"))
+    for seed in range(4):  # open-set: whichever side the seed draws it to
+        with pytest.raises(DataError, match="'solo' has 1 image; the open-set protocol needs at least 2"):
+            make_splits(col, SplitConfig(protocol="open", seed=seed))
     # open-set: a one-image class among the evaluation classes cannot give query + gallery
     make_png_folder(root, {"solo": 1, "c": 2, "d": 2})
     (root / "a").rename(tmp_path / "a_out")

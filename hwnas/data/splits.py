@@ -281,6 +281,14 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
                     "both source splits; use --protocol closed or drop the split column"
                 )
         else:
+            # any class may be drawn for the test (or validation) classes, which need a query and
+            # a gallery image each: checked for all, so the split does not pass or fail by seed
+            c, ix = min(_by_class(col, all_idx).items(), key=lambda kv: len(kv[1]))
+            if len(ix) < 2:
+                raise DataError(
+                    f"class {col.class_names[c]!r} has {len(ix)} image; the open-set protocol needs at "
+                    "least 2 per class (any class may be drawn as a test class: one query, one gallery "
+                    "item): add images or drop the class")
             names = sorted(range(col.num_classes), key=lambda c: col.class_names[c])
             perm = [names[i] for i in _rng(cfg.seed, 1).permutation(len(names))]
             k = max(1, int(round(cfg.test_fraction * len(names))))
