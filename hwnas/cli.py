@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("search", "Search the supernet for the most compatible query arch within a latency budget (Optuna).")
     _add_common(p)
-    p.add_argument("--budget-ms", type=float, help="edge latency budget (predicted from the table)")
+    p.add_argument("--budget-ms", type=float, help="edge latency budget (predicted from the table); default: "
+                   "the config's, as hwnas run resolves it (search.budget_ms, else budget_speedup x faster "
+                   "than the paragon, else budget_fraction of the table's range)")
     p.add_argument("--reward", choices=["r1", "r2", "r3"], help="r1 M(q,q), r2 M(q,g), r3 mix (default)")
     p.add_argument("--alpha", type=float, help="R3 weight of M(q,g) (default 0.5)")
     p.add_argument("--metric", choices=["recall@1", "recall@5", "recall@10", "mAP"], help="accuracy metric")
@@ -481,9 +483,15 @@ def cmd_search(args) -> int:
             setattr(s, flag, v)
     if args.table:
         cfg.latency.table = args.table
+    if s.budget_ms is None:  # the config's budget, resolved (and kept) as hwnas run does
+        from hwnas.pipeline import run_budget
+        from hwnas.search.runner import predictor_for
+
+        s.budget_ms = run_budget(cfg, predictor_for(cfg, cfg.search_space())[0])["budget_ms"]
+        rule = (f"{s.budget_speedup:g}x faster than the paragon (search.budget_speedup)" if s.budget_speedup
+                else f"search.budget_fraction {s.budget_fraction:g} of the table's range")
+        print(f"[search] budget {s.budget_ms} ms: {rule}; --budget-ms sets another")
     if args.enqueue:
-        if s.budget_ms is None:
-            raise HwnasError("--enqueue needs --budget-ms (it names the study)")
         enqueue_archs(cfg, args.enqueue)
     run_search(cfg, seed=args.sampler_seed)
     return 0

@@ -475,6 +475,10 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
 
     step("data", data)
     step("profile", profile)
+    if cfg.search.budget_ms is not None:  # a budget no subnet meets: said now, not after the trainings
+        from hwnas.search.runner import check_budget, predictor_for
+
+        check_budget(cfg.search.budget_ms, *predictor_for(cfg, space))
     step("train-gallery", lambda: {"fingerprint": api.train_gallery(cfg, resume=True, log=log)["fingerprint"]})
     gallery_settled(cfg, steps, gallery_fp, fresh, log)
     step("train-supernet", lambda: (api.train_supernet(cfg, resume=True, log=log), {})[1])

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -398,3 +399,24 @@ def test_unreadable_images_stop_a_run_at_its_data_step_naming_them_all(tmp_path)
     assert r.returncode == 2 and "gone.png does not exist" in r.stderr, r.stderr
     assert not (tmp_path / "run-m" / "splits.json").exists()
 
+
+def test_a_budget_no_subnet_meets_stops_a_run_before_anything_trains(tmp_path):
+    """search.budget_ms below the fastest subnet on the latency table: hwnas run says so, with
+    the feasible range, right after profiling (not after the gallery and supernet trained)."""
+    from conftest import tiny_config, write_cfg
+
+    root = make_png_folder(tmp_path / "imgs", {f"c{i}": 12 for i in range(6)})
+    cfg = write_cfg(tmp_path / "c.json", tiny_config(
+        tmp_path / "run", data={"dataset": "folder", "data_dir": str(root), "mean": [0.5], "std": [0.5],
+                                "split": {"protocol": "closed", "val_fraction": 0.25}},
+        latency={"threads": 1, "validate": 0, "table": str(tmp_path / "table.json")}, search={"budget_ms": 1e-6}))
+    r = hwnas("run", str(cfg), timeout=600)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "latency budget 1e-06 ms (--budget-ms / search.budget_ms) is below the fastest subnet" in r.stderr
+    assert "feasible budgets:" in r.stderr and "train-gallery" not in r.stdout
+    assert not (tmp_path / "run" / "gallery").exists()
+    # a search that cannot run (no supernet yet) leaves no study behind
+    lo, hi = re.search(r"feasible budgets: ([0-9.]+) to ([0-9.]+) ms", r.stderr).groups()
+    r = hwnas("search", "--config", str(cfg), "--budget-ms", str((float(lo) + float(hi)) / 2))
+    assert r.returncode == 2 and "no supernet" in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "search.db").exists()

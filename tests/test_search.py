@@ -144,6 +144,27 @@ def test_leave_one_out_validation_scores_every_image(search_run):
         SupernetEvaluator(cfg, log=lambda *_: None)
 
 
+def test_search_without_a_budget_takes_the_configs_as_hwnas_run_does(search_run, tmp_path):
+    """`hwnas search --config c` with no --budget-ms resolves search.budget_fraction on the
+    table, as `hwnas run` does (not an error), says so, and keeps it in budget.json."""
+    import shutil
+
+    root, cfg_path = search_run
+    lo, hi, _ = _budget(load_config(cfg_path))
+    run = tmp_path / "run"
+    for part in ("gallery", "supernet"):
+        shutil.copytree(root / "run" / part, run / part)
+    shutil.copy(root / "run" / "splits.json", run / "splits.json")
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "search", "--config", str(cfg_path), "--run-dir",
+                        str(run), "--set", "search.budget_fraction=0.6", "--set", "search.n_trials=1",
+                        "--sampler", "random"], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = round(lo + 0.6 * (hi - lo), 4)
+    assert f"[search] budget {want} ms: search.budget_fraction 0.6 of the table's range" in r.stdout
+    assert json.loads((run / "budget.json").read_text())["resolved"]["budget_ms"] == want
+    assert json.loads((run / "best_arch.json").read_text())["predicted_ms"] <= want
+
+
 def test_outputs_and_from_search(search_run):
     root, cfg_path = search_run
     cfg = load_config(cfg_path)

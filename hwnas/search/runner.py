@@ -233,6 +233,19 @@ def make_storage(url: str | None, rd: RunDir):
 
 
 # ---------------------------------------------------------------------- the search
+def check_budget(budget: float, predictor, tpath: Path) -> None:
+    """A latency budget some subnet meets and not every subnet does, on this table."""
+    lo, hi = predictor.range()
+    if budget < lo:
+        raise HwnasError(f"latency budget {budget} ms (--budget-ms / search.budget_ms) is below the fastest "
+                         f"subnet's predicted latency ({lo:.3f} ms on {tpath.name}); feasible budgets: "
+                         f"{lo:.3f} to {hi:.3f} ms")
+    if budget >= hi:
+        raise HwnasError(f"latency budget {budget} ms (--budget-ms / search.budget_ms) is above the slowest "
+                         f"subnet's predicted latency ({hi:.3f} ms): every arch fits, so the budget "
+                         f"constrains nothing; feasible budgets: {lo:.3f} to {hi:.3f} ms")
+
+
 def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int | None = None,
                out: Path | None = None) -> dict:
     """Search (or resume searching) the study of ``cfg.search``; write ``best_arch.json``,
@@ -246,18 +259,16 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     rd = RunDir(cfg)
     space = cfg.search_space()
     predictor, tpath = predictor_for(cfg, space)
-    lo, hi = predictor.range()
     budget = s.budget_ms
     if budget is None:
+        lo, hi = predictor.range()
         raise HwnasError(f"give a latency budget: --budget-ms B (feasible range on this table: "
-                         f"{lo:.3f} to {hi:.3f} ms)")
-    if budget < lo:
-        raise HwnasError(f"--budget-ms {budget} is below the fastest subnet's predicted latency "
-                         f"({lo:.3f} ms on {tpath.name}); feasible budgets: {lo:.3f} to {hi:.3f} ms")
-    if budget >= hi:
-        raise HwnasError(f"--budget-ms {budget} is above the slowest subnet's predicted latency "
-                         f"({hi:.3f} ms): every arch fits, so the budget constrains nothing; "
-                         f"feasible budgets: {lo:.3f} to {hi:.3f} ms")
+                         f"{lo:.3f} to {hi:.3f} ms); hwnas run also resolves search.budget_fraction "
+                         "and search.budget_speedup")
+    check_budget(budget, predictor, tpath)
+    # what the trials need (supernet, gallery, validation split) is checked before the study's
+    # storage is made, so a search that cannot run leaves no study behind
+    evaluator = evaluator or SupernetEvaluator(cfg, log=log)
     storage, url = make_storage(s.storage, rd)
     name = s.study_name or f"search-{s.reward}-{s.sampler}-{budget:g}ms{'-mo' if s.multi_objective else ''}"
     directions = ["maximize", "minimize"] if s.multi_objective else ["maximize"]
@@ -279,7 +290,6 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     done = _n_feasible(study)
     if done:
         log(f"[search] resuming study {name!r}: {done} evaluated trials already done")
-    evaluator = evaluator or SupernetEvaluator(cfg, log=log)
     state = {"infeasible_run": 0}
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
