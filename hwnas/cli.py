@@ -472,7 +472,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from hwnas.search.runner import enqueue_archs, run_search
+    from hwnas.search.runner import run_search
 
     cfg = _load(args)
     s = cfg.search
@@ -491,9 +491,7 @@ def cmd_search(args) -> int:
         rule = (f"{s.budget_speedup:g}x faster than the paragon (search.budget_speedup)" if s.budget_speedup
                 else f"search.budget_fraction {s.budget_fraction:g} of the table's range")
         print(f"[search] budget {s.budget_ms} ms: {rule}; --budget-ms sets another")
-    if args.enqueue:
-        enqueue_archs(cfg, args.enqueue)
-    run_search(cfg, seed=args.sampler_seed)
+    run_search(cfg, seed=args.sampler_seed, enqueue=args.enqueue or ())
     return 0
 
 

@@ -169,12 +169,15 @@ def test_outputs_and_from_search(search_run):
     root, cfg_path = search_run
     cfg = load_config(cfg_path)
     lo, hi, _ = _budget(cfg)
+    known = cfg.search_space().smallest().to_string()
     r = subprocess.run([sys.executable, "-m", "hwnas.cli", "search", "--config", str(cfg_path),
                         "--budget-ms", f"{lo + 0.5 * (hi - lo):.4f}", "--sampler", "evolution",
-                        "--set", "search.population=2", "--set", "search.tournament=2"],
+                        "--set", "search.population=2", "--set", "search.tournament=2", "--enqueue", known],
                        env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     run = root / "run"
+    first = next(csv.DictReader(open(run / "trials.csv")))  # the user's known arch went first
+    assert first["baseline"] == "user" and cfg.search_space().parse(first["arch"]) == cfg.search_space().parse(known)
     best = json.loads((run / "best_arch.json").read_text())
     for k in ("arch", "predicted_ms", "mflops", "M(q,q)", "M(q,g)", "reward", "pareto_front"):
         assert k in best

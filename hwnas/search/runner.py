@@ -247,8 +247,9 @@ def check_budget(budget: float, predictor, tpath: Path) -> None:
 
 
 def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int | None = None,
-               out: Path | None = None) -> dict:
-    """Search (or resume searching) the study of ``cfg.search``; write ``best_arch.json``,
+               out: Path | None = None, enqueue: list[str] = ()) -> dict:
+    """Search (or resume searching) the study of ``cfg.search``, the archs in ``enqueue`` (known
+    ones, e.g. from a paper or an earlier search) evaluated first; write ``best_arch.json``,
     ``trials.csv`` and the plots into ``out`` (default: the run directory, where
     ``train-query --from-search`` and the report read them; a benchmark's side searches
     write elsewhere, so the run's own choice stays)."""
@@ -259,15 +260,15 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     rd = RunDir(cfg)
     space = cfg.search_space()
     predictor, tpath = predictor_for(cfg, space)
+    lo, hi = predictor.range()
     budget = s.budget_ms
-    if budget is None:
-        lo, hi = predictor.range()
-        raise HwnasError(f"give a latency budget: --budget-ms B (feasible range on this table: "
-                         f"{lo:.3f} to {hi:.3f} ms); hwnas run also resolves search.budget_fraction "
-                         "and search.budget_speedup")
+    if budget is None:  # (the CLI resolves the config's budget rules before it calls this)
+        raise HwnasError(f"give a latency budget: search.budget_ms (feasible range on this table: "
+                         f"{lo:.3f} to {hi:.3f} ms), or resolve the config's with hwnas.pipeline.run_budget")
     check_budget(budget, predictor, tpath)
-    # what the trials need (supernet, gallery, validation split) is checked before the study's
-    # storage is made, so a search that cannot run leaves no study behind
+    # what the trials need (supernet, gallery, validation split, the archs to enqueue) is
+    # checked before the study's storage is made, so a search that cannot run leaves no study
+    user = [space.params_of(space.parse(a)) for a in enqueue]
     evaluator = evaluator or SupernetEvaluator(cfg, log=log)
     storage, url = make_storage(s.storage, rd)
     name = s.study_name or f"search-{s.reward}-{s.sampler}-{budget:g}ms{'-mo' if s.multi_objective else ''}"
@@ -280,13 +281,16 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     meta = {"budget_ms": budget, "reward": s.reward, "alpha": s.alpha, "metric": s.metric,
             "space_hash": space.hash, "table": str(tpath), "multi_objective": s.multi_objective}
     old = study.user_attrs.get("hwnas")
-    if old is None:
-        study.set_user_attr("hwnas", meta)
-        _enqueue_baselines(study, space, predictor, budget, s.sampler, seed)
-    elif old != meta:
+    if old is not None and old != meta:
         changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
         raise HwnasError(f"study {name!r} in {url} was started with other settings {changed}; "
                          "use another --study-name (or the original settings to resume it)")
+    if old is None:
+        study.set_user_attr("hwnas", meta)
+    for params in user:  # the caller's known archs first
+        study.enqueue_trial(params, user_attrs={"baseline": "user"})
+    if old is None:
+        _enqueue_baselines(study, space, predictor, budget, s.sampler, seed)
     done = _n_feasible(study)
     if done:
         log(f"[search] resuming study {name!r}: {done} evaluated trials already done")
@@ -371,19 +375,6 @@ def _enqueue_baselines(study, space, predictor, budget, sampler: str = "tpe", se
             for _ in range(startup):
                 study.enqueue_trial(space.params_of(predictor.sample_feasible(budget, rng)),
                                     user_attrs={"baseline": "random-feasible start-up"})
-
-
-def enqueue_archs(cfg: Config, archs: list[str]) -> None:
-    """Add known archs (e.g. from a paper or an earlier search) to the front of a study."""
-    import optuna
-
-    s, rd, space = cfg.search, RunDir(cfg), cfg.search_space()
-    storage, _ = make_storage(s.storage, rd)
-    name = s.study_name or f"search-{s.reward}-{s.sampler}-{s.budget_ms:g}ms{'-mo' if s.multi_objective else ''}"
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
-                                directions=["maximize", "minimize"] if s.multi_objective else ["maximize"])
-    for a in archs:
-        study.enqueue_trial(space.params_of(space.parse(a)), user_attrs={"baseline": "user"})
 
 
 # ---------------------------------------------------------------------- outputs
