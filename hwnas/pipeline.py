@@ -105,11 +105,27 @@ def replaced_steps(cfg: Config, done: dict) -> dict[str, tuple[str, str]]:
     return {}
 
 
-def step_keys(cfg: Config, with_runtime: bool = False) -> dict[str, str]:
+def legacy_step_keys(cfg: Config) -> list[dict[str, str]]:
+    """The keys earlier hwnas versions recorded for this config: a run recorded with one of
+    them is not redone for how it was keyed."""
+    return [step_keys(cfg, with_runtime=True, as_written=True), step_keys(cfg, as_written=True)]
+
+
+def step_keys(cfg: Config, with_runtime: bool = False, as_written: bool = False) -> dict[str, str]:
     """Each step's key: its config sections and the keys of the steps it builds on.
-    ``with_runtime``: as hwnas up to stop 25 keyed them, ``*.train.device/threads`` included
-    (a run recorded so is not redone for them)."""
+    ``with_runtime``: as hwnas up to stop 25 keyed them, ``*.train.device/threads`` included;
+    ``as_written``: as hwnas up to stop 29 keyed them, ``data.unlabeled`` and ``adapt.images``
+    as spelled and ``data.skip_bad_images`` in (:func:`legacy_step_keys`)."""
+    from hwnas.data.sources import same_file_specs
+
     d, keys = cfg.to_dict(), {}
+    if not as_written:
+        # a file or folder is the same one however it is spelled (relative, absolute, ~)
+        d["data"]["unlabeled"] = same_file_specs(d["data"].get("unlabeled"))
+        d["adapt"]["images"] = same_file_specs(d["adapt"].get("images"))
+        # skipping unreadable images changes nothing a finished step made: a run that found none
+        # finished without it, and one that skipped some keeps what it trained without them
+        d["data"]["skip_bad_images"] = False
     # how many subnets validate a table: written to its header, read by no later step
     d["latency"] = {k: v for k, v in d["latency"].items() if k != "validate"}
     # where and on how many threads a model trains is not what it learns: a run started on the
@@ -169,12 +185,11 @@ class Steps:
     def done(self, name: str) -> bool:
         return name in self.state["done"]
 
-    def changed(self, keys: dict[str, str], legacy: dict[str, str] | None = None) -> list[str]:
+    def changed(self, keys: dict[str, str], legacy: list[dict[str, str]] = ()) -> list[str]:
         """Done steps recorded with other inputs than ``keys`` (a step recorded before keys
-        existed counts as unchanged; so does one recorded with its ``legacy`` key)."""
-        legacy = legacy or keys
+        existed counts as unchanged; so does one recorded with one of its ``legacy`` keys)."""
         return [n for n in STEPS if self.done(n)
-                and self.state["done"][n].get("key", keys[n]) not in (keys[n], legacy[n])]
+                and self.state["done"][n].get("key", keys[n]) not in (keys[n], *(k[n] for k in legacy))]
 
     def forget(self, names, outputs=()) -> None:
         """Steps to do again: their records go first (persisted), then the outputs that a
@@ -295,7 +310,7 @@ def run_budget(cfg: Config, predictor, log: Callable = print) -> dict:
 def redo_plan(cfg: Config, steps: "Steps", keys: dict[str, str],
               redo_from: str | None = None) -> tuple[list[str], list[str], str]:
     """The steps to do again, those of them whose outputs go first, and why (empty: none)."""
-    changed = steps.changed(keys, step_keys(cfg, with_runtime=True))
+    changed = steps.changed(keys, legacy_step_keys(cfg))
     forced = [redo_from] if redo_from is not None else []
     lost = [n for n in lost_steps(cfg, steps.done) if n not in downstream(changed + forced)]
     # (a gallery done again anyway, for a config change or --from, is not checked)

@@ -323,10 +323,27 @@ def test_step_keys_follow_what_each_step_reads():
     assert old_keys["train-gallery"] != step_keys(c)["train-gallery"]
     st = Steps(Path("/nonexistent/steps.json"))
     st.state["done"] = {n: {"key": old_keys[n]} for n in STEPS}
-    assert st.changed(step_keys(c), old_keys) == []
+    assert st.changed(step_keys(c), [old_keys]) == []
     assert st.changed(step_keys(c)) != []
     # unlabeled images feed the compatibility trainings, not the split or the gallery
     assert changed(lambda c: setattr(c.data, "unlabeled", "more/")) == set(STEPS) - {"data", "profile", "train-gallery", "adapt"}
+    # the same folder however spelled, and skipping unreadable images, change nothing made
+    here = Path("tests").resolve()
+
+    def spelled(value):
+        c = load_config("configs/quickstart.yaml")
+        c.data.unlabeled = value
+        return step_keys(c)
+
+    assert spelled("tests") == spelled(str(here)) == spelled([f"{here}/../tests"]) != spelled("strokes:8")
+    assert changed(lambda c: setattr(c.data, "skip_bad_images", True)) == set()
+    # a run an earlier hwnas recorded with the spelling as written is not redone for it
+    from hwnas.pipeline import legacy_step_keys
+
+    c = load_config("configs/quickstart.yaml")
+    c.data.unlabeled, c.data.skip_bad_images = "tests", True
+    st.state["done"] = {n: {"key": step_keys(c, as_written=True)[n]} for n in STEPS}
+    assert st.changed(step_keys(c)) != [] and st.changed(step_keys(c), legacy_step_keys(c)) == []
     assert downstream(["search"]) == {"search", "train-query", "adapt", "baselines", "deploy", "report"}
     # gallery adaptation turned on: it and what ships or reports its model, nothing else
     assert changed(lambda c: setattr(c.adapt, "epochs", 15)) == {"adapt", "deploy", "report"}

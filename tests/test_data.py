@@ -154,6 +154,17 @@ def test_corrupt_image_named_or_skipped(tmp_path):
     a = materialize(col, np.arange(len(col)), Preprocess(16, 3), skip_bad=True)
     assert len(a.images) == 7 and a.skipped == ["a/img001.png"]
     assert len(a.labels) == 7 and len(a.indices) == 7
+    # the split's check: all of them named at once, or skipped; a part skipping would empty fails
+    from hwnas.data.splits import check_split_images
+
+    s = make_splits(col, SplitConfig(protocol="closed", val_fraction=0.0, test_fraction=0.5))
+    for i in s.ids("query"):
+        (root / i).write_bytes(b"broken")
+    bad = sorted({*s.ids("query"), "a/img001.png"})
+    with pytest.raises(DataError, match=f"{len(bad)} of 8 images of the split cannot be read"):
+        check_split_images(s)
+    with pytest.raises(DataError, match="every image of split part 'query'"):
+        check_split_images(s, skip_bad=True, log=lambda *_: None)
 
 
 def test_missing_file_in_manifest(tmp_path):

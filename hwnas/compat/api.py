@@ -352,8 +352,10 @@ def _same_sources(a: str | None, b: str | None) -> bool:
     """Two recorded source lists (``data.unlabeled``, ``adapt.images``) name the same sources:
     a file or folder given by another path (relative here, or absolute) is the same one; what
     is not on disk (``strokes:N``, ``split:gallery``, a caller's label) is compared as written."""
+    from hwnas.data.sources import same_file_specs
+
     def norm(source):
-        return [str(Path(s).resolve()) if Path(s).exists() else s for s in (source or "").split(", ") if s]
+        return same_file_specs([s for s in (source or "").split(", ") if s])
 
     return norm(a) == norm(b)
 
@@ -547,9 +549,10 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
             also["gallery_fingerprint"] = gfp
         if sup is not None:
             also["supernet_fingerprint"] = sup["fingerprint"]
-        diff = _differs(old, {**want, **also}, always=tuple(want))
-        if not _same_sources((old.get("unlabeled") or {}).get("source"), _unlabeled_source(cfg)):
-            diff.append("data.unlabeled")
+        # (a query model records data.unlabeled inside "unlabeled", beside its image count)
+        recorded = {**old, "unlabeled_source": (old.get("unlabeled") or {}).get("source")}
+        diff = _differs(recorded, {**want, **also, "unlabeled_source": _unlabeled_source(cfg)},
+                        always=(*want, "unlabeled_source"))
         if old.get("seed", 0) != cfg.seed:  # models from before the seed was recorded: seed 0
             diff.append("seed")
         if not diff:

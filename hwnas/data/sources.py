@@ -353,6 +353,16 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool) -> Col
 
 
 # ---------------------------------------------------------------------- unlabeled images
+def same_file_specs(value) -> list[str] | None:
+    """A source setting (one source, a list, or null) with every file or folder it names as
+    its resolved path, however it was spelled (relative to here, absolute, ``~``); what is
+    not on disk (``strokes:N``, ``split:gallery``, a path gone since) stays as written."""
+    if value is None:
+        return None
+    specs = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    return [str(Path(s).expanduser().resolve()) if Path(s).expanduser().exists() else str(s) for s in specs]
+
+
 def unlabeled_specs(value, setting: str = "data.unlabeled") -> list[str]:
     """``data.unlabeled`` (or ``setting``, e.g. adapt.images) as a list of sources (it may be
     one source, a list of them, or null)."""
@@ -375,7 +385,7 @@ def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled") -
 
     if is_synthetic(str(path)):
         return strokes_collection(str(path))
-    path = Path(path)
+    path = Path(path).expanduser()
     fix = (f"set {setting} to a folder of images, a .zip of images, a CSV manifest with "
            "a path column or strokes:N (or a list of these), or to null")
     if path.is_dir():
@@ -422,6 +432,7 @@ def digits() -> Collection:
 
 def load_source(kind: str, path: str | None = None) -> Collection:
     """Open a source by name: fashion-mnist, omniglot, folder, manifest, digits."""
+    path = os.path.expanduser(path) if path else path  # ~ in a config or --set is the home folder
     if kind == "fashion-mnist":
         return fashion_mnist(path)
     if kind == "omniglot":

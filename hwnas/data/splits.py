@@ -323,5 +323,11 @@ def check_split_images(splits: Splits, skip_bad: bool = False, log=print) -> lis
 
     skipped = check_readable(splits.collection, np.concatenate([splits.parts[p] for p in PARTS]), skip_bad)
     if skipped:
+        gone = set(skipped)
+        for p in PARTS:  # a part the skipping empties fails now, not at the step that reads it
+            ids = splits.ids(p)
+            if ids and all(i in gone for i in ids):
+                raise DataError(f"every image of split part {p!r} ({len(ids)}) is unreadable, so "
+                                "skipping them leaves it empty: fix or replace those files")
         log(f"[data] {len(skipped)} unreadable images are left out (data.skip_bad_images), e.g. {skipped[0]}")
     return skipped
