@@ -338,3 +338,14 @@ def test_strokes_are_reproducible_handwriting_like_images():
             unlabeled_images(bad)
     with pytest.raises(DataError, match="a list of them"):
         unlabeled_specs(["a.zip", 3])
+
+
+def test_a_data_path_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    """`--set data.data_dir=~/photos` reaches hwnas unexpanded (the shell expands ~ only at
+    the start of a word): the loaders expand it, and a step key sees the same folder."""
+    from hwnas.data.sources import load_source, same_file_specs
+
+    make_png_folder(tmp_path / "photos", {"a": 2, "b": 2})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert len(load_source("folder", "~/photos")) == 4
+    assert same_file_specs("~/photos") == same_file_specs([str(tmp_path / "photos")]) == [str((tmp_path / "photos").resolve())]
