@@ -47,6 +47,7 @@ _REG30 = {"own_cls": 1.0, "bct": 1.0, "regress": 30.0, "regress_kind": "cosine"}
 UNLABELED = "unlabeled"  # a variant key (not a loss weight): train with data.unlabeled
 # variant keys (not loss weights) that change the query's training settings (query.train)
 TRAIN_KEYS = ("epochs", "augment", "weight_decay", "ema")
+SEED = "seed"  # a variant's training seed (cfg.seed) in place of the run's
 ONE_SHOT = "one_shot_all_runs.zip"  # True: these; a list: these and the list's other sources
 # Omniglot open-set: name -> loss weights (the run config's query training)
 OPEN_VARIANTS = {
@@ -90,6 +91,12 @@ OPEN_VARIANTS = {
     # the long schedule with the config's average: do their gains add up?
     "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep": {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True,
                                                       "ema": 0.998, "epochs": 180},
+    "own+bct+reg30+con5+mix30+ul, ema0.998, 360 ep": {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True,
+                                                      "ema": 0.998, "epochs": 360},
+    # the same with another training seed (the run's seed is 0): how much of a gain is the seed's
+    "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep, seed1": {**_REG30, "contrast": 5.0, "mix": 30.0,
+                                                             UNLABELED: True, "ema": 0.998, "epochs": 180,
+                                                             SEED: 1},
 }
 # the arch the Omniglot search chose at budget_fraction 0.15 (2.03 MFLOPs, 9.5x faster than
 # the paragon measured), fixed here so that the table does not move with later searches
@@ -115,6 +122,8 @@ OPEN_PLAN = [("searched", v) for v in OPEN_VARIANTS] + [
     ("pipeline", "own+bct+reg30+con5+mix30+ul, wd5e-4"),
     ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998"), ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.995"),
     ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep"),
+    ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep, seed1"),
+    ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998, 360 ep"),
     # (the fixed searched arch has every variant above, the average among them; an average's
     # row also evaluates its run's last weights, so each is a paired comparison of its own)
     # query capacity, 0.9 to 70.9 MFLOPs: the space's subnets, timm nets of other families and
@@ -307,12 +316,14 @@ def open_set(args) -> None:
     cfg.query.train["threads"] = args.threads
     # the variants name what they add: the config's own average (train.ema) is not in the others
     base_train = {k: v for k, v in cfg.query.train.items() if k != "ema"}
+    run_seed, run_cfg = cfg.seed, cfg.to_dict()  # (the rows below change cfg: the results record the run's)
     rows = []
     for model, vname in OPEN_PLAN:
         if model not in archs or (args.only and f"{model}:{vname}" not in args.only):
             continue
         name = _recipe_name(model, vname)
-        loss = {k: v for k, v in OPEN_VARIANTS[vname].items() if k != UNLABELED and k not in TRAIN_KEYS}
+        loss = {k: v for k, v in OPEN_VARIANTS[vname].items() if k not in (UNLABELED, SEED, *TRAIN_KEYS)}
+        cfg.seed = OPEN_VARIANTS[vname].get(SEED, run_seed)
         cfg.query.train = {**base_train, **{k: v for k, v in OPEN_VARIANTS[vname].items() if k in TRAIN_KEYS}}
         ul = OPEN_VARIANTS[vname].get(UNLABELED)
         ul = [ONE_SHOT] if ul is True else ul or []
@@ -358,7 +369,7 @@ def open_set(args) -> None:
             "archs", {}) and old["archs"][k] != v else ""): v for k, v in archs.items()}}
     _backfill_gallery(rows, rd.path / "query")
     gg, n = rows[0]["M(g,g)_r1"], rows[0]["n_queries"] or 1
-    res = {"machine": machine(), "config": cfg.to_dict(), "gallery_fingerprint": g["fingerprint"],
+    res = {"machine": machine(), "config": run_cfg, "gallery_fingerprint": g["fingerprint"],
            "archs": archs_all, "rows": rows,
            # the gallery's own arch is a ceiling, not a query model one would deploy
            # by the gap: rows kept from earlier runs may be of another gallery (paragon)
@@ -470,7 +481,7 @@ def _train_notes(rows: list[dict], weight_decay: float) -> str:
         # the recipe's row of the same arch against the same gallery (kept rows may be of another)
         base = next((b for b in rows if b["variant"] == r["variant"].split(", ")[0]
                      and b["model"] == r["model"] and round(b["mflops"], 4) == round(r["mflops"], 4)
-                     and b["M(g,g)_r1"] == r["M(g,g)_r1"]), None)
+                     and _same_gallery(b, r)), None)
         if base is None:
             continue
         compared.append(r)
@@ -490,21 +501,48 @@ def _train_notes(rows: list[dict], weight_decay: float) -> str:
         return ""
     closes = [f"{r['model']} ({r['variant'].split(', ', 1)[1]})" for r in compared
               if 100 * (r["M(g,g)_r1"] - r["M(q,g)_r1"]) <= 1.0]
-    return (" Training settings (one seed each): " + "; ".join(out) + ". `180 ep`: "
-            "three times the epochs (patient function matching, Beyer et al. 2022); `affine`: random "
-            "rotation (+-10 degrees), scale and shift instead of crops, both models on the same view; "
-            f"`wd5e-4`: weight decay 5e-4 instead of the config's {weight_decay:g}; `ema<d>`: the "
-            "model kept is the exponential moving average of the weights (`train.ema`), decay "
-            "min(d, (1+t)/(10+t)) at step t; the warm-up term reaches 0.998 only after 4,490 steps, "
-            "more than these trainings take (60 epochs of 48 steps), so at 0.998 the average runs "
-            "on it alone and weights about the last tenth of training; the average does not change "
-            "the training, so the same run's last weights are its paired control (`(run)`: the "
-            "run's own searched model, trained on 2 threads as the recipe's row beside it; the "
-            "others on 1 thread). "
+    return (" Training settings (one seed each, the run's seed 0 unless `seed<n>`): " + "; ".join(out)
+            + ". `180 ep` / `360 ep`: three / six times the epochs (patient function matching, Beyer et "
+            "al. 2022); `affine`: random rotation (+-10 degrees), scale and shift instead of crops, both "
+            f"models on the same view; `wd5e-4`: weight decay 5e-4 instead of the config's {weight_decay:g}; "
+            "`ema<d>`: the model kept is the exponential moving average of the weights (`train.ema`), decay "
+            "min(d, (1+t)/(10+t)) at step t; the warm-up term reaches 0.998 only after 4,490 steps, so a "
+            "60-epoch training (2,880 steps of 48) averages on the warm-up alone, about its last tenth, "
+            "and a 180- or 360-epoch one about its last 500 steps (10 epochs); the average does not "
+            "change the training, so the same run's last weights are its paired control (`(run)`: the "
+            "run's own searched model, trained on 2 threads as the recipe's row beside it; the others on "
+            "1 thread); `seed<n>`: training seed n (initialization, batch order, augmentation) instead of "
+            "the run's 0. "
             + (f"Within 1 point of the paragon: {', '.join(closes)}. " if closes else
                "None closes the gap to the paragon to 1 point. ")
-            + "The longer schedule's gain is about one standard "
-            "error for three times the training, so 60 epochs stay the config's.")
+            + _schedule_line(rows))
+
+
+def _schedule_line(rows: list[dict]) -> str:
+    """The config's recipe with its average (``ema0.998``) on the run's arch, by schedule length
+    and seed: what training longer buys, from the rows."""
+    run = next((r for r in rows if r["variant"] == CAPACITY_VARIANT + " (run)"), None)
+    if run is None:
+        return ""
+    by_len: dict[int, list[dict]] = {}
+    for r in rows:
+        if (r["model"] == run["model"] and round(r["mflops"], 4) == round(run["mflops"], 4) and _same_gallery(r, run)
+                and (r["variant"] in (run["variant"], CAPACITY_VARIANT) or r["variant"].startswith(CAPACITY_VARIANT + ", "))
+                and all(p.endswith(" ep") or p.startswith("seed") for p in r["variant"][len(CAPACITY_VARIANT):].split(", ")[1:])):
+            by_len.setdefault(r["epochs"], []).append(r)
+    for rs in by_len.values():  # the run's own model first
+        rs.sort(key=lambda r: (r is not run, r["variant"]))
+    if len(by_len) < 2:
+        return ""
+    def figs(rs, key):
+        return " / ".join(f"{100 * r[key]:.2f}" for r in rs)
+
+    parts = [f"{n} epochs {figs(rs, 'M(q,g)_r1')} (mAP {figs(rs, 'M(q,g)_mAP')})" for n, rs in sorted(by_len.items())]
+    return (f"The recipe with its average on the run's {run['mflops']:.2f}-MFLOP arch, M(q,g) R@1 by "
+            f"schedule, one value per training (the run's own first; other seeds as their rows name them; the "
+            f"same seed on another thread count is another training too): {'; '.join(parts)}; paragon "
+            f"{100 * run['M(g,g)_r1']:.2f}.")
+
 
 
 CAPACITY_VARIANT = PIPELINE_RECIPE + ", ema0.998"  # the config's recipe and average
@@ -526,6 +564,13 @@ def _metrics_of(r: dict) -> dict:
     return {k: r[k] for k in ("M(q,g)_r1", "M(q,q)_r1", "M(q,g)_mAP")}
 
 
+def _same_gallery(a: dict, b: dict) -> bool:
+    """Two rows were measured against one gallery: told by its fingerprint, or where a row has
+    none (nothing on disk to take it from), by an equal M(g,g)."""
+    fps = (a.get("gallery_fingerprint"), b.get("gallery_fingerprint"))
+    return fps[0] == fps[1] if all(fps) else a["M(g,g)_r1"] == b["M(g,g)_r1"]
+
+
 def _capacity_rows(rows: list[dict]) -> list[dict]:
     """One row per query model trained with the config's recipe and average against the
     latest gallery (the run's own searched model included), by FLOPs. The gallery is told by
@@ -535,13 +580,9 @@ def _capacity_rows(rows: list[dict]) -> list[dict]:
     if latest is None:
         return []
 
-    def same_gallery(r):
-        fps = (r.get("gallery_fingerprint"), latest.get("gallery_fingerprint"))
-        return fps[0] == fps[1] if all(fps) else r["M(g,g)_r1"] == latest["M(g,g)_r1"]
-
     got = {}
     for r in sorted(rows, key=lambda r: r["variant"].endswith("(run)")):  # the run's own model last: it wins
-        if r["variant"] in (CAPACITY_VARIANT, CAPACITY_VARIANT + " (run)") and same_gallery(r):
+        if r["variant"] in (CAPACITY_VARIANT, CAPACITY_VARIANT + " (run)") and _same_gallery(r, latest):
             got[(r["model"], round(r["mflops"], 2))] = r
     return sorted(got.values(), key=lambda r: r["mflops"])
 
@@ -620,7 +661,8 @@ def _ceiling_note(rows: list[dict]) -> str:
             + (f", where the closest model under 5 MFLOPs stays "
                f"{100 * (small['M(g,g)_r1'] - small['M(q,g)_r1']):.2f} points short: "
                "the recipe aligns a query of the gallery's capacity within a point, so the gap "
-               "left is the small model's capacity to follow the gallery on unseen characters, "
+               "left is the small model's to follow the gallery on unseen characters — its "
+               "capacity, and its training's length where longer schedules narrow it (above) — "
                "not the loss" if small is not None and gap <= 1 else
                f": the recipe leaves {gap:.2f} points even at the gallery's own capacity"
                if gap > 1 else "") + ".")
