@@ -534,6 +534,7 @@ def _schedule_line(rows: list[dict]) -> str:
         rs.sort(key=lambda r: (r is not run, r["variant"]))
     if len(by_len) < 2:
         return ""
+
     def figs(rs, key):
         return " / ".join(f"{100 * r[key]:.2f}" for r in rs)
 
@@ -556,12 +557,9 @@ def _backfill_gallery(rows: list[dict], query_dir: Path) -> None:
         ev = query_dir / _model_dir(r) / "evaluation-test.json"
         if "gallery_fingerprint" not in r and ev.exists():
             e = json.loads(ev.read_text())
-            if e.get("gallery_fingerprint") and _metrics(e["metrics"]) == _metrics_of(r):
+            m = _metrics(e["metrics"])
+            if e.get("gallery_fingerprint") and m == {k: r.get(k) for k in m}:
                 r["gallery_fingerprint"] = e["gallery_fingerprint"]
-
-
-def _metrics_of(r: dict) -> dict:
-    return {k: r[k] for k in ("M(q,g)_r1", "M(q,q)_r1", "M(q,g)_mAP")}
 
 
 def _same_gallery(a: dict, b: dict) -> bool:
