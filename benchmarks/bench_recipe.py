@@ -49,6 +49,8 @@ UNLABELED = "unlabeled"  # a variant key (not a loss weight): train with data.un
 TRAIN_KEYS = ("epochs", "augment", "weight_decay", "ema")
 SEED = "seed"  # a variant's training seed (cfg.seed) in place of the run's
 ONE_SHOT = "one_shot_all_runs.zip"  # True: these; a list: these and the list's other sources
+# configs/omniglot.yaml's query recipe: contrast 5, mix 30 and the one-shot images (data.unlabeled)
+_RECIPE_UL = {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True}
 # Omniglot open-set: name -> loss weights (the run config's query training)
 OPEN_VARIANTS = {
     "own+bct+reg30": dict(_REG30),
@@ -59,44 +61,31 @@ OPEN_VARIANTS = {
     "own+bct+reg30+con5+mix30": {**_REG30, "contrast": 5.0, "mix": 30.0},
     # + data.unlabeled: the 800 images of Omniglot's one-shot runs (20 other alphabets)
     "own+bct+reg30+con5+ul": {**_REG30, "contrast": 5.0, UNLABELED: True},
-    "own+bct+reg30+con5+mix30+ul": {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True},
+    "own+bct+reg30+con5+mix30+ul": dict(_RECIPE_UL),
     # + procedural pen strokes (hwnas.data.synthetic) beside the one-shot images
-    "own+bct+reg30+con5+mix30+ul+strokes2400": {**_REG30, "contrast": 5.0, "mix": 30.0,
-                                             UNLABELED: [ONE_SHOT, "strokes:2400"]},
+    "own+bct+reg30+con5+mix30+ul+strokes2400": {**_RECIPE_UL, UNLABELED: [ONE_SHOT, "strokes:2400"]},
     # mix by pasting a box of the other image (cutmix) instead of blending
-    "own+bct+reg30+con5+cutmix30+ul": {**_REG30, "contrast": 5.0, "mix": 30.0, "mix_kind": "cutmix",
-                                       UNLABELED: True},
+    "own+bct+reg30+con5+cutmix30+ul": {**_RECIPE_UL, "mix_kind": "cutmix"},
     # + relational distillation over a queue of 4,096 gallery embeddings (loss.bank)
-    "own+bct+reg30+con5+mix30+ul+bank2": {**_REG30, "contrast": 5.0, "mix": 30.0, "bank": 2.0,
-                                          UNLABELED: True},
-    "own+bct+reg30+con5+mix30+ul+bank10": {**_REG30, "contrast": 5.0, "mix": 30.0, "bank": 10.0,
-                                           UNLABELED: True},
+    "own+bct+reg30+con5+mix30+ul+bank2": {**_RECIPE_UL, "bank": 2.0},
+    "own+bct+reg30+con5+mix30+ul+bank10": {**_RECIPE_UL, "bank": 10.0},
     # the config's recipe, trained longer ("patient" function matching, Beyer et al. 2022: a
     # student keeps gaining on its teacher over long schedules) or with random rotation, scale
     # and shift instead of crops (both models see the same augmented view)
-    "own+bct+reg30+con5+mix30+ul, 180 ep": {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True,
-                                            "epochs": 180},
-    "own+bct+reg30+con5+mix30+ul, affine": {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True,
-                                            "augment": "affine"},
+    "own+bct+reg30+con5+mix30+ul, 180 ep": {**_RECIPE_UL, "epochs": 180},
+    "own+bct+reg30+con5+mix30+ul, affine": {**_RECIPE_UL, "augment": "affine"},
     # ten times the weight decay (5e-4, the usual for small-image CNNs): regularization
     # toward features that transfer to unseen characters
-    "own+bct+reg30+con5+mix30+ul, wd5e-4": {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True,
-                                            "weight_decay": 5e-4},
+    "own+bct+reg30+con5+mix30+ul, wd5e-4": {**_RECIPE_UL, "weight_decay": 5e-4},
     # the model kept is an exponential moving average of the weights (train.ema): the same
     # training path, so against the recipe's row it is paired (same arch, seed and batches)
-    "own+bct+reg30+con5+mix30+ul, ema0.998": {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True,
-                                              "ema": 0.998},
-    "own+bct+reg30+con5+mix30+ul, ema0.995": {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True,
-                                              "ema": 0.995},
+    "own+bct+reg30+con5+mix30+ul, ema0.998": {**_RECIPE_UL, "ema": 0.998},
+    "own+bct+reg30+con5+mix30+ul, ema0.995": {**_RECIPE_UL, "ema": 0.995},
     # the long schedule with the config's average: do their gains add up?
-    "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep": {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True,
-                                                      "ema": 0.998, "epochs": 180},
-    "own+bct+reg30+con5+mix30+ul, ema0.998, 360 ep": {**_REG30, "contrast": 5.0, "mix": 30.0, UNLABELED: True,
-                                                      "ema": 0.998, "epochs": 360},
+    "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep": {**_RECIPE_UL, "ema": 0.998, "epochs": 180},
+    "own+bct+reg30+con5+mix30+ul, ema0.998, 360 ep": {**_RECIPE_UL, "ema": 0.998, "epochs": 360},
     # the same with another training seed (the run's seed is 0): how much of a gain is the seed's
-    "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep, seed1": {**_REG30, "contrast": 5.0, "mix": 30.0,
-                                                             UNLABELED: True, "ema": 0.998, "epochs": 180,
-                                                             SEED: 1},
+    "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep, seed1": {**_RECIPE_UL, "ema": 0.998, "epochs": 180, SEED: 1},
 }
 # the arch the Omniglot search chose at budget_fraction 0.15 (2.03 MFLOPs, 9.5x faster than
 # the paragon measured), fixed here so that the table does not move with later searches

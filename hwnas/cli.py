@@ -338,20 +338,14 @@ def cmd_data(args) -> int:
     from hwnas.report import format_table
     from hwnas.rundir import RunDir
 
-    from hwnas.data.splits import check_split_images, no_validation_reason
-    from hwnas.errors import DataError
+    from hwnas.data.splits import no_validation_reason
 
     cfg = _load(args)
     rd = RunDir(cfg)
     col = rd.collection()
     made = not rd.splits_path.exists()
     s = rd.splits(col)
-    try:  # every image read once now, not first by the step that needs it
-        check_split_images(s, cfg.data.skip_bad_images)
-    except DataError:
-        if made:  # a data set with files fixed or removed then splits afresh
-            rd.splits_path.unlink()
-        raise
+    rd.check_images(s, made)  # every image read once now, not first by the step that needs it
     rd.save_config()
     rows = [[p, c["images"], c["classes"]] for p, c in s.counts().items()]
     print(f"data set {col.name}: {len(col)} images, {col.num_classes} classes "
@@ -484,10 +478,9 @@ def cmd_search(args) -> int:
     if args.table:
         cfg.latency.table = args.table
     if s.budget_ms is None:  # the config's budget, resolved (and kept) as hwnas run does
-        from hwnas.pipeline import run_budget
-        from hwnas.search.runner import predictor_for
+        from hwnas.pipeline import set_search_budget
 
-        s.budget_ms = run_budget(cfg, predictor_for(cfg, cfg.search_space())[0])["budget_ms"]
+        set_search_budget(cfg)
         rule = (f"{s.budget_speedup:g}x faster than the paragon (search.budget_speedup)" if s.budget_speedup
                 else f"search.budget_fraction {s.budget_fraction:g} of the table's range")
         print(f"[search] budget {s.budget_ms} ms: {rule}; --budget-ms sets another")

@@ -307,6 +307,16 @@ def run_budget(cfg: Config, predictor, log: Callable = print) -> dict:
     return resolved
 
 
+def set_search_budget(cfg: Config, log: Callable = print) -> dict:
+    """The run's budget (:func:`run_budget`, on the config's latency table) set as
+    ``cfg.search.budget_ms``, for hwnas run's search step and a bare hwnas search alike."""
+    from hwnas.search.runner import predictor_for
+
+    info = run_budget(cfg, predictor_for(cfg, cfg.search_space())[0], log=log)
+    cfg.search.budget_ms = info["budget_ms"]
+    return info
+
+
 def redo_plan(cfg: Config, steps: "Steps", keys: dict[str, str],
               redo_from: str | None = None) -> tuple[list[str], list[str], str]:
     """The steps to do again, those of them whose outputs go first, and why (empty: none)."""
@@ -414,8 +424,7 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
         steps.mark(name, {**summary, "seconds": round(time.time() - t, 1)}, keys[name])
 
     def data():
-        from hwnas.data.splits import check_split_images, no_validation_reason
-        from hwnas.errors import DataError
+        from hwnas.data.splits import no_validation_reason
 
         made = not rd.splits_path.exists()
         s = rd.splits(log=log)
@@ -425,12 +434,7 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
                 rd.splits_path.unlink()
                 raise HwnasError(why)
             raise HwnasError(f"{why} (then split again: --from data)")
-        try:  # every image is read once here, not first by the step that needs it
-            skipped = check_split_images(s, cfg.data.skip_bad_images, log)
-        except DataError:
-            if made:  # a data set with files fixed or removed then splits afresh
-                rd.splits_path.unlink()
-            raise
+        skipped = rd.check_images(s, made, log)  # every image read once here, not by the step that needs it
         return {"fingerprint": s.fingerprint, "counts": s.counts(), "unreadable": len(skipped)}
 
     def profile():
@@ -447,11 +451,9 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
                 "graph_form": table.header.get("graph_form")}
 
     def search():
-        from hwnas.search.runner import predictor_for, run_search
+        from hwnas.search.runner import run_search
 
-        pred, _ = predictor_for(cfg, space)
-        info = run_budget(cfg, pred, log=log)
-        cfg.search.budget_ms = info["budget_ms"]
+        info = set_search_budget(cfg, log)
         log(f"[search] budget {cfg.search.budget_ms} ms")
         r = run_search(cfg, log=log)
         return {"arch": r["arch"], "reward": r["reward"], **info}

@@ -52,5 +52,18 @@ class RunDir:
         log(f"wrote {self.splits_path} (fingerprint {s.fingerprint})")
         return s
 
+    def check_images(self, splits, made: bool, log=print) -> list[str]:
+        """Every image of ``splits`` read once (:func:`hwnas.data.splits.check_split_images`,
+        skipping as ``data.skip_bad_images`` says); when that fails, a split ``made`` by this
+        call is not kept, so a data set with files fixed or removed splits afresh."""
+        from hwnas.data.splits import check_split_images
+
+        try:
+            return check_split_images(splits, self.cfg.data.skip_bad_images, log)
+        except DataError:
+            if made:
+                self.splits_path.unlink()
+            raise
+
     def save_config(self) -> Path:
         return write_json(self.path / "config.json", self.cfg.to_dict())

@@ -141,6 +141,8 @@ def _same_training(recorded: dict | None, wanted: dict) -> bool:
 # how a difference is named to the user: what was retrained since, rather than a hash
 _DIFF_NAMES = {"gallery_fingerprint": "gallery model (retrained since)",
                "supernet_fingerprint": "supernet (retrained since)", "splits_fingerprint": "split"}
+# a recorded setting named as the config spells it (a difference the config can restore)
+_SETTING_NAMES = {"unlabeled_source": "data.unlabeled"}
 
 
 def _differs(old: dict, want: dict, always: tuple = (), sources: tuple = ("unlabeled_source",)) -> list[str]:
@@ -161,7 +163,7 @@ def _differs(old: dict, want: dict, always: tuple = (), sources: tuple = ("unlab
             return _same_training(a, b)
         return _same_sources(a, b) if k in sources else a == b
 
-    names = {**_DIFF_NAMES, "unlabeled_source": "data.unlabeled"}
+    names = {**_DIFF_NAMES, **_SETTING_NAMES}
     return [names.get(k, k) for k, v in want.items()
             if (k in old or k in always) and not same(k, old.get(k), v)]
 
