@@ -47,9 +47,44 @@ ADAPTED = "searched-adapted"  # the searched query model after gallery adaptatio
 # search: its default SQLite storage, whose trials scored the old supernet, and the resolved
 # budget); train-query and baselines keep a model only if trained with the same settings,
 # and report is rewritten
-REDO_OUTPUTS = {"data": ["splits.json", "cache"], "train-gallery": ["gallery", "cache"],
-                "train-supernet": ["supernet"], "deploy": ["bundle"],
+# the run's copy of the latency table it profiled (see keep_table)
+RUN_TABLE = "latency_table.json"
+REDO_OUTPUTS = {"data": ["splits.json", "cache"], "profile": [RUN_TABLE],
+                "train-gallery": ["gallery", "cache"], "train-supernet": ["supernet"], "deploy": ["bundle"],
                 "search": ["search.db", "budget.json", "best_arch.json", "trials.csv"]}
+# the steps that predict latencies on the table: the search's budget and choice, the random
+# feasible baseline, the bundle's and the report's predicted times
+TABLE_READERS = ("search", "baselines", "deploy", "report")
+
+
+def keep_table(cfg: Config, steps: "Steps", log: Callable = print) -> None:
+    """After the profile step: the run keeps a copy of its latency table (``RUN_TABLE``).
+
+    The table lies outside the run directory (``latency_tables/``, or ``latency.table``),
+    where runs share it, ``hwnas profile`` times it again and a clean-up may delete it; yet
+    the search's budget and choice and the report's predictions are this table's. A table
+    gone from its place is put back from the copy. One timed again since is refused while a
+    step that reads it remains, naming both ways on (a run's predictions all from one table)."""
+    from hwnas.search.runner import table_path
+    from hwnas.utils import atomic_write_bytes
+
+    copy = RunDir(cfg).path / RUN_TABLE
+    shared = table_path(cfg, cfg.search_space())
+    if not copy.exists():
+        if shared.exists():  # just profiled (or a run of an hwnas that kept no copy: the table it uses)
+            atomic_write_bytes(copy, shared.read_bytes())
+        return
+    if not shared.exists():
+        atomic_write_bytes(shared, copy.read_bytes())
+        log(f"[run] {shared} is gone: put back from the run's copy, {copy}")
+        return
+    left = [n for n in TABLE_READERS if not steps.done(n)]
+    if left and shared.read_bytes() != copy.read_bytes():
+        raise HwnasError(
+            f"{shared} is not the latency table this run profiled and searched with (timed again "
+            f"since, by hwnas profile or another run?), and {', '.join(left)} would predict on it; "
+            f"the run kept its own, {copy}. To go on with the run's table: cp {copy} {shared}; to "
+            "search again on the new one: hwnas run CONFIG --from profile")
 
 
 def lost_steps(cfg: Config, done: Callable[[str], bool]) -> list[str]:
@@ -67,7 +102,7 @@ def lost_steps(cfg: Config, done: Callable[[str], bool]) -> list[str]:
     }
     # (not the profile's table: it lies outside the run directory, under the working
     # directory's latency_tables/, and a run started from elsewhere must not re-time the CPU;
-    # the search names the missing table instead)
+    # keep_table puts it back from the run's copy)
     return [n for n in STEPS if done(n) and any(not (root / p).exists() for p in products.get(n, []))]
 
 
@@ -492,6 +527,7 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
 
     step("data", data)
     step("profile", profile)
+    keep_table(cfg, steps, log)
     if cfg.search.budget_ms is not None:  # a budget no subnet meets: said now, not after the trainings
         from hwnas.search.runner import check_budget, predictor_for
 

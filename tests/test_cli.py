@@ -218,12 +218,57 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     assert r4.stdout.count("done earlier, kept") == 8 and "already trained" in r4.stdout
     r5 = hwnas("run", str(cfg), "--from", "nonsense")
     assert r5.returncode != 0 and "not a step" in r5.stderr
-    # a product deleted by hand: its step runs again (a traceback before), nothing else
+    # a product deleted by hand: its step runs again (a traceback before), nothing else; the
+    # latency table deleted too (it lies outside the run): put back from the run's copy
+    table = (tmp_path / "table.json").read_bytes()
+    assert (run / "latency_table.json").read_bytes() == table
     (run / "report.json").unlink()
+    (tmp_path / "table.json").unlink()
     r6 = hwnas("run", str(cfg), timeout=600)
     assert r6.returncode == 0, r6.stdout[-2000:] + r6.stderr[-2000:]
     assert "the outputs of report are missing: doing again report" in r6.stdout
     assert r6.stdout.count("done earlier, kept") == 9 and (run / "report.json").exists()
+    assert "put back from the run's copy" in r6.stdout and (tmp_path / "table.json").read_bytes() == table
+
+
+def test_a_run_keeps_its_latency_table(tmp_path):
+    """hwnas run keeps a copy of the table it profiled: a table deleted from its shared place
+    is put back; one timed again since is refused while a step would predict on it, naming
+    the run's copy and both ways on; a finished run is left alone."""
+    from conftest import tiny_config, write_cfg
+
+    from hwnas.config import load_config
+    from hwnas.errors import HwnasError
+    from hwnas.pipeline import RUN_TABLE, STEPS, TABLE_READERS, Steps, keep_table, redo_outputs
+
+    shared = tmp_path / "tables" / "t.json"
+    run = tmp_path / "run"
+    cfg = load_config(write_cfg(tmp_path / "c.json", tiny_config(run, latency={"table": str(shared)})))
+    run.mkdir()
+    steps = Steps(run / "steps.json")
+    steps.state["done"] = {n: {} for n in STEPS[:STEPS.index("train-query") + 1]}
+    said: list[str] = []
+    keep_table(cfg, steps, said.append)  # no table anywhere (profile not run): nothing to keep
+    assert not (run / RUN_TABLE).exists()
+    shared.parent.mkdir()
+    shared.write_text('{"ops": 1}')
+    keep_table(cfg, steps, said.append)
+    assert (run / RUN_TABLE).read_text() == '{"ops": 1}' and not said
+    shared.unlink()  # a clean-up of latency_tables/
+    keep_table(cfg, steps, said.append)
+    assert shared.read_text() == '{"ops": 1}' and "put back from the run's copy" in said[-1]
+    shared.write_text('{"ops": 2}')  # timed again by hwnas profile
+    with pytest.raises(HwnasError) as e:
+        keep_table(cfg, steps, said.append)
+    msg = str(e.value)
+    assert str(run / RUN_TABLE) in msg and f"cp {run / RUN_TABLE} {shared}" in msg and "--from profile" in msg
+    assert "baselines, deploy, report would predict on it" in msg
+    assert shared.read_text() == '{"ops": 2}' and (run / RUN_TABLE).read_text() == '{"ops": 1}'  # nothing touched
+    for n in TABLE_READERS:  # every step that reads it done: nothing to refuse
+        steps.state["done"][n] = {}
+    keep_table(cfg, steps, said.append)
+    # profiling again (a config change, --from profile) drops the copy, so the new table is kept
+    assert run / RUN_TABLE in redo_outputs(cfg, ["profile"])
 
 
 def test_a_gallery_replaced_by_hand_redoes_what_was_trained_against_it(tmp_path):
