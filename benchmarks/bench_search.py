@@ -118,11 +118,16 @@ def _beaten(model, row) -> str:
 
 
 def _shortfalls(model, row) -> list[str]:
-    """Where ``model`` misses issue 5's target within its budget (empty: it meets it)."""
+    """Where ``model`` misses issue 5's target within its budget (empty: it meets it). Measured
+    latencies within the headline's tolerance count as equal there too (PARETO_LATENCY_TOL:
+    one report's timing pools spread by more on this shared VM)."""
+    from hwnas.report import PARETO_LATENCY_TOL
+
+    slower = model["measured_ms"] / row["random_median_measured_ms"] - 1
     return [w for w, bad in (
         ("M(q,g) below the random median", model["M(q,g)"] < row["random_median_M(q,g)"]),
         ("M(q,q) below the random median", model["M(q,q)"] < row["random_median_M(q,q)"]),
-        ("slower than the random median", model["measured_ms"] > row["random_median_measured_ms"]),
+        (f"slower than the random median ({100 * slower:.1f}%)", slower > PARETO_LATENCY_TOL),
         ("M(q,g) below MobileNetV3", model["M(q,g)"] < row["mobilenetv3"]["M(q,g)"])) if bad]
 
 
@@ -236,8 +241,11 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
             verdict.append(f"{r['budget_ms']} ms: " + ("searched >= both" if not short else "; ".join(short)))
         md += ["", "Where the random archs' SD is near the test split's standard error, architecture barely "
                "moves M(q,g) within that budget and no search can beat the median by more than noise."]
+        from hwnas.report import PARETO_LATENCY_TOL
+
         md += ["", "Target (searched >= the random median and >= MobileNetV3-small at equal or lower measured "
-               "latency): " + " · ".join(verdict) + "."]
+               f"latency; measured latencies within {100 * PARETO_LATENCY_TOL:g}% count as equal, as in the "
+               "headline's Pareto comparison): " + " · ".join(verdict) + "."]
         fins = [r for r in res["budgets"] if "measured_ms" in r.get("finalists", {})]
         if fins:
             f0 = fins[0]["finalists"]
