@@ -61,30 +61,65 @@ def keep_table(cfg: Config, steps: "Steps", log: Callable = print) -> None:
     """After the profile step: the run keeps a copy of its latency table (``RUN_TABLE``).
 
     The table lies outside the run directory (``latency_tables/``, or ``latency.table``),
-    where runs share it, ``hwnas profile`` times it again and a clean-up may delete it; yet
-    the search's budget and choice and the report's predictions are this table's. A table
-    gone from its place is put back from the copy. One timed again since is refused while a
-    step that reads it remains, naming both ways on (a run's predictions all from one table)."""
+    where runs share it, ``hwnas profile`` may rebuild or recalibrate it and a clean-up may
+    delete it; yet the search's budget and choice and the report's predictions are this
+    table's. A table gone from its place is put back from the copy. One that predicts
+    otherwise since is taken while nothing has predicted on the run's (the search not begun),
+    and refused while a step that reads it remains, naming both ways on: one run's
+    predictions all come from one table."""
+    from hwnas.latency.table import LatencyTable
     from hwnas.search.runner import table_path
     from hwnas.utils import atomic_write_bytes
 
-    copy = RunDir(cfg).path / RUN_TABLE
+    root = RunDir(cfg).path
+    copy = root / RUN_TABLE
     shared = table_path(cfg, cfg.search_space())
+    began = steps.done("search") or (root / "budget.json").exists()  # (a search killed midway too)
     if not copy.exists():
         if shared.exists():  # just profiled (or a run of an hwnas that kept no copy: the table it uses)
+            _warn_if_budget_elsewhere(cfg, shared, log)
             atomic_write_bytes(copy, shared.read_bytes())
         return
     if not shared.exists():
         atomic_write_bytes(shared, copy.read_bytes())
-        log(f"[run] {shared} is gone: put back from the run's copy, {copy}")
+        log(f"[run] {shared} is missing (deleted, or the run resumed from another working "
+            f"directory): put back from the run's copy, {copy}")
+        return
+    if LatencyTable.load(shared).prediction_key() == LatencyTable.load(copy).prediction_key():
+        return
+    if not began:
+        atomic_write_bytes(copy, shared.read_bytes())
+        log(f"[run] {shared} predicts otherwise than when this run profiled; nothing has predicted "
+            "on it yet, so the run takes the new one")
         return
     left = [n for n in TABLE_READERS if not steps.done(n)]
-    if left and shared.read_bytes() != copy.read_bytes():
+    if left:
         raise HwnasError(
-            f"{shared} is not the latency table this run profiled and searched with (timed again "
-            f"since, by hwnas profile or another run?), and {', '.join(left)} would predict on it; "
-            f"the run kept its own, {copy}. To go on with the run's table: cp {copy} {shared}; to "
-            "search again on the new one: hwnas run CONFIG --from profile")
+            f"{shared} is not the latency table this run searched with: its timings or calibration "
+            "changed since (hwnas profile --remeasure or --validate, or another run timed it again "
+            f"after it was deleted), and {', '.join(left)} would predict on it; the run kept its "
+            f"own, {copy}. To go on with the run's table: cp {copy} {shared}; to search again on "
+            "the new one: hwnas run CONFIG --from profile")
+
+
+def _warn_if_budget_elsewhere(cfg: Config, shared: Path, log: Callable) -> None:
+    """A run of an hwnas that kept no copy adopts the present table: if the search's budget
+    was resolved on a table of another range, say so (that table is gone)."""
+    from hwnas.search.runner import predictor_for
+
+    path = RunDir(cfg).path / "budget.json"
+    if not path.exists():
+        return
+    was = read_json(path).get("key", {}).get("range_ms")
+    try:
+        now = [round(x, 5) for x in predictor_for(cfg, cfg.search_space())[0].range()]
+    except HwnasError:
+        return  # (the step that reads it says what is wrong with it)
+    if was is not None and was != now:
+        log(f"[run] WARNING: {shared} is not the table this run's search used (its latency range "
+            f"{was[0]:.4f}-{was[1]:.4f} ms, now {now[0]:.4f}-{now[1]:.4f}); that one is gone, so "
+            "the run's predicted times now come from this one (hwnas run --from profile to search "
+            "again on it)")
 
 
 def lost_steps(cfg: Config, done: Callable[[str], bool]) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_png_folder
+from conftest import ROOT, make_png_folder
 
 SUBCOMMANDS = ["data", "space", "train-gallery", "train-supernet", "train-query", "adapt", "evaluate", "run"]
 
@@ -233,42 +233,82 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
 
 def test_a_run_keeps_its_latency_table(tmp_path):
     """hwnas run keeps a copy of the table it profiled: a table deleted from its shared place
-    is put back; one timed again since is refused while a step would predict on it, naming
-    the run's copy and both ways on; a finished run is left alone."""
+    is put back; one that predicts otherwise since is taken while nothing has predicted on the
+    run's, refused once the search has begun while a step would predict on it (naming the run's
+    copy and both ways on), and let be once every such step is done; a header-only change
+    (hwnas profile --gallery-throughput) is no change."""
     from conftest import tiny_config, write_cfg
 
     from hwnas.config import load_config
     from hwnas.errors import HwnasError
+    from hwnas.latency.table import TABLE_FORMAT
     from hwnas.pipeline import RUN_TABLE, STEPS, TABLE_READERS, Steps, keep_table, redo_outputs
+
+    def table(ms: float, **header) -> str:
+        return json.dumps({"header": {"format": TABLE_FORMAT, "call_overhead_ms": 0.01, **header},
+                           "entries": {"op": {"median_ms": ms}}})
 
     shared = tmp_path / "tables" / "t.json"
     run = tmp_path / "run"
+    copy = run / RUN_TABLE
     cfg = load_config(write_cfg(tmp_path / "c.json", tiny_config(run, latency={"table": str(shared)})))
     run.mkdir()
     steps = Steps(run / "steps.json")
-    steps.state["done"] = {n: {} for n in STEPS[:STEPS.index("train-query") + 1]}
+    steps.state["done"] = {n: {} for n in STEPS[:STEPS.index("search")]}
     said: list[str] = []
-    keep_table(cfg, steps, said.append)  # no table anywhere (profile not run): nothing to keep
-    assert not (run / RUN_TABLE).exists()
+    keep_table(cfg, steps, said.append)  # no table anywhere: nothing to keep
+    assert not copy.exists()
     shared.parent.mkdir()
-    shared.write_text('{"ops": 1}')
+    shared.write_text(table(1.0))
     keep_table(cfg, steps, said.append)
-    assert (run / RUN_TABLE).read_text() == '{"ops": 1}' and not said
+    assert copy.read_text() == table(1.0) and not said
     shared.unlink()  # a clean-up of latency_tables/
     keep_table(cfg, steps, said.append)
-    assert shared.read_text() == '{"ops": 1}' and "put back from the run's copy" in said[-1]
-    shared.write_text('{"ops": 2}')  # timed again by hwnas profile
+    assert shared.read_text() == table(1.0) and "put back from the run's copy" in said[-1]
+    shared.write_text(table(2.0))  # timed again before the search began: the run takes it
+    keep_table(cfg, steps, said.append)
+    assert copy.read_text() == table(2.0) and "takes the new one" in said[-1]
+    steps.state["done"]["search"] = {}
+    shared.write_text(table(2.0, gallery_throughput={"images_per_s": 5}))  # predicts alike
+    n = len(said)
+    keep_table(cfg, steps, said.append)
+    assert copy.read_text() == table(2.0) and len(said) == n
+    shared.write_text(table(3.0))  # recalibrated or timed again after the search
     with pytest.raises(HwnasError) as e:
         keep_table(cfg, steps, said.append)
     msg = str(e.value)
-    assert str(run / RUN_TABLE) in msg and f"cp {run / RUN_TABLE} {shared}" in msg and "--from profile" in msg
+    assert str(copy) in msg and f"cp {copy} {shared}" in msg and "--from profile" in msg
     assert "baselines, deploy, report would predict on it" in msg
-    assert shared.read_text() == '{"ops": 2}' and (run / RUN_TABLE).read_text() == '{"ops": 1}'  # nothing touched
-    for n in TABLE_READERS:  # every step that reads it done: nothing to refuse
+    assert shared.read_text() == table(3.0) and copy.read_text() == table(2.0)  # nothing touched
+    for n in TABLE_READERS:  # every step that reads it done: nothing to refuse, nothing touched
         steps.state["done"][n] = {}
     keep_table(cfg, steps, said.append)
+    assert shared.read_text() == table(3.0) and copy.read_text() == table(2.0)
     # profiling again (a config change, --from profile) drops the copy, so the new table is kept
-    assert run / RUN_TABLE in redo_outputs(cfg, ["profile"])
+    assert copy in redo_outputs(cfg, ["profile"])
+
+
+def test_a_run_that_kept_no_table_says_when_its_search_used_another(tmp_path):
+    """A run of an hwnas that kept no copy adopts the table it finds; if the search's budget
+    was resolved on a table of another latency range, the run says so."""
+    from hwnas.config import load_config
+    from hwnas.pipeline import RUN_TABLE, STEPS, Steps, keep_table
+    from hwnas.search.runner import predictor_for
+    from hwnas.utils import write_json
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.latency.table = str(ROOT / "latency_tables" / "x86_64-amdepyc-2c-ort1.32-fp32-t1-r32-s7b287ae9.json")
+    lo, hi = predictor_for(cfg, cfg.search_space())[0].range()
+    steps = Steps(tmp_path / "run" / "steps.json")
+    steps.state["done"] = {n: {} for n in STEPS}
+    for range_ms, warned in (([round(lo, 5), round(hi, 5)], False), ([0.03, 0.6], True)):
+        write_json(tmp_path / "run" / "budget.json", {"key": {"range_ms": range_ms}, "resolved": {}})
+        (tmp_path / "run" / RUN_TABLE).unlink(missing_ok=True)
+        said: list[str] = []
+        keep_table(cfg, steps, said.append)
+        assert (tmp_path / "run" / RUN_TABLE).exists()
+        assert any("is not the table this run's search used" in m and "0.0300-0.6000" in m for m in said) == warned
 
 
 def test_a_gallery_replaced_by_hand_redoes_what_was_trained_against_it(tmp_path):

@@ -53,6 +53,16 @@ class LatencyTable:
         self.path = Path(path)
         return write_json(path, {"header": self.header, "entries": dict(sorted(self.entries.items()))})
 
+    def prediction_key(self) -> str:
+        """A hash of what predictions read (the ops' timings, the per-call overhead, the
+        calibration, which statistic): equal for two tables that predict alike, whatever else
+        their headers hold (e.g. ``hwnas profile --gallery-throughput``'s figures)."""
+        from hwnas.utils import content_hash
+
+        h = self.header
+        return content_hash({"entries": self.entries, **{k: h.get(k) for k in (
+            "call_overhead_ms", "calibration", "statistic_key")}})
+
     @staticmethod
     def default_name(settings: dict, space: SearchSpace) -> str:
         ver = ".".join(str(settings["runtime_version"]).split("+")[0].split(".")[:2])
