@@ -112,9 +112,10 @@ def test_over_budget_archs_are_never_evaluated(search_run, tmp_path):
     assert infeasible, "expected some over-budget samples at a tight budget"
     for tr in infeasible:
         assert tr.constraints["latency_ms"] > 0 and "M(q,g)" not in tr.user_attrs
-        assert tr.duration.total_seconds() < 0.5  # milliseconds, not an evaluation
+    # the evaluator ran once per evaluated trial and never on an over-budget arch (a wall-clock
+    # bound on the infeasible trials stood here: it failed with the CPU busy, asserting nothing more)
     assert res["predicted_ms"] <= cfg.search.budget_ms
-    assert res["n_evaluated"] == 4
+    assert res["n_evaluated"] == 4 and len(seen) == 4
 
 
 def test_leave_one_out_validation_scores_every_image(search_run):
