@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-threads", type=int, nargs="*", metavar="N",
                    help="only time a few subnets of the space at each of these thread counts "
                         "(default 1 up to the physical cores) and recommend one for latency.threads")
-    p.add_argument("--out", help="table path (default latency_tables/<device>-<runtime>-...json)")
+    p.add_argument("--out", help="table path (default latency_tables/<machine>-<cpu model>-<cores>c-ort<ver>-"
+                   "fp32-t<threads>-r<size>-s<space hash>.json)")
     p.add_argument("--only-missing", action="store_true",
                    help="keep the table's entries, measure only missing ops (the default for an "
                    "existing table; named for scripts)")
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", choices=["r1", "r2", "r3"], help="r1 M(q,q), r2 M(q,g), r3 mix (default)")
     p.add_argument("--alpha", type=float, help="R3 weight of M(q,g) (default 0.5)")
     p.add_argument("--metric", choices=["recall@1", "recall@5", "recall@10", "mAP"], help="accuracy metric")
-    p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "evolution"], help="default tpe")
+    p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "evolution"],
+                   help="default: the config's search.sampler (tpe where unset)")
     p.add_argument("--n-trials", type=int, help="evaluated (within-budget) trials in the study")
     p.add_argument("--multi-objective", action="store_true", default=None,
                    help="maximize the reward and minimize predicted latency; report the Pareto front")
@@ -242,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", help="the trained query model (default RUN_DIR/query/searched)")
     p.add_argument("--images", help="the images your index holds: a folder, .zip or CSV manifest "
                    "(default: the split's gallery part, what hwnas deploy indexes)")
-    p.add_argument("--epochs", type=int, help="fine-tuning epochs (adapt.epochs; default 15 here)")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the config's adapt.epochs, "
+                   "or 15 where that is 0, i.e. off)")
     p.add_argument("--name", help="model directory under RUN_DIR/query/ (default QUERY-adapted)")
 
     p = add("evaluate", "Report M(g,g), M(q,g), M(q,q) (recall@1/5, mAP) for a query model.")
@@ -477,6 +480,7 @@ def cmd_search(args) -> int:
             setattr(s, flag, v)
     if args.table:
         cfg.latency.table = args.table
+    s.check()  # the flags, before the budget's resolution times the paragon
     if s.budget_ms is None:  # the config's budget, resolved (and kept) as hwnas run does
         from hwnas.pipeline import set_search_budget
 

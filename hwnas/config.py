@@ -105,7 +105,8 @@ class AdaptConfig:
 
 @dataclass
 class LatencyConfig:
-    table: str | None = None  # default: latency_tables/<device>-ort<ver>-fp32-t<threads>-r<size>-s<hash>.json
+    # default: latency_tables/<machine>-<cpu model>-<cores>c-ort<ver>-fp32-t<threads>-r<size>-s<hash>.json
+    table: str | None = None
     threads: int | None = None  # ONNX Runtime intra-op threads (default: physical cores)
     validate: int = 0  # hwnas run: end-to-end validation archs when it builds a table
 
@@ -237,8 +238,11 @@ class Config:
         them fails at once, not after earlier steps have trained for hours."""
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise HwnasError(f"config run_dir must be a folder path, got {self.run_dir!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise HwnasError(f"config seed must be a whole number, got {self.seed!r}")
+        if Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
+            raise HwnasError(f"run_dir {self.run_dir} is a file, not a folder: give a folder's path "
+                             "(--run-dir or run_dir in the config)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise HwnasError(f"config seed must be a whole number >= 0, got {self.seed!r}")
         for section in (self.data, self.gallery, self.supernet, self.query, self.latency,
                         self.search, self.deploy, self.adapt):
             # re-check the sections: a --set, a flag or code may have changed a value since loading
@@ -266,7 +270,12 @@ def _build(cls, d: dict | None, where: str):
     for k, v in kw.items():
         if k in SECTIONS:
             kw[k] = _build(SECTIONS[k], v, k)
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except HwnasError as e:  # a check of the settings' own class: say which section they are
+        if str(e).startswith(where):
+            raise
+        raise type(e)(f"{where}: {e}") from None
 
 
 SECTIONS = {"data": DataConfig, "gallery": GalleryConfig, "supernet": SupernetConfig,

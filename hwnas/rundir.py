@@ -60,10 +60,11 @@ class RunDir:
 
         try:
             return check_split_images(splits, self.cfg.data.skip_bad_images, log)
-        except DataError:
-            if made:
-                self.splits_path.unlink()
-            raise
+        except DataError as e:
+            if not made:
+                raise
+            self.splits_path.unlink()
+            raise type(e)(f"{e} ({self.splits_path.name} just written is removed)") from None
 
     def save_config(self) -> Path:
         return write_json(self.path / "config.json", self.cfg.to_dict())

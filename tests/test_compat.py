@@ -776,3 +776,37 @@ def test_unlabeled_sources_are_compared_as_files_not_spellings(tmp_path, monkeyp
     assert not _same_sources("a.zip", None) and _same_sources(None, None)
     # what is not on disk is compared as written, wherever it is read from
     assert _same_sources("split:gallery", "split:gallery") and not _same_sources("gone.zip", str(tmp_path / "gone.zip"))
+
+
+class _NotWeights:  # a pickled object: what a weights-only load must refuse
+    pass
+
+
+def test_a_users_backbone_checkpoint_loads_and_a_bad_one_is_named(tmp_path):
+    """--backbone-checkpoint: the backbone from a user's timm weights (safetensors, or a torch
+    file read weights-only; a DDP 'module.' prefix and a {'state_dict': ...} wrapper are taken);
+    a pickled object or another architecture's weights are errors that say why, and none
+    suggests unpickling."""
+    from safetensors.torch import save_file
+
+    from hwnas.nn.models import EmbeddingNet, load_backbone_checkpoint
+
+    torch.manual_seed(0)
+    src = EmbeddingNet("resnet10t", 16, 1)
+    own = src.backbone.state_dict()
+    save_file({k: v.contiguous() for k, v in own.items()}, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in own.items()}, "epoch": 3}, tmp_path / "w.pt")
+    for f in ("w.safetensors", "w.pt"):
+        torch.manual_seed(1)
+        dst = EmbeddingNet("resnet10t", 16, 1)
+        info = load_backbone_checkpoint(dst, tmp_path / f)
+        assert info["loaded"] == len(own) and not info["missing"]
+        assert all(torch.equal(v, dst.backbone.state_dict()[k]) for k, v in own.items())
+    torch.save({"model": _NotWeights()}, tmp_path / "pickled.pt")
+    with pytest.raises(HwnasError) as e:
+        load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "pickled.pt")
+    assert "weights-only torch checkpoint" in str(e.value) and "does not unpickle" in str(e.value)
+    assert "weights_only=False" not in str(e.value)
+    save_file({"fc.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(HwnasError, match="holds no weights of this backbone"):
+        load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "other.safetensors")

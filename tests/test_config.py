@@ -30,6 +30,12 @@ def _load(tmp_path, text):
     ("latency:\n  threads: -2", "latency.threads -2 must be at least 1"),
     ("space:\n  width_mult: 0.5\nadapt:\n  max_images: 2e4", "write 20000: a whole number"),
     ("- a\n- b", "config file must be a mapping"),
+    # (a new user's walkthrough: these were tracebacks from numpy or PyTorch, or named no section)
+    ("seed: -1", r"seed must be a whole number >= 0, got -1"),
+    ("data:\n  split: {seed: -5}", r"data\.split: seed=-5 must be a whole number >= 0"),
+    ("query:\n  train: {threads: -1}", r"query\.train: train\.threads -1 must be at least 1"),
+    ("query:\n  train: {epochs: -3}", r"query\.train: train\.epochs \(-3\)"),
+    ("data:\n  split: {val_fraction: 1.5}", r"data\.split: val_fraction=1\.5 must be in \[0, 1\)"),
 ])
 def test_wrong_type_or_value_is_named_at_load(tmp_path, text, message):
     with pytest.raises(HwnasError, match=message):
@@ -79,3 +85,9 @@ def test_empty_sections_and_set_order(tmp_path):
     apply_sets(cfg, ["search.multi_objective=true"])
     with pytest.raises(HwnasError, match="single-objective"):
         cfg.validate()
+
+
+def test_a_run_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(HwnasError, match="is a file, not a folder"):
+        _load(tmp_path, f"run_dir: {tmp_path / 'f'}")

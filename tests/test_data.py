@@ -142,6 +142,10 @@ def test_manifest(tmp_path):
     (tmp_path / "bad2.csv").write_text("path,label,split\nimgs/x/img000.png,x,valid\n")
     with pytest.raises(DataError, match="bad2.csv:2"):
         manifest(tmp_path / "bad2.csv")
+    # a field the header does not name (an unquoted comma in a path) was dropped silently
+    (tmp_path / "bad3.csv").write_text("path,label\nimgs/x/img000.png,x\nimgs/x/a,b.png,x\n")
+    with pytest.raises(DataError, match=r"line 3 has more fields than the header \(path, label\); quote"):
+        manifest(tmp_path / "bad3.csv")
 
 
 # ---------------------------------------------------------------- bad input

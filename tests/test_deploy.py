@@ -333,3 +333,14 @@ def test_an_index_too_large_for_the_gallery_names_one_that_fits():
         build_index(emb, "IVF100000,Flat", use_gpu=False)
     index, _ = build_index(emb, "IVF12,Flat", use_gpu=False)  # the suggestion builds
     assert index.ntotal == 500
+
+
+@pytest.mark.parametrize("args", [["--port", "-1"], ["--port", "99999"], ["--port", "http"],
+                                  ["--max-batch", "0"]])
+def test_edge_serve_refuses_a_bad_port_or_batch_at_parse(args, capsys):
+    """hwnas-edge serve --port -1 was an OverflowError traceback from the socket layer."""
+    from hwnas_edge.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve", "bundle", *args])
+    assert e.value.code == 2 and f"argument {args[0]}" in capsys.readouterr().err

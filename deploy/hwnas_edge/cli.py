@@ -51,6 +51,16 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _port(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1-65535, not {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hwnas-edge", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,14 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--server", help="search a remote gallery service instead of the local index")
     q.add_argument("--int8", action="store_true", help="use the int8 query model")
     q.add_argument("--json", action="store_true", help="print JSON")
-    q.add_argument("--threads", type=int, default=None,
+    q.add_argument("--threads", type=_positive_int, default=None,
                    help="ONNX Runtime intra-op threads for the query model (default: the thread "
                         "count it was measured at when deployed, from the manifest)")
     s = sub.add_parser("serve", help="serve the bundle's gallery index over HTTP")
     s.add_argument("bundle")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=int, default=256)
+    s.add_argument("--port", type=_port, default=8000)
+    s.add_argument("--max-batch", type=_positive_int, default=256,
+                   help="most query embeddings one request may search (default 256)")
     v = sub.add_parser("verify", help="check artifact hashes and ONNX parity")
     v.add_argument("bundle")
     return ap
@@ -93,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             from hwnas_edge.service import serve
 
-            print(f"serving {args.bundle} on http://{args.host}:{args.port} (POST /search, GET /health)",
-                  flush=True)
             serve(args.bundle, args.host, args.port, max_batch=args.max_batch)
         else:
             print(json.dumps(verify(args.bundle), indent=2))

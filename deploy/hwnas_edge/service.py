@@ -96,4 +96,6 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
 def serve(bundle_path: "str | Path", host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(bundle_path, **kw), host=host, port=port, log_level="warning")
+    app = create_app(bundle_path, **kw)  # (a bad bundle is refused before "serving" is said)
+    print(f"serving {bundle_path} on http://{host}:{port} (POST /search, GET /health)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -56,6 +56,8 @@ class TrainConfig:
             raise HwnasError(f"train.augment {self.augment!r} must be one of {', '.join(AUGMENTS)}")
         if self.lr <= 0:
             raise HwnasError(f"train.lr must be positive, got {self.lr}")
+        if self.threads < 0:
+            raise HwnasError(f"train.threads {self.threads} must be at least 1 (0: PyTorch's default)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise HwnasError(f"train.device {self.device!r} must be auto, cpu, cuda or cuda:N")
         if not 0.0 <= self.ema < 1.0:

@@ -116,7 +116,7 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None) -> Collection:
     data_dir = Path(data_dir or FASHION_MNIST_DIR)
     if not data_dir.is_dir():
         raise DataError(
-            f"Fashion-MNIST directory {data_dir} does not exist; install it with "
+            f"Fashion-MNIST directory {shown(data_dir)} does not exist; install it with "
             "`apt-get install dataset-fashion-mnist` or pass --data-dir DIR"
         )
     images, labels, splits = [], [], []
@@ -239,12 +239,21 @@ def _scan_class_dirs(root: Path, split: str | None, out: list) -> None:
             out.append((p, d.name, split))
 
 
+def shown(path: Path) -> str:
+    """A path as a message names it: a relative one with the directory it is taken from (the
+    working directory, not the config file's)."""
+    return str(path) if path.is_absolute() else f"{path} (relative to the working directory {Path.cwd()})"
+
+
 def image_folder(root: str | os.PathLike) -> Collection:
     """Class folders: ``root/<class>/<image>``. If ``root`` holds exactly ``train/`` and
     ``test/`` folders of class folders, those become the source splits."""
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"image folder {shown(root)} is a file; pass the directory that holds one "
+                        "folder per class (or, for a CSV of paths and labels, --dataset manifest)")
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist; pass the directory that holds "
+        raise DataError(f"image folder {shown(root)} does not exist; pass the directory that holds "
                         "one folder per class")
     entries: list = []
     subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
@@ -283,7 +292,7 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
         raise DataError(f"manifest {csv_path} is a folder; give the CSV file's path (or, for a "
                         "folder of class folders, --dataset folder)")
     if not csv_path.is_file():
-        raise DataError(f"manifest {csv_path} does not exist")
+        raise DataError(f"manifest {shown(csv_path)} does not exist")
     cols, rows = _read_csv(csv_path, ("path", "label"), "manifest", "columns path,label[,split]")
     if not rows:
         raise DataError(f"manifest {csv_path} lists no images")
@@ -311,7 +320,16 @@ def _read_csv(path: Path, required: Sequence[str], what: str, want: str) -> tupl
             if not set(required) <= set(cols):
                 raise DataError(f"{what} {path} must have a header row with {want}; found {cols or 'no header'}")
             reader.fieldnames = cols
-            return cols, list(reader)
+            rows = list(reader)
+            # more fields than the header names (a comma inside an unquoted path, a column
+            # without a name) would otherwise be dropped without a word
+            over = [i + 2 for i, r in enumerate(rows) if None in r]
+            if over:
+                raise DataError(f"{what} {path}: line{'s' if len(over) > 1 else ''} "
+                                f"{', '.join(map(str, over[:5]))}{' ...' if len(over) > 5 else ''} "
+                                f"{'have' if len(over) > 1 else 'has'} more fields than the header "
+                                f"({', '.join(cols)}); quote a path that holds a comma, or name the column")
+            return cols, rows
         except UnicodeDecodeError as e:
             raise DataError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it "
                             "as CSV UTF-8") from None
@@ -411,7 +429,7 @@ def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled") -
 
         return Collection(f"unlabeled:{path.stem}", ids, np.zeros(len(ids)), ["unlabeled"], read=read,
                           info={"source": str(path)})
-    raise DataError(f"{setting} {path} does not exist or is not a folder, .zip or .csv; {fix}")
+    raise DataError(f"{setting} {shown(path)} does not exist or is not a folder, .zip or .csv; {fix}")
 
 
 # ---------------------------------------------------------------------- tiny (tests)

@@ -59,6 +59,8 @@ class SplitConfig:
                 raise DataError(f"{name}={v} must be between 0 and 1 (exclusive)")
         if not 0 <= self.val_fraction < 1:
             raise DataError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise DataError(f"seed={self.seed!r} must be a whole number >= 0")
         for name in ("train_per_class", "eval_per_class"):
             v = getattr(self, name)
             if v is not None and v < 2:
@@ -329,5 +331,8 @@ def check_split_images(splits: Splits, skip_bad: bool = False, log=print) -> lis
             if ids and all(i in gone for i in ids):
                 raise DataError(f"every image of split part {p!r} ({len(ids)}) is unreadable, so "
                                 "skipping them leaves it empty: fix or replace those files")
-        log(f"[data] {len(skipped)} unreadable images are left out (data.skip_bad_images), e.g. {skipped[0]}")
+        n = len(skipped)
+        log(f"[data] {n} unreadable image{'s are' if n > 1 else ' is'} left out wherever the split is "
+            f"read (data.skip_bad_images; the split's counts above include {'them' if n > 1 else 'it'}), "
+            f"e.g. {skipped[0]}")
     return skipped

@@ -49,17 +49,24 @@ def _search_params(index, nlist_probe_ratio: int = 256) -> dict:
     return params
 
 
+def make_index(d: int, factory: str):
+    """An empty FAISS inner-product index of dimension ``d`` from a factory string; a string
+    FAISS cannot parse is an error naming it (deploy checks it before exporting anything)."""
+    import faiss
+
+    try:
+        return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise HwnasError(f"FAISS cannot build index {factory!r}: {str(e).splitlines()[0]}; see "
+                         "the FAISS index factory docs (e.g. Flat, HNSW32, IVF1024,Flat)") from None
+
+
 def build_index(emb: np.ndarray, factory: str, use_gpu: bool | None = None) -> tuple[object, dict]:
     """A FAISS inner-product index from a factory string; built on the GPU when faiss-gpu and
     a GPU are present (and the index type supports it), always returned as a CPU index."""
     import faiss
 
-    d = emb.shape[1]
-    try:
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise HwnasError(f"FAISS cannot build index {factory!r}: {str(e).splitlines()[0]}; see "
-                         "the FAISS index factory docs (e.g. Flat, HNSW32, IVF1024,Flat)") from None
+    index = make_index(emb.shape[1], factory)
     info = {"factory": factory, "metric": "inner_product", "built_on": "cpu"}
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if (use_gpu is None or use_gpu) and gpus > 0 and hasattr(faiss, "StandardGpuResources"):
@@ -193,6 +200,8 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
                          f"but {gdir} is gallery {g.fingerprint}: they are not compatible")
     if qcfg["embed_dim"] != g.config["embed_dim"]:
         raise HwnasError(f"query embed_dim {qcfg['embed_dim']} != gallery embed_dim {g.config['embed_dim']}")
+    if factory:  # a bad --index fails now, not after both models are exported
+        make_index(g.config["embed_dim"], factory)
     qpre = Preprocess.from_dict(qcfg["preprocess"])
     gpre = Preprocess.from_dict(g.config["preprocess"])
     if (qpre.size, qpre.channels, qpre.mean, qpre.std) != (gpre.size, gpre.channels, gpre.mean, gpre.std):

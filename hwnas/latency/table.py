@@ -84,9 +84,11 @@ class LatencyTable:
     def check(self, space: SearchSpace, settings: dict | None = None) -> None:
         """Refuse a table made for another space, runtime version or thread count."""
         h = self.header
-        fix = (f"rebuild it: hwnas profile --device {h.get('device', 'cpu')}"
-               + (f" --threads {settings['threads']}" if settings and settings.get("threads") else ""))
         where = getattr(self, "path", "the latency table")
+        # (for the config's own space: without --config, profile builds the default space's table)
+        fix = (f"rebuild it for your config: hwnas profile --device {h.get('device', 'cpu')} --config CONFIG"
+               + (f" --threads {settings['threads']}" if settings and settings.get("threads") else "")
+               + (f" --out {where}" if hasattr(self, "path") else ""))
         if h.get("graph_form", 1) != GRAPH_FORM:
             raise HwnasError(
                 f"{where} was measured on graph form {h.get('graph_form', 1)} of the exported "

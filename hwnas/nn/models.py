@@ -71,8 +71,12 @@ def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise HwnasError(f"cannot read {path} as a weights-only torch checkpoint ({e}); "
-                             "save it with torch.save(model.state_dict()) or as safetensors") from None
+            # (only the error's first line: PyTorch's note goes on to suggest weights_only=False,
+            # which would unpickle the file, what hwnas never does)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise HwnasError(f"cannot read {path} as a weights-only torch checkpoint ({first}); "
+                             "save it with torch.save(model.state_dict()) or as safetensors "
+                             "(hwnas does not unpickle files)") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
