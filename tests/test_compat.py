@@ -810,3 +810,45 @@ def test_a_users_backbone_checkpoint_loads_and_a_bad_one_is_named(tmp_path):
     save_file({"fc.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(HwnasError, match="holds no weights of this backbone"):
         load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "other.safetensors")
+
+
+def test_one_process_at_a_time_trains_a_checkpoint(tmp_path):
+    """A second training of the same checkpoint (hwnas train-query by hand beside hwnas run)
+    is refused, naming the process that holds it, instead of both writing one checkpoint; once
+    that one is done (or killed: the system drops the lock) the training goes ahead."""
+    import subprocess
+    import textwrap
+
+    from hwnas.compat.train import TrainConfig, fit
+
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x, y, idx):
+            return ((self.lin(x.flatten(1)) - y.float().unsqueeze(1)) ** 2).mean(), {}
+
+    images, labels = torch.rand(32, 1, 2, 2), torch.randint(0, 3, (32,))
+    ck = tmp_path / "m" / "checkpoint.safetensors"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from hwnas.compat.train import training_lock
+        with training_lock(Path({str(ck)!r}), "other"):
+            print("held", flush=True)
+            sys.stdin.readline()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
+    assert holder.stdout.readline().strip() == "held"
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05)
+    with pytest.raises(HwnasError, match=rf"process {holder.pid} on .* is training {ck.parent} now: wait"):
+        fit(Lin(), images, labels, lambda x: x, cfg, ck, log=lambda *_: None)
+    assert not ck.exists()  # nothing written
+    holder.communicate("\n", timeout=60)
+    hist = fit(Lin(), images, labels, lambda x: x, cfg, ck, log=lambda *_: None)
+    assert len(hist) == 1 and ck.exists()
+    # and in one process, one training after another (a finalist stopped, then finished)
+    fit(Lin(), images, labels, lambda x: x, TrainConfig(epochs=2, batch_size=16, lr=0.05), tmp_path / "f.safetensors",
+        stop_after=1, log=lambda *_: None)
+    fit(Lin(), images, labels, lambda x: x, TrainConfig(epochs=2, batch_size=16, lr=0.05), tmp_path / "f.safetensors",
+        resume=True, log=lambda *_: None)

@@ -335,7 +335,56 @@ def drop_stale_checkpoint(ckpt_path: Path, cfg: TrainConfig, settings: dict | No
         ckpt_path.unlink()
 
 
-def fit(
+def training_lock(ckpt_path: Path, desc: str):
+    """Hold ``ckpt_path``'s training for this process (a context manager): a second process
+    that would train the same checkpoint (``hwnas train-query`` by hand beside ``hwnas run``,
+    two runs on one run directory) is refused, naming the first, instead of both writing
+    one checkpoint. An advisory lock (flock) that the system drops with its process, so a
+    killed training leaves none behind; where flock is missing (not POSIX), no lock."""
+    import contextlib
+    import socket
+
+    try:
+        import fcntl
+    except ImportError:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def held():
+        path = ckpt_path.parent / f".{ckpt_path.name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                who = f.read().strip() or "another process"
+                raise HwnasError(f"[{desc}] {who} is training {ckpt_path.parent} now: wait for it "
+                                 "to finish (or stop it), then run this again; it resumes from the "
+                                 "checkpoint") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+            yield  # (closing the file drops the lock)
+
+    return held()
+
+
+def fit(module: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+        normalize: Callable[[torch.Tensor], torch.Tensor], cfg: TrainConfig, ckpt_path: Path,
+        **kw) -> list[dict]:
+    """:func:`_fit` (the loop; its keywords) under the checkpoint's :func:`training_lock`
+    (rank 0: under torchrun every rank trains the one checkpoint that rank 0 writes)."""
+    import contextlib
+
+    lock = (training_lock(ckpt_path, kw.get("desc", "train")) if dist_info()[0] == 0
+            else contextlib.nullcontext())
+    with lock:
+        return _fit(module, images, labels, normalize, cfg, ckpt_path, **kw)
+
+
+def _fit(
     module: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
