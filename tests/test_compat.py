@@ -576,6 +576,17 @@ def test_models_built_on_another_gallery_or_config_are_not_silently_kept(trained
     assert ev_path.read_bytes() == ev_before and q["gallery_fingerprint"] == fp
 
 
+class _Lin(torch.nn.Module):
+    """A task for fit with one linear layer: what the checkpoint and lock tests train."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, x, y, idx):
+        return ((self.lin(x.flatten(1)) - y.float().unsqueeze(1)) ** 2).mean(), {}
+
+
 def test_a_resume_refusal_names_what_differs_and_ignores_runtime_settings(tmp_path):
     """A checkpoint resumes at another thread count (a runtime setting), and a checkpoint
     of an older hwnas (keyed with the thread count) still resumes; other settings are refused
@@ -585,24 +596,16 @@ def test_a_resume_refusal_names_what_differs_and_ignores_runtime_settings(tmp_pa
 
     from hwnas.compat.train import TrainConfig, _legacy_key, fit
 
-    class Lin(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 1)
-
-        def forward(self, x, y, idx):
-            return ((self.lin(x.flatten(1)) - y.float().unsqueeze(1)) ** 2).mean(), {}
-
     g = torch.Generator().manual_seed(0)
     images, labels = torch.rand(64, 1, 2, 2, generator=g), torch.randint(0, 3, (64,), generator=g)
     quiet = lambda *_: None  # noqa: E731
     ck = tmp_path / "c.safetensors"
     cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05)
-    fit(Lin(), images, labels, lambda x: x, cfg, ck, settings={"seed": 0}, stop_after=1, log=quiet)
+    fit(_Lin(), images, labels, lambda x: x, cfg, ck, settings={"seed": 0}, stop_after=1, log=quiet)
     with pytest.raises(HwnasError, match=r"other train\.lr, seed than this run's; pass --restart"):
-        fit(Lin(), images, labels, lambda x: x, TrainConfig(epochs=3, batch_size=16, lr=0.1), ck,
+        fit(_Lin(), images, labels, lambda x: x, TrainConfig(epochs=3, batch_size=16, lr=0.1), ck,
             settings={"seed": 1}, resume=True, log=quiet)
-    hist = fit(Lin(), images, labels, lambda x: x, TrainConfig(epochs=3, batch_size=16, lr=0.05, threads=1),
+    hist = fit(_Lin(), images, labels, lambda x: x, TrainConfig(epochs=3, batch_size=16, lr=0.05, threads=1),
                ck, settings={"seed": 0}, resume=True, stop_after=2, log=quiet)
     assert [h["epoch"] for h in hist] == [1, 2]
     # an older hwnas's checkpoint: its key hashed the thread count, and it kept no key inputs
@@ -612,7 +615,7 @@ def test_a_resume_refusal_names_what_differs_and_ignores_runtime_settings(tmp_pa
     meta["key"] = "b783d4cc6ef2"  # what hwnas of stop 25 computed for this training (pinned)
     assert _legacy_key(cfg, {"seed": 0}, 1) == meta["key"]
     save_file(tensors, str(ck), metadata={"hwnas": json.dumps(meta)})
-    hist = fit(Lin(), images, labels, lambda x: x, cfg, ck, settings={"seed": 0}, resume=True, log=quiet)
+    hist = fit(_Lin(), images, labels, lambda x: x, cfg, ck, settings={"seed": 0}, resume=True, log=quiet)
     assert [h["epoch"] for h in hist] == [1, 2, 3]
 
 
@@ -821,14 +824,6 @@ def test_one_process_at_a_time_trains_a_checkpoint(tmp_path):
 
     from hwnas.compat.train import TrainConfig, fit
 
-    class Lin(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 1)
-
-        def forward(self, x, y, idx):
-            return ((self.lin(x.flatten(1)) - y.float().unsqueeze(1)) ** 2).mean(), {}
-
     images, labels = torch.rand(32, 1, 2, 2), torch.randint(0, 3, (32,))
     ck = tmp_path / "m" / "checkpoint.safetensors"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -842,13 +837,13 @@ def test_one_process_at_a_time_trains_a_checkpoint(tmp_path):
     assert holder.stdout.readline().strip() == "held"
     cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05)
     with pytest.raises(HwnasError, match=rf"process {holder.pid} on .* is training {ck.parent} now: wait"):
-        fit(Lin(), images, labels, lambda x: x, cfg, ck, log=lambda *_: None)
+        fit(_Lin(), images, labels, lambda x: x, cfg, ck, log=lambda *_: None)
     assert not ck.exists()  # nothing written
     holder.communicate("\n", timeout=60)
-    hist = fit(Lin(), images, labels, lambda x: x, cfg, ck, log=lambda *_: None)
+    hist = fit(_Lin(), images, labels, lambda x: x, cfg, ck, log=lambda *_: None)
     assert len(hist) == 1 and ck.exists()
     # and in one process, one training after another (a finalist stopped, then finished)
-    fit(Lin(), images, labels, lambda x: x, TrainConfig(epochs=2, batch_size=16, lr=0.05), tmp_path / "f.safetensors",
+    fit(_Lin(), images, labels, lambda x: x, TrainConfig(epochs=2, batch_size=16, lr=0.05), tmp_path / "f.safetensors",
         stop_after=1, log=lambda *_: None)
-    fit(Lin(), images, labels, lambda x: x, TrainConfig(epochs=2, batch_size=16, lr=0.05), tmp_path / "f.safetensors",
+    fit(_Lin(), images, labels, lambda x: x, TrainConfig(epochs=2, batch_size=16, lr=0.05), tmp_path / "f.safetensors",
         resume=True, log=lambda *_: None)
