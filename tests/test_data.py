@@ -143,9 +143,12 @@ def test_manifest(tmp_path):
     with pytest.raises(DataError, match="bad2.csv:2"):
         manifest(tmp_path / "bad2.csv")
     # a field the header does not name (an unquoted comma in a path) was dropped silently
-    (tmp_path / "bad3.csv").write_text("path,label\nimgs/x/img000.png,x\nimgs/x/a,b.png,x\n")
-    with pytest.raises(DataError, match=r"line 3 has more fields than the header \(path, label\); quote"):
-        manifest(tmp_path / "bad3.csv")
+    (tmp_path / "bad3.csv").write_text("path,label\nimgs/x/img000.png,x\n\nimgs/x/a,b.png,x\n")
+    with pytest.raises(DataError, match=r"line 4 has more fields than the header \(path, label\); quote"):
+        manifest(tmp_path / "bad3.csv")  # (line 4 of the file: the blank line counts)
+    # a spreadsheet's empty trailing fields are nothing
+    (tmp_path / "ok.csv").write_text("path,label\nimgs/x/img000.png,x,,\nimgs/y/img000.png,y,\n")
+    assert len(manifest(tmp_path / "ok.csv")) == 2
 
 
 # ---------------------------------------------------------------- bad input

@@ -335,13 +335,16 @@ def drop_stale_checkpoint(ckpt_path: Path, cfg: TrainConfig, settings: dict | No
         ckpt_path.unlink()
 
 
-def training_lock(ckpt_path: Path, desc: str):
+def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print):
     """Hold ``ckpt_path``'s training for this process (a context manager): a second process
     that would train the same checkpoint (``hwnas train-query`` by hand beside ``hwnas run``,
     two runs on one run directory) is refused, naming the first, instead of both writing
     one checkpoint. An advisory lock (flock) that the system drops with its process, so a
-    killed training leaves none behind; where flock is missing (not POSIX), no lock."""
+    killed training leaves none behind. The lock file lies beside the model's folder, not in
+    it, so a --restart that empties the folder does not empty the lock. Where flock is
+    missing (not POSIX) or the file system refuses it (NFS without lockd), no lock, said."""
     import contextlib
+    import errno
     import socket
 
     try:
@@ -351,17 +354,29 @@ def training_lock(ckpt_path: Path, desc: str):
 
     @contextlib.contextmanager
     def held():
-        path = ckpt_path.parent / f".{ckpt_path.name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+") as f:
+        path = ckpt_path.parent.parent / f".{ckpt_path.parent.name}.{ckpt_path.name}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+")
+        except OSError as e:
+            log(f"[{desc}] WARNING: no training lock ({path}: {e.strerror or e}); make sure no "
+                "other process trains this model")
+            yield
+            return
+        with f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    log(f"[{desc}] WARNING: this file system takes no lock ({e.strerror or e}); "
+                        "make sure no other process trains this model")
+                    yield
+                    return
                 f.seek(0)
                 who = f.read().strip() or "another process"
                 raise HwnasError(f"[{desc}] {who} is training {ckpt_path.parent} now: wait for it "
-                                 "to finish (or stop it), then run this again; it resumes from the "
-                                 "checkpoint") from None
+                                 "to finish (or stop it), then run this again (with --resume; "
+                                 "hwnas run resumes by itself)") from None
             f.seek(0)
             f.truncate()
             f.write(f"process {os.getpid()} on {socket.gethostname()}")
@@ -378,7 +393,7 @@ def fit(module: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     (rank 0: under torchrun every rank trains the one checkpoint that rank 0 writes)."""
     import contextlib
 
-    lock = (training_lock(ckpt_path, kw.get("desc", "train")) if dist_info()[0] == 0
+    lock = (training_lock(ckpt_path, kw.get("desc", "train"), kw.get("log", print)) if dist_info()[0] == 0
             else contextlib.nullcontext())
     with lock:
         return _fit(module, images, labels, normalize, cfg, ckpt_path, **kw)

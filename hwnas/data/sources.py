@@ -298,7 +298,8 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
         raise DataError(f"manifest {csv_path} lists no images")
     has_split = "split" in cols
     entries = []
-    for lineno, row in enumerate(rows, start=2):
+    for row in rows:
+        lineno = row[0]
         path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
         if not path or not label:
             raise DataError(f"{csv_path}:{lineno}: empty path or label")
@@ -320,10 +321,14 @@ def _read_csv(path: Path, required: Sequence[str], what: str, want: str) -> tupl
             if not set(required) <= set(cols):
                 raise DataError(f"{what} {path} must have a header row with {want}; found {cols or 'no header'}")
             reader.fieldnames = cols
-            rows = list(reader)
-            # more fields than the header names (a comma inside an unquoted path, a column
-            # without a name) would otherwise be dropped without a word
-            over = [i + 2 for i, r in enumerate(rows) if None in r]
+            rows = []
+            for r in reader:  # each row keeps its line in the file under the key 0 (no column's
+                r[0] = reader.line_num  # name: blank lines are skipped, so counting rows is not it)
+                rows.append(r)
+            # more fields than the header names, with text in them (a comma inside an unquoted
+            # path, a column without a name), would be dropped without a word; empty ones (a
+            # spreadsheet's trailing commas) are nothing
+            over = [r[0] for r in rows if any((v or "").strip() for v in r.get(None) or ())]
             if over:
                 raise DataError(f"{what} {path}: line{'s' if len(over) > 1 else ''} "
                                 f"{', '.join(map(str, over[:5]))}{' ...' if len(over) > 5 else ''} "

@@ -333,6 +333,6 @@ def check_split_images(splits: Splits, skip_bad: bool = False, log=print) -> lis
                                 "skipping them leaves it empty: fix or replace those files")
         n = len(skipped)
         log(f"[data] {n} unreadable image{'s are' if n > 1 else ' is'} left out wherever the split is "
-            f"read (data.skip_bad_images; the split's counts above include {'them' if n > 1 else 'it'}), "
+            f"read (data.skip_bad_images; the split's counts include {'them' if n > 1 else 'it'}), "
             f"e.g. {skipped[0]}")
     return skipped

@@ -86,15 +86,16 @@ class LatencyTable:
         h = self.header
         where = getattr(self, "path", "the latency table")
         # (for the config's own space: without --config, profile builds the default space's table)
+        # (and over this file, --remeasure: profile checks a table it finds before adding to it)
         fix = (f"rebuild it for your config: hwnas profile --device {h.get('device', 'cpu')} --config CONFIG"
                + (f" --threads {settings['threads']}" if settings and settings.get("threads") else "")
-               + (f" --out {where}" if hasattr(self, "path") else ""))
+               + (f" --out {where} --remeasure" if hasattr(self, "path") else ""))
         if h.get("graph_form", 1) != GRAPH_FORM:
             raise HwnasError(
                 f"{where} was measured on graph form {h.get('graph_form', 1)} of the exported "
                 f"networks, and this hwnas exports form {GRAPH_FORM} (hwnas/export/onnx.py, "
                 "GRAPH_FORM), so its entries and calibration no longer describe what is deployed; "
-                f"{fix} --remeasure")
+                f"{fix}" + ("" if fix.endswith("--remeasure") else " --remeasure"))
         if h.get("space_hash") != space.hash:
             raise HwnasError(f"{where} was built for search space {h.get('space_hash')}, not "
                              f"{space.hash} (the config's space changed); {fix}")

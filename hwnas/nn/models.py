@@ -9,6 +9,8 @@ fingerprint of the gallery model it was trained to be compatible with.
 from __future__ import annotations
 
 import hashlib
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -71,10 +73,14 @@ def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            # (only the error's first line: PyTorch's note goes on to suggest weights_only=False,
-            # which would unpickle the file, what hwnas never does)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise HwnasError(f"cannot read {path} as a weights-only torch checkpoint ({first}); "
+            # (not PyTorch's note: it offers ways to unpickle the file, which hwnas never does;
+            # its "Unsupported global" line says what the file holds besides weights)
+            lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
+            why = next((ln.split("error:", 1)[-1].split(". ")[0].strip() for ln in lines
+                        if "Unsupported global" in ln),
+                       "not a plain weights file" if isinstance(e, pickle.UnpicklingError)
+                       else (lines[0] if lines else type(e).__name__))
+            raise HwnasError(f"cannot read {path} as a weights-only torch checkpoint ({why}); "
                              "save it with torch.save(model.state_dict()) or as safetensors "
                              "(hwnas does not unpickle files)") from None
         if isinstance(state, dict) and "state_dict" in state:
