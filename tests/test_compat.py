@@ -851,6 +851,7 @@ def test_one_process_at_a_time_trains_a_checkpoint(tmp_path):
     holder.communicate("\n", timeout=60)
     hist = fit(_Lin(), images, labels, lambda x: x, cfg, ck, log=lambda *_: None)
     assert len(hist) == 1 and ck.exists()
+    assert not list(tmp_path.glob(".*.lock"))  # a finished training takes its lock file away
     # and in one process, one training after another (a finalist stopped, then finished)
     fit(_Lin(), images, labels, lambda x: x, TrainConfig(epochs=2, batch_size=16, lr=0.05), tmp_path / "f.safetensors",
         stop_after=1, log=lambda *_: None)

@@ -340,9 +340,10 @@ def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print
     that would train the same checkpoint (``hwnas train-query`` by hand beside ``hwnas run``,
     two runs on one run directory) is refused, naming the first, instead of both writing
     one checkpoint. An advisory lock (flock) that the system drops with its process, so a
-    killed training leaves none behind. The lock file lies beside the model's folder, not in
-    it, so a --restart that empties the folder does not empty the lock. Where flock is
-    missing (not POSIX) or the file system refuses it (NFS without lockd), no lock, said."""
+    killed training leaves none behind (a finished one removes its file). The lock file lies
+    beside the model's folder, not in it, so a --restart that empties the folder does not
+    empty the lock. Where flock is missing (not POSIX) or the file system refuses it (NFS
+    without lockd), no lock, said."""
     import contextlib
     import errno
     import socket
@@ -355,33 +356,45 @@ def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print
     @contextlib.contextmanager
     def held():
         path = ckpt_path.parent.parent / f".{ckpt_path.parent.name}.{ckpt_path.name}.lock"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(path, "a+")
-        except OSError as e:
-            log(f"[{desc}] WARNING: no training lock ({path}: {e.strerror or e}); make sure no "
-                "other process trains this model")
-            yield
-            return
-        with f:
+        while True:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                f = open(path, "a+")
+            except OSError as e:
+                log(f"[{desc}] WARNING: no training lock ({path}: {e.strerror or e}); make sure no "
+                    "other process trains this model")
+                yield
+                return
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                f.seek(0)
+                who = f.read().strip() or "another process"
+                f.close()
                 if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     log(f"[{desc}] WARNING: this file system takes no lock ({e.strerror or e}); "
                         "make sure no other process trains this model")
                     yield
                     return
-                f.seek(0)
-                who = f.read().strip() or "another process"
                 raise HwnasError(f"[{desc}] {who} is training {ckpt_path.parent} now: wait for it "
                                  "to finish (or stop it), then run this again (with --resume; "
                                  "hwnas run resumes by itself)") from None
+            try:  # the file may have been released and removed between our open and our lock
+                same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()
+        try:
             f.seek(0)
             f.truncate()
             f.write(f"process {os.getpid()} on {socket.gethostname()}")
             f.flush()
-            yield  # (closing the file drops the lock)
+            yield
+        finally:  # removed while still held, so no one locks a file that is going away
+            path.unlink(missing_ok=True)
+            f.close()
 
     return held()
 
