@@ -112,7 +112,7 @@ def _warn_if_budget_elsewhere(cfg: Config, shared: Path, log: Callable) -> None:
         return
     was = read_json(path).get("key", {}).get("range_ms")
     try:
-        now = [round(x, 5) for x in predictor_for(cfg, cfg.search_space())[0].range()]
+        now = _range_key(predictor_for(cfg, cfg.search_space())[0])
     except HwnasError:
         return  # (the step that reads it says what is wrong with it)
     if was is not None and was != now:
@@ -351,6 +351,11 @@ def paragon_budget(cfg: Config, predictor, gallery_net, log: Callable = print, p
             "refs_predicted_ms": [pf, ps], "budget_ms": b}
 
 
+def _range_key(predictor) -> list[float]:
+    """A table's predicted latency range as ``budget.json`` keys the budget on it."""
+    return [round(x, 5) for x in predictor.range()]
+
+
 def run_budget(cfg: Config, predictor, log: Callable = print) -> dict:
     """The run's latency budget (:func:`resolve_budget`), resolved once and kept in
     ``budget.json``: a measured budget (``budget_speedup``) would differ a little on every
@@ -360,7 +365,7 @@ def run_budget(cfg: Config, predictor, log: Callable = print) -> dict:
     rd = RunDir(cfg)
     path = rd.path / "budget.json"
     key = {"budget_ms": cfg.search.budget_ms, "budget_speedup": cfg.search.budget_speedup,
-           "budget_fraction": cfg.search.budget_fraction, "range_ms": [round(x, 5) for x in predictor.range()]}
+           "budget_fraction": cfg.search.budget_fraction, "range_ms": _range_key(predictor)}
     if path.exists():
         old = read_json(path)
         if old.get("key") == key:

@@ -353,18 +353,18 @@ def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print
     except ImportError:
         return contextlib.nullcontext()
 
-    @contextlib.contextmanager
-    def held():
-        path = ckpt_path.parent.parent / f".{ckpt_path.parent.name}.{ckpt_path.name}.lock"
+    def unlocked(why: str) -> None:
+        log(f"[{desc}] WARNING: no training lock ({why}); make sure no other process trains this model")
+
+    def locked(path: Path):
+        """The lock file, opened and locked by this process; None (said) where none can be taken."""
         while True:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 f = open(path, "a+")
             except OSError as e:
-                log(f"[{desc}] WARNING: no training lock ({path}: {e.strerror or e}); make sure no "
-                    "other process trains this model")
-                yield
-                return
+                unlocked(f"{path}: {e.strerror or e}")
+                return None
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -372,20 +372,25 @@ def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print
                 who = f.read().strip() or "another process"
                 f.close()
                 if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    log(f"[{desc}] WARNING: this file system takes no lock ({e.strerror or e}); "
-                        "make sure no other process trains this model")
-                    yield
-                    return
+                    unlocked(f"this file system takes none: {e.strerror or e}")
+                    return None
                 raise HwnasError(f"[{desc}] {who} is training {ckpt_path.parent} now: wait for it "
                                  "to finish (or stop it), then run this again (with --resume; "
                                  "hwnas run resumes by itself)") from None
             try:  # the file may have been released and removed between our open and our lock
-                same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+                if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                    return f
             except FileNotFoundError:
-                same = False
-            if same:
-                break
+                pass
             f.close()
+
+    @contextlib.contextmanager
+    def held():
+        path = ckpt_path.parent.parent / f".{ckpt_path.parent.name}.{ckpt_path.name}.lock"
+        f = locked(path)
+        if f is None:
+            yield
+            return
         try:
             f.seek(0)
             f.truncate()

@@ -285,11 +285,10 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
         raise HwnasError(f"study {name!r} in {url} was started with other settings {changed}; "
                          "use another --study-name (or the original settings to resume it)")
-    if old is None:
-        study.set_user_attr("hwnas", meta)
     for params in user:  # the caller's known archs first
         study.enqueue_trial(params, user_attrs={"baseline": "user"})
     if old is None:
+        study.set_user_attr("hwnas", meta)
         _enqueue_baselines(study, space, predictor, budget, s.sampler, seed)
     done = _n_feasible(study)
     if done:
