@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="name of the model directory under RUN_DIR/query/")
     p.add_argument("--no-inherit", action="store_true",
                    help="train the arch from scratch instead of from the supernet's weights")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="with --from-search: train N of the finalists at once, each in its own "
+                        "process (query.jobs)")
 
     p = add("adapt", "Fine-tune a trained query model on the gallery's images (no labels), "
             "then evaluate it.")
@@ -262,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)  # a step whose config it changes is done again
     p.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip (and count) unreadable images instead of stopping (data.skip_bad_images)")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="train N of the finalists and baselines at once, each in its own process "
+                        "(query.jobs; on a CPU, N single-threaded trainings finish sooner than "
+                        "one after another)")
     p.add_argument("--from", dest="redo_from", metavar="STEP",
                    help="do STEP and every step that builds on it again (steps whose config "
                         "changed are done again anyway); STEP: data, profile, train-gallery, "
@@ -330,6 +337,8 @@ def _load(args):
         v = getattr(args, flag, None)
         if v is not None:
             setattr(d, attr, v)
+    if getattr(args, "jobs", None) is not None:
+        cfg.query.jobs = args.jobs
     if getattr(args, "protocol", None):
         d.split = {**d.split, "protocol": args.protocol}
     if getattr(args, "seed", None) is not None:

@@ -71,8 +71,14 @@ class QueryConfig:
     # schedule; the lowest training loss there finishes (hwnas train-query --from-search, run)
     finalists: int = 0
     finalist_epochs: int = 10
+    # how many of the independent query trainings (the finalists, the baselines) train at
+    # once, each in its own process (hwnas run --jobs); where a model trains, not what it learns
+    jobs: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.jobs, int) or isinstance(self.jobs, bool) or self.jobs < 1:
+            raise HwnasError(f"query.jobs must be a whole number >= 1 (1: one training at a time), "
+                             f"got {self.jobs!r}")
         if not isinstance(self.finalists, int) or self.finalists < 0:
             raise HwnasError(f"query.finalists must be a whole number >= 0 (0 or 1: the search's best "
                              f"arch alone), got {self.finalists!r}")

@@ -211,6 +211,7 @@ def step_keys(cfg: Config, with_runtime: bool = False, as_written: bool = False)
     # how the searched arch is picked concerns train-query alone (off: nothing in any key)
     fin = {k: d["query"].pop(k) for k in ("finalists", "finalist_epochs")}
     d["finalists"] = fin if fin["finalists"] > 1 else None
+    d["query"].pop("jobs", None)  # how many train at once: not what they learn
     from hwnas.export.onnx import GRAPH_FORM
 
     for name in STEPS:
@@ -547,8 +548,8 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     def baselines():
         from hwnas.report import baseline_models
 
-        for name, kw in baseline_models(cfg, space).items():
-            api.train_query(cfg, name=name, resume=True, retrain_changed=True, log=log, **kw)
+        api.train_many(cfg, [{"name": name, "resume": True, "retrain_changed": True, **kw}
+                             for name, kw in baseline_models(cfg, space).items()], log=log)
 
     def deploy():
         from hwnas.export.deploy import deploy as do_deploy

@@ -135,6 +135,13 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     return path
 
 
+def bars_off(off: bool = False) -> bool | None:
+    """tqdm's ``disable`` for a progress bar: off when asked, or in one of several trainings
+    that share a terminal (``HWNAS_NO_BARS``, set by :func:`hwnas.compat.api.train_many`: their
+    per-epoch lines say the rate and ETA), else tqdm's own choice (off where not a terminal)."""
+    return True if off or os.environ.get("HWNAS_NO_BARS") else None
+
+
 def env_world_size() -> int:
     """The process count torchrun set in ``WORLD_SIZE`` (unset or empty: 1); anything but a
     whole number >= 1 is an error naming it."""

@@ -165,9 +165,10 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     p.wait()
     steps = json.loads((run / "steps.json").read_text())["done"]
     assert {"data", "profile"} <= set(steps) and "train-gallery" not in steps
-    r = hwnas("run", str(cfg), timeout=900)
+    r = hwnas("run", str(cfg), "--jobs", "2", timeout=900)  # the baselines two at a time
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "profile: done earlier, kept" in r.stdout
+    assert "[jobs] 4 trainings, 2 at a time (1 thread(s) each)" in r.stdout
     assert "resuming after epoch" in r.stdout  # the gallery continued from its checkpoint
     rep = json.loads((run / "report.json").read_text())
     assert {"paragon", "rows", "targets", "budget_ms", "searched_pareto_better_than", "searched_dominated_by",

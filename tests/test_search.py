@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
 from conftest import tiny_config, write_cfg
 from hwnas.compat import api
@@ -249,6 +250,36 @@ def test_finalists_pick_by_training_loss_and_continue(search_run):
     cfg.query.finalist_epochs = 2  # not part way
     with pytest.raises(HwnasError, match="finalist_epochs"):
         api.train_searched(cfg, name="picked", log=quiet)
+
+
+def test_train_many_in_processes_trains_what_one_at_a_time_does(search_run):
+    """query.jobs: independent trainings side by side, each in its own process, give the
+    models one process gives; a failed job is named after the others finish."""
+    root, cfg_path = search_run
+    cfg = load_config(cfg_path)
+    cfg.query.train = {**cfg.query.train, "threads": 1}
+    space = cfg.search_space()
+    archs = [space.smallest().to_string(space), space.largest().to_string(space)]
+    quiet = lambda *_: None  # noqa: E731
+    cfg.query.jobs = 2
+    bad = {"arch": "k3@1", "name": "bad"}  # not an arch of the space: refused in its process
+    with pytest.raises(HwnasError, match=r"1 of 3 trainings failed .*: bad: arch has 1 layers"):
+        api.train_many(cfg, [{"arch": a, "name": f"many-{i}"} for i, a in enumerate(archs)] + [bad], log=quiet)
+    run = root / "run"
+    side = [json.loads((run / "query" / f"many-{i}" / "config.json").read_text()) for i in range(2)]
+    cfg.query.jobs = 1
+    alone = api.train_many(cfg, [{"arch": a, "name": f"one-{i}"} for i, a in enumerate(archs)], log=quiet)
+    from hwnas.nn.models import load_state
+
+    for i, (s, a) in enumerate(zip(side, alone)):
+        assert s["arch"] == a["arch"]
+        assert [h["loss"] for h in s["history"]] == [h["loss"] for h in a["history"]]
+        w1, w2 = (load_state(run / "query" / f"{p}-{i}")[1]["net"] for p in ("many", "one"))
+        # the same weights (BN statistics summed on another thread count may round apart)
+        assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], rtol=0, atol=1e-6) for k in w1)
+    with pytest.raises(HwnasError, match="query.jobs must be a whole number >= 1"):
+        cfg.query.jobs = 0
+        cfg.validate()
 
 
 def test_resume_after_kill_keeps_trials(search_run, tmp_path):

@@ -22,7 +22,7 @@ import torch
 from hwnas.config import Config
 from hwnas.errors import HwnasError
 from hwnas.rundir import RunDir
-from hwnas.utils import atomic_path, read_json, write_json
+from hwnas.utils import atomic_path, bars_off, read_json, write_json
 
 
 # ---------------------------------------------------------------------- data
@@ -76,7 +76,7 @@ def embed(net, images: torch.Tensor, normalize, batch: int = 256, desc: str = "e
 
     net.eval()
     out = []
-    for i in tqdm(range(0, len(images), batch), desc=desc, leave=False, disable=None if len(images) >= 4096 else True):
+    for i in tqdm(range(0, len(images), batch), desc=desc, leave=False, disable=bars_off(len(images) < 4096)):
         x = normalize(images[i:i + batch])
         out.append(net(x) if arch is None else net(x, arch))
     return torch.cat(out).numpy()
@@ -630,6 +630,111 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     return saved
 
 
+def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
+    """Train independent query models (each job: :func:`train_query`'s keyword arguments) and
+    return their results in order: one after another, or with ``query.jobs`` N > 1, N at a
+    time, each in its own process.
+
+    Small query models keep few threads busy: on a CPU, N single-threaded trainings side by
+    side finish sooner than N in turn with every core each. A job whose ``query.train.threads``
+    is unset trains on the physical cores / N (at least 1). Each process trains exactly what
+    the job would train alone (checkpoints, models and keys are the same). Every job runs to its
+    end before the first failure is raised; a failed job keeps its checkpoint to resume. Ctrl-C
+    (or a killed process) stops the others, each keeping its finished epochs."""
+    n = min(cfg.query.jobs, len(jobs))
+    if n <= 1:
+        return [train_query(cfg, log=log, **kw) for kw in jobs]
+    import copy
+    import multiprocessing as mp
+    import os
+    from multiprocessing.connection import wait
+
+    from hwnas.compat.train import dist_info
+    from hwnas.latency.backends import physical_cores
+
+    if dist_info()[1] > 1:
+        raise HwnasError("query.jobs trains in processes of its own: under torchrun set query.jobs: 1")
+    job_cfg = copy.deepcopy(cfg)
+    threads = cfg.train_config("query").threads or max(1, physical_cores() // n)
+    job_cfg.query.train = {**cfg.query.train, "threads": threads}
+    names = [kw.get("name") or kw.get("timm_name") or kw.get("arch") for kw in jobs]
+    log(f"[jobs] {len(jobs)} trainings, {n} at a time ({threads} thread(s) each): {', '.join(map(str, names))}")
+    ctx = mp.get_context("spawn")  # (not fork: torch's thread pools do not survive a fork)
+    results: list = [None] * len(jobs)
+    failed: list[str] = []
+    todo = list(range(len(jobs)))
+    running: dict = {}  # connection -> (job index, process)
+    try:
+        while todo or running:
+            while todo and len(running) < n:
+                i = todo.pop(0)
+                recv, send = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_train_job, args=(job_cfg, jobs[i], send, os.getpid()), name=f"hwnas-{names[i]}")
+                p.start()
+                send.close()  # the child's end: the parent sees EOF when the child is gone
+                running[recv] = (i, p)
+            for conn in wait(list(running)):
+                i, p = running.pop(conn)
+                try:
+                    status, value = conn.recv()
+                except EOFError:  # died without a word: killed, or out of memory
+                    p.join()
+                    status, value = "error", f"its process ended with exit code {p.exitcode} before finishing"
+                conn.close()
+                p.join()
+                if status == "ok":
+                    results[i] = value
+                elif status == "interrupted":
+                    raise KeyboardInterrupt
+                else:
+                    failed.append(f"{names[i]}: {value}")
+                    log(f"[jobs] {names[i]} failed: {value}")
+    except BaseException:
+        for conn, (_, p) in running.items():  # each keeps its checkpoint's finished epochs
+            p.terminate()
+        for conn, (_, p) in running.items():
+            p.join()
+            conn.close()
+        raise
+    if failed:
+        raise HwnasError(f"{len(failed)} of {len(jobs)} trainings failed (the others finished and are kept; "
+                         "run again to resume): " + "; ".join(failed))
+    return results
+
+
+def _train_job(cfg: Config, kw: dict, conn, parent: int) -> None:
+    """One of :func:`train_many`'s processes: train, then send ("ok", result) or why not."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+    import traceback
+
+    def watch() -> None:  # a parent killed outright (SIGKILL, SIGTERM) takes its trainings along,
+        while os.getppid() == parent:  # or they would train on, holding their models' locks
+            time.sleep(1.0)
+        os._exit(1)  # (as a kill: the checkpoint keeps the finished epochs)
+
+    threading.Thread(target=watch, daemon=True).start()
+    # train_many stops its trainings with SIGTERM: end as an exit, so what a training holds is let go
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    os.environ["HWNAS_NO_BARS"] = "1"  # several bars on one terminal garble each other
+    torch.set_num_threads(cfg.train_config("query").threads)  # from the start (BN recalibration too)
+    sys.stdout.reconfigure(line_buffering=True)  # whole lines, not interleaved blocks
+    try:
+        result = ("ok", train_query(cfg, log=print, **kw))
+    except HwnasError as e:
+        result = ("error", str(e))
+    except KeyboardInterrupt:
+        result = ("interrupted", None)
+    except Exception as e:  # noqa: BLE001 (sent to the parent, which names the job)
+        traceback.print_exc()
+        result = ("error", f"{type(e).__name__}: {e}")
+    conn.send(result)
+    conn.close()
+
+
 def train_searched(cfg: Config, name: str = "searched", resume: bool = False, restart: bool = False,
                    retrain_changed: bool = False, search_dir: Path | None = None,
                    finalist_prefix: str = "finalist", log=print) -> dict:
@@ -669,13 +774,14 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
     # a finalist's run is its arch's with this run's supernet (when inheriting): a retrained
     # supernet gives other finalists, not the old ones' checkpoints
     sfp = read_json(rd.path / "supernet" / "config.json")["fingerprint"] if cfg.query.inherit else None
-    rows, cands = [], top_archs(search_dir, k)  # the search's best first
+    cands, jobs = top_archs(search_dir, k), []  # the search's best first
     for i, c in enumerate(cands):
         log(f"[finalists] {i + 1}/{len(cands)}: search reward {c['reward']:.4f}, {c['predicted_ms']:.4f} ms "
             f"predicted, {e} of {tc.epochs} epochs")
         fname = f"{finalist_prefix}-{content_hash({'arch': space.parse(c['arch']).to_string(space), 'supernet': sfp}, 8)}"
-        r = train_query(cfg, arch=c["arch"], name=fname, resume=True, retrain_changed=True, stop_after=e, log=log)
-        rows.append({**c, "name": r["name"], "train_loss": r["history"][e - 1]["loss"]})
+        jobs.append({"arch": c["arch"], "name": fname, "resume": True, "retrain_changed": True, "stop_after": e})
+    rows = [{**c, "name": r["name"], "train_loss": r["history"][e - 1]["loss"]}
+            for c, r in zip(cands, train_many(cfg, jobs, log=log))]
     chosen = min(rows, key=lambda r: r["train_loss"])
     rank = rows.index(chosen) + 1
     log("[finalists] training loss after {} epochs: {}; chosen {} (search rank {})".format(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwnas.errors import HwnasError
-from hwnas.utils import atomic_path, content_hash, env_world_size
+from hwnas.utils import atomic_path, bars_off, content_hash, env_world_size
 
 AUGMENTS = ("none", "crop", "crop-flip", "affine")
 
@@ -501,7 +501,7 @@ def _fit(
         sums: dict[str, float] = {}
         t0 = time.time()
         bar = tqdm(total=len(perm), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="img",
-                   disable=None if rank == 0 else True, mininterval=2.0, leave=False, dynamic_ncols=True)
+                   disable=bars_off(rank != 0), mininterval=2.0, leave=False, dynamic_ncols=True)
         for step in range(spe):
             idx = torch.from_numpy(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size])
             lr = lr_at(cfg, epoch * spe + step, total, spe)

@@ -14,6 +14,7 @@ import numpy as np
 
 from hwnas.data.sources import Collection
 from hwnas.errors import DataError
+from hwnas.utils import bars_off
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def check_readable(col: Collection, indices: Sequence[int], skip_bad: bool = Fal
 
     bad: list[tuple[str, str]] = []
     indices = np.unique(np.asarray(indices, dtype=np.int64))
-    for i in tqdm(indices, desc=desc, unit="img", disable=None if (progress and len(indices) >= 2000) else True,
+    for i in tqdm(indices, desc=desc, unit="img", disable=bars_off(not progress or len(indices) < 2000),
                   mininterval=1.0, leave=False):
         try:
             col.read(int(i))
@@ -119,7 +120,7 @@ def materialize(
     out = np.empty((len(indices), pre.channels, pre.size, pre.size), np.uint8)
     kept = np.ones(len(indices), bool)
     skipped: list[str] = []
-    it = tqdm(range(len(indices)), desc=desc, unit="img", disable=None if (progress and len(indices) >= 2000) else True,
+    it = tqdm(range(len(indices)), desc=desc, unit="img", disable=bars_off(not progress or len(indices) < 2000),
               mininterval=1.0, leave=False)
     for j in it:
         i = int(indices[j])
