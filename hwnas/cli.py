@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the arch from scratch instead of from the supernet's weights")
     p.add_argument("--jobs", type=int, metavar="N",
                    help="with --from-search: train N of the finalists at once, each in its own "
-                        "process (query.jobs)")
+                        "process with its own copy of the images (query.jobs)")
 
     p = add("adapt", "Fine-tune a trained query model on the gallery's images (no labels), "
             "then evaluate it.")
@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip (and count) unreadable images instead of stopping (data.skip_bad_images)")
     p.add_argument("--jobs", type=int, metavar="N",
                    help="train N of the finalists and baselines at once, each in its own process "
-                        "(query.jobs; on a CPU, N single-threaded trainings finish sooner than "
-                        "one after another)")
+                        "with its own copy of the images (query.jobs; on a CPU, small models "
+                        "trained side by side finish sooner than one after another)")
     p.add_argument("--from", dest="redo_from", metavar="STEP",
                    help="do STEP and every step that builds on it again (steps whose config "
                         "changed are done again anyway); STEP: data, profile, train-gallery, "
@@ -551,6 +551,9 @@ def cmd_train_query(args) -> int:
     from hwnas.compat.train import is_main
 
     cfg = _load(args)
+    if args.jobs is not None and not args.from_search:
+        raise HwnasError("--jobs trains the finalists side by side: it goes with --from-search "
+                         "(and query.finalists > 1); one model trains in one process")
     if args.from_search:
         from hwnas.compat.api import train_searched
 

@@ -123,6 +123,11 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     assert r.returncode == 2 and "adapt.lr must be positive" in r.stderr and "Traceback" not in r.stderr
     r = hwnas("train-query", "--run-dir", str(tmp_path / "nothing"), "--from-search", "--set", "query.finalists=-1")
     assert r.returncode == 2 and "query.finalists must be a whole number" in r.stderr and "Traceback" not in r.stderr
+    r = hwnas("train-query", "--run-dir", str(tmp_path / "nothing"), "--timm", "resnet18", "--jobs", "2")
+    assert r.returncode == 2 and "--jobs trains the finalists side by side" in r.stderr
+    r = hwnas("run", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "nothing"), "--jobs", "0")
+    assert r.returncode == 2 and "query.jobs must be a whole number >= 1" in r.stderr
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_space_command():
@@ -168,7 +173,7 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     r = hwnas("run", str(cfg), "--jobs", "2", timeout=900)  # the baselines two at a time
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "profile: done earlier, kept" in r.stdout
-    assert "[jobs] 4 trainings, 2 at a time (1 thread(s) each)" in r.stdout
+    assert re.search(r"\[jobs\] 4 trainings, 2 at a time \(\d+ thread\(s\) each\)", r.stdout)
     assert "resuming after epoch" in r.stdout  # the gallery continued from its checkpoint
     rep = json.loads((run / "report.json").read_text())
     assert {"paragon", "rows", "targets", "budget_ms", "searched_pareto_better_than", "searched_dominated_by",

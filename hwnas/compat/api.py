@@ -640,25 +640,30 @@ def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
     is unset trains on the physical cores / N (at least 1). Each process trains exactly what
     the job would train alone (checkpoints, models and keys are the same). Every job runs to its
     end before the first failure is raised; a failed job keeps its checkpoint to resume. Ctrl-C
-    (or a killed process) stops the others, each keeping its finished epochs."""
+    (or a killed process) stops the others, each keeping its finished epochs. The processes
+    print their lines to standard output (``log`` is the parent's alone), and each holds its
+    own copy of the training images, so memory grows with N. POSIX (a parent's death is seen
+    through ``getppid``)."""
     n = min(cfg.query.jobs, len(jobs))
     if n <= 1:
         return [train_query(cfg, log=log, **kw) for kw in jobs]
     import copy
     import multiprocessing as mp
     import os
+    import sys
     from multiprocessing.connection import wait
 
     from hwnas.compat.train import dist_info
-    from hwnas.latency.backends import physical_cores
 
-    if dist_info()[1] > 1:
-        raise HwnasError("query.jobs trains in processes of its own: under torchrun set query.jobs: 1")
+    if dist_info()[1] > 1:  # torchrun's processes already share the work of each training
+        log(f"[jobs] under torchrun: one training at a time (query.jobs {cfg.query.jobs} left aside)")
+        return [train_query(cfg, log=log, **kw) for kw in jobs]
     job_cfg = copy.deepcopy(cfg)
-    threads = cfg.train_config("query").threads or max(1, physical_cores() // n)
+    threads = job_threads(cfg, n)
     job_cfg.query.train = {**cfg.query.train, "threads": threads}
     names = [kw.get("name") or kw.get("timm_name") or kw.get("arch") for kw in jobs]
     log(f"[jobs] {len(jobs)} trainings, {n} at a time ({threads} thread(s) each): {', '.join(map(str, names))}")
+    sys.stdout.flush()  # what the parent said so far comes before what its trainings say
     ctx = mp.get_context("spawn")  # (not fork: torch's thread pools do not survive a fork)
     results: list = [None] * len(jobs)
     failed: list[str] = []
@@ -670,9 +675,9 @@ def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
                 i = todo.pop(0)
                 recv, send = ctx.Pipe(duplex=False)
                 p = ctx.Process(target=_train_job, args=(job_cfg, jobs[i], send, os.getpid()), name=f"hwnas-{names[i]}")
+                running[recv] = (i, p)  # before it starts: an interrupt right then still stops it
                 p.start()
                 send.close()  # the child's end: the parent sees EOF when the child is gone
-                running[recv] = (i, p)
             for conn in wait(list(running)):
                 i, p = running.pop(conn)
                 try:
@@ -690,9 +695,10 @@ def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
                     failed.append(f"{names[i]}: {value}")
                     log(f"[jobs] {names[i]} failed: {value}")
     except BaseException:
-        for conn, (_, p) in running.items():  # each keeps its checkpoint's finished epochs
+        started = [(conn, p) for conn, (_, p) in running.items() if p.pid is not None]
+        for _, p in started:  # each keeps its checkpoint's finished epochs
             p.terminate()
-        for conn, (_, p) in running.items():
+        for conn, p in started:
             p.join()
             conn.close()
         raise
@@ -700,6 +706,14 @@ def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
         raise HwnasError(f"{len(failed)} of {len(jobs)} trainings failed (the others finished and are kept; "
                          "run again to resume): " + "; ".join(failed))
     return results
+
+
+def job_threads(cfg: Config, n: int) -> int:
+    """The torch threads each of ``n`` side-by-side query trainings takes: query.train.threads,
+    or unset, the physical cores / n (at least 1; one training alone: torch's default)."""
+    from hwnas.latency.backends import physical_cores
+
+    return cfg.train_config("query").threads or (torch.get_num_threads() if n <= 1 else max(1, physical_cores() // n))
 
 
 def _train_job(cfg: Config, kw: dict, conn, parent: int) -> None:
@@ -714,7 +728,9 @@ def _train_job(cfg: Config, kw: dict, conn, parent: int) -> None:
     def watch() -> None:  # a parent killed outright (SIGKILL, SIGTERM) takes its trainings along,
         while os.getppid() == parent:  # or they would train on, holding their models' locks
             time.sleep(1.0)
-        os._exit(1)  # (as a kill: the checkpoint keeps the finished epochs)
+        os.kill(os.getpid(), signal.SIGTERM)  # an exit, as below: temp and lock files go
+        time.sleep(30.0)
+        os._exit(1)  # (stuck: as a kill; the checkpoint keeps the finished epochs)
 
     threading.Thread(target=watch, daemon=True).start()
     # train_many stops its trainings with SIGTERM: end as an exit, so what a training holds is let go
