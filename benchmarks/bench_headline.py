@@ -10,6 +10,8 @@ BENCHMARKS.md section `headline`.
 
     python benchmarks/bench_headline.py                       # both configs
     python benchmarks/bench_headline.py --configs configs/quickstart.yaml
+    python benchmarks/bench_headline.py --configs configs/omniglot.yaml \
+        --set query.train.epochs=180 --run-dir runs/omniglot-180 --from-run   # a variant, beside
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def main() -> None:
                     help="report each config's finished run directory as it stands (its report and "
                          "step times) without calling hwnas run: e.g. when the latency table it was "
                          "searched with is gone, which hwnas run would make again and search anew")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override (as hwnas run --set) for every config of this call: "
+                         "reported as a variant beside the config's own figures")
+    ap.add_argument("--run-dir", default=None, help="the run directory (one config only)")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the BENCHMARKS.md section from benchmarks/results/headline.json")
     args = ap.parse_args()
@@ -43,13 +49,22 @@ def main() -> None:
         update_benchmarks_md("headline", markdown(json.loads((ROOT / "benchmarks" / "results" / "headline.json").read_text())))
         return
 
+    import re
+
+    from hwnas.cli import apply_sets
     from hwnas.pipeline import run_pipeline
     from hwnas.report import headline_table
 
+    if args.run_dir and len(args.configs) > 1:
+        raise SystemExit("--run-dir goes with one config")
     out = ROOT / "benchmarks" / "results"
     runs = []
     for path in args.configs:
         cfg = run_config(path)
+        apply_sets(cfg, args.set)
+        if args.run_dir:
+            cfg.run_dir = str(Path(args.run_dir).resolve())
+        cfg.validate()
         run_dir = Path(cfg.run_dir)
         t = time.time()
         if not args.from_run:
@@ -60,23 +75,24 @@ def main() -> None:
         if "report" not in steps.get("done", {}):
             raise SystemExit(f"{run_dir} holds no finished run: `hwnas run {path}` first (or leave out --from-run)")
         report = json.loads((run_dir / "report.json").read_text())
-        name = Path(path).stem
+        name = Path(path).stem + "".join("_" + re.sub(r"[^A-Za-z0-9]+", "_", x) for x in args.set)
         png = out / f"headline_{name}.png"
         shutil.copyfile(run_dir / "report_accuracy_vs_latency.png", png)
-        runs.append({"config": Path(path).name, "run_dir": str(run_dir), "this_call_s": time.time() - t,
+        runs.append({"config": " --set ".join([Path(path).name, *args.set]), "run_dir": str(run_dir),
+                     "this_call_s": time.time() - t,
                      "step_seconds": {k: v.get("seconds") for k, v in steps["done"].items()},
                      "report": report, "png": png.name, **({"note": args.note} if args.note else {}),
                      **({"from_run": steps["done"]["report"]["finished"]} if args.from_run else {})})
         print(headline_table(report), flush=True)
-    # configs not run this time keep their last figures (marked with the date they were run)
+    # configs not run this time keep their last figures (marked with the date they were run),
+    # and their place in the table; a config new to it goes last
     prev = out / "headline.json"
     if prev.exists():
         old = json.loads(prev.read_text())
-        done = {r["config"] for r in runs}
-        for r in old.get("runs", []):
-            if r["config"] not in done:
-                runs.append({**r, "measured": r.get("measured") or old["machine"].get("date"),
-                             "machine": r.get("machine") or old["machine"]})
+        new = {r["config"]: r for r in runs}
+        runs = [new.pop(r["config"], None) or {**r, "measured": r.get("measured") or old["machine"].get("date"),
+                                               "machine": r.get("machine") or old["machine"]}
+                for r in old.get("runs", [])] + list(new.values())
     # the Machine line's date is when this call's figures were measured: a --from-run report's own
     m = machine()
     m["date"] = max(r["from_run"][:10] if r.get("from_run") else m["date"] for r in runs if not r.get("measured"))
