@@ -635,15 +635,16 @@ def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
     return their results in order: one after another, or with ``query.jobs`` N > 1, N at a
     time, each in its own process.
 
-    Small query models keep few threads busy: on a CPU, N single-threaded trainings side by
-    side finish sooner than N in turn with every core each. A job whose ``query.train.threads``
-    is unset trains on the physical cores / N (at least 1). Each process trains exactly what
-    the job would train alone (checkpoints, models and keys are the same). Every job runs to its
-    end before the first failure is raised; a failed job keeps its checkpoint to resume. Ctrl-C
-    (or a killed process) stops the others, each keeping its finished epochs. The processes
-    print their lines to standard output (``log`` is the parent's alone), and each holds its
-    own copy of the training images, so memory grows with N. POSIX (a parent's death is seen
-    through ``getppid``)."""
+    The costliest job (by FLOPs) starts first, so the longest training is not left to run alone
+    at the end. With ``query.train.threads`` unset, each training takes the physical cores / N
+    threads (at least 1), and once no job is left to start, the cores a finished training freed
+    go to those still running (from their next epoch). Each process
+    trains what the job would train alone (checkpoints, models and keys are the same; another
+    thread count only rounds sums apart). Every job runs to its end before the first failure
+    is raised; a failed job keeps its checkpoint to resume. Ctrl-C (or a killed process) stops
+    the others, each keeping its finished epochs. The processes print their lines to standard
+    output (``log`` is the parent's alone), and each holds its own copy of the training
+    images, so memory grows with N. POSIX (a parent's death is seen through ``getppid``)."""
     n = min(cfg.query.jobs, len(jobs))
     if n <= 1:
         return [train_query(cfg, log=log, **kw) for kw in jobs]
@@ -654,6 +655,7 @@ def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
     from multiprocessing.connection import wait
 
     from hwnas.compat.train import dist_info
+    from hwnas.latency.backends import physical_cores
 
     if dist_info()[1] > 1:  # torchrun's processes already share the work of each training
         log(f"[jobs] under torchrun: one training at a time (query.jobs {cfg.query.jobs} left aside)")
@@ -661,25 +663,27 @@ def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
     job_cfg = copy.deepcopy(cfg)
     threads = job_threads(cfg, n)
     job_cfg.query.train = {**cfg.query.train, "threads": threads}
+    cores = None if cfg.train_config("query").threads else physical_cores()  # None: the user's count, kept
     names = [kw.get("name") or kw.get("timm_name") or kw.get("arch") for kw in jobs]
-    log(f"[jobs] {len(jobs)} trainings, {n} at a time ({threads} thread(s) each): {', '.join(map(str, names))}")
+    todo = sorted(range(len(jobs)), key=lambda i: -_job_flops(cfg, jobs[i]))  # costliest first
+    log(f"[jobs] {len(jobs)} trainings, {n} at a time ({threads} thread(s) each): "
+        + ", ".join(str(names[i]) for i in todo))
     sys.stdout.flush()  # what the parent said so far comes before what its trainings say
     ctx = mp.get_context("spawn")  # (not fork: torch's thread pools do not survive a fork)
     results: list = [None] * len(jobs)
     failed: list[str] = []
-    todo = list(range(len(jobs)))
-    running: dict = {}  # connection -> (job index, process)
+    running: dict = {}  # connection -> [job index, process, threads]
     try:
         while todo or running:
             while todo and len(running) < n:
                 i = todo.pop(0)
-                recv, send = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_train_job, args=(job_cfg, jobs[i], send, os.getpid()), name=f"hwnas-{names[i]}")
-                running[recv] = (i, p)  # before it starts: an interrupt right then still stops it
+                conn, child = ctx.Pipe()  # results up, thread counts down
+                p = ctx.Process(target=_train_job, args=(job_cfg, jobs[i], child, os.getpid()), name=f"hwnas-{names[i]}")
+                running[conn] = [i, p, threads]  # before it starts: an interrupt right then still stops it
                 p.start()
-                send.close()  # the child's end: the parent sees EOF when the child is gone
+                child.close()  # the child's end: the parent sees EOF when the child is gone
             for conn in wait(list(running)):
-                i, p = running.pop(conn)
+                i, p, _ = running.pop(conn)
                 try:
                     status, value = conn.recv()
                 except EOFError:  # died without a word: killed, or out of memory
@@ -694,8 +698,18 @@ def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
                 else:
                     failed.append(f"{names[i]}: {value}")
                     log(f"[jobs] {names[i]} failed: {value}")
+            if not todo and running and cores:  # the freed cores to the trainings left
+                share = max(1, cores // len(running))
+                for conn, job in running.items():
+                    if share > job[2]:
+                        try:
+                            conn.send(share)  # read where the training next logs (each epoch)
+                        except OSError:  # it is ending: its result (or EOF) comes next
+                            continue
+                        job[2] = share
+                        log(f"[jobs] {names[job[0]]}: {share} threads from its next epoch (no training is left to start)")
     except BaseException:
-        started = [(conn, p) for conn, (_, p) in running.items() if p.pid is not None]
+        started = [(conn, job[1]) for conn, job in running.items() if job[1].pid is not None]
         for _, p in started:  # each keeps its checkpoint's finished epochs
             p.terminate()
         for conn, p in started:
@@ -709,15 +723,35 @@ def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
 
 
 def job_threads(cfg: Config, n: int) -> int:
-    """The torch threads each of ``n`` side-by-side query trainings takes: query.train.threads,
-    or unset, the physical cores / n (at least 1; one training alone: torch's default)."""
+    """The torch threads each of ``n`` side-by-side query trainings starts with:
+    query.train.threads, or unset, the physical cores / n (at least 1; one training alone:
+    torch's default)."""
     from hwnas.latency.backends import physical_cores
 
     return cfg.train_config("query").threads or (torch.get_num_threads() if n <= 1 else max(1, physical_cores() // n))
 
 
+def _job_flops(cfg: Config, kw: dict) -> int:
+    """A query training's cost, to order :func:`train_many`'s jobs: the model's FLOPs per image
+    (0 where it cannot be built: the job then fails in its own process, with its own message)."""
+    try:
+        if kw.get("arch") is not None:
+            from hwnas.space import arch_flops
+
+            space = cfg.search_space()
+            return arch_flops(space, space.parse(kw["arch"]))
+        from hwnas.nn.models import EmbeddingNet
+
+        return model_flops(EmbeddingNet(kw["timm_name"], cfg.search_space().embed_dim, cfg.preprocess().channels,
+                                        bn=False), cfg.preprocess())
+    except Exception:  # noqa: BLE001
+        return 0
+
+
 def _train_job(cfg: Config, kw: dict, conn, parent: int) -> None:
-    """One of :func:`train_many`'s processes: train, then send ("ok", result) or why not."""
+    """One of :func:`train_many`'s processes: train, then send ("ok", result) or why not. A
+    thread count the parent sends is taken where the training next logs (once an epoch), in
+    the training's own thread (OpenMP's thread count is the calling thread's)."""
     import os
     import signal
     import sys
@@ -732,6 +766,15 @@ def _train_job(cfg: Config, kw: dict, conn, parent: int) -> None:
         time.sleep(30.0)
         os._exit(1)  # (stuck: as a kill; the checkpoint keeps the finished epochs)
 
+    given = [0]  # the last count sent (kept: fit sets the job's own count as it starts)
+
+    def log(msg) -> None:
+        while conn.poll():
+            given[0] = int(conn.recv())
+        if given[0] and torch.get_num_threads() != given[0]:
+            torch.set_num_threads(given[0])
+        print(msg)
+
     threading.Thread(target=watch, daemon=True).start()
     # train_many stops its trainings with SIGTERM: end as an exit, so what a training holds is let go
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -739,7 +782,7 @@ def _train_job(cfg: Config, kw: dict, conn, parent: int) -> None:
     torch.set_num_threads(cfg.train_config("query").threads)  # from the start (BN recalibration too)
     sys.stdout.reconfigure(line_buffering=True)  # whole lines, not interleaved blocks
     try:
-        result = ("ok", train_query(cfg, log=print, **kw))
+        result = ("ok", train_query(cfg, log=log, **kw))
     except HwnasError as e:
         result = ("error", str(e))
     except KeyboardInterrupt:
