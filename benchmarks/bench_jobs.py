@@ -52,30 +52,18 @@ def time_jobs(cfg, jobs: int) -> dict:
                         "final_loss": d["history"][-1]["loss"]} for d in done]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/quickstart.yaml")
-    ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
-    args = ap.parse_args()
-    from hwnas.latency.backends import physical_cores
-
-    cfg = run_config(ROOT / args.config)
-    name = Path(args.config).stem
-    cfg.run_dir = str(scratch_run(cfg, name))
-    m = machine()
-    rows = [time_jobs(cfg, j) for j in args.jobs]
+def markdown(res: dict) -> str:
+    rows, cfg_name = res["rows"], res["config"]
     base = rows[0]["wall_s"]
-    res = {"machine": m, "config": args.config, "physical_cores": physical_cores(),
-           "epochs": cfg.train_config("query").epochs, "rows": rows}
-    save_results(f"jobs_{name}", res)
     lines = [
-        f"## Parallel query trainings: `hwnas run --jobs N` (issue 7, `{args.config}`)", "",
-        f"Machine: {machine_line(m)} ({res['physical_cores']} physical cores). Script: "
-        f"`benchmarks/bench_jobs.py --config {args.config}`. The baselines step of the finished run "
+        f"## Parallel query trainings: `hwnas run --jobs N` (issue 7, `{cfg_name}`)", "",
+        f"Machine: {machine_line(res['machine'])} ({res['physical_cores']} physical cores). Script: "
+        f"`benchmarks/bench_jobs.py --config {cfg_name}`. The baselines step of the finished run "
         f"(its four query models, {res['epochs']} epochs each, inheriting the supernet's weights), "
-        "trained in a scratch copy of the run, one setting after the other on a quiet machine. "
-        "`threads`: torch intra-op threads per training.", "",
-        "| query.jobs | threads each | wall min | speed-up | " + " | ".join(
+        "trained in a scratch copy of the run, one setting after the other, one run each. "
+        "`threads`: torch intra-op threads per training; side by side, the last trainings "
+        "take the freed cores once none is left to start." + (f" {res['note']}" if res.get("note") else ""), "",
+        "| query.jobs | threads each at start | wall min | speed-up | " + " | ".join(
             f"{d['name']} train min / final loss" for d in rows[0]["models"]) + " |",
         "|---|---|---|---|" + "---|" * len(rows[0]["models"]),
     ]
@@ -87,8 +75,39 @@ def main() -> None:
     lines += ["", f"Side by side, each model's own training minutes overlap, so they add up to more than the "
               f"wall time. The largest relative difference of a final training loss from query.jobs "
               f"{rows[0]['jobs']}: {100 * diff:.2f}% (another thread count rounds the sums apart)."]
-    update_benchmarks_md(f"jobs-{name}", "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--note", default=None, help="a sentence printed under the machine line")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite the BENCHMARKS.md section from benchmarks/results/jobs_<config>.json")
+    args = ap.parse_args()
+    import json
+
+    from hwnas.latency.backends import physical_cores
+
+    name = Path(args.config).stem
+    if args.render_only:
+        res = json.loads((ROOT / "benchmarks" / "results" / f"jobs_{name}.json").read_text())
+        if args.note:
+            res["note"] = args.note
+            save_results(f"jobs_{name}", res)
+    else:
+        cfg = run_config(ROOT / args.config)
+        cfg.run_dir = str(scratch_run(cfg, name))
+        m = machine()
+        rows = [time_jobs(cfg, j) for j in args.jobs]
+        res = {"machine": m, "config": args.config, "physical_cores": physical_cores(),
+               "epochs": cfg.train_config("query").epochs, "rows": rows,
+               **({"note": args.note} if args.note else {})}
+        save_results(f"jobs_{name}", res)
+    text = markdown(res)
+    update_benchmarks_md(f"jobs-{name}", text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -551,9 +551,9 @@ def cmd_train_query(args) -> int:
     from hwnas.compat.train import is_main
 
     cfg = _load(args)
-    if args.jobs is not None and not args.from_search:
+    if args.jobs is not None and (not args.from_search or cfg.query.finalists <= 1):
         raise HwnasError("--jobs trains the finalists side by side: it goes with --from-search "
-                         "(and query.finalists > 1); one model trains in one process")
+                         "and query.finalists > 1; one model trains in one process")
     if args.from_search:
         from hwnas.compat.api import train_searched
 

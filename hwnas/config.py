@@ -72,7 +72,8 @@ class QueryConfig:
     finalists: int = 0
     finalist_epochs: int = 10
     # how many of the independent query trainings (the finalists, the baselines) train at
-    # once, each in its own process (hwnas run --jobs); where a model trains, not what it learns
+    # once, each in its own process (hwnas run --jobs); where models train, not what they learn
+    # (another thread count only rounds apart)
     jobs: int = 1
 
     def __post_init__(self) -> None:

@@ -125,6 +125,8 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     assert r.returncode == 2 and "query.finalists must be a whole number" in r.stderr and "Traceback" not in r.stderr
     r = hwnas("train-query", "--run-dir", str(tmp_path / "nothing"), "--timm", "resnet18", "--jobs", "2")
     assert r.returncode == 2 and "--jobs trains the finalists side by side" in r.stderr
+    r = hwnas("train-query", "--run-dir", str(tmp_path / "nothing"), "--from-search", "--jobs", "2")
+    assert r.returncode == 2 and "and query.finalists > 1" in r.stderr  # no finalists: nothing side by side
     r = hwnas("run", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "nothing"), "--jobs", "0")
     assert r.returncode == 2 and "query.jobs must be a whole number >= 1" in r.stderr
     assert not (tmp_path / "nothing").exists()

@@ -686,7 +686,8 @@ def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
                 i, p, _ = running.pop(conn)
                 try:
                     status, value = conn.recv()
-                except EOFError:  # died without a word: killed, or out of memory
+                except (EOFError, OSError):  # died without a word: killed, or out of memory (with a
+                    # thread count of ours unread, the pipe reports a reset rather than EOF)
                     p.join()
                     status, value = "error", f"its process ended with exit code {p.exitcode} before finishing"
                 conn.close()
@@ -769,8 +770,11 @@ def _train_job(cfg: Config, kw: dict, conn, parent: int) -> None:
     given = [0]  # the last count sent (kept: fit sets the job's own count as it starts)
 
     def log(msg) -> None:
-        while conn.poll():
-            given[0] = int(conn.recv())
+        try:
+            while conn.poll():
+                given[0] = int(conn.recv())
+        except (EOFError, OSError):  # the parent is gone: the watchdog ends this process
+            pass
         if given[0] and torch.get_num_threads() != given[0]:
             torch.set_num_threads(given[0])
         print(msg)
