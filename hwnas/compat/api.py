@@ -638,14 +638,18 @@ def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
     The costliest job (by FLOPs) starts first, so the longest training is not left to run alone
     at the end. With ``query.train.threads`` unset, each training takes the physical cores / N
     threads (at least 1), and once no job is left to start, the cores a finished training freed
-    go to those still running (from their next epoch). Each process
-    trains what the job would train alone (checkpoints, models and keys are the same; another
-    thread count only rounds sums apart). Every job runs to its end before the first failure
-    is raised; a failed job keeps its checkpoint to resume. Ctrl-C (or a killed process) stops
+    go to those still running (from their next epoch). Each process trains what the job would
+    train alone (checkpoints, models and keys are the same; another thread count only rounds
+    sums apart). Every job runs to its end before the first failure is raised; a failed job keeps its checkpoint to resume. Ctrl-C (or a killed process) stops
     the others, each keeping its finished epochs. The processes print their lines to standard
     output (``log`` is the parent's alone), and each holds its own copy of the training
     images, so memory grows with N. POSIX (a parent's death is seen through ``getppid``)."""
+    from hwnas.compat.train import dist_info
+
     n = min(cfg.query.jobs, len(jobs))
+    if n > 1 and dist_info()[1] > 1:  # torchrun's processes already share the work of each training
+        log(f"[jobs] under torchrun: one training at a time (query.jobs {cfg.query.jobs} left aside)")
+        n = 1
     if n <= 1:
         return [train_query(cfg, log=log, **kw) for kw in jobs]
     import copy
@@ -654,12 +658,8 @@ def train_many(cfg: Config, jobs: list[dict], log=print) -> list[dict]:
     import sys
     from multiprocessing.connection import wait
 
-    from hwnas.compat.train import dist_info
     from hwnas.latency.backends import physical_cores
 
-    if dist_info()[1] > 1:  # torchrun's processes already share the work of each training
-        log(f"[jobs] under torchrun: one training at a time (query.jobs {cfg.query.jobs} left aside)")
-        return [train_query(cfg, log=log, **kw) for kw in jobs]
     job_cfg = copy.deepcopy(cfg)
     threads = job_threads(cfg, n)
     job_cfg.query.train = {**cfg.query.train, "threads": threads}
