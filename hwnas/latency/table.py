@@ -95,7 +95,7 @@ class LatencyTable:
                 f"{where} was measured on graph form {h.get('graph_form', 1)} of the exported "
                 f"networks, and this hwnas exports form {GRAPH_FORM} (hwnas/export/onnx.py, "
                 "GRAPH_FORM), so its entries and calibration no longer describe what is deployed; "
-                f"{fix}" + ("" if fix.endswith("--remeasure") else " --remeasure"))
+                f"{fix}" + ("" if hasattr(self, "path") else " --remeasure"))  # (with a path, fix has it)
         if h.get("space_hash") != space.hash:
             raise HwnasError(f"{where} was built for search space {h.get('space_hash')}, not "
                              f"{space.hash} (the config's space changed); {fix}")
