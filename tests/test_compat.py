@@ -819,18 +819,10 @@ def test_a_users_backbone_checkpoint_loads_and_a_bad_one_is_named(tmp_path):
         load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "other.safetensors")
 
 
-def test_one_process_at_a_time_trains_a_checkpoint(tmp_path):
-    """A second training of the same checkpoint (hwnas train-query by hand beside hwnas run)
-    is refused, naming the process that holds it, instead of both writing one checkpoint; once
-    that one is done the training goes ahead. The lock lies beside the model's folder, so a
-    --restart that empties the folder leaves it held."""
-    import subprocess
+def _hold_lock(ck: Path) -> subprocess.Popen:
+    """Another process holding ``ck``'s training lock until a line comes on its stdin."""
     import textwrap
 
-    from hwnas.compat.train import TrainConfig, fit
-
-    images, labels = torch.rand(32, 1, 2, 2), torch.randint(0, 3, (32,))
-    ck = tmp_path / "m" / "checkpoint.safetensors"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
@@ -840,6 +832,55 @@ def test_one_process_at_a_time_trains_a_checkpoint(tmp_path):
             sys.stdin.readline()
         """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
     assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_folder_another_process_trains_in_is_left_alone(trained_gallery, tmp_path):
+    """--restart empties a model's folder and a changed model is deleted before its training
+    loop starts: with another process training in that folder, the call is refused before
+    any of it, and the other's files stay; under torchrun every rank is refused, none left
+    waiting at a barrier."""
+    cfg_path = _clone_run(trained_gallery, tmp_path, query={"train": {"epochs": 1, "batch_size": 32}})
+    cfg = load_config(cfg_path)
+    arch = cfg.search_space().smallest().to_string()
+    folder = tmp_path / "run" / "query" / "small"
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.safetensors").write_bytes(b"the other's epochs")
+    gallery = (tmp_path / "run" / "gallery" / "config.json").read_text()
+    holders = [_hold_lock(folder / "checkpoint.safetensors"),
+               _hold_lock(tmp_path / "run" / "gallery" / "checkpoint.safetensors")]
+    try:
+        for kw in ({"restart": True}, {"resume": True, "retrain_changed": True}):
+            with pytest.raises(HwnasError, match=rf"process {holders[0].pid} on .* is training {re.escape(str(folder))} now"):
+                api.train_query(cfg, arch=arch, name="small", inherit=False, log=lambda *_: None, **kw)
+        with pytest.raises(HwnasError, match="is training"):
+            api.train_gallery(cfg, restart=True, log=lambda *_: None)
+        assert (folder / "checkpoint.safetensors").read_bytes() == b"the other's epochs"
+        assert (tmp_path / "run" / "gallery" / "config.json").read_text() == gallery
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "hwnas.cli", "train-query", "--arch", arch, "--no-inherit", "--name", "small",
+                            "--restart", "--config", str(cfg_path)],
+                           env=_env(), capture_output=True, text=True, timeout=240)
+        assert r.returncode != 0 and r.stderr.count("is training") >= 2, r.stdout[-2000:] + r.stderr[-3000:]
+        assert (folder / "checkpoint.safetensors").read_bytes() == b"the other's epochs"
+    finally:
+        for h in holders:
+            h.communicate("\n", timeout=60)
+    # once the other is done, the restart goes ahead
+    q = api.train_query(cfg, arch=arch, name="small", inherit=False, restart=True, log=lambda *_: None)
+    assert len(q["history"]) == 1 and not list((tmp_path / "run" / "query").glob(".*.lock"))
+
+
+def test_one_process_at_a_time_trains_a_checkpoint(tmp_path):
+    """A second training of the same checkpoint (hwnas train-query by hand beside hwnas run)
+    is refused, naming the process that holds it, instead of both writing one checkpoint; once
+    that one is done the training goes ahead. The lock lies beside the model's folder, so a
+    --restart that empties the folder leaves it held."""
+    from hwnas.compat.train import TrainConfig, fit
+
+    images, labels = torch.rand(32, 1, 2, 2), torch.randint(0, 3, (32,))
+    ck = tmp_path / "m" / "checkpoint.safetensors"
+    holder = _hold_lock(ck)
     cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05)
     with pytest.raises(HwnasError, match=rf"process {holder.pid} on .* is training {re.escape(str(ck.parent))} now: wait"):
         fit(_Lin(), images, labels, lambda x: x, cfg, ck, log=lambda *_: None)

@@ -200,6 +200,35 @@ def query_dir(rd: RunDir, name: str) -> Path:
     return rd.path / "query" / name
 
 
+def _holds_folder(what: str, folder_of):
+    """Decorator: the training function runs under its model folder's training lock
+    (:func:`hwnas.compat.train.checkpoint_lock`) from its first look at the folder to its end,
+    not from its training loop alone: before the loop, --restart empties the folder, a changed
+    model is deleted and a stale checkpoint dropped, and none of that may touch a folder that
+    another process is training in. ``folder_of(**arguments)``: the folder. Where the folder's
+    parent does not exist yet no process trains there, and the loop takes the lock."""
+    import functools
+    import inspect
+
+    def wrap(f):
+        sig = inspect.signature(f)
+
+        @functools.wraps(f)
+        def run(*a, **kw):
+            import contextlib
+
+            from hwnas.compat.train import checkpoint_lock
+
+            args = sig.bind(*a, **kw)
+            args.apply_defaults()
+            out = folder_of(**args.arguments)
+            with (checkpoint_lock(out / "checkpoint.safetensors", f"{what} {out.name}", args.arguments["log"])
+                  if out.parent.is_dir() else contextlib.nullcontext()):
+                return f(*a, **kw)
+        return run
+    return wrap
+
+
 def _prepare_out(out: Path, restart: bool) -> bool:
     """True if a finished model is already there (and ``restart`` is off). Under torchrun the
     environment is checked before anything is deleted, and one process deletes."""
@@ -260,6 +289,7 @@ def gallery_differs(cfg: Config, rd: RunDir, recorded: dict) -> list[str]:
     return _differs(recorded, gallery_record(cfg, rd))
 
 
+@_holds_folder("train-gallery", lambda cfg, **_: RunDir(cfg).path / "gallery")
 def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=print) -> dict:
     from hwnas.compat.tasks import GalleryTask
     from hwnas.compat.train import fit, is_main
@@ -408,6 +438,7 @@ def _add_unlabeled(cfg: Config, data: PartImages, pre, loss_cfg, log) -> tuple[P
     return _with_unlabeled(data, arr_images, ids), info
 
 
+@_holds_folder("train-supernet", lambda cfg, **_: RunDir(cfg).path / "supernet")
 def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log=print) -> dict:
     from hwnas.compat.losses import CompatLoss
     from hwnas.compat.tasks import ArchSampler, CompatTask
@@ -491,6 +522,15 @@ def load_supernet(rd: RunDir):
     return net, cfg, states
 
 
+def _query_name(cfg: Config, arch: str | None, timm_name: str | None, name: str | None) -> str:
+    """The query model's name: ``name``, else one made from the arch or the timm name."""
+    if (arch is None) == (timm_name is None):
+        raise HwnasError("train-query needs exactly one of --arch ARCH or --timm NAME")
+    return name or (f"timm-{timm_name}" if timm_name else f"arch-{_short(arch, cfg.search_space())}")
+
+
+@_holds_folder("train-query", lambda cfg, arch, timm_name, name, **_: query_dir(
+    RunDir(cfg), _query_name(cfg, arch, timm_name, name)))
 def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = None,
                 name: str | None = None, resume: bool = False, restart: bool = False,
                 inherit: bool | None = None, loss_override: dict | None = None,
@@ -515,11 +555,9 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     from hwnas.nn.supernet import SubNet, recalibrate_bn
     from hwnas.space import arch_flops
 
-    if (arch is None) == (timm_name is None):
-        raise HwnasError("train-query needs exactly one of --arch ARCH or --timm NAME")
+    name = _query_name(cfg, arch, timm_name, name)
     rd = RunDir(cfg)
     space = cfg.search_space()
-    name = name or (f"timm-{timm_name}" if timm_name else f"arch-{_short(arch, space)}")
     out = query_dir(rd, name)
     # an override is the whole loss: a part it does not name is off, not at its default weight
     loss_cfg = (LossConfig(**{**dict.fromkeys(PARTS, 0.0), **loss_override}) if loss_override is not None
@@ -859,6 +897,13 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
     return q
 
 
+def _adapt_source(rd: RunDir, query: str | None) -> Path:
+    """The query model to adapt: ``query``, else the run's searched model."""
+    return Path(query) if query else rd.path / "query" / "searched"
+
+
+@_holds_folder("adapt", lambda cfg, query, name, **_: query_dir(
+    RunDir(cfg), name or f"{_adapt_source(RunDir(cfg), query).name}-adapted"))
 def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
                 resume: bool = False, restart: bool = False, retrain_changed: bool = False,
                 images: tuple[str, np.ndarray] | None = None, log=print) -> dict:
@@ -892,7 +937,7 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
     if ac.epochs < 1:
         raise HwnasError("adapt.epochs is 0, so adaptation is off: set it, e.g. --set adapt.epochs=15")
     rd = RunDir(cfg)
-    src = Path(query) if query else rd.path / "query" / "searched"
+    src = _adapt_source(rd, query)
     if not (src / "config.json").exists():
         raise HwnasError(f"no trained query model at {src}: train one first (hwnas train-query "
                          "--from-search) or pass --query DIR")

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -335,6 +336,9 @@ def drop_stale_checkpoint(ckpt_path: Path, cfg: TrainConfig, settings: dict | No
         ckpt_path.unlink()
 
 
+_HELD: dict[str, int] = {}  # the lock files this process holds, by path, and how many times over
+
+
 def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print):
     """Hold ``ckpt_path``'s training for this process (a context manager): a second process
     that would train the same checkpoint (``hwnas train-query`` by hand beside ``hwnas run``,
@@ -343,8 +347,9 @@ def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print
     killed training leaves none behind (a finished one removes its file). The lock file lies
     beside the model's folder, not in it, so a --restart that empties the folder does not
     empty the lock. Where flock is missing (not POSIX) or the file system refuses it (NFS
-    without lockd), no lock, said."""
-    import contextlib
+    without lockd), no lock, said. Reentrant within a process: a training function holds its
+    folder's lock from its first look at the folder (hwnas.compat.api), and its training loop
+    takes the same lock again."""
     import errno
     import socket
 
@@ -387,10 +392,19 @@ def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print
     @contextlib.contextmanager
     def held():
         path = ckpt_path.parent.parent / f".{ckpt_path.parent.name}.{ckpt_path.name}.lock"
+        key = str(path.resolve())
+        if key in _HELD:  # this process holds it already
+            _HELD[key] += 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+            return
         f = locked(path)
         if f is None:
             yield
             return
+        _HELD[key] = 1
         try:
             f.seek(0)
             f.truncate()
@@ -398,10 +412,36 @@ def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print
             f.flush()
             yield
         finally:  # removed while still held, so no one locks a file that is going away
+            del _HELD[key]
             path.unlink(missing_ok=True)
             f.close()
 
     return held()
+
+
+@contextlib.contextmanager
+def checkpoint_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print):
+    """:func:`training_lock`, taken by rank 0 alone, whose refusal every rank raises under
+    torchrun: the other ranks would otherwise wait at the next barrier for a rank that has
+    left."""
+    rank, world = dist_info()
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if rank == 0:
+            try:
+                stack.enter_context(training_lock(ckpt_path, desc, log))
+            except HwnasError as e:
+                refused = e
+        if world > 1:
+            import torch.distributed as dist
+
+            said = [str(refused) if refused is not None else None]
+            dist.broadcast_object_list(said, src=0)
+            if said[0] is not None and refused is None:
+                raise HwnasError(said[0])
+        if refused is not None:
+            raise refused
+        yield
 
 
 def fit(module: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -409,11 +449,7 @@ def fit(module: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         **kw) -> list[dict]:
     """:func:`_fit` (the loop; its keywords) under the checkpoint's :func:`training_lock`
     (rank 0: under torchrun every rank trains the one checkpoint that rank 0 writes)."""
-    import contextlib
-
-    lock = (training_lock(ckpt_path, kw.get("desc", "train"), kw.get("log", print)) if dist_info()[0] == 0
-            else contextlib.nullcontext())
-    with lock:
+    with checkpoint_lock(ckpt_path, kw.get("desc", "train"), kw.get("log", print)):
         return _fit(module, images, labels, normalize, cfg, ckpt_path, **kw)
 
 
