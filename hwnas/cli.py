@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, help="evaluated (within-budget) trials in the study")
     p.add_argument("--multi-objective", action="store_true", default=None,
                    help="maximize the reward and minimize predicted latency; report the Pareto front")
+    p.add_argument("--prefer-faster-within", type=_band, metavar="se|DIFF",
+                   help="choose the fastest arch whose reward is within DIFF of the best (default se: "
+                        "one standard error of the best reward on the validation queries; 0: the best)")
     p.add_argument("--storage", help="Optuna storage URL (sqlite:///..., postgresql://..., or "
                    "journal:PATH); default SQLite in the run directory")
     p.add_argument("--study-name", help="study name (default from reward, sampler and budget)")
@@ -477,13 +480,23 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _band(text: str) -> float | str:
+    """--prefer-faster-within: "se" or a number (checked by the search config)."""
+    if text == "se":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither \"se\" nor a number") from None
+
+
 def cmd_search(args) -> int:
     from hwnas.search.runner import run_search
 
     cfg = _load(args)
     s = cfg.search
     for flag in ("budget_ms", "reward", "alpha", "metric", "sampler", "n_trials", "multi_objective",
-                 "storage", "study_name"):
+                 "prefer_faster_within", "storage", "study_name"):
         v = getattr(args, flag)
         if v is not None:
             setattr(s, flag, v)

@@ -149,6 +149,10 @@ class SearchConfig:
     # split: the split's val_query part against its val_gallery part
     val_queries: str = "all"
     max_infeasible: int = 2000  # consecutive over-budget samples before giving up
+    # the arch chosen: the fastest (predicted) of those whose reward is within this much of the
+    # best reward; "se": one standard error of the best reward on the validation queries
+    # (sqrt(r(1-r)/n)), the difference the validation set cannot resolve; 0: the best reward
+    prefer_faster_within: float | str = "se"
     population: int = 20  # evolution
     tournament: int = 5
     mutation_prob: float = 0.1
@@ -175,6 +179,12 @@ class SearchConfig:
         for name in ("n_trials", "bn_batches", "max_infeasible", "population", "tournament"):
             if getattr(self, name) < 1:
                 raise HwnasError(f"search.{name} must be at least 1, got {getattr(self, name)}")
+        b = self.prefer_faster_within
+        if b != "se" and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b)
+                          or not 0 <= b < 1):
+            raise HwnasError(f"search.prefer_faster_within (--prefer-faster-within) {b!r} must be \"se\" "
+                             "(one standard error of the best reward) or a reward difference from 0 (the "
+                             "best reward's arch) to below 1, e.g. 0.01 for one point of recall@1")
         for name in ("mutation_prob", "crossover_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise HwnasError(f"search.{name} {getattr(self, name)} must be between 0 and 1")

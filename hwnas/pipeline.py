@@ -212,6 +212,10 @@ def step_keys(cfg: Config, with_runtime: bool = False, as_written: bool = False)
     fin = {k: d["query"].pop(k) for k in ("finalists", "finalist_epochs")}
     d["finalists"] = fin if fin["finalists"] > 1 else None
     d["query"].pop("jobs", None)  # how many train at once: not what they learn
+    if d["search"].get("prefer_faster_within") == "se":
+        # the default adds nothing to the search's key, so a run finished before the setting
+        # existed keeps its search (its arch the best reward's); `--from search` chooses again
+        del d["search"]["prefer_faster_within"]
     from hwnas.export.onnx import GRAPH_FORM
 
     for name in STEPS:

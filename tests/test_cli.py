@@ -444,6 +444,9 @@ def test_step_keys_follow_what_each_step_reads():
     # finalist); off, its settings change no key
     assert changed(lambda c: setattr(c.query, "finalists", 5)) == {"train-query", "baselines", "deploy", "report"}
     assert changed(lambda c: setattr(c.query, "finalist_epochs", 3)) == set()
+    # the choice rule picks the searched arch: the default adds nothing (runs from before it
+    # keep theirs), another band redoes the search's choice and what builds on it
+    assert changed(lambda c: setattr(c.search, "prefer_faster_within", 0)) == downstream(["search"]) - {"adapt"}
 
     def adapted(edit):
         c = load_config("configs/quickstart.yaml")

@@ -183,6 +183,14 @@ def test_outputs_and_from_search(search_run):
     best = json.loads((run / "best_arch.json").read_text())
     for k in ("arch", "predicted_ms", "mflops", "M(q,q)", "M(q,g)", "reward", "pareto_front"):
         assert k in best
+    # the choice: the fastest within one standard error of the best reward on its validation queries
+    w = best["chosen_within"]
+    assert w["setting"] == "se" and w["n_val_queries"] > 0
+    r = w["best_reward"]
+    assert w["band"] == pytest.approx((r * (1 - r) / w["n_val_queries"]) ** 0.5)
+    assert best["reward"] >= r - w["band"] - 1e-9 and best["predicted_ms"] <= w["best_reward_predicted_ms"]
+    rows = [x for x in csv.DictReader(open(run / "trials.csv")) if x["feasible"] == "True"]
+    assert not [x for x in rows if float(x["reward"]) >= r - w["band"] and float(x["predicted_ms"]) < best["predicted_ms"]]
     rows = list(csv.DictReader(open(run / "trials.csv")))
     assert {"arch", "predicted_ms", "mflops", "M(q,q)", "M(q,g)", "reward"} <= set(rows[0])
     assert any(row["baseline"] == "fastest" for row in rows)  # baselines were enqueued
@@ -383,7 +391,7 @@ def test_two_workers_share_one_storage(search_run, tmp_path, kind):
     # the other's; a worker that starts late may find the 6 already done and add none).
     assert any("[search] trial" in o for o in outs)
     for o in outs:
-        n = int(re.search(r"best of (\d+) evaluated archs", o).group(1))
+        n = int(re.search(r"chosen of (\d+) evaluated archs", o).group(1))
         assert n >= 6
 
 
@@ -485,3 +493,34 @@ def test_tpe_starts_from_feasible_archs_at_a_tight_budget(search_run, tmp_path):
     assert sum(t.user_attrs["baseline"] == "random-feasible start-up" for t in enqueued) == 10
     assert all(t.user_attrs["feasible"] for t in enqueued)
     assert max(t.number for t in enqueued) < len(enqueued)  # they went first
+
+
+def test_the_choice_is_the_fastest_arch_the_validation_cannot_tell_from_the_best():
+    """search.prefer_faster_within: among the archs whose reward is within the band of the
+    best, the fastest (predicted); "se" sizes the band by the validation queries; 0 is the
+    best reward's arch; bad settings are refused with the fix."""
+    from types import SimpleNamespace
+
+    from hwnas.config import SearchConfig
+    from hwnas.search.runner import choose
+
+    def trial(n, reward, ms, nq=900):
+        return SimpleNamespace(number=n, user_attrs={"reward": reward, "predicted_ms": ms, "n_val_queries": nq})
+
+    feas = [trial(0, 0.640, 0.060), trial(1, 0.630, 0.050), trial(2, 0.620, 0.040), trial(3, 0.635, 0.050)]
+    se = (0.64 * 0.36 / 900) ** 0.5  # 0.016
+    chosen, best, band = choose(feas, SearchConfig())
+    assert best is feas[0] and band == pytest.approx(se)
+    assert chosen is feas[3]  # 0.050 ms like trial 1, the higher reward of the two; trial 2 is 0.02 below
+    assert choose(feas, SearchConfig(prefer_faster_within=0))[0] is feas[0]
+    assert choose(feas, SearchConfig(prefer_faster_within=0.05))[0] is feas[2]
+    # more validation queries resolve smaller differences: the band narrows
+    assert choose([trial(t.number, t.user_attrs["reward"], t.user_attrs["predicted_ms"], 90000) for t in feas],
+                  SearchConfig())[0].number == 0
+    # a study from before the count was recorded keeps the best reward's arch
+    old = [SimpleNamespace(number=t.number, user_attrs={k: v for k, v in t.user_attrs.items() if k != "n_val_queries"})
+           for t in feas]
+    assert choose(old, SearchConfig())[0].number == 0
+    for bad in (-0.1, 1.5, "sd", True, float("nan")):
+        with pytest.raises(HwnasError, match="prefer_faster_within"):
+            SearchConfig(prefer_faster_within=bad)

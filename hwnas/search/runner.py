@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import socket
 import time
@@ -319,6 +320,9 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         for k in ("M(q,q)", "M(q,g)"):
             trial.set_user_attr(k, {m: res[k][m] for m in ("recall@1", "recall@5", "mAP")})
         trial.set_user_attr("eval_seconds", res["seconds"])
+        # the queries the accuracies average over (those with a positive): the reward's precision
+        n = res["M(q,g)"].get("n_queries")
+        trial.set_user_attr("n_val_queries", None if n is None else n - res["M(q,g)"].get("n_queries_without_positive", 0))
         trial.set_user_attr("reward", r)
         log(f"[search] trial {trial.number}: {lat:.3f} ms, M(q,q) {qq:.4f}, M(q,g) {qg:.4f}, "
             f"reward {r:.4f} ({res['seconds']:.1f} s)")
@@ -377,6 +381,23 @@ def _enqueue_baselines(study, space, predictor, budget, sampler: str = "tpe", se
 
 
 # ---------------------------------------------------------------------- outputs
+def choose(feas: list, s) -> tuple:
+    """(the chosen trial, the best reward's trial, the reward band) among evaluated trials:
+    the fastest (predicted) whose reward is within ``s.prefer_faster_within`` of the best —
+    "se": one standard error of the best reward, sqrt(r (1 - r) / n) on its n validation
+    queries; 0: the best itself. Ties go to the higher reward, then the earlier trial."""
+    best = max(feas, key=lambda t: (t.user_attrs["reward"], -t.number))
+    r = best.user_attrs["reward"]
+    band = s.prefer_faster_within
+    if band == "se":
+        n = best.user_attrs.get("n_val_queries")
+        # a study from before the count was recorded: the best reward's arch, as it chose then
+        band = math.sqrt(max(r * (1 - r), 0.0) / n) if n else 0.0
+    near = [t for t in feas if t.user_attrs["reward"] >= r - band - 1e-12]
+    chosen = min(near, key=lambda t: (t.user_attrs["predicted_ms"], -t.user_attrs["reward"], t.number))
+    return chosen, best, band
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points not dominated (lower latency and higher reward are better)."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
@@ -411,7 +432,7 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
     feas = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
     if not feas:
         raise HwnasError("the study has no evaluated arch within the budget yet")
-    best = max(feas, key=lambda t: t.user_attrs["reward"])
+    best, top, band = choose(feas, s)
     pts = [(t.user_attrs["predicted_ms"], t.user_attrs["reward"]) for t in feas]
     front = [feas[i] for i in pareto_front(pts)]
     ua = best.user_attrs
@@ -421,20 +442,29 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
         "reward_kind": s.reward, "alpha": s.alpha, "metric": s.metric, "budget_ms": budget,
         "trial": best.number, "study": study.study_name, "storage": url, "sampler": s.sampler,
         "n_evaluated": len(feas), "n_trials": len(trials),
+        # how it was chosen: the fastest within `band` of the best reward (search.prefer_faster_within)
+        "chosen_within": {"setting": s.prefer_faster_within, "band": band,
+                          "n_val_queries": top.user_attrs.get("n_val_queries"),
+                          "best_reward": top.user_attrs["reward"], "best_reward_arch": top.user_attrs["arch"],
+                          "best_reward_predicted_ms": top.user_attrs["predicted_ms"],
+                          "best_reward_trial": top.number},
         "pareto_front": [{"arch": t.user_attrs["arch"], "predicted_ms": t.user_attrs["predicted_ms"],
                           "reward": t.user_attrs["reward"]} for t in front],
     }
     write_json(out / "best_arch.json", result)
-    plot_search(feas, front, best, budget, out / "search_reward_vs_latency.png", s)
+    plot_search(feas, front, best, budget, out / "search_reward_vs_latency.png", s, top=top)
     plot_progress({s.sampler: [t.user_attrs["reward"] for t in sorted(feas, key=lambda t: t.number)]},
                   out / "search_best_so_far.png")
-    log(f"[search] best of {len(feas)} evaluated archs ({len(trials)} trials): reward "
-        f"{ua['reward']:.4f} at {ua['predicted_ms']:.3f} ms predicted, {ua['mflops']:.2f} MFLOPs\n"
+    why = ("" if top is best else
+           f" — the fastest within {band:.4f} of the best reward ({top.user_attrs['reward']:.4f} at "
+           f"{top.user_attrs['predicted_ms']:.3f} ms; search.prefer_faster_within)")
+    log(f"[search] chosen of {len(feas)} evaluated archs ({len(trials)} trials): reward "
+        f"{ua['reward']:.4f} at {ua['predicted_ms']:.3f} ms predicted, {ua['mflops']:.2f} MFLOPs{why}\n"
         f"         {ua['arch']}\n         outputs: {out}/best_arch.json, trials.csv, search_*.png")
     return result
 
 
-def plot_search(feas, front, best, budget, path: Path, s) -> None:
+def plot_search(feas, front, best, budget, path: Path, s, top=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -453,8 +483,12 @@ def plot_search(feas, front, best, budget, path: Path, s) -> None:
                        facecolors="none", edgecolors="k")
             ax.annotate(t.user_attrs["baseline"], (t.user_attrs["predicted_ms"], t.user_attrs["reward"]),
                         fontsize=7, xytext=(4, -10), textcoords="offset points")
+    if top is not None and top is not best:
+        ax.scatter([top.user_attrs["predicted_ms"]], [top.user_attrs["reward"]], marker="*", s=120,
+                   c="none", edgecolors="k", label="best reward", zorder=5)
     ax.scatter([best.user_attrs["predicted_ms"]], [best.user_attrs["reward"]], marker="*", s=160,
-               c="gold", edgecolors="k", label="best", zorder=5)
+               c="gold", edgecolors="k", label="chosen" if top is not None and top is not best else "best",
+               zorder=5)
     ax.axvline(budget, color="k", ls="--", lw=1, label=f"budget {budget:g} ms")
     ax.set_xlabel("predicted edge latency (ms)")
     ax.set_ylabel(f"reward {s.reward.upper()} ({s.metric})")
@@ -482,7 +516,8 @@ def plot_progress(curves: dict[str, list[float]], path: Path, title: str = "") -
 
 
 def top_archs(run_dir: Path, k: int) -> list[dict]:
-    """The search's ``k`` best distinct feasible archs by reward, best first (from
+    """The search's choice (``best_arch.json``), then its next best distinct feasible archs by
+    reward, ``k`` in all (from
     ``trials.csv``): ``[{"arch", "reward", "predicted_ms", "mflops"}]``."""
     best = load_best(run_dir)
     p = run_dir / "trials.csv"
