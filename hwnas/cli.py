@@ -233,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--arch", help="an arch string of the search space")
     src.add_argument("--timm", help="a timm model as a fixed baseline, e.g. mobilenetv3_small_050")
     src.add_argument("--from-search", action="store_true",
-                     help="the arch of RUN_DIR/best_arch.json (from hwnas search); with "
-                          "query.finalists K > 1, the best of the search's top K after "
-                          "query.finalist_epochs epochs of training each")
+                     help="the arch of RUN_DIR/best_arch.json (the search's choice); with "
+                          "query.finalists K > 1, the best by training loss of that and the "
+                          "search's next best archs, K in all, after query.finalist_epochs epochs each")
     p.add_argument("--name", help="name of the model directory under RUN_DIR/query/")
     p.add_argument("--no-inherit", action="store_true",
                    help="train the arch from scratch instead of from the supernet's weights")

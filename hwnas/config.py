@@ -67,7 +67,8 @@ class QueryConfig:
     train: dict = field(default_factory=dict)  # TrainConfig fields
     loss: dict | None = None  # LossConfig fields; None: the supernet's loss
     inherit: bool = True  # start SPOS subnets from the supernet's weights
-    # > 1: the search's best `finalists` archs each train `finalist_epochs` epochs of the full
+    # > 1: the search's choice and its next best archs by reward, `finalists` in all, each train
+    # `finalist_epochs` epochs of the full
     # schedule; the lowest training loss there finishes (hwnas train-query --from-search, run)
     finalists: int = 0
     finalist_epochs: int = 10
@@ -81,8 +82,8 @@ class QueryConfig:
             raise HwnasError(f"query.jobs must be a whole number >= 1 (1: one training at a time), "
                              f"got {self.jobs!r}")
         if not isinstance(self.finalists, int) or self.finalists < 0:
-            raise HwnasError(f"query.finalists must be a whole number >= 0 (0 or 1: the search's best "
-                             f"arch alone), got {self.finalists!r}")
+            raise HwnasError(f"query.finalists must be a whole number >= 0 (0 or 1: the search's choice "
+                             f"alone), got {self.finalists!r}")
         if not isinstance(self.finalist_epochs, int) or self.finalist_epochs < 1:
             raise HwnasError(f"query.finalist_epochs must be a whole number >= 1, got {self.finalist_epochs!r}")
 
@@ -150,8 +151,9 @@ class SearchConfig:
     val_queries: str = "all"
     max_infeasible: int = 2000  # consecutive over-budget samples before giving up
     # the arch chosen: the fastest (predicted) of those whose reward is within this much of the
-    # best reward; "se": one standard error of the best reward on the validation queries
-    # (sqrt(r(1-r)/n)), the difference the validation set cannot resolve; 0: the best reward
+    # best reward; "se": a conservative one-standard-error band of the best reward r on its n
+    # validation queries, sqrt(r(1-r)/n) (binomial; the r3 mix of two correlated accuracies,
+    # and mAP, vary less); 0: the best reward's arch
     prefer_faster_within: float | str = "se"
     population: int = 20  # evolution
     tournament: int = 5

@@ -196,9 +196,9 @@ def build_report(cfg, log=print) -> dict:
                f"(median {statistics.median(pools):.1f}).", ""]
     fin = report["finalists"]
     if fin:
-        md += [f"The searched arch is the one of the search's {len(fin['finalists'])} best (by reward) "
-               f"with the lowest training loss after {fin['epochs']} of {fin['of_epochs']} epochs: the "
-               f"search's number {fin['chosen_rank']} (losses: "
+        md += [f"The searched arch is the one of {len(fin['finalists'])} finalists (the search's choice, then "
+               f"its best by reward) with the lowest training loss after {fin['epochs']} of {fin['of_epochs']} "
+               f"epochs: finalist {fin['chosen_rank']} (losses: "
                + ", ".join(f"{f['train_loss']:.4f}" for f in fin["finalists"]) + ").", ""]
     md += [f"![accuracy vs latency]({png.name})", ""]
     atomic_write_text(rd.path / "report.md", "\n".join(md))

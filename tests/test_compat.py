@@ -844,31 +844,54 @@ def test_a_folder_another_process_trains_in_is_left_alone(trained_gallery, tmp_p
     cfg = load_config(cfg_path)
     arch = cfg.search_space().smallest().to_string()
     folder = tmp_path / "run" / "query" / "small"
-    folder.mkdir(parents=True)
+    api.train_query(cfg, arch=arch, name="small", inherit=False, log=lambda *_: None)  # (of other settings below)
+    files = {f.name: f.read_bytes() for f in folder.iterdir()}
     (folder / "checkpoint.safetensors").write_bytes(b"the other's epochs")
+    files["checkpoint.safetensors"] = b"the other's epochs"
     gallery = (tmp_path / "run" / "gallery" / "config.json").read_text()
     holders = [_hold_lock(folder / "checkpoint.safetensors"),
                _hold_lock(tmp_path / "run" / "gallery" / "checkpoint.safetensors")]
     try:
+        cfg.query.train = {**cfg.query.train, "lr": 0.01}  # a changed model: retrain_changed deletes it
         for kw in ({"restart": True}, {"resume": True, "retrain_changed": True}):
             with pytest.raises(HwnasError, match=rf"process {holders[0].pid} on .* is training {re.escape(str(folder))} now"):
                 api.train_query(cfg, arch=arch, name="small", inherit=False, log=lambda *_: None, **kw)
         with pytest.raises(HwnasError, match="is training"):
             api.train_gallery(cfg, restart=True, log=lambda *_: None)
-        assert (folder / "checkpoint.safetensors").read_bytes() == b"the other's epochs"
+        assert {f.name: f.read_bytes() for f in folder.iterdir()} == files
         assert (tmp_path / "run" / "gallery" / "config.json").read_text() == gallery
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             "-m", "hwnas.cli", "train-query", "--arch", arch, "--no-inherit", "--name", "small",
                             "--restart", "--config", str(cfg_path)],
                            env=_env(), capture_output=True, text=True, timeout=240)
         assert r.returncode != 0 and r.stderr.count("is training") >= 2, r.stdout[-2000:] + r.stderr[-3000:]
-        assert (folder / "checkpoint.safetensors").read_bytes() == b"the other's epochs"
+        assert {f.name: f.read_bytes() for f in folder.iterdir()} == files
     finally:
         for h in holders:
             h.communicate("\n", timeout=60)
-    # once the other is done, the restart goes ahead
-    q = api.train_query(cfg, arch=arch, name="small", inherit=False, restart=True, log=lambda *_: None)
-    assert len(q["history"]) == 1 and not list((tmp_path / "run" / "query").glob(".*.lock"))
+    # once the other is done, the changed model is trained again
+    q = api.train_query(cfg, arch=arch, name="small", inherit=False, resume=True, retrain_changed=True,
+                        log=lambda *_: None)
+    assert q["train"]["lr"] == 0.01 and not list((tmp_path / "run" / "query").glob(".*.lock"))
+
+
+def test_the_training_lock_is_reentrant_within_a_process(tmp_path):
+    """A training function holds its folder's lock and its loop takes it again: the inner
+    release keeps it held (the file stays, another process is refused), the outer removes it."""
+    from hwnas.compat.train import training_lock
+
+    ck = tmp_path / "m" / "checkpoint.safetensors"
+    lock = tmp_path / ".m.checkpoint.safetensors.lock"
+    other = [sys.executable, "-c", "from pathlib import Path; from hwnas.compat.train import training_lock\n"
+             f"with training_lock(Path({str(ck)!r}), 'other'): pass"]
+    with training_lock(ck, "outer"):
+        with training_lock(ck, "inner"):
+            assert lock.exists()
+        assert lock.exists()
+        r = subprocess.run(other, env=_env(), capture_output=True, text=True)
+        assert r.returncode != 0 and "is training" in r.stderr
+    assert not lock.exists()
+    assert subprocess.run(other, env=_env()).returncode == 0  # free again
 
 
 def test_one_process_at_a_time_trains_a_checkpoint(tmp_path):

@@ -215,15 +215,13 @@ def _holds_folder(what: str, folder_of):
 
         @functools.wraps(f)
         def run(*a, **kw):
-            import contextlib
-
             from hwnas.compat.train import checkpoint_lock
 
             args = sig.bind(*a, **kw)
             args.apply_defaults()
             out = folder_of(**args.arguments)
-            with (checkpoint_lock(out / "checkpoint.safetensors", f"{what} {out.name}", args.arguments["log"])
-                  if out.parent.is_dir() else contextlib.nullcontext()):
+            with checkpoint_lock(out / "checkpoint.safetensors", f"{what} {out.name}", args.arguments["log"],
+                                 where_folder_may_be=True):
                 return f(*a, **kw)
         return run
     return wrap
@@ -893,7 +891,9 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
                     start_from=rd.path / "query" / chosen["name"] / "checkpoint.safetensors")
     out = query_dir(rd, name)
     write_json(out / "finalists.json", {"epochs": e, "of_epochs": tc.epochs, "chosen": chosen["arch"],
-                                        "chosen_rank": rank, "search_best": cands[0]["arch"], "finalists": rows})
+                                        "chosen_rank": rank,
+                                        # (the search's choice: search.prefer_faster_within)
+                                        "search_best": cands[0]["arch"], "finalists": rows})
     return q
 
 

@@ -347,9 +347,9 @@ def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print
     killed training leaves none behind (a finished one removes its file). The lock file lies
     beside the model's folder, not in it, so a --restart that empties the folder does not
     empty the lock. Where flock is missing (not POSIX) or the file system refuses it (NFS
-    without lockd), no lock, said. Reentrant within a process: a training function holds its
-    folder's lock from its first look at the folder (hwnas.compat.api), and its training loop
-    takes the same lock again."""
+    without lockd), no lock, said. Reentrant within a process (threads included: it keeps
+    processes apart): a training function holds its folder's lock from its first look at the
+    folder (hwnas.compat.api), and its training loop takes the same lock again."""
     import errno
     import socket
 
@@ -420,27 +420,30 @@ def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print
 
 
 @contextlib.contextmanager
-def checkpoint_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print):
-    """:func:`training_lock`, taken by rank 0 alone, whose refusal every rank raises under
-    torchrun: the other ranks would otherwise wait at the next barrier for a rank that has
-    left."""
+def checkpoint_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print,
+                    where_folder_may_be: bool = False):
+    """:func:`training_lock`, taken by rank 0 alone, whose refusal (or failure) every rank
+    raises under torchrun: the other ranks would otherwise wait at the next barrier for a
+    rank that has left. ``where_folder_may_be``: only where the model folder's parent exists
+    (none: no process trains there yet, and nothing is made for a mistyped run directory);
+    rank 0 decides, so every rank takes part in the same collective."""
     rank, world = dist_info()
     with contextlib.ExitStack() as stack:
-        refused = None
-        if rank == 0:
+        failed = None
+        if rank == 0 and (not where_folder_may_be or ckpt_path.parent.parent.is_dir()):
             try:
                 stack.enter_context(training_lock(ckpt_path, desc, log))
-            except HwnasError as e:
-                refused = e
+            except Exception as e:  # (any: the other ranks must hear of it)
+                failed = e
         if world > 1:
             import torch.distributed as dist
 
-            said = [str(refused) if refused is not None else None]
+            said = [None if failed is None else str(failed)]
             dist.broadcast_object_list(said, src=0)
-            if said[0] is not None and refused is None:
+            if said[0] is not None and failed is None:
                 raise HwnasError(said[0])
-        if refused is not None:
-            raise refused
+        if failed is not None:
+            raise failed
         yield
 
 

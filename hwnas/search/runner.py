@@ -384,8 +384,11 @@ def _enqueue_baselines(study, space, predictor, budget, sampler: str = "tpe", se
 def choose(feas: list, s) -> tuple:
     """(the chosen trial, the best reward's trial, the reward band) among evaluated trials:
     the fastest (predicted) whose reward is within ``s.prefer_faster_within`` of the best —
-    "se": one standard error of the best reward, sqrt(r (1 - r) / n) on its n validation
-    queries; 0: the best itself. Ties go to the higher reward, then the earlier trial."""
+    "se": a conservative one-standard-error band, sqrt(r (1 - r) / n) for the best reward r
+    on its n validation queries (binomial: exact for one recall@k; the r3 mix of two
+    correlated accuracies, and mAP, vary less, and two archs scored on the same queries
+    differ by less still); 0: the best itself. Ties go to the higher reward, then the
+    earlier trial. A study from before the count was recorded keeps the best reward's arch."""
     best = max(feas, key=lambda t: (t.user_attrs["reward"], -t.number))
     r = best.user_attrs["reward"]
     band = s.prefer_faster_within
@@ -458,6 +461,9 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
     why = ("" if top is best else
            f" — the fastest within {band:.4f} of the best reward ({top.user_attrs['reward']:.4f} at "
            f"{top.user_attrs['predicted_ms']:.3f} ms; search.prefer_faster_within)")
+    if s.prefer_faster_within == "se" and top.user_attrs.get("n_val_queries") is None:
+        log("[search] the best trial records no validation query count (a study from an older hwnas), "
+            "so the choice is the best reward's arch; --prefer-faster-within DIFF sets a band")
     log(f"[search] chosen of {len(feas)} evaluated archs ({len(trials)} trials): reward "
         f"{ua['reward']:.4f} at {ua['predicted_ms']:.3f} ms predicted, {ua['mflops']:.2f} MFLOPs{why}\n"
         f"         {ua['arch']}\n         outputs: {out}/best_arch.json, trials.csv, search_*.png")
