@@ -102,6 +102,26 @@ def keep_table(cfg: Config, steps: "Steps", log: Callable = print) -> None:
             "the new one: hwnas run CONFIG --from profile")
 
 
+def check_table_left(cfg: Config, steps: "Steps", redo: list[str]) -> None:
+    """Before a run forgets anything: where the profile step is kept and a step that predicts
+    on its table is to run, the table must be somewhere (its place, or the run's copy, from
+    which :func:`keep_table` puts it back). Otherwise the error names the ways on, and the
+    outputs ``--from``/a config change would remove (the search's study, its choice) stay."""
+    from hwnas.search.runner import table_path
+
+    if not steps.done("profile") or "profile" in redo:
+        return
+    if not [n for n in TABLE_READERS if n in redo or not steps.done(n)]:
+        return
+    shared, copy = table_path(cfg, cfg.search_space()), RunDir(cfg).path / RUN_TABLE
+    if shared.exists() or copy.exists():
+        return
+    raise HwnasError(f"the latency table this run profiled is gone: neither {shared} nor the run's copy "
+                     f"({copy}; older hwnas versions kept none) exists, and the steps to do "
+                     "predict on it. Profile again and search on the new table: hwnas run CONFIG --from "
+                     "profile; or give the table the run used: --set latency.table=PATH. Nothing was removed")
+
+
 def _warn_if_budget_elsewhere(cfg: Config, shared: Path, log: Callable) -> None:
     """A run of an hwnas that kept no copy adopts the present table: if the search's budget
     was resolved on a table of another range, say so (that table is gone)."""
@@ -486,6 +506,7 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
                   or steps.state["done"].get("train-gallery", {}).get("fingerprint"))
     steps.state["against_gallery"] = gallery_fp
     redo, fresh, why = redo_plan(cfg, steps, keys, redo_from)
+    check_table_left(cfg, steps, redo)
     if redo:
         log(f"[run] {why}: doing again {', '.join(redo)}")
         outputs = redo_outputs(cfg, fresh)

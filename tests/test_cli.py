@@ -294,6 +294,16 @@ def test_a_run_keeps_its_latency_table(tmp_path):
     assert shared.read_text() == table(3.0) and copy.read_text() == table(2.0)
     # profiling again (a config change, --from profile) drops the copy, so the new table is kept
     assert copy in redo_outputs(cfg, ["profile"])
+    # a table gone from both places: a run that would predict on it stops before it forgets anything
+    from hwnas.pipeline import check_table_left
+
+    shared.unlink()
+    check_table_left(cfg, steps, [])  # every reader done: nothing needs it
+    check_table_left(cfg, steps, ["profile", "search"])  # profiled again: made anew
+    copy.unlink()
+    for redo in (["search", "train-query"], ["report"]):
+        with pytest.raises(HwnasError, match="latency table this run profiled is gone.*--from profile.*latency.table"):
+            check_table_left(cfg, steps, redo)
 
 
 def test_a_run_that_kept_no_table_says_when_its_search_used_another(tmp_path):
