@@ -521,6 +521,7 @@ def test_the_choice_is_the_fastest_arch_the_validation_cannot_tell_from_the_best
     old = [SimpleNamespace(number=t.number, user_attrs={k: v for k, v in t.user_attrs.items() if k != "n_val_queries"})
            for t in feas]
     assert choose(old, SearchConfig())[0].number == 0
+    assert choose(old, SearchConfig(), n_val_queries=900)[0] is old[3]  # resumed by an evaluator that counts
     for bad in (-0.1, 1.5, "sd", True, float("nan")):
         with pytest.raises(HwnasError, match="prefer_faster_within"):
             SearchConfig(prefer_faster_within=bad)

@@ -111,6 +111,11 @@ class SupernetEvaluator:
         self.torch = torch
         self.cache: dict[str, dict] = {}
 
+    @property
+    def n_queries(self) -> int:
+        """The validation queries each arch is scored on (a trial records those with a positive)."""
+        return len(self.vq.images)
+
     def __call__(self, arch: Arch) -> dict:
         from hwnas.compat.api import embed
         from hwnas.nn.supernet import recalibrate_bn
@@ -342,7 +347,8 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
                          f"{lo:.3f} to {hi:.3f} ms) or try another sampler")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    return write_outputs(study, rd.path if out is None else out, space, budget, s, url, log=log)
+    return write_outputs(study, rd.path if out is None else out, space, budget, s, url, log=log,
+                         n_val_queries=getattr(evaluator, "n_queries", None))
 
 
 def _n_feasible(study) -> int:
@@ -381,20 +387,20 @@ def _enqueue_baselines(study, space, predictor, budget, sampler: str = "tpe", se
 
 
 # ---------------------------------------------------------------------- outputs
-def choose(feas: list, s) -> tuple:
+def choose(feas: list, s, n_val_queries: int | None = None) -> tuple:
     """(the chosen trial, the best reward's trial, the reward band) among evaluated trials:
     the fastest (predicted) whose reward is within ``s.prefer_faster_within`` of the best —
     "se": a conservative one-standard-error band, sqrt(r (1 - r) / n) for the best reward r
     on its n validation queries (binomial: exact for one recall@k; the r3 mix of two
     correlated accuracies, and mAP, vary less, and two archs scored on the same queries
     differ by less still); 0: the best itself. Ties go to the higher reward, then the
-    earlier trial. A study from before the count was recorded keeps the best reward's arch."""
+    earlier trial. ``n_val_queries``: the count where the best trial records none (a study
+    from an older hwnas resumed by this one's evaluator); with neither, the best reward's arch."""
     best = max(feas, key=lambda t: (t.user_attrs["reward"], -t.number))
     r = best.user_attrs["reward"]
     band = s.prefer_faster_within
     if band == "se":
-        n = best.user_attrs.get("n_val_queries")
-        # a study from before the count was recorded: the best reward's arch, as it chose then
+        n = best.user_attrs.get("n_val_queries") or n_val_queries
         band = math.sqrt(max(r * (1 - r), 0.0) / n) if n else 0.0
     near = [t for t in feas if t.user_attrs["reward"] >= r - band - 1e-12]
     chosen = min(near, key=lambda t: (t.user_attrs["predicted_ms"], -t.user_attrs["reward"], t.number))
@@ -412,7 +418,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print) -> dict:
+def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print,
+                  n_val_queries: int | None = None) -> dict:
     import optuna
 
     trials = study.get_trials(deepcopy=False)
@@ -435,7 +442,7 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
     feas = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
     if not feas:
         raise HwnasError("the study has no evaluated arch within the budget yet")
-    best, top, band = choose(feas, s)
+    best, top, band = choose(feas, s, n_val_queries)
     pts = [(t.user_attrs["predicted_ms"], t.user_attrs["reward"]) for t in feas]
     front = [feas[i] for i in pareto_front(pts)]
     ua = best.user_attrs
@@ -461,7 +468,7 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
     why = ("" if top is best else
            f" — the fastest within {band:.4f} of the best reward ({top.user_attrs['reward']:.4f} at "
            f"{top.user_attrs['predicted_ms']:.3f} ms; search.prefer_faster_within)")
-    if s.prefer_faster_within == "se" and top.user_attrs.get("n_val_queries") is None:
+    if s.prefer_faster_within == "se" and not (top.user_attrs.get("n_val_queries") or n_val_queries):
         log("[search] the best trial records no validation query count (a study from an older hwnas), "
             "so the choice is the best reward's arch; --prefer-faster-within DIFF sets a band")
     log(f"[search] chosen of {len(feas)} evaluated archs ({len(trials)} trials): reward "
