@@ -57,6 +57,8 @@ def _train_eval(base, run_dir, name, kw):
     from hwnas.compat import api
 
     cfg = copy.deepcopy(base)
+    kw = dict(kw)
+    cfg.seed = kw.pop("seed", cfg.seed)  # a training seed other than the run's (batches, augmentation)
     if _WORKER_DEVICE is not None:
         cfg.query.train = {**cfg.query.train, "device": _WORKER_DEVICE}
     quiet = lambda *_: None  # noqa: E731
@@ -64,7 +66,7 @@ def _train_eval(base, run_dir, name, kw):
         cfg.query.finalists = kw["finalists"]
         # each budget's finalists in their own directories: two budgets training in parallel
         # may share an arch
-        q = api.train_searched(cfg, name=name, resume=True, search_dir=Path(kw["finalists_from"]),
+        q = api.train_searched(cfg, name=name, resume=True, retrain_changed=True, search_dir=Path(kw["finalists_from"]),
                                finalist_prefix=f"{name}-finalist", log=quiet)
     else:
         q = api.train_query(cfg, name=name, resume=True, log=quiet, **kw)
@@ -74,7 +76,7 @@ def _train_eval(base, run_dir, name, kw):
             "mflops": q["flops"] / 1e6, "M(q,g)": ev["M(q,g)"]["recall@1"],
             "test_queries": ev["M(q,g)"]["n_queries"],
             "M(q,q)": ev["M(q,q)"]["recall@1"], "arch": q.get("arch") or q.get("timm"),
-            "train_seconds": q.get("train_seconds"), "device": _WORKER_DEVICE or "auto",
+            "train_seconds": q.get("train_seconds"), "device": _WORKER_DEVICE or "auto", "seed": cfg.seed,
             "train_loss_by_epoch": [h["loss"] for h in q.get("history", [])]}
 
 
@@ -109,6 +111,11 @@ def selection_fidelity(budget_rows, epochs: int, k: int, draws: int = 4000) -> l
                                                      for c, d in chosen)
         out.append(row)
     return out
+
+
+def _best_reward_arch(found: dict) -> str:
+    """The best reward's arch of a search result (its choice, from before the choice rule)."""
+    return found.get("chosen_within", {}).get("best_reward_arch", found["arch"])
 
 
 def _beaten(model, row) -> str:
@@ -246,6 +253,51 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
         md += ["", "Target (searched >= the random median and >= MobileNetV3-small at equal or lower measured "
                f"latency; measured latencies within {100 * PARETO_LATENCY_TOL:g}% count as equal, as in the "
                "headline's Pareto comparison): " + " · ".join(verdict) + "."]
+        seeded = [r for r in res["budgets"] if r.get("searched_seeds")]
+        if seeded:
+            n = 1 + len(seeded[0]["searched_seeds"])
+            md += ["", f"The searched arch trained at {n} training seeds (the run's seed {seeded[0]['searched'].get('seed', 0)} "
+                   "first; the seed sets batch order and augmentation, the weights start from the supernet's): "
+                   "one training is one draw of training noise, so the target is judged on the seeds' mean, and "
+                   "the seeds' spread against the random archs' tells how much of the latter is training noise "
+                   "rather than architecture. The latency is the arch's, measured above.", "",
+                   "| budget ms (pred.) | M(q,g) by seed | mean | SD | M(q,q) by seed | mean | random median "
+                   "M(q,g) / M(q,q) | random M(q,g) SD | target on the mean |", "|---|---|---|---|---|---|---|---|---|"]
+            for r in seeded:
+                runs_ = [r["searched"], *r["searched_seeds"]]
+                qg, qq = [x["M(q,g)"] for x in runs_], [x["M(q,q)"] for x in runs_]
+                mean = {"M(q,g)": statistics.mean(qg), "M(q,q)": statistics.mean(qq),
+                        "measured_ms": r["searched"]["measured_ms"]}
+                short = _shortfalls(mean, r)
+                md.append(f"| {r['budget_ms']} | {' / '.join(f'{100 * v:.2f}' for v in qg)} | {100 * mean['M(q,g)']:.2f} | "
+                          f"{100 * statistics.stdev(qg):.2f} | {' / '.join(f'{100 * v:.2f}' for v in qq)} | "
+                          f"{100 * mean['M(q,q)']:.2f} | {100 * r['random_median_M(q,g)']:.2f} / "
+                          f"{100 * r['random_median_M(q,q)']:.2f} | "
+                          f"{100 * statistics.stdev(x['M(q,g)'] for x in r['random']):.2f} | "
+                          f"{'; '.join(short) or 'searched >= both'} |")
+        ruled = [r for r in res["budgets"] if "measured_ms" in r.get("best_reward", {})]
+        if ruled or any("searched_seeds" in r for r in res["budgets"]):
+            same = [str(r["budget_ms"]) for r in res["budgets"] if "best_reward" not in r]
+            md += ["", "The search's choice (`search.prefer_faster_within: se`, the default: the fastest arch whose "
+                   "reward is within one standard error of the best reward on the validation queries) against the "
+                   "best reward's arch, each the mean over its training seeds"
+                   + (f"; at {', '.join(same)} ms they are the same arch" if same else "") + ":"]
+            if ruled:
+                md += ["", "| budget ms (pred.) | band (reward) | chosen: pred. / meas. ms | chosen M(q,g) / M(q,q) "
+                       "| best reward's: pred. / meas. ms | best reward's M(q,g) / M(q,q) | best reward's target on the mean |",
+                       "|---|---|---|---|---|---|---|"]
+                for r in ruled:
+                    c, b = r["searched"], r["best_reward"]
+                    cs, bs = [c, *r.get("searched_seeds", [])], [b, *b.get("seeds", [])]
+
+                    def mean(xs, k):
+                        return statistics.mean(x[k] for x in xs)
+                    bm = {"M(q,g)": mean(bs, "M(q,g)"), "M(q,q)": mean(bs, "M(q,q)"), "measured_ms": b["measured_ms"]}
+                    md.append(f"| {r['budget_ms']} | {b['band']:.4f} | {c['predicted_ms']:.4f} / {c['measured_ms']:.3f} | "
+                              f"{100 * mean(cs, 'M(q,g)'):.2f} / {100 * mean(cs, 'M(q,q)'):.2f} | "
+                              f"{b['predicted_ms']:.4f} / {b['measured_ms']:.3f} | "
+                              f"{100 * bm['M(q,g)']:.2f} / {100 * bm['M(q,q)']:.2f} | "
+                              f"{'; '.join(_shortfalls(bm, r)) or 'searched >= both'} |")
         fins = [r for r in res["budgets"] if "measured_ms" in r.get("finalists", {})]
         if fins:
             f0 = fins[0]["finalists"]
@@ -325,6 +377,10 @@ def main() -> None:
                          "far, shown as done/planned), so a run spanning days has figures on the way")
     ap.add_argument("--finalists", type=int, default=5,
                     help="budgets: also train each budget's choice by query.finalists=K (0: not)")
+    ap.add_argument("--searched-seeds", type=int, default=3,
+                    help="train each budget's searched arch at this many training seeds (the run's and "
+                         "the next ones): the target is judged on their mean, and their spread shows how "
+                         "much of the random archs' spread is training noise")
     ap.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "evolution", "random"])
     ap.add_argument("--budget-fracs", nargs="+", type=float, default=[0.15, 0.3, 0.6],
                     help="budgets as fractions of the table's latency range")
@@ -484,7 +540,8 @@ def main() -> None:
         from hwnas.nn.models import build_query
 
         rows = [budget_rows[0]["mobilenetv3"]] + [x for r in budget_rows for x in (
-            r["searched"], *r["random"], *([r["finalists"]] if "finalists" in r else []))]
+            r["searched"], *r["random"], *([r["finalists"]] if "finalists" in r else []),
+            *([r["best_reward"]] if "best_reward" in r else []))]
         pre = base.preprocess()
         shape = (1, pre.channels, pre.size, pre.size)
         backend = OrtCpuBackend(threads=base.latency.threads)
@@ -529,7 +586,14 @@ def main() -> None:
         found = {frac: search(budget_ms=b, n_trials=50, study_name=f"bench-budget-{frac}")[1] for frac, b, _ in plan}
         jobs = [("bench-mobilenetv3_small_050", {"timm_name": "mobilenetv3_small_050"})]
         for frac, _, rand in plan:
-            jobs.append((f"bench-budget-{frac}-searched", {"arch": found[frac]["arch"]}))
+            # the best reward's arch, and the search's choice (search.prefer_faster_within) where
+            # that is another: each at --searched-seeds training seeds
+            for kind, a in (("searched", _best_reward_arch(found[frac])), ("chosen", found[frac]["arch"])):
+                if kind == "chosen" and space.parse(a) == space.parse(_best_reward_arch(found[frac])):
+                    continue
+                jobs.append((f"bench-budget-{frac}-{kind}", {"arch": a}))
+                jobs += [(f"bench-budget-{frac}-{kind}-seed{k}", {"arch": a, "seed": base.seed + k})
+                         for k in range(1, args.searched_seeds)]
             if args.finalists > 1:  # the pipeline's choice, next to the search's best
                 jobs.append((f"bench-budget-{frac}-finalists", {"finalists": args.finalists, "finalists_from": str(
                     Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}")}))
@@ -550,14 +614,30 @@ def main() -> None:
         mbv3 = trained["bench-mobilenetv3_small_050"]
         rows = []
         for frac, b, rand in plan:
+            def seeds_of(kind):
+                return [trained[n] for n in (f"bench-budget-{frac}-{kind}-seed{k}" for k in range(1, args.searched_seeds))
+                        if n in trained]
+
             s = trained[f"bench-budget-{frac}-searched"]
-            s["predicted_ms"] = found[frac]["predicted_ms"]
+            s["predicted_ms"] = found[frac].get("chosen_within", {}).get("best_reward_predicted_ms", found[frac]["predicted_ms"])
+            best_reward = None
+            if f"bench-budget-{frac}-chosen" in trained:  # the choice is another arch than the best reward's
+                best_reward = {**s, "seeds": seeds_of("searched"), "band": found[frac]["chosen_within"]["band"]}
+                s = trained[f"bench-budget-{frac}-chosen"]
+                s["predicted_ms"] = found[frac]["predicted_ms"]
+                seeds = seeds_of("chosen")
+            else:
+                seeds = seeds_of("searched")
             done = [trained[n] for n in (f"bench-budget-{frac}-random{i}" for i in range(len(rand))) if n in trained]
             if len(done) < 2:
                 print(f"budget {frac}: {len(done)} random archs finished; not reported yet", flush=True)
                 continue
             row = {"budget_ms": b, "budget_frac": frac, "searched": s, "mobilenetv3": dict(mbv3),
                    "random_planned": len(rand), "random": done}
+            if seeds:  # the same arch at other training seeds
+                row["searched_seeds"] = seeds
+            if best_reward is not None:
+                row["best_reward"] = best_reward
             fin = trained.get(f"bench-budget-{frac}-finalists")
             if fin is not None:
                 from hwnas.utils import read_json
