@@ -68,8 +68,8 @@ class QueryConfig:
     loss: dict | None = None  # LossConfig fields; None: the supernet's loss
     inherit: bool = True  # start SPOS subnets from the supernet's weights
     # > 1: the search's choice and its next best archs by reward, `finalists` in all, each train
-    # `finalist_epochs` epochs of the full
-    # schedule; the lowest training loss there finishes (hwnas train-query --from-search, run)
+    # `finalist_epochs` epochs of the full schedule; the lowest training loss there finishes
+    # (hwnas train-query --from-search, run)
     finalists: int = 0
     finalist_epochs: int = 10
     # how many of the independent query trainings (the finalists, the baselines) train at

@@ -842,8 +842,8 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
 
     With ``query.finalists`` K > 1 the choice is made by training, not by the supernet alone:
     the search's choice and its next best distinct archs by reward, K in all, each train
-    ``query.finalist_epochs`` epochs of the full schedule, and the one with the lowest training loss there goes on to
-    the end of its schedule (its run resumed, not redone). A weight-sharing supernet ranks
+    ``query.finalist_epochs`` epochs of the full schedule, and the one with the lowest
+    training loss there goes on to the end of its schedule (its run resumed, not redone). A weight-sharing supernet ranks
     archs of one budget poorly where they differ little, while a model's own loss a sixth of
     the way into its training ranks them better (BENCHMARKS.md, "Search: omniglot", the
     selection table). The finalists' runs are kept under ``query/<finalist_prefix>-<hash of
