@@ -113,9 +113,11 @@ def selection_fidelity(budget_rows, epochs: int, k: int, draws: int = 4000) -> l
     return out
 
 
-def _best_reward_arch(found: dict) -> str:
-    """The best reward's arch of a search result (its choice, from before the choice rule)."""
-    return found.get("chosen_within", {}).get("best_reward_arch", found["arch"])
+def _best_reward(found: dict) -> tuple[str, float]:
+    """The best reward's arch of a search result and its predicted ms (the search's choice
+    where it records no other, as before the choice rule)."""
+    w = found.get("chosen_within", {})
+    return w.get("best_reward_arch", found["arch"]), w.get("best_reward_predicted_ms", found["predicted_ms"])
 
 
 def _beaten(model, row) -> str:
@@ -588,8 +590,9 @@ def main() -> None:
         for frac, _, rand in plan:
             # the best reward's arch, and the search's choice (search.prefer_faster_within) where
             # that is another: each at --searched-seeds training seeds
-            for kind, a in (("searched", _best_reward_arch(found[frac])), ("chosen", found[frac]["arch"])):
-                if kind == "chosen" and space.parse(a) == space.parse(_best_reward_arch(found[frac])):
+            best = _best_reward(found[frac])[0]
+            for kind, a in (("searched", best), ("chosen", found[frac]["arch"])):
+                if kind == "chosen" and space.parse(a) == space.parse(best):
                     continue
                 jobs.append((f"bench-budget-{frac}-{kind}", {"arch": a}))
                 jobs += [(f"bench-budget-{frac}-{kind}-seed{k}", {"arch": a, "seed": base.seed + k})
@@ -619,7 +622,7 @@ def main() -> None:
                         if n in trained]
 
             s = trained[f"bench-budget-{frac}-searched"]
-            s["predicted_ms"] = found[frac].get("chosen_within", {}).get("best_reward_predicted_ms", found[frac]["predicted_ms"])
+            s["predicted_ms"] = _best_reward(found[frac])[1]
             best_reward = None
             if f"bench-budget-{frac}-chosen" in trained:  # the choice is another arch than the best reward's
                 best_reward = {**s, "seeds": seeds_of("searched"), "band": found[frac]["chosen_within"]["band"]}
