@@ -74,9 +74,12 @@ def profile_space(space: SearchSpace, backend: LatencyBackend, out: Path, *,
         return table
     log(f"[profile] {backend.name} ({settings['device_name']}, threads {settings.get('threads')}): "
         f"{len(todo)} of {len(specs)} ops to measure, {rounds} rounds x {runs} runs each")
-    if "call_overhead_ms" not in table.header:
-        table.header["call_overhead_ms"] = round(call_overhead(backend, rounds, runs, warmup), 5)
-    bar = tqdm(total=len(todo) * (rounds + 1), desc="profile", unit="step", mininterval=1.0)
+    # the per-call overhead is timed in the first chunk's rounds, interleaved with the ops, so
+    # that it sees the machine as they do (timed alone before them, a busy moment once put it
+    # above every op's timing, and the table then predicted one latency for every arch)
+    overhead = "call_overhead_ms" not in table.header
+    bar = tqdm(total=len(todo) * (rounds + 1) + overhead * rounds, desc="profile", unit="step",
+               mininterval=1.0)
     for i in range(0, len(todo), chunk):
         part = todo[i:i + chunk]
         runners = []
@@ -84,13 +87,20 @@ def profile_space(space: SearchSpace, backend: LatencyBackend, out: Path, *,
             m, shape = op_module(space, s)
             runners.append(backend.prepare(m, shape))
             bar.update(1)
+        if overhead:
+            runners.append(backend.prepare(_trivial_module(), (1, 1, 4, 4)))
         res = measure(runners, rounds, runs, warmup, seed=seed + i, progress=bar.update)
+        if overhead:
+            table.header["call_overhead_ms"] = round(res.pop().latency_ms, 5)
+            overhead = False
         for s, r in zip(part, res):
             table.entries[s.key()] = {**r.to_dict(), "flops": s.flops}
         for r in runners:
             r.close()
         table.save(out)  # atomic: a kill loses at most this chunk
     bar.close()
+    if not table.header.get("complete"):  # a complete table's calibration read its overhead
+        cap_call_overhead(table, log)
     table.header["complete"] = True
     table.header["spread"] = table.spread_summary()
     if table.header["spread"]["noisy"]:
@@ -103,16 +113,29 @@ def profile_space(space: SearchSpace, backend: LatencyBackend, out: Path, *,
     return table
 
 
-def call_overhead(backend: LatencyBackend, rounds: int, runs: int, warmup: int) -> float:
-    """The fixed cost of one inference call (a trivial graph): every op's entry contains it
-    once, a whole network only once, so the predictor counts it once."""
+def _trivial_module():
+    """A graph that does next to nothing: its time is the fixed cost of one inference call,
+    which every op's entry contains once and a whole network only once (the predictor counts
+    it once)."""
     import torch
 
-    class _Tiny(torch.nn.Module):
+    class _Trivial(torch.nn.Module):
         def forward(self, x):
             return x * 1.0
 
-    return measure([backend.prepare(_Tiny(), (1, 1, 4, 4))], rounds, runs, warmup)[0].latency_ms
+    return _Trivial().eval()
+
+
+def cap_call_overhead(table: LatencyTable, log: Callable = print) -> None:
+    """Keep the per-call overhead at or below the cheapest op's timing: each op's timing holds
+    one call, so a larger figure is timer noise, and would count the cheap ops as free."""
+    key = table.header.get("statistic_key", "median_ms")
+    ov = table.header.get("call_overhead_ms")
+    low = min((e[key] for e in table.entries.values()), default=None)
+    if ov is not None and low is not None and ov > low:
+        log(f"[profile] note: one call measured {ov} ms, more than the cheapest op's {low} ms "
+            f"(which holds one call): timer noise, so the overhead is kept at {low} ms")
+        table.header["call_overhead_ms"] = low
 
 
 # ---------------------------------------------------------------------- statistics
