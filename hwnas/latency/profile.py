@@ -21,7 +21,7 @@ from hwnas.errors import HwnasError
 from hwnas.latency.backends import LatencyBackend, measure
 from hwnas.latency.table import LatencyPredictor, LatencyTable, make_header
 from hwnas.space import OpSpec, SearchSpace, all_op_specs, arch_flops
-from hwnas.utils import save_figure, write_json
+from hwnas.utils import bars_off, save_figure, write_json
 
 
 def op_module(space: SearchSpace, spec: OpSpec):
@@ -79,7 +79,7 @@ def profile_space(space: SearchSpace, backend: LatencyBackend, out: Path, *,
     # above every op's timing, and the table then predicted one latency for every arch)
     overhead = "call_overhead_ms" not in table.header
     bar = tqdm(total=len(todo) * (rounds + 1) + overhead * rounds, desc="profile", unit="step",
-               mininterval=1.0)
+               mininterval=1.0, disable=bars_off())  # (off in a log: lines before and after)
     for i in range(0, len(todo), chunk):
         part = todo[i:i + chunk]
         runners = []
@@ -318,7 +318,8 @@ def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: in
 
     shape = (1, space.in_channels, space.input_size, space.input_size)
     out: list[list] = [[] for _ in range(repeats)]
-    bar = tqdm(total=len(archs) * (repeats * rounds + 1), desc=desc, unit="step", mininterval=1.0)
+    bar = tqdm(total=len(archs) * (repeats * rounds + 1), desc=desc, unit="step", mininterval=1.0,
+               disable=bars_off())
     for i in range(0, len(archs), chunk):
         runners = []
         for a in archs[i:i + chunk]:
