@@ -894,6 +894,23 @@ def test_the_training_lock_is_reentrant_within_a_process(tmp_path):
     assert subprocess.run(other, env=_env()).returncode == 0  # free again
 
 
+def test_a_training_lock_that_cannot_be_taken_is_said_once(tmp_path):
+    """Where no lock can be taken (here its folder is a file), the training goes on with a
+    warning, said once though the training function and its loop both take the lock."""
+    from hwnas.compat.train import training_lock
+
+    (tmp_path / "f").write_text("")
+    ck = tmp_path / "f" / "m" / "checkpoint.safetensors"
+    logs = []
+    with training_lock(ck, "outer", logs.append):
+        with training_lock(ck, "inner", logs.append):
+            pass
+    assert sum("no training lock" in m for m in logs) == 1, logs
+    with training_lock(ck, "again", logs.append):  # released: a later training says it again
+        pass
+    assert sum("no training lock" in m for m in logs) == 2, logs
+
+
 def test_one_process_at_a_time_trains_a_checkpoint(tmp_path):
     """A second training of the same checkpoint (hwnas train-query by hand beside hwnas run)
     is refused, naming the process that holds it, instead of both writing one checkpoint; once

@@ -401,20 +401,19 @@ def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print
                 _HELD[key] -= 1
             return
         f = locked(path)
-        if f is None:
-            yield
-            return
-        _HELD[key] = 1
+        _HELD[key] = 1  # (with no lock to take, too: the inner takes do not say so again)
         try:
-            f.seek(0)
-            f.truncate()
-            f.write(f"process {os.getpid()} on {socket.gethostname()}")
-            f.flush()
+            if f is not None:
+                f.seek(0)
+                f.truncate()
+                f.write(f"process {os.getpid()} on {socket.gethostname()}")
+                f.flush()
             yield
         finally:  # removed while still held, so no one locks a file that is going away
             del _HELD[key]
-            path.unlink(missing_ok=True)
-            f.close()
+            if f is not None:
+                path.unlink(missing_ok=True)
+                f.close()
 
     return held()
 
