@@ -21,13 +21,20 @@ def hwnas(*args, cwd=None, timeout=300):
 
 @pytest.mark.parametrize("sub", [None] + SUBCOMMANDS)
 def test_help_is_fast_and_has_examples(sub):
+    import resource
+
+    def cpu():  # the finished children's CPU seconds: unlike wall time, the work of other
+        # processes on a busy machine does not count
+        u = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return u.ru_utime + u.ru_stime
+
     args = ["--help"] if sub is None else [sub, "--help"]
-    t = time.perf_counter()
+    t = cpu()
     r = hwnas(*args)
-    dt = time.perf_counter() - t
+    dt = cpu() - t
     assert r.returncode == 0, r.stderr
     assert "example" in r.stdout
-    assert dt < 2.0, f"hwnas {' '.join(args)} took {dt:.2f} s"
+    assert dt < 2.0, f"hwnas {' '.join(args)} took {dt:.2f} s of CPU"
 
 
 def test_help_imports_no_heavy_modules():

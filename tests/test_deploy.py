@@ -253,16 +253,17 @@ def service(bundle, tmp_path):
                           "--port", str(port), "--max-batch", "4"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
+    deadline = time.time() + 60  # (it loads ONNX Runtime and the index: seconds on a busy machine)
+    while True:
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as r:
                 if r.status == 200:
                     break
         except OSError:
             time.sleep(0.1)
-    else:
-        p.kill()
-        pytest.fail("service did not start: " + p.stderr.read())
+        if p.poll() is not None or time.time() > deadline:
+            p.kill()
+            pytest.fail("service did not start: " + p.stderr.read())
     yield url, m
     p.terminate()
     p.wait(timeout=10)

@@ -106,11 +106,15 @@ def test_over_budget_archs_are_never_evaluated(search_run, tmp_path):
         seen.append(pred(arch))
         return real(arch)
 
-    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
+    # the largest arch enqueued: one over-budget trial whatever the quick table's timings put
+    # above the budget among TPE's start-up archs
+    space = cfg.search_space()
+    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0,
+                     enqueue=[space.largest().to_string(space)])
     assert seen and max(seen) <= cfg.search.budget_ms
     study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)
     infeasible = [t for t in study.trials if t.user_attrs.get("feasible") is False]
-    assert infeasible, "expected some over-budget samples at a tight budget"
+    assert study.trials[0].user_attrs.get("baseline") == "user" and study.trials[0] in infeasible
     for tr in infeasible:
         assert tr.constraints["latency_ms"] > 0 and "M(q,g)" not in tr.user_attrs
     # the evaluator ran once per evaluated trial and never on an over-budget arch (a wall-clock
@@ -338,10 +342,11 @@ def test_resume_after_kill_keeps_trials(search_run, tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     out.close()
-    before = done()
-    assert 3 <= before < 10, (tmp_path / "worker.log").read_text()[-3000:]
+    # counted through Optuna, read-write: a kill in the middle of a commit leaves a rollback
+    # journal that only a writer undoes (the read-only poll above then reads 0 trials)
     s0 = {t.number: t.values for t in optuna.load_study(study_name="k", storage=f"sqlite:///{db}").trials
           if t.state == optuna.trial.TrialState.COMPLETE}
+    assert 3 <= len(s0) < 10, (tmp_path / "worker.log").read_text()[-3000:]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     s1 = optuna.load_study(study_name="k", storage=f"sqlite:///{db}")
