@@ -438,7 +438,9 @@ def main() -> None:
             cfg, r = search(budget_ms=sb, sampler=sampler, n_trials=args.trials,
                             study_name=f"bench-sampler-{sampler}")
             st = optuna.load_study(study_name=r["study"], storage=cfg.search.storage)
-            feas = sorted((t for t in st.trials if t.user_attrs.get("feasible")), key=lambda t: t.number)
+            # each distinct arch once (a repeat of an evaluated arch takes its result, free)
+            feas = sorted((t for t in st.trials if t.user_attrs.get("feasible") and "repeat_of" not in t.user_attrs),
+                          key=lambda t: t.number)
             vals = [t.user_attrs["reward"] for t in feas]
             curves[sampler] = vals
             marks = sorted({n for n in (10, 25, 50, 100, 200) if n <= len(vals)} | {len(vals)})

@@ -142,14 +142,14 @@ class SearchConfig:
     alpha: float = 0.5
     metric: str = "recall@1"  # or mAP
     sampler: str = "tpe"  # tpe | nsga2 | random | evolution
-    n_trials: int = 100  # evaluated (feasible) trials
+    n_trials: int = 100  # evaluated (feasible) trials, distinct archs (a repeat is not evaluated again)
     multi_objective: bool = False
     bn_batches: int = 4  # BN recalibration batches (of 128 training images) per trial
     # all: every validation image is a query against all the others (leave-one-out; about
     # 5x the queries of the split, so a tighter estimate at the same embedding cost);
     # split: the split's val_query part against its val_gallery part
     val_queries: str = "all"
-    max_infeasible: int = 2000  # consecutive over-budget samples before giving up
+    max_infeasible: int = 2000  # consecutive over-budget (or already evaluated) samples before giving up
     # the arch chosen: the fastest (predicted) of those whose reward is within this much of the
     # best reward; "se": a conservative one-standard-error band of the best reward r on its n
     # validation queries, sqrt(r(1-r)/n) (binomial; the r3 mix of two correlated accuracies,

@@ -80,6 +80,37 @@ def test_reward_and_pareto():
     assert sorted(pareto_front(pts)) == [0, 2, 4]
 
 
+def test_an_arch_proposed_again_is_not_evaluated_again(search_run, tmp_path):
+    """A sampler's repeat of an evaluated arch (evolution proposes them) takes the first
+    evaluation's result at no cost, and n_trials counts distinct archs."""
+    root, cfg_path = search_run
+    cfg = load_config(cfg_path)
+    lo, hi, pred = _budget(cfg)
+    cfg.search.budget_ms = hi * 0.99
+    cfg.search.storage = f"sqlite:///{tmp_path / 'r.db'}"
+    space = cfg.search_space()
+    real = SupernetEvaluator(cfg, log=lambda *_: None)
+    seen = []
+
+    def evaluator(arch):
+        seen.append(arch.to_string(space))
+        return real(arch)
+
+    a = space.smallest().to_string(space)
+    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, enqueue=[a, a])
+    study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)
+    first, again = study.trials[:2]
+    assert again.user_attrs["repeat_of"] == first.number and again.values == first.values
+    assert again.user_attrs["M(q,g)"] == first.user_attrs["M(q,g)"]
+    assert seen.count(a) == 1 and len(seen) == len(set(seen)) == cfg.search.n_trials
+    assert res["n_evaluated"] == cfg.search.n_trials
+    from hwnas.rundir import RunDir
+
+    with open(RunDir(cfg).path / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[1]["repeat_of"] == str(first.number) and rows[0]["repeat_of"] == ""
+
+
 def test_budget_outside_range_is_clear(search_run):
     _, cfg_path = search_run
     cfg = load_config(cfg_path)

@@ -299,8 +299,13 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     done = _n_feasible(study)
     if done:
         log(f"[search] resuming study {name!r}: {done} evaluated trials already done")
-    state = {"infeasible_run": 0}
+    state = {"infeasible_run": 0, "repeat_run": 0}
     worker = f"{socket.gethostname()}:{os.getpid()}"
+    # each arch is evaluated once: a sampler that proposes it again (evolution did, for 3 to 7
+    # of the 30 trials of each headline run's study) gets the first evaluation's result back
+    # at no cost, and only distinct archs count towards n_trials. (This worker's record:
+    # another worker's evaluation of the same arch in a shared study is not looked up.)
+    known = {t.user_attrs["arch"]: t for t in _evaluated(study)}
 
     def objective(trial):
         arch = space.suggest(trial)
@@ -319,6 +324,18 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
                 trial.study.stop()
             return (0.0, lat) if s.multi_objective else 0.0
         state["infeasible_run"] = 0
+        first = known.get(arch.to_string(space))
+        if first is not None:
+            for k in ("feasible", "M(q,q)", "M(q,g)", "n_val_queries", "reward"):
+                trial.set_user_attr(k, first.user_attrs.get(k))
+            trial.set_user_attr("repeat_of", first.number)
+            state["repeat_run"] += 1
+            if state["repeat_run"] >= s.max_infeasible:
+                trial.study.set_user_attr("converged", True)
+                trial.study.stop()
+            r = first.user_attrs["reward"]
+            return (r, lat) if s.multi_objective else r
+        state["repeat_run"] = 0
         res = evaluator(arch)
         qq, qg, r = res["M(q,q)"][s.metric], res["M(q,g)"][s.metric], search_reward(res, s)
         trial.set_user_attr("feasible", True)
@@ -331,6 +348,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         trial.set_user_attr("reward", r)
         log(f"[search] trial {trial.number}: {lat:.3f} ms, M(q,q) {qq:.4f}, M(q,g) {qg:.4f}, "
             f"reward {r:.4f} ({res['seconds']:.1f} s)")
+        known[arch.to_string(space)] = trial
         return (r, lat) if s.multi_objective else r
 
     def stop_when_done(study, trial):
@@ -345,17 +363,28 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         raise HwnasError(f"the {s.sampler} sampler found no arch within {budget} ms in "
                          f"{s.max_infeasible} consecutive tries; raise the budget (range "
                          f"{lo:.3f} to {hi:.3f} ms) or try another sampler")
+    if state["repeat_run"] >= s.max_infeasible:
+        log(f"[search] the {s.sampler} sampler proposed only archs it had evaluated in "
+            f"{s.max_infeasible} consecutive tries: stopped at {_n_feasible(study)} distinct archs "
+            f"of search.n_trials {s.n_trials}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     return write_outputs(study, rd.path if out is None else out, space, budget, s, url, log=log,
                          n_val_queries=getattr(evaluator, "n_queries", None))
 
 
-def _n_feasible(study) -> int:
+def _evaluated(study) -> list:
+    """The study's trials that evaluated an arch within the budget, each arch's first (a
+    repeat of an evaluated arch takes its result: ``repeat_of``)."""
     import optuna
 
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-               if t.user_attrs.get("feasible"))
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get("feasible") and "repeat_of" not in t.user_attrs]
+
+
+def _n_feasible(study) -> int:
+    """Distinct archs evaluated within the budget (what search.n_trials counts)."""
+    return len({t.user_attrs.get("arch") for t in _evaluated(study)})
 
 
 def _enqueue_baselines(study, space, predictor, budget, sampler: str = "tpe", seed: int | None = None,
@@ -430,7 +459,7 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
             "number": t.number, "state": t.state.name, "feasible": ua.get("feasible"),
             "arch": ua.get("arch"), "predicted_ms": ua.get("predicted_ms"), "mflops": ua.get("mflops"),
             "M(q,q)": (ua.get("M(q,q)") or {}).get(s.metric), "M(q,g)": (ua.get("M(q,g)") or {}).get(s.metric),
-            "reward": ua.get("reward"), "baseline": ua.get("baseline", ""),
+            "reward": ua.get("reward"), "repeat_of": ua.get("repeat_of", ""), "baseline": ua.get("baseline", ""),
             "sampler": ua.get("sampler"), "eval_seconds": ua.get("eval_seconds"),
             "duration_s": t.duration.total_seconds() if t.duration else None,
         })
@@ -451,7 +480,7 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
         "M(q,q)": ua["M(q,q)"], "M(q,g)": ua["M(q,g)"], "reward": ua["reward"],
         "reward_kind": s.reward, "alpha": s.alpha, "metric": s.metric, "budget_ms": budget,
         "trial": best.number, "study": study.study_name, "storage": url, "sampler": s.sampler,
-        "n_evaluated": len(feas), "n_trials": len(trials),
+        "n_evaluated": len({t.user_attrs["arch"] for t in feas}), "n_trials": len(trials),
         # how it was chosen: the fastest within `band` of the best reward (search.prefer_faster_within)
         "chosen_within": {"setting": s.prefer_faster_within, "band": band,
                           "n_val_queries": top.user_attrs.get("n_val_queries"),
@@ -463,15 +492,15 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
     }
     write_json(out / "best_arch.json", result)
     plot_search(feas, front, best, budget, out / "search_reward_vs_latency.png", s, top=top)
-    plot_progress({s.sampler: [t.user_attrs["reward"] for t in sorted(feas, key=lambda t: t.number)]},
-                  out / "search_best_so_far.png")
+    plot_progress({s.sampler: [t.user_attrs["reward"] for t in sorted(feas, key=lambda t: t.number)
+                               if "repeat_of" not in t.user_attrs]}, out / "search_best_so_far.png")
     why = ("" if top is best else
            f" — the fastest within {band:.4f} of the best reward ({top.user_attrs['reward']:.4f} at "
            f"{top.user_attrs['predicted_ms']:.3f} ms; search.prefer_faster_within)")
     if s.prefer_faster_within == "se" and not (top.user_attrs.get("n_val_queries") or n_val_queries):
         log("[search] the best trial records no validation query count (a study from an older hwnas), "
             "so the choice is the best reward's arch; --prefer-faster-within DIFF sets a band")
-    log(f"[search] chosen of {len(feas)} evaluated archs ({len(trials)} trials): reward "
+    log(f"[search] chosen of {result['n_evaluated']} evaluated archs ({len(trials)} trials): reward "
         f"{ua['reward']:.4f} at {ua['predicted_ms']:.3f} ms predicted, {ua['mflops']:.2f} MFLOPs{why}\n"
         f"         {ua['arch']}\n         outputs: {out}/best_arch.json, trials.csv, search_*.png")
     return result
