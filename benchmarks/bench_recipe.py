@@ -237,7 +237,7 @@ def time_capacity(cfg, rd, cap: list[dict]) -> dict:
     shape = (1, pre.channels, pre.size, pre.size)
     backend = OrtCpuBackend(threads=cfg.latency.threads)
     here = [r for r in cap if (rd.path / "query" / _model_dir(r) / "model.safetensors").exists()]
-    runners = [backend.prepare_deployed(load_query(rd.path / "query" / _model_dir(r))[0], shape) for r in here]
+    runners = [backend.prepare_sessions(load_query(rd.path / "query" / _model_dir(r))[0], shape) for r in here]
     lat, g_lat, g_best, _ = measure_beside_paragon(runners, api.run_gallery(rd).net, shape, backend.threads)
     for r, m in zip(here, lat):
         r["measured_ms"] = m.latency_ms

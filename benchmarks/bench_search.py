@@ -536,10 +536,10 @@ def main() -> None:
 
     def measure_budgets(budget_rows):
         """End-to-end edge latency of every model of every budget (ORT CPU, batch 1), all in
-        one interleaved measurement (``measure_models``: the median of 5 pools), so that the
-        machine's drift over minutes cannot rank one budget's models against another's;
-        each model rebuilt from its architecture (weights do not change what a runtime
-        computes)."""
+        one interleaved measurement (``measure_models``: the median of 5 pools and of 5
+        sessions per model), so that the machine's drift over minutes cannot rank one budget's
+        models against another's; each model rebuilt from its architecture (weights do not
+        change what a runtime computes)."""
         from hwnas.latency.backends import OrtCpuBackend, measure_models
         from hwnas.nn.models import build_query
 
@@ -549,7 +549,7 @@ def main() -> None:
         pre = base.preprocess()
         shape = (1, pre.channels, pre.size, pre.size)
         backend = OrtCpuBackend(threads=base.latency.threads)
-        runners = [backend.prepare_deployed(build_query(
+        runners = [backend.prepare_sessions(build_query(
             {"kind": r.get("kind", "subnet"), "space": space.to_dict(), "arch": r["arch"], "timm": r["arch"],
              "embed_dim": space.embed_dim, "preprocess": pre.to_dict()}).eval(), shape)
             for r in tqdm(rows, desc="export")]

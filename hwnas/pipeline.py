@@ -361,7 +361,7 @@ def paragon_budget(cfg: Config, predictor, gallery_net, log: Callable = print, p
     shape = (1, pre.channels, pre.size, pre.size)
     backend = OrtCpuBackend(threads=cfg.latency.threads)
     refs = [predictor.extreme_arch(True), predictor.extreme_arch(False)]
-    runners = [backend.prepare_deployed(SubNet(space, a).eval(), shape) for a in refs]
+    runners = [backend.prepare_sessions(SubNet(space, a).eval(), shape) for a in refs]
     # the paragon at its fastest thread count (as in the report)
     m, g_lat, g_best, g_by = measure_beside_paragon(runners, gallery_net, shape, backend.threads, pools=pools)
     p_ms = g_lat.latency_ms

@@ -110,7 +110,7 @@ def build_report(cfg, log=print) -> dict:
                      "mflops": qcfg["flops"] / 1e6, "predicted_ms": p_ms, "metrics": ev["metrics"],
                      # adapted on the gallery's images: transductive where they hold the test classes
                      "adapted": qcfg.get("adapted")})
-        runners.append(backend.prepare_deployed(net, shape))
+        runners.append(backend.prepare_sessions(net, shape))
     if not rows:
         raise HwnasError("no trained query models to report on")
     g_mflops = api.model_flops(gallery.net, pre) / 1e6
@@ -126,6 +126,7 @@ def build_report(cfg, log=print) -> dict:
         mq = r["metrics"]
         r.update({
             "measured_ms": m.latency_ms, "measured_cv_pct": m.cv_pct, "measured_pools_ms": m.pools_ms,
+            "measured_sessions_ms": m.sessions_ms,
             # paragon / model in each timing pool (the figure above is from the medians)
             "latency_reduction_pools": [round(g / x, 3) for g, x in zip(lat[-1].pools_ms, m.pools_ms)],
             "M(q,g)_recall@1": mq["M(q,g)"]["recall@1"], "M(q,q)_recall@1": mq["M(q,q)"]["recall@1"],
@@ -179,7 +180,8 @@ def build_report(cfg, log=print) -> dict:
     _plot_report(report, png)
     md = ["# hwnas report", "", f"Data: {report['dataset']} ({report['protocol']}-set), test split. "
           f"Edge latency: ONNX Runtime CPU, batch 1, 10th percentile of interleaved round medians, the "
-          f"median of {len(lat[-1].pools_ms)} timing pools on this machine; query models at "
+          f"median of {len(lat[-1].pools_ms)} timing pools on this machine; each query model in "
+          f"{len(lat[0].sessions_ms or [0])} fresh sessions, its median session's figure; query models at "
           f"{backend.threads} intra-op thread(s) (the latency table's), the paragon at its fastest of "
           f"{', '.join(f'{t}: {v:.3f} ms' for t, v in g_by_threads.items())} (threads: ms). "
           f"Budget {report['budget_ms']} ms (predicted"
@@ -193,7 +195,9 @@ def build_report(cfg, log=print) -> dict:
         md += [f"The paragon measured {min(lat[-1].pools_ms):.3f}-{max(lat[-1].pools_ms):.3f} ms "
                f"across the pools, the searched model {min(lat[0].pools_ms):.3f}-"
                f"{max(lat[0].pools_ms):.3f} ms; its latency x per pool: {min(pools):.1f}-{max(pools):.1f} "
-               f"(median {statistics.median(pools):.1f}).", ""]
+               f"(median {statistics.median(pools):.1f})."
+               + (f" Its sessions measured {min(s['measured_sessions_ms']):.3f}-"
+                  f"{max(s['measured_sessions_ms']):.3f} ms." if s.get("measured_sessions_ms") else ""), ""]
     fin = report["finalists"]
     if fin:
         md += [f"The searched arch is the one of {len(fin['finalists'])} finalists (the search's choice, then "

@@ -189,6 +189,9 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
             "pareto_latency_tol", "budget_speedup", "finalists"} <= set(rep)
     assert rep["budget_speedup"] is None  # this config sets no speed-up
     assert all(len(row["measured_pools_ms"]) == len(rep["paragon"]["measured_pools_ms"]) for row in rep["rows"])
+    # each query model timed in several fresh sessions, its figure the median session's
+    assert all(sorted(row["measured_sessions_ms"])[len(row["measured_sessions_ms"]) // 2] == pytest.approx(row["measured_ms"], abs=1e-6)
+               and len(row["measured_sessions_ms"]) == 5 for row in rep["rows"])
     models = [row["model"] for row in rep["rows"]]
     assert models[0] == "searched" and "timm-mobilenetv3_small_050" in models
     # gallery adaptation: its own row and targets, kept out of the Pareto comparison, and the

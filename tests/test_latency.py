@@ -45,6 +45,14 @@ def test_backend_contract(name):
     ps, pb = measure_models([rs, rb], pools=3)
     assert len(ps.pools_ms) == 3 and ps.latency_ms == sorted(ps.pools_ms)[1]
     assert pb.latency_ms > 3 * ps.latency_ms and "pools_ms" not in ms.to_dict()
+    # a network timed in several sessions: its figure is its median session's, each pool's
+    # figure the median over the sessions
+    sessions = b.prepare_sessions(small, (1, 3, 16, 16), n=3)
+    assert len(sessions) == 3 and len({id(x) for x in sessions}) == 3
+    pm, pb2 = measure_models([sessions, rb], pools=3)
+    assert len(pm.sessions_ms) == 3 and pm.latency_ms == sorted(pm.sessions_ms)[1]
+    assert len(pm.pools_ms) == 3 and pb2.sessions_ms is None
+    assert pb2.latency_ms > 3 * pm.latency_ms
 
 
 def test_gpu_without_gpu_is_one_clear_line():

@@ -312,7 +312,7 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
                "M(q,q)": evaluate(qe_q, qi.raw_labels, qe_g, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1])}
 
         # latency on this CPU, next to the table's prediction
-        runners = [backend.prepare_onnx((staging / "query.onnx").read_bytes(), shape)]
+        runners = [backend.prepare_onnx_sessions((staging / "query.onnx").read_bytes(), shape)]
         int8_info = None
         if int8:
             log("[deploy] int8: static QDQ quantization calibrated on training images")
@@ -322,12 +322,12 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
             s8 = backend.session((staging / "query.int8.onnx").read_bytes())
             q8 = _ort_embed(s8, xq)
             m8 = evaluate(q8, qi.raw_labels, g_emb, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1])
-            runners.append(backend.prepare_onnx((staging / "query.int8.onnx").read_bytes(), shape))
+            runners.append(backend.prepare_onnx_sessions((staging / "query.int8.onnx").read_bytes(), shape))
             int8_info = {"M(q,g)": m8, "delta_recall@1_points":
                          100 * (m8["recall@1"] - acc["M(q,g)"]["recall@1"]),
                          "parity_vs_fp32": _parity(qe_q, q8)}
         lat = measure_models(runners)
-        measured = {"latency_ms": lat[0].latency_ms, "statistic": f"p10 of round medians, median of {len(lat[0].pools_ms)} pools", "cv_pct": lat[0].cv_pct, "threads": backend.threads}
+        measured = {"latency_ms": lat[0].latency_ms, "statistic": f"p10 of round medians, median of {len(lat[0].pools_ms)} pools, median of {len(lat[0].sessions_ms or [0])} sessions", "cv_pct": lat[0].cv_pct, "threads": backend.threads}
         if int8_info is not None:
             int8_info["latency_ms"] = lat[1].latency_ms
             int8_info["speedup"] = lat[0].latency_ms / lat[1].latency_ms

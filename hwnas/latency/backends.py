@@ -37,6 +37,17 @@ from hwnas.errors import HwnasError
 LATENCY_STAT = "p10_ms"
 
 
+#: How many sessions of one network measure_models times (prepare_sessions). Measured on the
+#: 2-core Intel VM, 1 thread, 32 px (2026-12-05): fresh ONNX Runtime sessions of one trained
+#: query model (~0.06 ms) ran 3-6% apart (SD over 8 sessions, each pool's common drift
+#: removed), the same session 0.6-0.7% apart from pool to pool; the largest subnet (0.53 ms)
+#: 1.4%. A figure from one session carries its placement in memory, which no number of pools
+#: averages out: a report put the quickstart's searched model 7% behind a random subnet (one
+#: session each); timed again in fresh sessions, it was 2-6% ahead (3 sessions each), then
+#: 3.5% behind (8 each). The median of 5 sessions narrows that spread about 1.8x.
+MODEL_SESSIONS = 5
+
+
 @dataclass
 class Measurement:
     median_ms: float
@@ -48,6 +59,7 @@ class Measurement:
     rounds: int
     rounds_dropped: int
     pools_ms: list | None = None  # measure_models: the figure of each pool (this is the median)
+    sessions_ms: list | None = None  # measure_models: the figure of each session of the network
 
     @property
     def latency_ms(self) -> float:
@@ -91,6 +103,12 @@ class LatencyBackend(ABC):
     def prepare_onnx(self, onnx_bytes: bytes, input_shape: Sequence[int]) -> Runner:
         raise HwnasError(f"backend {self.name} does not run ONNX models directly")
 
+    def prepare_sessions(self, module: nn.Module, input_shape: Sequence[int],
+                         n: int = MODEL_SESSIONS) -> list[Runner]:
+        """``n`` runners of one deployed network, each its own session (timed together by
+        :func:`measure_models`, whose figure for them is their median: see MODEL_SESSIONS)."""
+        return [self.prepare_deployed(module, input_shape) for _ in range(n)]
+
 
 class OnnxBackend(LatencyBackend):
     """A backend that times the exported ONNX graph, exactly as it is deployed."""
@@ -105,6 +123,18 @@ class OnnxBackend(LatencyBackend):
 
         # the very graph `hwnas deploy` writes: dynamic batch axis, named input/output
         return self.prepare_onnx(export_onnx(module, input_shape, dynamic_batch=True), input_shape)
+
+    def prepare_sessions(self, module: nn.Module, input_shape: Sequence[int],
+                         n: int = MODEL_SESSIONS) -> list[Runner]:
+        from hwnas.export.onnx import export_onnx
+
+        # exported once
+        return self.prepare_onnx_sessions(export_onnx(module, input_shape, dynamic_batch=True), input_shape, n)
+
+    def prepare_onnx_sessions(self, onnx_bytes: bytes, input_shape: Sequence[int],
+                              n: int = MODEL_SESSIONS) -> list[Runner]:
+        """``n`` sessions of one ONNX graph (see :meth:`LatencyBackend.prepare_sessions`)."""
+        return [self.prepare_onnx(onnx_bytes, input_shape) for _ in range(n)]
 
     @abstractmethod
     def prepare_onnx(self, onnx_bytes: bytes, input_shape: Sequence[int]) -> Runner: ...
@@ -160,21 +190,35 @@ def measure(runners: Sequence[Runner], rounds: int = 15, runs: int = 10, warmup:
     return [_summarize(p, rounds * runs) for p in per]
 
 
-def measure_models(runners: Sequence[Runner], pools: int = 5) -> list[Measurement]:
+def measure_models(models: Sequence[Runner | Sequence[Runner]], pools: int = 5) -> list[Measurement]:
     """Whole networks timed against one another (the report's table, deploy's figures, the
     paragon behind a ``budget_speedup``): ``pools`` pools, one after another, of 40
-    interleaved rounds each; each runner's figure is its median pool's, with every pool's
-    figure in ``pools_ms``. On this shared VM a large network's latency drifts with the
-    machine's state over seconds while a tiny one's barely moves: ResNet-18 at 32 px measured
-    0.81 and 0.90 ms in two pools seconds apart and 0.90-1.21 ms across reports, the searched
-    query model 0.098-0.100 ms throughout, so one pool's paragon / query ratio ranged 9.0x to
-    12.3x. Ratios from medians over pools are steadier, and ``pools_ms`` shows the spread."""
-    per = [measure(runners, rounds=40, runs=10, warmup=10 if i == 0 else 2, seed=i)
+    interleaved rounds each. A network is one runner, or a list of its sessions
+    (:meth:`LatencyBackend.prepare_sessions`), all timed in the same interleaved rounds.
+    Each session's figure is its median pool's; a network's is its median session's, with
+    ``pools_ms`` (each pool's median over the sessions) and ``sessions_ms``.
+
+    Pools: on this shared VM a large network's latency drifts with the machine's state over
+    seconds while a tiny one's barely moves: ResNet-18 at 32 px measured 0.81 and 0.90 ms in
+    two pools seconds apart and 0.90-1.21 ms across reports, the searched query model
+    0.098-0.100 ms throughout, so one pool's paragon / query ratio ranged 9.0x to 12.3x.
+    Ratios from medians over pools are steadier, and ``pools_ms`` shows the spread. Sessions:
+    see MODEL_SESSIONS."""
+    groups = [list(m) if isinstance(m, (list, tuple)) else [m] for m in models]
+    flat = [r for g in groups for r in g]
+    per = [measure(flat, rounds=40, runs=10, warmup=10 if i == 0 else 2, seed=i)
            for i in range(pools)]
-    out = []
-    for j in range(len(runners)):
-        ms = sorted((p[j] for p in per), key=lambda m: m.latency_ms)
-        out.append(replace(ms[len(ms) // 2], pools_ms=[p[j].latency_ms for p in per]))
+    out, j = [], 0
+    for g in groups:
+        sess = []
+        for k in range(j, j + len(g)):
+            ms = sorted((p[k] for p in per), key=lambda m: m.latency_ms)
+            sess.append(replace(ms[len(ms) // 2], pools_ms=[p[k].latency_ms for p in per]))
+        j += len(g)
+        mid = sorted(sess, key=lambda m: m.latency_ms)[len(sess) // 2]
+        out.append(mid if len(sess) == 1 else replace(
+            mid, pools_ms=[statistics.median(x.pools_ms[i] for x in sess) for i in range(pools)],
+            sessions_ms=[x.latency_ms for x in sess]))
     return out
 
 

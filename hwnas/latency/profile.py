@@ -309,8 +309,10 @@ def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: in
     All archs are timed in one interleaved pool (up to ``chunk``): on a shared VM the
     machine's speed drifts by up to 2x over tens of seconds, and archs measured in separate
     batches would carry that drift into the comparison. With ``repeats`` > 1 the pool is
-    timed that many times over (the same sessions) and a list per repeat is returned: how
-    well one measurement predicts the next is the floor under any predictor's error."""
+    timed that many times over, each time in fresh sessions (a session's placement in memory
+    moves a tiny network's time by a few percent: backends.MODEL_SESSIONS), and a list per
+    repeat is returned: how well one measurement predicts the next is the floor under any
+    predictor's error."""
     import torch
     from tqdm import tqdm
 
@@ -321,14 +323,15 @@ def measure_archs(space: SearchSpace, archs, backend: LatencyBackend, rounds: in
     bar = tqdm(total=len(archs) * (repeats * rounds + 1), desc=desc, unit="step", mininterval=1.0,
                disable=bars_off())
     for i in range(0, len(archs), chunk):
-        runners = []
+        sessions = []  # [arch][repeat]
         for a in archs[i:i + chunk]:
             torch.manual_seed(0)
             net = SubNet(space, a).eval()
-            runners.append(backend.prepare_deployed(net, shape))
+            sessions.append(backend.prepare_sessions(net, shape, n=repeats))
             bar.update(1)
         for r in range(repeats):
-            out[r] += measure(runners, rounds, runs, warmup, seed=seed + i + 7919 * r, progress=bar.update)
+            out[r] += measure([x[r] for x in sessions], rounds, runs, warmup, seed=seed + i + 7919 * r,
+                              progress=bar.update)
     bar.close()
     return out if repeats > 1 else out[0]
 
@@ -340,8 +343,10 @@ def validate_table(space: SearchSpace, table: LatencyTable, backend: LatencyBack
     (smallest and largest included), then measure ``n`` other random archs end to end and
     record how well the plain additive sum, each calibration model and FLOPs predict them.
 
-    The pool is timed twice: ``repeatability`` is how well the second measurement predicts
-    the first — the noise floor of this machine, under which no predictor can go. Writes
+    The pool is timed twice, the second time in fresh sessions: ``repeatability`` is how
+    well the second measurement predicts the first — the noise floor of this machine (tables
+    validated before 2026-12-05 timed the same sessions twice, a floor that left out a
+    session's placement), under which no predictor can go. Writes
     the header's ``calibration`` and ``validation`` objects, a scatter plot and the per-arch
     figures (``.validation.json``) beside the table."""
     table.check(space, backend.settings())
