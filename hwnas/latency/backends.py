@@ -38,10 +38,10 @@ LATENCY_STAT = "p10_ms"
 
 
 #: How many sessions of one network measure_models times (prepare_sessions). Measured on the
-#: 2-core Intel VM, 1 thread, 32 px (2026-12-05): fresh ONNX Runtime sessions of one trained
-#: query model (~0.06 ms) ran 3-6% apart (SD over 8 sessions, each pool's common drift
-#: removed), the same session 0.6-0.7% apart from pool to pool; the largest subnet (0.53 ms)
-#: 1.4%. A figure from one session carries its placement in memory, which no number of pools
+#: 2-core Intel VM, 1 thread, 32 px (2026-12-05, two runs' trained query models of ~0.06 ms;
+#: benchmarks/bench_sessions.py): fresh ONNX Runtime sessions of one model ran 1.6-6% apart
+#: (SD over 8 sessions, each pool's common drift removed), the same session 0.4-0.7% apart
+#: from pool to pool; the largest subnet (0.5 ms) 0.5-1.4%. A figure from one session carries its placement in memory, which no number of pools
 #: averages out: a report put the quickstart's searched model 7% behind a random subnet (one
 #: session each); timed again in fresh sessions, it was 2-6% ahead (3 sessions each), then
 #: 3.5% behind (8 each). The median of 5 sessions narrows that spread about 1.8x.
