@@ -149,7 +149,7 @@ class SearchConfig:
     # 5x the queries of the split, so a tighter estimate at the same embedding cost);
     # split: the split's val_query part against its val_gallery part
     val_queries: str = "all"
-    max_infeasible: int = 2000  # consecutive over-budget (or already evaluated) samples before giving up
+    max_infeasible: int = 2000  # consecutive over-budget samples before giving up
     # the arch chosen: the fastest (predicted) of those whose reward is within this much of the
     # best reward; "se": a conservative one-standard-error band of the best reward r on its n
     # validation queries, sqrt(r(1-r)/n) (binomial; the r3 mix of two correlated accuracies,

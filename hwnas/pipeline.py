@@ -347,7 +347,8 @@ def paragon_budget(cfg: Config, predictor, gallery_net, log: Callable = print, p
     fastest subnet ran 1.6x and the slowest 2.2x their predictions, the average put a target
     the fastest subnet met measured below the fastest prediction.)
 
-    ``pools`` timing pools, medians kept (about 30 s at 32 px). The budget decides the whole
+    ``pools`` timing pools, medians kept, the two subnets in 5 sessions each (the quickstart's
+    search step, which includes this, took 76 s on 2026-12-05). The budget decides the whole
     search, and on a shared VM small networks slow down by up to 1.5x for phases of seconds
     while the compute-bound paragon barely moves, so the ratio does not cancel within one
     phase: on the Omniglot run, five resolutions at 5 pools gave 0.066-0.106 ms, at 20 pools

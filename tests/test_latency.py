@@ -45,13 +45,13 @@ def test_backend_contract(name):
     ps, pb = measure_models([rs, rb], pools=3)
     assert len(ps.pools_ms) == 3 and ps.latency_ms == sorted(ps.pools_ms)[1]
     assert pb.latency_ms > 3 * ps.latency_ms and "pools_ms" not in ms.to_dict()
-    # a network timed in several sessions: its figure is its median session's, each pool's
-    # figure the median over the sessions
+    # a network timed in several sessions: its figure is its median session's (of whose
+    # pools it is the median)
     sessions = b.prepare_sessions(small, (1, 3, 16, 16), n=3)
     assert len(sessions) == 3 and len({id(x) for x in sessions}) == 3
     pm, pb2 = measure_models([sessions, rb], pools=3)
     assert len(pm.sessions_ms) == 3 and pm.latency_ms == sorted(pm.sessions_ms)[1]
-    assert len(pm.pools_ms) == 3 and pb2.sessions_ms is None
+    assert len(pm.pools_ms) == 3 and pm.latency_ms == sorted(pm.pools_ms)[1] and pb2.sessions_ms is None
     assert pb2.latency_ms > 3 * pm.latency_ms
 
 
@@ -193,8 +193,7 @@ def test_random_feasible_archs_fit_tight_budgets(table, tiny_space):
     lats = sorted(p(tiny_space.sample(rng)) for _ in range(1000))
     fits = [v for v in lats if sum(u <= v for u in lats) <= 20]
     assert fits, f"{lats.count(lats[0])} of 1000 sampled archs tie at the fastest, {lats[0]} ms"
-    tight = fits[-1]
-    assert 0 < sum(v <= tight for v in lats) <= 20  # few fit uniformly
+    tight = fits[-1]  # (at most 2% of the sampled archs fit it, by construction)
     archs = [p.sample_feasible(tight, random.Random(i), tries=50) for i in range(5)]
     assert all(p(a) <= tight for a in archs)
     assert len({a.to_string(tiny_space) for a in archs}) > 1  # random, not one fixed arch

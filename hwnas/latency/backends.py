@@ -195,8 +195,8 @@ def measure_models(models: Sequence[Runner | Sequence[Runner]], pools: int = 5) 
     paragon behind a ``budget_speedup``): ``pools`` pools, one after another, of 40
     interleaved rounds each. A network is one runner, or a list of its sessions
     (:meth:`LatencyBackend.prepare_sessions`), all timed in the same interleaved rounds.
-    Each session's figure is its median pool's; a network's is its median session's, with
-    ``pools_ms`` (each pool's median over the sessions) and ``sessions_ms``.
+    Each session's figure is its median pool's; a network's is its median session's (with
+    that session's ``pools_ms``, of which the figure is the median) and ``sessions_ms``.
 
     Pools: on this shared VM a large network's latency drifts with the machine's state over
     seconds while a tiny one's barely moves: ResNet-18 at 32 px measured 0.81 and 0.90 ms in
@@ -216,9 +216,7 @@ def measure_models(models: Sequence[Runner | Sequence[Runner]], pools: int = 5) 
             sess.append(replace(ms[len(ms) // 2], pools_ms=[p[k].latency_ms for p in per]))
         j += len(g)
         mid = sorted(sess, key=lambda m: m.latency_ms)[len(sess) // 2]
-        out.append(mid if len(sess) == 1 else replace(
-            mid, pools_ms=[statistics.median(x.pools_ms[i] for x in sess) for i in range(pools)],
-            sessions_ms=[x.latency_ms for x in sess]))
+        out.append(mid if len(sess) == 1 else replace(mid, sessions_ms=[x.latency_ms for x in sess]))
     return out
 
 
@@ -245,7 +243,7 @@ def fastest_threads(ms: Sequence[Measurement], threads: Sequence[int]) -> tuple[
     return ms[i], threads[i], {str(t): round(m.latency_ms, 5) for t, m in zip(threads, ms)}
 
 
-def measure_beside_paragon(runners: Sequence[Runner], paragon: nn.Module, input_shape: Sequence[int],
+def measure_beside_paragon(runners: Sequence[Runner | Sequence[Runner]], paragon: nn.Module, input_shape: Sequence[int],
                            threads: int, pools: int = 5) -> tuple[list[Measurement], Measurement, int, dict]:
     """``runners`` and a reference model (the paragon, at each of :func:`thread_options`) timed
     interleaved with :func:`measure_models`: (the runners' measurements, the paragon's fastest,

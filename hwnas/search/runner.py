@@ -306,6 +306,9 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     # at no cost, and only distinct archs count towards n_trials. (This worker's record:
     # another worker's evaluation of the same arch in a shared study is not looked up.)
     known = {t.user_attrs["arch"]: t for t in _evaluated(study)}
+    # a sampler that proposes nothing new this many times running has converged (each repeat
+    # costs a few storage writes, so this stays well below max_infeasible's thousands)
+    max_repeats = max(100, 2 * s.n_trials)
 
     def objective(trial):
         arch = space.suggest(trial)
@@ -330,7 +333,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
                 trial.set_user_attr(k, first.user_attrs.get(k))
             trial.set_user_attr("repeat_of", first.number)
             state["repeat_run"] += 1
-            if state["repeat_run"] >= s.max_infeasible:
+            if state["repeat_run"] >= max_repeats:
                 trial.study.set_user_attr("converged", True)
                 trial.study.stop()
             r = first.user_attrs["reward"]
@@ -353,8 +356,9 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
 
     def stop_when_done(study, trial):
         # Counting needs every trial from the storage: do it only after an evaluated trial,
-        # so that the cheap over-budget trials stay cheap as a study grows to thousands.
-        if trial.user_attrs.get("feasible") and _n_feasible(study) >= s.n_trials:
+        # so that the cheap over-budget trials and repeats stay cheap as a study grows.
+        if (trial.user_attrs.get("feasible") and "repeat_of" not in trial.user_attrs
+                and _n_feasible(study) >= s.n_trials):
             study.stop()
 
     if _n_feasible(study) < s.n_trials:
@@ -363,9 +367,9 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         raise HwnasError(f"the {s.sampler} sampler found no arch within {budget} ms in "
                          f"{s.max_infeasible} consecutive tries; raise the budget (range "
                          f"{lo:.3f} to {hi:.3f} ms) or try another sampler")
-    if state["repeat_run"] >= s.max_infeasible:
+    if state["repeat_run"] >= max_repeats:
         log(f"[search] the {s.sampler} sampler proposed only archs it had evaluated in "
-            f"{s.max_infeasible} consecutive tries: stopped at {_n_feasible(study)} distinct archs "
+            f"{max_repeats} consecutive tries: stopped at {_n_feasible(study)} distinct archs "
             f"of search.n_trials {s.n_trials}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
