@@ -38,10 +38,11 @@ LATENCY_STAT = "p10_ms"
 
 
 #: How many sessions of one network measure_models times (prepare_sessions). Measured on the
-#: 2-core Intel VM, 1 thread, 32 px (2026-12-05, two runs' trained query models of ~0.06 ms;
-#: benchmarks/bench_sessions.py): fresh ONNX Runtime sessions of one model ran 1.6-6% apart
-#: (SD over 8 sessions, each pool's common drift removed), the same session 0.4-0.7% apart
-#: from pool to pool; the largest subnet (0.5 ms) 0.5-1.4%. A figure from one session carries its placement in memory, which no number of pools
+#: 2-core Intel VM, 1 thread, 32 px (2026-12-05, three runs' trained query models;
+#: benchmarks/bench_sessions.py): fresh ONNX Runtime sessions of one model under 0.1 ms ran
+#: 1.7-5.6% apart (SD over 8 sessions, each pool's common drift removed; range up to 17%),
+#: of one of 0.5 ms or more 0.3-0.6%, while one session moved 0.5-0.9% from pool to pool.
+#: A figure from one session carries its placement in memory, which no number of pools
 #: averages out: a report put the quickstart's searched model 7% behind a random subnet (one
 #: session each); timed again in fresh sessions, it was 2-6% ahead (3 sessions each), then
 #: 3.5% behind (8 each). The median of 5 sessions narrows that spread about 1.8x.
