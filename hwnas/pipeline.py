@@ -57,6 +57,13 @@ REDO_OUTPUTS = {"data": ["splits.json", "cache"], "profile": [RUN_TABLE],
 TABLE_READERS = ("search", "baselines", "deploy", "report")
 
 
+def _table_places(cfg: Config) -> tuple[Path, Path]:
+    """The run's latency table in its shared place and the run's own copy of it."""
+    from hwnas.search.runner import table_path
+
+    return table_path(cfg, cfg.search_space()), RunDir(cfg).path / RUN_TABLE
+
+
 def keep_table(cfg: Config, steps: "Steps", log: Callable = print) -> None:
     """After the profile step: the run keeps a copy of its latency table (``RUN_TABLE``).
 
@@ -68,13 +75,10 @@ def keep_table(cfg: Config, steps: "Steps", log: Callable = print) -> None:
     and refused while a step that reads it remains, naming both ways on: one run's
     predictions all come from one table."""
     from hwnas.latency.table import LatencyTable
-    from hwnas.search.runner import table_path
     from hwnas.utils import atomic_write_bytes
 
-    root = RunDir(cfg).path
-    copy = root / RUN_TABLE
-    shared = table_path(cfg, cfg.search_space())
-    began = steps.done("search") or (root / "budget.json").exists()  # (a search killed midway too)
+    shared, copy = _table_places(cfg)
+    began = steps.done("search") or (copy.parent / "budget.json").exists()  # (a search killed midway too)
     if not copy.exists():
         if shared.exists():  # just profiled (or a run of an hwnas that kept no copy: the table it uses)
             _warn_if_budget_elsewhere(cfg, shared, log)
@@ -107,13 +111,11 @@ def check_table_left(cfg: Config, steps: "Steps", redo: list[str]) -> None:
     on its table is to run, the table must be somewhere (its place, or the run's copy, from
     which :func:`keep_table` puts it back). Otherwise the error names the ways on, and the
     outputs ``--from``/a config change would remove (the search's study, its choice) stay."""
-    from hwnas.search.runner import table_path
-
     if not steps.done("profile") or "profile" in redo:
         return
-    if not [n for n in TABLE_READERS if n in redo or not steps.done(n)]:
+    if not any(n in redo or not steps.done(n) for n in TABLE_READERS):
         return
-    shared, copy = table_path(cfg, cfg.search_space()), RunDir(cfg).path / RUN_TABLE
+    shared, copy = _table_places(cfg)
     if shared.exists() or copy.exists():
         return
     raise HwnasError(f"the latency table this run profiled is gone: neither {shared} nor the run's copy "

@@ -312,8 +312,9 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
 
     def objective(trial):
         arch = space.suggest(trial)
+        key = arch.to_string(space)
         lat = predictor(arch)
-        trial.set_user_attr("arch", arch.to_string(space))
+        trial.set_user_attr("arch", key)
         trial.set_user_attr("predicted_ms", lat)
         trial.set_user_attr("mflops", arch_flops(space, arch) / 1e6)
         trial.set_user_attr("sampler", s.sampler)
@@ -327,7 +328,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
                 trial.study.stop()
             return (0.0, lat) if s.multi_objective else 0.0
         state["infeasible_run"] = 0
-        first = known.get(arch.to_string(space))
+        first = known.get(key)
         if first is not None:
             for k in ("feasible", "M(q,q)", "M(q,g)", "n_val_queries", "reward"):
                 trial.set_user_attr(k, first.user_attrs.get(k))
@@ -351,7 +352,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         trial.set_user_attr("reward", r)
         log(f"[search] trial {trial.number}: {lat:.3f} ms, M(q,q) {qq:.4f}, M(q,g) {qg:.4f}, "
             f"reward {r:.4f} ({res['seconds']:.1f} s)")
-        known[arch.to_string(space)] = trial
+        known[key] = trial
         return (r, lat) if s.multi_objective else r
 
     def stop_when_done(study, trial):
@@ -386,9 +387,14 @@ def _evaluated(study) -> list:
             if t.user_attrs.get("feasible") and "repeat_of" not in t.user_attrs]
 
 
+def _distinct_archs(trials) -> int:
+    """How many distinct archs ``trials`` evaluated (a repeat names its first's arch)."""
+    return len({t.user_attrs.get("arch") for t in trials})
+
+
 def _n_feasible(study) -> int:
     """Distinct archs evaluated within the budget (what search.n_trials counts)."""
-    return len({t.user_attrs.get("arch") for t in _evaluated(study)})
+    return _distinct_archs(_evaluated(study))
 
 
 def _enqueue_baselines(study, space, predictor, budget, sampler: str = "tpe", seed: int | None = None,
@@ -484,7 +490,7 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
         "M(q,q)": ua["M(q,q)"], "M(q,g)": ua["M(q,g)"], "reward": ua["reward"],
         "reward_kind": s.reward, "alpha": s.alpha, "metric": s.metric, "budget_ms": budget,
         "trial": best.number, "study": study.study_name, "storage": url, "sampler": s.sampler,
-        "n_evaluated": len({t.user_attrs["arch"] for t in feas}), "n_trials": len(trials),
+        "n_evaluated": _distinct_archs(feas), "n_trials": len(trials),
         # how it was chosen: the fastest within `band` of the best reward (search.prefer_faster_within)
         "chosen_within": {"setting": s.prefer_faster_within, "band": band,
                           "n_val_queries": top.user_attrs.get("n_val_queries"),
