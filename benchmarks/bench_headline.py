@@ -134,7 +134,10 @@ def _not_pareto_line(rep: dict) -> str:
             why.append(f"{1000 * (s['measured_ms'] - b['measured_ms']):.0f} µs slower "
                        f"({s['measured_ms']:.3f} vs {b['measured_ms']:.3f} ms{slower})")
         dq = 100 * (s["M(q,g)_recall@1"] - b["M(q,g)_recall@1"])
-        why.append(f"{abs(dq):.2f} points {'more' if dq >= 0 else 'less'} accurate on M(q,g)")
+        t = (rep.get("searched_vs_baselines_paired") or {}).get(name)
+        why.append(f"{abs(dq):.2f} points {'more' if dq >= 0 else 'less'} accurate on M(q,g)"
+                   + (f" ({t['only_searched']} test queries right only for searched, {t['only_baseline']} only "
+                      f"for {name}: exact McNemar p = {t['p_value']:.2g})" if t else ""))
         out.append(f"{name}: " + ", ".join(why))
     return (" Not Pareto-better than " + "; ".join(out) + ".") if out else ""
 

@@ -71,6 +71,7 @@ def build_report(cfg, log=print) -> dict:
     from hwnas.compat import api
     from hwnas.latency.backends import OrtCpuBackend, measure_beside_paragon, thread_options
     from hwnas.nn.models import load_query
+    from hwnas.retrieval import paired_test
     from hwnas.rundir import RunDir
     from hwnas.search.runner import load_best, predictor_for
     from hwnas.space import SearchSpace
@@ -88,7 +89,7 @@ def build_report(cfg, log=print) -> dict:
     names = ["searched"] + ([ADAPTED] if cfg.adapt.epochs else []) + base_names
     backend = OrtCpuBackend(threads=cfg.latency.threads)
     shape = (1, pre.channels, pre.size, pre.size)
-    rows, runners = [], []
+    rows, runners, hits = [], [], {}
     for name in names:
         qdir = rd.path / "query" / name
         if not (qdir / "config.json").exists():
@@ -96,9 +97,11 @@ def build_report(cfg, log=print) -> dict:
             continue
         ev_path = qdir / "evaluation-test.json"
         ev = read_json(ev_path) if ev_path.exists() else None
-        if ev is None or ev.get("gallery_fingerprint") != gallery.fingerprint:
-            # (an evaluation against another gallery model, or none yet: evaluated here)
+        if ev is None or ev.get("gallery_fingerprint") != gallery.fingerprint or "hit@1" not in ev:
+            # (an evaluation against another gallery model, one from before per-query results
+            # were kept, or none yet: evaluated here)
             ev = api.evaluate_query(cfg, query_dir=str(qdir), log=log)
+        hits[name] = ev["hit@1"]
         net, qcfg = load_query(qdir)
         if qcfg.get("adapted") and name != ADAPTED:
             raise HwnasError(f"{qdir} holds an adapted model (it has seen the gallery's images), so it "
@@ -135,11 +138,22 @@ def build_report(cfg, log=print) -> dict:
             "gap_points": 100 * (paragon["recall@1"] - mq["M(q,g)"]["recall@1"]),
         })
         del r["metrics"]
+        # the gap to the paragon, query by query: this model's M(q,g) against M(g,g) on the same queries
+        t = paired_test(hits[r["model"]]["M(q,g)"], hits[r["model"]]["M(g,g)"])
+        r["vs_paragon_paired"] = {"queries": t["queries"], "only_query": t["only_a"],
+                                  "only_paragon": t["only_b"], "p_value": t["p_value"]}
     s = rows[0] if rows[0]["model"] == "searched" else None
     a = next((r for r in rows if r["model"] == ADAPTED), None)
     base = [r for r in rows if r["model"] in base_names]
     pareto = {b["model"]: dominates(s, b) for b in base} if s is not None else {}
     dominated_by = [b["model"] for b in base if s is not None and dominates(b, s)]
+    # the accuracy side of each comparison, query by query: a fraction of a point of recall@1
+    # on one test split can be sampling noise, and the paired test says how likely
+    paired = {}
+    for b in base if s is not None else []:
+        t = paired_test(hits["searched"]["M(q,g)"], hits[b["model"]]["M(q,g)"])
+        paired[b["model"]] = {"queries": t["queries"], "only_searched": t["only_a"],
+                              "only_baseline": t["only_b"], "p_value": t["p_value"]}
     report = {
         "dataset": cfg.data.dataset, "protocol": cfg.split_config().protocol, "space_hash": space.hash,
         "budget_ms": best["budget_ms"],
@@ -156,6 +170,7 @@ def build_report(cfg, log=print) -> dict:
         "finalists": _finalists(rd.path, s) if cfg.query.finalists > 1 else None,
         "searched_pareto_better_than": pareto,
         "searched_dominated_by": dominated_by,
+        "searched_vs_baselines_paired": paired,
         "targets": None if s is None else {
             "flops_reduction>=20": s["flops_reduction"] >= 20,
             "latency_reduction>=10": s["latency_reduction"] >= 10,
@@ -261,6 +276,20 @@ def headline_table(report: dict, markdown: bool = False) -> str:
     tg = report.get("targets")
     if tg:
         t += "\n\ntargets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in tg.items())
+    pt = report.get("searched_vs_baselines_paired")
+    if pt:
+        rows_by = {r["model"]: r for r in report["rows"]}
+        s = rows_by["searched"]
+        n = next(iter(pt.values()))["queries"]
+        t += (f"\n\nsearched vs each baseline on M(q,g) R@1, query by query over the {n} test queries "
+              "(points; queries right only for searched / only for the baseline; exact McNemar p): "
+              + "; ".join(f"{k} {100 * (s['M(q,g)_recall@1'] - rows_by[k]['M(q,g)_recall@1']):+.2f} "
+                          f"({v['only_searched']} / {v['only_baseline']}, p = {v['p_value']:.2g})"
+                          for k, v in pt.items()))
+        g = s.get("vs_paragon_paired")
+        if g:
+            t += (f"; vs the paragon's M(g,g) {-s['gap_points']:+.2f} ({g['only_query']} / {g['only_paragon']}, "
+                  f"p = {g['p_value']:.2g})")
     ta = report.get("targets_adapted")
     if ta:
         row = next(r for r in report["rows"] if r.get("adapted"))

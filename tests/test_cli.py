@@ -184,6 +184,7 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     assert "profile: done earlier, kept" in r.stdout
     assert re.search(r"\[jobs\] 4 trainings, 2 at a time \(\d+ thread\(s\) each\)", r.stdout)
     assert "resuming after epoch" in r.stdout  # the gallery continued from its checkpoint
+    assert "exact McNemar p" in r.stdout and "exact McNemar p" in (run / "report.md").read_text()
     rep = json.loads((run / "report.json").read_text())
     assert {"paragon", "rows", "targets", "budget_ms", "searched_pareto_better_than", "searched_dominated_by",
             "pareto_latency_tol", "budget_speedup", "finalists"} <= set(rep)
@@ -209,6 +210,16 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "b2" / "manifest.json").read_text())["query"]["fingerprint"] == want["fingerprint"]
     assert {"smallest", "largest"} <= set(models)
+    # the accuracy comparisons query by query: the paired counts give back the recall difference
+    by = {row["model"]: row for row in rep["rows"]}
+    pt = rep["searched_vs_baselines_paired"]
+    assert set(pt) == set(rep["searched_pareto_better_than"]) and pt
+    for name, t in pt.items():
+        diff = by["searched"]["M(q,g)_recall@1"] - by[name]["M(q,g)_recall@1"]
+        assert t["only_searched"] - t["only_baseline"] == round(t["queries"] * diff) and 0 < t["p_value"] <= 1
+    for row in rep["rows"]:
+        t = row["vs_paragon_paired"]
+        assert t["only_query"] - t["only_paragon"] == round(-t["queries"] * row["gap_points"] / 100)
     for row in rep["rows"]:
         for k in ("mflops", "measured_ms", "flops_reduction", "latency_reduction", "gap_points",
                   "M(q,g)_recall@1", "M(q,q)_recall@1"):

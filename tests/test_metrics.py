@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from hwnas.errors import HwnasError
-from hwnas.retrieval import evaluate
+from hwnas.retrieval import evaluate, paired_test
 
 
 def brute(q, ql, g, gl, ks, qids=None, gids=None):
@@ -79,3 +79,36 @@ def test_incompatible_dims_is_a_clear_error():
         evaluate(np.ones((2, 4)), [0, 1], np.ones((2, 8)), [0, 1])
     with pytest.raises(HwnasError, match="labels do not match"):
         evaluate(np.ones((2, 4)), [0], np.ones((2, 4)), [0, 1])
+
+
+def test_per_query_hits_agree_with_recall_at_1():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(150, 8)).astype(np.float32)
+    y = rng.integers(0, 4, 150)
+    ids = [f"img{i}" for i in range(150)]
+    m = evaluate(x, y, x, y, query_ids=ids, gallery_ids=ids, per_query=True)
+    hits = m["hit@1"]
+    assert len(hits) == 150 and set(hits) <= {"0", "1"}
+    assert hits.count("1") / 150 == pytest.approx(m["recall@1"])
+    # a query whose class has no gallery item is marked left out, not wrong
+    m = evaluate(np.eye(3, dtype=np.float32), [0, 1, 9], np.eye(3, dtype=np.float32), [0, 1, 2], ks=(1,),
+                 per_query=True)
+    assert m["hit@1"] == "11-"
+    assert "hit@1" not in evaluate(x, y, x, y)
+
+
+def test_paired_test_counts_discordant_queries_and_gives_the_exact_sign_test():
+    t = paired_test("1100110", "1010100")  # a only: queries 1, 5; b only: 2
+    assert (t["queries"], t["only_a"], t["only_b"]) == (7, 2, 1)
+    assert t["p_value"] == pytest.approx(1.0)  # 2 * P(X <= 1 | n=3) = 2 * 4/8, capped at 1
+    t = paired_test("1" * 10, "0" * 10)
+    assert t["p_value"] == pytest.approx(2 / 2 ** 10)  # all 10 discordant one way
+    assert paired_test("0" * 10, "1" * 10)["p_value"] == t["p_value"]  # symmetric
+    assert paired_test("101", "101") == {"queries": 3, "only_a": 0, "only_b": 0, "p_value": 1.0}
+    # queries left out of either model are skipped
+    assert paired_test("1-1", "0-0")["queries"] == 2
+    # large splits: the exact tail stays a probability (no float overflow at thousands of queries)
+    t = paired_test("1" * 1200 + "0" * 800, "1" * 1000 + "0" * 1000)
+    assert t["only_a"] == 200 and t["only_b"] == 0 and 0 < t["p_value"] < 1e-50
+    with pytest.raises(HwnasError, match="same split"):
+        paired_test("11", "111")

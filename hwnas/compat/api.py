@@ -1103,17 +1103,22 @@ def evaluate_query(cfg: Config, query_dir: str | None = None, arch: str | None =
     gg_g = gallery_embeddings(rd, gallery, gpart, gi if gpre == qpre else None, log=log)
     qq = embed(net, qi.images, qpre.normalize, desc="query embeds", arch=run_arch)
     qg = embed(net, gi.images, qpre.normalize, desc="query embeds", arch=run_arch)
-    res = {
-        "M(g,g)": evaluate(gg_q, qi.raw_labels, gg_g, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1]),
-        "M(q,g)": evaluate(qq, qi.raw_labels, gg_g, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1]),
-        "M(q,q)": evaluate(qq, qi.raw_labels, qg, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1]),
-    }
+
+    def score(q_emb, g_emb):
+        return evaluate(q_emb, qi.raw_labels, g_emb, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1],
+                        per_query=True)
+
+    res = {"M(g,g)": score(gg_q, gg_g), "M(q,g)": score(qq, gg_g), "M(q,q)": score(qq, qg)}
+    # each query right or wrong at rank 1, kept apart from the metrics (the report's paired
+    # tests between models read it; see retrieval.paired_test)
+    hits = {k: m.pop("hit@1") for k, m in res.items()}
     out = {
         "query": label, "arch": qcfg.get("arch"), "timm": qcfg.get("timm"), "part": part,
         "gallery_fingerprint": gallery.fingerprint, "query_flops": qcfg.get("flops"),
         "metrics": res,
         "bct_criterion_M(q,g)>M(q,q)": res["M(q,g)"]["recall@1"] > res["M(q,q)"]["recall@1"],
         "gap_to_paragon_points": 100 * (res["M(g,g)"]["recall@1"] - res["M(q,g)"]["recall@1"]),
+        "hit@1": hits,
     }
     if query_dir is not None and not foreign:
         write_json(Path(query_dir) / f"evaluation-{part}.json", out)
