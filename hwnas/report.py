@@ -90,6 +90,7 @@ def build_report(cfg, log=print) -> dict:
     backend = OrtCpuBackend(threads=cfg.latency.threads)
     shape = (1, pre.channels, pre.size, pre.size)
     rows, runners, hits = [], [], {}
+    splits_fp = read_json(rd.splits_path).get("fingerprint")
     for name in names:
         qdir = rd.path / "query" / name
         if not (qdir / "config.json").exists():
@@ -97,9 +98,11 @@ def build_report(cfg, log=print) -> dict:
             continue
         ev_path = qdir / "evaluation-test.json"
         ev = read_json(ev_path) if ev_path.exists() else None
-        if ev is None or ev.get("gallery_fingerprint") != gallery.fingerprint or "hit@1" not in ev:
-            # (an evaluation against another gallery model, one from before per-query results
-            # were kept, or none yet: evaluated here)
+        if (ev is None or ev.get("gallery_fingerprint") != gallery.fingerprint
+                or ev.get("splits_fingerprint") != splits_fp or "hit@1" not in ev):
+            # (an evaluation against another gallery model or on other splits, one from before
+            # per-query results were kept, or none yet: evaluated here; the paired tests below
+            # need every model's queries in the same order)
             ev = api.evaluate_query(cfg, query_dir=str(qdir), log=log)
         hits[name] = ev["hit@1"]
         net, qcfg = load_query(qdir)
@@ -276,20 +279,17 @@ def headline_table(report: dict, markdown: bool = False) -> str:
     tg = report.get("targets")
     if tg:
         t += "\n\ntargets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in tg.items())
-    pt = report.get("searched_vs_baselines_paired")
-    if pt:
+    s = next((r for r in report["rows"] if r["model"] == "searched"), None)
+    pt = report.get("searched_vs_baselines_paired") or {}
+    g = (s or {}).get("vs_paragon_paired")
+    if g:  # (absent from reports written before the paired tests)
         rows_by = {r["model"]: r for r in report["rows"]}
-        s = rows_by["searched"]
-        n = next(iter(pt.values()))["queries"]
-        t += (f"\n\nsearched vs each baseline on M(q,g) R@1, query by query over the {n} test queries "
-              "(points; queries right only for searched / only for the baseline; exact McNemar p): "
-              + "; ".join(f"{k} {100 * (s['M(q,g)_recall@1'] - rows_by[k]['M(q,g)_recall@1']):+.2f} "
-                          f"({v['only_searched']} / {v['only_baseline']}, p = {v['p_value']:.2g})"
-                          for k, v in pt.items()))
-        g = s.get("vs_paragon_paired")
-        if g:
-            t += (f"; vs the paragon's M(g,g) {-s['gap_points']:+.2f} ({g['only_query']} / {g['only_paragon']}, "
-                  f"p = {g['p_value']:.2g})")
+        vs = [("the paragon's M(g,g)", -s["gap_points"], g["only_query"], g["only_paragon"], g["p_value"])]
+        vs += [(k, 100 * (s["M(q,g)_recall@1"] - rows_by[k]["M(q,g)_recall@1"]), v["only_searched"],
+                v["only_baseline"], v["p_value"]) for k, v in pt.items()]
+        t += (f"\n\nsearched M(q,g) R@1 against each, query by query over the {g['queries']} test queries "
+              "(points ahead; queries right only for searched / only for the other; exact McNemar p): "
+              + "; ".join(f"{k} {d:+.2f} ({a} / {b}, p = {p:.2g})" for k, d, a, b, p in vs))
     ta = report.get("targets_adapted")
     if ta:
         row = next(r for r in report["rows"] if r.get("adapted"))

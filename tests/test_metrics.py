@@ -110,5 +110,6 @@ def test_paired_test_counts_discordant_queries_and_gives_the_exact_sign_test():
     # large splits: the exact tail stays a probability (no float overflow at thousands of queries)
     t = paired_test("1" * 1200 + "0" * 800, "1" * 1000 + "0" * 1000)
     assert t["only_a"] == 200 and t["only_b"] == 0 and 0 < t["p_value"] < 1e-50
+    assert paired_test("1" * 1100 + "0" * 100, "0" * 1200)["p_value"] == 1e-300  # floored, never 0
     with pytest.raises(HwnasError, match="same split"):
         paired_test("11", "111")

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
-from hwnas.report import PARETO_LATENCY_TOL, dominates  # noqa: E402
+from hwnas.report import PARETO_LATENCY_TOL, dominates, headline_table  # noqa: E402
 from hwnas.utils import place_labels  # noqa: E402
 
 
@@ -81,3 +81,24 @@ def test_the_budget_speedup_is_the_one_the_search_ran_at(tmp_path):
     b["key"]["budget_ms"] = 0.0798
     (tmp_path / "budget.json").write_text(json.dumps(b))
     assert _budget_speedup(tmp_path, 0.0798) is None
+
+
+def _row(model, ms, r1, **extra):
+    return {"model": model, "mflops": 1.0, "predicted_ms": ms, "measured_ms": ms, "flops_reduction": 50.0,
+            "latency_reduction": 13.0, "M(q,g)_recall@1": r1, "M(q,q)_recall@1": r1,
+            "gap_points": 100 * (0.7855 - r1), **extra}
+
+
+def test_the_headline_names_each_paired_test_and_an_older_report_still_renders():
+    old = {"paragon": {"model": "resnet18", "mflops": 70.9, "measured_ms": 0.9, "M(g,g)_recall@1": 0.7855},
+           "rows": [_row("searched", 0.068, 0.8055), _row("smallest", 0.062, 0.807)],
+           "targets": {"gap_points<=1": True}}
+    assert "McNemar" not in headline_table(old)  # a report from before the paired tests
+    new = {**old, "searched_vs_baselines_paired": {
+        "smallest": {"queries": 2000, "only_searched": 40, "only_baseline": 43, "p_value": 0.83}}}
+    new["rows"] = [_row("searched", 0.068, 0.8055, vs_paragon_paired={
+        "queries": 2000, "only_query": 150, "only_paragon": 110, "p_value": 0.015}), old["rows"][1]]
+    t = headline_table(new, markdown=True)
+    assert "over the 2000 test queries" in t and "exact McNemar p" in t
+    assert "the paragon's M(g,g) +2.00 (150 / 110, p = 0.015)" in t
+    assert "smallest -0.15 (40 / 43, p = 0.83)" in t

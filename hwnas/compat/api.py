@@ -1114,8 +1114,8 @@ def evaluate_query(cfg: Config, query_dir: str | None = None, arch: str | None =
     hits = {k: m.pop("hit@1") for k, m in res.items()}
     out = {
         "query": label, "arch": qcfg.get("arch"), "timm": qcfg.get("timm"), "part": part,
-        "gallery_fingerprint": gallery.fingerprint, "query_flops": qcfg.get("flops"),
-        "metrics": res,
+        "gallery_fingerprint": gallery.fingerprint, "splits_fingerprint": splits.fingerprint,
+        "query_flops": qcfg.get("flops"), "metrics": res,
         "bct_criterion_M(q,g)>M(q,q)": res["M(q,g)"]["recall@1"] > res["M(q,q)"]["recall@1"],
         "gap_to_paragon_points": 100 * (res["M(g,g)"]["recall@1"] - res["M(q,g)"]["recall@1"]),
         "hit@1": hits,

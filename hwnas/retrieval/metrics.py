@@ -137,8 +137,9 @@ def evaluate(
 def paired_test(a_hits: str, b_hits: str) -> dict:
     """Two models' ``hit@1`` strings on the same queries compared query by query: how many
     queries only ``a`` gets right and how many only ``b`` does, and the exact two-sided
-    McNemar p-value (the sign test on those discordant queries: how likely a split this
-    uneven is if both models were equally accurate). Queries left out of either are skipped."""
+    McNemar p-value (the sign test on those discordant queries: how likely a split at least
+    this uneven is if both models were equally accurate; floored at 1e-300, below which a
+    float cannot tell). Queries left out of either are skipped."""
     import math
 
     if len(a_hits) != len(b_hits):
@@ -150,7 +151,7 @@ def paired_test(a_hits: str, b_hits: str) -> dict:
     n = only_a + only_b
     # P(X <= min) under Binomial(n, 1/2), doubled; exact integers, one division at the end
     tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
-    p = min(1.0, 2 * tail / 2 ** n) if n else 1.0
+    p = min(1.0, max(2 * tail / 2 ** n, 1e-300)) if n else 1.0
     return {"queries": len(pairs), "only_a": only_a, "only_b": only_b, "p_value": p}
 
 
