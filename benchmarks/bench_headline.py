@@ -130,7 +130,8 @@ def _not_pareto_line(rep: dict) -> str:
                 slower = f", slower in {sum(a < c for a, c in zip(sp, bp))} of {len(sp)} timing pools"
             ss, bs = s.get("measured_sessions_ms"), b.get("measured_sessions_ms")
             if ss and bs:  # each model's spread over its fresh sessions (report.json)
-                slower += (f"; sessions {min(ss):.3f}-{max(ss):.3f} vs {min(bs):.3f}-{max(bs):.3f} ms")
+                # four decimals: models a few µs apart would read 0.058-0.058 at three
+                slower += (f"; sessions {min(ss):.4f}-{max(ss):.4f} vs {min(bs):.4f}-{max(bs):.4f} ms")
             why.append(f"{1000 * (s['measured_ms'] - b['measured_ms']):.0f} µs slower "
                        f"({s['measured_ms']:.3f} vs {b['measured_ms']:.3f} ms{slower})")
         dq = 100 * (s["M(q,g)_recall@1"] - b["M(q,g)_recall@1"])
