@@ -100,3 +100,52 @@ def test_resolve_ops_keys(tiny_space):
     for i in range(30):  # the table covers every op of every arch
         for o in resolve_ops(tiny_space, tiny_space.sample(i)):
             assert o.kind == "skip" or o.key() in keys
+
+
+def _quickstart_space():
+    return SearchSpace(input_size=32, in_channels=1, width_mult=0.5, head_channels=512, embed_dim=128)
+
+
+def test_canonical_names_one_network_by_one_string():
+    """Where rounding to the channel divisor maps several scales to one width (the
+    quickstart's first stage: 10 scales, 4 widths), the canonical arch is one per network."""
+    sp = _quickstart_space()
+    first = sp.layers()[0]
+    widths = [sp.mid_channels(first, s) for s in sp.channel_scales]
+    assert len(set(widths)) < len(widths)  # the case this is for
+    rng = random.Random(0)
+    for _ in range(300):
+        a = sp.sample(rng)
+        c = sp.canonical(a)
+        assert sp.canonical(c) == c  # idempotent
+        # the same network: every layer's op and middle width, so the same FLOPs
+        for layer, (op, s), (cop, cs) in zip(sp.layers(), a.layers, c.layers):
+            assert op == cop and (op == "skip" or sp.mid_channels(layer, s) == sp.mid_channels(layer, cs))
+        assert arch_flops(sp, a) == arch_flops(sp, c)
+    # two strings of one network meet; another width stays apart
+    ops = list(sp.smallest().layers)
+    same = [Arch(tuple([(first.choices[0], s)] + ops[1:])) for s in (0.6, 0.8, 1.0)]
+    assert len({sp.canonical(x) for x in same}) == 1 and sp.canonical(same[0]).layers[0][1] == 0.6
+    assert len({sp.canonical(Arch(tuple([(first.choices[0], s)] + ops[1:]))) for s in sp.channel_scales}) == len(set(widths))
+    assert sp.canonical(Arch(tuple([(first.choices[0], 1.2)] + ops[1:]))) != sp.canonical(same[0])
+
+
+def test_the_search_best_archs_are_one_per_network(tmp_path):
+    import csv
+    import json
+
+    from hwnas.search.runner import top_archs
+
+    sp = _quickstart_space()
+    rest = Arch(sp.smallest().layers[1:]).to_string()
+    a, a_again, b = (f"k3@{s},{rest}" for s in ("0.6", "1", "1.2"))
+    (tmp_path / "best_arch.json").write_text(json.dumps(
+        {"arch": a, "reward": 0.7, "predicted_ms": 0.05, "mflops": 1.0}))
+    with open(tmp_path / "trials.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["state", "feasible", "reward", "arch", "predicted_ms", "mflops"])
+        w.writeheader()
+        for arch, r in ((a, 0.7), (a_again, 0.69), (b, 0.68)):
+            w.writerow({"state": "COMPLETE", "feasible": "True", "reward": r, "arch": arch,
+                        "predicted_ms": 0.05, "mflops": 1.0})
+    assert [x["arch"] for x in top_archs(tmp_path, 2)] == [a, a_again]  # strings alone
+    assert [x["arch"] for x in top_archs(tmp_path, 2, sp)] == [a, b]  # networks

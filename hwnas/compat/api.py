@@ -873,7 +873,7 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
     # a finalist's run is its arch's with this run's supernet (when inheriting): a retrained
     # supernet gives other finalists, not the old ones' checkpoints
     sfp = read_json(rd.path / "supernet" / "config.json")["fingerprint"] if cfg.query.inherit else None
-    cands, jobs = top_archs(search_dir, k), []  # the search's best first
+    cands, jobs = top_archs(search_dir, k, space), []  # the search's best first, one per network
     for i, c in enumerate(cands):
         log(f"[finalists] {i + 1}/{len(cands)}: search reward {c['reward']:.4f}, {c['predicted_ms']:.4f} ms "
             f"predicted, {e} of {tc.epochs} epochs")

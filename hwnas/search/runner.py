@@ -311,7 +311,8 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     max_repeats = max(100, 2 * s.n_trials)
 
     def objective(trial):
-        arch = space.suggest(trial)
+        # one string per network: a scale that rounds to another's width names the same one
+        arch = space.canonical(space.suggest(trial))
         key = arch.to_string(space)
         lat = predictor(arch)
         trial.set_user_attr("arch", key)
@@ -567,10 +568,12 @@ def plot_progress(curves: dict[str, list[float]], path: Path, title: str = "") -
     save_figure(fig, path)
 
 
-def top_archs(run_dir: Path, k: int) -> list[dict]:
+def top_archs(run_dir: Path, k: int, space=None) -> list[dict]:
     """The search's choice (``best_arch.json``), then its next best distinct feasible archs by
     reward, ``k`` in all (from
-    ``trials.csv``): ``[{"arch", "reward", "predicted_ms", "mflops"}]``."""
+    ``trials.csv``): ``[{"arch", "reward", "predicted_ms", "mflops"}]``. With ``space``, two
+    strings of one network (``SearchSpace.canonical``; a study from before the search wrote
+    canonical strings can hold both) count as one arch."""
     best = load_best(run_dir)
     p = run_dir / "trials.csv"
     if not p.exists():
@@ -581,8 +584,9 @@ def top_archs(run_dir: Path, k: int) -> list[dict]:
     out, seen = [], set()
     for r in [{"arch": best["arch"], "reward": best["reward"], "predicted_ms": best["predicted_ms"],
                "mflops": best["mflops"]}] + rows:
-        if r["arch"] not in seen and len(out) < k:
-            seen.add(r["arch"])
+        key = r["arch"] if space is None else space.canonical(space.parse(r["arch"]))
+        if key not in seen and len(out) < k:
+            seen.add(key)
             out.append({"arch": r["arch"], "reward": float(r["reward"]), "predicted_ms": float(r["predicted_ms"]),
                         "mflops": float(r["mflops"])})
     return out

@@ -192,6 +192,21 @@ class SearchSpace:
         """Middle channels of ``layer`` at channel ``scale``."""
         return make_divisible(layer.base_mid * scale, self.channel_divisor)
 
+    def canonical(self, arch: "Arch") -> "Arch":
+        """``arch`` with each layer's channel scale replaced by the smallest listed scale that
+        gives the same middle channels. Where a layer's base width is small, rounding to the
+        channel divisor maps several scales to one width (the quickstart's first stage: 10
+        scales, 4 widths), so two arch strings can name one network; the canonical string
+        is one per network, for telling archs apart (the search's repeats, the finalists,
+        a baseline other than the searched arch)."""
+        out = []
+        for layer, (op, scale) in zip(self.layers(), arch.layers):
+            if op != SKIP:
+                c = self.mid_channels(layer, scale)
+                scale = next((s for s in sorted(self.channel_scales) if self.mid_channels(layer, s) == c), scale)
+            out.append((op, scale))
+        return Arch(tuple(out))
+
     def max_mid_channels(self, layer: LayerSpec) -> int:
         return self.mid_channels(layer, max(self.channel_scales))
 
