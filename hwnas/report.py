@@ -71,7 +71,6 @@ def build_report(cfg, log=print) -> dict:
     from hwnas.compat import api
     from hwnas.latency.backends import OrtCpuBackend, measure_beside_paragon, thread_options
     from hwnas.nn.models import load_query
-    from hwnas.retrieval import paired_test
     from hwnas.rundir import RunDir
     from hwnas.search.runner import load_best, predictor_for
     from hwnas.space import SearchSpace
@@ -142,9 +141,7 @@ def build_report(cfg, log=print) -> dict:
         })
         del r["metrics"]
         # the gap to the paragon, query by query: this model's M(q,g) against M(g,g) on the same queries
-        t = paired_test(hits[r["model"]]["M(q,g)"], hits[r["model"]]["M(g,g)"])
-        r["vs_paragon_paired"] = {"queries": t["queries"], "only_query": t["only_a"],
-                                  "only_paragon": t["only_b"], "p_value": t["p_value"]}
+        r["vs_paragon_paired"] = _paired(hits[r["model"]]["M(q,g)"], hits[r["model"]]["M(g,g)"], "query", "paragon")
     s = rows[0] if rows[0]["model"] == "searched" else None
     a = next((r for r in rows if r["model"] == ADAPTED), None)
     base = [r for r in rows if r["model"] in base_names]
@@ -152,11 +149,8 @@ def build_report(cfg, log=print) -> dict:
     dominated_by = [b["model"] for b in base if s is not None and dominates(b, s)]
     # the accuracy side of each comparison, query by query: a fraction of a point of recall@1
     # on one test split can be sampling noise, and the paired test says how likely
-    paired = {}
-    for b in base if s is not None else []:
-        t = paired_test(hits["searched"]["M(q,g)"], hits[b["model"]]["M(q,g)"])
-        paired[b["model"]] = {"queries": t["queries"], "only_searched": t["only_a"],
-                              "only_baseline": t["only_b"], "p_value": t["p_value"]}
+    paired = {b["model"]: _paired(hits["searched"]["M(q,g)"], hits[b["model"]]["M(q,g)"], "searched", "baseline")
+              for b in (base if s is not None else [])}
     report = {
         "dataset": cfg.data.dataset, "protocol": cfg.split_config().protocol, "space_hash": space.hash,
         "budget_ms": best["budget_ms"],
@@ -225,6 +219,14 @@ def build_report(cfg, log=print) -> dict:
     md += [f"![accuracy vs latency]({png.name})", ""]
     atomic_write_text(rd.path / "report.md", "\n".join(md))
     return report
+
+
+def _paired(a_hits: str, b_hits: str, a: str, b: str) -> dict:
+    """``retrieval.paired_test`` with its two sides named for report.json (``only_<a>``, ``only_<b>``)."""
+    from hwnas.retrieval import paired_test
+
+    t = paired_test(a_hits, b_hits)
+    return {"queries": t["queries"], f"only_{a}": t["only_a"], f"only_{b}": t["only_b"], "p_value": t["p_value"]}
 
 
 def _budget_speedup(run_dir: Path, budget_ms: float) -> float | None:

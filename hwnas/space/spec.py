@@ -20,6 +20,7 @@ linear layers (BatchNorm, ReLU, pooling and the normalization are not counted).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 from dataclasses import dataclass, field
@@ -200,12 +201,23 @@ class SearchSpace:
         is one per network, for telling archs apart (the search's repeats, the finalists,
         a baseline other than the searched arch)."""
         out = []
-        for layer, (op, scale) in zip(self.layers(), arch.layers):
+        for layer, smallest, (op, scale) in zip(self.layers(), self._smallest_scale_of_width(), arch.layers):
             if op != SKIP:
-                c = self.mid_channels(layer, scale)
-                scale = next((s for s in sorted(self.channel_scales) if self.mid_channels(layer, s) == c), scale)
+                scale = smallest.get(self.mid_channels(layer, scale), scale)
             out.append((op, scale))
         return Arch(tuple(out))
+
+    @functools.lru_cache(maxsize=8)
+    def _smallest_scale_of_width(self) -> tuple[dict[int, float], ...]:
+        """Per layer, middle width -> the smallest listed scale giving it (the space is frozen,
+        so this is worked out once, not per proposal of a search)."""
+        out = []
+        for layer in self.layers():
+            m: dict[int, float] = {}
+            for sc in sorted(self.channel_scales):
+                m.setdefault(self.mid_channels(layer, sc), sc)
+            out.append(m)
+        return tuple(out)
 
     def max_mid_channels(self, layer: LayerSpec) -> int:
         return self.mid_channels(layer, max(self.channel_scales))
