@@ -201,9 +201,30 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                f"{res.get('samplers_budget_ms', budget)} ms).{measured('samplers')}", "",
                "| sampler | " + " | ".join(f"N={n}" for n in marks) + " | s / trial | over-budget samples |",
                "|---|" + "---|" * len(marks) + "---|---|"]
+        def at(r, n):  # mean over the sampler's seeds (range), or one study's value
+            get = lambda d: d.get(n, d.get(str(n)))  # noqa: E731 (JSON keys are strings)
+            v, rng = get(r["best_at"]), get(r.get("best_at_range", {}))
+            if v is None:
+                return "-"
+            return f"{v:.4f}" + (f" ({rng[0]:.4f}-{rng[1]:.4f})" if rng and r.get("seeds", 1) > 1 else "")
+
         for r in res["samplers"]:
-            md.append(f"| {r['sampler']} | " + " | ".join(f"{r['best_at'].get(n, r['best_at'].get(str(n), float('nan'))):.4f}" for n in marks)
-                      + f" | {r['sec_per_trial']:.2f} | {r['infeasible']} |")
+            md.append(f"| {r['sampler']} | " + " | ".join(at(r, n) for n in marks)
+                      + f" | {r['sec_per_trial']:.2f} | {r['infeasible']:g} |")
+        seeds = {r.get("seeds", 1) for r in res["samplers"]}
+        if seeds != {1}:
+            md += ["", f"Each sampler searched {'/'.join(map(str, sorted(seeds)))} studies, one per sampler "
+                   "seed: a cell is the mean of their best rewards after N trials (their range); over-budget "
+                   "samples are per study. Every study starts from the same enqueued archs (the fastest "
+                   "subnet, the largest uniform one within budget and, at a tight budget, random feasible "
+                   "ones), so the first trials are alike."]
+            nv = max((r.get("val_queries") or 0) for r in res["samplers"])
+            if nv:  # one standard error of a recall near the best rewards, on that many queries
+                p = max(max(r["best_at"].values()) for r in res["samplers"])
+                md[-1] += (f" The rewards are recall@1 on {nv:,} validation queries, whose one standard "
+                           f"error near {p:.2f} is {se_points(p, nv):.1f} points: "
+                           "differences between samplers smaller than that are the evaluation's noise "
+                           "as much as the samplers'.")
         md += ["", f"![samplers](benchmarks/results/{name}_samplers.png)"]
     if "rewards" in res:
         md += ["", "Reward ablation (best arch of a 50-trial TPE search, then train-query, test split)."
@@ -384,6 +405,9 @@ def main() -> None:
                          "the next ones): the target is judged on their mean, and their spread shows how "
                          "much of the random archs' spread is training noise")
     ap.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "evolution", "random"])
+    ap.add_argument("--sampler-seeds", type=int, default=3,
+                    help="samplers part: studies per sampler, each with its own sampler seed (the "
+                         "table gives their mean and range)")
     ap.add_argument("--budget-fracs", nargs="+", type=float, default=[0.15, 0.3, 0.6],
                     help="budgets as fractions of the table's latency range")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -419,14 +443,14 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results"
     quiet = lambda *_: None  # noqa: E731
 
-    def search(**kw):
+    def search(seed=None, **kw):
         cfg = copy.deepcopy(base)
         for k, v in kw.items():
             setattr(cfg.search, k, v)
         cfg.search.storage = f"sqlite:///{Path(args.run_dir).resolve() / 'bench_search.db'}"
         # its outputs beside its study, not over the run's own search (best_arch.json, which
         # train-query --from-search and the report read)
-        return cfg, run_search(cfg, log=quiet, out=Path(args.run_dir) / "bench_search" / kw["study_name"])
+        return cfg, run_search(cfg, log=quiet, seed=seed, out=Path(args.run_dir) / "bench_search" / kw["study_name"])
 
     if "samplers" in args.parts:
         import optuna
@@ -435,18 +459,27 @@ def main() -> None:
         sb = budget if args.samplers_budget_frac is None else round(lo + args.samplers_budget_frac * (hi - lo), 4)
         res["samplers_budget_ms"] = sb
         for sampler in args.samplers:
-            cfg, r = search(budget_ms=sb, sampler=sampler, n_trials=args.trials,
-                            study_name=f"bench-sampler-{sampler}")
-            st = optuna.load_study(study_name=r["study"], storage=cfg.search.storage)
-            # each distinct arch once (a repeat of an evaluated arch takes its result, free)
-            feas = sorted((t for t in st.trials if t.user_attrs.get("feasible") and "repeat_of" not in t.user_attrs),
-                          key=lambda t: t.number)
-            vals = [t.user_attrs["reward"] for t in feas]
-            curves[sampler] = vals
-            marks = sorted({n for n in (10, 25, 50, 100, 200) if n <= len(vals)} | {len(vals)})
-            rows.append({"sampler": sampler, "best_at": {n: max(vals[:n]) for n in marks},
-                         "sec_per_trial": statistics.median(t.user_attrs["eval_seconds"] for t in feas),
-                         "infeasible": sum(1 for t in st.trials if t.user_attrs.get("feasible") is False)})
+            runs, secs, over = [], [], []
+            for k in range(args.sampler_seeds):  # one study per sampler seed: a sampler's luck is not its merit
+                cfg, r = search(budget_ms=sb, sampler=sampler, n_trials=args.trials, seed=k,
+                                study_name=f"bench-sampler-{sampler}-{sb:g}ms-seed{k}")
+                st = optuna.load_study(study_name=r["study"], storage=cfg.search.storage)
+                # each distinct arch once (a repeat of an evaluated arch takes its result, free)
+                feas = sorted((t for t in st.trials if t.user_attrs.get("feasible") and "repeat_of" not in t.user_attrs),
+                              key=lambda t: t.number)
+                runs.append([t.user_attrs["reward"] for t in feas])
+                secs += [t.user_attrs["eval_seconds"] for t in feas]
+                over.append(sum(1 for t in st.trials if t.user_attrs.get("feasible") is False))
+                nval = next((t.user_attrs.get("n_val_queries") for t in feas if t.user_attrs.get("n_val_queries")), None)
+            curves[sampler] = runs
+            n_all = min(len(v) for v in runs)  # the trial counts every seed reached
+            marks = sorted({n for n in (10, 25, 50, 100, 200) if n <= n_all} | {n_all})
+            best = {n: [max(v[:n]) for v in runs] for n in marks}
+            rows.append({"sampler": sampler, "seeds": len(runs), "val_queries": nval,
+                         "best_at": {n: statistics.mean(b) for n, b in best.items()},
+                         "best_at_range": {n: [min(b), max(b)] for n, b in best.items()},
+                         "sec_per_trial": statistics.median(secs),
+                         "infeasible": statistics.mean(over)})
             print(rows[-1], flush=True)
         plot_progress(curves, out / f"{name}_samplers.png", title=f"budget {sb} ms, R3, recall@1")
         res["samplers"] = rows

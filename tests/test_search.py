@@ -563,3 +563,22 @@ def test_the_choice_is_the_fastest_arch_the_validation_cannot_tell_from_the_best
     for bad in (-0.1, 1.5, "sd", True, float("nan")):
         with pytest.raises(HwnasError, match="prefer_faster_within"):
             SearchConfig(prefer_faster_within=bad)
+
+
+def test_best_so_far_plot_takes_several_runs_per_sampler(tmp_path, monkeypatch):
+    """The samplers benchmark passes one run per sampler seed: the plot draws their mean over
+    the trial counts every run reached, and a single run as before."""
+    from hwnas.search import runner
+
+    drawn = {}
+    real = runner.save_figure
+
+    def keep(fig, path):  # look at the lines before the figure is written
+        drawn.update((ln.get_label(), list(ln.get_ydata())) for ln in fig.axes[0].lines)
+        real(fig, path)
+
+    monkeypatch.setattr(runner, "save_figure", keep)
+    runner.plot_progress({"tpe": [[0.1, 0.3, 0.2], [0.2, 0.1]], "random": [0.5, 0.4, 0.6]}, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert drawn["tpe (mean of 2)"] == pytest.approx([0.15, 0.25])  # best-so-far 0.1,0.3 / 0.2,0.2; 2 trials
+    assert drawn["random"] == pytest.approx([0.5, 0.5, 0.6])

@@ -550,8 +550,11 @@ def plot_search(feas, front, best, budget, path: Path, s, top=None) -> None:
     save_figure(fig, path)
 
 
-def plot_progress(curves: dict[str, list[float]], path: Path, title: str = "") -> None:
-    """Best-so-far reward against the number of evaluated trials, one line per sampler."""
+def plot_progress(curves: dict[str, list], path: Path, title: str = "") -> None:
+    """Best-so-far reward against the number of evaluated trials, one line per sampler. A
+    sampler's value is one run's rewards in order, or a list of runs (e.g. one per sampler
+    seed): then the line is their mean best-so-far and a band their range, over the trial
+    counts every run reached."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -559,7 +562,15 @@ def plot_progress(curves: dict[str, list[float]], path: Path, title: str = "") -
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, vals in curves.items():
-        ax.plot(range(1, len(vals) + 1), np.maximum.accumulate(vals), label=name)
+        runs = vals if vals and isinstance(vals[0], (list, tuple)) else [vals]
+        n = min(len(r) for r in runs)
+        if n == 0:
+            continue
+        best = np.array([np.maximum.accumulate(r[:n]) for r in runs])
+        x = range(1, n + 1)
+        (line,) = ax.plot(x, best.mean(0), label=name if len(runs) == 1 else f"{name} (mean of {len(runs)})")
+        if len(runs) > 1:
+            ax.fill_between(x, best.min(0), best.max(0), color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlabel("evaluated trials")
     ax.set_ylabel("best reward so far")
     if title:
