@@ -227,12 +227,29 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                            "as much as the samplers'.")
         md += ["", f"![samplers](benchmarks/results/{name}_samplers.png)"]
     if "rewards" in res:
-        md += ["", "Reward ablation (best arch of a 50-trial TPE search, then train-query, test split)."
-               f"{measured('rewards')}", "",
+        seeded = any(r.get("seeds") for r in res["rewards"])
+        at = f" at {res['rewards_budget_ms']} ms" if "rewards_budget_ms" in res else ""
+        md += ["", f"Reward ablation (best arch of a 50-trial {res.get('rewards_sampler', 'TPE')} search{at}, "
+               "then train-query, test split"
+               + (", each arch trained at the budgets' training seeds: mean, then each seed" if seeded else "")
+               + f").{measured('rewards')}", "",
                "| reward | MFLOPs | predicted ms | M(q,g) R@1 | M(q,q) R@1 |", "|---|---|---|---|---|"]
+
+        def by_seed(r, m):
+            v = [r[m]] + [x[m] for x in r.get("seeds", [])]
+            return f"{100 * statistics.mean(v):.2f}" + (
+                f" ({' / '.join(f'{100 * x:.2f}' for x in v)})" if len(v) > 1 else "")
+
         for r in res["rewards"]:
             md.append(f"| {r['reward'].upper()} | {r['mflops']:.2f} | {r['predicted_ms']:.3f} | "
-                      f"{100 * r['M(q,g)']:.2f} | {100 * r['M(q,q)']:.2f} |")
+                      f"{by_seed(r, 'M(q,g)')} | {by_seed(r, 'M(q,q)')} |")
+        same = {}
+        for r in res["rewards"]:
+            same.setdefault(r.get("canonical"), []).append(r["reward"].upper())
+        same = [v for k, v in same.items() if k and len(v) > 1]
+        if same:
+            md += ["", "; ".join(" and ".join(v) for v in same) + " chose one network: their rows differ "
+                   "by training noise alone."]
     if "budgets" in res and all("random_median_measured_ms" in r for r in res["budgets"]):
         ks = {len(r["random"]) for r in res["budgets"]}
         k = f"{ks.pop()}" if len(ks) == 1 else "the"
@@ -604,9 +621,21 @@ def main() -> None:
         for reward in ("r1", "r2", "r3"):
             _, found[reward] = search(budget_ms=budget, reward=reward, n_trials=50,
                                       study_name=f"bench-reward-{reward}")
-        rows = train_many([(f"bench-reward-{rw}", {"arch": r["arch"]}) for rw, r in found.items()])
-        for (reward, r), row in zip(found.items(), rows):
-            row.update(reward=reward, predicted_ms=r["predicted_ms"])
+        # each reward's arch at the budgets' training seeds: one training is one draw of noise
+        names = {rw: [f"bench-reward-{rw}"] + [f"bench-reward-{rw}-seed{k}" for k in range(1, args.searched_seeds)]
+                 for rw in found}
+        done = dict(zip([n for ns in names.values() for n in ns], train_many(
+            [(n, {"arch": found[rw]["arch"], **({"seed": base.seed + k} if k else {})})
+             for rw, ns in names.items() for k, n in enumerate(ns)])))
+        rows = []
+        res["rewards_sampler"], res["rewards_budget_ms"] = base.search.sampler, budget
+        for reward, r in found.items():
+            row, seeds = done[names[reward][0]], [done[n] for n in names[reward][1:]]
+            row.update(reward=reward, predicted_ms=r["predicted_ms"], search_reward=r["reward"],
+                       canonical=space.canonical(space.parse(r["arch"])).to_string(space))
+            if seeds:
+                row["seeds"] = [{k: x[k] for k in ("M(q,g)", "M(q,q)", "seed")} for x in seeds]
+            rows.append(row)
             print(row, flush=True)
         res["rewards"] = rows
 
