@@ -779,7 +779,9 @@ def main() -> None:
         res = {**old, **res, "part_run_dirs": {**old.get("part_run_dirs", {})}}
     done = [p for p in ("samplers", "rewards", "budgets", "cost") if p in args.parts]  # measure
     # keeps the run dir of the budgets it timed (they were trained elsewhere)
-    res.setdefault("part_run_dirs", {}).update({p: args.run_dir for p in done})
+    rel = Path(args.run_dir).resolve()  # shown relative to the project where it lies in it
+    rel = str(rel.relative_to(ROOT)) if rel.is_relative_to(ROOT) else args.run_dir
+    res.setdefault("part_run_dirs", {}).update({p: rel for p in done})
     # how the search scored archs in each part (parts measured before search.val_queries
     # existed used the split's query/gallery division)
     res["part_val_queries"] = {**{p: "split" for p in res["part_run_dirs"]}, **res.get("part_val_queries", {}),
