@@ -39,6 +39,11 @@ def main() -> None:
                     help="a config override (as hwnas run --set) for every config of this call: "
                          "reported as a variant beside the config's own figures")
     ap.add_argument("--run-dir", default=None, help="the run directory (one config only)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="also train the searched model and each baseline at this many training "
+                         "seeds in all (the run's own and the next ones, as <model>-seed<k> in the "
+                         "run directory, resumable) and judge the Pareto comparison on the seeds' mean "
+                         "M(q,g): one training is one draw of training noise")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the BENCHMARKS.md section from benchmarks/results/headline.json")
     args = ap.parse_args()
@@ -83,6 +88,8 @@ def main() -> None:
                      "step_seconds": {k: v.get("seconds") for k, v in steps["done"].items()},
                      "report": report, "png": png.name, **({"note": args.note} if args.note else {}),
                      **({"from_run": steps["done"]["report"]["finished"]} if args.from_run else {})})
+        if args.seeds > 1:
+            runs[-1]["seeds"] = train_seeds(cfg, report, args.seeds)
         print(headline_table(report), flush=True)
     # configs not run this time keep their last figures (marked with the date they were run),
     # and their place in the table; a config new to it goes last
@@ -99,6 +106,62 @@ def main() -> None:
     res = {"machine": m, "runs": runs}
     save_results("headline", res)
     update_benchmarks_md("headline", markdown(res))
+
+
+def train_seeds(cfg, report: dict, n: int) -> dict:
+    """Each model of ``report`` but the adapted (the searched one and the baselines), trained
+    again at training seeds ``cfg.seed + 1 .. + n - 1`` with the run's recipe (the seed sets
+    initialization, batch order and augmentation; the split is the run's), and evaluated on
+    the test split: {model: [{"seed", "M(q,g)", "M(q,q)"}, ...]}, the run's own training
+    first. The architectures, so the latencies, are the report's."""
+    import copy
+
+    from hwnas.compat import api
+
+    quiet = lambda *_: None  # noqa: E731
+    rows = [r for r in report["rows"] if not r.get("adapted")]
+    out = {r["model"]: [{"seed": cfg.seed, "M(q,g)": r["M(q,g)_recall@1"], "M(q,q)": r["M(q,q)_recall@1"]}]
+           for r in rows}
+    for k in range(1, n):
+        c = copy.deepcopy(cfg)
+        c.seed = cfg.seed + k
+        jobs = [{"name": f"{r['model']}-seed{k}", "resume": True, "retrain_changed": True,
+                 **({"timm_name": r["arch"]} if r["kind"] == "timm" else {"arch": r["arch"]})} for r in rows]
+        for r, q in zip(rows, api.train_many(c, jobs)):
+            m = api.evaluate_query(c, query_dir=str(Path(c.run_dir) / "query" / q["name"]), log=quiet)["metrics"]
+            out[r["model"]].append({"seed": c.seed, "M(q,g)": m["M(q,g)"]["recall@1"],
+                                    "M(q,q)": m["M(q,q)"]["recall@1"]})
+    return out
+
+
+def _seeds_lines(rep: dict, seeds: dict) -> list[str]:
+    """The models' accuracies by training seed, and the Pareto comparison on their means."""
+    import statistics
+
+    from hwnas.report import dominates
+
+    rows = {r["model"]: r for r in rep["rows"] if r["model"] in seeds}
+    mean = {m: {**rows[m], "M(q,g)_recall@1": statistics.mean(x["M(q,g)"] for x in v)} for m, v in seeds.items()}
+    n = min(len(v) for v in seeds.values())
+    out = ["", f"By training seed ({n} trainings of each model, the run's own first; the architectures "
+           "and latencies are the table's):", "",
+           "| model | meas ms | M(q,g) R@1 by seed | mean | SD | M(q,q) R@1 mean | gap pts (mean) |",
+           "|---|---|---|---|---|---|---|"]
+    g = 100 * rep["paragon"]["M(g,g)_recall@1"]
+    for m, v in seeds.items():
+        qg = [100 * x["M(q,g)"] for x in v]
+        out.append(f"| {m} | {rows[m]['measured_ms']:.3f} | {' / '.join(f'{x:.2f}' for x in qg)} | "
+                   f"{statistics.mean(qg):.2f} | {statistics.stdev(qg) if len(qg) > 1 else 0:.2f} | "
+                   f"{100 * statistics.mean(x['M(q,q)'] for x in v):.2f} | {g - statistics.mean(qg):.2f} |")
+    s = mean.get("searched")
+    if s is not None:
+        better = [b for b in mean if b != "searched" and dominates(s, mean[b])]
+        worse = [b for b in mean if b != "searched" and dominates(mean[b], s)]
+        others = [b for b in mean if b != "searched" and b not in better and b not in worse]
+        out += ["", "On the seeds' mean M(q,g): the searched model is Pareto-better than "
+                + (", ".join(better) or "none") + "; dominated by " + (", ".join(worse) or "none")
+                + ("; neither against " + ", ".join(others) if others else "") + "."]
+    return out
 
 
 def _pools_line(rep: dict) -> str:
@@ -188,6 +251,7 @@ def markdown(res: dict) -> str:
                   headline_table(rep, markdown=True), "",
                   f"Searched model dominated by: {', '.join(rep.get('searched_dominated_by') or []) or 'none'}."
                   + _pools_line(rep) + _not_pareto_line(rep),
+                  *(_seeds_lines(rep, r["seeds"]) if r.get("seeds") else []),
                   "", f"![{rep['dataset']} headline](benchmarks/results/{r['png']})"]
     return "\n".join(lines)
 
