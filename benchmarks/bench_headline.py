@@ -111,9 +111,10 @@ def main() -> None:
 def train_seeds(cfg, report: dict, n: int) -> dict:
     """Each model of ``report`` but the adapted (the searched one and the baselines), trained
     again at training seeds ``cfg.seed + 1 .. + n - 1`` with the run's recipe (the seed sets
-    initialization, batch order and augmentation; the split is the run's), and evaluated on
-    the test split: {model: [{"seed", "M(q,g)", "M(q,q)"}, ...]}, the run's own training
-    first. The architectures, so the latencies, are the report's."""
+    batch order and augmentation, and the initial weights of a model that does not start from
+    the supernet's; the split is the run's), and evaluated on the test split:
+    {model: [{"seed", "M(q,g)", "M(q,q)"}, ...]}, the run's own training first. The
+    architectures, so the latencies, are the report's."""
     import copy
 
     from hwnas.compat import api
@@ -144,7 +145,9 @@ def _seeds_lines(rep: dict, seeds: dict) -> list[str]:
     mean = {m: {**rows[m], "M(q,g)_recall@1": statistics.mean(x["M(q,g)"] for x in v)} for m, v in seeds.items()}
     n = min(len(v) for v in seeds.values())
     out = ["", f"By training seed ({n} trainings of each model, the run's own first; the architectures "
-           "and latencies are the table's):", "",
+           "and latencies are the table's; the seed sets batch order and augmentation, and the initial "
+           "weights of a model trained from scratch — a subnet that inherits the supernet's weights "
+           "starts from them at every seed):", "",
            "| model | meas ms | M(q,g) R@1 by seed | mean | SD | M(q,q) R@1 mean | gap pts (mean) |",
            "|---|---|---|---|---|---|---|"]
     g = 100 * rep["paragon"]["M(g,g)_recall@1"]
@@ -241,7 +244,8 @@ def markdown(res: dict) -> str:
                       + ".*", ""]
         if r.get("from_run"):
             lines += [f"*Reported from the finished run directory as it stood (its report written "
-                      f"{r['from_run'].replace('T', ' ')}), not re-run by this call.*", ""]
+                      f"{r['from_run'].replace('T', ' ')}), not re-run by this call"
+                      + ("; the call trained only the other seeds below" if r.get("seeds") else "") + ".*", ""]
         lines += [
                   f"Step times on this machine, each step's last run (a step redone after a config "
                   f"edit reuses the models it finds trained): {total / 60:.1f} min in all "

@@ -201,7 +201,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                f"{res.get('samplers_budget_ms', budget)} ms).{measured('samplers')}", "",
                "| sampler | " + " | ".join(f"N={n}" for n in marks) + " | s / trial | over-budget samples |",
                "|---|" + "---|" * len(marks) + "---|---|"]
-        def at(r, n):  # mean over the sampler's seeds (range), or one study's value
+        def cell(r, n):  # mean over the sampler's seeds (range), or one study's value
             get = lambda d: d.get(n, d.get(str(n)))  # noqa: E731 (JSON keys are strings)
             v, rng = get(r["best_at"]), get(r.get("best_at_range", {}))
             if v is None:
@@ -209,15 +209,16 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
             return f"{v:.4f}" + (f" ({rng[0]:.4f}-{rng[1]:.4f})" if rng and r.get("seeds", 1) > 1 else "")
 
         for r in res["samplers"]:
-            md.append(f"| {r['sampler']} | " + " | ".join(at(r, n) for n in marks)
+            md.append(f"| {r['sampler']} | " + " | ".join(cell(r, n) for n in marks)
                       + f" | {r['sec_per_trial']:.2f} | {r['infeasible']:g} |")
         seeds = {r.get("seeds", 1) for r in res["samplers"]}
         if seeds != {1}:
             md += ["", f"Each sampler searched {'/'.join(map(str, sorted(seeds)))} studies, one per sampler "
                    "seed: a cell is the mean of their best rewards after N trials (their range); over-budget "
-                   "samples are per study. Every study starts from the same enqueued archs (the fastest "
-                   "subnet, the largest uniform one within budget and, at a tight budget, random feasible "
-                   "ones), so the first trials are alike."]
+                   "samples are per study. At one seed TPE and NSGA-II start from the same enqueued archs "
+                   "(the fastest subnet, the largest uniform one within budget and, at a tight budget, 10 "
+                   "random feasible ones), and evolution and random from the same initial feasible draws, "
+                   "so within each pair the first columns coincide and measure no sampler."]
             nv = max((r.get("val_queries") or 0) for r in res["samplers"])
             if nv:  # one standard error of a recall near the best rewards, on that many queries
                 p = max(max(r["best_at"].values()) for r in res["samplers"])
@@ -229,7 +230,8 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
     if "rewards" in res:
         seeded = any(r.get("seeds") for r in res["rewards"])
         at = f" at {res['rewards_budget_ms']} ms" if "rewards_budget_ms" in res else ""
-        md += ["", f"Reward ablation (best arch of a 50-trial {res.get('rewards_sampler', 'TPE')} search{at}, "
+        md += ["", f"Reward ablation ({'the choice' if 'rewards_sampler' in res else 'best arch'} of a "
+               f"50-trial {res.get('rewards_sampler', 'TPE')} search{at}, "
                "then train-query, test split"
                + (", each arch trained at the budgets' training seeds: mean, then each seed" if seeded else "")
                + f").{measured('rewards')}", "",
@@ -435,11 +437,13 @@ def main() -> None:
                     help="rewrite the BENCHMARKS.md section (and the budgets plot) from the results "
                          "file, running nothing")
     args = ap.parse_args()
+    if args.sampler_seeds < 1:
+        ap.error("--sampler-seeds must be 1 or more")
 
     from hwnas.cli import apply_sets
     from hwnas.config import load_config
     from hwnas.pipeline import run_budget
-    from hwnas.search.runner import plot_progress, predictor_for, run_search
+    from hwnas.search.runner import _evaluated, plot_progress, predictor_for, run_search
 
     base = load_config(args.config)
     base.run_dir = args.run_dir
@@ -481,9 +485,9 @@ def main() -> None:
                 cfg, r = search(budget_ms=sb, sampler=sampler, n_trials=args.trials, seed=k,
                                 study_name=f"bench-sampler-{sampler}-{sb:g}ms-seed{k}")
                 st = optuna.load_study(study_name=r["study"], storage=cfg.search.storage)
-                # each distinct arch once (a repeat of an evaluated arch takes its result, free)
-                feas = sorted((t for t in st.trials if t.user_attrs.get("feasible") and "repeat_of" not in t.user_attrs),
-                              key=lambda t: t.number)
+                # each distinct arch once (a repeat of an evaluated arch takes its result, free),
+                # finished trials only, the first --trials (a study kept from a longer run has more)
+                feas = sorted(_evaluated(st), key=lambda t: t.number)[:args.trials]
                 runs.append([t.user_attrs["reward"] for t in feas])
                 secs += [t.user_attrs["eval_seconds"] for t in feas]
                 over.append(sum(1 for t in st.trials if t.user_attrs.get("feasible") is False))
@@ -619,7 +623,7 @@ def main() -> None:
     if "rewards" in args.parts:
         found = {}
         for reward in ("r1", "r2", "r3"):
-            _, found[reward] = search(budget_ms=budget, reward=reward, n_trials=50,
+            _, found[reward] = search(budget_ms=budget, reward=reward, n_trials=50, seed=base.seed,
                                       study_name=f"bench-reward-{reward}")
         # each reward's arch at the budgets' training seeds: one training is one draw of noise
         names = {rw: [f"bench-reward-{rw}"] + [f"bench-reward-{rw}-seed{k}" for k in range(1, args.searched_seeds)]
@@ -649,7 +653,8 @@ def main() -> None:
             b = round(lo + frac * (hi - lo), 4)
             rng = random.Random(100 + int(frac * 100))
             plan.append((frac, b, [pred.sample_feasible(b, rng).to_string(space) for _ in range(args.random_archs)]))
-        found = {frac: search(budget_ms=b, n_trials=50, study_name=f"bench-budget-{frac}")[1] for frac, b, _ in plan}
+        found = {frac: search(budget_ms=b, n_trials=50, seed=base.seed, study_name=f"bench-budget-{frac}")[1]
+                 for frac, b, _ in plan}
         jobs = [("bench-mobilenetv3_small_050", {"timm_name": "mobilenetv3_small_050"})]
         for frac, _, rand in plan:
             # the best reward's arch, and the search's choice (search.prefer_faster_within) where
