@@ -201,6 +201,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                f"{res.get('samplers_budget_ms', budget)} ms).{measured('samplers')}", "",
                "| sampler | " + " | ".join(f"N={n}" for n in marks) + " | s / trial | over-budget samples |",
                "|---|" + "---|" * len(marks) + "---|---|"]
+
         def cell(r, n):  # mean over the sampler's seeds (range), or one study's value
             get = lambda d: d.get(n, d.get(str(n)))  # noqa: E731 (JSON keys are strings)
             v, rng = get(r["best_at"]), get(r.get("best_at_range", {}))
