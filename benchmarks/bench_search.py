@@ -535,6 +535,11 @@ def main() -> None:
         done = start_training(jobs)()
         return [done[n] for n, _ in jobs]
 
+    def seed_jobs(name, kw):
+        """``name`` at the run's training seed, then at the --searched-seeds - 1 next ones
+        (``<name>-seed<k>``): one training is one draw of training noise."""
+        return [(name, kw)] + [(f"{name}-seed{k}", {**kw, "seed": base.seed + k}) for k in range(1, args.searched_seeds)]
+
     def proxy_scores(archs):
         """The search's score of each arch (its supernet subnet's R3 reward on the validation
         split) under each validation protocol: {arch: {"all": r, "split": r}}.
@@ -626,16 +631,14 @@ def main() -> None:
         for reward in ("r1", "r2", "r3"):
             _, found[reward] = search(budget_ms=budget, reward=reward, n_trials=50, seed=base.seed,
                                       study_name=f"bench-reward-{reward}")
-        # each reward's arch at the budgets' training seeds: one training is one draw of noise
-        names = {rw: [f"bench-reward-{rw}"] + [f"bench-reward-{rw}-seed{k}" for k in range(1, args.searched_seeds)]
-                 for rw in found}
-        done = dict(zip([n for ns in names.values() for n in ns], train_many(
-            [(n, {"arch": found[rw]["arch"], **({"seed": base.seed + k} if k else {})})
-             for rw, ns in names.items() for k, n in enumerate(ns)])))
+        # each reward's arch at the budgets' training seeds
+        jobs = {rw: seed_jobs(f"bench-reward-{rw}", {"arch": r["arch"]}) for rw, r in found.items()}
+        flat = [j for js in jobs.values() for j in js]
+        done = dict(zip([n for n, _ in flat], train_many(flat)))
         rows = []
         res["rewards_sampler"], res["rewards_budget_ms"] = base.search.sampler, budget
         for reward, r in found.items():
-            row, seeds = done[names[reward][0]], [done[n] for n in names[reward][1:]]
+            row, seeds = done[jobs[reward][0][0]], [done[n] for n, _ in jobs[reward][1:]]
             row.update(reward=reward, predicted_ms=r["predicted_ms"], search_reward=r["reward"],
                        canonical=space.canonical(space.parse(r["arch"])).to_string(space))
             if seeds:
@@ -664,9 +667,7 @@ def main() -> None:
             for kind, a in (("searched", best), ("chosen", found[frac]["arch"])):
                 if kind == "chosen" and space.parse(a) == space.parse(best):
                     continue
-                jobs.append((f"bench-budget-{frac}-{kind}", {"arch": a}))
-                jobs += [(f"bench-budget-{frac}-{kind}-seed{k}", {"arch": a, "seed": base.seed + k})
-                         for k in range(1, args.searched_seeds)]
+                jobs += seed_jobs(f"bench-budget-{frac}-{kind}", {"arch": a})
             if args.finalists > 1:  # the pipeline's choice, next to the search's best
                 jobs.append((f"bench-budget-{frac}-finalists", {"finalists": args.finalists, "finalists_from": str(
                     Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}")}))
