@@ -113,6 +113,29 @@ def selection_fidelity(budget_rows, epochs: int, k: int, draws: int = 4000) -> l
     return out
 
 
+def noise_components(row) -> dict | None:
+    """How much of a budget's random archs' M(q,g) spread is architecture and how much is
+    training noise: the pooled variance of one arch's M(q,g) over its training seeds (every
+    arch of the budget trained at more than one: the searched, the best reward's, the
+    finalists' choice), and the random archs' variance less that one: a method-of-moments
+    estimate of the spread architecture adds (0 where training noise accounts for all of it).
+    None where no arch has two trainings."""
+    groups = [[row["searched"], *row.get("searched_seeds", [])]]
+    if row.get("best_reward"):
+        groups.append([row["best_reward"], *row["best_reward"].get("seeds", [])])
+    f = row.get("finalists") or {}
+    if f.get("seeds") and all(x["name"].startswith(f["name"]) for x in f["seeds"]):  # its own seeds, not the searched's
+        groups.append([f, *f["seeds"]])
+    groups = [[x["M(q,g)"] for x in g] for g in groups if len(g) > 1]
+    df = sum(len(g) - 1 for g in groups)
+    if not df or len(row["random"]) < 3:
+        return None
+    within = sum((len(g) - 1) * statistics.variance(g) for g in groups) / df
+    rand = statistics.variance(x["M(q,g)"] for x in row["random"])
+    return {"within_sd": within ** 0.5, "within_df": df, "random_sd": rand ** 0.5,
+            "arch_sd": max(0.0, rand - within) ** 0.5}
+
+
 def _best_reward(found: dict) -> tuple[str, float]:
     """The best reward's arch of a search result and its predicted ms (the search's choice
     where it records no other, as before the choice rule)."""
@@ -289,8 +312,9 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
         for r in res["budgets"]:
             short = _shortfalls(r["searched"], r)
             verdict.append(f"{r['budget_ms']} ms: " + ("searched >= both" if not short else "; ".join(short)))
-        md += ["", "Where the random archs' SD is near the test split's standard error, architecture barely "
-               "moves M(q,g) within that budget and no search can beat the median by more than noise."]
+        if not any(noise_components(r) for r in res["budgets"]):  # else the noise table below says more
+            md += ["", "Where the random archs' SD is near the test split's standard error, architecture barely "
+                   "moves M(q,g) within that budget and no search can beat the median by more than noise."]
         from hwnas.report import PARETO_LATENCY_TOL
 
         md += ["", "Target (searched >= the random median and >= MobileNetV3-small at equal or lower measured "
@@ -318,6 +342,24 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                           f"{100 * r['random_median_M(q,q)']:.2f} | "
                           f"{100 * statistics.stdev(x['M(q,g)'] for x in r['random']):.2f} | "
                           f"{'; '.join(short) or 'searched >= both'} |")
+        comps = [(r, noise_components(r)) for r in res["budgets"]]
+        comps = [(r, c) for r, c in comps if c]
+        if comps:
+            md += ["", "Training noise against architecture, per budget: the M(q,g) SD of one arch trained at "
+                   "several seeds (pooled over the budget's archs trained more than once; df: degrees of "
+                   "freedom), the random archs' SD, and what the latter adds beyond training noise (the "
+                   "square root of the variances' difference, 0 where it is negative):", "",
+                   "| budget ms (pred.) | one arch's SD over seeds (df) | random archs' SD | architecture's own SD "
+                   "(estimate) |", "|---|---|---|---|"]
+            for r, c in comps:
+                md.append(f"| {r['budget_ms']} | {100 * c['within_sd']:.2f} ({c['within_df']}) | "
+                          f"{100 * c['random_sd']:.2f} | {100 * c['arch_sd']:.2f} |")
+            flat = [str(r["budget_ms"]) for r, c in comps if c["arch_sd"] < c["within_sd"]]
+            if flat:
+                md += ["", f"At {', '.join(flat)} ms architecture adds less spread than one arch's "
+                       "training noise: there the budget's archs are near equals on M(q,g) at this training "
+                       "length, and which of them lands above the median is mostly the draw of training; "
+                       "with so few degrees of freedom the estimates are rough."]
         ruled = [r for r in res["budgets"] if "measured_ms" in r.get("best_reward", {})]
         if ruled or any("searched_seeds" in r for r in res["budgets"]):
             same = [str(r["budget_ms"]) for r in res["budgets"] if "best_reward" not in r]
@@ -345,20 +387,30 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
         if fins:
             f0 = fins[0]["finalists"]
             k0 = len(f0["finalists"])
+            fseeded = any(r["finalists"].get("seeds") for r in fins)
             md += ["", f"The search's choice made by training (`query.finalists: {k0}`: its {k0} best archs "
                    f"by score each train {f0['epochs']} of {f0['of_epochs']} epochs, the lowest training loss "
-                   "finishes), against the same random archs:", "",
-                   "| budget ms (pred.) | chosen: search rank | M(q,g) | M(q,q) | meas. ms | random archs beaten on "
-                   "M(q,g) / M(q,q) | target |", "|---|---|---|---|---|---|---|"]
+                   "finishes), against the same random archs"
+                   + (": its own training, then the mean over the training seeds (where the choice is the "
+                      "searched arch, that arch's other seeds), on which the target is judged" if fseeded else "")
+                   + ":", "",
+                   "| budget ms (pred.) | chosen: search rank | M(q,g) | M(q,q) | "
+                   + ("M(q,g) / M(q,q), mean of seeds | " if fseeded else "")
+                   + "meas. ms | random archs beaten on M(q,g) / M(q,q) | target |",
+                   "|---|---|---|---|---|---|---|" + ("---|" if fseeded else "")]
             for r in fins:
                 f = r["finalists"]
-                short = _shortfalls(f, r)
+                runs_ = [f, *f.get("seeds", [])]
+                mean = {"M(q,g)": statistics.mean(x["M(q,g)"] for x in runs_),
+                        "M(q,q)": statistics.mean(x["M(q,q)"] for x in runs_), "measured_ms": f["measured_ms"]}
+                short = _shortfalls(mean, r)
                 same = " (the searched arch)" if f["chosen"] == r["searched"]["arch"] else ""
                 md.append(f"| {r['budget_ms']} | {f['chosen_rank']}{same} | {100 * f['M(q,g)']:.2f} | {100 * f['M(q,q)']:.2f} | "
-                          f"{f['measured_ms']:.3f} | {_beaten(f, r)} | "
+                          + (f"{100 * mean['M(q,g)']:.2f} / {100 * mean['M(q,q)']:.2f} ({len(runs_)}) | " if fseeded else "")
+                          + f"{f['measured_ms']:.3f} | {_beaten(f, r)} | "
                           f"{'; '.join(short) or 'searched >= both'} |")
-            md += ["", "Where the choice is the searched arch itself, the two rows differ by training noise "
-                   "alone: the same arch trained twice."]
+            md += ["", "Where the choice is the searched arch itself, its first columns and the searched arch's "
+                   "differ by training noise alone: the same arch trained twice."]
         md += ["", "MobileNetV3-small at width 0.5 is the narrowest timm registers; where its measured "
                "latency is above a budget it is shown for reference, not as a feasible rival.",
                "", f"![budgets](benchmarks/results/{name}_budgets.png)"]
@@ -685,6 +737,24 @@ def main() -> None:
             wait = start_training(jobs)
         scores = proxy_scores(sorted({a for _, _, rand in plan for a in rand} | {found[p[0]]["arch"] for p in plan}))
         trained = wait()
+        # the finalists' choice at the other training seeds too, judged on its mean as the
+        # searched arch is: where it is the searched (or chosen) arch, those seeds are its own
+        fin_seed_jobs = {}
+        for frac, _, _ in plan:
+            fin = trained.get(f"bench-budget-{frac}-finalists")
+            if fin is None:
+                continue
+            same = [kind for kind, a in (("searched", _best_reward(found[frac])[0]), ("chosen", found[frac]["arch"]))
+                    if space.parse(a) == space.parse(fin["arch"])]
+            fin_seed_jobs[frac] = same[-1] if same else seed_jobs(f"bench-budget-{frac}-finalists", {"arch": fin["arch"]})[1:]
+        extra = [j for js in fin_seed_jobs.values() if isinstance(js, list) for j in js]
+        if extra and args.finished_only:
+            from hwnas.compat.api import _prepare_out
+
+            extra = [j for j in extra if _prepare_out(Path(args.run_dir) / "query" / j[0], restart=False)]
+            trained.update({n: _train_eval(base, args.run_dir, n, kw) for n, kw in tqdm(extra, desc="evaluate finished")})
+        elif extra:
+            trained.update(start_training(extra)())
         mbv3 = trained["bench-mobilenetv3_small_050"]
         rows = []
         for frac, b, rand in plan:
@@ -718,6 +788,10 @@ def main() -> None:
 
                 row["finalists"] = {**fin, **read_json(
                     Path(args.run_dir) / "query" / fin["name"] / "finalists.json")}
+                js = fin_seed_jobs.get(frac, [])
+                fs = seeds_of(js) if isinstance(js, str) else [trained[n] for n, _ in js if n in trained]
+                if fs:
+                    row["finalists"]["seeds"] = fs
             summarize_budget(row)
             rows.append(row)
             print(b, s, row["random_median_M(q,g)"], flush=True)
