@@ -124,7 +124,7 @@ def noise_components(row) -> dict | None:
     if row.get("best_reward"):
         groups.append([row["best_reward"], *row["best_reward"].get("seeds", [])])
     f = row.get("finalists") or {}
-    if f.get("seeds") and all(x["name"].startswith(f["name"]) for x in f["seeds"]):  # its own seeds, not the searched's
+    if f.get("seeds") and f.get("own_seeds"):  # not the seeds it borrows from the searched arch
         groups.append([f, *f["seeds"]])
     groups = [[x["M(q,g)"] for x in g] for g in groups if len(g) > 1]
     df = sum(len(g) - 1 for g in groups)
@@ -346,20 +346,26 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
         comps = [(r, c) for r, c in comps if c]
         if comps:
             md += ["", "Training noise against architecture, per budget: the M(q,g) SD of one arch trained at "
-                   "several seeds (pooled over the budget's archs trained more than once; df: degrees of "
-                   "freedom), the random archs' SD, and what the latter adds beyond training noise (the "
-                   "square root of the variances' difference, 0 where it is negative):", "",
+                   "several seeds (pooled over the budget's archs trained more than once — the search's and "
+                   "the finalists' picks, taken to be as noisy as any arch; df: degrees of freedom), the "
+                   "random archs' SD, and what the latter adds beyond training noise (the square root of the "
+                   "variances' difference, 0 where it is negative):", "",
                    "| budget ms (pred.) | one arch's SD over seeds (df) | random archs' SD | architecture's own SD "
                    "(estimate) |", "|---|---|---|---|"]
             for r, c in comps:
                 md.append(f"| {r['budget_ms']} | {100 * c['within_sd']:.2f} ({c['within_df']}) | "
                           f"{100 * c['random_sd']:.2f} | {100 * c['arch_sd']:.2f} |")
             flat = [str(r["budget_ms"]) for r, c in comps if c["arch_sd"] < c["within_sd"]]
+            dfs = sorted({c["within_df"] for _, c in comps})
+            dfs_lo = dfs[0]
+            dfs = str(dfs[0]) if len(dfs) == 1 else f"{dfs[0]}-{dfs[-1]}"
             if flat:
                 md += ["", f"At {', '.join(flat)} ms architecture adds less spread than one arch's "
                        "training noise: there the budget's archs are near equals on M(q,g) at this training "
-                       "length, and which of them lands above the median is mostly the draw of training; "
-                       "with so few degrees of freedom the estimates are rough."]
+                       "length, and which of them lands above the median is mostly the draw of training. "
+                       f"Estimates from {dfs} degrees of freedom and {min(len(r['random']) for r, _ in comps)} "
+                       f"random archs are rough: an SD from {dfs_lo} df is uncertain by about "
+                       f"{100 / (2 * dfs_lo) ** 0.5:.0f}% (1 / sqrt(2 df))."]
         ruled = [r for r in res["budgets"] if "measured_ms" in r.get("best_reward", {})]
         if ruled or any("searched_seeds" in r for r in res["budgets"]):
             same = [str(r["budget_ms"]) for r in res["budgets"] if "best_reward" not in r]
@@ -391,12 +397,14 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
             md += ["", f"The search's choice made by training (`query.finalists: {k0}`: its {k0} best archs "
                    f"by score each train {f0['epochs']} of {f0['of_epochs']} epochs, the lowest training loss "
                    "finishes), against the same random archs"
-                   + (": its own training, then the mean over the training seeds (where the choice is the "
-                      "searched arch, that arch's other seeds), on which the target is judged" if fseeded else "")
+                   + (": its own training, then the mean over the training seeds (its own, or where the "
+                      "choice is the searched or the best reward's arch, that arch's other seeds), on which "
+                      "the target is judged" if fseeded else "")
                    + ":", "",
                    "| budget ms (pred.) | chosen: search rank | M(q,g) | M(q,q) | "
-                   + ("M(q,g) / M(q,q), mean of seeds | " if fseeded else "")
-                   + "meas. ms | random archs beaten on M(q,g) / M(q,q) | target |",
+                   + ("M(q,g) / M(q,q), mean of seeds (trainings) | " if fseeded else "")
+                   + "meas. ms | random archs beaten on M(q,g) / M(q,q)"
+                   + (" (own training)" if fseeded else "") + " | target |",
                    "|---|---|---|---|---|---|---|" + ("---|" if fseeded else "")]
             for r in fins:
                 f = r["finalists"]
@@ -409,8 +417,14 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                           + (f"{100 * mean['M(q,g)']:.2f} / {100 * mean['M(q,q)']:.2f} ({len(runs_)}) | " if fseeded else "")
                           + f"{f['measured_ms']:.3f} | {_beaten(f, r)} | "
                           f"{'; '.join(short) or 'searched >= both'} |")
-            md += ["", "Where the choice is the searched arch itself, its first columns and the searched arch's "
-                   "differ by training noise alone: the same arch trained twice."]
+            itself = [r for r in fins if r["finalists"]["chosen"] == r["searched"]["arch"]]
+            apart = [str(r["budget_ms"]) for r in itself
+                     if any(r["finalists"][k] != r["searched"][k] for k in ("M(q,g)", "M(q,q)"))]
+            if itself:
+                md += ["", "Where the choice is the searched arch itself, its own training is that arch's again "
+                       "from the same seed" + (f"; at {', '.join(apart)} ms the two trainings diverged, so "
+                                               "there the rows differ by a draw of training noise" if apart else
+                                               ": the same figures") + "."]
         md += ["", "MobileNetV3-small at width 0.5 is the narrowest timm registers; where its measured "
                "latency is above a budget it is shown for reference, not as a feasible rival.",
                "", f"![budgets](benchmarks/results/{name}_budgets.png)"]
@@ -744,9 +758,12 @@ def main() -> None:
             fin = trained.get(f"bench-budget-{frac}-finalists")
             if fin is None:
                 continue
+            # the kinds trained at this budget ("chosen" only where the choice is not the best
+            # reward's arch), compared as networks: two spellings of one are one arch
+            net = space.canonical(space.parse(fin["arch"]))
             same = [kind for kind, a in (("searched", _best_reward(found[frac])[0]), ("chosen", found[frac]["arch"]))
-                    if space.parse(a) == space.parse(fin["arch"])]
-            fin_seed_jobs[frac] = same[-1] if same else seed_jobs(f"bench-budget-{frac}-finalists", {"arch": fin["arch"]})[1:]
+                    if f"bench-budget-{frac}-{kind}" in trained and space.canonical(space.parse(a)) == net]
+            fin_seed_jobs[frac] = same[0] if same else seed_jobs(f"bench-budget-{frac}-finalists", {"arch": fin["arch"]})[1:]
         extra = [j for js in fin_seed_jobs.values() if isinstance(js, list) for j in js]
         if extra and args.finished_only:
             from hwnas.compat.api import _prepare_out
@@ -790,8 +807,8 @@ def main() -> None:
                     Path(args.run_dir) / "query" / fin["name"] / "finalists.json")}
                 js = fin_seed_jobs.get(frac, [])
                 fs = seeds_of(js) if isinstance(js, str) else [trained[n] for n, _ in js if n in trained]
-                if fs:
-                    row["finalists"]["seeds"] = fs
+                if fs:  # own_seeds: trained as the finalists' (else another kind's, borrowed)
+                    row["finalists"].update(seeds=fs, own_seeds=not isinstance(js, str))
             summarize_budget(row)
             rows.append(row)
             print(b, s, row["random_median_M(q,g)"], flush=True)

@@ -24,7 +24,7 @@ def _budget(random_qg, searched_qg, finalists_qg=None, finalists_own=True):
         f = _runs(finalists_qg, "bench-budget-0.6-finalists")
         f[0]["name"] = "bench-budget-0.6-finalists"
         seeds = f[1:] if finalists_own else s[1:]
-        row["finalists"] = {**f[0], "seeds": seeds}
+        row["finalists"] = {**f[0], "seeds": seeds, "own_seeds": finalists_own}
     return row
 
 
@@ -44,13 +44,18 @@ def test_noise_components_split_random_spread_into_training_noise_and_architectu
     assert flat["arch_sd"] == 0.0
 
 
-def test_noise_components_pool_the_finalists_own_seeds_only_and_need_two_trainings():
-    row = _budget([0.80, 0.81, 0.82], [0.80, 0.82], finalists_qg=[0.78, 0.84])
+def test_noise_components_pool_by_degrees_of_freedom_the_finalists_own_seeds_only():
+    searched, best, fin = [0.80, 0.82], [0.79, 0.80, 0.81, 0.84], [0.78, 0.84, 0.80]
+    row = _budget([0.80, 0.81, 0.82], searched, finalists_qg=fin)
+    row["best_reward"] = {**_runs(best[:1], "b")[0], "seeds": _runs(best[1:], "b")}
     c = bench_search.noise_components(row)
-    # two archs with two trainings each: df 2, pooled variance the mean of the two
-    assert c["within_df"] == 2
-    assert c["within_sd"] ** 2 == pytest.approx((statistics.variance([0.80, 0.82]) + statistics.variance([0.78, 0.84])) / 2)
+    # three archs trained 2, 4 and 3 times: df 1 + 3 + 2, each variance weighted by its df
+    assert c["within_df"] == 6
+    pooled = (1 * statistics.variance(searched) + 3 * statistics.variance(best) + 2 * statistics.variance(fin)) / 6
+    assert c["within_sd"] ** 2 == pytest.approx(pooled)
+    assert c["within_sd"] ** 2 != pytest.approx(statistics.mean(statistics.variance(g) for g in (searched, best, fin)))
     # a finalists' choice that is the searched arch borrows its seeds: not counted twice
-    row = _budget([0.80, 0.81, 0.82], [0.80, 0.82], finalists_qg=[0.78, 0.84], finalists_own=False)
+    row = _budget([0.80, 0.81, 0.82], searched, finalists_qg=fin, finalists_own=False)
     assert bench_search.noise_components(row)["within_df"] == 1
+    # no arch trained twice: nothing to tell training noise from
     assert bench_search.noise_components(_budget([0.80, 0.81, 0.82], [0.80])) is None
