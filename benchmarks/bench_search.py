@@ -136,6 +136,20 @@ def noise_components(row) -> dict | None:
             "arch_sd": max(0.0, rand - within) ** 0.5}
 
 
+def finalists_seed_source(space, frac, fin_arch: str, candidates, trained) -> str | None:
+    """Where the finalists' choice at budget ``frac`` takes its other training seeds from: the
+    first of ``candidates`` ((kind, arch): "searched", the best reward's arch; "chosen", the
+    search's choice) trained at this budget (``bench-budget-<frac>-<kind>`` in ``trained``: no
+    "chosen" is trained where the choice is the best reward's arch) that is the same network
+    (compared canonically: two spellings of one network are one arch); None where none is,
+    and the finalists' choice trains seeds of its own."""
+    net = space.canonical(space.parse(fin_arch))
+    for kind, a in candidates:
+        if f"bench-budget-{frac}-{kind}" in trained and space.canonical(space.parse(a)) == net:
+            return kind
+    return None
+
+
 def _best_reward(found: dict) -> tuple[str, float]:
     """The best reward's arch of a search result and its predicted ms (the search's choice
     where it records no other, as before the choice rule)."""
@@ -758,12 +772,9 @@ def main() -> None:
             fin = trained.get(f"bench-budget-{frac}-finalists")
             if fin is None:
                 continue
-            # the kinds trained at this budget ("chosen" only where the choice is not the best
-            # reward's arch), compared as networks: two spellings of one are one arch
-            net = space.canonical(space.parse(fin["arch"]))
-            same = [kind for kind, a in (("searched", _best_reward(found[frac])[0]), ("chosen", found[frac]["arch"]))
-                    if f"bench-budget-{frac}-{kind}" in trained and space.canonical(space.parse(a)) == net]
-            fin_seed_jobs[frac] = same[0] if same else seed_jobs(f"bench-budget-{frac}-finalists", {"arch": fin["arch"]})[1:]
+            kind = finalists_seed_source(space, frac, fin["arch"], (("searched", _best_reward(found[frac])[0]),
+                                                                    ("chosen", found[frac]["arch"])), trained)
+            fin_seed_jobs[frac] = kind or seed_jobs(f"bench-budget-{frac}-finalists", {"arch": fin["arch"]})[1:]
         extra = [j for js in fin_seed_jobs.values() if isinstance(js, list) for j in js]
         if extra and args.finished_only:
             from hwnas.compat.api import _prepare_out

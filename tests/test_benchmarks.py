@@ -59,3 +59,23 @@ def test_noise_components_pool_by_degrees_of_freedom_the_finalists_own_seeds_onl
     assert bench_search.noise_components(row)["within_df"] == 1
     # no arch trained twice: nothing to tell training noise from
     assert bench_search.noise_components(_budget([0.80, 0.81, 0.82], [0.80])) is None
+
+
+def test_finalists_borrow_seeds_only_from_a_trained_kind_of_the_same_network():
+    from hwnas.space import Arch, SearchSpace
+
+    # the quickstart's space: its first stage rounds several scales to one width
+    sp = SearchSpace(input_size=32, in_channels=1, width_mult=0.5, head_channels=512, embed_dim=128)
+    first = sp.layers()[0]
+    ops = list(sp.smallest().layers)
+    a06, a08 = (Arch(tuple([(first.choices[0], s)] + ops[1:])).to_string(sp) for s in (0.6, 0.8))
+    assert a06 != a08 and sp.canonical(sp.parse(a06)) == sp.canonical(sp.parse(a08))  # one network, two spellings
+    other = sp.largest().to_string(sp)
+    src = bench_search.finalists_seed_source
+    both = {"bench-budget-0.6-searched": {}, "bench-budget-0.6-chosen": {}}
+    # the choice is the best reward's arch: no "chosen" was trained, so the searched kind lends
+    assert src(sp, 0.6, a08, (("searched", a06), ("chosen", a06)), {"bench-budget-0.6-searched": {}}) == "searched"
+    assert src(sp, 0.6, a08, (("searched", other), ("chosen", a06)), both) == "chosen"
+    assert src(sp, 0.6, other, (("searched", a06), ("chosen", a08)), both) is None
+    # another budget's trainings lend nothing
+    assert src(sp, 0.05, a06, (("searched", a06), ("chosen", a08)), both) is None
