@@ -766,7 +766,7 @@ def main() -> None:
         scores = proxy_scores(sorted({a for _, _, rand in plan for a in rand} | {found[p[0]]["arch"] for p in plan}))
         trained = wait()
         # the finalists' choice at the other training seeds too, judged on its mean as the
-        # searched arch is: where it is the searched (or chosen) arch, those seeds are its own
+        # searched arch is: where it is the searched (or chosen) arch, it borrows that arch's seeds
         fin_seed_jobs = {}
         for frac, _, _ in plan:
             fin = trained.get(f"bench-budget-{frac}-finalists")
