@@ -139,7 +139,7 @@ def _seeds_lines(rep: dict, seeds: dict) -> list[str]:
     """The models' accuracies by training seed, and the Pareto comparison on their means."""
     import statistics
 
-    from hwnas.report import dominates
+    from hwnas.report import pareto_against
 
     rows = {r["model"]: r for r in rep["rows"] if r["model"] in seeds}
     mean = {m: {**rows[m], "M(q,g)_recall@1": statistics.mean(x["M(q,g)"] for x in v)} for m, v in seeds.items()}
@@ -158,8 +158,8 @@ def _seeds_lines(rep: dict, seeds: dict) -> list[str]:
                    f"{100 * statistics.mean(x['M(q,q)'] for x in v):.2f} | {g - statistics.mean(qg):.2f} |")
     s = mean.get("searched")
     if s is not None:
-        better = [b for b in mean if b != "searched" and dominates(s, mean[b])]
-        worse = [b for b in mean if b != "searched" and dominates(mean[b], s)]
+        pareto, worse = pareto_against(s, [v for b, v in mean.items() if b != "searched"])
+        better = [b for b, yes in pareto.items() if yes]
         others = [b for b in mean if b != "searched" and b not in better and b not in worse]
         out += ["", "On the seeds' mean M(q,g): the searched model is Pareto-better than "
                 + (", ".join(better) or "none") + "; dominated by " + (", ".join(worse) or "none")

@@ -113,6 +113,15 @@ def selection_fidelity(budget_rows, epochs: int, k: int, draws: int = 4000) -> l
     return out
 
 
+def seed_mean(first: dict, seeds: list) -> dict:
+    """One arch's M(q,g) and M(q,q) averaged over its trainings (``first``, then ``seeds``),
+    at ``first``'s measured latency (the arch's: training does not change it), as
+    ``_shortfalls`` takes a model."""
+    runs = [first, *seeds]
+    return {"M(q,g)": statistics.mean(x["M(q,g)"] for x in runs), "M(q,q)": statistics.mean(x["M(q,q)"] for x in runs),
+            "measured_ms": first.get("measured_ms"), "n": len(runs)}
+
+
 def noise_components(row) -> dict | None:
     """How much of a budget's random archs' M(q,g) spread is architecture and how much is
     training noise: the pooled variance of one arch's M(q,g) over its training seeds (every
@@ -347,8 +356,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
             for r in seeded:
                 runs_ = [r["searched"], *r["searched_seeds"]]
                 qg, qq = [x["M(q,g)"] for x in runs_], [x["M(q,q)"] for x in runs_]
-                mean = {"M(q,g)": statistics.mean(qg), "M(q,q)": statistics.mean(qq),
-                        "measured_ms": r["searched"]["measured_ms"]}
+                mean = seed_mean(r["searched"], r["searched_seeds"])
                 short = _shortfalls(mean, r)
                 md.append(f"| {r['budget_ms']} | {' / '.join(f'{100 * v:.2f}' for v in qg)} | {100 * mean['M(q,g)']:.2f} | "
                           f"{100 * statistics.stdev(qg):.2f} | {' / '.join(f'{100 * v:.2f}' for v in qq)} | "
@@ -393,13 +401,9 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                        "|---|---|---|---|---|---|---|"]
                 for r in ruled:
                     c, b = r["searched"], r["best_reward"]
-                    cs, bs = [c, *r.get("searched_seeds", [])], [b, *b.get("seeds", [])]
-
-                    def mean(xs, k):
-                        return statistics.mean(x[k] for x in xs)
-                    bm = {"M(q,g)": mean(bs, "M(q,g)"), "M(q,q)": mean(bs, "M(q,q)"), "measured_ms": b["measured_ms"]}
+                    cm, bm = seed_mean(c, r.get("searched_seeds", [])), seed_mean(b, b.get("seeds", []))
                     md.append(f"| {r['budget_ms']} | {b['band']:.4f} | {c['predicted_ms']:.4f} / {c['measured_ms']:.3f} | "
-                              f"{100 * mean(cs, 'M(q,g)'):.2f} / {100 * mean(cs, 'M(q,q)'):.2f} | "
+                              f"{100 * cm['M(q,g)']:.2f} / {100 * cm['M(q,q)']:.2f} | "
                               f"{b['predicted_ms']:.4f} / {b['measured_ms']:.3f} | "
                               f"{100 * bm['M(q,g)']:.2f} / {100 * bm['M(q,q)']:.2f} | "
                               f"{'; '.join(_shortfalls(bm, r)) or 'searched >= both'} |")
@@ -422,13 +426,11 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                    "|---|---|---|---|---|---|---|" + ("---|" if fseeded else "")]
             for r in fins:
                 f = r["finalists"]
-                runs_ = [f, *f.get("seeds", [])]
-                mean = {"M(q,g)": statistics.mean(x["M(q,g)"] for x in runs_),
-                        "M(q,q)": statistics.mean(x["M(q,q)"] for x in runs_), "measured_ms": f["measured_ms"]}
+                mean = seed_mean(f, f.get("seeds", []))
                 short = _shortfalls(mean, r)
                 same = " (the searched arch)" if f["chosen"] == r["searched"]["arch"] else ""
                 md.append(f"| {r['budget_ms']} | {f['chosen_rank']}{same} | {100 * f['M(q,g)']:.2f} | {100 * f['M(q,q)']:.2f} | "
-                          + (f"{100 * mean['M(q,g)']:.2f} / {100 * mean['M(q,q)']:.2f} ({len(runs_)}) | " if fseeded else "")
+                          + (f"{100 * mean['M(q,g)']:.2f} / {100 * mean['M(q,q)']:.2f} ({mean['n']}) | " if fseeded else "")
                           + f"{f['measured_ms']:.3f} | {_beaten(f, r)} | "
                           f"{'; '.join(short) or 'searched >= both'} |")
             itself = [r for r in fins if r["finalists"]["chosen"] == r["searched"]["arch"]]
@@ -752,11 +754,15 @@ def main() -> None:
                 jobs.append((f"bench-budget-{frac}-finalists", {"finalists": args.finalists, "finalists_from": str(
                     Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}")}))
             jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for i, a in enumerate(rand)]
-        if args.finished_only:  # the models a stopped run finished, evaluated here in turn
+        def evaluate_finished(jobs):
+            """--finished-only: of ``jobs``, the models a stopped run finished, evaluated here in turn."""
             from hwnas.compat.api import _prepare_out
 
             jobs = [j for j in jobs if _prepare_out(Path(args.run_dir) / "query" / j[0], restart=False)]
-            trained = {n: _train_eval(base, args.run_dir, n, kw) for n, kw in tqdm(jobs, desc="evaluate finished")}
+            return {n: _train_eval(base, args.run_dir, n, kw) for n, kw in tqdm(jobs, desc="evaluate finished")}
+
+        if args.finished_only:
+            trained = evaluate_finished(jobs)
             if "bench-mobilenetv3_small_050" not in trained:
                 raise SystemExit("--finished-only: MobileNetV3-small is not trained yet; run without it first")
             plan = [p for p in plan if f"bench-budget-{p[0]}-searched" in trained]
@@ -776,13 +782,8 @@ def main() -> None:
                                                                     ("chosen", found[frac]["arch"])), trained)
             fin_seed_jobs[frac] = kind or seed_jobs(f"bench-budget-{frac}-finalists", {"arch": fin["arch"]})[1:]
         extra = [j for js in fin_seed_jobs.values() if isinstance(js, list) for j in js]
-        if extra and args.finished_only:
-            from hwnas.compat.api import _prepare_out
-
-            extra = [j for j in extra if _prepare_out(Path(args.run_dir) / "query" / j[0], restart=False)]
-            trained.update({n: _train_eval(base, args.run_dir, n, kw) for n, kw in tqdm(extra, desc="evaluate finished")})
-        elif extra:
-            trained.update(start_training(extra)())
+        if extra:
+            trained.update(evaluate_finished(extra) if args.finished_only else start_training(extra)())
         mbv3 = trained["bench-mobilenetv3_small_050"]
         rows = []
         for frac, b, rand in plan:

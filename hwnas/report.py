@@ -145,8 +145,7 @@ def build_report(cfg, log=print) -> dict:
     s = rows[0] if rows[0]["model"] == "searched" else None
     a = next((r for r in rows if r["model"] == ADAPTED), None)
     base = [r for r in rows if r["model"] in base_names]
-    pareto = {b["model"]: dominates(s, b) for b in base} if s is not None else {}
-    dominated_by = [b["model"] for b in base if s is not None and dominates(b, s)]
+    pareto, dominated_by = pareto_against(s, base) if s is not None else ({}, [])
     # the accuracy side of each comparison, query by query: a fraction of a point of recall@1
     # on one test split can be sampling noise, and the paired test says how likely
     paired = {b["model"]: _paired(hits["searched"]["M(q,g)"], hits[b["model"]]["M(q,g)"], "searched", "baseline")
@@ -263,6 +262,13 @@ def dominates(a: dict, b: dict, tol: float = PARETO_LATENCY_TOL) -> bool:
     la, lb = a["measured_ms"], b["measured_ms"]
     ra, rb = a["M(q,g)_recall@1"], b["M(q,g)_recall@1"]
     return la <= lb * (1 + tol) and ra >= rb and (la < lb * (1 - tol) or ra > rb)
+
+
+def pareto_against(s: dict, baselines: list[dict]) -> tuple[dict[str, bool], list[str]]:
+    """The searched model ``s`` against each baseline row: {model: s is Pareto-better than it},
+    and the baselines Pareto-better than ``s`` (``dominates``, both ways)."""
+    return ({b["model"]: dominates(s, b) for b in baselines},
+            [b["model"] for b in baselines if dominates(b, s)])
 
 
 def headline_table(report: dict, markdown: bool = False) -> str:
