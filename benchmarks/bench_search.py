@@ -639,18 +639,30 @@ def main() -> None:
         cache = read_json(cache_path) if cache_path.exists() else {}
         kept = cache.get(key, {})
         out = {a: {} for a in archs}
-        for proto in VAL_QUERIES:
-            cfg = copy.deepcopy(base)
-            cfg.search.val_queries = proto
-            ev = None
-            for a in tqdm(archs, desc=f"proxy ({proto})"):
-                if proto not in kept.get(a, {}):
-                    ev = ev or SupernetEvaluator(cfg, log=quiet)
-                    kept.setdefault(a, {})[proto] = search_reward(ev(space.parse(a)), cfg.search)
-                    kept[f"n_val_queries_{proto}"] = len(ev.vq.images)
-                    atomic_write_text(cache_path, json.dumps({**cache, key: kept}))
-                out[a][proto] = kept[a][proto]
-            out[f"n_val_queries_{proto}"] = kept[f"n_val_queries_{proto}"]
+        import torch
+
+        threads = torch.get_num_threads()
+        if pool and args.cpu_jobs:
+            # trainings run on the CPU meanwhile, one thread each: a second intra-op thread
+            # here oversubscribes the cores, and OpenMP's barrier waits turn each preempted
+            # thread into a stall (beside a 2-thread scorer an Omniglot training ran at
+            # 10 images/s instead of ~450)
+            torch.set_num_threads(1)
+        try:
+            for proto in VAL_QUERIES:
+                cfg = copy.deepcopy(base)
+                cfg.search.val_queries = proto
+                ev = None
+                for a in tqdm(archs, desc=f"proxy ({proto})"):
+                    if proto not in kept.get(a, {}):
+                        ev = ev or SupernetEvaluator(cfg, log=quiet)
+                        kept.setdefault(a, {})[proto] = search_reward(ev(space.parse(a)), cfg.search)
+                        kept[f"n_val_queries_{proto}"] = len(ev.vq.images)
+                        atomic_write_text(cache_path, json.dumps({**cache, key: kept}))
+                    out[a][proto] = kept[a][proto]
+                out[f"n_val_queries_{proto}"] = kept[f"n_val_queries_{proto}"]
+        finally:
+            torch.set_num_threads(threads)
         return out
 
     def proxy_fidelity(rows, scores):
