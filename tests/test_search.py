@@ -582,3 +582,55 @@ def test_best_so_far_plot_takes_several_runs_per_sampler(tmp_path, monkeypatch):
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert drawn["tpe (mean of 2)"] == pytest.approx([0.15, 0.25])  # best-so-far 0.1,0.3 / 0.2,0.2; 2 trials
     assert drawn["random"] == pytest.approx([0.5, 0.5, 0.6])
+
+
+def test_a_resumed_old_study_knows_a_network_under_either_spelling(tmp_path):
+    """A study begun before the search recorded canonical arch strings may hold a network
+    under a scale that rounds to another's width (the quickstart's first stage: 0.6 and 0.8
+    give one width). Resumed, that network is not evaluated again under its canonical
+    spelling, and it counts once towards n_trials."""
+    from optuna.distributions import CategoricalDistribution
+
+    from hwnas.space import Arch
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.latency.table = str(ROOT / "latency_tables" / "x86_64-amdepyc-2c-ort1.32-fp32-t1-r32-s7b287ae9.json")
+    cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
+    cfg.search.budget_ms, cfg.search.n_trials = 0.2, 1
+    sp = cfg.search_space()
+    first = sp.layers()[0]
+    rest = list(sp.smallest().layers)[1:]
+    a06, a08 = (Arch(tuple([(first.choices[0], s)] + rest)) for s in (0.6, 0.8))
+    assert sp.canonical(a08) == a06 != a08  # one network, two spellings
+    seen = []
+
+    def evaluator(arch):
+        seen.append(arch.to_string(sp))
+        m = {"recall@1": 0.5, "recall@5": 0.5, "mAP": 0.5}
+        return {"M(q,q)": m, "M(q,g)": m, "seconds": 0.0}
+
+    quiet = lambda *_: None  # noqa: E731
+    res = run_search(cfg, evaluator=evaluator, log=quiet, seed=0, enqueue=[sp.smallest().to_string(sp)])
+    assert seen == [sp.smallest().to_string(sp)]
+    study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)
+    # the old search's record of the network, spelled at 0.8
+    params = sp.params_of(a08)
+    dists = {}
+    for layer in sp.layers():
+        dists[f"L{layer.index:02d}_op"] = CategoricalDistribution(list(layer.choices))
+        dists[f"L{layer.index:02d}_scale"] = CategoricalDistribution(list(sp.channel_scales))
+    old = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params}, value=0.5, user_attrs={
+        "arch": a08.to_string(sp), "feasible": True, "reward": 0.5, "predicted_ms": 0.05, "mflops": 1.0,
+        "M(q,q)": {"recall@1": 0.5}, "M(q,g)": {"recall@1": 0.5}})
+    study.add_trial(old)
+    old_number = study.trials[-1].number
+    cfg.search.n_trials = 6  # the first run's queued baselines go first, then a06
+    seen.clear()
+    res = run_search(cfg, evaluator=evaluator, log=quiet, seed=0, enqueue=[a06.to_string(sp)])
+    trials = optuna.load_study(study_name=res["study"], storage=cfg.search.storage).trials
+    again = [t for t in trials if t.user_attrs.get("arch") == a06.to_string(sp)]
+    assert again and again[0].user_attrs["repeat_of"] == old_number
+    assert a06.to_string(sp) not in seen  # known under its old spelling: not evaluated again
+    # the old record and its repeat count once: the smallest, the old network, the new ones
+    assert len(seen) == len(set(seen)) == 4 and res["n_evaluated"] == 6

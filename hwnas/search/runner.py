@@ -296,7 +296,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     if old is None:
         study.set_user_attr("hwnas", meta)
         _enqueue_baselines(study, space, predictor, budget, s.sampler, seed)
-    done = _n_feasible(study)
+    done = _n_feasible(study, space)
     if done:
         log(f"[search] resuming study {name!r}: {done} evaluated trials already done")
     state = {"infeasible_run": 0, "repeat_run": 0}
@@ -305,7 +305,9 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     # of the 30 trials of each headline run's study) gets the first evaluation's result back
     # at no cost, and only distinct archs count towards n_trials. (This worker's record:
     # another worker's evaluation of the same arch in a shared study is not looked up.)
-    known = {t.user_attrs["arch"]: t for t in _evaluated(study)}
+    known: dict = {}
+    for t in _evaluated(study):
+        known.setdefault(_network(space, t.user_attrs["arch"]), t)
     # a sampler that proposes nothing new this many times running has converged (each repeat
     # costs a few storage writes, so this stays well below max_infeasible's thousands)
     max_repeats = max(100, 2 * s.n_trials)
@@ -360,18 +362,18 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         # Counting needs every trial from the storage: do it only after an evaluated trial,
         # so that the cheap over-budget trials and repeats stay cheap as a study grows.
         if (trial.user_attrs.get("feasible") and "repeat_of" not in trial.user_attrs
-                and _n_feasible(study) >= s.n_trials):
+                and _n_feasible(study, space) >= s.n_trials):
             study.stop()
 
-    if _n_feasible(study) < s.n_trials:
+    if _n_feasible(study, space) < s.n_trials:
         study.optimize(objective, callbacks=[stop_when_done], gc_after_trial=False)
-    if study.user_attrs.get("gave_up") and _n_feasible(study) == 0:
+    if study.user_attrs.get("gave_up") and _n_feasible(study, space) == 0:
         raise HwnasError(f"the {s.sampler} sampler found no arch within {budget} ms in "
                          f"{s.max_infeasible} consecutive tries; raise the budget (range "
                          f"{lo:.3f} to {hi:.3f} ms) or try another sampler")
     if state["repeat_run"] >= max_repeats:
         log(f"[search] the {s.sampler} sampler proposed only archs it had evaluated in "
-            f"{max_repeats} consecutive tries: stopped at {_n_feasible(study)} distinct archs "
+            f"{max_repeats} consecutive tries: stopped at {_n_feasible(study, space)} distinct archs "
             f"of search.n_trials {s.n_trials}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -388,14 +390,21 @@ def _evaluated(study) -> list:
             if t.user_attrs.get("feasible") and "repeat_of" not in t.user_attrs]
 
 
-def _distinct_archs(trials) -> int:
-    """How many distinct archs ``trials`` evaluated (a repeat names its first's arch)."""
-    return len({t.user_attrs.get("arch") for t in trials})
+def _network(space, arch: str) -> str:
+    """The canonical string of ``arch`` (``SearchSpace.canonical``): one per network. The
+    search records canonical strings, but a study begun before it did may spell one network
+    under two channel scales that round to one width; keyed by this, the two are one."""
+    return space.canonical(space.parse(arch)).to_string(space)
 
 
-def _n_feasible(study) -> int:
-    """Distinct archs evaluated within the budget (what search.n_trials counts)."""
-    return _distinct_archs(_evaluated(study))
+def _distinct_archs(trials, space) -> int:
+    """How many distinct networks ``trials`` evaluated (a repeat names its first's arch)."""
+    return len({_network(space, t.user_attrs["arch"]) for t in trials})
+
+
+def _n_feasible(study, space) -> int:
+    """Distinct networks evaluated within the budget (what search.n_trials counts)."""
+    return _distinct_archs(_evaluated(study), space)
 
 
 def _enqueue_baselines(study, space, predictor, budget, sampler: str = "tpe", seed: int | None = None,
@@ -491,7 +500,7 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
         "M(q,q)": ua["M(q,q)"], "M(q,g)": ua["M(q,g)"], "reward": ua["reward"],
         "reward_kind": s.reward, "alpha": s.alpha, "metric": s.metric, "budget_ms": budget,
         "trial": best.number, "study": study.study_name, "storage": url, "sampler": s.sampler,
-        "n_evaluated": _distinct_archs(feas), "n_trials": len(trials),
+        "n_evaluated": _distinct_archs(feas, space), "n_trials": len(trials),
         # how it was chosen: the fastest within `band` of the best reward (search.prefer_faster_within)
         "chosen_within": {"setting": s.prefer_faster_within, "band": band,
                           "n_val_queries": top.user_attrs.get("n_val_queries"),
