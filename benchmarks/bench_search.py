@@ -589,6 +589,7 @@ def main() -> None:
         res["samplers"] = rows
 
     pool: list = []  # the worker pool, made on first use and kept: trainings overlap the searches
+    running: list = []  # the trainings handed to it (futures)
 
     def start_training(jobs):
         """Start train-query of [(name, kwargs)]; returns a function that waits for them and
@@ -605,6 +606,7 @@ def main() -> None:
             init = (_init_worker, (ctx.Value("i", 0), args.jobs, args.cpu_jobs)) if args.cpu_jobs else (None, ())
             pool.append(ProcessPoolExecutor(workers, mp_context=ctx, initializer=init[0], initargs=init[1]))
         futs = {pool[0].submit(_train_eval, base, args.run_dir, n, kw): n for n, kw in jobs}
+        running.extend(futs)
 
         def wait():
             done = {}
@@ -642,11 +644,11 @@ def main() -> None:
         import torch
 
         threads = torch.get_num_threads()
-        if pool and args.cpu_jobs:
-            # trainings run on the CPU meanwhile, one thread each: a second intra-op thread
-            # here oversubscribes the cores, and OpenMP's barrier waits turn each preempted
-            # thread into a stall (beside a 2-thread scorer an Omniglot training ran at
-            # 10 images/s instead of ~450)
+        if args.cpu_jobs and any(not f.done() for f in running):
+            # trainings run on the CPU meanwhile, the cores shared out among them: more
+            # intra-op threads here oversubscribe the cores, and OpenMP's barrier waits turn
+            # each preempted thread into a stall (beside a 2-thread scorer an Omniglot
+            # training ran at 10 images/s instead of ~450)
             torch.set_num_threads(1)
         try:
             for proto in VAL_QUERIES:
@@ -759,7 +761,7 @@ def main() -> None:
             # that is another: each at --searched-seeds training seeds
             best = _best_reward(found[frac])[0]
             for kind, a in (("searched", best), ("chosen", found[frac]["arch"])):
-                if kind == "chosen" and space.parse(a) == space.parse(best):
+                if kind == "chosen" and space.canonical(space.parse(a)) == space.canonical(space.parse(best)):
                     continue
                 jobs += seed_jobs(f"bench-budget-{frac}-{kind}", {"arch": a})
             if args.finalists > 1:  # the pipeline's choice, next to the search's best

@@ -587,8 +587,8 @@ def test_best_so_far_plot_takes_several_runs_per_sampler(tmp_path, monkeypatch):
 def test_a_resumed_old_study_knows_a_network_under_either_spelling(tmp_path):
     """A study begun before the search recorded canonical arch strings may hold a network
     under a scale that rounds to another's width (the quickstart's first stage: 0.6 and 0.8
-    give one width). Resumed, that network is not evaluated again under its canonical
-    spelling, and it counts once towards n_trials."""
+    give one width), evaluated under both. Resumed, that network is not evaluated again, its
+    repeats point to its first evaluation, and it counts once towards n_trials."""
     from optuna.distributions import CategoricalDistribution
 
     from hwnas.space import Arch
@@ -614,23 +614,24 @@ def test_a_resumed_old_study_knows_a_network_under_either_spelling(tmp_path):
     res = run_search(cfg, evaluator=evaluator, log=quiet, seed=0, enqueue=[sp.smallest().to_string(sp)])
     assert seen == [sp.smallest().to_string(sp)]
     study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)
-    # the old search's record of the network, spelled at 0.8
-    params = sp.params_of(a08)
+    # the old search's records of the network: evaluated at 0.8, then again at 0.6
     dists = {}
     for layer in sp.layers():
         dists[f"L{layer.index:02d}_op"] = CategoricalDistribution(list(layer.choices))
         dists[f"L{layer.index:02d}_scale"] = CategoricalDistribution(list(sp.channel_scales))
-    old = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params}, value=0.5, user_attrs={
-        "arch": a08.to_string(sp), "feasible": True, "reward": 0.5, "predicted_ms": 0.05, "mflops": 1.0,
-        "M(q,q)": {"recall@1": 0.5}, "M(q,g)": {"recall@1": 0.5}})
-    study.add_trial(old)
-    old_number = study.trials[-1].number
+    for a in (a08, a06):
+        params = sp.params_of(a)
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: dists[k] for k in params}, value=0.5, user_attrs={
+                "arch": a.to_string(sp), "feasible": True, "reward": 0.5, "predicted_ms": 0.05, "mflops": 1.0,
+                "M(q,q)": {"recall@1": 0.5}, "M(q,g)": {"recall@1": 0.5}}))
+    old_number = study.trials[-2].number  # the first evaluation of the network
     cfg.search.n_trials = 6  # the first run's queued baselines go first, then a06
     seen.clear()
     res = run_search(cfg, evaluator=evaluator, log=quiet, seed=0, enqueue=[a06.to_string(sp)])
     trials = optuna.load_study(study_name=res["study"], storage=cfg.search.storage).trials
-    again = [t for t in trials if t.user_attrs.get("arch") == a06.to_string(sp)]
+    again = [t for t in trials if t.user_attrs.get("arch") == a06.to_string(sp) and t.number > old_number + 1]
     assert again and again[0].user_attrs["repeat_of"] == old_number
     assert a06.to_string(sp) not in seen  # known under its old spelling: not evaluated again
-    # the old record and its repeat count once: the smallest, the old network, the new ones
+    # the old records and the repeat count once: the smallest, the old network, 4 new ones
     assert len(seen) == len(set(seen)) == 4 and res["n_evaluated"] == 6

@@ -15,6 +15,7 @@ storage URL (PostgreSQL, a journal file) lets many workers search one study.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import os
@@ -390,6 +391,7 @@ def _evaluated(study) -> list:
             if t.user_attrs.get("feasible") and "repeat_of" not in t.user_attrs]
 
 
+@functools.lru_cache(maxsize=4096)  # called for every evaluated trial after each one
 def _network(space, arch: str) -> str:
     """The canonical string of ``arch`` (``SearchSpace.canonical``): one per network. The
     search records canonical strings, but a study begun before it did may spell one network
