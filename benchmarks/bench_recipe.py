@@ -411,7 +411,7 @@ def open_markdown(res: dict) -> str:
            if b["model"] in base else "."),
         "",
         "Notes: one training seed per row; the strokes' gain did not hold up over three "
-        "training seeds of the `pipeline` arch (README, known limits), so differences of a "
+        "training seeds of the `pipeline` arch (docs/known-limits.md), so differences of a "
         "point or two between rows are within seed noise. The weight was chosen on this test split (the validation split, 20 characters, "
         "saturates near 99%), so the gain is an optimistic estimate for new data. `train min` is "
         "the sum of epoch times: models trained two at a time on one thread each, or beside "
