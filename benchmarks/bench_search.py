@@ -152,9 +152,9 @@ def finalists_seed_source(space, frac, fin_arch: str, candidates, trained) -> st
     "chosen" is trained where the choice is the best reward's arch) that is the same network
     (compared canonically: two spellings of one network are one arch); None where none is,
     and the finalists' choice trains seeds of its own."""
-    net = space.canonical(space.parse(fin_arch))
+    net = space.network(fin_arch)
     for kind, a in candidates:
-        if f"bench-budget-{frac}-{kind}" in trained and space.canonical(space.parse(a)) == net:
+        if f"bench-budget-{frac}-{kind}" in trained and space.network(a) == net:
             return kind
     return None
 
@@ -378,9 +378,8 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                 md.append(f"| {r['budget_ms']} | {100 * c['within_sd']:.2f} ({c['within_df']}) | "
                           f"{100 * c['random_sd']:.2f} | {100 * c['arch_sd']:.2f} |")
             flat = [str(r["budget_ms"]) for r, c in comps if c["arch_sd"] < c["within_sd"]]
-            dfs = sorted({c["within_df"] for _, c in comps})
-            dfs_lo = dfs[0]
-            dfs = str(dfs[0]) if len(dfs) == 1 else f"{dfs[0]}-{dfs[-1]}"
+            dfs_lo, dfs_hi = min(c["within_df"] for _, c in comps), max(c["within_df"] for _, c in comps)
+            dfs = str(dfs_lo) if dfs_lo == dfs_hi else f"{dfs_lo}-{dfs_hi}"
             if flat:
                 md += ["", f"At {', '.join(flat)} ms architecture adds less spread than one arch's "
                        "training noise: there the budget's archs are near equals on M(q,g) at this training "
@@ -736,7 +735,7 @@ def main() -> None:
         for reward, r in found.items():
             row, seeds = done[jobs[reward][0][0]], [done[n] for n, _ in jobs[reward][1:]]
             row.update(reward=reward, predicted_ms=r["predicted_ms"], search_reward=r["reward"],
-                       canonical=space.canonical(space.parse(r["arch"])).to_string(space))
+                       canonical=space.network(r["arch"]).to_string(space))
             if seeds:
                 row["seeds"] = [{k: x[k] for k in ("M(q,g)", "M(q,q)", "seed")} for x in seeds]
             rows.append(row)
@@ -761,7 +760,7 @@ def main() -> None:
             # that is another: each at --searched-seeds training seeds
             best = _best_reward(found[frac])[0]
             for kind, a in (("searched", best), ("chosen", found[frac]["arch"])):
-                if kind == "chosen" and space.canonical(space.parse(a)) == space.canonical(space.parse(best)):
+                if kind == "chosen" and space.network(a) == space.network(best):
                     continue
                 jobs += seed_jobs(f"bench-budget-{frac}-{kind}", {"arch": a})
             if args.finalists > 1:  # the pipeline's choice, next to the search's best

@@ -50,7 +50,7 @@ def baseline_models(cfg, space) -> dict:
     # that only a few archs fit, the first draw can be the searched arch itself); with
     # query.finalists, another than each finalist, since training picks any of them
     k = cfg.query.finalists
-    searched = {space.canonical(space.parse(a["arch"])) for a in (top_archs(run_dir, k, space) if k > 1 else [best])}
+    searched = {space.network(a["arch"]) for a in (top_archs(run_dir, k, space) if k > 1 else [best])}
     for _ in range(100):
         feasible = pred.sample_feasible(best["budget_ms"], rng)
         if space.canonical(feasible) not in searched:  # (another network, not only another string)

@@ -877,7 +877,7 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
     for i, c in enumerate(cands):
         log(f"[finalists] {i + 1}/{len(cands)}: search reward {c['reward']:.4f}, {c['predicted_ms']:.4f} ms "
             f"predicted, {e} of {tc.epochs} epochs")
-        fname = f"{finalist_prefix}-{content_hash({'arch': space.canonical(space.parse(c['arch'])).to_string(space), 'supernet': sfp}, 8)}"
+        fname = f"{finalist_prefix}-{content_hash({'arch': space.network(c['arch']).to_string(space), 'supernet': sfp}, 8)}"
         jobs.append({"arch": c["arch"], "name": fname, "resume": True, "retrain_changed": True, "stop_after": e})
     rows = [{**c, "name": r["name"], "train_loss": r["history"][e - 1]["loss"]}
             for c, r in zip(cands, train_many(cfg, jobs, log=log))]

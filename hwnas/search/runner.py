@@ -396,7 +396,7 @@ def _network(space, arch: str) -> str:
     """The canonical string of ``arch`` (``SearchSpace.canonical``): one per network. The
     search records canonical strings, but a study begun before it did may spell one network
     under two channel scales that round to one width; keyed by this, the two are one."""
-    return space.canonical(space.parse(arch)).to_string(space)
+    return space.network(arch).to_string(space)
 
 
 def _distinct_archs(trials, space) -> int:
@@ -606,7 +606,7 @@ def top_archs(run_dir: Path, k: int, space=None) -> list[dict]:
     out, seen = [], set()
     for r in [{"arch": best["arch"], "reward": best["reward"], "predicted_ms": best["predicted_ms"],
                "mflops": best["mflops"]}] + rows:
-        key = r["arch"] if space is None else space.canonical(space.parse(r["arch"]))
+        key = r["arch"] if space is None else space.network(r["arch"])
         if key not in seen and len(out) < k:
             seen.add(key)
             out.append({"arch": r["arch"], "reward": float(r["reward"]), "predicted_ms": float(r["predicted_ms"]),

@@ -207,6 +207,11 @@ class SearchSpace:
             out.append((op, scale))
         return Arch(tuple(out))
 
+    def network(self, arch: str) -> "Arch":
+        """The canonical arch of an arch string: equal for two strings exactly when they name
+        one network (``canonical``)."""
+        return self.canonical(self.parse(arch))
+
     @functools.lru_cache(maxsize=8)
     def _smallest_scale_of_width(self) -> tuple[dict[int, float], ...]:
         """Per layer, middle width -> the smallest listed scale giving it (the space is frozen,
