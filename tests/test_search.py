@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -584,25 +585,16 @@ def test_best_so_far_plot_takes_several_runs_per_sampler(tmp_path, monkeypatch):
     assert drawn["random"] == pytest.approx([0.5, 0.5, 0.6])
 
 
-def test_a_resumed_old_study_knows_a_network_under_either_spelling(tmp_path):
-    """A study begun before the search recorded canonical arch strings may hold a network
-    under a scale that rounds to another's width (the quickstart's first stage: 0.6 and 0.8
-    give one width), evaluated under both. Resumed, that network is not evaluated again, its
-    repeats point to its first evaluation, and it counts once towards n_trials."""
-    from optuna.distributions import CategoricalDistribution
-
-    from hwnas.space import Arch
-
+def _quickstart_study(tmp_path):
+    """The quickstart's search space and the shipped AMD table, an evaluator that only counts
+    (these tests check the search's bookkeeping, not accuracy), and a first run that makes the
+    study (its queued baselines, then the smallest subnet): ``(cfg, space, seen, evaluator)``."""
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
     cfg.run_dir = str(tmp_path / "run")
     cfg.latency.table = str(ROOT / "latency_tables" / "x86_64-amdepyc-2c-ort1.32-fp32-t1-r32-s7b287ae9.json")
     cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
     cfg.search.budget_ms, cfg.search.n_trials = 0.2, 1
     sp = cfg.search_space()
-    first = sp.layers()[0]
-    rest = list(sp.smallest().layers)[1:]
-    a06, a08 = (Arch(tuple([(first.choices[0], s)] + rest)) for s in (0.6, 0.8))
-    assert sp.canonical(a08) == a06 != a08  # one network, two spellings
     seen = []
 
     def evaluator(arch):
@@ -610,28 +602,79 @@ def test_a_resumed_old_study_knows_a_network_under_either_spelling(tmp_path):
         m = {"recall@1": 0.5, "recall@5": 0.5, "mAP": 0.5}
         return {"M(q,q)": m, "M(q,g)": m, "seconds": 0.0}
 
-    quiet = lambda *_: None  # noqa: E731
-    res = run_search(cfg, evaluator=evaluator, log=quiet, seed=0, enqueue=[sp.smallest().to_string(sp)])
+    run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, enqueue=[sp.smallest().to_string(sp)])
     assert seen == [sp.smallest().to_string(sp)]
-    study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)
-    # the old search's records of the network: evaluated at 0.8, then again at 0.6
+    seen.clear()
+    return cfg, sp, seen, evaluator
+
+
+def _add_evaluated(study, sp, arch, reward: float = 0.5, predicted_ms: float = 0.05) -> int:
+    """Record ``arch`` in ``study`` as evaluated, as another (or an older) search would; its number."""
+    from optuna.distributions import CategoricalDistribution
+
+    params = sp.params_of(arch)
     dists = {}
     for layer in sp.layers():
         dists[f"L{layer.index:02d}_op"] = CategoricalDistribution(list(layer.choices))
         dists[f"L{layer.index:02d}_scale"] = CategoricalDistribution(list(sp.channel_scales))
-    for a in (a08, a06):
-        params = sp.params_of(a)
-        study.add_trial(optuna.trial.create_trial(
-            params=params, distributions={k: dists[k] for k in params}, value=0.5, user_attrs={
-                "arch": a.to_string(sp), "feasible": True, "reward": 0.5, "predicted_ms": 0.05, "mflops": 1.0,
-                "M(q,q)": {"recall@1": 0.5}, "M(q,g)": {"recall@1": 0.5}}))
-    old_number = study.trials[-2].number  # the first evaluation of the network
+    study.add_trial(optuna.trial.create_trial(
+        params=params, distributions={k: dists[k] for k in params}, value=reward, user_attrs={
+            "arch": arch.to_string(sp), "feasible": True, "reward": reward, "predicted_ms": predicted_ms,
+            "mflops": 1.0, "M(q,q)": {"recall@1": reward}, "M(q,g)": {"recall@1": reward}}))
+    return study.trials[-1].number
+
+
+def test_a_resumed_old_study_knows_a_network_under_either_spelling(tmp_path):
+    """A study begun before the search recorded canonical arch strings may hold a network
+    under a scale that rounds to another's width (the quickstart's first stage: 0.6 and 0.8
+    give one width), evaluated under both. Resumed, that network is not evaluated again, its
+    repeats point to its first evaluation, it counts once towards n_trials, and the outputs
+    name it by its canonical string."""
+    from hwnas.space import Arch
+
+    cfg, sp, seen, evaluator = _quickstart_study(tmp_path)
+    first = sp.layers()[0]
+    rest = list(sp.smallest().layers)[1:]
+    a06, a08 = (Arch(tuple([(first.choices[0], s)] + rest)) for s in (0.6, 0.8))
+    assert sp.canonical(a08) == a06 != a08  # one network, two spellings
+    study = optuna.load_study(study_name=optuna.get_all_study_names(cfg.search.storage)[0],
+                              storage=cfg.search.storage)
+    # the old search's records of the network: evaluated at 0.8, then again at 0.6; the
+    # first is the fastest of the study's archs at the best reward, so the search's choice
+    old_number = _add_evaluated(study, sp, a08, predicted_ms=0.01)
+    _add_evaluated(study, sp, a06, predicted_ms=0.01)
     cfg.search.n_trials = 6  # the first run's queued baselines go first, then a06
-    seen.clear()
-    res = run_search(cfg, evaluator=evaluator, log=quiet, seed=0, enqueue=[a06.to_string(sp)])
+    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, enqueue=[a06.to_string(sp)])
     trials = optuna.load_study(study_name=res["study"], storage=cfg.search.storage).trials
     again = [t for t in trials if t.user_attrs.get("arch") == a06.to_string(sp) and t.number > old_number + 1]
     assert again and again[0].user_attrs["repeat_of"] == old_number
     assert a06.to_string(sp) not in seen  # known under its old spelling: not evaluated again
     # the old records and the repeat count once: the smallest, the old network, 4 new ones
     assert len(seen) == len(set(seen)) == 4 and res["n_evaluated"] == 6
+    # best_arch.json names the choice (the old record at 0.8) by its canonical string
+    assert res["trial"] == old_number and res["arch"] == a06.to_string(sp)
+    assert all(p["arch"] == sp.network(p["arch"]).to_string(sp) for p in res["pareto_front"])
+
+
+def test_a_worker_takes_another_workers_evaluation_of_an_arch(tmp_path):
+    """In a study that workers share, an arch another worker evaluated after this one started
+    is looked up in the storage, not evaluated again."""
+    cfg, sp, seen, count = _quickstart_study(tmp_path)
+    storage, name = cfg.search.storage, optuna.get_all_study_names(cfg.search.storage)[0]
+    theirs = sp.canonical(_budget(cfg)[2].sample_feasible(cfg.search.budget_ms, random.Random(3)))
+    key = theirs.to_string(sp)
+    other = {}
+
+    def evaluator(arch):  # while this worker evaluates its first arch, another finishes `theirs`
+        if not other:
+            other["number"] = _add_evaluated(optuna.load_study(study_name=name, storage=storage), sp,
+                                             theirs, reward=0.7)
+        return count(arch)
+
+    # the first run's queued baselines (fastest, uniform) go first, then theirs, then one more
+    cfg.search.n_trials = 5
+    run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, enqueue=[key])
+    assert other and key not in seen and len(seen) == 3
+    again = [t for t in optuna.load_study(study_name=name, storage=storage).trials
+             if t.user_attrs.get("arch") == key and t.number != other["number"]]
+    assert [t.user_attrs.get("repeat_of") for t in again] == [other["number"]] and again[0].value == 0.7

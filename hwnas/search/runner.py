@@ -304,11 +304,17 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     worker = f"{socket.gethostname()}:{os.getpid()}"
     # each arch is evaluated once: a sampler that proposes it again (evolution did, for 3 to 7
     # of the 30 trials of each headline run's study) gets the first evaluation's result back
-    # at no cost, and only distinct archs count towards n_trials. (This worker's record:
-    # another worker's evaluation of the same arch in a shared study is not looked up.)
+    # at no cost, and only distinct archs count towards n_trials. In a study that other
+    # workers share, an arch this worker has not seen is looked up in the storage before it
+    # is evaluated (optuna keeps finished trials in memory, so the look-up costs milliseconds);
+    # two workers that start the same arch at the same moment still both evaluate it.
     known: dict = {}
-    for t in _evaluated(study):
-        known.setdefault(_network(space, t.user_attrs["arch"]), t)
+
+    def learn(study) -> None:
+        for t in _evaluated(study):
+            known.setdefault(_network(space, t.user_attrs["arch"]), t)
+
+    learn(study)
     # a sampler that proposes nothing new this many times running has converged (each repeat
     # costs a few storage writes, so this stays well below max_infeasible's thousands)
     max_repeats = max(100, 2 * s.n_trials)
@@ -332,6 +338,8 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
                 trial.study.stop()
             return (0.0, lat) if s.multi_objective else 0.0
         state["infeasible_run"] = 0
+        if key not in known:  # another worker's evaluation of it since the last look
+            learn(trial.study)
         first = known.get(key)
         if first is not None:
             for k in ("feasible", "M(q,q)", "M(q,g)", "n_val_queries", "reward"):
@@ -497,8 +505,10 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
     pts = [(t.user_attrs["predicted_ms"], t.user_attrs["reward"]) for t in feas]
     front = [feas[i] for i in pareto_front(pts)]
     ua = best.user_attrs
+    # the canonical strings: a study begun before the search recorded them may hold another
+    # spelling of the network (``_network``)
     result = {
-        "arch": ua["arch"], "predicted_ms": ua["predicted_ms"], "mflops": ua["mflops"],
+        "arch": _network(space, ua["arch"]), "predicted_ms": ua["predicted_ms"], "mflops": ua["mflops"],
         "M(q,q)": ua["M(q,q)"], "M(q,g)": ua["M(q,g)"], "reward": ua["reward"],
         "reward_kind": s.reward, "alpha": s.alpha, "metric": s.metric, "budget_ms": budget,
         "trial": best.number, "study": study.study_name, "storage": url, "sampler": s.sampler,
@@ -506,10 +516,11 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
         # how it was chosen: the fastest within `band` of the best reward (search.prefer_faster_within)
         "chosen_within": {"setting": s.prefer_faster_within, "band": band,
                           "n_val_queries": top.user_attrs.get("n_val_queries"),
-                          "best_reward": top.user_attrs["reward"], "best_reward_arch": top.user_attrs["arch"],
+                          "best_reward": top.user_attrs["reward"],
+                          "best_reward_arch": _network(space, top.user_attrs["arch"]),
                           "best_reward_predicted_ms": top.user_attrs["predicted_ms"],
                           "best_reward_trial": top.number},
-        "pareto_front": [{"arch": t.user_attrs["arch"], "predicted_ms": t.user_attrs["predicted_ms"],
+        "pareto_front": [{"arch": _network(space, t.user_attrs["arch"]), "predicted_ms": t.user_attrs["predicted_ms"],
                           "reward": t.user_attrs["reward"]} for t in front],
     }
     write_json(out / "best_arch.json", result)
@@ -524,7 +535,7 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
             "so the choice is the best reward's arch; --prefer-faster-within DIFF sets a band")
     log(f"[search] chosen of {result['n_evaluated']} evaluated archs ({len(trials)} trials): reward "
         f"{ua['reward']:.4f} at {ua['predicted_ms']:.3f} ms predicted, {ua['mflops']:.2f} MFLOPs{why}\n"
-        f"         {ua['arch']}\n         outputs: {out}/best_arch.json, trials.csv, search_*.png")
+        f"         {result['arch']}\n         outputs: {out}/best_arch.json, trials.csv, search_*.png")
     return result
 
 
@@ -595,7 +606,7 @@ def top_archs(run_dir: Path, k: int, space=None) -> list[dict]:
     reward, ``k`` in all (from
     ``trials.csv``): ``[{"arch", "reward", "predicted_ms", "mflops"}]``. With ``space``, two
     strings of one network (``SearchSpace.canonical``; a study from before the search wrote
-    canonical strings can hold both) count as one arch."""
+    canonical strings can hold both) count as one arch, named by its canonical string."""
     best = load_best(run_dir)
     p = run_dir / "trials.csv"
     if not p.exists():
@@ -606,10 +617,10 @@ def top_archs(run_dir: Path, k: int, space=None) -> list[dict]:
     out, seen = [], set()
     for r in [{"arch": best["arch"], "reward": best["reward"], "predicted_ms": best["predicted_ms"],
                "mflops": best["mflops"]}] + rows:
-        key = r["arch"] if space is None else space.network(r["arch"])
+        key = r["arch"] if space is None else _network(space, r["arch"])
         if key not in seen and len(out) < k:
             seen.add(key)
-            out.append({"arch": r["arch"], "reward": float(r["reward"]), "predicted_ms": float(r["predicted_ms"]),
+            out.append({"arch": key, "reward": float(r["reward"]), "predicted_ms": float(r["predicted_ms"]),
                         "mflops": float(r["mflops"])})
     return out
 
