@@ -206,9 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "searched-adapted where adapt.epochs > 0)")
     p.add_argument("--gallery", help="gallery model directory (default RUN_DIR/gallery)")
     p.add_argument("--index", help="FAISS factory string, e.g. Flat, HNSW32, IVF1024,Flat "
-                   "(default by gallery size)")
-    p.add_argument("--int8", action="store_true", help="also a static QDQ int8 query model")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+                   "(default: deploy.index, else by gallery size)")
+    p.add_argument("--int8", action="store_true", help="also a static QDQ int8 query model "
+                   "(on too where deploy.int8 is true)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (a folder "
+                   "that holds anything else is refused)")
 
     p = add("verify", "Re-check a bundle: artifact hashes and ONNX parity.")
     p.add_argument("bundle", help="bundle directory")
@@ -517,8 +519,9 @@ def cmd_search(args) -> int:
 def cmd_deploy(args) -> int:
     from hwnas.export.deploy import deploy
 
-    deploy(_load(args), out=args.out, query=args.query, gallery=args.gallery,
-           factory=args.index, int8=args.int8, overwrite=args.overwrite)
+    cfg = _load(args)  # the config's deploy settings, as hwnas run takes them; the flags add to them
+    deploy(cfg, out=args.out, query=args.query, gallery=args.gallery, factory=args.index or cfg.deploy.index,
+           int8=args.int8 or cfg.deploy.int8, overwrite=args.overwrite)
     return 0
 
 

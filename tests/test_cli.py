@@ -510,6 +510,23 @@ def test_run_takes_set_overrides():
     assert cfg.search.n_trials == 7 and cfg.data.data_dir == "/data/own"
 
 
+def test_deploy_takes_the_configs_deploy_settings(monkeypatch):
+    """`hwnas deploy` builds what `hwnas run` would from the config (deploy.int8, deploy.index);
+    its flags add to them or replace them."""
+    import hwnas.export.deploy as dep
+    from hwnas.cli import main
+
+    got = []
+    monkeypatch.setattr(dep, "deploy", lambda cfg, **kw: got.append(kw))
+    assert main(["deploy", "--config", "configs/gpu-large.yaml"]) == 0
+    assert got[-1]["int8"] is True and got[-1]["factory"] == "HNSW32"
+    off = ["--config", "configs/quickstart.yaml", "--set", "deploy.int8=false"]
+    assert main(["deploy", *off]) == 0
+    assert got[-1]["int8"] is False and got[-1]["factory"] is None
+    assert main(["deploy", *off, "--int8", "--index", "Flat"]) == 0
+    assert got[-1]["int8"] is True and got[-1]["factory"] == "Flat"
+
+
 def test_unreadable_images_stop_a_run_at_its_data_step_naming_them_all(tmp_path):
     """A truncated PNG and a manifest row naming no file are found by the data step, before
     anything trains (not hours later by the first step that reads them): all of them named,

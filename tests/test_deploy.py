@@ -100,6 +100,25 @@ def test_failed_deploy_leaves_nothing(bundle, tmp_path):
         deploy(cfg, log=lambda *_: None)  # the existing bundle is never silently replaced
 
 
+def test_overwrite_replaces_only_a_bundle(bundle, tmp_path):
+    """--overwrite replaces a bundle or an empty folder; a folder that holds anything else (a
+    run directory named by mistake) is refused before anything is built, and left as it was."""
+    from hwnas.export.deploy import _check_replaceable, deploy
+
+    root, cfg, _ = bundle
+    quiet = lambda *_: None  # noqa: E731
+    _check_replaceable(root / "run" / "bundle")  # a bundle: replaceable
+    (tmp_path / "empty").mkdir()
+    _check_replaceable(tmp_path / "empty")
+    for out, why in ((root / "run", "not an hwnas bundle"), (root / "run" / "gallery", "not an hwnas bundle"),
+                     (root / "c.json", "is a file")):
+        before = sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_bytes()
+        with pytest.raises(HwnasError, match=why):
+            deploy(cfg, out=out, overwrite=True, log=quiet)
+        assert before == (sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_bytes())
+        assert not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
+
+
 def _test_images(cfg, tmp_path, n=4):
     """A few test-split query images as PNG files (what an edge device would get)."""
 

@@ -154,10 +154,35 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, input_name: str) -> 
         prep.unlink(missing_ok=True)
 
 
+def _check_replaceable(out: Path) -> None:
+    """--overwrite replaces a bundle (or an empty folder), nothing else: an ``--out`` that names
+    a run directory or any other folder is refused before anything is built, never deleted."""
+    from hwnas_edge.bundle import BUNDLE_FORMAT
+
+    from hwnas.utils import read_json
+
+    if not out.is_dir():
+        raise HwnasError(f"{out} is a file, not a bundle folder: give another --out")
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    fmt = None
+    try:
+        m = read_json(out / "manifest.json") if (out / "manifest.json").is_file() else None
+        fmt = m.get("format") if isinstance(m, dict) else None
+    except (OSError, ValueError, HwnasError):
+        pass
+    if fmt != BUNDLE_FORMAT:
+        raise HwnasError(f"{out} is not an hwnas bundle (no manifest.json of format {BUNDLE_FORMAT}) "
+                         f"and holds {len(entries)} entries; --overwrite replaces only a bundle: give "
+                         "another --out, or empty that folder yourself")
+
+
 def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
            gallery: str | None = None, factory: str | None = None, int8: bool = False,
            overwrite: bool = False, log: Callable = print) -> dict:
     import torch
+    from hwnas_edge.bundle import BUNDLE_FORMAT
 
     from hwnas.compat import api
     from hwnas.data.images import Preprocess
@@ -171,6 +196,8 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
     if out.exists() and not overwrite:
         raise HwnasError(f"{out} exists; pass --overwrite to replace it (the old bundle stays until "
                          "the new one is complete)")
+    if out.exists():
+        _check_replaceable(out)
     qdir = Path(query) if query else rd.path / "query" / "searched"
     if not query and cfg.adapt.epochs:
         # gallery adaptation on: the adapted model is the one to ship, as hwnas run does
@@ -348,7 +375,7 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
                 predicted = {"skipped": str(e)}
 
         manifest = {
-            "format": "hwnas-bundle-v1", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "format": BUNDLE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "versions": _versions(), "preprocess": qpre.to_dict(), "embed_dim": qcfg["embed_dim"],
             "query": {"fingerprint": qcfg["fingerprint"], "kind": qcfg["kind"],
                       "arch": qcfg.get("arch"), "timm": qcfg.get("timm"), "mflops": qcfg["flops"] / 1e6,
