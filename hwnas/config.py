@@ -286,6 +286,9 @@ def _build(cls, d: dict | None, where: str):
     if d is None:  # a section whose keys are all commented out: its defaults
         d = {}
     kw = checked_fields(cls, d, where)
+    for f in dataclasses.fields(cls):  # a mapping whose keys are all commented out: empty
+        if f.default_factory is dict and f.name in kw and kw[f.name] is None:
+            kw[f.name] = {}
     for k, v in kw.items():
         if k in SECTIONS:
             kw[k] = _build(SECTIONS[k], v, k)

@@ -76,6 +76,13 @@ def test_empty_sections_and_set_order(tmp_path):
 
     cfg = _load(tmp_path, "space:\ndata:\n  split:\ngallery:\n  train:\n")
     assert cfg.search_space().name == "default" and cfg.train_config("gallery").epochs >= 1
+    assert cfg.data.split == {} and cfg.space == {}  # mappings, which the CLI's flags add to
+    import argparse
+
+    from hwnas.cli import _load as cli_load
+
+    args = argparse.Namespace(config=str(tmp_path / "c.yaml"), protocol="open", seed=3)
+    assert cli_load(args).data.split == {"protocol": "open", "seed": 3}
     p = tmp_path / "e.yaml"
     p.write_text("search:\n  sampler: evolution\n")
     cfg = load_config(p)
