@@ -216,6 +216,14 @@ def test_split_layouts_hidden_folders_and_one_class(tmp_path):
     make_png_folder(tmp_path / "ds" / "val", {"a": 2, "b": 2})
     with pytest.raises(DataError, match=r"split folders \['test', 'train', 'val'\].*ds/train as the data folder"):
         image_folder(tmp_path / "ds")
+    # other spellings of split folders (fruits-360 has Training/ and Test/) are no classes either
+    make_png_folder(tmp_path / "fruits" / "Training", {"apple": 2, "kiwi": 2})
+    make_png_folder(tmp_path / "fruits" / "Test", {"apple": 2, "kiwi": 2})
+    with pytest.raises(DataError, match=r"split folders \['Test', 'Training'\].*rename.*fruits/Training as the"):
+        image_folder(tmp_path / "fruits")
+    (tmp_path / "fruits" / "Training").rename(tmp_path / "fruits" / "Train")
+    col = image_folder(tmp_path / "fruits")  # Train/ and Test/: the train/test layout
+    assert col.class_names == ["apple", "kiwi"] and sorted(set(col.splits)) == ["test", "train"]
     make_png_folder(tmp_path / "vehicles", {"train": 3, "bus": 3, "test/tube": 2})
     assert image_folder(tmp_path / "vehicles").class_names == ["bus", "test", "train"]
     make_png_folder(tmp_path / "one", {"a": 10})

@@ -29,8 +29,9 @@ FASHION_MNIST_CLASSES = (
 )
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 SPLITS = ("train", "test")
-# folder names that mark a split layout (root/<split>/<class>/<image>)
-SPLIT_FOLDER_NAMES = {"train", "test", "val", "valid", "validation", "dev", "query", "gallery"}
+# folder names that mark a split layout (root/<split>/<class>/<image>), in any case
+SPLIT_FOLDER_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev",
+                      "eval", "evaluation", "query", "gallery"}
 
 
 @dataclass
@@ -257,28 +258,30 @@ def image_folder(root: str | os.PathLike) -> Collection:
                         "one folder per class")
     entries: list = []
     subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
-    has_splits = subdirs == set(SPLITS)
+    # train/ and test/ (in any case: Train/ and Test/ are the same layout)
+    split_dir = {n.lower(): n for n in subdirs}
+    has_splits = len(subdirs) == len(SPLITS) and set(split_dir) == set(SPLITS)
     # split folders (train/, val/, ...) of class folders: reading them as classes would make
     # "train" and "val" the classes. A layout when split-named folders of folders are all
     # there is, or two of them hold folders of the same names (the classes); a class that is
     # merely called "train" (CIFAR-100 has one) sits beside other classes and shares no
     # subfolder names, so it stays a class.
     inner = {n: {d.name for d in (root / n).iterdir() if d.is_dir() and not d.name.startswith(".")}
-             for n in subdirs & SPLIT_FOLDER_NAMES}
+             for n in subdirs if n.lower() in SPLIT_FOLDER_NAMES}
     split_like = sorted(n for n, sub in inner.items() if sub)
     shared = any(inner[a] & inner[b] for a in split_like for b in split_like if a < b)
     if split_like and not has_splits and (set(split_like) == subdirs or shared):
         others = sorted(subdirs - set(split_like))
         beside = f" beside {others}" if others else ""
-        main = "train" if "train" in split_like else split_like[0]
+        main = next((n for n in split_like if n.lower() in ("train", "training")), split_like[0])
         raise DataError(
             f"{root} holds split folders {split_like} of class folders{beside}; hwnas reads "
-            "either one folder per class, or exactly train/ and test/ of class folders: move "
-            "validation images into train/ (hwnas makes its own validation split), or pass "
-            f"{root / main} as the data folder")
+            "either one folder per class, or exactly train/ and test/ of class folders: rename "
+            "the training and test folders train/ and test/, move validation images into train/ "
+            f"(hwnas makes its own validation split), or pass {root / main} as the data folder")
     if has_splits:
         for s in SPLITS:
-            _scan_class_dirs(root / s, s, entries)
+            _scan_class_dirs(root / split_dir[s], s, entries)
     else:
         _scan_class_dirs(root, None, entries)
     return _from_entries(f"folder:{root.name}", root, entries, has_splits)
