@@ -38,11 +38,19 @@ class RunDir:
         split_cfg = self.cfg.split_config()
         if self.splits_path.exists():
             d = read_json(self.splits_path)
-            if d.get("config") != asdict(split_cfg) or d.get("source", {}).get("name") != col.name:
+            made, now = d.get("config") or {}, asdict(split_cfg)
+            made_from = d.get("source", {}).get("name")
+            if made != now or made_from != col.name:
+                diffs = ([f"data {col.name} (made from {made_from})"] if made_from != col.name else []) + [
+                    f"data.split.{k} {now.get(k)!r} (made with {made.get(k)!r})"
+                    for k in sorted(set(now) | set(made)) if now.get(k) != made.get(k)]
                 raise DataError(
-                    f"{self.splits_path} was made with other data or split settings "
-                    f"({d.get('source', {}).get('name')}, {d.get('config')}); use a new "
-                    "--run-dir, or delete that file to split again"
+                    f"{self.splits_path} was made with other data or split settings than this "
+                    f"command's: {'; '.join(diffs)}. Give this command the settings it was made "
+                    "with (the same --config; a split made by `hwnas data` flags needs them as "
+                    "--set data.dataset=..., data.data_dir=..., data.split.KEY=...), or use a new "
+                    "--run-dir; deleting that file splits again, and the run's trained models "
+                    "would then be judged on other images"
                 )
             return Splits.load(self.splits_path, col)
         if not create:

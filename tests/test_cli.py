@@ -58,6 +58,11 @@ def test_data_command_writes_splits(tmp_path):
     r = hwnas("data", "--dataset", "folder", "--data-dir", str(root), "--protocol", "open",
               "--seed", "9", "--run-dir", str(run))
     assert r.returncode == 2 and "new --run-dir" in r.stderr
+    assert "data.split.seed 9 (made with 0)" in r.stderr  # what differs, both sides
+    # other data: named with what the split was made from, and how to give that to a command
+    r = hwnas("data", "--dataset", "digits", "--run-dir", str(run))
+    assert r.returncode == 2 and "data digits (made from folder:imgs)" in r.stderr
+    assert "--set data.dataset" in r.stderr
 
 
 def test_commands_that_do_not_train_refuse_torchrun(tmp_path, monkeypatch, capsys):
@@ -137,6 +142,10 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     r = hwnas("run", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "nothing"), "--jobs", "0")
     assert r.returncode == 2 and "query.jobs must be a whole number >= 1" in r.stderr
     assert not (tmp_path / "nothing").exists()
+    # a data error names the fix in settings the failing command takes (hwnas run has no --data-dir)
+    r = hwnas("run", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "d"), "--set",
+              f"data.data_dir={tmp_path / 'no-fmnist'}")
+    assert r.returncode == 2 and "--set data.data_dir=DIR" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_space_command():

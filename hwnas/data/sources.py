@@ -32,6 +32,11 @@ SPLITS = ("train", "test")
 # folder names that mark a split layout (root/<split>/<class>/<image>), in any case
 SPLIT_FOLDER_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev",
                       "eval", "evaluation", "query", "gallery"}
+# how a message names the settings every command takes (--set); hwnas data (and, for the
+# skipping, hwnas run) take flags for them too
+DATA_DIR_FIX = "set data.data_dir (--set data.data_dir=DIR; hwnas data takes --data-dir DIR)"
+SKIP_BAD_FIX = ("set data.skip_bad_images: true (--set data.skip_bad_images=true on each command; "
+                "hwnas data and hwnas run take --skip-bad-images) to skip unreadable images, counted")
 
 
 @dataclass
@@ -107,7 +112,7 @@ def _find_idx(data_dir: Path, stem: str) -> Path:
             return data_dir / name
     raise DataError(
         f"Fashion-MNIST file {stem}[.gz] not found in {data_dir}; install Debian's package "
-        "(`apt-get install dataset-fashion-mnist`) or pass --data-dir DIR with the four "
+        f"(`apt-get install dataset-fashion-mnist`), or {DATA_DIR_FIX} to the directory of the four "
         "IDX files"
     )
 
@@ -118,7 +123,7 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None) -> Collection:
     if not data_dir.is_dir():
         raise DataError(
             f"Fashion-MNIST directory {shown(data_dir)} does not exist; install it with "
-            "`apt-get install dataset-fashion-mnist` or pass --data-dir DIR"
+            f"`apt-get install dataset-fashion-mnist`, or {DATA_DIR_FIX}"
         )
     images, labels, splits = [], [], []
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -177,7 +182,7 @@ def omniglot(
         zpath = data_dir / zname
         if not zpath.exists():
             raise DataError(
-                f"Omniglot zip {zpath} not found; pass --data-dir with the directory that "
+                f"Omniglot zip {zpath} not found; {DATA_DIR_FIX} to the directory that "
                 f"holds {train_zip} and {test_zip}"
             )
         for n, blob in zip(*_zip_images(zpath, {".png"})):
@@ -212,9 +217,7 @@ def _open_image(src, name: str):
         return img
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(
-            f"cannot read image {name}: {e}; fix or remove the file, or pass "
-            "--skip-bad-images (or --set data.skip_bad_images=true) to skip unreadable images (they are "
-            "counted)"
+            f"cannot read image {name}: {e}; fix or remove the file, or {SKIP_BAD_FIX}"
         ) from None
 
 
@@ -252,7 +255,7 @@ def image_folder(root: str | os.PathLike) -> Collection:
     root = Path(root)
     if root.is_file():
         raise DataError(f"image folder {shown(root)} is a file; pass the directory that holds one "
-                        "folder per class (or, for a CSV of paths and labels, --dataset manifest)")
+                        "folder per class (or, for a CSV of paths and labels, data.dataset: manifest)")
     if not root.is_dir():
         raise DataError(f"image folder {shown(root)} does not exist; pass the directory that holds "
                         "one folder per class")
@@ -293,7 +296,7 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
     csv_path = Path(csv_path)
     if csv_path.is_dir():
         raise DataError(f"manifest {csv_path} is a folder; give the CSV file's path (or, for a "
-                        "folder of class folders, --dataset folder)")
+                        "folder of class folders, data.dataset: folder)")
     if not csv_path.is_file():
         raise DataError(f"manifest {shown(csv_path)} does not exist")
     cols, rows = _read_csv(csv_path, ("path", "label"), "manifest", "columns path,label[,split]")
@@ -367,8 +370,8 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool) -> Col
 
     def read(i: int):
         if not os.path.exists(paths[i]):
-            raise DataError(f"image {paths[i]} does not exist (listed in {name}); fix the path "
-                            "or pass --skip-bad-images (or --set data.skip_bad_images=true)")
+            raise DataError(f"image {paths[i]} does not exist (listed in {name}); fix the path, "
+                            f"or {SKIP_BAD_FIX}")
         return _open_image(paths[i], paths[i])
 
     return Collection(
@@ -465,11 +468,13 @@ def load_source(kind: str, path: str | None = None) -> Collection:
         return omniglot(path)
     if kind == "folder":
         if not path:
-            raise DataError("dataset 'folder' needs --data-dir ROOT (ROOT/<class>/<image>)")
+            raise DataError("dataset 'folder' needs its root folder (ROOT/<class>/<image>): "
+                            + DATA_DIR_FIX.replace("DIR", "ROOT"))
         return image_folder(path)
     if kind == "manifest":
         if not path:
-            raise DataError("dataset 'manifest' needs --data-dir FILE.csv (path,label[,split])")
+            raise DataError("dataset 'manifest' needs its CSV (path,label[,split]): "
+                            + DATA_DIR_FIX.replace("DIR", "FILE.csv"))
         return manifest(path)
     if kind == "digits":
         return digits()

@@ -125,7 +125,8 @@ class Splits:
                 raise DataError(
                     f"{path}: {len(missing)} image ids of part {p!r} (e.g. {missing[0]!r}) are "
                     f"not in data set {collection.name}; the splits were made from other data "
-                    "— use the same --dataset/--data-dir, or a new run directory"
+                    "— use the data settings it was made with (data.dataset, data.data_dir), or a "
+                    "new run directory"
                 )
             parts[p] = np.array([index[x] for x in d["parts"][p]], dtype=np.int64)
         return cls(SplitConfig(**d["config"]), parts, collection)
@@ -280,7 +281,8 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
                 raise DataError(
                     f"{col.name}: open-set needs train and test classes disjoint, but "
                     f"{len(overlap)} classes (e.g. {col.class_names[min(overlap)]!r}) appear in "
-                    "both source splits; use --protocol closed or drop the split column"
+                    "both source splits; set data.split.protocol: closed (hwnas data: --protocol closed) or "
+                    "drop the split column"
                 )
         else:
             # any class may be drawn for the test (or validation) classes, which need a query and
@@ -332,7 +334,8 @@ def check_split_images(splits: Splits, skip_bad: bool = False, log=print) -> lis
                 raise DataError(f"every image of split part {p!r} ({len(ids)}) is unreadable, so "
                                 "skipping them leaves it empty: fix or replace those files")
         n = len(skipped)
-        log(f"[data] {n} unreadable image{'s are' if n > 1 else ' is'} left out wherever the split is "
-            f"read (data.skip_bad_images; the split's counts include {'them' if n > 1 else 'it'}), "
-            f"e.g. {skipped[0]}")
+        log(f"[data] {n} unreadable image{'s are' if n > 1 else ' is'} left out by each command that "
+            f"reads the split with data.skip_bad_images on (hwnas run passes it on to its steps; "
+            f"a step run by hand needs it in the config or --set data.skip_bad_images=true); the "
+            f"split's counts include {'them' if n > 1 else 'it'}, e.g. {skipped[0]}")
     return skipped
