@@ -3,11 +3,14 @@
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -241,11 +244,36 @@ def test_damaged_bundles_are_clear_errors(bundle, tmp_path):
     env = _no_torch_env(tmp_path)
     b = str(root / "run" / "bundle")
     img = str(_test_images(bundle[1], tmp_path, 1)[0])
-    for args, word in [(["--top-k", "0"], "--top-k: must be a whole number of 1 or more"),
-                       (["--server", "notaurl"], "must be an http:// or https:// URL")]:
-        r = subprocess.run([sys.executable, "-m", "hwnas_edge.cli", "query", b, img, *args],
+    # a PNG whose header claims 20000 x 20000 pixels (PIL's decompression-bomb guard)
+    bomb = tmp_path / "bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    # a "service" that takes the connection and closes it without an answer
+    drop = socket.socket()
+    drop.bind(("127.0.0.1", 0))
+    drop.listen()
+
+    def hang_up():
+        for _ in range(2):
+            try:
+                c, _ = drop.accept()
+            except OSError:
+                return
+            c.recv(65536)
+            c.close()
+    threading.Thread(target=hang_up, daemon=True).start()
+    dropped = f"http://127.0.0.1:{drop.getsockname()[1]}"
+    for images, args, word in [
+            ([img], ["--top-k", "0"], "--top-k: must be a whole number of 1 or more"),
+            ([img], ["--server", "notaurl"], "must be an http:// or https:// URL"),
+            ([img], ["--server", "http://h:abc"], "is not a valid URL"),
+            ([img], ["--server", dropped], "broke off the exchange"),
+            ([str(bomb)], [], "cannot read image")]:
+        r = subprocess.run([sys.executable, "-m", "hwnas_edge.cli", "query", b, *images, *args],
                            env=env, capture_output=True, text=True)
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, r.stderr
+    drop.close()
 
 
 def _free_port() -> int:
@@ -325,6 +353,16 @@ def test_service_answers_and_refuses(service, bundle, tmp_path):
     assert local.returncode == 0 and remote.returncode == 0, remote.stderr
     ids = lambda out: [[h["id"] for h in r["top"]] for r in json.loads(out)["results"]]  # noqa: E731
     assert ids(local.stdout) == ids(remote.stdout)
+    # a device that only embeds carries the manifest and the query models, not the gallery's files
+    import shutil
+
+    device = tmp_path / "device"
+    device.mkdir()
+    for name in ("manifest.json", "query.onnx", "query.int8.onnx"):
+        shutil.copy(root / "run" / "bundle" / name, device / name)
+    thin = subprocess.run([sys.executable, "-m", "hwnas_edge.cli", "query", str(device), *args[2:], "--server", url],
+                          env=env, capture_output=True, text=True)
+    assert thin.returncode == 0 and ids(thin.stdout) == ids(local.stdout), thin.stderr
 
 
 def test_index_search_params_travel_with_the_file(tmp_path):

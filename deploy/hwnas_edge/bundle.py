@@ -81,7 +81,9 @@ def ort_session(path: str | Path, threads: int | None = None):
 
 
 class Bundle:
-    def __init__(self, path: str | Path, check_hashes: bool = True):
+    def __init__(self, path: str | Path, check_hashes: bool = True, query_only: bool = False):
+        """``query_only``: the device embeds only (its gallery searched by a service), so it
+        need carry, and have checked, only the query side's files (``query*.onnx``)."""
         self.path = Path(path)
         mpath = self.path / "manifest.json"
         if not mpath.exists():
@@ -96,7 +98,7 @@ class Bundle:
             raise BundleError(f"{mpath} lacks {', '.join(missing)}: it is damaged or was not "
                               "written by `hwnas deploy`; deploy the bundle again")
         if check_hashes:
-            bad = self.check_hashes()
+            bad = self.check_hashes(query_only)
             if bad:
                 raise BundleError(f"{self.path}: artifacts do not match the manifest: {'; '.join(bad)}")
         self.pre = self.manifest["preprocess"]
@@ -105,9 +107,11 @@ class Bundle:
         self._items = None
 
     # ---------------------------------------------------------------- integrity
-    def check_hashes(self) -> list[str]:
+    def check_hashes(self, query_only: bool = False) -> list[str]:
         bad = []
         for name, a in self.manifest["artifacts"].items():
+            if query_only and not name.startswith("query"):
+                continue
             p = self.path / name
             if not p.exists():
                 bad.append(f"{name} is missing")
@@ -170,7 +174,7 @@ class Bundle:
                 with Image.open(p) as img:
                     img.load()
                     out.append(image_to_array(img, self.pre["size"], self.pre["channels"]))
-            except (OSError, UnidentifiedImageError, ValueError) as e:
+            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
                 raise BundleError(f"cannot read image {p}: {e}") from None
         return np.stack(out)
 

@@ -9,24 +9,48 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from hwnas_edge.bundle import Bundle, BundleError, verify
 
 
-def _remote_search(server: str, emb, fingerprint: str, k: int, timeout: float = 30.0) -> list:
+def _check_server_url(server: str) -> None:
+    example = "e.g. http://127.0.0.1:8000"
     if not server.startswith(("http://", "https://")):
-        raise BundleError(f"--server {server!r} must be an http:// or https:// URL, e.g. "
-                          "http://127.0.0.1:8000")
+        raise BundleError(f"--server {server!r} must be an http:// or https:// URL, {example}")
+    try:
+        u = urllib.parse.urlsplit(server)
+        u.port  # noqa: B018 — raises ValueError on a port that is not a number in range
+    except ValueError as e:
+        raise BundleError(f"--server {server!r} is not a valid URL ({e}), {example}") from None
+    if not u.hostname:
+        raise BundleError(f"--server {server!r} names no host, {example}")
+
+
+def _remote_search(server: str, emb, fingerprint: str, k: int, timeout: float = 30.0) -> list:
+    _check_server_url(server)
     body = json.dumps({"embeddings": emb.tolist(), "fingerprint": fingerprint, "top_k": k}).encode()
     req = urllib.request.Request(server.rstrip("/") + "/search", data=body,
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
+    except urllib.error.HTTPError as e:
+        msg = e.read().decode(errors="replace")
+        raise BundleError(f"gallery service refused the query ({e.code}): {msg}") from None
+    except urllib.error.URLError as e:
+        raise BundleError(f"cannot reach the gallery service at {server}: {e.reason}") from None
+    except (OSError, http.client.HTTPException) as e:  # a timeout, a dropped connection
+        what = f"gave no answer within {timeout:g} s" if isinstance(e, TimeoutError) else \
+            f"broke off the exchange ({type(e).__name__}: {e})"
+        raise BundleError(f"the gallery service at {server} {what}; check that `hwnas-edge serve` "
+                          "runs there and try again") from None
+    try:
         results = json.loads(raw)["results"]
         if not isinstance(results, list):
             raise TypeError
@@ -34,11 +58,6 @@ def _remote_search(server: str, emb, fingerprint: str, k: int, timeout: float = 
     except (ValueError, KeyError, TypeError):  # no JSON, or no "results" list in it
         raise BundleError(f"{server} answered, but not as an hwnas gallery service (no JSON "
                           "'results'); check the address and that `hwnas-edge serve` runs there") from None
-    except urllib.error.HTTPError as e:
-        msg = e.read().decode(errors="replace")
-        raise BundleError(f"gallery service refused the query ({e.code}): {msg}") from None
-    except urllib.error.URLError as e:
-        raise BundleError(f"cannot reach the gallery service at {server}: {e.reason}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -69,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("bundle")
     q.add_argument("images", nargs="+")
     q.add_argument("--top-k", type=_positive_int, default=5, help="hits per image (default 5)")
-    q.add_argument("--server", help="search a remote gallery service instead of the local index")
+    q.add_argument("--server", help="search a remote gallery service instead of the local index "
+                   "(the device then needs only manifest.json and query*.onnx)")
     q.add_argument("--int8", action="store_true", help="use the int8 query model")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.add_argument("--threads", type=_positive_int, default=None,
@@ -90,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "query":
-            b = Bundle(args.bundle)
+            if args.server:
+                _check_server_url(args.server)  # before any image is read
+            b = Bundle(args.bundle, query_only=bool(args.server))
             emb = b.embed(b.load_images(args.images), int8=args.int8, threads=args.threads)
             res = (_remote_search(args.server, emb, b.query_fingerprint, args.top_k) if args.server
                    else b.search(emb, args.top_k))

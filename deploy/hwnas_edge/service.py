@@ -27,6 +27,8 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
     from fastapi.responses import JSONResponse
 
     bundle = Bundle(bundle_path)
+    bundle.items  # noqa: B018 — reads the index and its rows now: a bad one stops the start,
+    # rather than a service that answers 500 to every query
     accepted = {bundle.query_fingerprint, bundle.gallery_fingerprint}
     app = FastAPI(title="hwnas gallery search", version="0.1.0")
 
