@@ -8,6 +8,7 @@ the end, so a failed deploy leaves no half bundle behind; every check's figures 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -243,7 +244,6 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
         splits = rd.splits(log=log)
         qi = api.load_part(rd, "query", qpre, log=log)
         gi = api.load_part(rd, "gallery", qpre, log=log)
-        train = api.load_part(rd, "train", qpre, log=log)
         shape = (1, qpre.channels, qpre.size, qpre.size)
         meta = {"hwnas_format": "hwnas-query-v1", "input_size": qpre.size, "channels": qpre.channels,
                 "mean": json.dumps(list(qpre.mean)), "std": json.dumps(list(qpre.std)),
@@ -324,8 +324,9 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
         tmp.replace(staging / "gallery.index")
         col = splits.collection
         where = {id_: i for i, id_ in enumerate(col.ids)}
+        # absolute paths: a relative --data-dir meant the deploying shell's folder, nothing on a server
         items = [{"row": r, "id": id_, "label": col.class_names[int(lab)],
-                  "path": col.paths[where[id_]] if col.paths else None}
+                  "path": os.path.abspath(col.paths[where[id_]]) if col.paths else None}
                  for r, (id_, lab) in enumerate(zip(gi.ids, gi.raw_labels))]
         write_json(staging / "gallery_items.json", items)
         log(f"[deploy] {factory} index of {index.ntotal} gallery embeddings ({runtime})")
@@ -343,7 +344,13 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
         int8_info = None
         if int8:
             log("[deploy] int8: static QDQ quantization calibrated on training images")
-            calib = qpre.normalize(train.images[np.random.default_rng(0).permutation(len(train.images))[:128]].numpy())
+            from hwnas.data.images import materialize
+
+            # 128 training images, decoded alone (not the whole training part: ~15 GB at 224 px
+            # for 100k images)
+            calib_ids = splits.parts["train"][np.random.default_rng(0).permutation(len(splits.parts["train"]))[:128]]
+            calib = qpre.normalize(materialize(splits.collection, calib_ids, qpre, cfg.data.skip_bad_images,
+                                               desc="int8 calibration").images)
             quantize_int8(staging / "query.onnx", staging / "query.int8.onnx", calib,
                           qs.get_inputs()[0].name)
             s8 = backend.session((staging / "query.int8.onnx").read_bytes())
