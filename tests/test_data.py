@@ -140,8 +140,15 @@ def test_manifest(tmp_path):
     with pytest.raises(DataError, match="path,label"):
         manifest(tmp_path / "bad.csv")
     (tmp_path / "bad2.csv").write_text("path,label,split\nimgs/x/img000.png,x,valid\n")
-    with pytest.raises(DataError, match="bad2.csv:2"):
+    with pytest.raises(DataError, match="bad2.csv:2: split 'valid' is not one of"):
         manifest(tmp_path / "bad2.csv")
+    (tmp_path / "bad2.csv").write_text("path,label,split\nimgs/x/img000.png,x,train\nimgs/y/img000.png,y,\n")
+    with pytest.raises(DataError, match="bad2.csv:3: split is empty.*drop the split column"):
+        manifest(tmp_path / "bad2.csv")
+    # a column named twice: DictReader would keep the last one's values without a word
+    (tmp_path / "twice.csv").write_text("path,label,label\nimgs/x/img000.png,x,y\n")
+    with pytest.raises(DataError, match="names label more than once"):
+        manifest(tmp_path / "twice.csv")
     # a field the header does not name (an unquoted comma in a path) was dropped silently
     (tmp_path / "bad3.csv").write_text("path,label\nimgs/x/img000.png,x\n\nimgs/x/a,b.png,x\n")
     with pytest.raises(DataError, match=r"line 4 has more fields than the header \(path, label\); quote"):

@@ -311,7 +311,9 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
             raise DataError(f"{csv_path}:{lineno}: empty path or label")
         split = (row.get("split") or "").strip() or None
         if has_split and split not in SPLITS:
-            raise DataError(f"{csv_path}:{lineno}: split {split!r} must be one of {list(SPLITS)}")
+            got = "is empty" if split is None else f"{split!r} is not"
+            raise DataError(f"{csv_path}:{lineno}: split {got} one of {list(SPLITS)}; give every row "
+                            "its split, or drop the split column (hwnas then splits the images itself)")
         p = Path(path)
         entries.append((p if p.is_absolute() else csv_path.parent / p, label, split))
     return _from_entries(f"manifest:{csv_path.stem}", csv_path.parent, entries, has_split)
@@ -326,6 +328,10 @@ def _read_csv(path: Path, required: Sequence[str], what: str, want: str) -> tupl
             cols = [c.strip() for c in (reader.fieldnames or [])]
             if not set(required) <= set(cols):
                 raise DataError(f"{what} {path} must have a header row with {want}; found {cols or 'no header'}")
+            twice = sorted({c for c in cols if c and cols.count(c) > 1})
+            if twice:  # DictReader would keep the last such column's values without a word
+                raise DataError(f"{what} {path}: the header names {', '.join(twice)} more than once "
+                                f"({', '.join(cols)}); keep one column of each name")
             reader.fieldnames = cols
             rows = []
             for r in reader:  # each row keeps its line in the file under the key 0 (no column's
