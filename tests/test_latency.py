@@ -372,6 +372,51 @@ def test_a_table_part_measured_on_another_cpu_is_not_finished_here(tmp_path):
         profile_space(space, backend, tmp_path / "t.json", log=lambda *_: None)
 
 
+def test_another_devices_table_is_neither_calibrated_nor_re_timed_here(table, tiny_space, tmp_path):
+    """A finished table from another device (latency.table) is kept as that device's: this
+    machine's end-to-end timings do not calibrate it, and a mismatch's fix does not re-time
+    it here over its own timings."""
+    from hwnas.latency.profile import validate_table
+
+    t, out, b = table
+    other = LatencyTable.load(out)
+    other.header["device_name"] = "Some Edge CPU"
+    other.save(tmp_path / "edge.json")
+    before = (tmp_path / "edge.json").read_bytes()
+    with pytest.raises(HwnasError, match="measured on 'Some Edge CPU'.*validate it on that machine"):
+        validate_table(tiny_space, LatencyTable.load(tmp_path / "edge.json"), b, 2, tmp_path / "edge.json",
+                       calibrate=2, log=lambda *_: None)
+    assert (tmp_path / "edge.json").read_bytes() == before
+    with pytest.raises(HwnasError, match="runtime_version") as e:
+        LatencyTable.load(tmp_path / "edge.json").check(tiny_space, {**b.settings(), "runtime_version": "0.1"})
+    assert "--remeasure" not in str(e.value) and "--out ANOTHER.json" in str(e.value)
+
+
+def test_a_run_times_its_own_table_of_an_older_graph_form_again(tmp_path):
+    """hwnas run redoes its profile step after an upgrade that exports another graph form:
+    this machine's table is then timed afresh, not refused; another device's is refused."""
+    from hwnas.export.onnx import GRAPH_FORM
+    from hwnas.latency.backends import OrtCpuBackend
+    from hwnas.space import SearchSpace
+
+    space = SearchSpace(input_size=16, in_channels=1, stem_channels=8, stage_layers=(1, 1, 1, 1),
+                        stage_widths=(16, 24, 32, 40), head_channels=16, embed_dim=8)
+    backend, out, quiet = OrtCpuBackend(threads=1), tmp_path / "t.json", (lambda *_: None)
+    fast = {"rounds": 1, "runs": 1, "warmup": 1, "log": quiet}
+    t = profile_space(space, backend, out, **fast)
+    for device, works in ((t.header["device_name"], True), ("Some Other CPU", False)):
+        old = LatencyTable.load(out)
+        old.header.update(graph_form=GRAPH_FORM - 1, device_name=device)
+        old.save(out)
+        if works:
+            t2 = profile_space(space, backend, out, retime_old_form=True, **fast)
+            assert t2.header["graph_form"] == GRAPH_FORM and t2.header["complete"]
+            assert LatencyTable.load(out).header["graph_form"] == GRAPH_FORM
+        else:
+            with pytest.raises(HwnasError, match=f"graph form {GRAPH_FORM - 1}.*--out ANOTHER.json"):
+                profile_space(space, backend, out, retime_old_form=True, **fast)
+
+
 def test_unlabeled_source_errors_name_the_setting(tmp_path):
     from hwnas.data.sources import unlabeled_images
 

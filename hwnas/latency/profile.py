@@ -43,14 +43,26 @@ def op_module(space: SearchSpace, spec: OpSpec):
 
 def profile_space(space: SearchSpace, backend: LatencyBackend, out: Path, *,
                   remeasure: bool = False, rounds: int = 15, runs: int = 10, warmup: int = 10,
-                  chunk: int = 512, seed: int = 0, log: Callable = print) -> LatencyTable:
+                  chunk: int = 512, seed: int = 0, retime_old_form: bool = False,
+                  log: Callable = print) -> LatencyTable:
     """Measure every op of ``space`` missing from the table at ``out`` (all of them for a new
-    table, or with ``remeasure``); an existing table must match the space and settings."""
+    table, or with ``remeasure``); an existing table must match the space and settings.
+    ``retime_old_form``: a table this machine timed on an older hwnas's graph form
+    (``GRAPH_FORM``) is timed afresh (``hwnas run``, whose profile step is redone for that),
+    rather than refused with the fix."""
     from tqdm import tqdm
+
+    from hwnas.export.onnx import GRAPH_FORM
 
     settings = backend.settings()
     specs = all_op_specs(space)
     table = None
+    if out.exists() and not remeasure and retime_old_form:
+        old = LatencyTable.load(out).header
+        if old.get("graph_form", 1) != GRAPH_FORM and old.get("device_name") == settings.get("device_name"):
+            log(f"[profile] {out} was timed on graph form {old.get('graph_form', 1)} of the exported "
+                f"networks, and this hwnas exports form {GRAPH_FORM}: timing it again")
+            remeasure = True
     if out.exists() and not remeasure:
         table = LatencyTable.load(out)
         table.check(space, settings)
@@ -350,6 +362,10 @@ def validate_table(space: SearchSpace, table: LatencyTable, backend: LatencyBack
     the header's ``calibration`` and ``validation`` objects, a scatter plot and the per-arch
     figures (``.validation.json``) beside the table."""
     table.check(space, backend.settings())
+    there, here = table.header.get("device_name"), backend.settings().get("device_name")
+    if there != here:  # this machine's end-to-end timings would calibrate another device's ops
+        raise HwnasError(f"{out} was measured on {there!r} and this machine is {here!r}: validate it "
+                         "on that machine, or profile this one into another --out and validate that")
     rng = random.Random(seed)
     calib = [space.smallest(), space.largest()] + [space.sample(rng) for _ in range(max(0, calibrate - 2))]
     valid = [space.sample(rng) for _ in range(n)]
@@ -439,5 +455,7 @@ def load_predictor(space: SearchSpace, table_path: Path, settings: dict | None =
     t.check(space, settings)
     if not t.header.get("complete"):
         raise HwnasError(f"{table_path} is incomplete (a profile was interrupted); finish it with "
-                         f"`hwnas profile --device {t.header.get('device', 'cpu')}`")
+                         f"`hwnas profile --device {t.header.get('device', 'cpu')} --config CONFIG "
+                         f"--out {table_path}` on the machine it was measured on "
+                         f"({t.header.get('device_name')!r})")
     return LatencyPredictor(space, t)

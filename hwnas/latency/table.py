@@ -87,15 +87,19 @@ class LatencyTable:
         where = getattr(self, "path", "the latency table")
         # (for the config's own space: without --config, profile builds the default space's table)
         # (and over this file, --remeasure: profile checks a table it finds before adding to it)
+        elsewhere = bool(settings) and h.get("device_name") not in (None, settings.get("device_name"))
         fix = (f"rebuild it for your config: hwnas profile --device {h.get('device', 'cpu')} --config CONFIG"
                + (f" --threads {settings['threads']}" if settings and settings.get("threads") else "")
-               + (f" --out {where} --remeasure" if hasattr(self, "path") else ""))
+               # another device's table is not re-timed over: that would replace its timings
+               + ((f" --out ANOTHER.json (it was measured on {h.get('device_name')!r}, this machine is "
+                   f"{settings.get('device_name')!r}; re-time it on that device)") if elsewhere
+                  else f" --out {where} --remeasure" if hasattr(self, "path") else ""))
         if h.get("graph_form", 1) != GRAPH_FORM:
             raise HwnasError(
                 f"{where} was measured on graph form {h.get('graph_form', 1)} of the exported "
                 f"networks, and this hwnas exports form {GRAPH_FORM} (hwnas/export/onnx.py, "
                 "GRAPH_FORM), so its entries and calibration no longer describe what is deployed; "
-                f"{fix}" + ("" if hasattr(self, "path") else " --remeasure"))  # (with a path, fix has it)
+                f"{fix}" + ("" if hasattr(self, "path") or elsewhere else " --remeasure"))  # (with a path, fix has it)
         if h.get("space_hash") != space.hash:
             raise HwnasError(f"{where} was built for search space {h.get('space_hash')}, not "
                              f"{space.hash} (the config's space changed); {fix}")
@@ -112,9 +116,10 @@ class LatencyTable:
         stat = stat or self.header.get("statistic_key", "median_ms")
         e = self.entries.get(key)
         if e is None:
-            raise HwnasError(f"latency table {getattr(self, 'path', '')} has no entry for op {key}; "
-                             "fill it with `hwnas profile --device "
-                             f"{self.header.get('device', 'cpu')} --only-missing`")
+            where = getattr(self, "path", "TABLE.json")
+            raise HwnasError(f"latency table {where} has no entry for op {key}; fill it with `hwnas "
+                             f"profile --device {self.header.get('device', 'cpu')} --config CONFIG "
+                             f"--out {where} --only-missing`")
         return float(e[stat])
 
     def spread_summary(self) -> dict:
