@@ -89,8 +89,14 @@ def keep_table(cfg: Config, steps: "Steps", log: Callable = print) -> None:
         log(f"[run] {shared} is missing (deleted, or the run resumed from another working "
             f"directory): put back from the run's copy, {copy}")
         return
-    if LatencyTable.load(shared).prediction_key() == LatencyTable.load(copy).prediction_key():
+    now = LatencyTable.load(shared)
+    if now.prediction_key() == LatencyTable.load(copy).prediction_key():
         return
+    if not now.header.get("complete"):  # being timed again, or such a profile was killed
+        raise HwnasError(
+            f"{shared} is part-measured (hwnas profile is timing it, or was killed doing so); the run "
+            f"kept its own table, {copy}. Let that profile finish (or finish it: hwnas profile --config "
+            f"CONFIG --out {shared}), or go on with the run's table: cp {copy} {shared}")
     if not began:
         atomic_write_bytes(copy, shared.read_bytes())
         log(f"[run] {shared} predicts otherwise than when this run profiled; nothing has predicted "
@@ -406,6 +412,8 @@ def run_budget(cfg: Config, predictor, log: Callable = print) -> dict:
 
     budget = resolve_budget(cfg, predictor, paragon_ms, warn=lambda m: log(f"[search] WARNING: {m}"))
     resolved = {**measured, "budget_ms": budget}  # the resolved (clamped) budget wins
+    if measured and round(measured["budget_ms"], 4) != budget:  # clamped into the table's range:
+        resolved["clamped_from_ms"] = measured["budget_ms"]  # not the paragon's latency / speed-up
     write_json(path, {"key": key, "resolved": resolved})
     return resolved
 
@@ -521,6 +529,13 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     def step(name: str, fn) -> None:
         if steps.done(name):
             log(f"== {name}: done earlier, kept")
+            if name == "profile" and cfg.latency.validate and not steps.state["done"]["profile"].get("validation"):
+                # latency.validate is read when the table is built: set later, it would change the
+                # calibration the run has searched with, so it is not applied to a kept table
+                log(f"[run] note: latency.validate is {cfg.latency.validate}, but this run's table was "
+                    "kept without validation (it was built with latency.validate 0); to validate and "
+                    f"calibrate it: hwnas profile --device cpu --config CONFIG --validate {cfg.latency.validate}, "
+                    "then hwnas run CONFIG --from profile")
             return
         log(f"== {name}")
         t = time.time()
@@ -548,9 +563,17 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
 
         path = table_path(cfg, space)
         backend = OrtCpuBackend(threads=cfg.latency.threads)
-        table = profile_space(space, backend, path, log=log)
+        here = backend.settings().get("device_name")
+        # a table of this machine timed on an older hwnas's graph form (why this step's key
+        # moved) is timed again; another device's is refused by the check, with the fix
+        table = profile_space(space, backend, path, retime_old_form=True, log=log)
         if "validation" not in table.header and cfg.latency.validate:
-            validate_table(space, table, backend, cfg.latency.validate, path, seed=cfg.seed, log=log)
+            if table.header.get("device_name") == here:
+                validate_table(space, table, backend, cfg.latency.validate, path, seed=cfg.seed, log=log)
+            else:  # another device's table (latency.table): its timings are not this machine's to fit
+                log(f"[profile] {path} was measured on {table.header.get('device_name')!r}, not here "
+                    f"({here!r}): not validated or calibrated here (latency.validate); validate it on "
+                    "that device")
         return {"table": str(path), "validation": table.header.get("validation"),
                 "graph_form": table.header.get("graph_form")}
 

@@ -272,9 +272,9 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
 def test_a_run_keeps_its_latency_table(tmp_path):
     """hwnas run keeps a copy of the table it profiled: a table deleted from its shared place
     is put back; one that predicts otherwise since is taken while nothing has predicted on the
-    run's, refused once the search has begun while a step would predict on it (naming the run's
-    copy and both ways on), and let be once every such step is done; a header-only change
-    (hwnas profile --gallery-throughput) is no change."""
+    run's (unless it is part-measured), refused once the search has begun while a step would
+    predict on it (naming the run's copy and both ways on), and let be once every such step is
+    done; a header-only change (hwnas profile --gallery-throughput) is no change."""
     from conftest import tiny_config, write_cfg
 
     from hwnas.config import load_config
@@ -283,7 +283,7 @@ def test_a_run_keeps_its_latency_table(tmp_path):
     from hwnas.pipeline import RUN_TABLE, STEPS, TABLE_READERS, Steps, keep_table, redo_outputs
 
     def table(ms: float, **header) -> str:
-        return json.dumps({"header": {"format": TABLE_FORMAT, "call_overhead_ms": 0.01, **header},
+        return json.dumps({"header": {"format": TABLE_FORMAT, "call_overhead_ms": 0.01, "complete": True, **header},
                            "entries": {"op": {"median_ms": ms}}})
 
     shared = tmp_path / "tables" / "t.json"
@@ -303,6 +303,10 @@ def test_a_run_keeps_its_latency_table(tmp_path):
     shared.unlink()  # a clean-up of latency_tables/
     keep_table(cfg, steps, said.append)
     assert shared.read_text() == table(1.0) and "put back from the run's copy" in said[-1]
+    shared.write_text(table(2.0, complete=False))  # being timed again: not taken, nothing touched
+    with pytest.raises(HwnasError, match=f"part-measured.*cp {copy} {shared}"):
+        keep_table(cfg, steps, said.append)
+    assert copy.read_text() == table(1.0) and shared.read_text() == table(2.0, complete=False)
     shared.write_text(table(2.0))  # timed again before the search began: the run takes it
     keep_table(cfg, steps, said.append)
     assert copy.read_text() == table(2.0) and "takes the new one" in said[-1]
