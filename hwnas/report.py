@@ -237,6 +237,8 @@ def _budget_speedup(run_dir: Path, budget_ms: float) -> float | None:
         return None
     b = read_json(p)
     key, resolved = b.get("key") or {}, b.get("resolved") or {}
+    if resolved.get("clamped_from_ms") is not None:  # moved into the table's range: not that speed-up
+        return None
     if key.get("budget_ms") is None and key.get("budget_speedup") and resolved.get("budget_ms") == budget_ms:
         return key["budget_speedup"]
     return None

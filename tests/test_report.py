@@ -78,6 +78,10 @@ def test_the_budget_speedup_is_the_one_the_search_ran_at(tmp_path):
     (tmp_path / "budget.json").write_text(json.dumps(b))
     assert _budget_speedup(tmp_path, 0.0798) == 12
     assert _budget_speedup(tmp_path, 0.2) is None
+    b["resolved"]["clamped_from_ms"] = 0.031  # below the fastest subnet: moved into the range
+    (tmp_path / "budget.json").write_text(json.dumps(b))
+    assert _budget_speedup(tmp_path, 0.0798) is None
+    del b["resolved"]["clamped_from_ms"]
     b["key"]["budget_ms"] = 0.0798
     (tmp_path / "budget.json").write_text(json.dumps(b))
     assert _budget_speedup(tmp_path, 0.0798) is None

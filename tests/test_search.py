@@ -514,6 +514,12 @@ def test_budget_as_a_speedup_over_the_paragon(search_run):
     assert lo <= first["budget_ms"] < hi and first["paragon_ms"] == pytest.approx(info["paragon_ms"], rel=1.0)
     assert run_budget(cfg, pred, log=quiet) == first
     assert (RunDir(cfg).path / "budget.json").exists()
+    assert "clamped_from_ms" not in first
+    # a speed-up no subnet reaches: the budget moved into the range says so (report.md then
+    # does not call it the paragon's latency / that speed-up)
+    cfg.search.budget_speedup = 1000.0
+    far = run_budget(cfg, pred, log=quiet)
+    assert far["budget_ms"] >= lo and far["clamped_from_ms"] < lo
 
 
 def test_tpe_starts_from_feasible_archs_at_a_tight_budget(search_run, tmp_path):
