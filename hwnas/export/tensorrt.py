@@ -86,7 +86,9 @@ class TrtEngine:
     def bind(self, input_shape: Sequence[int]) -> None:
         torch = self.torch
         name = self.inputs[0]
-        self.context.set_input_shape(name, tuple(input_shape))
+        if not self.context.set_input_shape(name, tuple(input_shape)):
+            raise HwnasError(f"TensorRT refused input shape {tuple(input_shape)} for {name!r} (outside "
+                             "the engine's optimization profile?); build the engine for that shape")
         dtype = torch.float16 if str(self.engine.get_tensor_dtype(name)).endswith("HALF") else torch.float32
         self.x = torch.randn(*input_shape, device="cuda", dtype=dtype)
         self.context.set_tensor_address(name, self.x.data_ptr())
@@ -97,15 +99,24 @@ class TrtEngine:
             t = torch.empty(shape, device="cuda", dtype=odt)
             self.context.set_tensor_address(out, t.data_ptr())
             self.outs.append(t)
+        self.stream.wait_stream(torch.cuda.current_stream())  # the buffers made, before any run
 
     def execute(self) -> None:
-        self.context.execute_async_v3(self.torch.cuda.current_stream().cuda_stream)
+        """Enqueue one run on the engine's own stream (on the legacy default stream TensorRT
+        adds synchronizations of its own to each run, which would be timed with it)."""
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise HwnasError("TensorRT could not run the engine (execute_async_v3 returned False; "
+                             "see its log above)")
 
     def infer(self, x):
         """Run on a CUDA tensor ``x``; returns the first output (a new tensor)."""
+        torch = self.torch
         if tuple(x.shape) != tuple(self.x.shape):
             self.bind(tuple(x.shape))
-        self.x.copy_(x.to(self.x.dtype))
-        self.execute()
-        self.torch.cuda.current_stream().synchronize()
-        return self.outs[0].float().clone()
+        self.stream.wait_stream(torch.cuda.current_stream())  # x is ready
+        with torch.cuda.stream(self.stream):
+            self.x.copy_(x.to(self.x.dtype))
+            self.execute()
+            out = self.outs[0].float().clone()
+        self.stream.synchronize()
+        return out

@@ -364,21 +364,22 @@ def _cuda_reason() -> str | None:
 
 
 class _CudaEventRunner(Runner):
-    """Times ``fn()`` with CUDA events on the current stream."""
+    """Times ``fn()`` with CUDA events on ``stream`` (the one ``fn`` enqueues on; default the
+    current stream)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, stream=None):
         import torch
 
-        self.fn, self.torch = fn, torch
+        self.fn, self.torch, self.stream = fn, torch, stream
 
     def run_timed(self, n: int) -> list[float]:
         torch = self.torch
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         for s, e in zip(starts, ends):
-            s.record()
+            s.record(self.stream)
             self.fn()
-            e.record()
+            e.record(self.stream)
         torch.cuda.synchronize()
         return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
@@ -450,7 +451,7 @@ class TensorRTBackend(OnnxBackend):
 
         engine = TrtEngine(build_engine(onnx_bytes, fp16=self.fp16, input_shape=input_shape))
         engine.bind(input_shape)
-        return _CudaEventRunner(engine.execute)
+        return _CudaEventRunner(engine.execute, engine.stream)
 
 
 BACKENDS: dict[str, type[LatencyBackend]] = {
