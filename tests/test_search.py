@@ -180,6 +180,18 @@ def test_leave_one_out_validation_scores_every_image(search_run):
     cfg.search.val_queries = "bogus"
     with pytest.raises(HwnasError, match="val_queries"):
         SupernetEvaluator(cfg, log=lambda *_: None)
+    # data.split.query_mode all (the test parts share their images): the validation parts
+    # are still divided, and every validation image is scored all the same
+    import shutil
+
+    cfg = load_config(search_run[1])
+    cfg.data.split = {**cfg.data.split, "query_mode": "all"}
+    src, cfg.run_dir = cfg.run_dir, str(search_run[0] / "run-query-mode-all")
+    for d in ("gallery", "supernet"):
+        shutil.copytree(Path(src) / d, Path(cfg.run_dir) / d)
+    every = SupernetEvaluator(cfg, log=lambda *_: None)
+    v = api.RunDir(cfg).splits(log=lambda *_: None)
+    assert v.shared_eval and every.n_queries == len(v.parts["val_query"]) + len(v.parts["val_gallery"])
 
 
 def test_search_without_a_budget_takes_the_configs_as_hwnas_run_does(search_run, tmp_path):

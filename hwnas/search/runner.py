@@ -95,8 +95,12 @@ class SupernetEvaluator:
         self.vq = api.load_part(rd, "val_query", self.pre, log=log)
         self.vg = api.load_part(rd, "val_gallery", self.pre, log=log)
         self.g_emb = api.gallery_embeddings(rd, gallery, "val_gallery", self.vg if same_pre else None, log=log)
-        self.ids = (self.vq.ids, self.vg.ids) if splits.shared_eval else (None, None)
-        if cfg.search.val_queries == "all" and not splits.shared_eval:
+        # whether the validation parts share images: decided on the parts themselves, not on
+        # data.split.query_mode (with "all" the test parts share theirs, but the validation
+        # parts are still a query/gallery division of their images)
+        shared = not set(self.vq.ids).isdisjoint(self.vg.ids)
+        self.ids = (self.vq.ids, self.vg.ids) if shared else (None, None)
+        if cfg.search.val_queries == "all" and not shared:
             # leave-one-out over the whole validation split: each image a query against all
             # the others (its own entry excluded by id)
             qg = api.gallery_embeddings(rd, gallery, "val_query", self.vq if same_pre else None, log=log)
