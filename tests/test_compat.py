@@ -357,6 +357,12 @@ def test_bank_part_matches_the_gallery_ranking_over_a_queue_of_earlier_batches(t
     resumed = CompatLoss(cfg, embed_dim=16, num_classes=4)
     load_checkpoint(tmp_path / "c.safetensors", resumed, opt)
     assert torch.equal(resumed.bank, loss.bank) and int(resumed.bank_ptr) == int(loss.bank_ptr)
+    # a queue shorter than a batch works once full (it stayed 0 for good)
+    short = CompatLoss(LossConfig(own_cls=0.0, bct=0.0, regress=0.0, contrast=0.0, bank=1.0, bank_size=8),
+                       embed_dim=16, num_classes=4).train()
+    short(emb[:32].clone(), y, emb[:32])
+    q = torch.randn(32, 16, generator=gen)
+    assert int(short.bank_fill) == 8 and float(short(q, y, emb[32:64])[0]) > 0
     for bad, match in (({"bank_temp": 0.0}, "bank_temp"), ({"bank_size": 0}, "bank_size"),
                        ({"bank_size": 2.5}, "bank_size")):
         with pytest.raises(HwnasError, match=match):

@@ -145,9 +145,10 @@ class CompatLoss(nn.Module):
 
     def _bank_kl(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """KL(gallery's || query's similarity distribution over the queue), batch mean; 0
-        (still reaching ``q``, as DDP needs) until the queue holds a batch's worth."""
+        (still reaching ``q``, as DDP needs) until the queue holds a batch's worth (or is
+        full, a queue shorter than a batch)."""
         n = int(self.bank_fill)
-        if n < len(q):
+        if n < min(len(q), self.bank.shape[0]):
             return (q * 0).sum()
         # a copy: the queue is updated in place after this step's forward, before backward
         keys = self.bank[:n].clone()
