@@ -825,6 +825,26 @@ def test_a_users_backbone_checkpoint_loads_and_a_bad_one_is_named(tmp_path):
         load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "other.safetensors")
 
 
+def test_a_frozen_backbone_keeps_its_weights_and_batchnorm_statistics():
+    """gallery.freeze_backbone: a training step moves neither the backbone's weights nor its
+    BatchNorm running statistics (train mode would), while the head trains."""
+    from hwnas.compat.tasks import GalleryTask
+    from hwnas.nn.heads import CosineClassifier
+    from hwnas.nn.models import EmbeddingNet
+
+    torch.manual_seed(0)
+    net = EmbeddingNet("resnet10t", 16, 1, bn=True)
+    task = GalleryTask(net, CosineClassifier(16, 4, 30.0, 0.2, "cosface"), frozen_backbone=True).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loss, _ = task(torch.randn(8, 1, 32, 32), torch.arange(8) % 4, None)
+    loss.backward()
+    torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.1).step()
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith("backbone."))
+    assert not net.backbone.training and net.training
+
+
 def _hold_lock(ck: Path) -> subprocess.Popen:
     """Another process holding ``ck``'s training lock until a line comes on its stdin."""
     import textwrap

@@ -319,11 +319,8 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
         loaded = load_backbone_checkpoint(net, gc.backbone_checkpoint)
         log(f"[train-gallery] backbone from {gc.backbone_checkpoint}: {loaded['loaded']} tensors "
             f"loaded, {len(loaded['missing'])} missing")
-        if gc.freeze_backbone:
-            for p in net.backbone.parameters():
-                p.requires_grad_(False)
     head = CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin, gc.classifier)
-    task = GalleryTask(net, head)
+    task = GalleryTask(net, head, frozen_backbone=bool(loaded) and gc.freeze_backbone)
     legacy = {"backbone": gc.backbone, "classes": len(classes), "split": split_fp}
     # every model setting (a resume with another margin, embedding size or normalization
     # would train a model that is neither)

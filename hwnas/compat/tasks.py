@@ -17,9 +17,22 @@ from hwnas.space import Arch, SearchSpace, arch_flops
 
 
 class GalleryTask(nn.Module):
-    def __init__(self, net: nn.Module, classifier: CosineClassifier):
+    """The gallery model's training: its embeddings through the cosine classifier.
+    ``frozen_backbone``: the backbone's weights stay as loaded (gallery.freeze_backbone), and
+    so do its BatchNorm statistics: it runs in eval mode while the head trains."""
+
+    def __init__(self, net: nn.Module, classifier: CosineClassifier, frozen_backbone: bool = False):
         super().__init__()
-        self.net, self.classifier = net, classifier
+        self.net, self.classifier, self.frozen_backbone = net, classifier, frozen_backbone
+        if frozen_backbone:
+            for p in net.backbone.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_backbone:  # (train mode would update its BN running statistics)
+            self.net.backbone.eval()
+        return self
 
     def forward(self, x, y, idx):
         loss = nn.functional.cross_entropy(self.classifier(self.net(x), y), y)
