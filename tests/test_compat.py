@@ -218,7 +218,7 @@ def test_timm_baseline_query(trained_gallery, tmp_path):
     assert res["metrics"]["M(q,g)"]["n_queries"] == 120  # 20% of 60 test images x 10 classes
 
 
-def test_train_device_choice_and_clear_errors():
+def test_train_device_choice_and_clear_errors(monkeypatch):
     from hwnas.compat.train import TrainConfig, train_device
 
     assert train_device(TrainConfig()).type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,6 +228,13 @@ def test_train_device_choice_and_clear_errors():
     if not torch.cuda.is_available():
         with pytest.raises(HwnasError, match="no CUDA GPU.*train.device=cpu"):
             train_device(TrainConfig(device="cuda"))
+    else:  # under torchrun a named GPU would take every process: refused, naming the fix
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        assert train_device(TrainConfig(device="cuda:0")) == torch.device("cuda:0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        with pytest.raises(HwnasError, match="under torchrun.*train.device=cuda"):
+            train_device(TrainConfig(device="cuda:0"))
 
 
 def test_affine_augmentation_is_deterministic_and_keeps_edges():

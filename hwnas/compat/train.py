@@ -79,6 +79,10 @@ def train_device(cfg: TrainConfig) -> torch.device:
             raise HwnasError(f"train.device is {cfg.device!r} but this node runs more processes than "
                              f"it has GPUs ({torch.cuda.device_count()}); start torchrun with "
                              "--nproc_per_node at most the GPU count, or set train.device=cpu")
+        if want != "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise HwnasError(f"train.device is {cfg.device!r} under torchrun, which would put every "
+                             "process on that one GPU; set train.device=cuda (or auto): each process "
+                             "then takes its own GPU (LOCAL_RANK)")
         if want == "cuda":
             want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return torch.device(want)
@@ -103,13 +107,15 @@ def dist_info() -> tuple[int, int]:
                              f"{'is' if len(missing) == 1 else 'are'} not set: start several processes "
                              "with torchrun (e.g. torchrun --nproc_per_node 2 -m hwnas.cli ...), or unset "
                              "WORLD_SIZE to train in one")
-        backend = "nccl" if gpu_per_process() else "gloo"
+        # nccl for CUDA tensors where each process has a GPU, gloo for CPU ones (a run with
+        # train.device=cpu on a GPU node trains and all-reduces on the CPU)
+        backend = "cpu:gloo,cuda:nccl" if gpu_per_process() else "gloo"
         # long: the other processes wait at a barrier while the first embeds the training
         # images for the cache (minutes for a large gallery at 224 px; NCCL's default is 10)
         from datetime import timedelta
 
         dist.init_process_group(backend, timeout=timedelta(hours=2))
-        if backend == "nccl":
+        if "nccl" in backend:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
 
