@@ -36,6 +36,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, _file_mode())  # mkstemp makes 0600; artifacts get the usual umask mode
+        fd = os.open(tmp, os.O_RDONLY)  # on disk before the rename: after a power loss the
+        try:  # name holds the old file or the new one, never an empty one
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -47,10 +52,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
     A reader (or a killed writer) never sees a half-written file.
     """
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # (atomic_path syncs it)
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     return Path(path)
 
 
