@@ -92,12 +92,12 @@ def keep_table(cfg: Config, steps: "Steps", log: Callable = print) -> None:
     now = LatencyTable.load(shared)
     if now.prediction_key() == LatencyTable.load(copy).prediction_key():
         return
-    if not now.header.get("complete"):  # being timed again, or such a profile was killed
-        raise HwnasError(
-            f"{shared} is part-measured (hwnas profile is timing it, or was killed doing so); the run "
-            f"kept its own table, {copy}. Let that profile finish (or finish it: hwnas profile --config "
-            f"CONFIG --out {shared}), or go on with the run's table: cp {copy} {shared}")
     if not began:
+        if not now.header.get("complete"):  # being timed again, or such a profile was killed
+            raise HwnasError(
+                f"{shared} is part-measured (hwnas profile is timing it, or was killed doing so); the "
+                f"run kept its own table, {copy}. Let that profile finish (or finish it: hwnas profile "
+                f"--config CONFIG --out {shared}), or go on with the run's table: cp {copy} {shared}")
         atomic_write_bytes(copy, shared.read_bytes())
         log(f"[run] {shared} predicts otherwise than when this run profiled; nothing has predicted "
             "on it yet, so the run takes the new one")
@@ -532,10 +532,17 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
             if name == "profile" and cfg.latency.validate and not steps.state["done"]["profile"].get("validation"):
                 # latency.validate is read when the table is built: set later, it would change the
                 # calibration the run has searched with, so it is not applied to a kept table
-                log(f"[run] note: latency.validate is {cfg.latency.validate}, but this run's table was "
-                    "kept without validation (it was built with latency.validate 0); to validate and "
-                    f"calibrate it: hwnas profile --device cpu --config CONFIG --validate {cfg.latency.validate}, "
-                    "then hwnas run CONFIG --from profile")
+                from hwnas.latency.backends import OrtCpuBackend
+                from hwnas.latency.table import LatencyTable
+                from hwnas.search.runner import table_path
+
+                tpath = table_path(cfg, space)
+                if tpath.exists() and LatencyTable.load(tpath).header.get("device_name") == \
+                        OrtCpuBackend(threads=cfg.latency.threads).settings().get("device_name"):
+                    log(f"[run] note: latency.validate is {cfg.latency.validate}, but this run's table was "
+                        "kept without validation (it was built with latency.validate 0); to validate and "
+                        f"calibrate it: hwnas profile --device cpu --config CONFIG --out {tpath} --validate "
+                        f"{cfg.latency.validate}, then hwnas run CONFIG --from profile")
             return
         log(f"== {name}")
         t = time.time()

@@ -326,6 +326,9 @@ def test_a_run_keeps_its_latency_table(tmp_path):
         steps.state["done"][n] = {}
     keep_table(cfg, steps, said.append)
     assert shared.read_text() == table(3.0) and copy.read_text() == table(2.0)
+    shared.write_text(table(4.0, complete=False))  # (part-measured too: the finished run goes on)
+    keep_table(cfg, steps, said.append)
+    shared.write_text(table(3.0))
     # profiling again (a config change, --from profile) drops the copy, so the new table is kept
     assert copy in redo_outputs(cfg, ["profile"])
     # a table gone from both places: a run that would predict on it stops before it forgets anything

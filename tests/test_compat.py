@@ -232,9 +232,12 @@ def test_train_device_choice_and_clear_errors(monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "1")
         assert train_device(TrainConfig(device="cuda:0")) == torch.device("cuda:0")
         monkeypatch.setenv("WORLD_SIZE", "2")
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-        with pytest.raises(HwnasError, match="under torchrun.*train.device=cuda"):
-            train_device(TrainConfig(device="cuda:0"))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process a node: cuda:0 is its own GPU
+        assert train_device(TrainConfig(device="cuda:0")) == torch.device("cuda:0")
+        if torch.cuda.device_count() >= 2:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+            with pytest.raises(HwnasError, match="under torchrun.*train.device=cuda"):
+                train_device(TrainConfig(device="cuda:0"))
 
 
 def test_affine_augmentation_is_deterministic_and_keeps_edges():

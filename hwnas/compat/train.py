@@ -79,10 +79,11 @@ def train_device(cfg: TrainConfig) -> torch.device:
             raise HwnasError(f"train.device is {cfg.device!r} but this node runs more processes than "
                              f"it has GPUs ({torch.cuda.device_count()}); start torchrun with "
                              "--nproc_per_node at most the GPU count, or set train.device=cpu")
-        if want != "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise HwnasError(f"train.device is {cfg.device!r} under torchrun, which would put every "
-                             "process on that one GPU; set train.device=cuda (or auto): each process "
-                             "then takes its own GPU (LOCAL_RANK)")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        if want != "cuda" and local > 1:
+            raise HwnasError(f"train.device is {cfg.device!r} under torchrun with {local} processes on "
+                             "this node, which would put them all on that one GPU; set train.device=cuda "
+                             "(or auto): each process then takes its own GPU (LOCAL_RANK)")
         if want == "cuda":
             want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return torch.device(want)

@@ -299,7 +299,7 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
                         "folder of class folders, data.dataset: folder)")
     if not csv_path.is_file():
         raise DataError(f"manifest {shown(csv_path)} does not exist")
-    cols, rows = _read_csv(csv_path, ("path", "label"), "manifest", "columns path,label[,split]")
+    cols, rows = _read_csv(csv_path, ("path", "label"), "manifest", "columns path,label[,split]", ("split",))
     if not rows:
         raise DataError(f"manifest {csv_path} lists no images")
     has_split = "split" in cols
@@ -311,7 +311,7 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
             raise DataError(f"{csv_path}:{lineno}: empty path or label")
         split = (row.get("split") or "").strip() or None
         if has_split and split not in SPLITS:
-            got = "is empty" if split is None else f"{split!r} is not"
+            got = "is empty, not" if split is None else f"{split!r} is not"
             raise DataError(f"{csv_path}:{lineno}: split {got} one of {list(SPLITS)}; give every row "
                             "its split, or drop the split column (hwnas then splits the images itself)")
         p = Path(path)
@@ -319,8 +319,10 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
     return _from_entries(f"manifest:{csv_path.stem}", csv_path.parent, entries, has_split)
 
 
-def _read_csv(path: Path, required: Sequence[str], what: str, want: str) -> tuple[list[str], list[dict]]:
-    """A CSV's (stripped) header and rows; a missing required column is a DataError."""
+def _read_csv(path: Path, required: Sequence[str], what: str, want: str,
+              optional: Sequence[str] = ()) -> tuple[list[str], list[dict]]:
+    """A CSV's (stripped) header and rows; a missing required column, or a column read
+    (``required``, ``optional``) named twice, is a DataError."""
     # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
     with open(path, newline="", encoding="utf-8-sig") as f:
         try:
@@ -328,8 +330,9 @@ def _read_csv(path: Path, required: Sequence[str], what: str, want: str) -> tupl
             cols = [c.strip() for c in (reader.fieldnames or [])]
             if not set(required) <= set(cols):
                 raise DataError(f"{what} {path} must have a header row with {want}; found {cols or 'no header'}")
-            twice = sorted({c for c in cols if c and cols.count(c) > 1})
-            if twice:  # DictReader would keep the last such column's values without a word
+            # a column hwnas reads, named twice: DictReader would keep the last one's values
+            twice = sorted({c for c in cols if c in (*required, *optional) and cols.count(c) > 1})
+            if twice:
                 raise DataError(f"{what} {path}: the header names {', '.join(twice)} more than once "
                                 f"({', '.join(cols)}); keep one column of each name")
             reader.fieldnames = cols

@@ -349,8 +349,11 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
             # 128 training images, decoded alone (not the whole training part: ~15 GB at 224 px
             # for 100k images)
             calib_ids = splits.parts["train"][np.random.default_rng(0).permutation(len(splits.parts["train"]))[:128]]
-            calib = qpre.normalize(materialize(splits.collection, calib_ids, qpre, cfg.data.skip_bad_images,
-                                               desc="int8 calibration").images)
+            arr = materialize(splits.collection, calib_ids, qpre, cfg.data.skip_bad_images, desc="int8 calibration")
+            if arr.skipped:
+                log(f"[deploy] int8: {len(arr.skipped)} unreadable calibration images skipped "
+                    f"(e.g. {arr.skipped[0]}); calibrated on {len(arr.images)}")
+            calib = qpre.normalize(arr.images)
             quantize_int8(staging / "query.onnx", staging / "query.int8.onnx", calib,
                           qs.get_inputs()[0].name)
             s8 = backend.session((staging / "query.int8.onnx").read_bytes())
