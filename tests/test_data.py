@@ -371,3 +371,41 @@ def test_a_data_path_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert len(load_source("folder", "~/photos")) == 4
     assert same_file_specs("~/photos") == same_file_specs([str(tmp_path / "photos")]) == [str((tmp_path / "photos").resolve())]
+
+
+def test_large_parts_decode_once_into_a_memory_mapped_cache(tmp_path, monkeypatch):
+    """A part of image files at least HWNAS_IMAGE_CACHE_MB large is decoded once into the
+    run's cache and memory-mapped: the same images (unreadable ones left out) as decoding in
+    memory, no image read again on the next load, a file edited since decoded afresh."""
+    from PIL import Image
+
+    from hwnas.data.images import Preprocess, materialize
+
+    root = make_png_folder(tmp_path / "imgs", {"a": 5, "b": 5})
+    (root / "b" / "img004.png").write_bytes(b"broken")
+    col = image_folder(root)
+    pre, cache = Preprocess(size=16, channels=3), tmp_path / "cache"
+    reads = []
+    read = col.read
+    col.read = lambda i: (reads.append(i), read(i))[1]
+    idx = np.arange(len(col))
+    plain = materialize(col, idx, pre, skip_bad=True, cache_dir=cache)  # under the 1 GB default
+    assert not isinstance(plain.images, np.memmap) and not cache.exists()
+    monkeypatch.setenv("HWNAS_IMAGE_CACHE_MB", "0")
+    first = materialize(col, idx, pre, skip_bad=True, cache_dir=cache)
+    assert isinstance(first.images, np.memmap) and np.array_equal(first.images, plain.images)
+    assert np.array_equal(first.labels, plain.labels) and np.array_equal(first.indices, plain.indices)
+    assert first.skipped == plain.skipped == ["b/img004.png"]
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".u8"]  # no temp file left
+    reads.clear()
+    again = materialize(col, idx, pre, skip_bad=True, cache_dir=cache)
+    assert not reads and np.array_equal(again.images, plain.images) and again.skipped == plain.skipped
+    again.images[0] = 0  # copy-on-write: the cache is not changed through a model's batch
+    assert np.array_equal(materialize(col, idx, pre, skip_bad=True, cache_dir=cache).images, plain.images)
+    Image.fromarray(np.zeros((24, 20, 3), np.uint8)).save(root / "a" / "img000.png")  # edited since
+    fresh = materialize(col, idx, pre, skip_bad=True, cache_dir=cache)
+    assert reads and fresh.images[0].max() == 0 and np.array_equal(fresh.images[1:], plain.images[1:])
+    assert len(list(cache.iterdir())) == 2  # the part's earlier cache is gone
+    monkeypatch.setenv("HWNAS_IMAGE_CACHE_MB", "lots")
+    with pytest.raises(DataError, match="HWNAS_IMAGE_CACHE_MB='lots' must be a number"):
+        materialize(col, idx, pre, skip_bad=True, cache_dir=cache)

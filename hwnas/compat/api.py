@@ -41,7 +41,8 @@ def load_part(rd: RunDir, part: str, pre, class_names: list[str] | None = None, 
 
     splits = rd.splits(log=log)
     col = splits.collection
-    arr = materialize(col, splits.parts[part], pre, rd.cfg.data.skip_bad_images, desc=part)
+    arr = materialize(col, splits.parts[part], pre, rd.cfg.data.skip_bad_images, desc=part,
+                      cache_dir=rd.path / "cache")
     if arr.skipped:
         log(f"[data] skipped {len(arr.skipped)} unreadable images in {part} (e.g. {arr.skipped[0]})")
     if len(arr.images) == 0:

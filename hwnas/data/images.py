@@ -7,13 +7,15 @@ runtime can reproduce it exactly: convert to L or RGB, resize the shorter side t
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from hwnas.data.sources import Collection
-from hwnas.errors import DataError
+from hwnas.errors import DataError, HwnasError
 from hwnas.utils import bars_off
 
 
@@ -102,6 +104,23 @@ def check_readable(col: Collection, indices: Sequence[int], skip_bad: bool = Fal
     return [b for b, _ in bad]
 
 
+IMAGE_CACHE_ENV = "HWNAS_IMAGE_CACHE_MB"
+IMAGE_CACHE_MB = 1024  # decoded parts at least this large are cached on disk, memory-mapped
+
+
+def image_cache_bytes() -> int:
+    """The size from which a decoded part goes to the disk cache (``HWNAS_IMAGE_CACHE_MB``)."""
+    text = os.environ.get(IMAGE_CACHE_ENV, str(IMAGE_CACHE_MB))
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:
+        raise DataError(f"{IMAGE_CACHE_ENV}={text!r} must be a number of megabytes >= 0 (0: cache "
+                        f"every part of a data set of image files; default {IMAGE_CACHE_MB})")
+    return int(mb * 2**20)
+
+
 def materialize(
     col: Collection,
     indices: Sequence[int],
@@ -109,26 +128,106 @@ def materialize(
     skip_bad: bool = False,
     desc: str = "decode",
     progress: bool = True,
+    cache_dir=None,
 ) -> ImageArray:
     """Decode and preprocess ``indices`` of ``col`` into one uint8 array (progress bar).
 
     An unreadable image raises a DataError naming it, unless ``skip_bad``: then it is left
-    out and listed in ``skipped``."""
+    out and listed in ``skipped``.
+
+    ``cache_dir``: a part of image files (a class folder or a manifest) whose decoded images
+    take at least :func:`image_cache_bytes` is decoded once into a file there and memory-
+    mapped (:func:`_cached`): later steps and processes read it rather than decoding again,
+    and a data set larger than the memory trains from the page cache."""
+    indices = np.asarray(indices, dtype=np.int64)
+    row = pre.channels * pre.size * pre.size
+    if cache_dir is not None and col.paths is not None and len(indices) * row >= image_cache_bytes():
+        return _cached(col, indices, pre, skip_bad, desc, progress, Path(cache_dir))
+    out = np.empty((len(indices), pre.channels, pre.size, pre.size), np.uint8)
+    kept, skipped = _decode_into(out, col, indices, pre, skip_bad, desc, progress)
+    return ImageArray(out[kept], col.labels[indices[kept]], indices[kept], skipped)
+
+
+def _decode_into(out, col: Collection, indices: np.ndarray, pre: Preprocess, skip_bad: bool, desc: str,
+                 progress: bool, compact: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Decode ``indices`` into the rows of ``out``: (which were readable, ids of those not).
+    ``compact``: readable images fill the first rows in turn (else row j is image j)."""
     from tqdm import tqdm
 
-    indices = np.asarray(indices, dtype=np.int64)
-    out = np.empty((len(indices), pre.channels, pre.size, pre.size), np.uint8)
     kept = np.ones(len(indices), bool)
     skipped: list[str] = []
     it = tqdm(range(len(indices)), desc=desc, unit="img", disable=bars_off(not progress or len(indices) < 2000),
               mininterval=1.0, leave=False)
+    n = 0
     for j in it:
         i = int(indices[j])
         try:
-            out[j] = pre.image_to_array(col.read(i))
+            out[n if compact else j] = pre.image_to_array(col.read(i))
+            n += 1
         except DataError:
             if not skip_bad:
                 raise
             kept[j] = False
             skipped.append(col.ids[i])
-    return ImageArray(out[kept], col.labels[indices[kept]], indices[kept], skipped)
+    return kept, skipped
+
+
+def _file_stamp(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None, None
+
+
+def _cache_part(meta_p: Path) -> str | None:
+    from hwnas.utils import read_json
+
+    try:
+        return read_json(meta_p).get("part")
+    except (HwnasError, OSError, AttributeError):
+        return None
+
+
+def _cached(col: Collection, indices: np.ndarray, pre: Preprocess, skip_bad: bool, desc: str,
+            progress: bool, cache_dir: Path) -> ImageArray:
+    """The decoded images of ``indices`` from ``cache_dir`` (decoded into it on a miss): raw
+    uint8 rows, ``images-KEY.u8``, memory-mapped copy-on-write, with ``images-KEY.json``
+    (rows, skipped images). KEY covers the images (ids, and each file's size and mtime: a
+    file replaced or edited decodes afresh), the preprocessing and the skipping. Written
+    atomically, the data before the record, so a kill leaves no cache that reads as whole."""
+    from hwnas.utils import atomic_path, content_hash, read_json, write_json
+
+    shape = (pre.channels, pre.size, pre.size)
+    what = {"source": col.name, "preprocess": pre.to_dict(), "skip_bad": skip_bad}
+    part = content_hash({**what, "ids": [col.ids[i] for i in indices]}, 16)  # these images, however stamped
+    key = content_hash({**what, "files": [(col.ids[i], *_file_stamp(col.paths[i])) for i in indices]}, 16)
+    data_p, meta_p = cache_dir / f"images-{key}.u8", cache_dir / f"images-{key}.json"
+    meta = None
+    if meta_p.exists() and data_p.exists():
+        try:
+            meta = read_json(meta_p)
+            if data_p.stat().st_size != meta["rows"] * int(np.prod(shape)):
+                meta = None
+        except (HwnasError, KeyError, TypeError, ValueError):  # damaged: decoded again
+            meta = None
+    if meta is None:
+        with atomic_path(data_p) as tmp:
+            mm = np.memmap(tmp, np.uint8, mode="w+", shape=(max(len(indices), 1), *shape))
+            kept, skipped = _decode_into(mm, col, indices, pre, skip_bad, desc, progress, compact=True)
+            mm.flush()
+            del mm
+            os.truncate(tmp, int(kept.sum()) * int(np.prod(shape)))  # (the skipped images' rows)
+        meta = {"rows": int(kept.sum()), "shape": list(shape), "left_out": np.flatnonzero(~kept).tolist(),
+                "skipped": skipped, "part": part}
+        write_json(meta_p, meta)
+        for old in cache_dir.glob("images-*.json"):  # the same part decoded before its files changed
+            if old != meta_p and _cache_part(old) == part:
+                old.unlink(missing_ok=True)
+                old.with_suffix(".u8").unlink(missing_ok=True)
+    kept = np.ones(len(indices), bool)
+    kept[np.asarray(meta["left_out"], np.int64)] = False
+    images = (np.memmap(data_p, np.uint8, mode="c", shape=(meta["rows"], *shape)) if meta["rows"]
+              else np.empty((0, *shape), np.uint8))
+    return ImageArray(images, col.labels[indices[kept]], indices[kept], list(meta["skipped"]))
+
