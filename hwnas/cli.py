@@ -52,7 +52,8 @@ EXAMPLES = {
         examples:
           hwnas evaluate --config c.yaml --query runs/quickstart/query/NAME
           hwnas evaluate --config c.yaml --arch 'k3@1,...'   # a supernet subnet, BN recalibrated
-          hwnas evaluate --config c.yaml --query DIR --part val --json""",
+          hwnas evaluate --config c.yaml --query DIR --part val --json
+          hwnas evaluate --config c.yaml --query DIR --far 1e-3 --far 1e-4   # + verification (faces)""",
     "profile": """\
         examples:
           hwnas profile --device cpu --config configs/quickstart.yaml            # build the table
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "than the paragon, else budget_fraction of the table's range)")
     p.add_argument("--reward", choices=["r1", "r2", "r3"], help="r1 M(q,q), r2 M(q,g), r3 mix (default)")
     p.add_argument("--alpha", type=float, help="R3 weight of M(q,g) (default 0.5)")
-    p.add_argument("--metric", choices=["recall@1", "recall@5", "recall@10", "mAP"], help="accuracy metric")
+    p.add_argument("--metric", help="accuracy metric: recall@1 (default), recall@5, recall@10, mAP, or "
+                   "TAR@FAR=f (verification at false accept rate f, e.g. TAR@FAR=1e-3)")
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "evolution"],
                    help="default: the config's search.sampler (tpe where unset)")
     p.add_argument("--n-trials", type=int, help="evaluated (within-budget) trials in the study")
@@ -262,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--query", help="a trained query model directory")
     src.add_argument("--arch", help="a subnet of the trained supernet (BN recalibrated)")
     p.add_argument("--part", choices=["test", "val"], default="test", help="which split (default test)")
+    p.add_argument("--far", type=_far, action="append", default=[], metavar="F",
+                   help="also verification: TAR at false accept rate F over all query-gallery pairs "
+                        "(repeatable, e.g. --far 1e-3 --far 1e-4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = add("run", "Run the pipeline end to end from a config, step by step (resumable).")
@@ -482,6 +487,17 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _far(text: str) -> float:
+    """--far: a false accept rate, 0 < F < 1."""
+    try:
+        f = float(text)
+    except ValueError:
+        f = -1.0
+    if not 0 < f < 1:
+        raise argparse.ArgumentTypeError(f"must be a rate between 0 and 1, e.g. 1e-3, not {text!r}")
+    return f
+
+
 def _band(text: str) -> float | str:
     """--prefer-faster-within: "se" or a number (checked by the search config)."""
     if text == "se":
@@ -613,7 +629,7 @@ def cmd_evaluate(args) -> int:
 
     from hwnas.compat.api import evaluate_query, evaluation_table
 
-    res = evaluate_query(_load(args), query_dir=args.query, arch=args.arch, part=args.part)
+    res = evaluate_query(_load(args), query_dir=args.query, arch=args.arch, part=args.part, fars=args.far)
     # (each query's rank-1 hit, a character per query, stays in evaluation-PART.json)
     shown = {k: v for k, v in res.items() if k != "hit@1"}
     print(json.dumps(shown, indent=2) if args.json else evaluation_table(res))

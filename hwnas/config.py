@@ -128,7 +128,20 @@ class LatencyConfig:
 
 SAMPLERS = ("tpe", "nsga2", "random", "evolution")
 REWARDS = ("r1", "r2", "r3")
-METRICS = ("recall@1", "recall@5", "recall@10", "mAP")
+METRICS = ("recall@1", "recall@5", "recall@10", "mAP")  # and TAR@FAR=f (verification; 0 < f < 1)
+
+
+def metric_fars(metric) -> tuple[float, ...]:
+    """``(f,)`` for a ``TAR@FAR=f`` metric with 0 < f < 1, else ``()``."""
+    if not str(metric).startswith("TAR@FAR="):
+        return ()
+    try:
+        f = float(metric.split("=", 1)[1])
+    except ValueError:
+        return ()
+    return (f,) if 0 < f < 1 else ()
+
+
 VAL_QUERIES = ("all", "split")
 CLASSIFIERS = ("cosface", "arcface")
 
@@ -140,7 +153,7 @@ class SearchConfig:
     budget_speedup: float | None = None  # hwnas run: budget = the paragon's latency / this (measured)
     reward: str = "r3"  # r1: M(q,q) | r2: M(q,g) | r3: alpha*M(q,g) + (1-alpha)*M(q,q)
     alpha: float = 0.5
-    metric: str = "recall@1"  # or mAP
+    metric: str = "recall@1"  # or recall@5, recall@10, mAP, TAR@FAR=f (e.g. TAR@FAR=1e-3)
     sampler: str = "tpe"  # tpe | nsga2 | random | evolution
     n_trials: int = 100  # evaluated (feasible) trials, distinct archs (a repeat is not evaluated again)
     multi_objective: bool = False
@@ -167,8 +180,15 @@ class SearchConfig:
 
     def check(self) -> None:
         """The settings' own checks; ``hwnas search`` runs them again after its flags."""
-        for name, allowed in (("reward", REWARDS), ("metric", METRICS), ("sampler", SAMPLERS),
-                              ("val_queries", VAL_QUERIES)):
+        if metric_fars(self.metric):  # one spelling of the metric: the key evaluate() writes
+            self.metric = f"TAR@FAR={metric_fars(self.metric)[0]:g}"
+        elif str(self.metric).startswith("TAR@FAR="):
+            raise HwnasError(f"search.metric (--metric) {self.metric!r}: the FAR must be a number between "
+                             "0 and 1, e.g. TAR@FAR=1e-3")
+        elif self.metric not in METRICS:
+            raise HwnasError(f"search.metric (--metric) {self.metric!r} must be one of {', '.join(METRICS)}, "
+                             "or TAR@FAR=f (verification at false accept rate f, e.g. TAR@FAR=1e-3)")
+        for name, allowed in (("reward", REWARDS), ("sampler", SAMPLERS), ("val_queries", VAL_QUERIES)):
             if getattr(self, name) not in allowed:
                 raise HwnasError(f"search.{name} (--{name.replace('_', '-')}) {getattr(self, name)!r} "
                                  f"must be one of {', '.join(allowed)}")

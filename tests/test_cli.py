@@ -116,7 +116,9 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
                        (["profile", "--device", "cpu", "--validate", "-3"], "--validate -3 must be at least 0"),
                        (["profile", "--device", "cpu", "--out", str(tmp_path)], "is a folder"),
                        (["space", "--sample", "-3"], "--sample -3 must be 0 or more"),
-                       (["space", "--json", "--arch", "k3@1"], "--json prints the space itself")]:
+                       (["space", "--json", "--arch", "k3@1"], "--json prints the space itself"),
+                       (["evaluate", "--arch", "k3@1", "--far", "2"], "must be a rate between 0 and 1"),
+                       (["search", "--metric", "TAR@FAR=0"], "the FAR must be a number between 0 and 1")]:
         r = hwnas(*args)
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     (tmp_path / "a.yaml").write_text(f"run_dir: {tmp_path / 'arun'}\nadapt:\n  epochs: 2\n  images: "

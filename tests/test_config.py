@@ -19,6 +19,8 @@ def _load(tmp_path, text):
     ("data:\n  mean: 0.5", r"data\.mean must be a list.*e\.g\. \[0\.5\]"),
     ("data:\n  skip_bad_images: 'false'", "skip_bad_images must be true or false"),
     ("data:\n  split: {query_fraction: '0.2'}", r"data\.split\.query_fraction must be a number"),
+    ("search:\n  metric: TAR@FAR=2", r"search\.metric.*'TAR@FAR=2': the FAR must be a number between 0 and 1"),
+    ("search:\n  metric: recall@2", r"search\.metric.*must be one of recall@1"),
     ("data:\n  data_dir: 123", r"data\.data_dir must be text or null"),
     ("run_dir: null", "run_dir must be text"),
     ("seed: abc", "seed must be a whole number"),
@@ -98,3 +100,10 @@ def test_a_run_dir_that_is_a_file_is_named(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(HwnasError, match="is a file, not a folder"):
         _load(tmp_path, f"run_dir: {tmp_path / 'f'}")
+
+
+def test_a_verification_metric_has_one_spelling(tmp_path):
+    """search.metric TAR@FAR=f (face verification), however f is written, is the key the
+    evaluation writes."""
+    assert _load(tmp_path, "search:\n  metric: TAR@FAR=1e-3\n").search.metric == "TAR@FAR=0.001"
+    assert _load(tmp_path, "search:\n  metric: TAR@FAR=0.0001\n").search.metric == "TAR@FAR=0.0001"

@@ -113,3 +113,40 @@ def test_paired_test_counts_discordant_queries_and_gives_the_exact_sign_test():
     assert paired_test("1" * 1100 + "0" * 100, "0" * 1200)["p_value"] == 1e-300  # floored, never 0
     with pytest.raises(HwnasError, match="same split"):
         paired_test("11", "111")
+
+
+def _brute_tar(s, same, far):
+    """TAR at the lowest threshold whose impostor pairs above it are at most ``far`` of them."""
+    imp, gen = s[~same], s[same]
+    t = min(x for x in np.unique(imp) if np.mean(imp > x) <= far)
+    return float(np.mean(gen > t))
+
+
+def test_tar_at_far_matches_brute_force_and_leaves_self_pairs_out():
+    """Verification over all query-gallery pairs (faces report TAR@FAR): equal to a brute
+    force over the pair scores; an image paired with itself is neither genuine nor impostor;
+    a FAR the impostor pairs cannot resolve is NaN, and above max_impostors a sample sets
+    the threshold."""
+    rng = np.random.default_rng(3)
+    q, g = rng.normal(size=(60, 8)), rng.normal(size=(90, 8))
+    ql, gl = rng.integers(0, 6, 60), rng.integers(0, 6, 90)
+    r = evaluate(q, ql, g, gl, fars=(0.1, 0.01, 1e-5))
+    qn, gn = q / np.linalg.norm(q, axis=1, keepdims=True), g / np.linalg.norm(g, axis=1, keepdims=True)
+    s, same = qn @ gn.T, ql[:, None] == gl[None, :]
+    for f in (0.1, 0.01):
+        assert r[f"TAR@FAR={f:g}"] == pytest.approx(_brute_tar(s, same, f))
+    assert np.isnan(r["TAR@FAR=1e-05"])  # 4,5xx impostor pairs cannot tell 1 in 100,000
+    assert r["n_genuine_pairs"] == same.sum() and r["n_impostor_pairs"] == (~same).sum()
+    # leave-one-out: the gallery is the queries; a pair of an image with itself is left out
+    ids = [f"i{k}" for k in range(60)]
+    loo = evaluate(q, ql, q, ql, query_ids=ids, gallery_ids=ids, fars=(0.05,))
+    s2, same2 = qn @ qn.T, ql[:, None] == ql[None, :]
+    off = ~np.eye(60, dtype=bool)
+    imp, gen = s2[~same2 & off], s2[same2 & off]
+    t = min(x for x in np.unique(imp) if np.mean(imp > x) <= 0.05)
+    assert loo["TAR@FAR=0.05"] == pytest.approx(float(np.mean(gen > t)))
+    assert loo["n_genuine_pairs"] == int((same2 & off).sum())
+    sampled = evaluate(q, ql, g, gl, fars=(0.1,), max_impostors=1000)
+    assert 800 < sampled["n_impostor_pairs"] < 1200 and abs(sampled["TAR@FAR=0.1"] - r["TAR@FAR=0.1"]) < 0.1
+    with pytest.raises(HwnasError, match="FAR 1.5 must be between 0 and 1"):
+        evaluate(q, ql, g, gl, fars=(1.5,))

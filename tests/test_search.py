@@ -194,6 +194,27 @@ def test_leave_one_out_validation_scores_every_image(search_run):
     assert v.shared_eval and every.n_queries == len(v.parts["val_query"]) + len(v.parts["val_gallery"])
 
 
+def test_a_search_on_verification_accuracy(search_run, tmp_path):
+    """search.metric TAR@FAR=f: each trial scores verification at that FAR over the
+    validation pairs and rewards it, as it does recall@1; hwnas evaluate reports it too."""
+    from hwnas.compat.api import evaluate_query
+
+    cfg = load_config(search_run[1])
+    lo, hi, _ = _budget(cfg)
+    cfg.search.budget_ms, cfg.search.n_trials, cfg.search.metric = hi * 0.99, 2, "TAR@FAR=1e-2"
+    cfg.search.storage = f"sqlite:///{tmp_path / 'v.db'}"
+    cfg.search.check()
+    res = run_search(cfg, log=lambda *_: None, seed=0, out=tmp_path)
+    assert res["metric"] == "TAR@FAR=0.01"
+    study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)
+    for t in [t for t in study.trials if t.user_attrs.get("feasible") and "repeat_of" not in t.user_attrs]:
+        qq, qg = t.user_attrs["M(q,q)"]["TAR@FAR=0.01"], t.user_attrs["M(q,g)"]["TAR@FAR=0.01"]
+        assert 0 <= qg <= 1 and t.user_attrs["reward"] == pytest.approx(reward(qq, qg, "r3", cfg.search.alpha))
+    ev = evaluate_query(cfg, arch=res["arch"], part="val", log=lambda *_: None, fars=(0.01, 1e-3))
+    m = ev["metrics"]["M(q,g)"]
+    assert {"TAR@FAR=0.01", "TAR@FAR=0.001", "n_genuine_pairs", "n_impostor_pairs"} <= set(m)
+
+
 def test_search_without_a_budget_takes_the_configs_as_hwnas_run_does(search_run, tmp_path):
     """`hwnas search --config c` with no --budget-ms resolves search.budget_fraction on the
     table, as `hwnas run` does (not an error), says so, and keeps it in budget.json."""

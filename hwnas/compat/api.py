@@ -1058,9 +1058,10 @@ def model_flops(net, pre) -> int:
 
 # ---------------------------------------------------------------------- evaluate
 def evaluate_query(cfg: Config, query_dir: str | None = None, arch: str | None = None,
-                   part: str = "test", log=print) -> dict:
+                   part: str = "test", log=print, fars=()) -> dict:
     """M(g,g), M(q,g), M(q,q) on the test split (``part='val'``: the validation split) for a
-    trained query model (``query_dir``) or a supernet subnet after BN recalibration."""
+    trained query model (``query_dir``) or a supernet subnet after BN recalibration;
+    ``fars``: TAR at those false accept rates too (``retrieval.evaluate``)."""
     from hwnas.data.images import Preprocess
     from hwnas.nn.models import load_query
     from hwnas.nn.supernet import recalibrate_bn
@@ -1104,7 +1105,7 @@ def evaluate_query(cfg: Config, query_dir: str | None = None, arch: str | None =
 
     def score(q_emb, g_emb):
         return evaluate(q_emb, qi.raw_labels, g_emb, gi.raw_labels, query_ids=ids[0], gallery_ids=ids[1],
-                        per_query=True)
+                        per_query=True, fars=fars)
 
     res = {"M(g,g)": score(gg_q, gg_g), "M(q,g)": score(qq, gg_g), "M(q,q)": score(qq, qg)}
     # each query right or wrong at rank 1, kept apart from the metrics (the report's paired
@@ -1127,10 +1128,11 @@ def evaluation_table(res: dict) -> str:
     from hwnas.report import format_table
 
     rows = []
+    tars = [k for k in next(iter(res["metrics"].values())) if k.startswith("TAR@FAR=")]
     for k, m in res["metrics"].items():
         rows.append([k, f"{100 * m['recall@1']:.2f}", f"{100 * m['recall@5']:.2f}",
-                     f"{100 * m['mAP']:.2f}", m["n_queries"], m["n_gallery"]])
-    t = format_table(["", "R@1 %", "R@5 %", "mAP %", "queries", "gallery"], rows)
+                     f"{100 * m['mAP']:.2f}", *(f"{100 * m[t]:.2f}" for t in tars), m["n_queries"], m["n_gallery"]])
+    t = format_table(["", "R@1 %", "R@5 %", "mAP %", *(f"{x} %" for x in tars), "queries", "gallery"], rows)
     crit = res["bct_criterion_M(q,g)>M(q,q)"]
     return (t + f"\nBCT criterion M(q,g) > M(q,q): {'holds' if crit else 'does not hold'}; "
             f"gap to the paragon: {res['gap_to_paragon_points']:.2f} points of R@1")

@@ -1,5 +1,5 @@
 """Retrieval: asymmetric metrics (FAISS kNN) and, later, index build/save/load."""
 
-from hwnas.retrieval.metrics import evaluate, knn, l2_normalize, paired_test
+from hwnas.retrieval.metrics import evaluate, far_key, knn, l2_normalize, paired_test
 
-__all__ = ["evaluate", "knn", "l2_normalize", "paired_test"]
+__all__ = ["evaluate", "far_key", "knn", "l2_normalize", "paired_test"]

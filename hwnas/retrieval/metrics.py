@@ -17,6 +17,14 @@ Where the protocol shares images between query and gallery (leave-one-out), pass
 ``query_ids`` and ``gallery_ids``: a gallery item with the query's own id is excluded from
 its ranking.
 
+``fars`` adds verification at those false accept rates (face benchmarks such as IJB-C
+report it): every query-gallery pair is a genuine pair (same class) or an impostor pair;
+the threshold ``t`` is the highest score at which at most a FAR share of impostor pairs
+score above it, and ``TAR@FAR=f`` is the share of genuine pairs scoring above ``t``. Pairs
+of an image with itself are left out. Beyond ``max_impostors`` impostor pairs a seeded
+random sample of them sets the threshold (``n_impostor_pairs`` says how many); a FAR below
+1 / that count cannot be told and gives NaN.
+
 ``per_query=True`` adds ``hit@1``, one character per query ('1' right at rank 1, '0' wrong,
 '-' left out), so two models scored on the same queries can be compared query by query
 (``paired_test``): on one test split of a few thousand queries, a fraction of a point of
@@ -79,6 +87,8 @@ def evaluate(
     with_map: bool = True,
     chunk: int = 512,
     per_query: bool = False,
+    fars: Sequence[float] = (),
+    max_impostors: int = 20_000_000,
 ) -> dict:
     """Retrieval metrics of ``query_emb`` against ``gallery_emb`` (fractions in [0, 1])."""
     q = _as_f32(query_emb, "query embeddings")
@@ -125,6 +135,8 @@ def evaluate(
         out[f"recall@{k}"] = float(r[valid].mean()) if nv else float("nan")
     if with_map:
         out["mAP"] = _mean_ap(q, g, ql, gl, self_ix, valid, chunk)
+    if fars:
+        out.update(_tar_at_far(q, g, ql, gl, self_ix, fars, chunk, max_impostors))
     out["n_queries"] = int(len(q))
     out["n_gallery"] = int(len(g))
     out["n_queries_without_positive"] = int((~valid).sum())
@@ -180,3 +192,38 @@ def _mean_ap(q, g, ql, gl, self_ix, valid, chunk) -> float:
             rank = (greater_all - greater_pos) + k
             aps.append(float(np.mean(k / rank)))
     return float(np.mean(aps)) if aps else float("nan")
+
+
+def far_key(far: float) -> str:
+    return f"TAR@FAR={far:g}"
+
+
+def _tar_at_far(q, g, ql, gl, self_ix, fars, chunk, max_impostors) -> dict:
+    for f in fars:
+        if not 0 < f < 1:
+            raise HwnasError(f"FAR {f} must be between 0 and 1 (e.g. 1e-3)")
+    n_same = sum(int(np.sum(gl == c)) * int(np.sum(ql == c)) for c in np.unique(ql))
+    keep = min(1.0, max_impostors / max(len(q) * len(g) - n_same, 1))  # (a self pair is a same pair)
+    rng = np.random.default_rng(0)
+    genuine, impostor = [], []
+    for s in range(0, len(q), chunk):
+        e = min(s + chunk, len(q))
+        sims = q[s:e] @ g.T
+        same = ql[s:e, None] == gl[None, :]
+        own = np.zeros_like(same)
+        sx = self_ix[s:e]
+        own[np.flatnonzero(sx >= 0), sx[sx >= 0]] = True
+        genuine.append(sims[same & ~own])
+        imp = sims[~same & ~own]
+        impostor.append(imp if keep >= 1 else imp[rng.random(len(imp)) < keep])
+    gen = np.concatenate(genuine) if genuine else np.zeros(0, np.float32)
+    imp = -np.sort(-np.concatenate(impostor))  # descending
+    out = {"n_genuine_pairs": int(len(gen)), "n_impostor_pairs": int(len(imp))}
+    for f in fars:
+        k = int(np.floor(f * len(imp)))  # impostors allowed above the threshold
+        if k < 1 or not len(gen):
+            out[far_key(f)] = float("nan")  # too few impostor pairs to tell this FAR
+            continue
+        t = imp[k]  # scores above t: at most k impostor pairs (ties at t are not accepted)
+        out[far_key(f)] = float(np.mean(gen > t))
+    return out

@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from hwnas.config import REWARDS, SAMPLERS, Config
+from hwnas.config import REWARDS, SAMPLERS, Config, metric_fars
 from hwnas.errors import HwnasError
 from hwnas.rundir import RunDir
 from hwnas.space import Arch, arch_flops
@@ -115,6 +115,7 @@ class SupernetEvaluator:
         self.calib = [self.pre.normalize(train.images[sel[i:i + 128]]) for i in range(0, n, 128)]
         self.torch = torch
         self.cache: dict[str, dict] = {}
+        self.fars = metric_fars(cfg.search.metric)  # a TAR@FAR metric: verification as well
 
     @property
     def n_queries(self) -> int:
@@ -135,9 +136,9 @@ class SupernetEvaluator:
         g = q if self.vg is self.vq else embed(self.net, self.vg.images, self.pre.normalize, arch=arch)
         res = {
             "M(q,q)": evaluate(q, self.vq.raw_labels, g, self.vg.raw_labels,
-                               query_ids=self.ids[0], gallery_ids=self.ids[1]),
+                               query_ids=self.ids[0], gallery_ids=self.ids[1], fars=self.fars),
             "M(q,g)": evaluate(q, self.vq.raw_labels, self.g_emb, self.vg.raw_labels,
-                               query_ids=self.ids[0], gallery_ids=self.ids[1]),
+                               query_ids=self.ids[0], gallery_ids=self.ids[1], fars=self.fars),
             "seconds": time.time() - t,
         }
         self.cache[key] = res
@@ -360,7 +361,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         qq, qg, r = res["M(q,q)"][s.metric], res["M(q,g)"][s.metric], search_reward(res, s)
         trial.set_user_attr("feasible", True)
         for k in ("M(q,q)", "M(q,g)"):
-            trial.set_user_attr(k, {m: res[k][m] for m in ("recall@1", "recall@5", "mAP")})
+            trial.set_user_attr(k, {m: res[k][m] for m in dict.fromkeys(("recall@1", "recall@5", "mAP", s.metric))})
         trial.set_user_attr("eval_seconds", res["seconds"])
         # the queries the accuracies average over (those with a positive): the reward's precision
         n = res["M(q,g)"].get("n_queries")
