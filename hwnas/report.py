@@ -90,6 +90,11 @@ def build_report(cfg, log=print) -> dict:
     shape = (1, pre.channels, pre.size, pre.size)
     rows, runners, hits = [], [], {}
     splits_fp = read_json(rd.splits_path).get("fingerprint")
+    from hwnas.config import metric_fars
+    from hwnas.retrieval import far_key
+
+    fars = metric_fars(cfg.search.metric)
+    tars = [far_key(f) for f in fars]
     for name in names:
         qdir = rd.path / "query" / name
         if not (qdir / "config.json").exists():
@@ -98,11 +103,12 @@ def build_report(cfg, log=print) -> dict:
         ev_path = qdir / "evaluation-test.json"
         ev = read_json(ev_path) if ev_path.exists() else None
         if (ev is None or ev.get("gallery_fingerprint") != gallery.fingerprint
-                or ev.get("splits_fingerprint") != splits_fp or "hit@1" not in ev):
+                or ev.get("splits_fingerprint") != splits_fp or "hit@1" not in ev
+                or any(far_key(f) not in ev["metrics"]["M(q,g)"] for f in fars)):
             # (an evaluation against another gallery model or on other splits, one from before
-            # per-query results were kept, or none yet: evaluated here; the paired tests below
-            # need every model's queries in the same order)
-            ev = api.evaluate_query(cfg, query_dir=str(qdir), log=log)
+            # per-query results were kept, one without the search's TAR@FAR, or none yet:
+            # evaluated here; the paired tests below need every model's queries in one order)
+            ev = api.evaluate_query(cfg, query_dir=str(qdir), log=log, fars=fars)
         hits[name] = ev["hit@1"]
         net, qcfg = load_query(qdir)
         if qcfg.get("adapted") and name != ADAPTED:
@@ -138,6 +144,8 @@ def build_report(cfg, log=print) -> dict:
             "M(q,g)_mAP": mq["M(q,g)"]["mAP"], "M(q,q)_mAP": mq["M(q,q)"]["mAP"],
             "flops_reduction": g_mflops / r["mflops"], "latency_reduction": g_ms / m.latency_ms,
             "gap_points": 100 * (paragon["recall@1"] - mq["M(q,g)"]["recall@1"]),
+            # search.metric TAR@FAR=f: verification too (the verdicts stay on recall@1)
+            **{f"{side}_{k}": mq[side][k] for k in tars for side in ("M(q,g)", "M(q,q)")},
         })
         del r["metrics"]
         # the gap to the paragon, query by query: this model's M(q,g) against M(g,g) on the same queries
@@ -160,7 +168,8 @@ def build_report(cfg, log=print) -> dict:
                     "mflops": g_mflops, "measured_ms": g_ms, "measured_pools_ms": lat[-1].pools_ms,
                     "threads": g_best_threads, "measured_ms_by_threads": g_by_threads,
                     "M(g,g)_recall@1": paragon["recall@1"],
-                    "M(g,g)_mAP": paragon["mAP"]},
+                    "M(g,g)_mAP": paragon["mAP"], **{f"M(g,g)_{k}": paragon[k] for k in tars}},
+        "verification": tars[0] if tars else None,
         "rows": rows,
         # how the searched arch was picked among the search's best (query.finalists > 1)
         "finalists": _finalists(rd.path, s) if cfg.query.finalists > 1 else None,
@@ -275,16 +284,19 @@ def pareto_against(s: dict, baselines: list[dict]) -> tuple[dict[str, bool], lis
 
 def headline_table(report: dict, markdown: bool = False) -> str:
     p = report["paragon"]
+    v = report.get("verification")  # search.metric TAR@FAR=f: its M(q,g) beside recall@1
     headers = ["model", "MFLOPs", "pred ms", "meas ms", "FLOPs x", "latency x", "M(q,g) R@1",
-               "M(q,q) R@1", "gap pts"]
+               "M(q,q) R@1", "gap pts", *([f"M(q,g) {v}"] if v else [])]
     rows = [[f"paragon {p['model']} (M(g,g))", f"{p['mflops']:.1f}", "-", f"{p['measured_ms']:.3f}",
-             "1", "1", f"{100 * p['M(g,g)_recall@1']:.2f}", "-", "0"]]
+             "1", "1", f"{100 * p['M(g,g)_recall@1']:.2f}", "-", "0",
+             *([f"{100 * p[f'M(g,g)_{v}']:.2f}"] if v else [])]]
     for r in report["rows"]:
         rows.append([r["model"], f"{r['mflops']:.2f}",
                      f"{r['predicted_ms']:.3f}" if r["predicted_ms"] is not None else "-",
                      f"{r['measured_ms']:.3f}", f"{r['flops_reduction']:.1f}",
                      f"{r['latency_reduction']:.1f}", f"{100 * r['M(q,g)_recall@1']:.2f}",
-                     f"{100 * r['M(q,q)_recall@1']:.2f}", f"{r['gap_points']:.2f}"])
+                     f"{100 * r['M(q,q)_recall@1']:.2f}", f"{r['gap_points']:.2f}",
+                     *([f"{100 * r[f'M(q,g)_{v}']:.2f}"] if v else [])])
     t = markdown_table(headers, rows) if markdown else format_table(headers, rows)
     tg = report.get("targets")
     if tg:

@@ -106,3 +106,15 @@ def test_the_headline_names_each_paired_test_and_an_older_report_still_renders()
     assert "over the 2000 test queries" in t and "exact McNemar p" in t
     assert "the paragon's M(g,g) +2.00 (150 / 110, p = 0.015)" in t
     assert "smallest -0.15 (40 / 43, p = 0.83)" in t
+
+
+def test_a_verification_search_shows_its_metric_beside_recall():
+    """search.metric TAR@FAR=f: report.json carries it for the paragon and each model, and the
+    headline shows M(q,g) at it beside recall@1 (the verdicts stay on recall@1)."""
+    rep = {"paragon": {"model": "resnet18", "mflops": 70.9, "measured_ms": 0.9, "M(g,g)_recall@1": 0.78,
+                       "M(g,g)_TAR@FAR=0.001": 0.912},
+           "rows": [_row("searched", 0.068, 0.80, **{"M(q,g)_TAR@FAR=0.001": 0.874})],
+           "verification": "TAR@FAR=0.001"}
+    t = headline_table(rep, markdown=True)
+    assert "M(q,g) TAR@FAR=0.001" in t.splitlines()[0] and "91.20" in t and "87.40" in t
+    assert "TAR@FAR" not in headline_table({**rep, "verification": None})
