@@ -485,6 +485,28 @@ def test_evolution_sampler_mutates_the_population(tiny_space):
         assert pool[i] in pool[i - 4:i]
 
 
+def test_evolution_never_proposes_an_arch_that_does_not_fit(tiny_space):
+    """Where no child of the population fits (a high mutation_prob at a tight budget), the
+    sampler draws afresh from init rather than spending a trial over the budget."""
+    rng = random.Random(1)
+    ok = {tiny_space.sample(rng) for _ in range(4)}  # the only archs that "fit"
+    s = RegularizedEvolutionSampler(tiny_space, population=3, tournament=2, mutation_prob=1.0,
+                                    crossover_prob=0.0, seed=0, fits=ok.__contains__,
+                                    init=lambda r: r.choice(sorted(ok, key=str)), max_redraws=3)
+    study = optuna.create_study(direction="maximize", sampler=s)
+    seen = []
+
+    def obj(trial):
+        a = tiny_space.suggest(trial)
+        trial.set_user_attr("arch", a.to_string())
+        trial.set_constraint("latency_ms", -1.0)
+        seen.append(a)
+        return float(len(seen))
+
+    study.optimize(obj, n_trials=15)
+    assert all(a in ok for a in seen)
+
+
 @pytest.mark.parametrize("sampler", ["random", "evolution"])
 def test_random_and_evolution_draw_only_feasible_archs(search_run, tmp_path, sampler):
     """At a tight budget (about 2% of uniform archs fit) these samplers spend no trial on an

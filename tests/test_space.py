@@ -33,9 +33,33 @@ def test_arch_string_round_trip(tiny_space):
         assert "/" in s and " " not in s
 
 
+def test_scales_no_short_number_writes_round_trip():
+    """An arch string parses back to its arch whatever the scales (1/3 is written in full);
+    the usual scales keep their short form, so stored strings do not change."""
+    sp = SearchSpace(channel_scales=(1 / 3, 2 / 3, 1.0))
+    a = Arch(tuple(("k3", 1 / 3) for _ in sp.layers()))
+    assert sp.parse(a.to_string(sp)) == a and Arch.parse(a.to_string()) == a
+    assert Arch(tuple(("k5", 0.5) for _ in sp.layers())).to_string().startswith("k5@0.5,")
+
+
+def test_num_archs_counts_networks():
+    """Two scales that round to one width are one network: num_archs counts the canonical
+    archs, as enumerating a small space shows."""
+    import itertools
+
+    sp = SearchSpace(input_size=16, stem_channels=8, stage_layers=(1, 2), stage_widths=(16, 24),
+                     head_channels=16, embed_dim=8, channel_scales=(0.5, 0.75, 1.0, 1.25), channel_divisor=4)
+    per_layer = [[(op, None if op == "skip" else sc) for op in layer.choices
+                  for sc in ((None,) if op == "skip" else sp.channel_scales)] for layer in sp.layers()]
+    per_layer = [list(dict.fromkeys(x)) for x in per_layer]
+    nets = {sp.canonical(Arch(tuple(c))) for c in itertools.product(*per_layer)}
+    assert sp.num_archs() == len(nets) < len(list(itertools.product(*per_layer)))
+
+
 def test_hash_is_stable_and_content_based():
     a, b = SearchSpace(), SearchSpace(name="other name")
     assert a.hash == b.hash  # the name does not change shapes
+    assert SearchSpace(width_mult=1).hash == a.hash  # one number type: 1 is 1.0
     assert SearchSpace(embed_dim=64).hash != a.hash
     assert SearchSpace.from_dict(a.to_dict()) == a
     # Pinned: a change of this value means every latency table and checkpoint is invalid.
@@ -148,4 +172,5 @@ def test_the_search_best_archs_are_one_per_network(tmp_path):
             w.writerow({"state": "COMPLETE", "feasible": "True", "reward": r, "arch": arch,
                         "predicted_ms": 0.05, "mflops": 1.0})
     assert [x["arch"] for x in top_archs(tmp_path, 2)] == [a, a_again]  # strings alone
-    assert [x["arch"] for x in top_archs(tmp_path, 2, sp)] == [a, b]  # networks
+    # networks, each named by its canonical string (in the stage form the search writes)
+    assert [x["arch"] for x in top_archs(tmp_path, 2, sp)] == [sp.network(x).to_string(sp) for x in (a, b)]

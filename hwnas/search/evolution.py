@@ -9,7 +9,8 @@ the population is full, children are uniform random archs.
 
 Under a latency budget (``fits``, the predictor's check), every child is drawn until it
 fits, as in SPOS's constrained evolution: the initial population from ``init`` (random
-feasible archs), and a mutated child redrawn up to ``max_redraws`` times. Without this, at
+feasible archs), and a mutated child redrawn up to ``max_redraws`` times (then a fresh
+draw from ``init``, where no child of the population fits). Without this, at
 a tight budget (0.4% of uniform archs fit at 30% of the quickstart's range) the population
 took over 3,000 over-budget trials to fill.
 
@@ -109,8 +110,11 @@ class RegularizedEvolutionSampler(WholeArchSampler):
         for _ in range(self.max_redraws):
             child = self._child(pool)
             if self.fits(child):
-                break
-        return child
+                return child
+        # no child of this population fits (a tight budget with a high mutation_prob): a fresh
+        # draw, feasible where init is the predictor's sample_feasible, rather than a trial
+        # spent over the budget
+        return self.init(self.rng)
 
     def _child(self, pool: list[tuple[float, Arch]]) -> Arch:
         def winner() -> Arch:

@@ -119,6 +119,10 @@ class SearchSpace:
         object.__setattr__(
             self, "channel_scales", tuple(float(s) for s in self.channel_scales)
         )
+        # one number type, so that equal spaces hash alike (width_mult: 1 is 1.0)
+        object.__setattr__(self, "width_mult", float(self.width_mult))
+        if all(float(w) == int(w) for w in self.stage_widths):
+            object.__setattr__(self, "stage_widths", tuple(int(w) for w in self.stage_widths))
         if self.input_size < 8:
             bad(f"input_size={self.input_size}; use at least 8 pixels")
         if self.in_channels not in (1, 3):
@@ -343,12 +347,21 @@ class SearchSpace:
         return out
 
     def num_archs(self) -> int:
+        """Distinct networks: per layer, each op at each width its scales give (two scales
+        that round to one width are one network, ``canonical``), and skip once."""
         n = 1
-        for layer in self.layers():
-            n *= len(layer.choices) * len(self.channel_scales) - (
-                len(self.channel_scales) - 1 if SKIP in layer.choices else 0
-            )
+        for layer, widths in zip(self.layers(), self._smallest_scale_of_width()):
+            ops = [o for o in layer.choices if o != SKIP]
+            n *= len(ops) * len(widths) + (1 if SKIP in layer.choices else 0)
         return n
+
+
+def _scale_text(scale: float) -> str:
+    """A channel scale as an arch string writes it: short (``0.5``, ``1``) where that reads
+    back as the very number, else in full (1/3 as ``0.3333333333333333``), so that every
+    string parses back to its arch."""
+    short = f"{scale:g}"
+    return short if float(short) == scale else repr(scale)
 
 
 @dataclass(frozen=True)
@@ -369,7 +382,7 @@ class Arch:
         object.__setattr__(self, "layers", tuple(norm))
 
     def to_string(self, space: SearchSpace | None = None) -> str:
-        toks = [SKIP if op == SKIP else f"{op}@{scale:g}" for op, scale in self.layers]
+        toks = [SKIP if op == SKIP else f"{op}@{_scale_text(scale)}" for op, scale in self.layers]
         if space is None:
             return ",".join(toks)
         out, i = [], 0
