@@ -465,20 +465,26 @@ def test_two_workers_share_one_storage(search_run, tmp_path, kind):
         assert n >= 6
 
 
+def _proposals(space, sampler, n: int) -> list:
+    """The archs ``sampler`` proposes over ``n`` feasible trials (rewards rising: later is better)."""
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    seen = []
+
+    def obj(trial):
+        a = space.suggest(trial)
+        trial.set_user_attr("arch", a.to_string())
+        trial.set_constraint("latency_ms", -1.0)
+        seen.append(a)
+        return float(len(seen))
+
+    study.optimize(obj, n_trials=n)
+    return seen
+
+
 def test_evolution_sampler_mutates_the_population(tiny_space):
     s = RegularizedEvolutionSampler(tiny_space, population=4, tournament=2, mutation_prob=0.0,
                                     crossover_prob=0.0, seed=0)
-    study = optuna.create_study(direction="maximize", sampler=s)
-    pool = []
-
-    def obj(trial):
-        a = tiny_space.suggest(trial)
-        trial.set_user_attr("arch", a.to_string())
-        trial.set_constraint("latency_ms", -1.0)
-        pool.append(a.to_string())
-        return float(len(pool))
-
-    study.optimize(obj, n_trials=12)
+    pool = [a.to_string() for a in _proposals(tiny_space, s, 12)]
     # with no mutation or crossover, every child after the first 4 copies a member of the
     # aging population (the last 4 completed trials)
     for i in range(4, 12):
@@ -493,18 +499,7 @@ def test_evolution_never_proposes_an_arch_that_does_not_fit(tiny_space):
     s = RegularizedEvolutionSampler(tiny_space, population=3, tournament=2, mutation_prob=1.0,
                                     crossover_prob=0.0, seed=0, fits=ok.__contains__,
                                     init=lambda r: r.choice(sorted(ok, key=str)), max_redraws=3)
-    study = optuna.create_study(direction="maximize", sampler=s)
-    seen = []
-
-    def obj(trial):
-        a = tiny_space.suggest(trial)
-        trial.set_user_attr("arch", a.to_string())
-        trial.set_constraint("latency_ms", -1.0)
-        seen.append(a)
-        return float(len(seen))
-
-    study.optimize(obj, n_trials=15)
-    assert all(a in ok for a in seen)
+    assert all(a in ok for a in _proposals(tiny_space, s, 15))
 
 
 @pytest.mark.parametrize("sampler", ["random", "evolution"])
