@@ -143,7 +143,8 @@ def _seeds_lines(rep: dict, seeds: dict) -> list[str]:
 
     rows = {r["model"]: r for r in rep["rows"] if r["model"] in seeds}
     mean = {m: {**rows[m], "M(q,g)_recall@1": statistics.mean(x["M(q,g)"] for x in v)} for m, v in seeds.items()}
-    n = min(len(v) for v in seeds.values())
+    ns = sorted({len(v) for v in seeds.values()})
+    n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
     out = ["", f"By training seed ({n} trainings of each model, the run's own first; the architectures "
            "and latencies are the table's; the seed sets batch order and augmentation, and the initial "
            "weights of a model trained from scratch — a subnet that inherits the supernet's weights "
@@ -154,7 +155,7 @@ def _seeds_lines(rep: dict, seeds: dict) -> list[str]:
     for m, v in seeds.items():
         qg = [100 * x["M(q,g)"] for x in v]
         out.append(f"| {m} | {rows[m]['measured_ms']:.3f} | {' / '.join(f'{x:.2f}' for x in qg)} | "
-                   f"{statistics.mean(qg):.2f} | {statistics.stdev(qg) if len(qg) > 1 else 0:.2f} | "
+                   f"{statistics.mean(qg):.2f} | {f'{statistics.stdev(qg):.2f}' if len(qg) > 1 else '-'} | "
                    f"{100 * statistics.mean(x['M(q,q)'] for x in v):.2f} | {g - statistics.mean(qg):.2f} |")
     s = mean.get("searched")
     if s is not None:
@@ -190,7 +191,8 @@ def _not_pareto_line(rep: dict) -> str:
         if better:
             continue
         b, why = rows[name], []
-        if b["measured_ms"] < s["measured_ms"]:
+        tol = rep.get("pareto_latency_tol", 0.0)  # (within it the two count as equally fast)
+        if s["measured_ms"] > b["measured_ms"] * (1 + tol):
             slower, sp, bp = "", s.get("latency_reduction_pools"), b.get("latency_reduction_pools")
             if sp and bp:  # in a pool, the smaller paragon / model ratio is the slower model
                 slower = f", slower in {sum(a < c for a, c in zip(sp, bp))} of {len(sp)} timing pools"

@@ -167,7 +167,7 @@ def _best_reward(found: dict) -> tuple[str, float]:
 
 
 def _beaten(model, row) -> str:
-    """How many of a budget's random archs ``model`` reaches on M(q,g) and on M(q,q)."""
+    """How many of a budget's random archs ``model`` reaches (>=, ties included) on M(q,g) and on M(q,q)."""
     n = len(row["random"])
     return " / ".join(f"{sum(model[k] >= x[k] for x in row['random'])}/{n}" for k in ("M(q,g)", "M(q,q)"))
 
@@ -179,11 +179,16 @@ def _shortfalls(model, row) -> list[str]:
     from hwnas.report import PARETO_LATENCY_TOL
 
     slower = model["measured_ms"] / row["random_median_measured_ms"] - 1
+    mb = row["mobilenetv3"]
+    slower_mb = model["measured_ms"] / mb["measured_ms"] - 1 if "measured_ms" in mb else None
     return [w for w, bad in (
         ("M(q,g) below the random median", model["M(q,g)"] < row["random_median_M(q,g)"]),
         ("M(q,q) below the random median", model["M(q,q)"] < row["random_median_M(q,q)"]),
         (f"slower than the random median ({100 * slower:.1f}%)", slower > PARETO_LATENCY_TOL),
-        ("M(q,g) below MobileNetV3", model["M(q,g)"] < row["mobilenetv3"]["M(q,g)"])) if bad]
+        ("M(q,g) below MobileNetV3", model["M(q,g)"] < mb["M(q,g)"]),
+        ("M(q,q) below MobileNetV3", model["M(q,q)"] < mb["M(q,q)"]),
+        (f"slower than MobileNetV3 ({100 * (slower_mb or 0):.1f}%)",
+         slower_mb is not None and slower_mb > PARETO_LATENCY_TOL)) if bad]
 
 
 def plot_budgets(rows, path) -> None:
@@ -243,7 +248,8 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
           f"budget {budget} ms unless stated (table range {lo:.3f}-{hi:.3f} ms)."]
     if "samplers" in res:
         marks = sorted({int(n) for r in res["samplers"] for n in r["best_at"]})
-        md += ["", f"Best R3 reward (validation recall@1) after N evaluated trials (budget "
+        rw, mt = res.get("search_reward", "r3").upper(), res.get("search_metric", "recall@1")
+        md += ["", f"Best {rw} reward (validation {mt}) after N evaluated trials (budget "
                f"{res.get('samplers_budget_ms', budget)} ms).{measured('samplers')}", "",
                "| sampler | " + " | ".join(f"N={n}" for n in marks) + " | s / trial | over-budget samples |",
                "|---|" + "---|" * len(marks) + "---|---|"]
@@ -314,13 +320,19 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                f"{res.get('budgets_table_range_ms', [lo, hi])[1]:.3f} ms predicted); the test split has "
                f"{nq:,} queries (one standard error of recall@1 is about {se:.1f} points).", ""]
         if res.get("budgets_finished_only"):
-            md += ["Still in progress: the models finished so far (`--finished-only`); random archs trained "
-                   "per budget: " + ", ".join(f"{r['budget_ms']} ms {len(r['random'])}/{r.get('random_planned')}"
-                                              for r in res["budgets"]) + ".", ""]
+            def progress(r):
+                seeds = f", searched arch's seeds {1 + len(r.get('searched_seeds', []))}/{r['seeds_planned']}" \
+                    if r.get("seeds_planned") else ""
+                return f"{r['budget_ms']} ms: random archs {len(r['random'])}/{r.get('random_planned')}{seeds}"
+
+            md += ["Still in progress: the models finished so far (`--finished-only`), by budget: "
+                   + "; ".join([progress(r) for r in res["budgets"]]
+                               + [f"{r['budget_ms']} ms: not reported ({r['why']})"
+                                  for r in res.get("budgets_not_reported", [])]) + ".", ""]
         md += [
                "| budget ms (pred.) | searched M(q,g) | searched M(q,q) | searched meas. ms | random median M(q,g) "
                "| random median M(q,q) | random median meas. ms | random M(q,g) SD (range) "
-               "| random archs beaten on M(q,g) / M(q,q) | MobileNetV3-small-0.5 M(q,g) / M(q,q) / meas. ms |",
+               "| random archs reached (>=) on M(q,g) / M(q,q) | MobileNetV3-small-0.5 M(q,g) / M(q,q) / meas. ms |",
                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["budgets"]:
             s, m = r["searched"], r["mobilenetv3"]
@@ -420,7 +432,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                    + ":", "",
                    "| budget ms (pred.) | chosen: search rank | M(q,g) | M(q,q) | "
                    + ("M(q,g) / M(q,q), mean of seeds (trainings) | " if fseeded else "")
-                   + "meas. ms | random archs beaten on M(q,g) / M(q,q)"
+                   + "meas. ms | random archs reached (>=) on M(q,g) / M(q,q)"
                    + (" (own training)" if fseeded else "") + " | target |",
                    "|---|---|---|---|---|---|---|" + ("---|" if fseeded else "")]
             for r in fins:
@@ -462,7 +474,8 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                f"a model's own training loss after {e} of its {query_epochs} epochs "
                f"(`query.finalists` compares the latter). Kendall tau against test M(q,g) (loss negated), "
                f"and over 4,000 seeded draws of {k} of the budget's trained subnets, how often the one each "
-               f"signal picks reaches the budget's median test M(q,g) (and M(q,q) too), and its mean M(q,g) "
+               f"signal picks reaches the median test M(q,g) of those subnets (the searched and the random "
+               f"ones; M(q,q) too), and its mean M(q,g) "
                f"gain over the draw's average:", "",
                "| budget ms (pred.) | subnets | tau: search score | tau: training loss | search score picks >= median "
                "M(q,g) (both) | training loss picks >= median M(q,g) (both) | mean gain, points: score / loss |",
@@ -774,10 +787,13 @@ def main() -> None:
             jobs = [j for j in jobs if _prepare_out(Path(args.run_dir) / "query" / j[0], restart=False)]
             return {n: _train_eval(base, args.run_dir, n, kw) for n, kw in tqdm(jobs, desc="evaluate finished")}
 
+        not_reported = []  # (--finished-only: the budgets not far enough on to report, and why)
         if args.finished_only:
             trained = evaluate_finished(jobs)
             if "bench-mobilenetv3_small_050" not in trained:
                 raise SystemExit("--finished-only: MobileNetV3-small is not trained yet; run without it first")
+            not_reported = [{"budget_ms": b, "budget_frac": frac, "why": "its searched model is not trained yet"}
+                            for frac, b, _ in plan if f"bench-budget-{frac}-searched" not in trained]
             plan = [p for p in plan if f"bench-budget-{p[0]}-searched" in trained]
             wait = lambda: trained
         else:
@@ -807,7 +823,13 @@ def main() -> None:
             s = trained[f"bench-budget-{frac}-searched"]
             s["predicted_ms"] = _best_reward(found[frac])[1]
             best_reward = None
-            if f"bench-budget-{frac}-chosen" in trained:  # the choice is another arch than the best reward's
+            other = space.network(found[frac]["arch"]) != space.network(_best_reward(found[frac])[0])
+            if other and f"bench-budget-{frac}-chosen" not in trained:  # (--finished-only)
+                print(f"budget {frac}: the search's choice is not trained yet; not reported yet", flush=True)
+                not_reported.append({"budget_ms": b, "budget_frac": frac,
+                                     "why": "the search's choice is not trained yet"})
+                continue
+            if other:  # the choice is another arch than the best reward's
                 best_reward = {**s, "seeds": seeds_of("searched"), "band": found[frac]["chosen_within"]["band"]}
                 s = trained[f"bench-budget-{frac}-chosen"]
                 s["predicted_ms"] = found[frac]["predicted_ms"]
@@ -817,9 +839,11 @@ def main() -> None:
             done = [trained[n] for n in (f"bench-budget-{frac}-random{i}" for i in range(len(rand))) if n in trained]
             if len(done) < 2:
                 print(f"budget {frac}: {len(done)} random archs finished; not reported yet", flush=True)
+                not_reported.append({"budget_ms": b, "budget_frac": frac,
+                                     "why": f"{len(done)} of {len(rand)} random archs trained"})
                 continue
             row = {"budget_ms": b, "budget_frac": frac, "searched": s, "mobilenetv3": dict(mbv3),
-                   "random_planned": len(rand), "random": done}
+                   "random_planned": len(rand), "random": done, "seeds_planned": args.searched_seeds}
             if seeds:  # the same arch at other training seeds
                 row["searched_seeds"] = seeds
             if best_reward is not None:
@@ -843,6 +867,7 @@ def main() -> None:
         if not args.measure_later:
             measure_budgets(rows)
         res["budgets"] = rows
+        res["budgets_not_reported"] = not_reported
         res["proxy_fidelity"] = proxy_fidelity([x for r in rows for x in (r["searched"], *r["random"])], scores)
         res["selection_fidelity"] = selection_fidelity(rows, base.query.finalist_epochs, max(args.finalists, 2))
         res["budgets_trained_on"] = machine()
@@ -914,6 +939,8 @@ def main() -> None:
     res["part_measured"] = {**res.get("part_measured", {}), **{
         p: {"date": res["machine"]["date"], "cpu": res["machine"]["cpu"], "table_range_ms": [lo, hi]}
         for p in done}}
+    if "samplers" in done:  # what the samplers' studies rewarded
+        res["search_reward"], res["search_metric"] = base.search.reward, base.search.metric
     res["script"] = (f"benchmarks/bench_search.py --config configs/{tag}.yaml"
                      + "".join(" --set " + x for x in args.set)
                      + (" --finished-only" if args.finished_only else ""))
