@@ -103,6 +103,19 @@ def test_failed_deploy_leaves_nothing(bundle, tmp_path):
         deploy(cfg, log=lambda *_: None)  # the existing bundle is never silently replaced
 
 
+def test_parity_refuses_a_non_finite_export():
+    """An export with a NaN output fails the parity check (the minimum of cosines with a NaN
+    is NaN, which no '<' comparison catches)."""
+    from hwnas.export.deploy import PARITY_MIN_COSINE, _check_parity, _parity
+
+    ref = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    _check_parity("query.onnx", _parity(ref, ref.copy()), PARITY_MIN_COSINE, "images")
+    got = ref.copy()
+    got[1, 3] = np.nan
+    with pytest.raises(HwnasError, match="query.onnx differs from PyTorch: min cosine nan"):
+        _check_parity("query.onnx", _parity(ref, got), PARITY_MIN_COSINE, "images")
+
+
 def test_overwrite_replaces_only_a_bundle(bundle, tmp_path):
     """--overwrite replaces a bundle or an empty folder; a folder that holds anything else (a
     run directory named by mistake) is refused before anything is built, and left as it was."""

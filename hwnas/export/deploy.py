@@ -23,6 +23,7 @@ from hwnas.rundir import RunDir
 from hwnas.utils import atomic_write_bytes, write_json
 
 PARITY_MIN_COSINE = 0.9999
+TRT_MIN_COSINE = 0.999  # the fp16 engine's embeddings against the fp32 graph
 
 
 def default_factory(n: int) -> str:
@@ -115,6 +116,14 @@ def _parity(ref: np.ndarray, got: np.ndarray) -> dict:
     cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
     return {"n": int(len(ref)), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
             "max_abs_diff": float(np.abs(ref - got).max())}
+
+
+def _check_parity(what: str, p: dict, min_cosine: float, images: str) -> None:
+    """Refuse an export whose outputs stray from the reference (a NaN anywhere fails too:
+    ``not nan >= x``)."""
+    if not p["min_cosine"] >= min_cosine:
+        raise HwnasError(f"{what} differs from PyTorch: min cosine {p['min_cosine']:.6f} < {min_cosine} "
+                         f"on {p['n']} {images} (NaN: a non-finite output)")
 
 
 def _versions() -> dict:
@@ -263,19 +272,18 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
         # parity against PyTorch on real test images
         xq = qpre.normalize(qi.images.numpy())
         xg = qpre.normalize(gi.images.numpy())
-        n_par = min(256, len(xq))
+        # each model on the images it embeds when deployed: test queries, test gallery images
+        n_par, n_pg = min(256, len(xq)), min(256, len(xg))
         with torch.no_grad():
             ref_q = qnet.eval()(torch.from_numpy(xq[:n_par])).numpy()
-            ref_g = g.net.eval()(torch.from_numpy(xq[:n_par])).numpy()
+            ref_g = g.net.eval()(torch.from_numpy(xg[:n_pg])).numpy()
         par_q = _parity(ref_q, _ort_embed(qs, xq[:n_par]))
-        par_g = _parity(ref_g, _ort_embed(gs, xq[:n_par]))
-        for side, p in (("query", par_q), ("gallery", par_g)):
-            if p["min_cosine"] < PARITY_MIN_COSINE:
-                raise HwnasError(f"{side}.onnx differs from PyTorch: min cosine {p['min_cosine']:.6f} "
-                                 f"< {PARITY_MIN_COSINE} on {p['n']} test images")
-        n_probe = min(16, n_par)
+        par_g = _parity(ref_g, onnx_g := _ort_embed(gs, xg[:n_pg]))
+        _check_parity("query.onnx", par_q, PARITY_MIN_COSINE, "test query images")
+        _check_parity("gallery.onnx", par_g, PARITY_MIN_COSINE, "test gallery images")
+        n_probe = min(16, n_par, n_pg)
         np.savez(staging / "parity_probe.npz", query_images=qi.images[:n_probe].numpy(),
-                 query_reference=ref_q[:n_probe], gallery_images=qi.images[:n_probe].numpy(),
+                 query_reference=ref_q[:n_probe], gallery_images=gi.images[:n_probe].numpy(),
                  gallery_reference=ref_g[:n_probe])
         log(f"[deploy] parity: query min cosine {par_q['min_cosine']:.7f}, gallery "
             f"{par_g['min_cosine']:.7f}")
@@ -295,6 +303,11 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
             eng = TrtEngine(plan)
             g_emb = np.concatenate([eng.infer(torch.from_numpy(xg[i:i + 256]).cuda()).cpu().numpy()
                                     for i in range(0, len(xg), 256)])
+            # what goes into the index, against the ONNX graph it was built from (fp16 strays a
+            # little; an overflow or NaN would otherwise reach the index unseen)
+            tensorrt["parity_vs_onnx"] = _parity(onnx_g, g_emb[:n_pg])
+            _check_parity("the TensorRT gallery engine", tensorrt["parity_vs_onnx"], TRT_MIN_COSINE,
+                          "test gallery images (against gallery.onnx)")
             runtime = "tensorrt"
         else:
             tensorrt["skipped"] = reason
