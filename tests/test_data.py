@@ -409,3 +409,32 @@ def test_large_parts_decode_once_into_a_memory_mapped_cache(tmp_path, monkeypatc
     monkeypatch.setenv("HWNAS_IMAGE_CACHE_MB", "lots")
     with pytest.raises(DataError, match="HWNAS_IMAGE_CACHE_MB='lots' must be a number"):
         materialize(col, idx, pre, skip_bad=True, cache_dir=cache)
+
+
+def test_source_splits_checked_for_their_protocol_and_a_relabelled_set_is_refused(tmp_path):
+    """A manifest's split column under closed-set must train on every test class; under
+    open-set with validation every training class needs 2 images (whatever the seed draws);
+    and a split loaded after the labels were edited is refused, not used with new labels."""
+    make_png_folder(tmp_path / "imgs", {"x": 4, "y": 4, "z": 4})
+
+    def write(rows):
+        (tmp_path / "m.csv").write_text("path,label,split\n" + "".join(f"imgs/{r}\n" for r in rows))
+        return manifest(tmp_path / "m.csv")
+
+    rows = [f"{c}/img{i:03d}.png,{c},{'train' if i < 2 else 'test'}" for c in "xy" for i in range(4)]
+    col = write(rows + [f"z/img{i:03d}.png,z,test" for i in range(4)])
+    with pytest.raises(DataError, match=r"closed-set needs every test class.*\(e.g. 'z'\) have no training image"):
+        make_splits(col, SplitConfig(protocol="closed", val_fraction=0))
+    col = write([f"{c}/img{i:03d}.png,{c},train" for c in "xy" for i in range(4)]
+                + ["z/img000.png,z,train"] + [f"z/img{i:03d}.png,w,test" for i in (1, 2, 3)])
+    with pytest.raises(DataError, match="training class 'z' has 1 image.*val_fraction: 0"):
+        make_splits(col, SplitConfig(protocol="open", val_fraction=0.5))
+    # a split made, then the manifest relabelled (same paths)
+    col = write(rows + [f"z/img{i:03d}.png,z,{'train' if i < 2 else 'test'}" for i in range(4)])
+    s = make_splits(col, SplitConfig(protocol="closed", val_fraction=0))
+    s.save(tmp_path / "splits.json")
+    assert Splits.load(tmp_path / "splits.json", col).fingerprint == s.fingerprint
+    relabelled = write([r.replace(",y,", ",x,") for r in rows]
+                       + [f"z/img{i:03d}.png,z,{'train' if i < 2 else 'test'}" for i in range(4)])
+    with pytest.raises(DataError, match="class labels of the split's images differ"):
+        Splits.load(tmp_path / "splits.json", relabelled)

@@ -95,6 +95,13 @@ class Splits:
     def fingerprint(self) -> str:
         return content_hash({p: self.ids(p) for p in PARTS})
 
+    @property
+    def labels_fingerprint(self) -> str:
+        """The class of every image of every part: a data set relabelled since the split was
+        made (a manifest's label column edited, say) is told apart from the split's own."""
+        names = self.collection.class_names
+        return content_hash({p: [names[c] for c in self.labels(p).tolist()] for p in PARTS})
+
     def to_dict(self) -> dict:
         return {
             "format": SPLITS_FORMAT,
@@ -102,6 +109,7 @@ class Splits:
             "config": asdict(self.config),
             "rule": RULE,
             "fingerprint": self.fingerprint,
+            "labels_fingerprint": self.labels_fingerprint,
             "counts": self.counts(),
             "parts": {p: self.ids(p) for p in PARTS},
         }
@@ -129,7 +137,15 @@ class Splits:
                     "new run directory"
                 )
             parts[p] = np.array([index[x] for x in d["parts"][p]], dtype=np.int64)
-        return cls(SplitConfig(**d["config"]), parts, collection)
+        out = cls(SplitConfig(**d["config"]), parts, collection)
+        # (splits written before the labels were recorded are taken as they are)
+        if d.get("labels_fingerprint") not in (None, out.labels_fingerprint):
+            raise DataError(
+                f"{path}: the class labels of the split's images differ from when it was made (the "
+                f"data set was relabelled, e.g. a manifest's label column edited), so the models and "
+                "caches of this run were made with other labels: use a new run directory, or split "
+                "again here (hwnas run CONFIG --from data)")
+        return out
 
 
 RULE = (
@@ -233,6 +249,13 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
     if cfg.protocol == "closed":
         if src is not None:
             train, test = all_idx[src == "train"], all_idx[src == "test"]
+            unseen = sorted(set(col.labels[test].tolist()) - set(col.labels[train].tolist()))
+            if unseen:  # closed-set means the test classes were trained on
+                raise DataError(
+                    f"{col.name}: closed-set needs every test class among the training classes, but "
+                    f"{len(unseen)} test classes (e.g. {col.class_names[unseen[0]]!r}) have no training "
+                    "image in the source split; set data.split.protocol: open (hwnas data: --protocol "
+                    "open), or give those classes training images")
         else:
             tr, te = [], []
             by_class = _by_class(col, all_idx)
@@ -276,6 +299,15 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
         if src is not None:
             tr_cls = set(col.labels[src == "train"].tolist())
             te_cls = set(col.labels[src == "test"].tolist())
+            # any training class may be drawn as a validation class (a query and a gallery
+            # image each): checked for all, so the split does not pass or fail by seed
+            small = [c for c in sorted(tr_cls) if np.sum(col.labels[src == "train"] == c) < 2]
+            if small and cfg.val_fraction > 0:
+                raise DataError(
+                    f"training class {col.class_names[small[0]]!r} has 1 image; with data.split."
+                    f"val_fraction {cfg.val_fraction} any training class may be drawn for validation, "
+                    "which needs 2 (one query, one gallery item): add images, drop the class, or set "
+                    "data.split.val_fraction: 0")
             overlap = tr_cls & te_cls
             if overlap:
                 raise DataError(
