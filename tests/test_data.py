@@ -406,6 +406,11 @@ def test_large_parts_decode_once_into_a_memory_mapped_cache(tmp_path, monkeypatc
     fresh = materialize(col, idx, pre, skip_bad=True, cache_dir=cache)
     assert reads and fresh.images[0].max() == 0 and np.array_equal(fresh.images[1:], plain.images[1:])
     assert len(list(cache.iterdir())) == 2  # the part's earlier cache is gone
+    meta = next(cache.glob("*.json"))
+    meta.write_text('{"rows": 9}')  # damaged (a key missing): decoded again, not a KeyError
+    reads.clear()
+    assert np.array_equal(materialize(col, idx, pre, skip_bad=True, cache_dir=cache).images, fresh.images)
+    assert reads
     monkeypatch.setenv("HWNAS_IMAGE_CACHE_MB", "lots")
     with pytest.raises(DataError, match="HWNAS_IMAGE_CACHE_MB='lots' must be a number"):
         materialize(col, idx, pre, skip_bad=True, cache_dir=cache)

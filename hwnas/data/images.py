@@ -209,7 +209,8 @@ def _cached(col: Collection, indices: np.ndarray, pre: Preprocess, skip_bad: boo
     if meta_p.exists() and data_p.exists():
         try:
             meta = read_json(meta_p)
-            if data_p.stat().st_size != meta["rows"] * int(np.prod(shape)):
+            if (data_p.stat().st_size != meta["rows"] * int(np.prod(shape))
+                    or not isinstance(meta["left_out"], list) or not isinstance(meta["skipped"], list)):
                 meta = None
         except (HwnasError, KeyError, TypeError, ValueError):  # damaged: decoded again
             meta = None
