@@ -699,8 +699,9 @@ def test_a_resumed_old_study_knows_a_network_under_either_spelling(tmp_path):
     # first is the fastest of the study's archs at the best reward, so the search's choice
     old_number = _add_evaluated(study, sp, a08, predicted_ms=0.01)
     _add_evaluated(study, sp, a06, predicted_ms=0.01)
-    cfg.search.n_trials = 6  # the first run's queued baselines go first, then a06
-    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, enqueue=[a06.to_string(sp)])
+    cfg.search.n_trials = 6  # the first run's queued baselines go first, then a06 (as a sampler
+    study.enqueue_trial(sp.params_of(a06))  # proposing it again would: --enqueue skips known archs)
+    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
     trials = optuna.load_study(study_name=res["study"], storage=cfg.search.storage).trials
     again = [t for t in trials if t.user_attrs.get("arch") == a06.to_string(sp) and t.number > old_number + 1]
     assert again and again[0].user_attrs["repeat_of"] == old_number
@@ -734,3 +735,15 @@ def test_a_worker_takes_another_workers_evaluation_of_an_arch(tmp_path):
     again = [t for t in optuna.load_study(study_name=name, storage=storage).trials
              if t.user_attrs.get("arch") == key and t.number != other["number"]]
     assert [t.user_attrs.get("repeat_of") for t in again] == [other["number"]] and again[0].value == 0.7
+
+
+def test_a_resumed_study_does_not_queue_a_known_arch_again(tmp_path):
+    """--enqueue of an arch the study already holds (evaluated, or still queued) adds no
+    trial when the study resumes."""
+    cfg, sp, seen, evaluator = _quickstart_study(tmp_path)
+    name = optuna.get_all_study_names(cfg.search.storage)[0]
+    before = len(optuna.load_study(study_name=name, storage=cfg.search.storage).trials)
+    said = []
+    run_search(cfg, evaluator=evaluator, log=said.append, seed=0, enqueue=[sp.smallest().to_string(sp)])
+    assert len(optuna.load_study(study_name=name, storage=cfg.search.storage).trials) == before
+    assert any("in the study already" in m for m in said) and not seen

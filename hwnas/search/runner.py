@@ -297,6 +297,13 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
         raise HwnasError(f"study {name!r} in {url} was started with other settings {changed}; "
                          "use another --study-name (or the original settings to resume it)")
+    if old is not None and user:  # resumed: an arch already in the study is not queued again
+        have = {space.canonical(a) for a in (_arch_of_params(space, t.params)
+                                             for t in study.get_trials(deepcopy=False)) if a is not None}
+        again = [p for p in user if space.canonical(_arch_of_params(space, p)) in have]
+        if again:
+            log(f"[search] {len(again)} of the --enqueue archs are in the study already: not queued again")
+        user = [p for p in user if p not in again]
     for params in user:  # the caller's known archs first
         study.enqueue_trial(params, user_attrs={"baseline": "user"})
     if old is None:
@@ -410,6 +417,16 @@ def _network(space, arch: str) -> str:
     search records canonical strings, but a study begun before it did may spell one network
     under two channel scales that round to one width; keyed by this, the two are one."""
     return space.network(arch).to_string(space)
+
+
+def _arch_of_params(space, params: dict) -> Arch | None:
+    """The arch of a trial's Optuna parameters (``SearchSpace.suggest``'s names); None for a
+    trial stopped before it had them all."""
+    try:
+        return Arch(tuple((params[f"L{layer.index:02d}_op"], params.get(f"L{layer.index:02d}_scale"))
+                          for layer in space.layers()))
+    except KeyError:
+        return None
 
 
 def _distinct_archs(trials, space) -> int:
