@@ -529,7 +529,7 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     def step(name: str, fn) -> None:
         if steps.done(name):
             log(f"== {name}: done earlier, kept")
-            if name == "profile" and cfg.latency.validate and not steps.state["done"]["profile"].get("validation"):
+            if name == "profile" and cfg.latency.validate:
                 # latency.validate is read when the table is built: set later, it would change the
                 # calibration the run has searched with, so it is not applied to a kept table
                 from hwnas.latency.backends import OrtCpuBackend
@@ -537,7 +537,8 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
                 from hwnas.search.runner import table_path
 
                 tpath = table_path(cfg, space)
-                if tpath.exists() and LatencyTable.load(tpath).header.get("device_name") == \
+                h = LatencyTable.load(tpath).header if tpath.exists() else {"validation": None}
+                if "validation" not in h and h.get("device_name") == \
                         OrtCpuBackend(threads=cfg.latency.threads).settings().get("device_name"):
                     log(f"[run] note: latency.validate is {cfg.latency.validate}, but this run's table was "
                         "kept without validation (it was built with latency.validate 0); to validate and "
