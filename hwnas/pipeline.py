@@ -49,7 +49,7 @@ ADAPTED = "searched-adapted"  # the searched query model after gallery adaptatio
 # and report is rewritten
 # the run's copy of the latency table it profiled (see keep_table)
 RUN_TABLE = "latency_table.json"
-REDO_OUTPUTS = {"data": ["splits.json", "cache"], "profile": [RUN_TABLE],
+REDO_OUTPUTS = {"data": ["splits.json", "cache", "decoded"], "profile": [RUN_TABLE],
                 "train-gallery": ["gallery", "cache"], "train-supernet": ["supernet"], "deploy": ["bundle"],
                 "search": ["search.db", "budget.json", "best_arch.json", "trials.csv"]}
 # the steps that predict latencies on the table: the search's budget and choice, the random

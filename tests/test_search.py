@@ -213,6 +213,10 @@ def test_a_search_on_verification_accuracy(search_run, tmp_path):
     ev = evaluate_query(cfg, arch=res["arch"], part="val", log=lambda *_: None, fars=(0.01, 1e-3))
     m = ev["metrics"]["M(q,g)"]
     assert {"TAR@FAR=0.01", "TAR@FAR=0.001", "n_genuine_pairs", "n_impostor_pairs"} <= set(m)
+    # a FAR finer than the validation pairs can tell: refused before any trial (each would be NaN)
+    cfg.search.metric = "TAR@FAR=1e-9"
+    with pytest.raises(HwnasError, match="TAR@FAR=1e-09 needs at least 1,000,000,000 other-class pairs"):
+        SupernetEvaluator(cfg, log=lambda *_: None)
 
 
 def test_search_without_a_budget_takes_the_configs_as_hwnas_run_does(search_run, tmp_path):
@@ -747,3 +751,8 @@ def test_a_resumed_study_does_not_queue_a_known_arch_again(tmp_path):
     run_search(cfg, evaluator=evaluator, log=said.append, seed=0, enqueue=[sp.smallest().to_string(sp)])
     assert len(optuna.load_study(study_name=name, storage=cfg.search.storage).trials) == before
     assert any("in the study already" in m for m in said) and not seen
+    # one still queued (not run yet) counts as held too
+    queued = sp.canonical(_budget(cfg)[2].sample_feasible(cfg.search.budget_ms, random.Random(5)))
+    optuna.load_study(study_name=name, storage=cfg.search.storage).enqueue_trial(sp.params_of(queued))
+    run_search(cfg, evaluator=evaluator, log=said.append, seed=0, enqueue=[queued.to_string(sp)])
+    assert len(optuna.load_study(study_name=name, storage=cfg.search.storage).trials) == before + 1

@@ -245,7 +245,7 @@ def verify(path: str | Path, min_cosine: float = 0.9999) -> dict:
     b = Bundle(path, check_hashes=True)
     par = b.parity()
     for side, p in par.items():
-        if p["min_cosine"] < min_cosine:
+        if not p["min_cosine"] >= min_cosine:  # (a NaN output fails too)
             raise BundleError(f"{side}.onnx parity failed: min cosine {p['min_cosine']:.6f} < {min_cosine}")
     b.session()  # metadata fingerprint check
     len(b.items)  # the index and its rows load

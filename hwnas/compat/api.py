@@ -42,7 +42,7 @@ def load_part(rd: RunDir, part: str, pre, class_names: list[str] | None = None, 
     splits = rd.splits(log=log)
     col = splits.collection
     arr = materialize(col, splits.parts[part], pre, rd.cfg.data.skip_bad_images, desc=part,
-                      cache_dir=rd.path / "cache")
+                      cache_dir=rd.path / "decoded")  # (not cache/: a gallery trained again keeps it)
     if arr.skipped:
         log(f"[data] skipped {len(arr.skipped)} unreadable images in {part} (e.g. {arr.skipped[0]})")
     if len(arr.images) == 0:

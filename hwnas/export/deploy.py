@@ -118,11 +118,11 @@ def _parity(ref: np.ndarray, got: np.ndarray) -> dict:
             "max_abs_diff": float(np.abs(ref - got).max())}
 
 
-def _check_parity(what: str, p: dict, min_cosine: float, images: str) -> None:
+def _check_parity(what: str, p: dict, min_cosine: float, images: str, reference: str = "PyTorch") -> None:
     """Refuse an export whose outputs stray from the reference (a NaN anywhere fails too:
     ``not nan >= x``)."""
     if not p["min_cosine"] >= min_cosine:
-        raise HwnasError(f"{what} differs from PyTorch: min cosine {p['min_cosine']:.6f} < {min_cosine} "
+        raise HwnasError(f"{what} differs from {reference}: min cosine {p['min_cosine']:.6f} < {min_cosine} "
                          f"on {p['n']} {images} (NaN: a non-finite output)")
 
 
@@ -307,7 +307,7 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
             # little; an overflow or NaN would otherwise reach the index unseen)
             tensorrt["parity_vs_onnx"] = _parity(onnx_g, g_emb[:n_pg])
             _check_parity("the TensorRT gallery engine", tensorrt["parity_vs_onnx"], TRT_MIN_COSINE,
-                          "test gallery images (against gallery.onnx)")
+                          "test gallery images", reference="gallery.onnx")
             runtime = "tensorrt"
         else:
             tensorrt["skipped"] = reason

@@ -116,6 +116,16 @@ class SupernetEvaluator:
         self.torch = torch
         self.cache: dict[str, dict] = {}
         self.fars = metric_fars(cfg.search.metric)  # a TAR@FAR metric: verification as well
+        if self.fars:  # a FAR the validation pairs cannot resolve scores NaN: every trial would fail
+            ql, gl = np.asarray(self.vq.raw_labels), np.asarray(self.vg.raw_labels)
+            same = sum(int(np.sum(ql == c)) * int(np.sum(gl == c)) for c in np.unique(ql))
+            n_imp = len(ql) * len(gl) - same
+            if self.fars[0] * n_imp < 1:
+                raise HwnasError(
+                    f"search.metric {cfg.search.metric} needs at least {math.ceil(1 / self.fars[0]):,} "
+                    f"other-class pairs to set its threshold, and the validation split has {n_imp:,}: "
+                    f"raise the FAR (e.g. TAR@FAR={10 ** math.ceil(math.log10(1 / n_imp)):g}) or the "
+                    "validation split (data.split.val_fraction)")
 
     @property
     def n_queries(self) -> int:
@@ -298,8 +308,12 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         raise HwnasError(f"study {name!r} in {url} was started with other settings {changed}; "
                          "use another --study-name (or the original settings to resume it)")
     if old is not None and user:  # resumed: an arch already in the study is not queued again
-        have = {space.canonical(a) for a in (_arch_of_params(space, t.params)
-                                             for t in study.get_trials(deepcopy=False)) if a is not None}
+        # (evaluated, or queued and not yet run: a queued trial keeps its params as fixed_params;
+        # a running or failed one may never finish, so its arch is queued again)
+        held = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                        optuna.trial.TrialState.WAITING))
+        have = {space.canonical(a) for a in (_arch_of_params(space, t.params or t.system_attrs.get("fixed_params", {}))
+                                             for t in held) if a is not None}
         again = [p for p in user if space.canonical(_arch_of_params(space, p)) in have]
         if again:
             log(f"[search] {len(again)} of the --enqueue archs are in the study already: not queued again")
