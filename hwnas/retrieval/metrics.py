@@ -198,12 +198,19 @@ def far_key(far: float) -> str:
     return f"TAR@FAR={far:g}"
 
 
+def impostor_pairs(query_labels, gallery_labels) -> int:
+    """How many query-gallery pairs are of two classes (TAR@FAR's impostor pairs; a pair of
+    an image with itself is of one class, so it is never among them)."""
+    ql, gl = np.asarray(query_labels), np.asarray(gallery_labels)
+    same = sum(int(np.sum(gl == c)) * int(np.sum(ql == c)) for c in np.unique(ql))
+    return len(ql) * len(gl) - same
+
+
 def _tar_at_far(q, g, ql, gl, self_ix, fars, chunk, max_impostors) -> dict:
     for f in fars:
         if not 0 < f < 1:
             raise HwnasError(f"FAR {f} must be between 0 and 1 (e.g. 1e-3)")
-    n_same = sum(int(np.sum(gl == c)) * int(np.sum(ql == c)) for c in np.unique(ql))
-    keep = min(1.0, max_impostors / max(len(q) * len(g) - n_same, 1))  # (a self pair is a same pair)
+    keep = min(1.0, max_impostors / max(impostor_pairs(ql, gl), 1))
     rng = np.random.default_rng(0)
     genuine, impostor = [], []
     for s in range(0, len(q), chunk):

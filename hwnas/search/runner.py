@@ -117,9 +117,9 @@ class SupernetEvaluator:
         self.cache: dict[str, dict] = {}
         self.fars = metric_fars(cfg.search.metric)  # a TAR@FAR metric: verification as well
         if self.fars:  # a FAR the validation pairs cannot resolve scores NaN: every trial would fail
-            ql, gl = np.asarray(self.vq.raw_labels), np.asarray(self.vg.raw_labels)
-            same = sum(int(np.sum(ql == c)) * int(np.sum(gl == c)) for c in np.unique(ql))
-            n_imp = len(ql) * len(gl) - same
+            from hwnas.retrieval.metrics import impostor_pairs
+
+            n_imp = impostor_pairs(self.vq.raw_labels, self.vg.raw_labels)
             if self.fars[0] * n_imp < 1:
                 raise HwnasError(
                     f"search.metric {cfg.search.metric} needs at least {math.ceil(1 / self.fars[0]):,} "
