@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hwnas.data import Preprocess, SplitConfig, make_splits, materialize, omniglot
-from hwnas.nn.supernet import SubNet, Supernet, recalibrate_bn
+from hwnas.nn.supernet import SubNet, Supernet, calibration_batches, recalibrate_bn
 from hwnas.space import SKIP, Arch
 
 
@@ -42,6 +42,20 @@ def test_recalibration_is_exact_mean(tiny_space, real_images):
         feats = net.stem[0](real_images)
     per_batch = torch.stack([f.mean((0, 2, 3)) for f in feats.split(48)])
     torch.testing.assert_close(net.stem[1].running_mean, per_batch.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_calibration_batches_sample_every_class_of_class_ordered_images():
+    """Class folders list images class by class: the recalibration sample must reach past the
+    first classes (the first 1024 of 40 classes x 100 images would hold 11 of them)."""
+    labels = torch.arange(40).repeat_interleave(100)
+    images = labels.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    batches = calibration_batches(images, lambda x: x, seed=0)
+    seen = torch.cat(batches)[:, 0, 0, 0].long()
+    assert [len(b) for b in batches] == [128] * 8
+    assert len(seen.unique()) == 40
+    assert torch.equal(seen, torch.cat(calibration_batches(images, lambda x: x, seed=0))[:, 0, 0, 0].long())
+    few = calibration_batches(images[:300], lambda x: x, seed=1)
+    assert [len(b) for b in few] == [128, 128, 44]
 
 
 def test_sliced_bn_stats_only_touch_the_slice(tiny_space, real_images):

@@ -548,7 +548,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     from hwnas.compat.tasks import CompatTask
     from hwnas.compat.train import drop_stale_checkpoint, fit, is_main
     from hwnas.nn.models import EmbeddingNet, save_model
-    from hwnas.nn.supernet import SubNet, recalibrate_bn
+    from hwnas.nn.supernet import SubNet, calibration_batches, recalibrate_bn
     from hwnas.space import arch_flops
 
     name = _query_name(cfg, arch, timm_name, name)
@@ -614,8 +614,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
                 raise HwnasError("the supernet was trained on another search space; retrain it "
                                  "(hwnas train-supernet --restart) or use --no-inherit")
             qcfg["supernet_fingerprint"] = scfg["fingerprint"]
-            batches = [pre.normalize(data.images[i:i + 128]) for i in range(0, min(len(data.images), 1024), 128)]
-            recalibrate_bn(supernet, batches, a)
+            recalibrate_bn(supernet, calibration_batches(data.images, pre.normalize, cfg.seed), a)
             net = supernet.extract(a)
             if "own" in sstates and scfg["classes"] == classes:
                 own_state = sstates["own"]
@@ -1064,7 +1063,7 @@ def evaluate_query(cfg: Config, query_dir: str | None = None, arch: str | None =
     ``fars``: TAR at those false accept rates too (``retrieval.evaluate``)."""
     from hwnas.data.images import Preprocess
     from hwnas.nn.models import load_query
-    from hwnas.nn.supernet import recalibrate_bn
+    from hwnas.nn.supernet import calibration_batches, recalibrate_bn
     from hwnas.retrieval import evaluate
 
     rd = RunDir(cfg)
@@ -1090,8 +1089,7 @@ def evaluate_query(cfg: Config, query_dir: str | None = None, arch: str | None =
         run_arch = net.space.parse(arch)
         foreign = False
         train = load_part(rd, "train", qpre, log=log)
-        sel = np.random.default_rng(cfg.seed).permutation(len(train.images))[:1024]
-        recalibrate_bn(net, [qpre.normalize(train.images[sel[i:i + 128]]) for i in range(0, len(sel), 128)], run_arch)
+        recalibrate_bn(net, calibration_batches(train.images, qpre.normalize, cfg.seed), run_arch)
         qcfg = {"arch": run_arch.to_string(net.space)}
         label = "supernet subnet"
     check_compatible(gallery.config, net.space.embed_dim if query_dir is None else qcfg["embed_dim"], qpre)

@@ -191,4 +191,16 @@ def recalibrate_bn(
     return n
 
 
-__all__ = ["BLOCK_OPS", "SubNet", "Supernet", "copy_leading_slices", "recalibrate_bn"]
+def calibration_batches(images: torch.Tensor, normalize, seed: int, n: int = 1024,
+                        batch: int = 128) -> list[torch.Tensor]:
+    """The batches ``recalibrate_bn`` estimates statistics on: ``n`` of ``images`` drawn at
+    random with ``seed`` (never the first ``n``: class folders and most manifests list their
+    images class by class, and a few classes' statistics are not the data's)."""
+    import numpy as np
+
+    sel = np.random.default_rng(seed).permutation(len(images))[:n]
+    return [normalize(images[sel[i:i + batch]]) for i in range(0, len(sel), batch)]
+
+
+__all__ = ["BLOCK_OPS", "SubNet", "Supernet", "calibration_batches", "copy_leading_slices",
+           "recalibrate_bn"]

@@ -79,6 +79,7 @@ class SupernetEvaluator:
         from hwnas.compat import api
         from hwnas.data.images import Preprocess
         from hwnas.data.splits import no_validation_reason
+        from hwnas.nn.supernet import calibration_batches
 
         rd = RunDir(cfg)
         self.net, scfg, _ = api.load_supernet(rd)
@@ -110,9 +111,7 @@ class SupernetEvaluator:
                 np.concatenate([self.vq.raw_labels, self.vg.raw_labels]), [*self.vq.ids, *self.vg.ids])
             self.ids = (self.vq.ids, self.vq.ids)
         train = api.load_part(rd, "train", self.pre, log=log)
-        n = min(len(train.images), 128 * cfg.search.bn_batches)
-        sel = np.random.default_rng(cfg.seed).permutation(len(train.images))[:n]
-        self.calib = [self.pre.normalize(train.images[sel[i:i + 128]]) for i in range(0, n, 128)]
+        self.calib = calibration_batches(train.images, self.pre.normalize, cfg.seed, 128 * cfg.search.bn_batches)
         self.torch = torch
         self.cache: dict[str, dict] = {}
         self.fars = metric_fars(cfg.search.metric)  # a TAR@FAR metric: verification as well
