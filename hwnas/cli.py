@@ -489,11 +489,10 @@ def cmd_profile(args) -> int:
 
 def _far(text: str) -> float:
     """--far: a false accept rate, 0 < F < 1."""
-    try:
-        f = float(text)
-    except ValueError:
-        f = -1.0
-    if not 0 < f < 1:
+    from hwnas.config import parse_far
+
+    f = parse_far(text)
+    if f is None:
         raise argparse.ArgumentTypeError(f"must be a rate between 0 and 1, e.g. 1e-3, not {text!r}")
     return f
 

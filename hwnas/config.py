@@ -131,15 +131,21 @@ REWARDS = ("r1", "r2", "r3")
 METRICS = ("recall@1", "recall@5", "recall@10", "mAP")  # and TAR@FAR=f (verification; 0 < f < 1)
 
 
+def parse_far(text: str) -> float | None:
+    """A false accept rate written as ``text``: a number 0 < f < 1, else None."""
+    try:
+        f = float(text)
+    except ValueError:
+        return None
+    return f if 0 < f < 1 else None
+
+
 def metric_fars(metric) -> tuple[float, ...]:
     """``(f,)`` for a ``TAR@FAR=f`` metric with 0 < f < 1, else ``()``."""
     if not str(metric).startswith("TAR@FAR="):
         return ()
-    try:
-        f = float(metric.split("=", 1)[1])
-    except ValueError:
-        return ()
-    return (f,) if 0 < f < 1 else ()
+    f = parse_far(metric.split("=", 1)[1])
+    return () if f is None else (f,)
 
 
 VAL_QUERIES = ("all", "split")
