@@ -49,6 +49,10 @@ class GalleryConfig:
         if not self.scale > 0 or self.margin < 0:
             raise HwnasError(f"gallery.scale ({self.scale}) must be > 0 and gallery.margin "
                              f"({self.margin}) >= 0 (e.g. 30 and 0.2)")
+        if self.freeze_backbone and not self.backbone_checkpoint:
+            raise HwnasError("gallery.freeze_backbone trains only the embedding head of weights you "
+                             "give: set gallery.backbone_checkpoint (your timm weights), or "
+                             "freeze_backbone: false")
 
 
 @dataclass
@@ -60,6 +64,17 @@ class SupernetConfig:
     # scale 1.0) to uniform SPOS sampling; 0: uniform from the first step (see ArchSampler)
     path_warmup: float = 0.4
     cache_gallery_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.path_warmup <= 1:
+            raise HwnasError(f"supernet.path_warmup {self.path_warmup} must be in [0, 1] (a fraction "
+                             "of training; 0: uniform path sampling from the first step)")
+        r = self.flops_range
+        if r is not None and not (
+                len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                    and math.isfinite(v) and v > 0 for v in r) and r[0] < r[1]):
+            raise HwnasError(f"supernet.flops_range {r!r} must be two MFLOPs figures [low, high] with "
+                             "0 < low < high (e.g. [1, 5]), or null for the whole space")
 
 
 @dataclass
@@ -122,8 +137,9 @@ class LatencyConfig:
         if self.threads is not None and self.threads < 0:
             raise HwnasError(f"latency.threads {self.threads} must be at least 1 (0 or null: the "
                              "physical core count)")
-        if self.validate < 0:
-            raise HwnasError(f"latency.validate {self.validate} must be >= 0 (0: no end-to-end check)")
+        if self.validate < 0 or 0 < self.validate < 3:
+            raise HwnasError(f"latency.validate {self.validate} must be 0 (no end-to-end check) or at "
+                             "least 3 subnets (rank correlations need 3; e.g. 30)")
 
 
 SAMPLERS = ("tpe", "nsga2", "random", "evolution")
@@ -219,13 +235,18 @@ class SearchConfig:
         if self.budget_ms is not None and not (math.isfinite(self.budget_ms) and self.budget_ms > 0):
             raise HwnasError(f"search.budget_ms (--budget-ms) {self.budget_ms} must be a positive number "
                              "of milliseconds")
-        if not 0 <= self.budget_fraction <= 1:
-            raise HwnasError(f"search.budget_fraction {self.budget_fraction} must be between 0 and 1 "
-                             "(0: the fastest subnet's latency, 1: the slowest's)")
+        if not 0 < self.budget_fraction < 1:
+            raise HwnasError(f"search.budget_fraction {self.budget_fraction} must be between 0 and 1, "
+                             "both left out (the fraction of the way from the fastest subnet's latency "
+                             "to the slowest's; e.g. 0.3), or set budget_ms")
         if self.budget_speedup is not None and not (math.isfinite(self.budget_speedup)
-                                                    and self.budget_speedup > 0):
-            raise HwnasError(f"search.budget_speedup {self.budget_speedup} must be positive (e.g. 10: "
-                             "a tenth of the paragon's latency)")
+                                                    and self.budget_speedup > 1):
+            raise HwnasError(f"search.budget_speedup {self.budget_speedup} must be above 1 (e.g. 10: "
+                             "the query model ten times faster than the paragon)")
+        if self.sampler == "evolution" and self.tournament > self.population:
+            raise HwnasError(f"search.tournament ({self.tournament}) must be at most search.population "
+                             f"({self.population}): the evolution sampler draws its tournament from the "
+                             "population")
 
 
 @dataclass
@@ -286,8 +307,8 @@ class Config:
         if Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
             raise HwnasError(f"run_dir {self.run_dir} is a file, not a folder: give a folder's path "
                              "(--run-dir or run_dir in the config)")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise HwnasError(f"config seed must be a whole number >= 0, got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 32:
+            raise HwnasError(f"config seed must be a whole number from 0 to 2**32 - 1, got {self.seed!r}")
         for section in (self.data, self.gallery, self.supernet, self.query, self.latency,
                         self.search, self.deploy, self.adapt):
             # re-check the sections: a --set, a flag or code may have changed a value since loading
@@ -300,6 +321,14 @@ class Config:
         self.preprocess()
         for section in ("gallery", "supernet", "query"):
             self.train_config(section)
+        if self.query.finalists > 1 and self.query.finalist_epochs >= self.train_config("query").epochs:
+            raise HwnasError(f"query.finalist_epochs ({self.query.finalist_epochs}) must be fewer than "
+                             f"query.train.epochs ({self.train_config('query').epochs}): the finalists are "
+                             "compared part way through their training (or set query.finalists: 0)")
+        from hwnas.data.sources import unlabeled_specs
+
+        unlabeled_specs(self.data.unlabeled)
+        unlabeled_specs(self.adapt.images, "adapt.images")
         self.loss_config("supernet")
         self.loss_config("query")
         return self

@@ -10,6 +10,7 @@ wrong one is a :class:`HwnasError` that names the key, what it must be and what 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -23,6 +24,10 @@ _EXP_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 class _Mismatch(Exception):
     pass
+
+
+class _NotFinite(_Mismatch):
+    """A number field given NaN or an infinity (YAML ``.nan``, ``.inf``, ``1e400``)."""
 
 
 def _describe(tp) -> str:
@@ -47,12 +52,15 @@ def _check(value, tp):
         return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
+        finite = False
         for a in args:
             try:
                 return _check(value, a)
+            except _NotFinite:
+                finite = True
             except _Mismatch:
                 pass
-        raise _Mismatch
+        raise _NotFinite if finite else _Mismatch
     if tp in (type(None), bool, str):
         if isinstance(value, tp):
             return value
@@ -64,10 +72,12 @@ def _check(value, tp):
             return int(value)
         raise _Mismatch
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value  # an int stays one: a run's step keys hash the config as written
         if isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
-            return float(value)
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .nan, .inf, or text like 1e400
+                raise _NotFinite
+            return value  # an int stays one: a run's step keys hash the config as written
         raise _Mismatch
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -112,6 +122,8 @@ def checked_fields(cls, d: dict, where: str, error: type[HwnasError] = HwnasErro
         tp = hints.get(k, Any)
         try:
             out[k] = _check(v, tp)
+        except _NotFinite:
+            raise error(f"config {where + '.' if where else ''}{k} must be a finite number, got {v!r}") from None
         except _Mismatch:
             hint = ""
             if isinstance(v, str) and _is_number(v) and "number" in _describe(tp).split(" (")[0]:

@@ -84,6 +84,9 @@ class LossConfig:
             raise HwnasError(f"loss.mix_kind {self.mix_kind!r} must be 'blend' or 'cutmix'")
         if not self.bank_temp > 0:
             raise HwnasError(f"loss.bank_temp {self.bank_temp} must be > 0 (e.g. 0.04)")
+        if not self.scale > 0 or self.margin < 0:
+            raise HwnasError(f"loss.scale ({self.scale}) must be > 0 and loss.margin ({self.margin}) "
+                             ">= 0: the own classifier's logit scale and margin (e.g. 30 and 0.2)")
         if int(self.bank_size) != self.bank_size or self.bank_size < 1:
             raise HwnasError(f"loss.bank_size {self.bank_size} must be a whole number >= 1 "
                              "(e.g. 4096: the gallery embeddings of that many earlier images)")

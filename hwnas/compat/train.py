@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,9 +58,20 @@ class TrainConfig:
             raise HwnasError(f"train.augment {self.augment!r} must be one of {', '.join(AUGMENTS)}")
         if self.lr <= 0:
             raise HwnasError(f"train.lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise HwnasError(f"train.momentum {self.momentum} must be in [0, 1) (e.g. 0.9)")
+        if self.weight_decay < 0:
+            raise HwnasError(f"train.weight_decay {self.weight_decay} must be >= 0 (e.g. 5e-5)")
+        if self.grad_clip < 0:
+            raise HwnasError(f"train.grad_clip {self.grad_clip} must be >= 0: the gradient norm's "
+                             "ceiling (e.g. 5), 0 for none")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise HwnasError(f"train.warmup_epochs {self.warmup_epochs} must be from 0 to fewer than "
+                             f"train.epochs ({self.epochs}): the learning rate's linear ramp, after "
+                             "which it decays")
         if self.threads < 0:
             raise HwnasError(f"train.threads {self.threads} must be at least 1 (0: PyTorch's default)")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise HwnasError(f"train.device {self.device!r} must be auto, cpu, cuda or cuda:N")
         if not 0.0 <= self.ema < 1.0:
             raise HwnasError(f"train.ema {self.ema} must be in [0, 1): the weights' average decay "
@@ -86,6 +98,10 @@ def train_device(cfg: TrainConfig) -> torch.device:
                              "(or auto): each process then takes its own GPU (LOCAL_RANK)")
         if want == "cuda":
             want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        elif int(want.split(":")[1]) >= torch.cuda.device_count():
+            raise HwnasError(f"train.device is {cfg.device!r} but PyTorch sees {torch.cuda.device_count()} "
+                             f"GPU(s) here, cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of "
+                             "them, or set train.device=cuda (or auto)")
     return torch.device(want)
 
 
