@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remeasure", action="store_true", help="discard an existing table, measure all")
     p.add_argument("--validate", type=int, default=0, metavar="N",
                    help="measure N random subnets end to end and record the predictor's error")
-    p.add_argument("--calibrate", type=int, default=40, metavar="K",
+    p.add_argument("--calibrate", type=int, metavar="K",
                    help="archs measured end to end to fit the predictor's a*sum+b*weights+c "
                         "(with --validate; 40: at 32 px, 20 were too few to fit the weights term)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per op")
@@ -339,7 +339,7 @@ def _load(args):
 
     cfg = load_config(getattr(args, "config", None))
     apply_sets(cfg, getattr(args, "set", []))
-    if getattr(args, "run_dir", None):
+    if getattr(args, "run_dir", None) is not None:  # "" too: validate() names it
         cfg.run_dir = args.run_dir
     d = cfg.data
     for flag, attr in (("dataset", "dataset"), ("data_dir", "data_dir"),
@@ -433,10 +433,18 @@ def cmd_profile(args) -> int:
     if args.only_missing and args.remeasure:
         raise HwnasError("--only-missing and --remeasure contradict each other; pick one")
     for flag, v, least in (("--rounds", args.rounds, 1), ("--runs", args.runs, 1),
-                           ("--validate", args.validate, 0), ("--threads", args.threads, 0)):
+                           ("--validate", args.validate, 0), ("--threads", args.threads, 0),
+                           ("--calibrate", args.calibrate, 2)):
         if v is not None and v < least:
             raise HwnasError(f"{flag} {v} must be at least {least}"
-                             + (" (0 or omitted: the physical core count)" if flag == "--threads" else ""))
+                             + (" (0 or omitted: the physical core count)" if flag == "--threads" else "")
+                             + (" (the smallest and the largest subnet)" if flag == "--calibrate" else ""))
+    if 0 < args.validate < 3:
+        raise HwnasError(f"--validate {args.validate}: rank correlations need at least 3 subnets "
+                         "measured end to end (e.g. --validate 30), or 0 for none")
+    if args.calibrate is not None and not args.validate:
+        raise HwnasError("--calibrate sets how many archs fit the predictor when --validate checks the "
+                         "table; give --validate N with it (e.g. --validate 30 --calibrate 40)")
     if args.out:  # checked now, not after minutes of timing
         import tempfile
 
@@ -471,7 +479,8 @@ def cmd_profile(args) -> int:
     table = profile_space(space, backend, out, remeasure=args.remeasure, rounds=args.rounds,
                           runs=args.runs)
     if args.validate:
-        validate_table(space, table, backend, args.validate, out, calibrate=args.calibrate,
+        validate_table(space, table, backend, args.validate, out,
+                       calibrate=40 if args.calibrate is None else args.calibrate,
                        seed=cfg.seed)
     if args.gallery_throughput:
         from hwnas.compat.api import RunDir, run_gallery
@@ -520,6 +529,8 @@ def cmd_search(args) -> int:
     if args.table:
         cfg.latency.table = args.table
     s.check()  # the flags, before the budget's resolution times the paragon
+    if args.sampler_seed is not None and not 0 <= args.sampler_seed < 2 ** 32:
+        raise HwnasError(f"--sampler-seed {args.sampler_seed} must be a whole number from 0 to 2**32 - 1")
     if s.budget_ms is None:  # the config's budget, resolved (and kept) as hwnas run does
         from hwnas.pipeline import set_search_budget
 

@@ -503,8 +503,22 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
 
             for spec in unlabeled_specs(source, setting):
                 unlabeled_images(spec, setting)
+    if cfg.deploy.index:  # a factory string FAISS cannot parse: now, not at the last step
+        from hwnas.export.deploy import make_index
+
+        make_index(cfg.search_space().embed_dim, cfg.deploy.index)
     rd = RunDir(cfg)
+    new_dir = not rd.path.exists()
     rd.path.mkdir(parents=True, exist_ok=True)
+    if cfg.search.storage:  # a bad URL, a missing driver or a server down: now, not at the search
+        from hwnas.search.runner import make_storage
+
+        try:
+            make_storage(cfg.search.storage, rd)
+        except HwnasError:
+            if new_dir and not any(rd.path.iterdir()):
+                rd.path.rmdir()
+            raise
     rd.save_config()
     steps = Steps(rd.path / "steps.json")
     t0 = time.time()

@@ -111,6 +111,13 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     r = hwnas("run", str(tmp_path / "t.yaml"))
     assert r.returncode == 2 and "query.train.epochs must be a whole number" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "trun").exists()
+    # a FAISS factory or an Optuna storage the run could use only at its last steps
+    for i, (setting, word) in enumerate([("deploy:\n  index: IVFbogus", "FAISS cannot build index 'IVFbogus'"),
+                                         ("search:\n  storage: 'foo'", "cannot open the Optuna storage 'foo'")]):
+        (tmp_path / "s.yaml").write_text(f"run_dir: {tmp_path / f'srun{i}'}\n{setting}\n")
+        r = hwnas("run", str(tmp_path / "s.yaml"))
+        assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / f"srun{i}").exists()
     # numbers a command cannot use, refused before any timing starts
     for args, word in [(["profile", "--device", "cpu", "--threads", "-1"], "--threads -1 must be at least 0"),
                        (["profile", "--device", "cpu", "--validate", "-3"], "--validate -3 must be at least 0"),
@@ -118,7 +125,13 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
                        (["space", "--sample", "-3"], "--sample -3 must be 0 or more"),
                        (["space", "--json", "--arch", "k3@1"], "--json prints the space itself"),
                        (["evaluate", "--arch", "k3@1", "--far", "2"], "must be a rate between 0 and 1"),
-                       (["search", "--metric", "TAR@FAR=0"], "the FAR must be a number between 0 and 1")]:
+                       (["search", "--metric", "TAR@FAR=0"], "the FAR must be a number between 0 and 1"),
+                       (["profile", "--device", "cpu", "--validate", "2"], "rank correlations need at least 3"),
+                       (["profile", "--device", "cpu", "--calibrate", "10"], "give --validate N with it"),
+                       (["profile", "--device", "cpu", "--validate", "5", "--calibrate", "1"],
+                        "--calibrate 1 must be at least 2"),
+                       (["search", "--sampler-seed", "-1"], "--sampler-seed -1 must be a whole number"),
+                       (["search", "--run-dir", ""], "run_dir must be a folder path")]:
         r = hwnas(*args)
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     (tmp_path / "a.yaml").write_text(f"run_dir: {tmp_path / 'arun'}\nadapt:\n  epochs: 2\n  images: "
