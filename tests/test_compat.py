@@ -833,6 +833,17 @@ def test_a_users_backbone_checkpoint_loads_and_a_bad_one_is_named(tmp_path):
     save_file({"fc.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(HwnasError, match="holds no weights of this backbone"):
         load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "other.safetensors")
+    torch.save({"model": {k: v for k, v in own.items()}}, tmp_path / "wrapped.pt")  # {"model": ...}
+    assert load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "wrapped.pt")["loaded"] == len(own)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(HwnasError, match="holds a Tensor, not a state dict"):
+        load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "tensor.pt")
+    torch.save({"epoch": 3, **own}, tmp_path / "mixed.pt")
+    with pytest.raises(HwnasError, match="not tensors \\('epoch'\\)"):
+        load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "mixed.pt")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:100])
+    with pytest.raises(HwnasError, match="cannot read .*cut.safetensors as safetensors"):
+        load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "cut.safetensors")
 
 
 def test_a_frozen_backbone_keeps_its_weights_and_batchnorm_statistics():

@@ -68,7 +68,11 @@ def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # SafetensorError: a truncated or foreign file
+            raise HwnasError(f"cannot read {path} as safetensors ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                             "save it with safetensors.torch.save_file(model.state_dict(), path)") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -83,8 +87,18 @@ def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
             raise HwnasError(f"cannot read {path} as a weights-only torch checkpoint ({why}); "
                              "save it with torch.save(model.state_dict()) or as safetensors "
                              "(hwnas does not unpickle files)") from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+        for key in ("state_dict", "model"):  # timm's train.py / many repos' {"model": ...}
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise HwnasError(f"{path} holds a {type(state).__name__}, not a state dict of named tensors; save "
+                         "the backbone with torch.save(model.state_dict(), path) or as safetensors")
+    other = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if other:
+        raise HwnasError(f"{path} holds entries that are not tensors ({', '.join(map(repr, other[:3]))}); "
+                         "if the weights sit under one of them, save that state dict alone: "
+                         "torch.save(model.state_dict(), path)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = net.backbone.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
