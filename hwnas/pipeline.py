@@ -503,6 +503,12 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
 
             for spec in unlabeled_specs(source, setting):
                 unlabeled_images(spec, setting)
+    from hwnas.nn.models import check_timm_name  # the gallery's backbone: now, not after profiling
+
+    check_timm_name(cfg.gallery.backbone)
+    if cfg.gallery.backbone_checkpoint and not Path(cfg.gallery.backbone_checkpoint).is_file():
+        raise HwnasError(f"gallery.backbone_checkpoint {cfg.gallery.backbone_checkpoint} does not exist; "
+                         "give your timm weights' path (safetensors or a torch state dict)")
     if cfg.deploy.index:  # a factory string FAISS cannot parse: now, not at the last step
         from hwnas.export.deploy import make_index
 

@@ -113,7 +113,9 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "trun").exists()
     # a FAISS factory or an Optuna storage the run could use only at its last steps
     for i, (setting, word) in enumerate([("deploy:\n  index: IVFbogus", "FAISS cannot build index 'IVFbogus'"),
-                                         ("search:\n  storage: 'foo'", "cannot open the Optuna storage 'foo'")]):
+                                         ("search:\n  storage: 'foo'", "cannot open the Optuna storage 'foo'"),
+                                         ("gallery:\n  backbone: resnet1000", "unknown timm model 'resnet1000'"),
+                                         ("gallery:\n  backbone_checkpoint: nope.pt", "nope.pt does not exist")]):
         (tmp_path / "s.yaml").write_text(f"run_dir: {tmp_path / f'srun{i}'}\n{setting}\n")
         r = hwnas("run", str(tmp_path / "s.yaml"))
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, r.stderr
