@@ -28,9 +28,9 @@ TRT_MIN_COSINE = 0.999  # the fp16 engine's embeddings against the fp32 graph
 
 def default_factory(n: int) -> str:
     """Exact search while it is cheap, an inverted file beyond. On 1M x 128 vectors here,
-    IVF4096,Flat (nprobe 16) gave recall@10 0.95 at 5,900 queries/s (batch 1) and built in
-    29 s, where HNSW32 needed efSearch 128 for the same recall at 1,800 queries/s and
-    built in 146 s (BENCHMARKS.md, deploy)."""
+    IVF4096,Flat (nprobe 16) gave recall@10 0.95 at 4,385 queries/s (batch 1) and built in
+    31 s, where HNSW32 needed efSearch 128 for the same recall at 1,782 queries/s and
+    built in 145 s (BENCHMARKS.md, deploy)."""
     if n <= 50_000:
         return "Flat"
     return f"IVF{int(4 * np.sqrt(n))},Flat"
