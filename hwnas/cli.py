@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", help="gallery model directory (default RUN_DIR/gallery)")
     p.add_argument("--index", help="FAISS factory string, e.g. Flat, HNSW32, IVF1024,Flat "
                    "(default: deploy.index, else by gallery size)")
+    p.add_argument("--catalog", metavar="SOURCE",
+                   help="index these images instead of the test split's gallery part: a folder (any "
+                   "depth), a .zip, or a CSV manifest with path and optional label columns "
+                   "(default: deploy.catalog); the accuracy figures stay on the test split")
     p.add_argument("--int8", action="store_true", help="also a static QDQ int8 query model "
                    "(on too where deploy.int8 is true)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (a folder "
@@ -547,7 +551,7 @@ def cmd_deploy(args) -> int:
 
     cfg = _load(args)  # the config's deploy settings, as hwnas run takes them; the flags add to them
     deploy(cfg, out=args.out, query=args.query, gallery=args.gallery, factory=args.index or cfg.deploy.index,
-           int8=args.int8 or cfg.deploy.int8, overwrite=args.overwrite)
+           int8=args.int8 or cfg.deploy.int8, overwrite=args.overwrite, catalog=args.catalog)
     return 0
 
 

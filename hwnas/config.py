@@ -253,6 +253,15 @@ class SearchConfig:
 class DeployConfig:
     int8: bool = False
     index: str | None = None  # FAISS factory string; default by gallery size
+    # the images the index holds: a folder, a .zip, or a CSV manifest (path and optional label
+    # columns) of your catalog, embedded by the gallery model in batches; null: the test
+    # split's gallery part (what the accuracy figures are measured on either way)
+    catalog: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.catalog is not None and not self.catalog.strip():
+            raise HwnasError("deploy.catalog is empty: give the folder, .zip or CSV manifest of the "
+                             "images the index is to hold, or null for the test split's gallery part")
 
 
 @dataclass

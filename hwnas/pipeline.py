@@ -224,6 +224,11 @@ def step_keys(cfg: Config, with_runtime: bool = False, as_written: bool = False)
         # skipping unreadable images changes nothing a finished step made: a run that found none
         # finished without it, and one that skipped some keeps what it trained without them
         d["data"]["skip_bad_images"] = False
+    # the catalog a bundle indexes: unset, nothing in the deploy key (earlier runs keep theirs)
+    if d["deploy"].get("catalog") is None:
+        d["deploy"].pop("catalog", None)
+    elif not as_written:
+        d["deploy"]["catalog"] = same_file_specs(d["deploy"]["catalog"])
     # how many subnets validate a table: written to its header, read by no later step
     d["latency"] = {k: v for k, v in d["latency"].items() if k != "validate"}
     # where and on how many threads a model trains is not what it learns: a run started on the
@@ -503,6 +508,10 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
 
             for spec in unlabeled_specs(source, setting):
                 unlabeled_images(spec, setting)
+    if cfg.deploy.catalog:  # the images the bundle's index is to hold
+        from hwnas.data.sources import catalog_images
+
+        catalog_images(cfg.deploy.catalog)
     from hwnas.nn.models import check_timm_name  # the gallery's backbone: now, not after profiling
 
     check_timm_name(cfg.gallery.backbone)

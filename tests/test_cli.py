@@ -115,6 +115,7 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
     for i, (setting, word) in enumerate([("deploy:\n  index: IVFbogus", "FAISS cannot build index 'IVFbogus'"),
                                          ("search:\n  storage: 'foo'", "cannot open the Optuna storage 'foo'"),
                                          ("gallery:\n  backbone: resnet1000", "unknown timm model 'resnet1000'"),
+                                         ("deploy:\n  catalog: nowhere/", "deploy.catalog nowhere (relative to the working directory"),
                                          ("gallery:\n  backbone_checkpoint: nope.pt", "nope.pt does not exist")]):
         (tmp_path / "s.yaml").write_text(f"run_dir: {tmp_path / f'srun{i}'}\n{setting}\n")
         r = hwnas("run", str(tmp_path / "s.yaml"))
@@ -463,6 +464,7 @@ def test_step_keys_follow_what_each_step_reads():
 
     assert changed(lambda c: c.query.train.update(epochs=11)) == {"train-query", "baselines", "deploy", "report"}
     assert changed(lambda c: setattr(c.deploy, "int8", False)) == {"deploy"}
+    assert changed(lambda c: setattr(c.deploy, "catalog", "shop/")) == {"deploy"}
     assert changed(lambda c: setattr(c.latency, "threads", 2)) == {"profile", "search", "train-query",
                                                                  "baselines", "deploy", "report"}
     assert changed(lambda c: setattr(c.latency, "validate", 5)) == set()

@@ -62,6 +62,7 @@ def _load(tmp_path, text):
     ("adapt:\n  images: ''", r"adapt\.images '' must be a source"),
     ("gallery:\n  freeze_backbone: true", r"set gallery\.backbone_checkpoint"),
     ("query:\n  loss: {scale: 0}", r"loss\.scale \(0\) must be > 0"),
+    ("deploy:\n  catalog: ' '", r"deploy\.catalog is empty"),
     ("latency:\n  validate: 2", r"latency\.validate 2 must be 0 \(no end-to-end check\) or at least 3"),
 ])
 def test_wrong_type_or_value_is_named_at_load(tmp_path, text, message):

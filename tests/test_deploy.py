@@ -135,6 +135,65 @@ def test_overwrite_replaces_only_a_bundle(bundle, tmp_path):
         assert not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
 
 
+def test_a_catalog_is_indexed_in_place_of_the_test_gallery(bundle, tmp_path):
+    """deploy --catalog: the index holds the gallery model's embeddings of the catalog's images
+    (decoded a chunk at a time), the items its ids, a manifest's labels and absolute paths; the
+    accuracy figures stay the test split's. A missing catalog stops before anything is built."""
+    import faiss
+    from PIL import Image
+
+    from hwnas.data.images import Preprocess
+    from hwnas.export.deploy import deploy
+    from hwnas_edge.bundle import Bundle
+
+    root, cfg, m0 = bundle
+    quiet = lambda *_: None  # noqa: E731
+    s = api.RunDir(cfg).splits(log=quiet)
+    cat = tmp_path / "catalog"
+    rows = ["path,label"]
+    for j, i in enumerate(s.parts["train"][:7]):  # images the test split's gallery does not hold
+        (cat / f"shelf{j % 2}").mkdir(parents=True, exist_ok=True)
+        s.collection.read(int(i)).save(cat / f"shelf{j % 2}" / f"item{j}.png")
+        rows.append(f"shelf{j % 2}/item{j}.png,{s.collection.class_names[int(s.collection.labels[i])]}")
+    (cat / "catalog.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(HwnasError, match="does not exist"):
+        deploy(cfg, out=tmp_path / "none", catalog=str(tmp_path / "nowhere"), log=quiet)
+    assert not (tmp_path / "none").exists() and not (tmp_path / ".none.staging").exists()
+
+    m = deploy(cfg, out=tmp_path / "b", catalog=str(cat / "catalog.csv"), log=quiet)
+    assert m["gallery"]["n_items"] == 7 and m["index"]["source"]["catalog"] == str(cat / "catalog.csv")
+    assert m["accuracy"] == m0["accuracy"]  # the test split's, not the catalog's
+    items = json.loads((tmp_path / "b" / "gallery_items.json").read_text())
+    assert [it["id"] for it in items] == [r.split(",")[0] for r in rows[1:]]
+    assert [it["label"] for it in items] == [r.split(",")[1] for r in rows[1:]]
+    assert all(Path(it["path"]).is_absolute() and Path(it["path"]).is_file() for it in items)
+    # the index's vectors are the gallery model's embeddings of those images, row by row:
+    # each one's own gallery embedding finds it first, at cosine 1
+    import onnxruntime as ort
+
+    pre = Preprocess.from_dict(m["preprocess"])
+    x = pre.normalize(np.stack([pre.image_to_array(Image.open(cat / it["id"])) for it in items]))
+    gs = ort.InferenceSession(str(tmp_path / "b" / "gallery.onnx"), providers=["CPUExecutionProvider"])
+    ge = gs.run(None, {gs.get_inputs()[0].name: x})[0]
+    ge /= np.linalg.norm(ge, axis=1, keepdims=True)
+    scores, found = faiss.read_index(str(tmp_path / "b" / "gallery.index")).search(ge, 1)
+    assert found[:, 0].tolist() == list(range(7)) and np.allclose(scores[:, 0], 1, atol=1e-4)
+    assert Bundle(tmp_path / "b").search(ge[:1], 2)[0][0]["id"] == items[0]["id"]
+    # decoded and embedded a chunk at a time: chunks of 3 give the same rows as one of 256
+    from hwnas.data.sources import catalog_images
+    from hwnas.export.deploy import _embed_catalog
+
+    col, labeled = catalog_images(cat / "catalog.csv")
+    fn = lambda b: gs.run(None, {gs.get_inputs()[0].name: b})[0]  # noqa: E731
+    e3, it3, _ = _embed_catalog(col, labeled, pre, fn, False, quiet, chunk=3)
+    assert it3 == items and np.allclose(e3, ge, atol=1e-5)
+    # a folder: every image at any depth, ids relative to it, no labels
+    m = deploy(cfg, out=tmp_path / "f", catalog=str(cat), log=quiet)
+    items = json.loads((tmp_path / "f" / "gallery_items.json").read_text())
+    assert m["gallery"]["n_items"] == 7 and {it["label"] for it in items} == {None}
+    assert sorted(it["id"] for it in items) == sorted(r.split(",")[0] for r in rows[1:])
+
+
 def _test_images(cfg, tmp_path, n=4):
     """A few test-split query images as PNG files (what an edge device would get)."""
 

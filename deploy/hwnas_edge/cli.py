@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 for img, r in zip(args.images, res):
                     print(img)
                     for rank, hit in enumerate(r, 1):
-                        print(f"  {rank}. {hit['score']:.4f}  {hit['label']}  {hit['id']}")
+                        print(f"  {rank}. {hit['score']:.4f}  " + (f"{hit['label']}  " if hit["label"] is not None else "")
+                              + hit["id"])
         elif args.command == "serve":
             from hwnas_edge.service import serve
 

@@ -413,7 +413,7 @@ def unlabeled_specs(value, setting: str = "data.unlabeled") -> list[str]:
     return [str(s) for s in specs]
 
 
-def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled") -> Collection:
+def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled", fix: str | None = None) -> Collection:
     """Images without labels, for the loss parts that need none (regression to the gallery
     embedding, contrast, mix): a folder (every image under it, at any depth; folder names
     are ignored), a ``.zip`` of images, a CSV manifest with a ``path`` column (other
@@ -424,8 +424,8 @@ def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled") -
     if is_synthetic(str(path)):
         return strokes_collection(str(path))
     path = Path(path).expanduser()
-    fix = (f"set {setting} to a folder of images, a .zip of images, a CSV manifest with "
-           "a path column or strokes:N (or a list of these), or to null")
+    fix = fix or (f"set {setting} to a folder of images, a .zip of images, a CSV manifest with "
+                  "a path column or strokes:N (or a list of these), or to null")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if _is_image(p))
         if not files:
@@ -450,6 +450,33 @@ def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled") -
         return Collection(f"unlabeled:{path.stem}", ids, np.zeros(len(ids)), ["unlabeled"], read=read,
                           info={"source": str(path)})
     raise DataError(f"{setting} {shown(path)} does not exist or is not a folder, .zip or .csv; {fix}")
+
+
+def catalog_images(path: str | os.PathLike, setting: str = "deploy.catalog") -> tuple[Collection, bool]:
+    """The images a deployed index is to hold (``hwnas deploy --catalog``): a folder (every
+    image under it, at any depth), a ``.zip`` of images, or a CSV manifest with a ``path``
+    column and, optionally, a ``label`` column. Returns the collection and whether its images
+    carry labels (a manifest's label column; a folder's or a zip's do not: their ids, the
+    paths under the source, say where each image sits)."""
+    from hwnas.data.synthetic import is_synthetic
+
+    if is_synthetic(str(path)):
+        raise DataError(f"{setting} {path}: procedural strokes are not a catalog; give the folder, "
+                        ".zip or CSV manifest of the images the index is to hold")
+    col = unlabeled_images(path, setting, f"set {setting} (--catalog) to a folder of images, a .zip of "
+                           "images or a CSV manifest with a path column (and a label column, if you "
+                           "like), or to null for the test split's gallery part")
+    p = Path(path).expanduser()
+    if p.suffix.lower() != ".csv":
+        return col, False
+    cols, rows = _read_csv(p, ("path",), f"{setting} manifest", "a path column", optional=("label",))
+    if "label" not in cols:
+        return col, False
+    labels = [(r.get("label") or "").strip() for r in rows if (r.get("path") or "").strip()]
+    names = sorted(set(labels))
+    where = {c: i for i, c in enumerate(names)}
+    return Collection(col.name, col.ids, [where[c] for c in labels], names, read=col.read,
+                      paths=col.paths, info=col.info), True
 
 
 # ---------------------------------------------------------------------- tiny (tests)

@@ -188,9 +188,83 @@ def _check_replaceable(out: Path) -> None:
                          "another --out, or empty that folder yourself")
 
 
+def _gallery_runtime(staging: Path, g, gs, shape: tuple) -> tuple[str, Callable, dict]:
+    """The fastest runtime present for the gallery model: a TensorRT engine (written into the
+    bundle as gallery.plan), else PyTorch on CUDA, else ONNX Runtime on the CPU (the bundle's
+    gallery.onnx). Returns its name, a function from a normalized float32 batch (at most 256
+    images) to embeddings, and the bundle's TensorRT record."""
+    import torch
+
+    from hwnas.latency.backends import TensorRTBackend
+
+    reason = TensorRTBackend.unavailable_reason()
+    if reason is None:
+        from hwnas.export.tensorrt import TrtEngine, build_engine, fp16_supported
+
+        plan = build_engine((staging / "gallery.onnx").read_bytes(), fp16=True,
+                            input_shape=(256,) + shape[1:], max_batch=256)
+        atomic_write_bytes(staging / "gallery.plan", plan)
+        eng = TrtEngine(plan)
+        return ("tensorrt", lambda x: eng.infer(torch.from_numpy(x).cuda()).cpu().numpy(),
+                {"built": True, "fp16": fp16_supported()})
+    if torch.cuda.is_available():
+        net = g.net.cuda().eval()
+
+        def run_cuda(x):
+            with torch.no_grad():
+                return net(torch.from_numpy(x).cuda()).cpu().numpy()
+
+        return "torch-cuda", run_cuda, {"built": False, "skipped": reason}
+    name = gs.get_inputs()[0].name
+    return "onnxruntime-cpu", lambda x: gs.run(None, {name: x})[0], {"built": False, "skipped": reason}
+
+
+def _embed_batches(fn: Callable, x: np.ndarray, desc: str, batch: int = 256) -> np.ndarray:
+    from tqdm import tqdm
+
+    return np.concatenate([fn(np.ascontiguousarray(x[i:i + batch]))
+                           for i in tqdm(range(0, len(x), batch), desc=desc, unit="batch",
+                                         disable=None if len(x) > 2048 else True)])
+
+
+def _unit(emb: np.ndarray) -> np.ndarray:
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb
+
+
+def _embed_catalog(col, labeled: bool, pre, fn: Callable, skip_bad: bool, log: Callable,
+                   chunk: int = 256) -> tuple[np.ndarray, list[dict], list[str]]:
+    """The gallery model's embeddings of a catalog, decoded and embedded ``chunk`` images at a
+    time (a catalog larger than the memory is never held decoded), with the index's items."""
+    from tqdm import tqdm
+
+    from hwnas.data.images import materialize
+
+    parts, items, skipped = [], [], []
+    bar = tqdm(total=len(col), desc="catalog embeddings", unit="img", disable=None if len(col) > 2048 else True)
+    for start in range(0, len(col), chunk):
+        arr = materialize(col, np.arange(start, min(start + chunk, len(col))), pre, skip_bad, progress=False)
+        skipped += arr.skipped
+        if len(arr.images):
+            parts.append(fn(np.ascontiguousarray(pre.normalize(arr.images))))
+            for i in arr.indices:
+                items.append({"row": len(items), "id": col.ids[i],
+                              "label": col.class_names[int(col.labels[i])] if labeled else None,
+                              "path": os.path.abspath(col.paths[i]) if col.paths else None})
+        bar.update(min(chunk, len(col) - start))
+    bar.close()
+    if not items:
+        raise HwnasError(f"no image of the catalog could be read ({len(skipped)} skipped, e.g. "
+                         f"{skipped[0]}): nothing to index")
+    if skipped:
+        log(f"[deploy] catalog: {len(skipped)} unreadable images left out (e.g. {skipped[0]})")
+    return _unit(np.concatenate(parts)), items, skipped
+
+
 def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
            gallery: str | None = None, factory: str | None = None, int8: bool = False,
-           overwrite: bool = False, log: Callable = print) -> dict:
+           overwrite: bool = False, catalog: str | None = None, log: Callable = print) -> dict:
     import torch
     from hwnas_edge.bundle import BUNDLE_FORMAT
 
@@ -244,6 +318,13 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
     if (qpre.size, qpre.channels, qpre.mean, qpre.std) != (gpre.size, gpre.channels, gpre.mean, gpre.std):
         raise HwnasError("query and gallery preprocessing differ; the bundle records one preprocessing")
 
+    catalog = cfg.deploy.catalog if catalog is None else catalog
+    if catalog:  # a missing or empty catalog fails now, before anything is exported
+        from hwnas.data.sources import catalog_images
+
+        cat, cat_labeled = catalog_images(catalog)
+        log(f"[deploy] catalog {catalog}: {len(cat)} images{' with labels' if cat_labeled else ''}")
+
     staging = out.parent / f".{out.name}.staging"
     if staging.exists():
         shutil.rmtree(staging)
@@ -289,60 +370,36 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
             f"{par_g['min_cosine']:.7f}")
 
         # gallery embeddings with the best runtime present, then the index
-        tensorrt = {"built": False}
-        from hwnas.latency.backends import TensorRTBackend
-
-        reason = TensorRTBackend.unavailable_reason()
-        if reason is None:
-            from hwnas.export.tensorrt import TrtEngine, build_engine, fp16_supported
-
-            plan = build_engine((staging / "gallery.onnx").read_bytes(), fp16=True,
-                                input_shape=(256,) + shape[1:], max_batch=256)
-            atomic_write_bytes(staging / "gallery.plan", plan)
-            tensorrt = {"built": True, "fp16": fp16_supported()}
-            eng = TrtEngine(plan)
-            g_emb = np.concatenate([eng.infer(torch.from_numpy(xg[i:i + 256]).cuda()).cpu().numpy()
-                                    for i in range(0, len(xg), 256)])
+        runtime, embed_g, tensorrt = _gallery_runtime(staging, g, gs, shape)
+        g_emb = _unit(_embed_batches(embed_g, xg, "test gallery embeddings"))
+        if runtime == "tensorrt":
             # what goes into the index, against the ONNX graph it was built from (fp16 strays a
             # little; an overflow or NaN would otherwise reach the index unseen)
             tensorrt["parity_vs_onnx"] = _parity(onnx_g, g_emb[:n_pg])
             _check_parity("the TensorRT gallery engine", tensorrt["parity_vs_onnx"], TRT_MIN_COSINE,
                           "test gallery images", reference="gallery.onnx")
-            runtime = "tensorrt"
+        if catalog:
+            idx_emb, items, skipped = _embed_catalog(cat, cat_labeled, gpre, embed_g, cfg.data.skip_bad_images, log)
+            index_source = {"catalog": str(catalog), "skipped": skipped}
         else:
-            tensorrt["skipped"] = reason
-            if torch.cuda.is_available():
-                net = g.net.cuda()
-                with torch.no_grad():
-                    g_emb = np.concatenate([net(torch.from_numpy(xg[i:i + 256]).cuda()).cpu().numpy()
-                                            for i in range(0, len(xg), 256)])
-                runtime = "torch-cuda"
-            else:
-                from tqdm import tqdm
-
-                parts = []
-                for i in tqdm(range(0, len(xg), 256), desc="gallery embeddings", unit="batch",
-                              disable=None if len(xg) > 2048 else True):
-                    parts.append(gs.run(None, {gs.get_inputs()[0].name: xg[i:i + 256]})[0])
-                g_emb = np.concatenate(parts)
-                runtime = "onnxruntime-cpu"
-        g_emb = np.ascontiguousarray(g_emb, dtype=np.float32)
-        g_emb /= np.maximum(np.linalg.norm(g_emb, axis=1, keepdims=True), 1e-12)
-        factory = factory or default_factory(len(g_emb))
-        index, index_info = build_index(g_emb, factory)
+            col = splits.collection
+            where = {id_: i for i, id_ in enumerate(col.ids)}
+            # absolute paths: a relative --data-dir meant the deploying shell's folder, nothing on a server
+            items = [{"row": r, "id": id_, "label": col.class_names[int(lab)],
+                      "path": os.path.abspath(col.paths[where[id_]]) if col.paths else None}
+                     for r, (id_, lab) in enumerate(zip(gi.ids, gi.raw_labels))]
+            idx_emb, index_source = g_emb, {"split": "test", "part": "gallery"}
+        factory = factory or default_factory(len(idx_emb))
+        index, index_info = build_index(idx_emb, factory)
+        index_info["source"] = index_source
         import faiss
 
         tmp = staging / ".gallery.index.tmp"
         faiss.write_index(index, str(tmp))
         tmp.replace(staging / "gallery.index")
-        col = splits.collection
-        where = {id_: i for i, id_ in enumerate(col.ids)}
-        # absolute paths: a relative --data-dir meant the deploying shell's folder, nothing on a server
-        items = [{"row": r, "id": id_, "label": col.class_names[int(lab)],
-                  "path": os.path.abspath(col.paths[where[id_]]) if col.paths else None}
-                 for r, (id_, lab) in enumerate(zip(gi.ids, gi.raw_labels))]
         write_json(staging / "gallery_items.json", items)
-        log(f"[deploy] {factory} index of {index.ntotal} gallery embeddings ({runtime})")
+        log(f"[deploy] {factory} index of {index.ntotal} gallery embeddings ({runtime}"
+            + (f", catalog {catalog}" if catalog else "") + ")")
 
         # accuracies of what is deployed (ONNX models, FAISS exact kNN)
         qe_q, qe_g = _ort_embed(qs, xq), _ort_embed(qs, xg)
