@@ -257,6 +257,69 @@ def test_edge_runtime_without_torch_matches_pytorch(bundle, tmp_path):
     assert edge == _torch_topk(cfg, root / "run" / "bundle", paths, 5)
 
 
+def test_edge_add_grows_the_index_without_torch(bundle, tmp_path):
+    """hwnas-edge add (no torch): new images embedded by gallery.onnx join the index and its
+    items, the bundle still verifies, and each one's own gallery embedding finds its row at
+    cosine 1. Repeated ids and unreadable images are refused with the bundle left as it was;
+    --skip-bad-images leaves them out."""
+    import shutil
+
+    import faiss
+    import onnxruntime as ort
+
+    from hwnas_edge.bundle import Bundle, verify
+
+    root, cfg, _ = bundle
+    b = tmp_path / "bundle"
+    shutil.copytree(root / "run" / "bundle", b)
+    n0 = Bundle(b).index.ntotal
+    s = api.RunDir(cfg).splits(log=lambda *_: None)
+    new = tmp_path / "new"
+    (new / "deep").mkdir(parents=True)
+    for j, i in enumerate(s.parts["train"][:3]):
+        s.collection.read(int(i)).save(new / ("deep" if j else "") / f"n{j}.png")
+    (tmp_path / "other").mkdir()
+    shutil.copy(new / "n0.png", tmp_path / "other" / "n0.png")
+    (tmp_path / "more.csv").write_text("path,label\nother/n0.png,Sneaker\n")
+    env = _no_torch_env(tmp_path)
+    edge = [sys.executable, "-c", "import sys; from hwnas_edge.cli import main; "
+            "r = main(sys.argv[1:]); assert 'torch' not in sys.modules; sys.exit(r)"]
+    r = subprocess.run([*edge, "add", str(b), str(new), str(tmp_path / "more.csv"), "--label", "new"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    items = json.loads((b / "gallery_items.json").read_text())
+    assert len(items) == n0 + 4 and [it["row"] for it in items] == list(range(n0 + 4))
+    assert [(it["id"], it["label"]) for it in items[n0:]] == [
+        ("new/deep/n1.png", "new"), ("new/deep/n2.png", "new"), ("new/n0.png", "new"), ("other/n0.png", "Sneaker")]
+    assert verify(b)["hashes"] == "ok" and Bundle(b).manifest["gallery"]["n_items"] == n0 + 4
+    assert Bundle(b).manifest["additions"][-1]["added"] == 4
+    m = Bundle(b)
+    gs = ort.InferenceSession(str(b / "gallery.onnx"), providers=["CPUExecutionProvider"])
+    x = m.load_images([new / "deep" / "n1.png", new / "deep" / "n2.png"])
+    from hwnas_edge.preprocess import normalize
+
+    ge = gs.run(None, {gs.get_inputs()[0].name: normalize(x, m.pre["mean"], m.pre["std"])})[0]
+    ge /= np.linalg.norm(ge, axis=1, keepdims=True)
+    scores, rows = faiss.read_index(str(b / "gallery.index")).search(ge, 1)
+    assert [items[r]["id"] for r in rows[:, 0]] == ["new/deep/n1.png", "new/deep/n2.png"]
+    assert np.allclose(scores[:, 0], 1, atol=1e-4)
+    # refused, and nothing changes: ids already there; an unreadable image
+    before = {f.name: f.read_bytes() for f in b.iterdir()}
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
+    for args, word in ((["add", str(b), str(new)], "already in the index"),
+                       (["add", str(b), str(tmp_path / "bad")], "pass --skip-bad-images")):
+        r = subprocess.run([*edge, *args], env=env, capture_output=True, text=True)
+        assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert {f.name: f.read_bytes() for f in b.iterdir()} == before
+    (tmp_path / "bad" / "fine.png").write_bytes((new / "n0.png").read_bytes())
+    from hwnas_edge.add import add_images
+
+    res = add_images(b, [tmp_path / "bad"], skip_bad=True, log=lambda *_: None)
+    assert res["added"] == 1 and res["skipped_files"] == [str(tmp_path / "bad" / "broken.png")]
+    assert Bundle(b).index.ntotal == n0 + 5 and not any(p.name.startswith(".bundle") for p in tmp_path.iterdir())
+
+
 def test_edge_session_runs_at_the_deployed_thread_count(bundle):
     from hwnas_edge.bundle import Bundle, BundleError
 

@@ -58,6 +58,22 @@ def _read_json(path: Path, what: str):
                           "again (or restore it from where it was copied)") from None
 
 
+def replace_dir(staging: Path, out: Path) -> None:
+    """Put the finished folder ``staging`` in the place of ``out``: the old one is moved aside
+    and removed only once the new one is in place, so a reader never finds half a bundle."""
+    import shutil
+
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -4,6 +4,7 @@
     hwnas-edge query BUNDLE image.jpg --server http://127.0.0.1:8000
     hwnas-edge serve BUNDLE --port 8000
     hwnas-edge verify BUNDLE
+    hwnas-edge add BUNDLE new_photos/ more.csv --label shoes   # grow the gallery index
 """
 
 from __future__ import annotations
@@ -103,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most query embeddings one request may search (default 256)")
     v = sub.add_parser("verify", help="check artifact hashes and ONNX parity")
     v.add_argument("bundle")
+    a = sub.add_parser("add", help="embed new gallery images with gallery.onnx and add them to the index "
+                       "(restart a running serve to search them)")
+    a.add_argument("bundle")
+    a.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="image files, folders (any depth) or CSV manifests (path and optional label columns)")
+    a.add_argument("--label", help="the label of the added images a manifest does not label")
+    a.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable images out (counted) instead of stopping")
     return ap
 
 
@@ -128,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             from hwnas_edge.service import serve
 
             serve(args.bundle, args.host, args.port, max_batch=args.max_batch)
+        elif args.command == "add":
+            from hwnas_edge.add import add_images
+
+            add_images(args.bundle, args.sources, label=args.label, skip_bad=args.skip_bad_images)
         else:
             print(json.dumps(verify(args.bundle), indent=2))
     except BundleError as e:

@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 
 RESIZE_RULE = "shorter-side-bilinear+center-crop"
+#: the file suffixes read as images (training, the deploy catalog, hwnas-edge add)
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"})
 
 
 def _to_8bit(img):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from hwnas_edge.preprocess import IMAGE_EXTS  # one list of image suffixes for training and the edge
 
 from hwnas.errors import DataError
 
@@ -27,7 +28,6 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 SPLITS = ("train", "test")
 # folder names that mark a split layout (root/<split>/<class>/<image>), in any case
 SPLIT_FOLDER_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev",

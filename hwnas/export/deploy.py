@@ -266,7 +266,7 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
            gallery: str | None = None, factory: str | None = None, int8: bool = False,
            overwrite: bool = False, catalog: str | None = None, log: Callable = print) -> dict:
     import torch
-    from hwnas_edge.bundle import BUNDLE_FORMAT
+    from hwnas_edge.bundle import BUNDLE_FORMAT, replace_dir
 
     from hwnas.compat import api
     from hwnas.data.images import Preprocess
@@ -474,16 +474,7 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
         artifacts = [p for p in sorted(staging.iterdir()) if p.is_file() and not p.name.startswith(".")]
         manifest["artifacts"] = {p.name: _sha(p) for p in artifacts}
         write_json(staging / "manifest.json", manifest)
-        # swap into place: the old bundle (if any) is removed only once the new one is complete
-        if out.exists():
-            old = out.parent / f".{out.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old)
-        else:
-            staging.rename(out)
+        replace_dir(staging, out)  # the old bundle (if any) goes only once the new one is complete
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
