@@ -284,9 +284,16 @@ def test_edge_add_grows_the_index_without_torch(bundle, tmp_path):
     env = _no_torch_env(tmp_path)
     edge = [sys.executable, "-c", "import sys; from hwnas_edge.cli import main; "
             "r = main(sys.argv[1:]); assert 'torch' not in sys.modules; sys.exit(r)"]
-    r = subprocess.run([*edge, "add", str(b), str(new), str(tmp_path / "more.csv"), "--label", "new"],
-                       env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    proc, url = _start_service(b, tmp_path)  # a service running on the bundle while it grows
+    try:
+        r = subprocess.run([*edge, "add", str(b), str(new), str(tmp_path / "more.csv"), "--label", "new"],
+                           env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        with urllib.request.urlopen(url + "/health", timeout=10) as h:  # it serves the grown index
+            assert json.loads(h.read())["index_size"] == n0 + 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
     items = json.loads((b / "gallery_items.json").read_text())
     assert len(items) == n0 + 4 and [it["row"] for it in items] == list(range(n0 + 4))
     assert [(it["id"], it["label"]) for it in items[n0:]] == [
@@ -426,13 +433,10 @@ def _post(url, body: bytes):
         return e.code, json.loads(e.read())
 
 
-@pytest.fixture
-def service(bundle, tmp_path):
-    root, _, m = bundle
+def _start_service(bundle_dir, tmp_path, *args):
     port = _free_port()
-    env = _no_torch_env(tmp_path)
-    p = subprocess.Popen([sys.executable, "-m", "hwnas_edge.cli", "serve", str(root / "run" / "bundle"),
-                          "--port", str(port), "--max-batch", "4"], env=env,
+    p = subprocess.Popen([sys.executable, "-m", "hwnas_edge.cli", "serve", str(bundle_dir),
+                          "--port", str(port), *args], env=_no_torch_env(tmp_path),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60  # (it loads ONNX Runtime and the index: seconds on a busy machine)
@@ -440,12 +444,18 @@ def service(bundle, tmp_path):
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as r:
                 if r.status == 200:
-                    break
+                    return p, url
         except OSError:
             time.sleep(0.1)
         if p.poll() is not None or time.time() > deadline:
             p.kill()
             pytest.fail("service did not start: " + p.stderr.read())
+
+
+@pytest.fixture
+def service(bundle, tmp_path):
+    root, _, m = bundle
+    p, url = _start_service(root / "run" / "bundle", tmp_path, "--max-batch", "4")
     yield url, m
     p.terminate()
     p.wait(timeout=10)

@@ -3,8 +3,8 @@ them to ``gallery.index`` (``hwnas-edge add``), without PyTorch and without rebu
 
 The index's kind is kept (Flat, IVF: its trained lists take the new vectors, HNSW); the
 bundle is rewritten beside itself and swapped in whole, so a kill leaves the old bundle as
-it was and a reader never sees half of it. A running ``hwnas-edge serve`` keeps the index it
-loaded: restart it to search the new images.
+it was and a reader never sees half of it. A running ``hwnas-edge serve`` loads the grown
+bundle at its next request (:class:`hwnas_edge.service.LiveBundle`).
 """
 
 from __future__ import annotations

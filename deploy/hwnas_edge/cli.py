@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check artifact hashes and ONNX parity")
     v.add_argument("bundle")
     a = sub.add_parser("add", help="embed new gallery images with gallery.onnx and add them to the index "
-                       "(restart a running serve to search them)")
+                       "(a running serve picks them up at its next request)")
     a.add_argument("bundle")
     a.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="image files, folders (any depth) or CSV manifests (path and optional label columns)")

@@ -4,6 +4,11 @@
 ``POST /search`` with ``{"embeddings": [[...], ...], "fingerprint": "<query model>", "top_k": 5}``
 -> ``{"results": [[{"id", "label", "path", "score"}, ...], ...]}``.
 
+The bundle is watched: when its manifest changes (``hwnas-edge add`` grew the index, or
+``hwnas deploy --overwrite`` replaced the bundle), the next request loads the new one and
+serves it from then on; a bundle caught mid-swap or damaged is not taken (the one loaded
+goes on serving, and the next request tries again).
+
 Refusals, each with a message saying what is wrong: a fingerprint that is not the bundle's
 query (or gallery) model -> 409; a body over ``max_body_bytes`` or more than ``max_batch``
 embeddings -> 413; malformed JSON, a wrong dimension, non-finite values or a bad top_k ->
@@ -13,11 +18,49 @@ embeddings -> 413; malformed JSON, a wrong dimension, non-finite values or a bad
 # No `from __future__ import annotations` here: FastAPI must resolve the endpoint
 # annotations (Request) at runtime, and they are imported inside create_app.
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from hwnas_edge.bundle import Bundle
+from hwnas_edge.bundle import Bundle, BundleError
+
+
+class LiveBundle:
+    """The bundle at a path, loaded again when its manifest is replaced (a new file: another
+    inode or modification time). ``get()`` costs one ``stat`` while nothing changes."""
+
+    def __init__(self, path: "str | Path"):
+        self.path = Path(path)
+        self.bundle = self._load()
+        self.stamp = self.failed = self._stamp()
+
+    def _stamp(self):
+        st = os.stat(self.path / "manifest.json")
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _load(self) -> Bundle:
+        b = Bundle(self.path)
+        b.items  # noqa: B018 — reads the index and its rows now: a bad one is never served
+        return b
+
+    def get(self) -> Bundle:
+        try:
+            stamp = self._stamp()
+        except OSError:  # mid-swap (the old folder moved aside, the new one not yet in place)
+            return self.bundle
+        if stamp != self.stamp and stamp != self.failed:  # (a damaged one is tried once per change)
+            try:
+                b = self._load()
+            except (BundleError, OSError) as e:
+                self.failed = stamp
+                print(f"hwnas-edge serve: the bundle changed but cannot be loaded ({e}); still "
+                      f"serving the {self.bundle.index.ntotal}-item index", file=sys.stderr, flush=True)
+                return self.bundle
+            self.bundle, self.stamp = b, stamp
+            print(f"hwnas-edge serve: reloaded {self.path}: {b.index.ntotal} items", file=sys.stderr, flush=True)
+        return self.bundle
 
 
 def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int = 100,
@@ -26,10 +69,8 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    bundle = Bundle(bundle_path)
-    bundle.items  # noqa: B018 — reads the index and its rows now: a bad one stops the start,
-    # rather than a service that answers 500 to every query
-    accepted = {bundle.query_fingerprint, bundle.gallery_fingerprint}
+    live = LiveBundle(bundle_path)  # a bad bundle stops the start, rather than a service
+    # that answers 500 to every query
     app = FastAPI(title="hwnas gallery search", version="0.1.0")
 
     def error(status: int, msg: str) -> JSONResponse:
@@ -45,6 +86,7 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
 
     @app.get("/health")
     def health():
+        bundle = live.get()
         return {"status": "ok", "index_size": int(bundle.index.ntotal), "dim": bundle.dim,
                 "factory": bundle.manifest["index"]["factory"],
                 "query_fingerprint": bundle.query_fingerprint,
@@ -67,6 +109,8 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
                               "\"fingerprint\": \"...\", \"top_k\": 5}")
         if not isinstance(body, dict):
             return error(400, "body must be a JSON object with 'embeddings' and 'fingerprint'")
+        bundle = live.get()
+        accepted = {bundle.query_fingerprint, bundle.gallery_fingerprint}
         fp = body.get("fingerprint")
         if not isinstance(fp, str):
             return error(400, "missing 'fingerprint': the query model's fingerprint (from its "
