@@ -327,6 +327,26 @@ def test_edge_add_grows_the_index_without_torch(bundle, tmp_path):
     assert Bundle(b).index.ntotal == n0 + 5 and not any(p.name.startswith(".bundle") for p in tmp_path.iterdir())
 
 
+def test_the_readmes_python_example_runs_without_torch(bundle, tmp_path):
+    """The README's hwnas_edge example, on this bundle and a test image, without torch: it
+    prints the bundle's own top 5 for the image."""
+    import re
+
+    from hwnas_edge.bundle import Bundle
+
+    root, cfg, _ = bundle
+    code = next(b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+                if "from hwnas_edge.bundle import Bundle" in b)
+    img = _test_images(cfg, tmp_path, n=1)[0]
+    code = code.replace("runs/quickstart/bundle", str(root / "run" / "bundle")).replace("photo.png", str(img))
+    r = subprocess.run([sys.executable, "-c", code + "\nimport sys; assert 'torch' not in sys.modules"],
+                       env=_no_torch_env(tmp_path), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    b = Bundle(root / "run" / "bundle")
+    want = [h["id"] for h in b.search(b.embed(b.load_images([img])), 5)[0]]
+    assert [line.split()[1] for line in r.stdout.splitlines()] == want
+
+
 def test_edge_session_runs_at_the_deployed_thread_count(bundle):
     from hwnas_edge.bundle import Bundle, BundleError
 
