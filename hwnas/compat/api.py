@@ -871,6 +871,9 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
     # supernet gives other finalists, not the old ones' checkpoints
     sfp = read_json(rd.path / "supernet" / "config.json")["fingerprint"] if cfg.query.inherit else None
     cands, jobs = top_archs(search_dir, k, space), []  # the search's best first, one per network
+    if len(cands) < k:
+        log(f"[finalists] the search evaluated {len(cands)} distinct archs within budget, fewer than "
+            f"query.finalists ({k}): all {len(cands)} are finalists (more search.n_trials gives more)")
     for i, c in enumerate(cands):
         log(f"[finalists] {i + 1}/{len(cands)}: search reward {c['reward']:.4f}, {c['predicted_ms']:.4f} ms "
             f"predicted, {e} of {tc.epochs} epochs")
