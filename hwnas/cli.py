@@ -578,9 +578,6 @@ def cmd_train_gallery(args) -> int:
         g.backbone_checkpoint = args.backbone_checkpoint
     if args.freeze_backbone:
         g.freeze_backbone = True
-    if g.freeze_backbone and not g.backbone_checkpoint:
-        raise HwnasError("--freeze-backbone needs --backbone-checkpoint (a frozen random "
-                         "backbone would embed nothing useful)")
     train_gallery(cfg, resume=args.resume, restart=args.restart)
     return 0
 

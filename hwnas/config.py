@@ -49,10 +49,6 @@ class GalleryConfig:
         if not self.scale > 0 or self.margin < 0:
             raise HwnasError(f"gallery.scale ({self.scale}) must be > 0 and gallery.margin "
                              f"({self.margin}) >= 0 (e.g. 30 and 0.2)")
-        if self.freeze_backbone and not self.backbone_checkpoint:
-            raise HwnasError("gallery.freeze_backbone trains only the embedding head of weights you "
-                             "give: set gallery.backbone_checkpoint (your timm weights), or "
-                             "freeze_backbone: false")
 
 
 @dataclass
@@ -70,11 +66,18 @@ class SupernetConfig:
             raise HwnasError(f"supernet.path_warmup {self.path_warmup} must be in [0, 1] (a fraction "
                              "of training; 0: uniform path sampling from the first step)")
         r = self.flops_range
-        if r is not None and not (
-                len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                    and math.isfinite(v) and v > 0 for v in r) and r[0] < r[1]):
-            raise HwnasError(f"supernet.flops_range {r!r} must be two MFLOPs figures [low, high] with "
-                             "0 < low < high (e.g. [1, 5]), or null for the whole space")
+        if r is not None and len(r) == 0:  # [] : no range, as null
+            self.flops_range = r = None
+        if r is not None:
+            try:  # YAML leaves 5e-1 as text; a number is meant
+                r = [float(v) if isinstance(v, str) else v for v in r]
+            except ValueError:
+                pass
+            if not (len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        and math.isfinite(float(v)) and v >= 0 for v in r) and r[0] < r[1]):
+                raise HwnasError(f"supernet.flops_range {self.flops_range!r} must be two MFLOPs figures "
+                                 "[low, high] with 0 <= low < high (e.g. [1, 5]), or null for the whole space")
+            self.flops_range = list(r)
 
 
 @dataclass
@@ -235,14 +238,15 @@ class SearchConfig:
         if self.budget_ms is not None and not (math.isfinite(self.budget_ms) and self.budget_ms > 0):
             raise HwnasError(f"search.budget_ms (--budget-ms) {self.budget_ms} must be a positive number "
                              "of milliseconds")
-        if not 0 < self.budget_fraction < 1:
+        # (each is read only where the ones before it are unset, and checked only there)
+        if self.budget_ms is None and self.budget_speedup is not None and not (
+                math.isfinite(self.budget_speedup) and self.budget_speedup > 1):
+            raise HwnasError(f"search.budget_speedup {self.budget_speedup} must be above 1 (e.g. 10: "
+                             "the query model ten times faster than the paragon), or set budget_ms")
+        if self.budget_ms is None and self.budget_speedup is None and not 0 < self.budget_fraction < 1:
             raise HwnasError(f"search.budget_fraction {self.budget_fraction} must be between 0 and 1, "
                              "both left out (the fraction of the way from the fastest subnet's latency "
-                             "to the slowest's; e.g. 0.3), or set budget_ms")
-        if self.budget_speedup is not None and not (math.isfinite(self.budget_speedup)
-                                                    and self.budget_speedup > 1):
-            raise HwnasError(f"search.budget_speedup {self.budget_speedup} must be above 1 (e.g. 10: "
-                             "the query model ten times faster than the paragon)")
+                             "to the slowest's; e.g. 0.3), or set budget_ms or budget_speedup")
         if self.sampler == "evolution" and self.tournament > self.population:
             raise HwnasError(f"search.tournament ({self.tournament}) must be at most search.population "
                              f"({self.population}): the evolution sampler draws its tournament from the "

@@ -75,7 +75,11 @@ def _check(value, tp):
         if isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
             value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # .nan, .inf, or text like 1e400
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an integer beyond any float (a 400-digit number)
+                finite = False
+            if not finite:  # .nan, .inf, or text like 1e400
                 raise _NotFinite
             return value  # an int stays one: a run's step keys hash the config as written
         raise _Mismatch

@@ -515,9 +515,14 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     from hwnas.nn.models import check_timm_name  # the gallery's backbone: now, not after profiling
 
     check_timm_name(cfg.gallery.backbone)
-    if cfg.gallery.backbone_checkpoint and not Path(cfg.gallery.backbone_checkpoint).is_file():
-        raise HwnasError(f"gallery.backbone_checkpoint {cfg.gallery.backbone_checkpoint} does not exist; "
-                         "give your timm weights' path (safetensors or a torch state dict)")
+    gc = cfg.gallery
+    if not Steps(RunDir(cfg).path / "steps.json").done("train-gallery"):  # (read by that step alone)
+        if gc.freeze_backbone and not gc.backbone_checkpoint:
+            raise HwnasError("gallery.freeze_backbone trains only the embedding head of weights you give: "
+                             "set gallery.backbone_checkpoint (your timm weights), or freeze_backbone: false")
+        if gc.backbone_checkpoint and not Path(gc.backbone_checkpoint).is_file():
+            raise HwnasError(f"gallery.backbone_checkpoint {gc.backbone_checkpoint} does not exist; "
+                             "give your timm weights' path (safetensors or a torch state dict)")
     if cfg.deploy.index:  # a factory string FAISS cannot parse: now, not at the last step
         from hwnas.export.deploy import make_index
 

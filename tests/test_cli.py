@@ -116,6 +116,7 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
                                          ("search:\n  storage: 'foo'", "cannot open the Optuna storage 'foo'"),
                                          ("gallery:\n  backbone: resnet1000", "unknown timm model 'resnet1000'"),
                                          ("deploy:\n  catalog: nowhere/", "deploy.catalog nowhere (relative to the working directory"),
+                                         ("gallery:\n  freeze_backbone: true", "set gallery.backbone_checkpoint"),
                                          ("gallery:\n  backbone_checkpoint: nope.pt", "nope.pt does not exist")]):
         (tmp_path / "s.yaml").write_text(f"run_dir: {tmp_path / f'srun{i}'}\n{setting}\n")
         r = hwnas("run", str(tmp_path / "s.yaml"))
@@ -134,7 +135,9 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
                        (["profile", "--device", "cpu", "--validate", "5", "--calibrate", "1"],
                         "--calibrate 1 must be at least 2"),
                        (["search", "--sampler-seed", "-1"], "--sampler-seed -1 must be a whole number"),
-                       (["search", "--run-dir", ""], "run_dir must be a folder path")]:
+                       (["search", "--run-dir", ""], "run_dir must be a folder path"),
+                       (["train-gallery", "--freeze-backbone", "--run-dir", str(tmp_path / "fb")],
+                        "needs gallery.backbone_checkpoint (--backbone-checkpoint)")]:
         r = hwnas(*args)
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     (tmp_path / "a.yaml").write_text(f"run_dir: {tmp_path / 'arun'}\nadapt:\n  epochs: 2\n  images: "

@@ -47,7 +47,7 @@ def _load(tmp_path, text):
     ("search:\n  prefer_faster_within: .nan", r"prefer_faster_within must be a finite number"),
     ("query:\n  finalists: 3\n  train: {epochs: 10}", r"finalist_epochs \(10\) must be fewer than query\.train\.epochs \(10\)"),
     ("search:\n  budget_speedup: 0.5", r"budget_speedup 0\.5 must be above 1"),
-    ("search:\n  budget_fraction: 1", r"budget_fraction 1 must be between 0 and 1, both left out"),
+    ("search:\n  budget_fraction: 1\n  budget_speedup: null", r"budget_fraction 1 must be between 0 and 1, both left out"),
     ("search:\n  sampler: evolution\n  population: 3", r"tournament \(5\) must be at most search\.population \(3\)"),
     ("supernet:\n  train: {momentum: -0.5}", r"train\.momentum -0\.5 must be in \[0, 1\)"),
     ("supernet:\n  train: {momentum: 9}", r"train\.momentum 9 must be in \[0, 1\)"),
@@ -58,9 +58,10 @@ def _load(tmp_path, text):
     ("supernet:\n  path_warmup: 1.5", r"supernet\.path_warmup 1\.5 must be in \[0, 1\]"),
     ("supernet:\n  flops_range: [5]", r"supernet\.flops_range \[5\] must be two MFLOPs figures"),
     ("supernet:\n  flops_range: [3, 1]", r"supernet\.flops_range \[3, 1\] must be two MFLOPs figures"),
+    ("seed: 1" + "0" * 400, r"seed must be a whole number from 0 to 2\*\*32 - 1"),
+    ("query:\n  train: {lr: 1" + "0" * 400 + "}", r"query\.train\.lr must be a finite number"),
     ("data:\n  unlabeled: []", r"data\.unlabeled \[\] must be a source"),
     ("adapt:\n  images: ''", r"adapt\.images '' must be a source"),
-    ("gallery:\n  freeze_backbone: true", r"set gallery\.backbone_checkpoint"),
     ("query:\n  loss: {scale: 0}", r"loss\.scale \(0\) must be > 0"),
     ("deploy:\n  catalog: ' '", r"deploy\.catalog is empty"),
     ("latency:\n  validate: 2", r"latency\.validate 2 must be 0 \(no end-to-end check\) or at least 3"),
@@ -68,6 +69,16 @@ def _load(tmp_path, text):
 def test_wrong_type_or_value_is_named_at_load(tmp_path, text, message):
     with pytest.raises(HwnasError, match=message):
         _load(tmp_path, text)
+
+
+def test_settings_that_are_not_read_are_not_refused(tmp_path):
+    """A budget fraction or speed-up the search does not read (budget_ms set), an empty or
+    zero-based flops_range, and freeze_backbone before a flag gives the checkpoint, all load."""
+    cfg = _load(tmp_path, "search:\n  budget_ms: 5\n  budget_fraction: 1\n  budget_speedup: 1\n"
+                          "supernet:\n  flops_range: [0, 5e-1]\n")
+    assert cfg.search.budget_ms == 5 and cfg.supernet.flops_range == [0, 0.5]
+    assert _load(tmp_path, "supernet:\n  flops_range: []\n").supernet.flops_range is None
+    assert _load(tmp_path, "gallery:\n  freeze_backbone: true\n").gallery.freeze_backbone
 
 
 def test_yaml_exponent_numbers_are_numbers(tmp_path):

@@ -300,6 +300,9 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     from hwnas.nn.models import check_timm_name
 
     check_timm_name(cfg.gallery.backbone)  # a typo must not cost the trained model (--restart)
+    if cfg.gallery.freeze_backbone and not cfg.gallery.backbone_checkpoint:
+        raise HwnasError("gallery.freeze_backbone (--freeze-backbone) needs gallery.backbone_checkpoint "
+                         "(--backbone-checkpoint): a frozen random backbone would embed nothing useful")
     gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
     tc = cfg.train_config("gallery")
     record = gallery_record(cfg, rd)
