@@ -296,8 +296,9 @@ def test_edge_add_grows_the_index_without_torch(bundle, tmp_path):
         proc.wait(timeout=10)
     items = json.loads((b / "gallery_items.json").read_text())
     assert len(items) == n0 + 4 and [it["row"] for it in items] == list(range(n0 + 4))
+    # ids as hwnas deploy --catalog gives them: the path under the folder or the manifest's folder
     assert [(it["id"], it["label"]) for it in items[n0:]] == [
-        ("new/deep/n1.png", "new"), ("new/deep/n2.png", "new"), ("new/n0.png", "new"), ("other/n0.png", "Sneaker")]
+        ("deep/n1.png", "new"), ("deep/n2.png", "new"), ("n0.png", "new"), ("other/n0.png", "Sneaker")]
     assert verify(b)["hashes"] == "ok" and Bundle(b).manifest["gallery"]["n_items"] == n0 + 4
     assert Bundle(b).manifest["additions"][-1]["added"] == 4
     m = Bundle(b)
@@ -308,14 +309,17 @@ def test_edge_add_grows_the_index_without_torch(bundle, tmp_path):
     ge = gs.run(None, {gs.get_inputs()[0].name: normalize(x, m.pre["mean"], m.pre["std"])})[0]
     ge /= np.linalg.norm(ge, axis=1, keepdims=True)
     scores, rows = faiss.read_index(str(b / "gallery.index")).search(ge, 1)
-    assert [items[r]["id"] for r in rows[:, 0]] == ["new/deep/n1.png", "new/deep/n2.png"]
+    assert [items[r]["id"] for r in rows[:, 0]] == ["deep/n1.png", "deep/n2.png"]
     assert np.allclose(scores[:, 0], 1, atol=1e-4)
     # refused, and nothing changes: ids already there; an unreadable image
     before = {f.name: f.read_bytes() for f in b.iterdir()}
+    (tmp_path / "twin").mkdir()  # a file named as one in new/deep: one id from two folders
+    shutil.copy(new / "n0.png", tmp_path / "twin" / "n1.png")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
-    for args, word in ((["add", str(b), str(new)], "already in the index"),
-                       (["add", str(b), str(tmp_path / "bad")], "pass --skip-bad-images")):
+    for args, word in ((["add", str(b), str(new)], "pass --skip-existing"),
+                       (["add", str(b), str(tmp_path / "bad")], "pass --skip-bad-images"),
+                       (["add", str(b), str(new / "deep"), str(tmp_path / "twin")], "given twice")):
         r = subprocess.run([*edge, *args], env=env, capture_output=True, text=True)
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert {f.name: f.read_bytes() for f in b.iterdir()} == before
@@ -324,7 +328,14 @@ def test_edge_add_grows_the_index_without_torch(bundle, tmp_path):
 
     res = add_images(b, [tmp_path / "bad"], skip_bad=True, log=lambda *_: None)
     assert res["added"] == 1 and res["skipped_files"] == [str(tmp_path / "bad" / "broken.png")]
-    assert Bundle(b).index.ntotal == n0 + 5 and not any(p.name.startswith(".bundle") for p in tmp_path.iterdir())
+    assert Bundle(b).index.ntotal == n0 + 5
+    # the folder again, one photo more: only the new one, through a symlink to the bundle
+    s.collection.read(int(s.parts["train"][3])).save(new / "n3.png")
+    (tmp_path / "current").symlink_to(b)
+    res = add_images(tmp_path / "current", [new], skip_existing=True, log=lambda *_: None)
+    assert (res["added"], res["existing"]) == (1, 3) and (tmp_path / "current").is_symlink()
+    assert verify(tmp_path / "current")["hashes"] == "ok" and Bundle(b).index.ntotal == n0 + 6
+    assert not any(p.name.startswith(".bundle.") and p.is_dir() for p in tmp_path.iterdir())
 
 
 def test_the_readmes_python_example_runs_without_torch(bundle, tmp_path):
@@ -345,6 +356,32 @@ def test_the_readmes_python_example_runs_without_torch(bundle, tmp_path):
     b = Bundle(root / "run" / "bundle")
     want = [h["id"] for h in b.search(b.embed(b.load_images([img])), 5)[0]]
     assert [line.split()[1] for line in r.stdout.splitlines()] == want
+
+
+def test_a_failed_swap_puts_the_old_bundle_back(tmp_path, monkeypatch):
+    """replace_dir: if the new folder cannot take the old one's place, the old one goes back;
+    a bundle found only as .NAME.old (a kill between the renames) is named by Bundle()."""
+    from hwnas_edge.bundle import Bundle, BundleError, replace_dir
+
+    out, staging = tmp_path / "bundle", tmp_path / ".bundle.staging"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    staging.mkdir()
+    real = Path.rename
+
+    def rename(self, target):
+        if self == staging:
+            raise OSError("no space left on device")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError):
+        replace_dir(staging, out)
+    assert (out / "manifest.json").read_text() == "old" and not (tmp_path / ".bundle.old").exists()
+    monkeypatch.undo()
+    out.rename(tmp_path / ".bundle.old")
+    with pytest.raises(BundleError, match="stopped half-way; move .*\\.bundle\\.old back"):
+        Bundle(out)
 
 
 def test_edge_session_runs_at_the_deployed_thread_count(bundle):

@@ -9,9 +9,10 @@ bundle at its next request (:class:`hwnas_edge.service.LiveBundle`).
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,40 +21,35 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hwnas_edge.bundle import Bundle, BundleError, ort_session, replace_dir, sha256_file
-from hwnas_edge.preprocess import IMAGE_EXTS, normalize
+from hwnas_edge.preprocess import normalize
+from hwnas_edge.sources import image_sources
 
 
-def image_sources(sources: Sequence[str | Path], label: str | None = None) -> list[tuple[Path, str, str | None]]:
-    """(file, id, label) of every image ``sources`` name: an image file (id: its name), a
-    folder (every image under it at any depth; id: the folder's name / the path under it), or
-    a CSV manifest with a ``path`` column and an optional ``label`` column (paths relative to
-    the CSV; id: the path as written). ``label`` labels what a manifest does not."""
-    out: list[tuple[Path, str, str | None]] = []
-    for src in sources:
-        p = Path(src).expanduser()
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS
-                           and not f.name.startswith("."))
-            if not files:
-                raise BundleError(f"{p} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
-            out += [(f, f"{p.name}/{f.relative_to(p).as_posix()}", label) for f in files]
-        elif p.suffix.lower() == ".csv" and p.is_file():
-            with open(p, newline="", encoding="utf-8-sig") as fh:
-                rows = list(csv.DictReader(fh))
-            if not rows or "path" not in rows[0]:
-                raise BundleError(f"manifest {p} needs a header row with a path column (and, if you "
-                                  "like, a label column) and at least one row")
-            for r in rows:
-                rel = (r.get("path") or "").strip()
-                if rel:
-                    lab = (r.get("label") or "").strip() or label
-                    out.append((Path(rel) if Path(rel).is_absolute() else p.parent / rel, rel, lab))
-        elif p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-            out.append((p, p.name, label))
-        else:
-            raise BundleError(f"{src} is not an image file, a folder of images or a CSV manifest "
-                              f"(image suffixes: {', '.join(sorted(IMAGE_EXTS))})")
-    return out
+@contextlib.contextmanager
+def _lock(path: Path):
+    """One addition at a time per bundle (``.NAME.lock`` beside it): a second would start from
+    the same index and its swap would drop the first one's images."""
+    try:
+        import fcntl
+    except ImportError:  # (not POSIX: no lock; run one addition at a time)
+        yield
+        return
+    with open(path.parent / f".{path.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BundleError(f"another hwnas-edge add is adding to {path}; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)
 
 
 def _progress(done: int, total: int, t0: float) -> None:
@@ -66,11 +62,19 @@ def _progress(done: int, total: int, t0: float) -> None:
 
 
 def add_images(path: str | Path, sources: Sequence[str | Path], label: str | None = None,
-               skip_bad: bool = False, chunk: int = 256, log: Callable = print) -> dict:
-    """Add the images of ``sources`` (:func:`image_sources`) to the bundle at ``path``; returns
-    what was added. Ids already in the index, or given twice, are refused before anything is
-    embedded; an unreadable image stops the addition unless ``skip_bad``, then it is left
-    out and named in the result."""
+               skip_bad: bool = False, skip_existing: bool = False, chunk: int = 256,
+               log: Callable = print) -> dict:
+    """Add the images of ``sources`` (:func:`hwnas_edge.sources.image_sources`: ids as
+    ``hwnas deploy --catalog`` gives them) to the bundle at ``path``; returns what was added.
+    Ids already in the index are refused unless ``skip_existing`` (then left out, counted),
+    and ids given twice always, before anything is embedded; an unreadable image stops the
+    addition unless ``skip_bad``, then it is left out and named in the result."""
+    path = Path(path).resolve()  # a symlink to the bundle is followed; "." works from inside
+    with _lock(path):
+        return _add(path, sources, label, skip_bad, skip_existing, chunk, log)
+
+
+def _add(path: Path, sources, label, skip_bad: bool, skip_existing: bool, chunk: int, log: Callable) -> dict:
     import faiss
 
     b = Bundle(path)  # hashes checked: never grow a bundle that has been tampered with
@@ -79,10 +83,20 @@ def add_images(path: str | Path, sources: Sequence[str | Path], label: str | Non
     entries = image_sources(sources, label)
     have = {it["id"] for it in b.items}
     seen: set[str] = set()
-    dup = [i for _, i, _ in entries if i in have or i in seen or seen.add(i)]
-    if dup:
-        raise BundleError(f"{len(dup)} image id(s) are already in the index or given twice (e.g. "
-                          f"{', '.join(dup[:3])}); leave them out, or rename them")
+    twice = [i for _, i, _ in entries if i in seen or seen.add(i)]
+    if twice:
+        raise BundleError(f"{len(twice)} image id(s) are given twice (e.g. {', '.join(twice[:3])}): ids are "
+                          "paths under the folder or manifest given, so two sources hold files of one name; "
+                          "give their common folder instead, or rename them")
+    old = [i for _, i, _ in entries if i in have]
+    if old and not skip_existing:
+        raise BundleError(f"{len(old)} of the {len(entries)} images are already in the index (e.g. "
+                          f"{', '.join(old[:3])}); pass --skip-existing to add only the new ones")
+    entries = [e for e in entries if e[1] not in have]
+    if not entries:
+        log(f"nothing to add: all {len(old)} images are already in {b.path}")
+        return {"added": 0, "existing": len(old), "skipped": 0, "skipped_files": [],
+                "n_items": int(b.index.ntotal)}
     sess = ort_session(b.path / "gallery.onnx")
     meta = sess.get_modelmeta().custom_metadata_map
     if meta.get("gallery_fingerprint") != b.gallery_fingerprint:
@@ -93,9 +107,8 @@ def add_images(path: str | Path, sources: Sequence[str | Path], label: str | Non
     skipped: list[str] = []
     t0 = time.time()
     for start in range(0, len(entries), chunk):
-        part = entries[start:start + chunk]
         arrays, kept = [], []
-        for f, id_, lab in part:
+        for f, id_, lab in entries[start:start + chunk]:
             try:
                 arrays.append(b.load_images([f])[0])
                 kept.append((f, id_, lab))
@@ -107,48 +120,52 @@ def add_images(path: str | Path, sources: Sequence[str | Path], label: str | Non
         if kept:
             x = normalize(np.stack(arrays), b.pre["mean"], b.pre["std"])
             emb = np.ascontiguousarray(sess.run(None, {name: x})[0], dtype=np.float32)
+            if not np.isfinite(emb).all():
+                raise BundleError("gallery.onnx gave a NaN or infinite embedding for an image of "
+                                  f"{kept[0][0].parent}: nothing was added; check those images")
             emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             index.add(emb)
-            items += [{"row": len(items) + j, "id": id_, "label": lab, "path": os.path.abspath(f)}
+            items += [{"row": len(items) + j, "id": id_, "label": lab, "path": str(Path(f).resolve())}
                       for j, (f, id_, lab) in enumerate(kept)]
         _progress(min(start + chunk, len(entries)), len(entries), t0)
     if sys.stderr.isatty():
         print(file=sys.stderr)
     added = len(items) - len(b.items)
     if not added:
-        raise BundleError(f"none of the {len(entries)} images could be read (e.g. {skipped[0]}); nothing added")
+        raise BundleError(f"none of the {len(entries)} new images could be read (e.g. {skipped[0]}); "
+                          "nothing added")
 
     staging = b.path.parent / f".{b.path.name}.adding"
-    if staging.exists():  # a killed addition's leftovers
-        import shutil
-
+    if staging.exists():  # a killed addition's leftovers (the lock says none runs now)
         shutil.rmtree(staging)
     staging.mkdir()
     try:
-        for f in b.path.iterdir():  # the files that do not change: linked, not copied
-            if f.is_file() and f.name not in ("gallery.index", "gallery_items.json", "manifest.json"):
-                try:
-                    os.link(f, staging / f.name)
-                except OSError:
-                    import shutil
-
-                    shutil.copy2(f, staging / f.name)
+        for f in b.path.iterdir():  # what does not change: hard-linked, not copied
+            if f.name in ("gallery.index", "gallery_items.json", "manifest.json"):
+                continue
+            if f.is_dir():
+                shutil.copytree(f, staging / f.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(f, staging / f.name)
         faiss.write_index(index, str(staging / "gallery.index"))
         (staging / "gallery_items.json").write_text(json.dumps(items, indent=1), encoding="utf-8")
         m = b.manifest
         for a in ("gallery.index", "gallery_items.json"):
             m["artifacts"][a] = {"sha256": sha256_file(staging / a), "bytes": (staging / a).stat().st_size}
         m["gallery"]["n_items"] = int(index.ntotal)
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "added": added, "skipped": len(skipped),
-                  "sources": [str(s) for s in sources], "n_items": int(index.ntotal)}
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "added": added, "existing": len(old),
+                  "skipped": len(skipped), "sources": [str(s) for s in sources], "n_items": int(index.ntotal)}
         m.setdefault("additions", []).append(record)
         (staging / "manifest.json").write_text(json.dumps(m, indent=1), encoding="utf-8")
         replace_dir(staging, b.path)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BundleError(f"cannot write the grown bundle beside {b.path} ({e}); the bundle is as it "
+                          "was: free space or permissions, then add again") from None
     except BaseException:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log(f"added {added} images to {b.path} ({int(index.ntotal)} in the index"
+        + (f"; {len(old)} already there" if old else "")
         + (f"; {len(skipped)} unreadable left out, e.g. {skipped[0]}" if skipped else "") + ")")
     return {**record, "skipped_files": skipped}

@@ -60,18 +60,26 @@ def _read_json(path: Path, what: str):
 
 def replace_dir(staging: Path, out: Path) -> None:
     """Put the finished folder ``staging`` in the place of ``out``: the old one is moved aside
-    and removed only once the new one is in place, so a reader never finds half a bundle."""
+    (``.NAME.old``) and removed only once the new one is in place, so a reader never finds
+    half a bundle; if the second rename fails or is interrupted, the old one goes back."""
     import shutil
 
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
+    if not out.exists():
         staging.rename(out)
+        return
+    old = out.parent / f".{out.name}.old"
+    if old.is_symlink() or old.is_file():
+        old.unlink()
+    elif old.exists():
         shutil.rmtree(old)
-    else:
+    out.rename(old)
+    try:
         staging.rename(out)
+    except BaseException:
+        if not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -103,6 +111,10 @@ class Bundle:
         self.path = Path(path)
         mpath = self.path / "manifest.json"
         if not mpath.exists():
+            old = self.path.parent / f".{self.path.name}.old"
+            if not self.path.exists() and (old / "manifest.json").exists():
+                raise BundleError(f"{self.path} is missing and {old} holds a bundle: a replacement of "
+                                  f"it was stopped half-way; move {old} back to {self.path}")
             raise BundleError(f"{self.path} is not an hwnas bundle (no manifest.json); create one "
                               "with `hwnas deploy`")
         self.manifest = _read_json(mpath, "manifest")

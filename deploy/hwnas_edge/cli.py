@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--label", help="the label of the added images a manifest does not label")
     a.add_argument("--skip-bad-images", action="store_true",
                    help="leave unreadable images out (counted) instead of stopping")
+    a.add_argument("--skip-existing", action="store_true",
+                   help="leave out images whose ids the index holds (e.g. a catalog folder added "
+                   "again after new photos arrived) instead of stopping")
     return ap
 
 
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "add":
             from hwnas_edge.add import add_images
 
-            add_images(args.bundle, args.sources, label=args.label, skip_bad=args.skip_bad_images)
+            add_images(args.bundle, args.sources, label=args.label, skip_bad=args.skip_bad_images,
+                       skip_existing=args.skip_existing)
         else:
             print(json.dumps(verify(args.bundle), indent=2))
     except BundleError as e:

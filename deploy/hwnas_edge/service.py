@@ -32,9 +32,12 @@ class LiveBundle:
     inode or modification time). ``get()`` costs one ``stat`` while nothing changes."""
 
     def __init__(self, path: "str | Path"):
+        import threading
+
         self.path = Path(path)
         self.bundle = self._load()
         self.stamp = self.failed = self._stamp()
+        self.loading = threading.Lock()  # one reload at a time; the others serve the loaded one
 
     def _stamp(self):
         st = os.stat(self.path / "manifest.json")
@@ -50,16 +53,18 @@ class LiveBundle:
             stamp = self._stamp()
         except OSError:  # mid-swap (the old folder moved aside, the new one not yet in place)
             return self.bundle
-        if stamp != self.stamp and stamp != self.failed:  # (a damaged one is tried once per change)
-            try:
-                b = self._load()
-            except (BundleError, OSError) as e:
-                self.failed = stamp
-                print(f"hwnas-edge serve: the bundle changed but cannot be loaded ({e}); still "
-                      f"serving the {self.bundle.index.ntotal}-item index", file=sys.stderr, flush=True)
-                return self.bundle
-            self.bundle, self.stamp = b, stamp
-            print(f"hwnas-edge serve: reloaded {self.path}: {b.index.ntotal} items", file=sys.stderr, flush=True)
+        if stamp in (self.stamp, self.failed) or not self.loading.acquire(blocking=False):
+            return self.bundle  # unchanged, known bad (tried once per change), or loading now
+        try:
+            self.bundle, self.stamp = self._load(), stamp
+            print(f"hwnas-edge serve: reloaded {self.path}: {self.bundle.index.ntotal} items",
+                  file=sys.stderr, flush=True)
+        except (BundleError, OSError) as e:
+            self.failed = stamp
+            print(f"hwnas-edge serve: the bundle changed but cannot be loaded ({e}); still "
+                  f"serving the {self.bundle.index.ntotal}-item index", file=sys.stderr, flush=True)
+        finally:
+            self.loading.release()
         return self.bundle
 
 
@@ -71,7 +76,9 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
 
     live = LiveBundle(bundle_path)  # a bad bundle stops the start, rather than a service
     # that answers 500 to every query
-    app = FastAPI(title="hwnas gallery search", version="0.1.0")
+    from hwnas_edge import __version__
+
+    app = FastAPI(title="hwnas gallery search", version=__version__)
 
     def error(status: int, msg: str) -> JSONResponse:
         return JSONResponse(status_code=status, content={"error": msg})

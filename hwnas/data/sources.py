@@ -8,7 +8,6 @@ PIL image. Reading is lazy; :func:`hwnas.data.images.materialize` decodes and re
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import os
@@ -321,38 +320,15 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
 
 def _read_csv(path: Path, required: Sequence[str], what: str, want: str,
               optional: Sequence[str] = ()) -> tuple[list[str], list[dict]]:
-    """A CSV's (stripped) header and rows; a missing required column, or a column read
-    (``required``, ``optional``) named twice, is a DataError."""
-    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        try:
-            reader = csv.DictReader(f)
-            cols = [c.strip() for c in (reader.fieldnames or [])]
-            if not set(required) <= set(cols):
-                raise DataError(f"{what} {path} must have a header row with {want}; found {cols or 'no header'}")
-            # a column hwnas reads, named twice: DictReader would keep the last one's values
-            twice = sorted({c for c in cols if c in (*required, *optional) and cols.count(c) > 1})
-            if twice:
-                raise DataError(f"{what} {path}: the header names {', '.join(twice)} more than once "
-                                f"({', '.join(cols)}); keep one column of each name")
-            reader.fieldnames = cols
-            rows = []
-            for r in reader:  # each row keeps its line in the file under the key 0 (no column's
-                r[0] = reader.line_num  # name: blank lines are skipped, so counting rows is not it)
-                rows.append(r)
-            # more fields than the header names, with text in them (a comma inside an unquoted
-            # path, a column without a name), would be dropped without a word; empty ones (a
-            # spreadsheet's trailing commas) are nothing
-            over = [r[0] for r in rows if any((v or "").strip() for v in r.get(None) or ())]
-            if over:
-                raise DataError(f"{what} {path}: line{'s' if len(over) > 1 else ''} "
-                                f"{', '.join(map(str, over[:5]))}{' ...' if len(over) > 5 else ''} "
-                                f"{'have' if len(over) > 1 else 'has'} more fields than the header "
-                                f"({', '.join(cols)}); quote a path that holds a comma, or name the column")
-            return cols, rows
-        except UnicodeDecodeError as e:
-            raise DataError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it "
-                            "as CSV UTF-8") from None
+    """A CSV's (stripped) header and rows (:func:`hwnas_edge.sources.read_csv`, whose rules
+    hwnas-edge add follows too); its errors are DataErrors here."""
+    from hwnas_edge.bundle import BundleError
+    from hwnas_edge.sources import read_csv
+
+    try:
+        return read_csv(path, required, what, want, optional)
+    except BundleError as e:
+        raise DataError(str(e)) from None
 
 
 def _zip_images(zpath: Path, suffixes) -> tuple[list[str], list[bytes]]:
@@ -370,12 +346,9 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool) -> Col
     class_names = sorted({c for _, c, _ in entries})
     cls_index = {c: i for i, c in enumerate(class_names)}
     paths = [str(p) for p, _, _ in entries]
-    ids = []
-    for p, _, _ in entries:
-        try:
-            ids.append(str(Path(p).resolve().relative_to(root.resolve())))
-        except ValueError:
-            ids.append(str(p))
+    from hwnas_edge.sources import item_id
+
+    ids = [item_id(p, root) for p, _, _ in entries]  # (the id hwnas-edge add gives the same file)
 
     def read(i: int):
         if not os.path.exists(paths[i]):
@@ -452,12 +425,14 @@ def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled", f
     raise DataError(f"{setting} {shown(path)} does not exist or is not a folder, .zip or .csv; {fix}")
 
 
-def catalog_images(path: str | os.PathLike, setting: str = "deploy.catalog") -> tuple[Collection, bool]:
+def catalog_images(path: str | os.PathLike, setting: str = "deploy.catalog") -> tuple[Collection, list | None]:
     """The images a deployed index is to hold (``hwnas deploy --catalog``): a folder (every
     image under it, at any depth), a ``.zip`` of images, or a CSV manifest with a ``path``
-    column and, optionally, a ``label`` column. Returns the collection and whether its images
-    carry labels (a manifest's label column; a folder's or a zip's do not: their ids, the
-    paths under the source, say where each image sits)."""
+    column and, optionally, a ``label`` column. Returns the collection and, from a manifest's
+    label column, each image's label (None for an empty cell), else None. An image's id is
+    the one ``hwnas-edge add`` gives it (:func:`hwnas_edge.sources.item_id`)."""
+    from hwnas_edge.sources import manifest_entries
+
     from hwnas.data.synthetic import is_synthetic
 
     if is_synthetic(str(path)):
@@ -468,15 +443,9 @@ def catalog_images(path: str | os.PathLike, setting: str = "deploy.catalog") -> 
                            "like), or to null for the test split's gallery part")
     p = Path(path).expanduser()
     if p.suffix.lower() != ".csv":
-        return col, False
-    cols, rows = _read_csv(p, ("path",), f"{setting} manifest", "a path column", optional=("label",))
-    if "label" not in cols:
-        return col, False
-    labels = [(r.get("label") or "").strip() for r in rows if (r.get("path") or "").strip()]
-    names = sorted(set(labels))
-    where = {c: i for i, c in enumerate(names)}
-    return Collection(col.name, col.ids, [where[c] for c in labels], names, read=col.read,
-                      paths=col.paths, info=col.info), True
+        return col, None
+    labels = [lab for _, _, lab in manifest_entries(p, f"{setting} manifest")]
+    return col, labels if any(lab is not None for lab in labels) else None
 
 
 # ---------------------------------------------------------------------- tiny (tests)

@@ -233,7 +233,17 @@ def _unit(emb: np.ndarray) -> np.ndarray:
     return emb
 
 
-def _embed_catalog(col, labeled: bool, pre, fn: Callable, skip_bad: bool, log: Callable,
+def check_finite(emb: np.ndarray, what: str, runtime: str) -> None:
+    """Embeddings bound for an index: a NaN or an infinity (an fp16 overflow, say) would be
+    indexed unseen and never found, or found for everything."""
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        raise HwnasError(f"{int(bad.sum())} of {len(emb)} {what} embeddings from {runtime} are not finite "
+                         f"(NaN or infinity; e.g. row {int(np.flatnonzero(bad)[0])}): the gallery model "
+                         "overflows on them; deploy on ONNX Runtime (no TensorRT) or check those images")
+
+
+def _embed_catalog(col, labels: list | None, pre, fn: Callable, skip_bad: bool, log: Callable,
                    chunk: int = 256) -> tuple[np.ndarray, list[dict], list[str]]:
     """The gallery model's embeddings of a catalog, decoded and embedded ``chunk`` images at a
     time (a catalog larger than the memory is never held decoded), with the index's items."""
@@ -250,7 +260,7 @@ def _embed_catalog(col, labeled: bool, pre, fn: Callable, skip_bad: bool, log: C
             parts.append(fn(np.ascontiguousarray(pre.normalize(arr.images))))
             for i in arr.indices:
                 items.append({"row": len(items), "id": col.ids[i],
-                              "label": col.class_names[int(col.labels[i])] if labeled else None,
+                              "label": labels[i] if labels is not None else None,
                               "path": os.path.abspath(col.paths[i]) if col.paths else None})
         bar.update(min(chunk, len(col) - start))
     bar.close()
@@ -276,7 +286,8 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
     from hwnas.retrieval import evaluate
 
     rd = RunDir(cfg)
-    out = Path(out) if out else rd.path / "bundle"
+    # resolved: a symlink to the bundle (current -> v3) is followed, not replaced by a folder
+    out = (Path(out) if out else rd.path / "bundle").resolve()
     if out.exists() and not overwrite:
         raise HwnasError(f"{out} exists; pass --overwrite to replace it (the old bundle stays until "
                          "the new one is complete)")
@@ -322,8 +333,8 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
     if catalog:  # a missing or empty catalog fails now, before anything is exported
         from hwnas.data.sources import catalog_images
 
-        cat, cat_labeled = catalog_images(catalog)
-        log(f"[deploy] catalog {catalog}: {len(cat)} images{' with labels' if cat_labeled else ''}")
+        cat, cat_labels = catalog_images(catalog)
+        log(f"[deploy] catalog {catalog}: {len(cat)} images{' with labels' if cat_labels else ''}")
 
     staging = out.parent / f".{out.name}.staging"
     if staging.exists():
@@ -378,8 +389,10 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
             tensorrt["parity_vs_onnx"] = _parity(onnx_g, g_emb[:n_pg])
             _check_parity("the TensorRT gallery engine", tensorrt["parity_vs_onnx"], TRT_MIN_COSINE,
                           "test gallery images", reference="gallery.onnx")
+        check_finite(g_emb, "test gallery", runtime)
         if catalog:
-            idx_emb, items, skipped = _embed_catalog(cat, cat_labeled, gpre, embed_g, cfg.data.skip_bad_images, log)
+            idx_emb, items, skipped = _embed_catalog(cat, cat_labels, gpre, embed_g, cfg.data.skip_bad_images, log)
+            check_finite(idx_emb, "catalog", runtime)
             index_source = {"catalog": str(catalog), "skipped": skipped}
         else:
             col = splits.collection

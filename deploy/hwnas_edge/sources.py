@@ -1,0 +1,105 @@
+"""What a gallery's images are called and how a manifest of them is read: one definition for
+``hwnas deploy --catalog`` (training side) and ``hwnas-edge add`` (server side), so an image
+gets the same id from both and a repeat is recognized."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Sequence
+
+from hwnas_edge.bundle import BundleError
+from hwnas_edge.preprocess import IMAGE_EXTS
+
+
+def item_id(file: str | Path, root: str | Path) -> str:
+    """An image's id: its path under ``root`` with forward slashes (the folder given, or a
+    manifest's folder), or the path as given where it lies outside ``root``."""
+    try:
+        return Path(file).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(file).as_posix()
+
+
+def folder_images(root: str | Path) -> list[Path]:
+    """Every image file under ``root``, at any depth (hidden files left out), sorted."""
+    return sorted(p for p in Path(root).rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def read_csv(path: str | Path, required: Sequence[str], what: str, want: str,
+             optional: Sequence[str] = ()) -> tuple[list[str], list[dict]]:
+    """A CSV's (stripped) header and rows, each row's line number under the key 0; a missing
+    required column, a column read (``required``, ``optional``) named twice, or a row with
+    more fields than the header names is a :class:`BundleError` naming it."""
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            reader = csv.DictReader(f)
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            if not set(required) <= set(cols):
+                raise BundleError(f"{what} {path} must have a header row with {want}; found {cols or 'no header'}")
+            # a column read here, named twice: DictReader would keep the last one's values
+            twice = sorted({c for c in cols if c in (*required, *optional) and cols.count(c) > 1})
+            if twice:
+                raise BundleError(f"{what} {path}: the header names {', '.join(twice)} more than once "
+                                  f"({', '.join(cols)}); keep one column of each name")
+            reader.fieldnames = cols
+            rows = []
+            for r in reader:  # each row keeps its line in the file under the key 0 (no column's
+                r[0] = reader.line_num  # name: blank lines are skipped, so counting rows is not it)
+                rows.append(r)
+            # more fields than the header names, with text in them (a comma inside an unquoted
+            # path, a column without a name), would be dropped without a word; empty ones (a
+            # spreadsheet's trailing commas) are nothing
+            over = [r[0] for r in rows if any((v or "").strip() for v in r.get(None) or ())]
+            if over:
+                raise BundleError(f"{what} {path}: line{'s' if len(over) > 1 else ''} "
+                                  f"{', '.join(map(str, over[:5]))}{' ...' if len(over) > 5 else ''} "
+                                  f"{'have' if len(over) > 1 else 'has'} more fields than the header "
+                                  f"({', '.join(cols)}); quote a path that holds a comma, or name the column")
+            return cols, rows
+        except UnicodeDecodeError as e:
+            raise BundleError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it "
+                              "as CSV UTF-8") from None
+        except csv.Error as e:
+            raise BundleError(f"{what} {path} is not a readable CSV ({e})") from None
+
+
+def manifest_entries(path: str | Path, what: str) -> list[tuple[Path, str, str | None]]:
+    """(file, id, label) of a CSV manifest's rows: a ``path`` column (relative to the CSV's
+    folder, or absolute) and an optional ``label`` column (an empty cell: no label)."""
+    path = Path(path)
+    cols, rows = read_csv(path, ("path",), what, "a path column (and, if you like, a label column)",
+                          optional=("label",))
+    out = []
+    for r in rows:
+        rel = (r.get("path") or "").strip()
+        if rel:
+            f = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+            out.append((f, item_id(f, path.parent), (r.get("label") or "").strip() or None))
+    return out
+
+
+def image_sources(sources: Sequence[str | Path], label: str | None = None) -> list[tuple[Path, str, str | None]]:
+    """(file, id, label) of every image ``sources`` name: an image file (id: its name), a
+    folder (every image under it at any depth; id: the path under the folder), or a CSV
+    manifest (:func:`manifest_entries`). ``label`` labels what a manifest does not."""
+    out: list[tuple[Path, str, str | None]] = []
+    for src in sources:
+        p = Path(src).expanduser()
+        if p.is_dir():
+            files = folder_images(p)
+            if not files:
+                raise BundleError(f"{p} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+            out += [(f, item_id(f, p), label) for f in files]
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            out += [(f, i, lab or label) for f, i, lab in manifest_entries(p, "manifest")]
+        elif p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+            out.append((p, p.name, label))
+        else:
+            raise BundleError(f"{src} is not an image file, a folder of images or a CSV manifest "
+                              f"(image suffixes: {', '.join(sorted(IMAGE_EXTS))})")
+    if not out:
+        raise BundleError(f"{', '.join(map(str, sources))} list no images")
+    return out
