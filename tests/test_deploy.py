@@ -187,6 +187,9 @@ def test_a_catalog_is_indexed_in_place_of_the_test_gallery(bundle, tmp_path):
     fn = lambda b: gs.run(None, {gs.get_inputs()[0].name: b})[0]  # noqa: E731
     e3, it3, _ = _embed_catalog(col, labeled, pre, fn, False, quiet, chunk=3)
     assert it3 == items and np.allclose(e3, ge, atol=1e-5)
+    (cat / "twice.csv").write_text("path,label,label\nshelf0/item0.png,a,b\n")
+    with pytest.raises(HwnasError, match="names label more than once"):
+        deploy(cfg, out=tmp_path / "t", catalog=str(cat / "twice.csv"), log=quiet)
     # a folder: every image at any depth, ids relative to it, no labels
     m = deploy(cfg, out=tmp_path / "f", catalog=str(cat), log=quiet)
     items = json.loads((tmp_path / "f" / "gallery_items.json").read_text())
@@ -336,6 +339,20 @@ def test_edge_add_grows_the_index_without_torch(bundle, tmp_path):
     assert (res["added"], res["existing"]) == (1, 3) and (tmp_path / "current").is_symlink()
     assert verify(tmp_path / "current")["hashes"] == "ok" and Bundle(b).index.ntotal == n0 + 6
     assert not any(p.name.startswith(".bundle.") and p.is_dir() for p in tmp_path.iterdir())
+    # an image is known by its file too: the same files from another folder level are there
+    # already; another file under an indexed id is a clash; a second writer waits its turn
+    from hwnas_edge.bundle import BundleError, bundle_lock
+
+    with pytest.raises(BundleError, match="2 of the 2 images are already in the index"):
+        add_images(b, [new / "deep"], log=lambda *_: None)
+    (tmp_path / "clash").mkdir()
+    s.collection.read(int(s.parts["train"][4])).save(tmp_path / "clash" / "n0.png")
+    with pytest.raises(BundleError, match="already name other images in the index \\(e.g. n0.png: "):
+        add_images(b, [tmp_path / "clash"], skip_existing=True, log=lambda *_: None)
+    with bundle_lock(b.resolve()):
+        with pytest.raises(BundleError, match="another hwnas process is adding to"):
+            add_images(b, [tmp_path / "clash" / "n0.png"], log=lambda *_: None)
+    assert Bundle(b).index.ntotal == n0 + 6
 
 
 def test_the_readmes_python_example_runs_without_torch(bundle, tmp_path):

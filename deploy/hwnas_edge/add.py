@@ -9,7 +9,6 @@ bundle at its next request (:class:`hwnas_edge.service.LiveBundle`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,29 +19,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from hwnas_edge.bundle import Bundle, BundleError, ort_session, replace_dir, sha256_file
+from hwnas_edge.bundle import Bundle, BundleError, bundle_lock, ort_session, replace_dir, sha256_file
 from hwnas_edge.preprocess import normalize
 from hwnas_edge.sources import image_sources
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    """One addition at a time per bundle (``.NAME.lock`` beside it): a second would start from
-    the same index and its swap would drop the first one's images."""
-    try:
-        import fcntl
-    except ImportError:  # (not POSIX: no lock; run one addition at a time)
-        yield
-        return
-    with open(path.parent / f".{path.name}.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BundleError(f"another hwnas-edge add is adding to {path}; wait for it to finish") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _link_or_copy(src, dst):
@@ -70,7 +49,9 @@ def add_images(path: str | Path, sources: Sequence[str | Path], label: str | Non
     and ids given twice always, before anything is embedded; an unreadable image stops the
     addition unless ``skip_bad``, then it is left out and named in the result."""
     path = Path(path).resolve()  # a symlink to the bundle is followed; "." works from inside
-    with _lock(path):
+    if not (path / "manifest.json").is_file():
+        Bundle(path)  # raises the error that says what the path is instead
+    with bundle_lock(path, "adding to"):
         return _add(path, sources, label, skip_bad, skip_existing, chunk, log)
 
 
@@ -81,18 +62,28 @@ def _add(path: Path, sources, label, skip_bad: bool, skip_existing: bool, chunk:
     if "gallery.onnx" not in b.manifest["artifacts"]:
         raise BundleError(f"{b.path} has no gallery.onnx to embed new images with; deploy the bundle again")
     entries = image_sources(sources, label)
-    have = {it["id"] for it in b.items}
     seen: set[str] = set()
     twice = [i for _, i, _ in entries if i in seen or seen.add(i)]
     if twice:
         raise BundleError(f"{len(twice)} image id(s) are given twice (e.g. {', '.join(twice[:3])}): ids are "
                           "paths under the folder or manifest given, so two sources hold files of one name; "
                           "give their common folder instead, or rename them")
-    old = [i for _, i, _ in entries if i in have]
+    # an image is in the index when its file is (whatever id it was given then); an id that
+    # names another file there is a clash, not a repeat
+    by_id = {it["id"]: it.get("path") for it in b.items}
+    indexed = {os.path.realpath(p) for p in by_id.values() if p}
+    clash = [(i, by_id[i]) for f, i, _ in entries if i in by_id and by_id[i]
+             and os.path.realpath(by_id[i]) != os.path.realpath(f) and os.path.realpath(f) not in indexed]
+    if clash:
+        i, other = clash[0]
+        raise BundleError(f"{len(clash)} image id(s) already name other images in the index (e.g. {i}: "
+                          f"{other}); rename the new files, or add them from another folder level")
+    old = [i for f, i, _ in entries if os.path.realpath(f) in indexed or (i in by_id and not by_id[i])]
     if old and not skip_existing:
         raise BundleError(f"{len(old)} of the {len(entries)} images are already in the index (e.g. "
                           f"{', '.join(old[:3])}); pass --skip-existing to add only the new ones")
-    entries = [e for e in entries if e[1] not in have]
+    gone = set(old)
+    entries = [e for e in entries if e[1] not in gone]
     if not entries:
         log(f"nothing to add: all {len(old)} images are already in {b.path}")
         return {"added": 0, "existing": len(old), "skipped": 0, "skipped_files": [],

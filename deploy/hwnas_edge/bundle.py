@@ -15,6 +15,7 @@ Layout (written by ``hwnas deploy``)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -56,6 +57,32 @@ def _read_json(path: Path, what: str):
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BundleError(f"cannot read the bundle's {what} {path}: {e}; deploy the bundle "
                           "again (or restore it from where it was copied)") from None
+
+
+@contextlib.contextmanager
+def bundle_lock(path: Path, doing: str = "changing"):
+    """One writer at a time per bundle (``.NAME.lock`` beside it; ``hwnas-edge add``, ``hwnas
+    deploy``): a second would start from the same bundle and its swap would drop the first
+    one's work. Where the file system has no locks (some network mounts), none is taken."""
+    try:
+        import fcntl
+    except ImportError:  # (not POSIX)
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BundleError(f"another hwnas process is {doing} {path} (hwnas-edge add or hwnas deploy); "
+                              "wait for it to finish") from None
+        except OSError:  # ENOLCK / EOPNOTSUPP: no locks here
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def replace_dir(staging: Path, out: Path) -> None:

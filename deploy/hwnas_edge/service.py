@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hwnas_edge.bundle import Bundle, BundleError
+from hwnas_edge.bundle import Bundle
 
 
 class LiveBundle:
@@ -59,7 +59,7 @@ class LiveBundle:
             self.bundle, self.stamp = self._load(), stamp
             print(f"hwnas-edge serve: reloaded {self.path}: {self.bundle.index.ntotal} items",
                   file=sys.stderr, flush=True)
-        except (BundleError, OSError) as e:
+        except Exception as e:  # (a damaged manifest can raise more than BundleError)
             self.failed = stamp
             print(f"hwnas-edge serve: the bundle changed but cannot be loaded ({e}); still "
                   f"serving the {self.bundle.index.ntotal}-item index", file=sys.stderr, flush=True)
@@ -73,6 +73,7 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
 
     live = LiveBundle(bundle_path)  # a bad bundle stops the start, rather than a service
     # that answers 500 to every query
@@ -116,7 +117,7 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
                               "\"fingerprint\": \"...\", \"top_k\": 5}")
         if not isinstance(body, dict):
             return error(400, "body must be a JSON object with 'embeddings' and 'fingerprint'")
-        bundle = live.get()
+        bundle = await run_in_threadpool(live.get)  # a reload runs off the event loop
         accepted = {bundle.query_fingerprint, bundle.gallery_fingerprint}
         fp = body.get("fingerprint")
         if not isinstance(fp, str):

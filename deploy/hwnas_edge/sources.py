@@ -5,6 +5,7 @@ gets the same id from both and a repeat is recognized."""
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -12,13 +13,20 @@ from hwnas_edge.bundle import BundleError
 from hwnas_edge.preprocess import IMAGE_EXTS
 
 
-def item_id(file: str | Path, root: str | Path) -> str:
+def item_id(file: str | Path, root: str | Path, follow_links: bool = False) -> str:
     """An image's id: its path under ``root`` with forward slashes (the folder given, or a
-    manifest's folder), or the path as given where it lies outside ``root``."""
-    try:
-        return Path(file).resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return Path(file).as_posix()
+    manifest's folder), however either is spelled (relative, absolute); or the path as given
+    where it lies outside ``root``. ``follow_links``: symlinks resolved first (a symlinked
+    file pointing elsewhere then lies outside) — how training data sets have always been
+    named, kept so that recorded splits stay valid; a catalog and hwnas-edge add do not."""
+    tries = [(Path(file).resolve(), Path(root).resolve())] if follow_links else \
+        [(Path(os.path.abspath(file)), Path(os.path.abspath(root))), (Path(file).resolve(), Path(root).resolve())]
+    for f, r in tries:
+        try:
+            return f.relative_to(r).as_posix()
+        except ValueError:
+            pass
+    return Path(file).as_posix()
 
 
 def folder_images(root: str | Path) -> list[Path]:

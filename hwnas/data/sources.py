@@ -348,7 +348,7 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool) -> Col
     paths = [str(p) for p, _, _ in entries]
     from hwnas_edge.sources import item_id
 
-    ids = [item_id(p, root) for p, _, _ in entries]  # (the id hwnas-edge add gives the same file)
+    ids = [item_id(p, root, follow_links=True) for p, _, _ in entries]
 
     def read(i: int):
         if not os.path.exists(paths[i]):
@@ -438,13 +438,26 @@ def catalog_images(path: str | os.PathLike, setting: str = "deploy.catalog") -> 
     if is_synthetic(str(path)):
         raise DataError(f"{setting} {path}: procedural strokes are not a catalog; give the folder, "
                         ".zip or CSV manifest of the images the index is to hold")
+    from hwnas_edge.bundle import BundleError
+    from hwnas_edge.sources import item_id
+
     col = unlabeled_images(path, setting, f"set {setting} (--catalog) to a folder of images, a .zip of "
                            "images or a CSV manifest with a path column (and a label column, if you "
                            "like), or to null for the test split's gallery part")
     p = Path(path).expanduser()
+    if col.paths is None:  # a .zip: its member names
+        return col, None
+    # the ids hwnas-edge add gives these files (symlinks not followed: a link in the catalog is
+    # named where it sits)
+    root = p if p.is_dir() else p.parent
+    col = Collection(col.name, [item_id(f, root) for f in col.paths], col.labels, col.class_names,
+                     read=col.read, paths=col.paths, info=col.info)
     if p.suffix.lower() != ".csv":
         return col, None
-    labels = [lab for _, _, lab in manifest_entries(p, f"{setting} manifest")]
+    try:
+        labels = [lab for _, _, lab in manifest_entries(p, f"{setting} manifest")]
+    except BundleError as e:
+        raise DataError(str(e)) from None
     return col, labels if any(lab is not None for lab in labels) else None
 
 

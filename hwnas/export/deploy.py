@@ -7,6 +7,7 @@ the end, so a failed deploy leaves no half bundle behind; every check's figures 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -238,9 +239,10 @@ def check_finite(emb: np.ndarray, what: str, runtime: str) -> None:
     indexed unseen and never found, or found for everything."""
     bad = ~np.isfinite(emb).all(axis=1)
     if bad.any():
+        fix = ("deploy on ONNX Runtime (without TensorRT: its fp16 engine overflows) or check those images"
+               if runtime == "tensorrt" else "check those images and the gallery model's weights")
         raise HwnasError(f"{int(bad.sum())} of {len(emb)} {what} embeddings from {runtime} are not finite "
-                         f"(NaN or infinity; e.g. row {int(np.flatnonzero(bad)[0])}): the gallery model "
-                         "overflows on them; deploy on ONNX Runtime (no TensorRT) or check those images")
+                         f"(NaN or infinity; e.g. row {int(np.flatnonzero(bad)[0])}); {fix}")
 
 
 def _embed_catalog(col, labels: list | None, pre, fn: Callable, skip_bad: bool, log: Callable,
@@ -276,7 +278,7 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
            gallery: str | None = None, factory: str | None = None, int8: bool = False,
            overwrite: bool = False, catalog: str | None = None, log: Callable = print) -> dict:
     import torch
-    from hwnas_edge.bundle import BUNDLE_FORMAT, replace_dir
+    from hwnas_edge.bundle import BUNDLE_FORMAT, BundleError, bundle_lock, replace_dir
 
     from hwnas.compat import api
     from hwnas.data.images import Preprocess
@@ -337,11 +339,16 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
         log(f"[deploy] catalog {catalog}: {len(cat)} images{' with labels' if cat_labels else ''}")
 
     staging = out.parent / f".{out.name}.staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    lock = contextlib.ExitStack()  # no hwnas-edge add (or other deploy) swaps it meanwhile
+    try:
+        lock.enter_context(bundle_lock(out, "deploying"))
+    except BundleError as e:
+        raise HwnasError(str(e)) from None
     t0 = time.time()
     try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
         splits = rd.splits(log=log)
         qi = api.load_part(rd, "query", qpre, log=log)
         gi = api.load_part(rd, "gallery", qpre, log=log)
@@ -491,6 +498,8 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        lock.close()
     log(f"[deploy] bundle {out} in {time.time() - t0:.0f} s: M(q,g) R@1 "
         f"{100 * acc['M(q,g)']['recall@1']:.2f} (paragon {100 * acc['M(g,g)']['recall@1']:.2f}), "
         f"query {measured['latency_ms']:.3f} ms measured"
