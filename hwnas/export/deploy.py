@@ -189,7 +189,7 @@ def _check_replaceable(out: Path) -> None:
                          "another --out, or empty that folder yourself")
 
 
-def _gallery_runtime(staging: Path, g, gs, shape: tuple) -> tuple[str, Callable, dict]:
+def _gallery_runtime(staging: Path, g, shape: tuple) -> tuple[str, Callable, dict]:
     """The fastest runtime present for the gallery model: a TensorRT engine (written into the
     bundle as gallery.plan), else PyTorch on CUDA, else ONNX Runtime on the CPU (the bundle's
     gallery.onnx). Returns its name, a function from a normalized float32 batch (at most 256
@@ -216,6 +216,11 @@ def _gallery_runtime(staging: Path, g, gs, shape: tuple) -> tuple[str, Callable,
                 return net(torch.from_numpy(x).cuda()).cpu().numpy()
 
         return "torch-cuda", run_cuda, {"built": False, "skipped": reason}
+    # its own session on every physical core: the parity session runs at the query models'
+    # latency.threads (1 on small inputs), which would index a catalog on one core
+    from hwnas.latency.backends import OrtCpuBackend
+
+    gs = OrtCpuBackend().session((staging / "gallery.onnx").read_bytes())
     name = gs.get_inputs()[0].name
     return "onnxruntime-cpu", lambda x: gs.run(None, {name: x})[0], {"built": False, "skipped": reason}
 
@@ -388,7 +393,7 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
             f"{par_g['min_cosine']:.7f}")
 
         # gallery embeddings with the best runtime present, then the index
-        runtime, embed_g, tensorrt = _gallery_runtime(staging, g, gs, shape)
+        runtime, embed_g, tensorrt = _gallery_runtime(staging, g, shape)
         g_emb = _unit(_embed_batches(embed_g, xg, "test gallery embeddings"))
         if runtime == "tensorrt":
             # what goes into the index, against the ONNX graph it was built from (fp16 strays a
