@@ -32,7 +32,7 @@ demo: $(STAMP) data
 	$(BIN)/hwnas run configs/quickstart.yaml
 
 test: $(STAMP) data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP) data
 	$(BIN)/python benchmarks/bench_foundation.py

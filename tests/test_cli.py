@@ -19,6 +19,25 @@ def hwnas(*args, cwd=None, timeout=300):
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
 
 
+def hwnas_here(capsys, *args):
+    """``hwnas ARGS`` in this process (no interpreter and torch start per call): its exit code
+    and stderr. An exception other than the CLI's own errors propagates and fails the test,
+    as a traceback would."""
+    import argparse
+
+    from hwnas.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse's refusal of a flag's value
+        rc = e.code
+    except argparse.ArgumentError as e:  # (the same, where a subparser raises it unhandled)
+        rc = 2
+        print(e, file=sys.stderr)
+    return subprocess.CompletedProcess(args, rc, "", capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("sub", [None] + SUBCOMMANDS)
 def test_help_is_fast_and_has_examples(sub):
     import resource
@@ -89,7 +108,7 @@ def test_commands_that_do_not_train_refuse_torchrun(tmp_path, monkeypatch, capsy
         assert "MFLOPs" in capsys.readouterr().out
 
 
-def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
+def test_bad_input_exits_nonzero_with_clear_message(tmp_path, capsys):
     r = hwnas("data", "--dataset", "folder", "--data-dir", str(tmp_path / "missing"),
               "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2
@@ -119,7 +138,7 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
                                          ("gallery:\n  freeze_backbone: true", "set gallery.backbone_checkpoint"),
                                          ("gallery:\n  backbone_checkpoint: nope.pt", "nope.pt does not exist")]):
         (tmp_path / "s.yaml").write_text(f"run_dir: {tmp_path / f'srun{i}'}\n{setting}\n")
-        r = hwnas("run", str(tmp_path / "s.yaml"))
+        r = hwnas_here(capsys, "run", str(tmp_path / "s.yaml"))
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / f"srun{i}").exists()
     # numbers a command cannot use, refused before any timing starts
@@ -138,7 +157,7 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path):
                        (["search", "--run-dir", ""], "run_dir must be a folder path"),
                        (["train-gallery", "--freeze-backbone", "--run-dir", str(tmp_path / "fb")],
                         "needs gallery.backbone_checkpoint (--backbone-checkpoint)")]:
-        r = hwnas(*args)
+        r = hwnas_here(capsys, *args)
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     (tmp_path / "a.yaml").write_text(f"run_dir: {tmp_path / 'arun'}\nadapt:\n  epochs: 2\n  images: "
                                      f"{tmp_path / 'catalog'}\n")
