@@ -349,10 +349,20 @@ def test_edge_add_grows_the_index_without_torch(bundle, tmp_path):
     s.collection.read(int(s.parts["train"][4])).save(tmp_path / "clash" / "n0.png")
     with pytest.raises(BundleError, match="already name other images in the index \\(e.g. n0.png: "):
         add_images(b, [tmp_path / "clash"], skip_existing=True, log=lambda *_: None)
-    with bundle_lock(b.resolve()):
-        with pytest.raises(BundleError, match="another hwnas process is adding to"):
+    with bundle_lock(tmp_path / "current"):  # the lock of the bundle a symlink names
+        with pytest.raises(BundleError, match="is locked by another hwnas-edge add or hwnas deploy"):
             add_images(b, [tmp_path / "clash" / "n0.png"], log=lambda *_: None)
-    assert Bundle(b).index.ntotal == n0 + 6
+    (tmp_path / "new" / "alias.png").symlink_to(new / "n3.png")  # one file under two names
+    with pytest.raises(BundleError, match="given twice under two names"):
+        add_images(b, [new / "alias.png", new / "n3.png"], log=lambda *_: None)
+    (tmp_path / "new" / "alias.png").unlink()
+    # the catalog moved (another machine, another mount): its recorded files are gone, its ids
+    # are the same, so they are repeats, and only a new photo goes in
+    shutil.move(new, tmp_path / "moved")
+    s.collection.read(int(s.parts["train"][5])).save(tmp_path / "moved" / "n5.png")
+    res = add_images(b, [tmp_path / "moved"], skip_existing=True, log=lambda *_: None)
+    assert (res["added"], res["existing"]) == (1, 4)
+    assert Bundle(b).index.ntotal == n0 + 7
 
 
 def test_the_readmes_python_example_runs_without_torch(bundle, tmp_path):
@@ -373,6 +383,28 @@ def test_the_readmes_python_example_runs_without_torch(bundle, tmp_path):
     b = Bundle(root / "run" / "bundle")
     want = [h["id"] for h in b.search(b.embed(b.load_images([img])), 5)[0]]
     assert [line.split()[1] for line in r.stdout.splitlines()] == want
+
+
+def test_deploy_catalog_and_edge_add_name_a_file_alike(tmp_path, monkeypatch):
+    """The same catalog, given relative, absolute or through a symlinked folder, as a folder or
+    as a manifest with a row outside its folder: hwnas deploy --catalog and hwnas-edge add
+    give every file the same id (their repeat check depends on it)."""
+    from hwnas.data.sources import catalog_images
+    from hwnas_edge.sources import image_sources
+
+    (tmp_path / "cat" / "sub").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    for f in ("cat/a.png", "cat/sub/b.png", "other/o.png"):
+        (tmp_path / f).write_bytes(b"\x89PNG")  # listed, not decoded
+    (tmp_path / "cat" / "m.csv").write_text("path,label\na.png,x\n./sub/b.png,\n../other/o.png,y\n")
+    (tmp_path / "link").symlink_to(tmp_path / "cat")
+    monkeypatch.chdir(tmp_path)
+    want = {"cat": ["a.png", "sub/b.png"], "m.csv": ["a.png", "sub/b.png", "../other/o.png"]}
+    for spelled in ("cat", str(tmp_path / "cat"), "link", "./cat/../cat"):
+        for src, ids in ((spelled, want["cat"]), (f"{spelled}/m.csv", want["m.csv"])):
+            col, labels = catalog_images(src)
+            assert col.ids == ids == [i for _, i, _ in image_sources([src])], src
+    assert catalog_images("cat/m.csv")[1] == ["x", None, "y"]
 
 
 def test_a_failed_swap_puts_the_old_bundle_back(tmp_path, monkeypatch):

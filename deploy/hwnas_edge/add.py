@@ -45,9 +45,11 @@ def add_images(path: str | Path, sources: Sequence[str | Path], label: str | Non
                log: Callable = print) -> dict:
     """Add the images of ``sources`` (:func:`hwnas_edge.sources.image_sources`: ids as
     ``hwnas deploy --catalog`` gives them) to the bundle at ``path``; returns what was added.
-    Ids already in the index are refused unless ``skip_existing`` (then left out, counted),
-    and ids given twice always, before anything is embedded; an unreadable image stops the
-    addition unless ``skip_bad``, then it is left out and named in the result."""
+    Images the index holds (by their file where the bundle records files; by id where it does
+    not, as for IDX data sets and .zip catalogs) are refused unless ``skip_existing`` (then
+    left out, counted); an id the index gives another file here, and an id or a file given
+    twice, always, before anything is embedded. An unreadable image stops the addition unless
+    ``skip_bad``, then it is left out and named in the result."""
     path = Path(path).resolve()  # a symlink to the bundle is followed; "." works from inside
     if not (path / "manifest.json").is_file():
         Bundle(path)  # raises the error that says what the path is instead
@@ -62,23 +64,41 @@ def _add(path: Path, sources, label, skip_bad: bool, skip_existing: bool, chunk:
     if "gallery.onnx" not in b.manifest["artifacts"]:
         raise BundleError(f"{b.path} has no gallery.onnx to embed new images with; deploy the bundle again")
     entries = image_sources(sources, label)
+    real = {i: os.path.realpath(f) for f, i, _ in entries}
     seen: set[str] = set()
     twice = [i for _, i, _ in entries if i in seen or seen.add(i)]
     if twice:
         raise BundleError(f"{len(twice)} image id(s) are given twice (e.g. {', '.join(twice[:3])}): ids are "
                           "paths under the folder or manifest given, so two sources hold files of one name; "
                           "give their common folder instead, or rename them")
-    # an image is in the index when its file is (whatever id it was given then); an id that
-    # names another file there is a clash, not a repeat
+    files: dict[str, str] = {}
+    same = [(i, files[r]) for i, r in real.items() if r in files or files.setdefault(r, i) != i]
+    if same:
+        raise BundleError(f"{len(same)} image(s) are given twice under two names (e.g. {same[0][0]} and "
+                          f"{same[0][1]}: a folder and its subfolder, or a link to a file beside it); give "
+                          "each file once")
+    # an image is in the index when its file is (its recorded path, as deploy and add write
+    # it: no file-system calls per indexed item), or when its id is and the file recorded for
+    # that id is gone, or unknown (a data set of IDX files, a .zip), or the same file elsewhere
+    # (the bundle copied to another machine); an id whose recorded file is another file here
+    # is a clash, not a repeat
     by_id = {it["id"]: it.get("path") for it in b.items}
-    indexed = {os.path.realpath(p) for p in by_id.values() if p}
-    clash = [(i, by_id[i]) for f, i, _ in entries if i in by_id and by_id[i]
-             and os.path.realpath(by_id[i]) != os.path.realpath(f) and os.path.realpath(f) not in indexed]
+    indexed = set(filter(None, by_id.values()))
+
+    def known(f: Path, i: str) -> bool:
+        if real[i] in indexed or os.path.abspath(f) in indexed:
+            return True
+        if i not in by_id:
+            return False
+        rec = by_id[i]
+        return not rec or not os.path.exists(rec) or os.path.samefile(rec, f)
+
+    clash = [(i, by_id[i]) for f, i, _ in entries if i in by_id and not known(f, i)]
     if clash:
         i, other = clash[0]
         raise BundleError(f"{len(clash)} image id(s) already name other images in the index (e.g. {i}: "
                           f"{other}); rename the new files, or add them from another folder level")
-    old = [i for f, i, _ in entries if os.path.realpath(f) in indexed or (i in by_id and not by_id[i])]
+    old = [i for f, i, _ in entries if known(f, i)]
     if old and not skip_existing:
         raise BundleError(f"{len(old)} of the {len(entries)} images are already in the index (e.g. "
                           f"{', '.join(old[:3])}); pass --skip-existing to add only the new ones")
@@ -116,7 +136,7 @@ def _add(path: Path, sources, label, skip_bad: bool, skip_existing: bool, chunk:
                                   f"{kept[0][0].parent}: nothing was added; check those images")
             emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             index.add(emb)
-            items += [{"row": len(items) + j, "id": id_, "label": lab, "path": str(Path(f).resolve())}
+            items += [{"row": len(items) + j, "id": id_, "label": lab, "path": real[id_]}
                       for j, (f, id_, lab) in enumerate(kept)]
         _progress(min(start + chunk, len(entries)), len(entries), t0)
     if sys.stderr.isatty():

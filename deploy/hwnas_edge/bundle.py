@@ -64,25 +64,38 @@ def bundle_lock(path: Path, doing: str = "changing"):
     """One writer at a time per bundle (``.NAME.lock`` beside it; ``hwnas-edge add``, ``hwnas
     deploy``): a second would start from the same bundle and its swap would drop the first
     one's work. Where the file system has no locks (some network mounts), none is taken."""
+    import os
+
     try:
         import fcntl
     except ImportError:  # (not POSIX)
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as f:
+    path = Path(path).resolve()  # one lock file however the bundle is named (a symlink, ".")
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # read-only, never truncated; readable and writable by all, so that a deploy by the
+        # training user and an add by the service's user share it
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise BundleError(f"cannot open the lock file {lock} ({e.strerror or e}); {doing} {path} needs "
+                          "to create or read it: check that folder's permissions") from None
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BundleError(f"another hwnas process is {doing} {path} (hwnas-edge add or hwnas deploy); "
-                              "wait for it to finish") from None
-        except OSError:  # ENOLCK / EOPNOTSUPP: no locks here
+            raise BundleError(f"{path} is locked by another hwnas-edge add or hwnas deploy ({lock}); wait "
+                              f"for it to finish, then run this again") from None
+        except OSError:  # ENOLCK / EOPNOTSUPP: a file system without locks
             yield
             return
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def replace_dir(staging: Path, out: Path) -> None:

@@ -18,15 +18,15 @@ def item_id(file: str | Path, root: str | Path, follow_links: bool = False) -> s
     manifest's folder), however either is spelled (relative, absolute); or the path as given
     where it lies outside ``root``. ``follow_links``: symlinks resolved first (a symlinked
     file pointing elsewhere then lies outside) — how training data sets have always been
-    named, kept so that recorded splits stay valid; a catalog and hwnas-edge add do not."""
-    tries = [(Path(file).resolve(), Path(root).resolve())] if follow_links else \
-        [(Path(os.path.abspath(file)), Path(os.path.abspath(root))), (Path(file).resolve(), Path(root).resolve())]
-    for f, r in tries:
+    named, kept so that recorded splits stay valid; a catalog and hwnas-edge add do not, and
+    name a file outside ``root`` by its ``../`` path from it."""
+    if follow_links:
         try:
-            return f.relative_to(r).as_posix()
+            return Path(file).resolve().relative_to(Path(root).resolve()).as_posix()
         except ValueError:
-            pass
-    return Path(file).as_posix()
+            return Path(file).as_posix()
+    # (a file outside root: ../ steps from it, however either was spelled)
+    return Path(os.path.relpath(os.path.abspath(file), os.path.abspath(root))).as_posix()
 
 
 def folder_images(root: str | Path) -> list[Path]:

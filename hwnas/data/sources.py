@@ -342,13 +342,13 @@ def _zip_images(zpath: Path, suffixes) -> tuple[list[str], list[bytes]]:
         raise DataError(f"{zpath} is not a valid zip file ({e})") from None
 
 
-def _from_entries(name: str, root: Path, entries: list, has_splits: bool) -> Collection:
+def _from_entries(name: str, root: Path, entries: list, has_splits: bool, follow_links: bool = True) -> Collection:
     class_names = sorted({c for _, c, _ in entries})
     cls_index = {c: i for i, c in enumerate(class_names)}
     paths = [str(p) for p, _, _ in entries]
     from hwnas_edge.sources import item_id
 
-    ids = [item_id(p, root, follow_links=True) for p, _, _ in entries]
+    ids = [item_id(p, root, follow_links=follow_links) for p, _, _ in entries]
 
     def read(i: int):
         if not os.path.exists(paths[i]):
@@ -386,7 +386,8 @@ def unlabeled_specs(value, setting: str = "data.unlabeled") -> list[str]:
     return [str(s) for s in specs]
 
 
-def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled", fix: str | None = None) -> Collection:
+def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled", fix: str | None = None,
+                     follow_links: bool = True) -> Collection:
     """Images without labels, for the loss parts that need none (regression to the gallery
     embedding, contrast, mix): a folder (every image under it, at any depth; folder names
     are ignored), a ``.zip`` of images, a CSV manifest with a ``path`` column (other
@@ -403,14 +404,15 @@ def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled", f
         files = sorted(p for p in path.rglob("*") if _is_image(p))
         if not files:
             raise DataError(f"{setting} {path} holds no images ({', '.join(sorted(IMAGE_EXTS))}); {fix}")
-        return _from_entries(f"unlabeled:{path.name}", path, [(f, "unlabeled", None) for f in files], False)
+        return _from_entries(f"unlabeled:{path.name}", path, [(f, "unlabeled", None) for f in files], False,
+                             follow_links)
     if path.suffix.lower() == ".csv" and path.is_file():
         _, rows = _read_csv(path, ("path",), f"{setting} manifest", "a path column")
         rel = [(r.get("path") or "").strip() for r in rows]
         if not any(rel):
             raise DataError(f"{setting} manifest {path} lists no images; {fix}")
         entries = [(Path(r) if Path(r).is_absolute() else path.parent / r, "unlabeled", None) for r in rel if r]
-        return _from_entries(f"unlabeled:{path.stem}", path.parent, entries, False)
+        return _from_entries(f"unlabeled:{path.stem}", path.parent, entries, False, follow_links)
     if path.suffix.lower() == ".zip" and path.is_file():
         names, blobs = _zip_images(path, IMAGE_EXTS)
         if not names:
@@ -439,19 +441,13 @@ def catalog_images(path: str | os.PathLike, setting: str = "deploy.catalog") -> 
         raise DataError(f"{setting} {path}: procedural strokes are not a catalog; give the folder, "
                         ".zip or CSV manifest of the images the index is to hold")
     from hwnas_edge.bundle import BundleError
-    from hwnas_edge.sources import item_id
 
-    col = unlabeled_images(path, setting, f"set {setting} (--catalog) to a folder of images, a .zip of "
-                           "images or a CSV manifest with a path column (and a label column, if you "
-                           "like), or to null for the test split's gallery part")
-    p = Path(path).expanduser()
-    if col.paths is None:  # a .zip: its member names
-        return col, None
     # the ids hwnas-edge add gives these files (symlinks not followed: a link in the catalog is
     # named where it sits)
-    root = p if p.is_dir() else p.parent
-    col = Collection(col.name, [item_id(f, root) for f in col.paths], col.labels, col.class_names,
-                     read=col.read, paths=col.paths, info=col.info)
+    col = unlabeled_images(path, setting, f"set {setting} (--catalog) to a folder of images, a .zip of "
+                           "images or a CSV manifest with a path column (and a label column, if you "
+                           "like), or to null for the test split's gallery part", follow_links=False)
+    p = Path(path).expanduser()
     if p.suffix.lower() != ".csv":
         return col, None
     try:

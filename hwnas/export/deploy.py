@@ -268,7 +268,7 @@ def _embed_catalog(col, labels: list | None, pre, fn: Callable, skip_bad: bool, 
             for i in arr.indices:
                 items.append({"row": len(items), "id": col.ids[i],
                               "label": labels[i] if labels is not None else None,
-                              "path": os.path.abspath(col.paths[i]) if col.paths else None})
+                              "path": os.path.realpath(col.paths[i]) if col.paths else None})
         bar.update(min(chunk, len(col) - start))
     bar.close()
     if not items:
@@ -409,9 +409,9 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
         else:
             col = splits.collection
             where = {id_: i for i, id_ in enumerate(col.ids)}
-            # absolute paths: a relative --data-dir meant the deploying shell's folder, nothing on a server
+            # real paths: a relative --data-dir meant the deploying shell's folder, nothing on a server
             items = [{"row": r, "id": id_, "label": col.class_names[int(lab)],
-                      "path": os.path.abspath(col.paths[where[id_]]) if col.paths else None}
+                      "path": os.path.realpath(col.paths[where[id_]]) if col.paths else None}
                      for r, (id_, lab) in enumerate(zip(gi.ids, gi.raw_labels))]
             idx_emb, index_source = g_emb, {"split": "test", "part": "gallery"}
         factory = factory or default_factory(len(idx_emb))
