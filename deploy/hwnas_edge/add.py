@@ -93,12 +93,13 @@ def _add(path: Path, sources, label, skip_bad: bool, skip_existing: bool, chunk:
         rec = by_id[i]
         return not rec or not os.path.exists(rec) or os.path.samefile(rec, f)
 
-    clash = [(i, by_id[i]) for f, i, _ in entries if i in by_id and not known(f, i)]
+    held = {i: known(f, i) for f, i, _ in entries}  # (file-system calls once per entry)
+    clash = [(i, by_id[i]) for _, i, _ in entries if i in by_id and not held[i]]
     if clash:
         i, other = clash[0]
         raise BundleError(f"{len(clash)} image id(s) already name other images in the index (e.g. {i}: "
                           f"{other}); rename the new files, or add them from another folder level")
-    old = [i for f, i, _ in entries if known(f, i)]
+    old = [i for _, i, _ in entries if held[i]]
     if old and not skip_existing:
         raise BundleError(f"{len(old)} of the {len(entries)} images are already in the index (e.g. "
                           f"{', '.join(old[:3])}); pass --skip-existing to add only the new ones")
