@@ -86,6 +86,12 @@ OPEN_VARIANTS = {
     "own+bct+reg30+con5+mix30+ul, ema0.998, 360 ep": {**_RECIPE_UL, "ema": 0.998, "epochs": 360},
     # the same with another training seed (the run's seed is 0): how much of a gain is the seed's
     "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep, seed1": {**_RECIPE_UL, "ema": 0.998, "epochs": 180, SEED: 1},
+    # + the neighbour order of the queued gallery embeddings (loss.rank, D3still-style pairwise
+    # rank distillation), at three training seeds each: the run's own searched model has those
+    # three (searched, searched-seed1, -seed2), so the comparison is on seed means
+    **{f"own+bct+reg30+con5+mix30+ul, ema0.998, rank{w}" + (f", seed{k}" if k else ""):
+       {**_RECIPE_UL, "ema": 0.998, "rank": float(w), **({SEED: k} if k else {})}
+       for w in (3, 10) for k in range(3)},
 }
 # the arch the Omniglot search chose at budget_fraction 0.15 (2.03 MFLOPs, 9.5x faster than
 # the paragon measured), fixed here so that the table does not move with later searches
@@ -113,6 +119,7 @@ OPEN_PLAN = [("searched", v) for v in OPEN_VARIANTS] + [
     ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep"),
     ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep, seed1"),
     ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998, 360 ep"),
+    *[("pipeline", v) for v in OPEN_VARIANTS if ", rank" in v],
     # (the fixed searched arch has every variant above, the average among them; an average's
     # row also evaluates its run's last weights, so each is a paired comparison of its own)
     # query capacity, 0.9 to 70.9 MFLOPs: the space's subnets, timm nets of other families and

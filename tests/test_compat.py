@@ -379,6 +379,57 @@ def test_bank_part_matches_the_gallery_ranking_over_a_queue_of_earlier_batches(t
             LossConfig(bank=1.0, **bad)
 
 
+def test_rank_part_keeps_the_gallery_order_of_each_images_queued_neighbours():
+    """The rank part: over each image's rank_k nearest queued gallery embeddings, the query's
+    pairwise similarity differences must match the gallery's. Zero for a query equal to the
+    gallery and for one that shifts every similarity by the same amount (order and spacing
+    kept); positive, with a gradient, for one that reorders them, and more where pairs flip
+    than for the same error without a flip. It shares the bank's queue (filled once per step
+    when both are on) and is left out of stored settings while off."""
+    from hwnas.compat.losses import CompatLoss, LossConfig
+
+    off = dict(own_cls=0.0, bct=0.0, regress=0.0, contrast=0.0)
+    assert "rank" not in LossConfig().to_dict() and "bank_size" not in LossConfig().to_dict()
+    cfg = LossConfig(**off, rank=1.0, rank_k=4, bank_size=64)
+    assert cfg.needs_gallery_emb and cfg.uses_unlabeled
+    assert cfg.to_dict()["rank_k"] == 4 and cfg.to_dict()["bank_size"] == 64 and "bank" not in cfg.to_dict()
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(96, 8, generator=gen), dim=1)
+    y = torch.zeros(32, dtype=torch.long)
+    loss = CompatLoss(cfg, embed_dim=8, num_classes=2).train()
+    first, parts = loss(emb[:32].clone(), y, emb[:32])
+    assert set(parts) == {"rank"} and float(first) == 0 and int(loss.bank_fill) == 32
+    loss(emb[32:64].clone(), y, emb[32:64])
+    g = emb[64:96]
+    assert float(loss(g.clone(), y, g)[0]) < 1e-6
+    assert float(loss(g * 3.0, y, g)[0]) < 1e-5  # (the query is normalized: scale is free)
+    q = torch.randn(32, 8, generator=gen, requires_grad=True)
+    other, _ = loss(q, y, g)
+    assert float(other.detach()) > 0.5
+    other.backward()
+    assert q.grad.abs().sum() > 0
+    # flips weigh more. Keys e1, e2, e3: similarities are coordinates. Gallery 0.6 > 0.5 > 0.4;
+    # two queries with the same absolute errors on the same pairs (0.15 on (e2, e3) and on
+    # (e1, e3)), one keeping the order (e3 at 0.25), one putting e3 above e2 (at 0.55)
+    def unit(*xs):
+        return torch.tensor([[*xs, (1 - sum(x * x for x in xs)) ** 0.5]])
+
+    k3 = torch.eye(4)[:3]
+    r3 = CompatLoss(LossConfig(**off, rank=1.0, rank_k=3), 4, 2)
+    g3 = unit(0.6, 0.5, 0.4)
+    kept, flipped = (float(r3._rank_order(unit(0.6, 0.5, s3), g3, k3)) for s3 in (0.25, 0.55))
+    assert kept == pytest.approx((0.15 / 0.2 + 0.15 / 0.3) / 3, rel=1e-5)
+    assert flipped == pytest.approx((5 * 0.15 / 0.2 + 0.15 / 0.3) / 3, rel=1e-5)
+    # with the bank on too, both parts share one queue filled once per step
+    both = CompatLoss(LossConfig(**off, bank=1.0, rank=1.0, rank_k=4, bank_size=64), 8, 2).train()
+    _, parts = both(emb[:32].clone(), y, emb[:32])
+    assert set(parts) == {"bank", "rank"} and int(both.bank_fill) == 32
+    for bad in ({"rank_k": 1}, {"rank_k": 2.5}, {"rank_k": 100, "bank_size": 50}):
+        with pytest.raises(HwnasError, match="rank_k"):
+            LossConfig(rank=1.0, **bad)
+    LossConfig(rank=0.0, rank_k=1)  # off: its settings are not checked
+
+
 def test_mix_part_matches_the_gallery_on_blended_images():
     """The mix part: both models on blends of two batch images; zero when the query computes
     the gallery's function, positive (with a gradient into the query) when it does not; only

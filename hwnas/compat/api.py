@@ -426,14 +426,14 @@ def _add_unlabeled(cfg: Config, data: PartImages, pre, loss_cfg, log) -> tuple[P
 
     if not loss_cfg.uses_unlabeled:
         raise HwnasError("data.unlabeled is set but the loss has no part that can use images "
-                         "without labels: set loss.regress, loss.contrast, loss.mix or loss.bank > 0, or "
+                         "without labels: set loss.regress, loss.contrast, loss.mix, loss.bank or loss.rank > 0, or "
                          "data.unlabeled: null")
     arr_images, ids = _load_unlabeled(cfg, cfg.data.unlabeled, pre, log)
     source = _unlabeled_source(cfg)
     info = {"source": source, "images": len(arr_images),
             "fingerprint": hashlib.sha256(arr_images.tobytes()).hexdigest()[:16]}
     log(f"[data] + {len(arr_images)} unlabeled images from {source} (regression/contrast/mix/"
-        f"bank only) beside {len(data.images)} labeled")
+        f"bank/rank only) beside {len(data.images)} labeled")
     return _with_unlabeled(data, arr_images, ids), info
 
 
@@ -959,7 +959,7 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
                              **(qcfg.get("loss") or cfg.loss_config("query").to_dict()), "own_cls": 0.0})
     if not loss_cfg.uses_unlabeled:
         raise HwnasError(f"{src} was trained without a part that can learn from unlabeled images "
-                         "(loss.regress, contrast, mix or bank), so there is nothing to adapt with: "
+                         "(loss.regress, contrast, mix, bank or rank), so there is nothing to adapt with: "
                          "train it with one of them (e.g. query.loss.regress: 30)")
     name = name or f"{src.name}-adapted"
     out = query_dir(rd, name)

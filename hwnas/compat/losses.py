@@ -30,6 +30,15 @@
   the queued embeddings never go stale. The queue is a buffer of the loss, so it is saved in
   the training checkpoint and a resumed run continues with it; the current batch joins the
   queue after its step, so an image is never its own neighbour.
+* ``rank``: the gallery's neighbour *order*, over the same queue (``bank_size``). For each
+  image, its ``rank_k`` nearest queued gallery embeddings by the gallery embedding's cosine;
+  over every pair (a, b) of them, the query's similarity difference s_q(a) - s_q(b) must
+  equal the gallery's s_g(a) - s_g(b). The error counts relative to the gallery's difference
+  (|d_q - d_g| / (0.1 + |d_g|)), so a pair the gallery barely tells apart weighs as much as
+  one far apart, and five times more where the query orders the pair the other way. Pairwise
+  rank-order distillation, as D3still (Xie et al., CVPR 2024) for small retrieval students:
+  the KL of ``bank`` spends its weight on the few neighbours its temperature leaves mass on;
+  recall@1 depends on which neighbour comes first, which is what this part scores.
 """
 
 from __future__ import annotations
@@ -45,7 +54,10 @@ from hwnas.nn.heads import CosineClassifier
 
 
 #: the weighted parts, in the order they are computed and printed
-PARTS = ("own_cls", "bct", "regress", "contrast", "mix", "bank")
+PARTS = ("own_cls", "bct", "regress", "contrast", "mix", "bank", "rank")
+#: the rank part: a pair ordered the other way by the query weighs this many times more,
+#: and a difference counts relative to the gallery's plus this
+RANK_FLIP_WEIGHT, RANK_EPS = 5.0, 0.1
 
 
 @dataclass
@@ -67,6 +79,8 @@ class LossConfig:
     bank: float = 0.0
     bank_size: int = 4096
     bank_temp: float = 0.04
+    rank: float = 0.0
+    rank_k: int = 10
     scale: float = 30.0  # own classifier
     margin: float = 0.2
 
@@ -91,6 +105,11 @@ class LossConfig:
             raise HwnasError(f"loss.bank_size {self.bank_size} must be a whole number >= 1 "
                              "(e.g. 4096: the gallery embeddings of that many earlier images)")
         self.bank_size = int(self.bank_size)
+        if self.rank and (int(self.rank_k) != self.rank_k or not 2 <= self.rank_k <= self.bank_size):
+            raise HwnasError(f"loss.rank_k {self.rank_k} must be a whole number from 2 to loss.bank_size "
+                             f"({self.bank_size}): how many queued neighbours the rank part orders (e.g. 10)")
+        if self.rank:
+            self.rank_k = int(self.rank_k)
 
     @property
     def needs_gallery(self) -> bool:
@@ -99,11 +118,16 @@ class LossConfig:
     @property
     def needs_gallery_emb(self) -> bool:
         """The gallery model's embeddings of the training images are needed."""
-        return self.regress > 0 or self.contrast > 0 or self.bank > 0
+        return self.regress > 0 or self.contrast > 0 or self.uses_queue
+
+    @property
+    def uses_queue(self) -> bool:
+        """A part compares with the queue of earlier gallery embeddings (bank or rank)."""
+        return self.bank > 0 or self.rank > 0
 
     @property
     def uses_unlabeled(self) -> bool:
-        """A part learns from images without labels (regress, contrast, mix or bank)."""
+        """A part learns from images without labels (regress, contrast, mix, bank or rank)."""
         return self.needs_gallery_emb or self.mix > 0
 
     def to_dict(self) -> dict:
@@ -115,7 +139,11 @@ class LossConfig:
         elif self.mix_kind == "blend":  # the default: left out, so models trained before keep their keys
             del d["mix_kind"]
         if not self.bank:
-            del d["bank"], d["bank_size"], d["bank_temp"]
+            del d["bank"], d["bank_temp"]
+        if not self.rank:
+            del d["rank"], d["rank_k"]
+        if not self.uses_queue:
+            del d["bank_size"]
         return d
 
 
@@ -132,7 +160,7 @@ class CompatLoss(nn.Module):
         if cfg.bct > 0 and gallery_classifier is None:
             raise HwnasError("loss.bct > 0 needs the gallery model's classifier")
         object.__setattr__(self, "_gallery_cls", gallery_classifier)
-        if cfg.bank > 0:  # registered only when used, so checkpoints without it still load
+        if cfg.uses_queue:  # registered only when used, so checkpoints without it still load
             self.register_buffer("bank", torch.zeros(cfg.bank_size, embed_dim))
             self.register_buffer("bank_fill", torch.zeros((), dtype=torch.long))  # rows in use
             self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))  # next row
@@ -146,19 +174,40 @@ class CompatLoss(nn.Module):
         self.bank_ptr.copy_((self.bank_ptr + len(g)) % k)
         self.bank_fill.copy_((self.bank_fill + len(g)).clamp(max=k))
 
-    def _bank_kl(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """KL(gallery's || query's similarity distribution over the queue), batch mean; 0
-        (still reaching ``q``, as DDP needs) until the queue holds a batch's worth (or is
-        full, a queue shorter than a batch)."""
+    def _queue(self, q: torch.Tensor) -> torch.Tensor | None:
+        """The queued gallery embeddings, or None until the queue holds a batch's worth (or
+        is full, a queue shorter than a batch)."""
         n = int(self.bank_fill)
         if n < min(len(q), self.bank.shape[0]):
-            return (q * 0).sum()
+            return None
         # a copy: the queue is updated in place after this step's forward, before backward
-        keys = self.bank[:n].clone()
+        return self.bank[:n].clone()
+
+    def _bank_kl(self, q: torch.Tensor, g: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+        """KL(gallery's || query's similarity distribution over the queue), batch mean; 0
+        (still reaching ``q``, as DDP needs) while there is no queue."""
+        if keys is None:
+            return (q * 0).sum()
         t = self.cfg.bank_temp
         log_pt = F.log_softmax(g @ keys.T / t, dim=1)
         log_ps = F.log_softmax(F.normalize(q, dim=1) @ keys.T / t, dim=1)
         return (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
+
+    def _rank_order(self, q: torch.Tensor, g: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+        """Pairwise order of each image's ``rank_k`` nearest queued gallery embeddings (by the
+        gallery's cosine): relative error of the query's similarity differences against the
+        gallery's, pairs the query orders the other way weighted ``RANK_FLIP_WEIGHT``; batch
+        mean over pairs. 0 (still reaching ``q``) while there is no queue."""
+        if keys is None:
+            return (q * 0).sum()
+        k = min(self.cfg.rank_k, len(keys))
+        s_g, idx = (g @ keys.T).topk(k, dim=1)  # (B, k), descending: the gallery's order
+        s_q = torch.einsum("bd,bkd->bk", F.normalize(q, dim=1), keys[idx])
+        a, b = torch.triu_indices(k, k, offset=1, device=q.device)  # pairs a before b
+        d_g = s_g[:, a] - s_g[:, b]  # >= 0
+        d_q = s_q[:, a] - s_q[:, b]
+        w = torch.where(d_q < 0, RANK_FLIP_WEIGHT, 1.0)
+        return (w * (d_q - d_g).abs() / (RANK_EPS + d_g)).mean()
 
     def forward(self, q: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None = None):
         parts: dict[str, torch.Tensor] = {}
@@ -177,7 +226,7 @@ class CompatLoss(nn.Module):
         if c.bct > 0:
             parts["bct"] = labeled_ce(self._gallery_cls(q, yc))
         if c.needs_gallery_emb and g is None:
-            raise HwnasError("loss.regress, loss.contrast or loss.bank > 0 needs the gallery embeddings")
+            raise HwnasError("loss.regress, loss.contrast, loss.bank or loss.rank > 0 needs the gallery embeddings")
         if c.regress > 0:
             if c.regress_kind == "cosine":
                 parts["regress"] = (1 - F.cosine_similarity(q, g, dim=1)).mean()
@@ -186,9 +235,13 @@ class CompatLoss(nn.Module):
         if c.contrast > 0:
             logits = F.normalize(q, dim=1) @ F.normalize(g, dim=1).T / c.contrast_temp
             parts["contrast"] = F.cross_entropy(logits, torch.arange(len(q), device=q.device))
-        if c.bank > 0:
+        if c.uses_queue:
             gn = F.normalize(g.detach(), dim=1)
-            parts["bank"] = self._bank_kl(q, gn)
+            keys = self._queue(q)
+            if c.bank > 0:
+                parts["bank"] = self._bank_kl(q, gn, keys)
+            if c.rank > 0:
+                parts["rank"] = self._rank_order(q, gn, keys)
             if self.training:
                 self._enqueue(gn)
         total = sum(getattr(c, k) * v for k, v in parts.items())
