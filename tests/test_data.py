@@ -329,6 +329,19 @@ def test_unlabeled_images_from_folder_zip_and_manifest(tmp_path):
         zf.writestr("readme.txt", "x")
     z = unlabeled_images(tmp_path / "u.zip")
     assert len(z) == 5 and np.array_equal(np.asarray(z.read(4)), np.asarray(col.read(4)))
+    # members are read when asked (a large zip is never held whole): a damaged one is an
+    # error naming it, which data.skip_bad_images can skip like any unreadable image
+    with zipfile.ZipFile(tmp_path / "d.zip", "w", zipfile.ZIP_STORED) as zf:
+        for p in sorted(root.rglob("*.png"))[:2]:
+            zf.write(p, p.name)
+    raw = bytearray((tmp_path / "d.zip").read_bytes())
+    at = raw.find(b"IDAT", raw.find(b"img001.png"))  # inside the second member's data
+    raw[at + 8] ^= 0xFF
+    (tmp_path / "d.zip").write_bytes(bytes(raw))
+    d = unlabeled_images(tmp_path / "d.zip")
+    assert d.read(0).size == (20, 24)
+    with pytest.raises(DataError, match="img001.png.*damaged.*skip_bad_images"):
+        d.read(1)
     (tmp_path / "m.csv").write_text("path,comment\nu/a/img000.png,x\nu/b/deeper/img001.png,\n")
     assert len(unlabeled_images(tmp_path / "m.csv")) == 2
     (tmp_path / "empty").mkdir()

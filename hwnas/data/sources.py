@@ -331,15 +331,45 @@ def _read_csv(path: Path, required: Sequence[str], what: str, want: str,
         raise DataError(str(e)) from None
 
 
+def _zip_names(zf: zipfile.ZipFile, suffixes) -> list[str]:
+    return sorted(n for n in zf.namelist()
+                  if Path(n).suffix.lower() in suffixes and not Path(n).name.startswith("."))
+
+
 def _zip_images(zpath: Path, suffixes) -> tuple[list[str], list[bytes]]:
     """The sorted member names with one of ``suffixes`` in a zip, and their bytes."""
     try:
         with zipfile.ZipFile(zpath) as zf:
-            names = sorted(n for n in zf.namelist()
-                           if Path(n).suffix.lower() in suffixes and not Path(n).name.startswith("."))
+            names = _zip_names(zf, suffixes)
             return names, [zf.read(n) for n in names]
     except zipfile.BadZipFile as e:
         raise DataError(f"{zpath} is not a valid zip file ({e})") from None
+
+
+class _ZipMembers:
+    """A zip's image members, read one at a time when asked: a catalog or an unlabeled
+    source larger than the memory is never held whole (each read decompresses one member).
+    The archive stays open, once per process (a forked worker opens its own); ZipFile
+    serializes concurrent reads of one archive."""
+
+    def __init__(self, zpath: Path, suffixes):
+        self.path = zpath
+        try:
+            with zipfile.ZipFile(zpath) as zf:
+                self.names = _zip_names(zf, suffixes)
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{zpath} is not a valid zip file ({e})") from None
+        self._zf: zipfile.ZipFile | None = None
+        self._pid = -1
+
+    def read(self, i: int) -> bytes:
+        if self._pid != os.getpid():
+            self._zf, self._pid = zipfile.ZipFile(self.path), os.getpid()
+        try:
+            return self._zf.read(self.names[i])
+        except (KeyError, zipfile.BadZipFile, OSError) as e:
+            raise DataError(f"{self.path}: cannot read {self.names[i]} ({e}): the member is damaged or "
+                            f"the zip changed while in use; repair or replace the zip, or {SKIP_BAD_FIX}") from None
 
 
 def _from_entries(name: str, root: Path, entries: list, has_splits: bool, follow_links: bool = True) -> Collection:
@@ -414,13 +444,13 @@ def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled", f
         entries = [(Path(r) if Path(r).is_absolute() else path.parent / r, "unlabeled", None) for r in rel if r]
         return _from_entries(f"unlabeled:{path.stem}", path.parent, entries, False, follow_links)
     if path.suffix.lower() == ".zip" and path.is_file():
-        names, blobs = _zip_images(path, IMAGE_EXTS)
-        if not names:
+        members = _ZipMembers(path, IMAGE_EXTS)
+        if not members.names:
             raise DataError(f"{setting} {path} holds no images; {fix}")
-        ids = [f"{path.stem}/{n}" for n in names]
+        ids = [f"{path.stem}/{n}" for n in members.names]
 
         def read(i: int):
-            return _open_image(io.BytesIO(blobs[i]), ids[i])
+            return _open_image(io.BytesIO(members.read(i)), ids[i])
 
         return Collection(f"unlabeled:{path.stem}", ids, np.zeros(len(ids)), ["unlabeled"], read=read,
                           info={"source": str(path)})
