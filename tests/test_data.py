@@ -329,19 +329,32 @@ def test_unlabeled_images_from_folder_zip_and_manifest(tmp_path):
         zf.writestr("readme.txt", "x")
     z = unlabeled_images(tmp_path / "u.zip")
     assert len(z) == 5 and np.array_equal(np.asarray(z.read(4)), np.asarray(col.read(4)))
-    # members are read when asked (a large zip is never held whole): a damaged one is an
-    # error naming it, which data.skip_bad_images can skip like any unreadable image
-    with zipfile.ZipFile(tmp_path / "d.zip", "w", zipfile.ZIP_STORED) as zf:
-        for p in sorted(root.rglob("*.png"))[:2]:
-            zf.write(p, p.name)
-    raw = bytearray((tmp_path / "d.zip").read_bytes())
-    at = raw.find(b"IDAT", raw.find(b"img001.png"))  # inside the second member's data
-    raw[at + 8] ^= 0xFF
-    (tmp_path / "d.zip").write_bytes(bytes(raw))
-    d = unlabeled_images(tmp_path / "d.zip")
-    assert d.read(0).size == (20, 24)
-    with pytest.raises(DataError, match="img001.png.*damaged.*skip_bad_images"):
-        d.read(1)
+    # members are read when asked (a large zip is never held whole): a damaged one, stored
+    # (a CRC error) or deflated (a broken stream), is an error naming it, which
+    # data.skip_bad_images skips like any unreadable image
+    from hwnas.data.images import Preprocess, materialize
+    from hwnas.errors import HwnasError
+
+    for method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        with zipfile.ZipFile(tmp_path / "d.zip", "w", method) as zf:
+            for p in sorted(root.rglob("*.png"))[:3]:
+                zf.writestr(p.name, p.read_bytes() + bytes(200))  # padding: a deflate stream to break
+        raw = bytearray((tmp_path / "d.zip").read_bytes())
+        at = raw.find(b"img001.png") + len("img001.png")  # the second member's data follows its name
+        raw[at + 4:at + 40] = bytes(x ^ 0xFF for x in raw[at + 4:at + 40])
+        (tmp_path / "d.zip").write_bytes(bytes(raw))
+        d = unlabeled_images(tmp_path / "d.zip")
+        assert d.read(0).size == (20, 24)
+        with pytest.raises(DataError, match="img001.png.*damaged.*skip_bad_images"):
+            d.read(1)
+        arr = materialize(d, np.arange(3), Preprocess(size=8, channels=1), skip_bad=True, progress=False)
+        assert arr.skipped == ["d/img001.png"] and list(arr.indices) == [0, 2]
+    # a zip rewritten since it was listed stops the read, rather than giving other images
+    # under the listed names (a whole-archive error: not skipped image by image)
+    (tmp_path / "u.zip").write_bytes((tmp_path / "d.zip").read_bytes())
+    with pytest.raises(HwnasError, match="replaced or changed since") as e:
+        z.read(0)
+    assert not isinstance(e.value, DataError)
     (tmp_path / "m.csv").write_text("path,comment\nu/a/img000.png,x\nu/b/deeper/img001.png,\n")
     assert len(unlabeled_images(tmp_path / "m.csv")) == 2
     (tmp_path / "empty").mkdir()

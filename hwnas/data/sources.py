@@ -13,6 +13,7 @@ import io
 import os
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 from hwnas_edge.preprocess import IMAGE_EXTS  # one list of image suffixes for training and the edge
 
-from hwnas.errors import DataError
+from hwnas.errors import DataError, HwnasError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -349,25 +350,40 @@ def _zip_images(zpath: Path, suffixes) -> tuple[list[str], list[bytes]]:
 class _ZipMembers:
     """A zip's image members, read one at a time when asked: a catalog or an unlabeled
     source larger than the memory is never held whole (each read decompresses one member).
-    The archive stays open, once per process (a forked worker opens its own); ZipFile
-    serializes concurrent reads of one archive."""
+    The archive listed stays open for this process's reads (ZipFile serializes concurrent
+    reads of one archive; a forked worker opens its own). A zip replaced or changed since it
+    was listed (one stat per read) is refused rather than read other images under the
+    listed names."""
 
     def __init__(self, zpath: Path, suffixes):
         self.path = zpath
+        self._zf, self._pid, self._stamp = self._open(), os.getpid(), self._stat()
+        self.names = _zip_names(self._zf, suffixes)
+
+    def _stat(self) -> tuple:
+        st = os.stat(self.path)
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _open(self) -> zipfile.ZipFile:
         try:
-            with zipfile.ZipFile(zpath) as zf:
-                self.names = _zip_names(zf, suffixes)
+            return zipfile.ZipFile(self.path)
         except zipfile.BadZipFile as e:
-            raise DataError(f"{zpath} is not a valid zip file ({e})") from None
-        self._zf: zipfile.ZipFile | None = None
-        self._pid = -1
+            raise DataError(f"{self.path} is not a valid zip file ({e})") from None
 
     def read(self, i: int) -> bytes:
+        try:
+            same = self._stat() == self._stamp
+        except OSError:
+            same = False
+        if not same:  # (a whole-archive problem: not an image data.skip_bad_images could skip)
+            raise HwnasError(f"{self.path} was replaced or changed since its images were listed: "
+                             "run again once it stays put")
         if self._pid != os.getpid():
-            self._zf, self._pid = zipfile.ZipFile(self.path), os.getpid()
+            self._zf, self._pid = self._open(), os.getpid()
         try:
             return self._zf.read(self.names[i])
-        except (KeyError, zipfile.BadZipFile, OSError) as e:
+        except (KeyError, zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError,
+                NotImplementedError) as e:  # CRC, deflate stream, truncation, encryption, method
             raise DataError(f"{self.path}: cannot read {self.names[i]} ({e}): the member is damaged or "
                             f"the zip changed while in use; repair or replace the zip, or {SKIP_BAD_FIX}") from None
 
