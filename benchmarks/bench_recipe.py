@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -86,13 +87,16 @@ OPEN_VARIANTS = {
     "own+bct+reg30+con5+mix30+ul, ema0.998, 360 ep": {**_RECIPE_UL, "ema": 0.998, "epochs": 360},
     # the same with another training seed (the run's seed is 0): how much of a gain is the seed's
     "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep, seed1": {**_RECIPE_UL, "ema": 0.998, "epochs": 180, SEED: 1},
-    # + the neighbour order of the queued gallery embeddings (loss.rank, D3still-style pairwise
-    # rank distillation), at three training seeds each: the run's own searched model has those
-    # three (searched, searched-seed1, -seed2), so the comparison is on seed means
-    **{f"own+bct+reg30+con5+mix30+ul, ema0.998, rank{w}" + (f", seed{k}" if k else ""):
-       {**_RECIPE_UL, "ema": 0.998, "rank": float(w), **({SEED: k} if k else {})}
-       for w in (3, 10) for k in range(3)},
+    # the queue parts with each image's own earlier entries left out (2026-12-06; the bank rows
+    # above predate that): + the neighbour order of the queued gallery embeddings (loss.rank,
+    # D3still-style pairwise rank distillation) or the bank's KL, at three training seeds each;
+    # the run's own searched model has those three (searched, searched-seed1, -seed2) with the
+    # same recipe and average, so the comparison is on seed means
+    **{f"own+bct+reg30+con5+mix30+ul, ema0.998, {part}{w:g}" + (f", seed{k}" if k else ""):
+       {**_RECIPE_UL, "ema": 0.998, part: float(w), **({SEED: k} if k else {})}
+       for part, w in (("rank", 3), ("bank", 2)) for k in range(3)},
 }
+QUEUE_ROWS = [v for v in OPEN_VARIANTS if re.search(r"ema0\.998, (rank|bank)\d", v)]
 # the arch the Omniglot search chose at budget_fraction 0.15 (2.03 MFLOPs, 9.5x faster than
 # the paragon measured), fixed here so that the table does not move with later searches
 OPEN_ARCH = ("k5@1.8,xc@0.6,skip,skip/k3@0.4,skip,skip,skip/k7@1,k7@0.4,skip,skip,skip,k3@1.8,"
@@ -107,7 +111,7 @@ CAPACITY = {"mobilenetv3-small-100": "timm:mobilenetv3_small_100",  # 4.4
             "resnet10t": "timm:resnet10t"}  # 44.7
 TIMM_NAMES = {"mobilenetv3": "mobilenetv3_small_050", "gallery-arch": "the gallery's own",
               **{k: v[5:] for k, v in CAPACITY.items()}}
-OPEN_PLAN = [("searched", v) for v in OPEN_VARIANTS] + [
+OPEN_PLAN = [("searched", v) for v in OPEN_VARIANTS if v not in QUEUE_ROWS] + [
     ("largest", "own+bct+reg30"),
     # the arch of the run's own search (its query/searched model: the config's recipe)
     ("pipeline", PIPELINE_RECIPE), ("pipeline", "own+bct+reg30+con5+mix30+ul+strokes2400"),
@@ -119,7 +123,7 @@ OPEN_PLAN = [("searched", v) for v in OPEN_VARIANTS] + [
     ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep"),
     ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998, 180 ep, seed1"),
     ("pipeline", "own+bct+reg30+con5+mix30+ul, ema0.998, 360 ep"),
-    *[("pipeline", v) for v in OPEN_VARIANTS if ", rank" in v],
+    *[("pipeline", v) for v in QUEUE_ROWS],
     # (the fixed searched arch has every variant above, the average among them; an average's
     # row also evaluates its run's last weights, so each is a paired comparison of its own)
     # query capacity, 0.9 to 70.9 MFLOPs: the space's subnets, timm nets of other families and
@@ -377,8 +381,21 @@ def open_set(args) -> None:
         res["capacity_timing"] = time_capacity(cfg, rd, _capacity_rows(rows))
     elif args.update_results and old.get("capacity_timing"):
         res["capacity_timing"] = old["capacity_timing"]
+    # the run's own searched model at its seeds (bench_headline --seeds): the queue rows' control
+    res["run_seeds"] = _run_seeds(rd.path / "query") or (old.get("run_seeds") if args.update_results else None)
     save_results("recipe_omniglot", res)
     update_benchmarks_md("recipe-omniglot", open_markdown(res))
+
+
+def _run_seeds(qdir: Path) -> list[dict]:
+    """The run's searched model and its seed trainings (``searched-seed<k>``), evaluated."""
+    out = []
+    for name in ("searched", "searched-seed1", "searched-seed2"):
+        ev = qdir / name / "evaluation-test.json"
+        if ev.exists():
+            m = json.loads(ev.read_text())["metrics"]
+            out.append({"name": name, **_metrics(m)})
+    return out
 
 
 def open_markdown(res: dict) -> str:
@@ -431,7 +448,10 @@ def open_markdown(res: dict) -> str:
         "(`loss.bank: 0`). `cutmix30`: the mix part with a pasted box of the other image "
         "instead of a blend (`loss.mix_kind: cutmix`), measured on the 1.73-MFLOP arch of the "
         "latest run: 76.03 vs 75.51 with the blend, mAP 61.35 vs 60.17 — within seed noise, so "
-        "the blend stays the default."
+        "the blend stays the default. Those bank rows predate 2026-12-06, when the queue began to "
+        "leave each image's own earlier entries out of its neighbours (at temperature 0.04 they took "
+        "nearly all the weight: the part was close to a second regression)."
+        + _queue_notes(res)
         + _train_notes(res["rows"], res["config"]["query"]["train"].get("weight_decay", 5e-5))
         + _ceiling_note(res["rows"]),
         *_capacity_lines(res),
@@ -467,12 +487,40 @@ def _other_machines(res: dict) -> str:
     return "".join(f" ({n} rows {where})" for where, n in other.items())
 
 
+def _queue_notes(res: dict) -> str:
+    """The queue parts (``rank<w>``, ``bank<w>`` after the own-entry fix) at three seeds each,
+    against the run's own searched model at the same seeds (same arch, recipe and average)."""
+    base = res.get("run_seeds") or []
+    parts: dict[str, list[dict]] = {}
+    for r in res["rows"]:
+        if r["variant"] in QUEUE_ROWS and r["model"] == "pipeline":
+            parts.setdefault(r["variant"].split(", ")[2], []).append(r)
+    if not parts:
+        return ""
+
+    def line(name: str, rs: list[dict]) -> str:
+        g, q, m = ([100 * r[k] for r in rs] for k in ("M(q,g)_r1", "M(q,q)_r1", "M(q,g)_mAP"))
+        return (f"{name} {' / '.join(f'{x:.2f}' for x in g)} (mean {statistics.mean(g):.2f}; M(q,q) "
+                f"{statistics.mean(q):.2f}, mAP {statistics.mean(m):.2f})")
+
+    out = [line(f"`{k}`", sorted(v, key=lambda r: r["variant"])) for k, v in parts.items()]
+    if base:
+        out.append(line("the run's own searched model (the recipe and average alone, trainings "
+                        + ", ".join(b["name"] for b in base) + ")", base))
+    return (" The queue parts at seeds 0, 1, 2, with each image's own entries left out (measured "
+            f"{_date(next(iter(parts.values()))[0])} on the {next(iter(parts.values()))[0]['mflops']:.2f}-MFLOP "
+            "arch of the run, 60 epochs, average 0.998, M(q,g) R@1 by seed): `rank<w>`: the gallery's "
+            "order of each image's 10 nearest queued gallery embeddings (`loss.rank`, pairwise "
+            "similarity differences relative to the gallery's, flipped pairs weighted 5x; D3still, "
+            "Xie et al. CVPR 2024) at weight w; " + "; ".join(out) + ".")
+
+
 def _train_notes(rows: list[dict], weight_decay: float) -> str:
     """A sentence on the training-setting variants (``, 180 ep``, ``, affine``): each against
     the config's recipe on the same arch, from the rows."""
     out, compared = [], []
     for r in rows:
-        if ", " not in r["variant"]:
+        if ", " not in r["variant"] or r["variant"] in QUEUE_ROWS:  # (those: _queue_notes)
             continue
         # the recipe's row of the same arch against the same gallery (kept rows may be of another)
         base = next((b for b in rows if b["variant"] == r["variant"].split(", ")[0]

@@ -382,10 +382,10 @@ def test_bank_part_matches_the_gallery_ranking_over_a_queue_of_earlier_batches(t
 def test_rank_part_keeps_the_gallery_order_of_each_images_queued_neighbours():
     """The rank part: over each image's rank_k nearest queued gallery embeddings, the query's
     pairwise similarity differences must match the gallery's. Zero for a query equal to the
-    gallery and for one that shifts every similarity by the same amount (order and spacing
-    kept); positive, with a gradient, for one that reorders them, and more where pairs flip
-    than for the same error without a flip. It shares the bank's queue (filled once per step
-    when both are on) and is left out of stored settings while off."""
+    gallery (at any scale); positive, with a gradient, for one that reorders them, and 5x for
+    a flipped pair's error. It shares the bank's queue (filled once per step when both are
+    on); both parts leave an image's own earlier entries out of its neighbours; a batch of one
+    gives 0, not NaN; an older training checkpoint resumes. Off: left out of stored settings."""
     from hwnas.compat.losses import CompatLoss, LossConfig
 
     off = dict(own_cls=0.0, bct=0.0, regress=0.0, contrast=0.0)
@@ -417,13 +417,35 @@ def test_rank_part_keeps_the_gallery_order_of_each_images_queued_neighbours():
     k3 = torch.eye(4)[:3]
     r3 = CompatLoss(LossConfig(**off, rank=1.0, rank_k=3), 4, 2)
     g3 = unit(0.6, 0.5, 0.4)
-    kept, flipped = (float(r3._rank_order(unit(0.6, 0.5, s3), g3, k3)) for s3 in (0.25, 0.55))
+    kept, flipped = (float(r3._rank_order(unit(0.6, 0.5, s3), g3, (k3, None))) for s3 in (0.25, 0.55))
     assert kept == pytest.approx((0.15 / 0.2 + 0.15 / 0.3) / 3, rel=1e-5)
     assert flipped == pytest.approx((5 * 0.15 / 0.2 + 0.15 / 0.3) / 3, rel=1e-5)
     # with the bank on too, both parts share one queue filled once per step
     both = CompatLoss(LossConfig(**off, bank=1.0, rank=1.0, rank_k=4, bank_size=64), 8, 2).train()
     _, parts = both(emb[:32].clone(), y, emb[:32])
     assert set(parts) == {"bank", "rank"} and int(both.bank_fill) == 32
+    # an image's own earlier entries (another epoch's view of it) are not its neighbours: given
+    # the images' indices, each image scores as against the queue without its own entry
+    for part in ("rank", "bank"):
+        c = LossConfig(**off, **{part: 1.0}, rank_k=4, bank_size=64)
+        m, ids = CompatLoss(c, 8, 2).train(), torch.arange(64)
+        m(emb[:32].clone(), y, emb[:32], ids[:32])
+        m(emb[32:64].clone(), y, emb[32:64], ids[32:64])  # the queue: images 0-63
+        fn = m._rank_order if part == "rank" else m._bank_kl
+        q = torch.randn(32, 8, generator=gen)
+        alone = [float(fn(q[i:i + 1], emb[i:i + 1], (emb[:64][torch.arange(64) != i], None))) for i in range(32)]
+        got = float(m(q, y, emb[:32], ids[:32])[0])
+        assert got == pytest.approx(sum(alone) / 32, rel=1e-4) and got > 0
+        assert float(m(q, y, emb[:32])[0]) != pytest.approx(got, rel=1e-3)  # (no indices: they count)
+    # a batch of one: a single queued key makes no pair, a zero rather than NaN
+    one = CompatLoss(LossConfig(**off, rank=1.0, rank_k=4), 8, 2).train()
+    one(emb[:1].clone(), y[:1], emb[:1], torch.tensor([0]))
+    assert float(one(emb[1:2] * -1, y[:1], emb[1:2], torch.tensor([1]))[0]) == 0
+    # a training checkpoint from before the queue recorded its images resumes, none recorded
+    old_state = {k: v for k, v in both.state_dict().items() if k != "bank_idx"}
+    fresh = CompatLoss(LossConfig(**off, bank=1.0, rank=1.0, rank_k=4, bank_size=64), 8, 2)
+    fresh.load_state_dict(old_state)
+    assert torch.equal(fresh.bank, both.bank) and bool((fresh.bank_idx == -1).all())
     for bad in ({"rank_k": 1}, {"rank_k": 2.5}, {"rank_k": 100, "bank_size": 50}):
         with pytest.raises(HwnasError, match="rank_k"):
             LossConfig(rank=1.0, **bad)

@@ -29,7 +29,9 @@
   the neighbourhoods an unseen class's retrieval depends on. As the gallery model is frozen,
   the queued embeddings never go stale. The queue is a buffer of the loss, so it is saved in
   the training checkpoint and a resumed run continues with it; the current batch joins the
-  queue after its step, so an image is never its own neighbour.
+  queue after its step. The queue records each row's image, and an image's own earlier
+  entries (another epoch's view of it, once the queue holds more than an epoch) are left out
+  of its neighbours: at this temperature they would take nearly all the weight.
 * ``rank``: the gallery's neighbour *order*, over the same queue (``bank_size``). For each
   image, its ``rank_k`` nearest queued gallery embeddings by the gallery embedding's cosine;
   over every pair (a, b) of them, the query's similarity difference s_q(a) - s_q(b) must
@@ -164,52 +166,78 @@ class CompatLoss(nn.Module):
             self.register_buffer("bank", torch.zeros(cfg.bank_size, embed_dim))
             self.register_buffer("bank_fill", torch.zeros((), dtype=torch.long))  # rows in use
             self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))  # next row
+            # each row's image (its index in the training set; -1: none recorded)
+            self.register_buffer("bank_idx", torch.full((cfg.bank_size,), -1, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a training checkpoint from before rows recorded their image: none recorded
+        if self.cfg.uses_queue and prefix + "bank" in state_dict and prefix + "bank_idx" not in state_dict:
+            state_dict[prefix + "bank_idx"] = torch.full_like(self.bank_idx, -1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def _enqueue(self, g: torch.Tensor) -> None:
+    def _enqueue(self, g: torch.Tensor, idx: torch.Tensor | None) -> None:
         k = self.bank.shape[0]
         g = g[-k:]
         rows = (self.bank_ptr + torch.arange(len(g), device=g.device)) % k
         self.bank[rows] = g.to(self.bank.dtype)
+        self.bank_idx[rows] = (idx[-k:].to(self.bank_idx) if idx is not None
+                               else torch.full_like(rows, -1))
         self.bank_ptr.copy_((self.bank_ptr + len(g)) % k)
         self.bank_fill.copy_((self.bank_fill + len(g)).clamp(max=k))
 
-    def _queue(self, q: torch.Tensor) -> torch.Tensor | None:
-        """The queued gallery embeddings, or None until the queue holds a batch's worth (or
+    def _queue(self, q: torch.Tensor, idx: torch.Tensor | None):
+        """The queued gallery embeddings and a (batch, queue) mask of each image's own
+        entries (None without ``idx``), or None until the queue holds a batch's worth (or
         is full, a queue shorter than a batch)."""
         n = int(self.bank_fill)
         if n < min(len(q), self.bank.shape[0]):
             return None
         # a copy: the queue is updated in place after this step's forward, before backward
-        return self.bank[:n].clone()
+        keys = self.bank[:n].clone()
+        own = None if idx is None else idx.to(self.bank_idx)[:, None] == self.bank_idx[None, :n]
+        return keys, own
 
-    def _bank_kl(self, q: torch.Tensor, g: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
-        """KL(gallery's || query's similarity distribution over the queue), batch mean; 0
-        (still reaching ``q``, as DDP needs) while there is no queue."""
-        if keys is None:
+    def _bank_kl(self, q: torch.Tensor, g: torch.Tensor, queue) -> torch.Tensor:
+        """KL(gallery's || query's similarity distribution over the queue, the image's own
+        entries left out), batch mean; 0 (still reaching ``q``, as DDP needs) while there is
+        no queue."""
+        if queue is None:
             return (q * 0).sum()
+        keys, own = queue
         t = self.cfg.bank_temp
-        log_pt = F.log_softmax(g @ keys.T / t, dim=1)
-        log_ps = F.log_softmax(F.normalize(q, dim=1) @ keys.T / t, dim=1)
+        lt, ls = g.float() @ keys.T / t, F.normalize(q.float(), dim=1) @ keys.T / t
+        if own is not None:  # weight exp(-1e4) = 0 on both sides: they drop out of the sum
+            lt, ls = lt.masked_fill(own, -1e4), ls.masked_fill(own, -1e4)
+        log_pt, log_ps = F.log_softmax(lt, dim=1), F.log_softmax(ls, dim=1)
         return (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
 
-    def _rank_order(self, q: torch.Tensor, g: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+    def _rank_order(self, q: torch.Tensor, g: torch.Tensor, queue) -> torch.Tensor:
         """Pairwise order of each image's ``rank_k`` nearest queued gallery embeddings (by the
-        gallery's cosine): relative error of the query's similarity differences against the
-        gallery's, pairs the query orders the other way weighted ``RANK_FLIP_WEIGHT``; batch
-        mean over pairs. 0 (still reaching ``q``) while there is no queue."""
-        if keys is None:
+        gallery's cosine; its own entries left out): relative error of the query's similarity
+        differences against the gallery's, pairs the query orders the other way weighted
+        ``RANK_FLIP_WEIGHT``; mean over the batch's pairs. 0 (still reaching ``q``) while
+        there is no queue, or no pair."""
+        if queue is None:
             return (q * 0).sum()
+        keys, own = queue
         k = min(self.cfg.rank_k, len(keys))
-        s_g, idx = (g @ keys.T).topk(k, dim=1)  # (B, k), descending: the gallery's order
-        s_q = torch.einsum("bd,bkd->bk", F.normalize(q, dim=1), keys[idx])
+        sims = g.float() @ keys.T
+        if own is not None:  # below any cosine: last in the order, and no pair counts them
+            sims = sims.masked_fill(own, -2.0)
+        s_g, nbr = sims.topk(k, dim=1)  # (B, k), descending: the gallery's order
+        s_q = torch.einsum("bd,bkd->bk", F.normalize(q.float(), dim=1), keys[nbr])
         a, b = torch.triu_indices(k, k, offset=1, device=q.device)  # pairs a before b
-        d_g = s_g[:, a] - s_g[:, b]  # >= 0
+        ok = (s_g[:, b] > -1.5).float()  # (b comes after a: where b is a neighbour, so is a)
+        d_g = (s_g[:, a] - s_g[:, b]) * ok  # >= 0
         d_q = s_q[:, a] - s_q[:, b]
-        w = torch.where(d_q < 0, RANK_FLIP_WEIGHT, 1.0)
-        return (w * (d_q - d_g).abs() / (RANK_EPS + d_g)).mean()
+        w = torch.where(d_q < 0, RANK_FLIP_WEIGHT, 1.0) * ok
+        return (w * (d_q - d_g).abs() / (RANK_EPS + d_g)).sum() / ok.sum().clamp(min=1)
 
-    def forward(self, q: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None = None):
+    def forward(self, q: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None = None,
+                idx: torch.Tensor | None = None):
+        """``idx``: each image's index in the training set, so that the queue parts leave an
+        image's own earlier entries out of its neighbours."""
         parts: dict[str, torch.Tensor] = {}
         c = self.cfg
         # label -1: an unlabeled image (data.unlabeled), left out of the two classifier parts
@@ -237,12 +265,12 @@ class CompatLoss(nn.Module):
             parts["contrast"] = F.cross_entropy(logits, torch.arange(len(q), device=q.device))
         if c.uses_queue:
             gn = F.normalize(g.detach(), dim=1)
-            keys = self._queue(q)
+            queue = self._queue(q, idx)
             if c.bank > 0:
-                parts["bank"] = self._bank_kl(q, gn, keys)
+                parts["bank"] = self._bank_kl(q, gn, queue)
             if c.rank > 0:
-                parts["rank"] = self._rank_order(q, gn, keys)
+                parts["rank"] = self._rank_order(q, gn, queue)
             if self.training:
-                self._enqueue(gn)
+                self._enqueue(gn, idx)
         total = sum(getattr(c, k) * v for k, v in parts.items())
         return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -143,7 +143,7 @@ class CompatTask(nn.Module):
             else:
                 with torch.no_grad():
                     g = self._gallery(x)
-        total, parts = self.loss(q, y, g)
+        total, parts = self.loss(q, y, g, idx)
         w = self.loss.cfg.mix
         if w > 0 and self.training:
             # the loss's "mix" part: both models on mixes of two images of the batch
