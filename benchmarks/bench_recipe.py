@@ -506,7 +506,12 @@ def _queue_notes(res: dict) -> str:
     out = [line(f"`{k}`", sorted(v, key=lambda r: r["variant"])) for k, v in parts.items()]
     if base:
         out.append(line("the run's own searched model (the recipe and average alone, trainings "
-                        + ", ".join(b["name"] for b in base) + ")", base))
+                        + ", ".join(b["name"] for b in base) + "; the first on 2 threads, the others "
+                        "and the rows above on 1)", base))
+        ref = statistics.mean(100 * b["M(q,g)_r1"] for b in base)
+        out.append("on the mean M(q,g) R@1, against the recipe alone: " + ", ".join(
+            f"`{k}` {statistics.mean(100 * r['M(q,g)_r1'] for r in v) - ref:+.2f} points" for k, v in parts.items())
+            + " (one arch's SD over seeds here is about 0.8)")
     return (" The queue parts at seeds 0, 1, 2, with each image's own entries left out (measured "
             f"{_date(next(iter(parts.values()))[0])} on the {next(iter(parts.values()))[0]['mflops']:.2f}-MFLOP "
             "arch of the run, 60 epochs, average 0.998, M(q,g) R@1 by seed): `rank<w>`: the gallery's "
@@ -617,14 +622,14 @@ def _capacity_rows(rows: list[dict]) -> list[dict]:
     """One row per query model trained with the config's recipe and average against the
     latest gallery (the run's own searched model included), by FLOPs. The gallery is told by
     its fingerprint; a row without one (none on disk to take it from) by an equal M(g,g)."""
-    latest = max((r for r in rows if r["variant"].startswith(CAPACITY_VARIANT)), key=lambda r: r.get("date") or "",
-                 default=None)
+    recipe = (CAPACITY_VARIANT, CAPACITY_VARIANT + " (run)")  # (not the variants that add to it)
+    latest = max((r for r in rows if r["variant"] in recipe), key=lambda r: r.get("date") or "", default=None)
     if latest is None:
         return []
 
     got = {}
     for r in sorted(rows, key=lambda r: r["variant"].endswith("(run)")):  # the run's own model last: it wins
-        if r["variant"] in (CAPACITY_VARIANT, CAPACITY_VARIANT + " (run)") and _same_gallery(r, latest):
+        if r["variant"] in recipe and _same_gallery(r, latest):
             got[(r["model"], round(r["mflops"], 2))] = r
     return sorted(got.values(), key=lambda r: r["mflops"])
 
