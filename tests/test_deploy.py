@@ -363,6 +363,25 @@ def test_edge_add_grows_the_index_without_torch(bundle, tmp_path):
     res = add_images(b, [tmp_path / "moved"], skip_existing=True, log=lambda *_: None)
     assert (res["added"], res["existing"]) == (1, 4)
     assert Bundle(b).index.ntotal == n0 + 7
+    # a .zip of new photos (members read one at a time): ids as deploy --catalog gives them,
+    # no file recorded, known by id when given again; a damaged member is skipped by name
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for j in (6, 7):
+            s.collection.read(int(s.parts["train"][j])).save(tmp_path / f"z{j}.png")
+            zf.write(tmp_path / f"z{j}.png", f"shop/z{j}.png")
+        zf.writestr("shop/broken.png", b"not a png")
+    res = add_images(b, [tmp_path / "photos.zip"], skip_bad=True, log=lambda *_: None)
+    assert res["added"] == 2 and res["skipped_files"] == [f"{tmp_path / 'photos.zip'}:shop/broken.png"]
+    items = json.loads((b / "gallery_items.json").read_text())
+    assert [(it["id"], it["path"]) for it in items[-2:]] == [("photos/shop/z6.png", None), ("photos/shop/z7.png", None)]
+    ge = gs.run(None, {gs.get_inputs()[0].name: normalize(m.load_images([tmp_path / "z7.png"]), m.pre["mean"], m.pre["std"])})[0]
+    _, rows = faiss.read_index(str(b / "gallery.index")).search(ge / np.linalg.norm(ge, axis=1, keepdims=True), 1)
+    assert items[int(rows[0, 0])]["id"] == "photos/shop/z7.png"
+    with pytest.raises(BundleError, match="2 of the 3 images are already in the index"):
+        add_images(b, [tmp_path / "photos.zip"], log=lambda *_: None)
+    assert verify(b)["hashes"] == "ok" and Bundle(b).index.ntotal == n0 + 9
 
 
 def test_the_readmes_python_example_runs_without_torch(bundle, tmp_path):
@@ -405,6 +424,13 @@ def test_deploy_catalog_and_edge_add_name_a_file_alike(tmp_path, monkeypatch):
             col, labels = catalog_images(src)
             assert col.ids == ids == [i for _, i, _ in image_sources([src])], src
     assert catalog_images("cat/m.csv")[1] == ["x", None, "y"]
+    import zipfile
+
+    with zipfile.ZipFile("cat.zip", "w") as zf:  # a zip: its stem, then the member's path
+        for f in ("a.png", "sub/b.png", "sub/.hidden.png", "notes.txt"):
+            zf.writestr(f, b"\x89PNG")
+    assert catalog_images("cat.zip")[0].ids == ["cat/a.png", "cat/sub/b.png"] == [
+        i for _, i, _ in image_sources(["cat.zip"])]
 
 
 def test_a_failed_swap_puts_the_old_bundle_back(tmp_path, monkeypatch):

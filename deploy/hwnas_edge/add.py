@@ -21,7 +21,7 @@ import numpy as np
 
 from hwnas_edge.bundle import Bundle, BundleError, bundle_lock, ort_session, replace_dir, sha256_file
 from hwnas_edge.preprocess import normalize
-from hwnas_edge.sources import image_sources
+from hwnas_edge.sources import ZipImage, image_sources
 
 
 def _link_or_copy(src, dst):
@@ -64,7 +64,9 @@ def _add(path: Path, sources, label, skip_bad: bool, skip_existing: bool, chunk:
     if "gallery.onnx" not in b.manifest["artifacts"]:
         raise BundleError(f"{b.path} has no gallery.onnx to embed new images with; deploy the bundle again")
     entries = image_sources(sources, label)
-    real = {i: os.path.realpath(f) for f, i, _ in entries}
+    # each image's file (a zip member: the zip's, then its name; it records no path)
+    real = {i: (f"{os.path.realpath(f.zip)}:{f.name}" if isinstance(f, ZipImage) else os.path.realpath(f))
+            for f, i, _ in entries}
     seen: set[str] = set()
     twice = [i for _, i, _ in entries if i in seen or seen.add(i)]
     if twice:
@@ -85,13 +87,14 @@ def _add(path: Path, sources, label, skip_bad: bool, skip_existing: bool, chunk:
     by_id = {it["id"]: it.get("path") for it in b.items}
     indexed = set(filter(None, by_id.values()))
 
-    def known(f: Path, i: str) -> bool:
-        if real[i] in indexed or os.path.abspath(f) in indexed:
+    def known(f, i: str) -> bool:
+        zipped = isinstance(f, ZipImage)
+        if not zipped and (real[i] in indexed or os.path.abspath(f) in indexed):
             return True
         if i not in by_id:
             return False
-        rec = by_id[i]
-        return not rec or not os.path.exists(rec) or os.path.samefile(rec, f)
+        rec = by_id[i]  # (a zip member is known by its id alone: never the same file as one on disk)
+        return not rec or not os.path.exists(rec) or (not zipped and os.path.samefile(rec, f))
 
     held = {i: known(f, i) for f, i, _ in entries}  # (file-system calls once per entry)
     clash = [(i, by_id[i]) for _, i, _ in entries if i in by_id and not held[i]]
@@ -133,11 +136,12 @@ def _add(path: Path, sources, label, skip_bad: bool, skip_existing: bool, chunk:
             x = normalize(np.stack(arrays), b.pre["mean"], b.pre["std"])
             emb = np.ascontiguousarray(sess.run(None, {name: x})[0], dtype=np.float32)
             if not np.isfinite(emb).all():
-                raise BundleError("gallery.onnx gave a NaN or infinite embedding for an image of "
-                                  f"{kept[0][0].parent}: nothing was added; check those images")
+                raise BundleError("gallery.onnx gave a NaN or infinite embedding for one of "
+                                  f"{kept[0][0]} to {kept[-1][0]}: nothing was added; check those images")
             emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             index.add(emb)
-            items += [{"row": len(items) + j, "id": id_, "label": lab, "path": real[id_]}
+            items += [{"row": len(items) + j, "id": id_, "label": lab,
+                       "path": None if isinstance(f, ZipImage) else real[id_]}
                       for j, (f, id_, lab) in enumerate(kept)]
         _progress(min(start + chunk, len(entries)), len(entries), t0)
     if sys.stderr.isatty():

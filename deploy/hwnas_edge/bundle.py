@@ -233,13 +233,17 @@ class Bundle:
             self._session = s
         return self._session
 
-    def load_images(self, paths: Sequence[str | Path]) -> np.ndarray:
+    def load_images(self, paths: Sequence) -> np.ndarray:
+        """Image files (paths, or :class:`hwnas_edge.sources.ZipImage` members) as the model's
+        uint8 input."""
         from PIL import Image, UnidentifiedImageError
+
+        from hwnas_edge.sources import ZipImage
 
         out = []
         for p in paths:
             try:
-                with Image.open(p) as img:
+                with Image.open(p.open() if isinstance(p, ZipImage) else p) as img:
                     img.load()
                     out.append(image_to_array(img, self.pre["size"], self.pre["channels"]))
             except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(a running serve picks them up at its next request)")
     a.add_argument("bundle")
     a.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="image files, folders (any depth) or CSV manifests (path and optional label columns)")
+                   help="image files, folders (any depth), .zip files or CSV manifests (path and optional "
+                        "label columns)")
     a.add_argument("--label", help="the label of the added images a manifest does not label")
     a.add_argument("--skip-bad-images", action="store_true",
                    help="leave unreadable images out (counted) instead of stopping")

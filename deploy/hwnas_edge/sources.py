@@ -5,7 +5,10 @@ gets the same id from both and a repeat is recognized."""
 from __future__ import annotations
 
 import csv
+import io
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +30,52 @@ def item_id(file: str | Path, root: str | Path, follow_links: bool = False) -> s
             return Path(file).as_posix()
     # (a file outside root: ../ steps from it, however either was spelled)
     return Path(os.path.relpath(os.path.abspath(file), os.path.abspath(root))).as_posix()
+
+
+def zip_image_names(zf: zipfile.ZipFile, suffixes=IMAGE_EXTS) -> list[str]:
+    """The image members of an open zip (hidden files left out), sorted."""
+    return sorted(n for n in zf.namelist()
+                  if Path(n).suffix.lower() in suffixes and not Path(n).name.startswith("."))
+
+
+def zip_item_id(zpath: str | Path, name: str) -> str:
+    """A zip member's id: the zip's name without its suffix, then the member's path in it."""
+    return f"{Path(zpath).stem}/{name}"
+
+
+#: what reading one zip member can raise: a CRC error, a broken deflate stream, truncation,
+#: encryption, an unsupported method, a name gone from a changed zip
+ZIP_MEMBER_ERRORS = (KeyError, zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError)
+
+
+class ZipImage:
+    """An image inside a .zip, read when opened (``Image.open(member.open())``); the archive
+    stays open in ``archive`` (one per zip given), so members cost no re-listing."""
+
+    def __init__(self, zpath: Path, name: str, archive: dict):
+        self.zip, self.name, self._archive = zpath, name, archive
+
+    def open(self) -> io.BytesIO:
+        try:
+            if "zf" not in self._archive:
+                self._archive["zf"] = zipfile.ZipFile(self.zip)
+            return io.BytesIO(self._archive["zf"].read(self.name))
+        except ZIP_MEMBER_ERRORS as e:
+            raise OSError(f"damaged zip member ({e})") from None
+
+    def __str__(self) -> str:
+        return f"{self.zip}:{self.name}"
+
+
+def zip_images(zpath: Path) -> list[tuple[ZipImage, str]]:
+    """(member, id) of every image in a .zip."""
+    try:
+        with zipfile.ZipFile(zpath) as zf:
+            names = zip_image_names(zf)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise BundleError(f"{zpath} is not a readable zip file ({e})") from None
+    archive: dict = {}
+    return [(ZipImage(zpath, n, archive), zip_item_id(zpath, n)) for n in names]
 
 
 def folder_images(root: str | Path) -> list[Path]:
@@ -89,11 +138,12 @@ def manifest_entries(path: str | Path, what: str) -> list[tuple[Path, str, str |
     return out
 
 
-def image_sources(sources: Sequence[str | Path], label: str | None = None) -> list[tuple[Path, str, str | None]]:
+def image_sources(sources: Sequence[str | Path], label: str | None = None) -> list[tuple[Path | ZipImage, str, str | None]]:
     """(file, id, label) of every image ``sources`` name: an image file (id: its name), a
-    folder (every image under it at any depth; id: the path under the folder), or a CSV
-    manifest (:func:`manifest_entries`). ``label`` labels what a manifest does not."""
-    out: list[tuple[Path, str, str | None]] = []
+    folder (every image under it at any depth; id: the path under the folder), a CSV
+    manifest (:func:`manifest_entries`) or a .zip (:class:`ZipImage` members; id: the zip's
+    stem, then the path in it). ``label`` labels what a manifest does not."""
+    out: list[tuple[Path | ZipImage, str, str | None]] = []
     for src in sources:
         p = Path(src).expanduser()
         if p.is_dir():
@@ -103,11 +153,16 @@ def image_sources(sources: Sequence[str | Path], label: str | None = None) -> li
             out += [(f, item_id(f, p), label) for f in files]
         elif p.suffix.lower() == ".csv" and p.is_file():
             out += [(f, i, lab or label) for f, i, lab in manifest_entries(p, "manifest")]
+        elif p.suffix.lower() == ".zip" and p.is_file():
+            members = zip_images(p)
+            if not members:
+                raise BundleError(f"{p} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+            out += [(m, i, label) for m, i in members]
         elif p.is_file() and p.suffix.lower() in IMAGE_EXTS:
             out.append((p, p.name, label))
         else:
-            raise BundleError(f"{src} is not an image file, a folder of images or a CSV manifest "
-                              f"(image suffixes: {', '.join(sorted(IMAGE_EXTS))})")
+            raise BundleError(f"{src} is not an image file, a folder of images, a .zip of images or a CSV "
+                              f"manifest (image suffixes: {', '.join(sorted(IMAGE_EXTS))})")
     if not out:
         raise BundleError(f"{', '.join(map(str, sources))} list no images")
     return out

@@ -13,13 +13,13 @@ import io
 import os
 import struct
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from hwnas_edge.preprocess import IMAGE_EXTS  # one list of image suffixes for training and the edge
+from hwnas_edge.sources import ZIP_MEMBER_ERRORS, zip_image_names, zip_item_id  # (ids deploy --catalog and hwnas-edge add share)
 
 from hwnas.errors import DataError, HwnasError
 
@@ -332,16 +332,11 @@ def _read_csv(path: Path, required: Sequence[str], what: str, want: str,
         raise DataError(str(e)) from None
 
 
-def _zip_names(zf: zipfile.ZipFile, suffixes) -> list[str]:
-    return sorted(n for n in zf.namelist()
-                  if Path(n).suffix.lower() in suffixes and not Path(n).name.startswith("."))
-
-
 def _zip_images(zpath: Path, suffixes) -> tuple[list[str], list[bytes]]:
     """The sorted member names with one of ``suffixes`` in a zip, and their bytes."""
     try:
         with zipfile.ZipFile(zpath) as zf:
-            names = _zip_names(zf, suffixes)
+            names = zip_image_names(zf, suffixes)
             return names, [zf.read(n) for n in names]
     except zipfile.BadZipFile as e:
         raise DataError(f"{zpath} is not a valid zip file ({e})") from None
@@ -358,7 +353,7 @@ class _ZipMembers:
     def __init__(self, zpath: Path, suffixes):
         self.path = zpath
         self._zf, self._pid, self._stamp = self._open(), os.getpid(), self._stat()
-        self.names = _zip_names(self._zf, suffixes)
+        self.names = zip_image_names(self._zf, suffixes)
 
     def _stat(self) -> tuple:
         st = os.stat(self.path)
@@ -382,8 +377,7 @@ class _ZipMembers:
             self._zf, self._pid = self._open(), os.getpid()
         try:
             return self._zf.read(self.names[i])
-        except (KeyError, zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError,
-                NotImplementedError) as e:  # CRC, deflate stream, truncation, encryption, method
+        except ZIP_MEMBER_ERRORS as e:
             raise DataError(f"{self.path}: cannot read {self.names[i]} ({e}): the member is damaged or "
                             f"the zip changed while in use; repair or replace the zip, or {SKIP_BAD_FIX}") from None
 
@@ -463,7 +457,7 @@ def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled", f
         members = _ZipMembers(path, IMAGE_EXTS)
         if not members.names:
             raise DataError(f"{setting} {path} holds no images; {fix}")
-        ids = [f"{path.stem}/{n}" for n in members.names]
+        ids = [zip_item_id(path, n) for n in members.names]
 
         def read(i: int):
             return _open_image(io.BytesIO(members.read(i)), ids[i])
