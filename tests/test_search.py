@@ -429,7 +429,7 @@ def _postgres_url() -> str:
     url = os.environ.get("HWNAS_TEST_POSTGRES_URL", "")
     if not url:
         pytest.skip("no PostgreSQL server: set HWNAS_TEST_POSTGRES_URL (e.g. postgresql:///hwnas, "
-                    "README: Scaling out) and pip install psycopg2-binary to run this")
+                    "README: Scaling out) and pip install -e '.[postgres]' to run this")
     return url
 
 
@@ -756,3 +756,65 @@ def test_a_resumed_study_does_not_queue_a_known_arch_again(tmp_path):
     optuna.load_study(study_name=name, storage=cfg.search.storage).enqueue_trial(sp.params_of(queued))
     run_search(cfg, evaluator=evaluator, log=said.append, seed=0, enqueue=[queued.to_string(sp)])
     assert len(optuna.load_study(study_name=name, storage=cfg.search.storage).trials) == before + 1
+
+
+def _counting_study_cfg(tmp_path):
+    """The quickstart space and the shipped AMD table, a storage in ``tmp_path``, and an
+    evaluator whose reward is a fixed pseudo-random function of the arch (no training)."""
+    import zlib
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.latency.table = str(ROOT / "latency_tables" / "x86_64-amdepyc-2c-ort1.32-fp32-t1-r32-s7b287ae9.json")
+    cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
+    sp = cfg.search_space()
+    seen = []
+
+    def evaluator(arch):
+        key = arch.to_string(sp)
+        seen.append(key)
+        r = (zlib.crc32(key.encode()) % 1000) / 1000
+        m = {"recall@1": r, "recall@5": r, "mAP": 0.5}
+        return {"M(q,q)": m, "M(q,g)": m, "seconds": 0.0}
+
+    return cfg, sp, seen, evaluator
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe"])
+def test_multi_objective_search_returns_the_pareto_front(tmp_path, sampler):
+    """--multi-objective: the study maximizes the reward and minimizes predicted latency;
+    an over-budget arch is a constrained trial (reward 0, never evaluated); best_arch.json's
+    front is exactly the evaluated archs no other beats on both."""
+    cfg, sp, seen, evaluator = _counting_study_cfg(tmp_path)
+    lo, hi, pred = _budget(cfg)
+    cfg.search.budget_ms = _quantile_budget(cfg, pred, 0.5)
+    cfg.search.sampler, cfg.search.multi_objective, cfg.search.n_trials = sampler, True, 6
+    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
+    study = optuna.load_study(study_name=res["study"], storage=cfg.search.storage)
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    over = [t for t in done if t.user_attrs["feasible"] is False]
+    assert over and all(t.values[0] == 0 and t.constraints["latency_ms"] > 0 for t in over)
+    assert not {t.user_attrs["arch"] for t in over} & set(seen)
+    feas = {t.user_attrs["arch"]: (t.user_attrs["predicted_ms"], t.user_attrs["reward"])
+            for t in done if t.user_attrs["feasible"]}
+    assert len(feas) >= 6 and all(v[0] <= cfg.search.budget_ms for v in feas.values())
+    front = {p["arch"] for p in res["pareto_front"]}
+    beaten = {a for a, (ms, r) in feas.items()
+              if any(ms2 <= ms and r2 >= r and (ms2, r2) != (ms, r) for ms2, r2 in feas.values())}
+    assert front == set(feas) - beaten
+
+
+def test_a_sampler_stuck_over_budget_says_so(tmp_path):
+    """search.max_infeasible over-budget proposals in a row stop the study, and the search
+    says so (how many archs it reached of n_trials, and what to change) rather than stop short
+    without a word."""
+    cfg, sp, seen, evaluator = _counting_study_cfg(tmp_path)
+    lo, hi, pred = _budget(cfg)
+    cfg.search.budget_ms = _quantile_budget(cfg, pred, 0.02)  # 2% of uniform archs fit
+    cfg.search.sampler, cfg.search.n_trials, cfg.search.max_infeasible = "tpe", 50, 5
+    said = []
+    res = run_search(cfg, evaluator=evaluator, log=said.append, seed=0)
+    assert res["n_evaluated"] < 50
+    assert any("5 over-budget archs in a row" in m and f"stopped at {res['n_evaluated']} distinct archs" in m
+               for m in said), said

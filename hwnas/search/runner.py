@@ -2,7 +2,7 @@
 
 Each Optuna trial proposes an arch (``space.suggest``). Its latency is *predicted* from the
 device's table first: an arch over budget is recorded as infeasible with
-``Trial.set_constraint`` (costing microseconds) and never evaluated. A feasible arch is
+``Trial.set_constraint`` (costing a few storage writes: milliseconds) and never evaluated. A feasible arch is
 evaluated from the trained supernet: BatchNorm recalibration on training images, then
 M(q,q) and M(q,g) on the validation split (never the test split), with the gallery side's
 embeddings computed once per study. The reward is R1 = M(q,q), R2 = M(q,g) or
@@ -60,8 +60,8 @@ def predictor_for(cfg: Config, space):
 
     path = table_path(cfg, space)
     if not path.exists():
-        raise HwnasError(f"no latency table at {path}: build it with `hwnas profile --device cpu"
-                         f"{' --config ' + '...' if cfg.space else ''}` (or set latency.table)")
+        raise HwnasError(f"no latency table at {path}: build it with `hwnas profile --device cpu "
+                         "--config CONFIG` (the config this run uses), or set latency.table to a table's path")
     # a table of the config's own device is checked against this machine's runtime; one given
     # by path (profiled on the edge device, say) only against the thread count asked for, which
     # deploy and the report time the query models at
@@ -214,6 +214,9 @@ def make_storage(url: str | None, rd: RunDir):
         except OSError as e:
             raise HwnasError(f"cannot open the journal storage {path}: {e.strerror or e}; give a "
                              "path in a folder you can write") from None
+    # PostgreSQL through psycopg 3 (the postgres extra), whichever driver SQLAlchemy's version
+    # defaults to (2.0: psycopg2); a URL naming its driver (postgresql+psycopg2://) keeps it
+    db_url = "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
     try:
         import warnings
 
@@ -226,7 +229,7 @@ def make_storage(url: str | None, rd: RunDir):
                     # A worker killed mid-trial stops its heartbeat; after the grace period its
                     # trial is failed and retried once, so a kill never leaves a trial RUNNING.
                     return optuna.storages.RDBStorage(
-                        url, heartbeat_interval=30, grace_period=90,
+                        db_url, heartbeat_interval=30, grace_period=90,
                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1)), url
                 except Exception as e:
                     # several workers starting on a new storage at once race to create its
@@ -238,7 +241,7 @@ def make_storage(url: str | None, rd: RunDir):
                         raise
                     time.sleep(0.5 * (attempt + 1))
     except Exception as e:  # bad URL, missing driver, server down
-        # SQLAlchemy 2 reaches postgresql:// through psycopg 3 (postgresql+psycopg2:// for v2)
+        # a bare postgresql:// is taken through psycopg 3 (make_storage), whatever SQLAlchemy's default
         drivers = {"postgresql": "pip install 'psycopg[binary]'",
                    "mysql": "pip install pymysql (and use mysql+pymysql://)"}
         hint = next((v for k, v in drivers.items() if url.startswith(k)), None)
@@ -359,7 +362,6 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
             trial.set_user_attr("feasible", False)
             state["infeasible_run"] += 1
             if state["infeasible_run"] >= s.max_infeasible:
-                trial.study.set_user_attr("gave_up", True)
                 trial.study.stop()
             return (0.0, lat) if s.multi_objective else 0.0
         state["infeasible_run"] = 0
@@ -401,10 +403,15 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
 
     if _n_feasible(study, space) < s.n_trials:
         study.optimize(objective, callbacks=[stop_when_done], gc_after_trial=False)
-    if study.user_attrs.get("gave_up") and _n_feasible(study, space) == 0:
-        raise HwnasError(f"the {s.sampler} sampler found no arch within {budget} ms in "
-                         f"{s.max_infeasible} consecutive tries; raise the budget (range "
-                         f"{lo:.3f} to {hi:.3f} ms) or try another sampler")
+    if state["infeasible_run"] >= s.max_infeasible:  # this run gave up
+        if _n_feasible(study, space) == 0:
+            raise HwnasError(f"the {s.sampler} sampler found no arch within {budget} ms in "
+                             f"{s.max_infeasible} consecutive tries; raise the budget (range "
+                             f"{lo:.3f} to {hi:.3f} ms) or try another sampler")
+        log(f"[search] the {s.sampler} sampler proposed {s.max_infeasible} over-budget archs in a row "
+            f"(search.max_infeasible): stopped at {_n_feasible(study, space)} distinct archs of "
+            f"search.n_trials {s.n_trials}; a higher budget, another sampler (evolution stays "
+            "within the budget), or run again to go on")
     if state["repeat_run"] >= max_repeats:
         log(f"[search] the {s.sampler} sampler proposed only archs it had evaluated in "
             f"{max_repeats} consecutive tries: stopped at {_n_feasible(study, space)} distinct archs "
