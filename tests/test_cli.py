@@ -192,6 +192,9 @@ def test_space_command():
     r = hwnas("space", "--sample", "2")
     assert r.returncode == 0, r.stderr
     assert "c97e7325190f" in r.stdout and "FLOPs range" in r.stdout
+    r = hwnas("space", "--config", "configs/quickstart.yaml", "--sample", "3")  # the README's
+    assert r.returncode == 0 and "FLOPs range" in r.stdout, r.stderr
+    assert len([ln for ln in r.stdout.splitlines() if ln.startswith("random ")]) == 3  # three sampled archs
     # --set reaches the space as it does every other command's config
     r = hwnas("space", "--set", "space.width_mult=0.5")
     assert r.returncode == 0, r.stderr

@@ -25,8 +25,9 @@ def trained_gallery(tmp_path_factory, fmnist_dir):
     """One gallery model for the session (resnet10t, 2,000 training images)."""
     root = tmp_path_factory.mktemp("compat")
     cfg_path = write_cfg(root / "c.json", tiny_config(root / "run"))
-    cfg = load_config(cfg_path)
-    api.train_gallery(cfg, log=lambda *_: None)
+    from hwnas.cli import main
+
+    assert main(["train-gallery", "--config", str(cfg_path)]) == 0  # (the README's command)
     return root
 
 
@@ -208,13 +209,25 @@ def test_evaluate_cli_json(trained_gallery, tmp_path):
     for m in res["metrics"].values():
         assert {"recall@1", "recall@5", "mAP"} <= set(m)
     assert isinstance(res["bct_criterion_M(q,g)>M(q,q)"], bool)
+    # + verification at a false accept rate (the README's --far 1e-3)
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "evaluate", "--config", str(cfg_path),
+                        "--query", str(tmp_path / "run/query/small"), "--far", "1e-3", "--json"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    tar = json.loads(r.stdout)["metrics"]["M(q,g)"]["TAR@FAR=0.001"]
+    assert 0 <= tar <= 1 and json.loads(r.stdout)["metrics"]["M(q,g)"]["recall@1"] == res["metrics"]["M(q,g)"]["recall@1"]
 
 
 def test_timm_baseline_query(trained_gallery, tmp_path):
-    cfg = load_config(_clone_run(trained_gallery, tmp_path, query={"train": {"epochs": 1, "batch_size": 64}}))
-    q = api.train_query(cfg, timm_name="mobilenetv3_small_050", log=lambda *_: None)
-    assert q["kind"] == "timm" and q["flops"] > 0
-    res = api.evaluate_query(cfg, query_dir=str(tmp_path / "run/query" / q["name"]), log=lambda *_: None)
+    cfg_path = _clone_run(trained_gallery, tmp_path, query={"train": {"epochs": 1, "batch_size": 64}})
+    from hwnas.cli import main
+
+    # the README's train-query --timm, in this process
+    assert main(["train-query", "--config", str(cfg_path), "--timm", "mobilenetv3_small_050"]) == 0
+    q = json.loads((tmp_path / "run/query/timm-mobilenetv3_small_050/config.json").read_text())
+    assert q["kind"] == "timm" and q["timm"] == "mobilenetv3_small_050" and q["flops"] > 0
+    # the command evaluated it on the test split
+    res = json.loads((tmp_path / "run/query" / q["name"] / "evaluation-test.json").read_text())
     assert res["metrics"]["M(q,g)"]["n_queries"] == 120  # 20% of 60 test images x 10 classes
 
 

@@ -160,7 +160,12 @@ def test_a_catalog_is_indexed_in_place_of_the_test_gallery(bundle, tmp_path):
         deploy(cfg, out=tmp_path / "none", catalog=str(tmp_path / "nowhere"), log=quiet)
     assert not (tmp_path / "none").exists() and not (tmp_path / ".none.staging").exists()
 
-    m = deploy(cfg, out=tmp_path / "b", catalog=str(cat / "catalog.csv"), log=quiet)
+    from hwnas.cli import main
+
+    # the README's deploy --catalog ... --out ..., in this process
+    assert main(["deploy", "--config", str(root / "c.json"), "--catalog", str(cat / "catalog.csv"),
+                 "--out", str(tmp_path / "b")]) == 0
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert m["gallery"]["n_items"] == 7 and m["index"]["source"]["catalog"] == str(cat / "catalog.csv")
     assert m["accuracy"] == m0["accuracy"]  # the test split's, not the catalog's
     items = json.loads((tmp_path / "b" / "gallery_items.json").read_text())
@@ -195,6 +200,11 @@ def test_a_catalog_is_indexed_in_place_of_the_test_gallery(bundle, tmp_path):
     items = json.loads((tmp_path / "f" / "gallery_items.json").read_text())
     assert m["gallery"]["n_items"] == 7 and {it["label"] for it in items} == {None}
     assert sorted(it["id"] for it in items) == sorted(r.split(",")[0] for r in rows[1:])
+    # the README's deploy --int8 --overwrite: that bundle replaced by one of the test split's
+    # gallery, with the int8 query model beside the fp32 one
+    assert main(["deploy", "--config", str(root / "c.json"), "--int8", "--overwrite", "--out", str(tmp_path / "f")]) == 0
+    m = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert m["gallery"]["n_items"] == m0["gallery"]["n_items"] and "query.int8.onnx" in m["artifacts"]
 
 
 def _test_images(cfg, tmp_path, n=4):
@@ -303,6 +313,14 @@ def test_edge_add_grows_the_index_without_torch(bundle, tmp_path):
     assert [(it["id"], it["label"]) for it in items[n0:]] == [
         ("deep/n1.png", "new"), ("deep/n2.png", "new"), ("n0.png", "new"), ("other/n0.png", "Sneaker")]
     assert verify(b)["hashes"] == "ok" and Bundle(b).manifest["gallery"]["n_items"] == n0 + 4
+    # the README's hwnas-edge verify and query --threads on the grown bundle, without torch
+    r = subprocess.run([*edge, "verify", str(b)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["hashes"] == "ok", r.stderr
+    r = subprocess.run([*edge, "query", str(b), str(new / "deep" / "n1.png"), "--threads", "2", "--json"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    top = json.loads(r.stdout)["results"][0]["top"]
+    assert top and [h["score"] for h in top] == sorted((h["score"] for h in top), reverse=True)
     assert Bundle(b).manifest["additions"][-1]["added"] == 4
     m = Bundle(b)
     gs = ort.InferenceSession(str(b / "gallery.onnx"), providers=["CPUExecutionProvider"])

@@ -309,10 +309,15 @@ def test_profile_cli_uses_the_configs_thread_count(tmp_path):
 
     cfg = write_cfg(tmp_path / "c.json", tiny_config(tmp_path / "run", latency={"threads": 1}))
     out = tmp_path / "t.json"
-    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "profile", "--config", str(cfg),
-                        "--out", str(out), "--rounds", "2", "--runs", "2"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "profile", "--device", "cpu", "--config", str(cfg),
+                        "--out", str(out), "--rounds", "2", "--runs", "2", "--validate", "3"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert LatencyTable.load(out).header["threads"] == 1
+    # --validate (the README's): the table's predictions against 3 networks timed end to end
+    v = json.loads(out.with_suffix(".validation.json").read_text())
+    assert len([a for a in v["archs"] if a["role"] == "validation"]) == 3
+    assert all(a["measured_ms"] > 0 and a["predicted_ms"] > 0 for a in v["archs"])
     r = subprocess.run([sys.executable, "-m", "hwnas.cli", "profile", "--config", str(cfg),
                         "--compare-threads", "1", "2", "--rounds", "2", "--runs", "2"],
                        capture_output=True, text=True)

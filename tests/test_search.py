@@ -246,8 +246,8 @@ def test_outputs_and_from_search(search_run):
     lo, hi, _ = _budget(cfg)
     known = cfg.search_space().smallest().to_string()
     r = subprocess.run([sys.executable, "-m", "hwnas.cli", "search", "--config", str(cfg_path),
-                        "--budget-ms", f"{lo + 0.5 * (hi - lo):.4f}", "--sampler", "evolution",
-                        "--set", "search.population=2", "--set", "search.tournament=2", "--enqueue", known],
+                        "--budget-ms", f"{lo + 0.5 * (hi - lo):.4f}", "--reward", "r3", "--alpha", "0.5",
+                        "--sampler", "evolution", "--set", "search.population=2", "--set", "search.tournament=2", "--enqueue", known],
                        env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     run = root / "run"
