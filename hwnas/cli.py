@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "evolution"],
                    help="default: the config's search.sampler (tpe where unset)")
     p.add_argument("--n-trials", type=int, help="evaluated (within-budget) trials in the study")
-    p.add_argument("--multi-objective", action="store_true", default=None,
-                   help="maximize the reward and minimize predicted latency; report the Pareto front")
+    p.add_argument("--multi-objective", action=argparse.BooleanOptionalAction, default=None,
+                   help="maximize the reward and minimize predicted latency; report the Pareto front "
+                        "(--no-multi-objective: the reward alone, where the config sets search.multi_objective)")
     p.add_argument("--prefer-faster-within", type=_band, metavar="se|DIFF",
                    help="choose the fastest arch whose reward is within DIFF of the best (default se: "
                         "one standard error of the best reward on the validation queries; 0: the best)")

@@ -818,3 +818,28 @@ def test_a_sampler_stuck_over_budget_says_so(tmp_path):
     assert res["n_evaluated"] < 50
     assert any("5 over-budget archs in a row" in m and f"stopped at {res['n_evaluated']} distinct archs" in m
                for m in said), said
+
+
+def test_a_study_resumed_with_other_settings_is_refused(tmp_path):
+    """A study keeps the settings it was started with: resuming it under another reward or
+    budget (same study name) is refused naming what changed, with the study as it was; a bad
+    --enqueue arch names the flag."""
+    cfg, sp, seen, evaluator = _counting_study_cfg(tmp_path)
+    lo, hi, pred = _budget(cfg)
+    cfg.search.budget_ms, cfg.search.n_trials, cfg.search.study_name = _quantile_budget(cfg, pred, 0.5), 2, "s1"
+    run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
+    n = len(optuna.load_study(study_name="s1", storage=cfg.search.storage).trials)
+    for key, value, word in (("reward", "r1", "'reward': ('r3', 'r1')"), ("budget_ms", 0.9 * hi, "'budget_ms'")):
+        old = getattr(cfg.search, key)
+        setattr(cfg.search, key, value)
+        with pytest.raises(HwnasError, match=re.escape(word) + ".*another --study-name"):
+            run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
+        setattr(cfg.search, key, old)
+    assert len(optuna.load_study(study_name="s1", storage=cfg.search.storage).trials) == n
+    with pytest.raises(HwnasError, match="--enqueue 'bogus': bad arch token"):
+        run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, enqueue=["bogus"])
+    # a config's multi_objective can be turned off for one search
+    from hwnas.cli import build_parser
+
+    assert build_parser().parse_args(["search", "--no-multi-objective"]).multi_objective is False
+    assert build_parser().parse_args(["search"]).multi_objective is None  # (the config's)

@@ -292,7 +292,12 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     check_budget(budget, predictor, tpath)
     # what the trials need (supernet, gallery, validation split, the archs to enqueue) is
     # checked before the study's storage is made, so a search that cannot run leaves no study
-    user = [space.params_of(space.parse(a)) for a in enqueue]
+    user = []
+    for a in enqueue:
+        try:
+            user.append(space.params_of(space.parse(a)))
+        except HwnasError as e:
+            raise HwnasError(f"--enqueue {a!r}: {e}") from None
     evaluator = evaluator or SupernetEvaluator(cfg, log=log)
     storage, url = make_storage(s.storage, rd)
     name = s.study_name or f"search-{s.reward}-{s.sampler}-{budget:g}ms{'-mo' if s.multi_objective else ''}"
