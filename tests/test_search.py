@@ -843,3 +843,24 @@ def test_a_study_resumed_with_other_settings_is_refused(tmp_path):
 
     assert build_parser().parse_args(["search", "--no-multi-objective"]).multi_objective is False
     assert build_parser().parse_args(["search"]).multi_objective is None  # (the config's)
+
+
+def test_a_shared_study_plots_each_samplers_progress(tmp_path, monkeypatch):
+    """Two workers of one study with different samplers: trials.csv names each trial's sampler
+    and worker, and the best-so-far plot draws one line per sampler, not all under the last
+    worker's."""
+    from hwnas.search import runner
+
+    cfg, sp, seen, evaluator = _counting_study_cfg(tmp_path)
+    lo, hi, pred = _budget(cfg)
+    cfg.search.budget_ms, cfg.search.study_name = _quantile_budget(cfg, pred, 0.5), "shared"
+    cfg.search.sampler, cfg.search.n_trials = "random", 3
+    run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
+    drawn = {}
+    monkeypatch.setattr(runner, "plot_progress", lambda curves, path, title="": drawn.update(curves))
+    cfg.search.sampler, cfg.search.n_trials = "evolution", 6
+    run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=1)
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "trials.csv")) if r["feasible"] == "True"]
+    assert {r["sampler"] for r in rows} == {"random", "evolution"} and all(r["worker"] for r in rows)
+    assert set(drawn) == {"random", "evolution"}
+    assert sum(map(len, drawn.values())) == len({r["arch"] for r in rows})

@@ -537,7 +537,7 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
             "arch": ua.get("arch"), "predicted_ms": ua.get("predicted_ms"), "mflops": ua.get("mflops"),
             "M(q,q)": (ua.get("M(q,q)") or {}).get(s.metric), "M(q,g)": (ua.get("M(q,g)") or {}).get(s.metric),
             "reward": ua.get("reward"), "repeat_of": ua.get("repeat_of", ""), "baseline": ua.get("baseline", ""),
-            "sampler": ua.get("sampler"), "eval_seconds": ua.get("eval_seconds"),
+            "sampler": ua.get("sampler"), "worker": ua.get("worker"), "eval_seconds": ua.get("eval_seconds"),
             "duration_s": t.duration.total_seconds() if t.duration else None,
         })
     buf = io.StringIO()
@@ -572,8 +572,13 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
     }
     write_json(out / "best_arch.json", result)
     plot_search(feas, front, best, budget, out / "search_reward_vs_latency.png", s, top=top)
-    plot_progress({s.sampler: [t.user_attrs["reward"] for t in sorted(feas, key=lambda t: t.number)
-                               if "repeat_of" not in t.user_attrs]}, out / "search_best_so_far.png")
+    # one line per sampler that proposed trials (workers of a shared study may run different ones);
+    # a queued baseline counts with the sampler of the worker that ran it
+    curves: dict[str, list] = {}
+    for t in sorted(feas, key=lambda t: t.number):
+        if "repeat_of" not in t.user_attrs:
+            curves.setdefault(t.user_attrs.get("sampler") or s.sampler, []).append(t.user_attrs["reward"])
+    plot_progress(curves, out / "search_best_so_far.png")
     why = ("" if top is best else
            f" — the fastest within {band:.4f} of the best reward ({top.user_attrs['reward']:.4f} at "
            f"{top.user_attrs['predicted_ms']:.3f} ms; search.prefer_faster_within)")
