@@ -115,3 +115,24 @@ def test_every_readme_command_is_run_by_a_test():
         flags = [w for w in words if w.startswith("--")]
         for token in [sub, *flags]:
             assert f'"{token}"' in src, f"{RUN_BY[cmd]} does not run {token!r} of: {cmd}"
+
+
+def test_every_flag_and_step_is_in_the_readme():
+    """The README's CLI reference names every flag of every subcommand (hwnas and hwnas-edge)
+    and every step `run --from` takes: a new one that is not documented fails here."""
+    import argparse
+
+    from hwnas.pipeline import STEPS
+    from hwnas_edge.cli import build_parser as edge_parser
+
+    missing = []
+    for prog, parser in (("hwnas", build_parser()), ("hwnas-edge", edge_parser())):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        for name, sp in sub.choices.items():
+            for action in sp._actions:
+                for flag in action.option_strings:
+                    if flag.startswith("--") and flag != "--help" and not re.search(re.escape(flag) + r"(?![\w-])", README):
+                        missing.append(f"{prog} {name} {flag}")
+    assert not missing, f"flags the README does not name: {missing}"
+    from_line = README[README.index("`run --from STEP` takes"):][:400]
+    assert all(f"`{step}`" in from_line for step in STEPS), from_line
