@@ -864,3 +864,17 @@ def test_a_shared_study_plots_each_samplers_progress(tmp_path, monkeypatch):
     assert {r["sampler"] for r in rows} == {"random", "evolution"} and all(r["worker"] for r in rows)
     assert set(drawn) == {"random", "evolution"}
     assert sum(map(len, drawn.values())) == len({r["arch"] for r in rows})
+
+
+def test_two_workers_starting_a_study_queue_its_baselines_once(tmp_path):
+    """Each worker that finds a new study queues the known baselines; a second worker's finds
+    the first's there and adds none (the fastest subnet and the largest uniform one)."""
+    from hwnas.search.runner import _enqueue_baselines
+
+    cfg, sp, _, _ = _counting_study_cfg(tmp_path)
+    lo, hi, pred = _budget(cfg)
+    study = optuna.create_study(storage=cfg.search.storage, study_name="two")
+    for _ in range(2):
+        _enqueue_baselines(study, sp, pred, 0.5 * (lo + hi), sampler="evolution")
+    queued = [t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)]
+    assert sorted(queued) == ["fastest", "uniform"]

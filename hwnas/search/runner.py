@@ -474,7 +474,9 @@ def _enqueue_baselines(study, space, predictor, budget, sampler: str = "tpe", se
     import random
 
     fastest = predictor.extreme_arch(True)
-    study.enqueue_trial(space.params_of(fastest), user_attrs={"baseline": "fastest"})
+    # skip_if_exists: workers that start a new study together each queue these; the second
+    # finds the first's (a narrow race remains, and a repeat then takes the first's result)
+    study.enqueue_trial(space.params_of(fastest), user_attrs={"baseline": "fastest"}, skip_if_exists=True)
     best_uniform = None
     for op in space.ops:
         for sc in space.channel_scales:
@@ -483,7 +485,8 @@ def _enqueue_baselines(study, space, predictor, budget, sampler: str = "tpe", se
             if lat <= budget and (best_uniform is None or lat > best_uniform[0]):
                 best_uniform = (lat, a)
     if best_uniform is not None:
-        study.enqueue_trial(space.params_of(best_uniform[1]), user_attrs={"baseline": "uniform"})
+        study.enqueue_trial(space.params_of(best_uniform[1]), user_attrs={"baseline": "uniform"},
+                            skip_if_exists=True)
     if sampler in ("tpe", "nsga2"):
         rng = random.Random(seed)
         if sum(predictor(space.sample(rng)) <= budget for _ in range(500)) < 100:
