@@ -80,7 +80,9 @@ RUN_BY = {
     "hwnas deploy --config configs/quickstart.yaml --catalog ~/shop/photos --out /srv/bundle":
         "test_deploy.py::test_a_catalog_is_indexed_in_place_of_the_test_gallery",
     "hwnas data --config configs/own-data.yaml --data-dir ~/photos": "test_cli.py::test_unreadable_images_stop_a_run_at_its_data_step_naming_them_all",
-    "hwnas run configs/own-data.yaml --set data.data_dir=~/photos": "test_cli.py::test_run_takes_set_overrides",
+    # (runs `run --set data.data_dir=...` to its data step, which the override reaches; the
+    # pipeline end to end runs without --set in test_run_pipeline_end_to_end_and_resume)
+    "hwnas run configs/own-data.yaml --set data.data_dir=~/photos": "test_cli.py::test_bad_input_exits_nonzero_with_clear_message",
     "hwnas data --dataset folder --data-dir ~/photos --protocol open --run-dir runs/mine":
         "test_cli.py::test_data_command_writes_splits",
     "hwnas data --dataset manifest --data-dir images.csv --run-dir runs/mine2": "test_cli.py::test_data_command_writes_splits",
