@@ -645,14 +645,20 @@ def test_best_so_far_plot_takes_several_runs_per_sampler(tmp_path, monkeypatch):
     assert drawn["random"] == pytest.approx([0.5, 0.5, 0.6])
 
 
-def _quickstart_study(tmp_path):
-    """The quickstart's search space and the shipped AMD table, an evaluator that only counts
-    (these tests check the search's bookkeeping, not accuracy), and a first run that makes the
-    study (its queued baselines, then the smallest subnet): ``(cfg, space, seen, evaluator)``."""
+def _quickstart_cfg(tmp_path):
+    """The quickstart config on the shipped AMD table, its run and Optuna storage in ``tmp_path``."""
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
     cfg.run_dir = str(tmp_path / "run")
     cfg.latency.table = str(ROOT / "latency_tables" / "x86_64-amdepyc-2c-ort1.32-fp32-t1-r32-s7b287ae9.json")
     cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
+    return cfg
+
+
+def _quickstart_study(tmp_path):
+    """The quickstart's search space and the shipped AMD table, an evaluator that only counts
+    (these tests check the search's bookkeeping, not accuracy), and a first run that makes the
+    study (its queued baselines, then the smallest subnet): ``(cfg, space, seen, evaluator)``."""
+    cfg = _quickstart_cfg(tmp_path)
     cfg.search.budget_ms, cfg.search.n_trials = 0.2, 1
     sp = cfg.search_space()
     seen = []
@@ -763,10 +769,7 @@ def _counting_study_cfg(tmp_path):
     evaluator whose reward is a fixed pseudo-random function of the arch (no training)."""
     import zlib
 
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
-    cfg.run_dir = str(tmp_path / "run")
-    cfg.latency.table = str(ROOT / "latency_tables" / "x86_64-amdepyc-2c-ort1.32-fp32-t1-r32-s7b287ae9.json")
-    cfg.search.storage = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = _quickstart_cfg(tmp_path)
     sp = cfg.search_space()
     seen = []
 
