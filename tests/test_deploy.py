@@ -270,7 +270,7 @@ def test_edge_runtime_without_torch_matches_pytorch(bundle, tmp_path):
     assert edge == _torch_topk(cfg, root / "run" / "bundle", paths, 5)
 
 
-def test_edge_add_grows_the_index_without_torch(bundle, tmp_path):
+def test_edge_add_grows_the_index_without_torch(bundle, tmp_path, monkeypatch):
     """hwnas-edge add (no torch): new images embedded by gallery.onnx join the index and its
     items, the bundle still verifies, and each one's own gallery embedding finds its row at
     cosine 1. Repeated ids and unreadable images are refused with the bundle left as it was;
@@ -399,6 +399,23 @@ def test_edge_add_grows_the_index_without_torch(bundle, tmp_path):
     assert items[int(rows[0, 0])]["id"] == "photos/shop/z7.png"
     with pytest.raises(BundleError, match="2 of the 3 images are already in the index"):
         add_images(b, [tmp_path / "photos.zip"], log=lambda *_: None)
+    # a zip rewritten after it was listed stops the addition whole (not skipped image by image
+    # as unreadable, even with skip_bad), and nothing is added
+    import hwnas_edge.add
+
+    with zipfile.ZipFile(tmp_path / "more.zip", "w") as zf:
+        zf.write(tmp_path / "z6.png", "z8.png")
+    listed = hwnas_edge.add.image_sources
+
+    def listed_then_rewritten(*a, **k):
+        out = listed(*a, **k)
+        with zipfile.ZipFile(tmp_path / "more.zip", "w") as zf:
+            zf.write(tmp_path / "z7.png", "z8.png")
+        return out
+
+    monkeypatch.setattr(hwnas_edge.add, "image_sources", listed_then_rewritten)
+    with pytest.raises(BundleError, match="more.zip was replaced or changed since.*nothing was added"):
+        add_images(b, [tmp_path / "more.zip"], skip_bad=True, log=lambda *_: None)
     assert verify(b)["hashes"] == "ok" and Bundle(b).index.ntotal == n0 + 9
 
 

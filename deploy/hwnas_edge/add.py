@@ -21,7 +21,7 @@ import numpy as np
 
 from hwnas_edge.bundle import Bundle, BundleError, bundle_lock, ort_session, replace_dir, sha256_file
 from hwnas_edge.preprocess import normalize
-from hwnas_edge.sources import ZipImage, image_sources
+from hwnas_edge.sources import ZipChanged, ZipImage, image_sources
 
 
 def _link_or_copy(src, dst):
@@ -127,6 +127,8 @@ def _add(path: Path, sources, label, skip_bad: bool, skip_existing: bool, chunk:
             try:
                 arrays.append(b.load_images([f])[0])
                 kept.append((f, id_, lab))
+            except ZipChanged as e:  # (the whole zip's, not one image's: never skipped)
+                raise BundleError(f"{e}: nothing was added; run hwnas-edge add again once it stays put") from None
             except BundleError:
                 if not skip_bad:
                     raise BundleError(f"cannot read image {f}; fix or remove it, or pass --skip-bad-images "

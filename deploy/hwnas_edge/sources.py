@@ -48,18 +48,53 @@ def zip_item_id(zpath: str | Path, name: str) -> str:
 ZIP_MEMBER_ERRORS = (KeyError, zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError)
 
 
-class ZipImage:
-    """An image inside a .zip, read when opened (``Image.open(member.open())``); the archive
-    stays open in ``archive`` (one per zip given), so members cost no re-listing."""
+class ZipChanged(Exception):
+    """A zip replaced or changed since its members were listed: a whole-archive problem, not
+    one image's (never skipped as an unreadable image); each caller words its own fix."""
 
-    def __init__(self, zpath: Path, name: str, archive: dict):
-        self.zip, self.name, self._archive = zpath, name, archive
+
+class ZipArchive:
+    """A zip's image members, listed once and read one at a time when asked: a zip larger than
+    the memory is never held whole (each read decompresses one member). The archive stays
+    open for this process's reads (ZipFile serializes concurrent reads of one archive; a
+    forked worker opens its own). A zip replaced or changed since it was listed (one stat per
+    read) raises :class:`ZipChanged` rather than read other images under the listed names; a
+    damaged member raises one of :data:`ZIP_MEMBER_ERRORS`. Opening a file that is no zip
+    raises ``zipfile.BadZipFile`` or ``OSError``: each caller words it."""
+
+    def __init__(self, zpath: str | Path, suffixes=IMAGE_EXTS):
+        self.path = Path(zpath)
+        # stat first: a zip replaced between the two is then refused at the first read
+        self._stamp = self._stat()
+        self._zf, self._pid = zipfile.ZipFile(self.path), os.getpid()
+        self.names = zip_image_names(self._zf, suffixes)
+
+    def _stat(self) -> tuple:
+        st = os.stat(self.path)
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def read(self, name: str) -> bytes:
+        try:
+            same = self._stat() == self._stamp
+        except OSError:
+            same = False
+        if not same:
+            raise ZipChanged(f"{self.path} was replaced or changed since its images were listed")
+        if self._pid != os.getpid():
+            self._zf, self._pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._zf.read(name)
+
+
+class ZipImage:
+    """An image inside a .zip, read when opened (``Image.open(member.open())``) from its
+    :class:`ZipArchive` (one per zip given, shared by its members)."""
+
+    def __init__(self, archive: ZipArchive, name: str):
+        self.zip, self.name, self._archive = archive.path, name, archive
 
     def open(self) -> io.BytesIO:
         try:
-            if "zf" not in self._archive:
-                self._archive["zf"] = zipfile.ZipFile(self.zip)
-            return io.BytesIO(self._archive["zf"].read(self.name))
+            return io.BytesIO(self._archive.read(self.name))
         except ZIP_MEMBER_ERRORS as e:
             raise OSError(f"damaged zip member ({e})") from None
 
@@ -70,12 +105,10 @@ class ZipImage:
 def zip_images(zpath: Path) -> list[tuple[ZipImage, str]]:
     """(member, id) of every image in a .zip."""
     try:
-        with zipfile.ZipFile(zpath) as zf:
-            names = zip_image_names(zf)
+        archive = ZipArchive(zpath)
     except (zipfile.BadZipFile, OSError) as e:
         raise BundleError(f"{zpath} is not a readable zip file ({e})") from None
-    archive: dict = {}
-    return [(ZipImage(zpath, n, archive), zip_item_id(zpath, n)) for n in names]
+    return [(ZipImage(archive, n), zip_item_id(zpath, n)) for n in archive.names]
 
 
 def folder_images(root: str | Path) -> list[Path]:

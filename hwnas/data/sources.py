@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from hwnas_edge.preprocess import IMAGE_EXTS  # one list of image suffixes for training and the edge
-from hwnas_edge.sources import ZIP_MEMBER_ERRORS, zip_image_names, zip_item_id  # (ids deploy --catalog and hwnas-edge add share)
+from hwnas_edge.sources import ZIP_MEMBER_ERRORS, ZipArchive, ZipChanged, zip_image_names, zip_item_id  # (ids deploy --catalog and hwnas-edge add share)
 
 from hwnas.errors import DataError, HwnasError
 
@@ -342,46 +342,6 @@ def _zip_images(zpath: Path, suffixes) -> tuple[list[str], list[bytes]]:
         raise DataError(f"{zpath} is not a valid zip file ({e})") from None
 
 
-class _ZipMembers:
-    """A zip's image members, read one at a time when asked: a catalog or an unlabeled
-    source larger than the memory is never held whole (each read decompresses one member).
-    The archive listed stays open for this process's reads (ZipFile serializes concurrent
-    reads of one archive; a forked worker opens its own). A zip replaced or changed since it
-    was listed (one stat per read) is refused rather than read other images under the
-    listed names."""
-
-    def __init__(self, zpath: Path, suffixes):
-        self.path = zpath
-        self._zf, self._pid, self._stamp = self._open(), os.getpid(), self._stat()
-        self.names = zip_image_names(self._zf, suffixes)
-
-    def _stat(self) -> tuple:
-        st = os.stat(self.path)
-        return st.st_ino, st.st_size, st.st_mtime_ns
-
-    def _open(self) -> zipfile.ZipFile:
-        try:
-            return zipfile.ZipFile(self.path)
-        except zipfile.BadZipFile as e:
-            raise DataError(f"{self.path} is not a valid zip file ({e})") from None
-
-    def read(self, i: int) -> bytes:
-        try:
-            same = self._stat() == self._stamp
-        except OSError:
-            same = False
-        if not same:  # (a whole-archive problem: not an image data.skip_bad_images could skip)
-            raise HwnasError(f"{self.path} was replaced or changed since its images were listed: "
-                             "run again once it stays put")
-        if self._pid != os.getpid():
-            self._zf, self._pid = self._open(), os.getpid()
-        try:
-            return self._zf.read(self.names[i])
-        except ZIP_MEMBER_ERRORS as e:
-            raise DataError(f"{self.path}: cannot read {self.names[i]} ({e}): the member is damaged or "
-                            f"the zip changed while in use; repair or replace the zip, or {SKIP_BAD_FIX}") from None
-
-
 def _from_entries(name: str, root: Path, entries: list, has_splits: bool, follow_links: bool = True) -> Collection:
     class_names = sorted({c for _, c, _ in entries})
     cls_index = {c: i for i, c in enumerate(class_names)}
@@ -454,13 +414,24 @@ def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled", f
         entries = [(Path(r) if Path(r).is_absolute() else path.parent / r, "unlabeled", None) for r in rel if r]
         return _from_entries(f"unlabeled:{path.stem}", path.parent, entries, False, follow_links)
     if path.suffix.lower() == ".zip" and path.is_file():
-        members = _ZipMembers(path, IMAGE_EXTS)
+        try:
+            members = ZipArchive(path, IMAGE_EXTS)
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{path} is not a valid zip file ({e})") from None
         if not members.names:
             raise DataError(f"{setting} {path} holds no images; {fix}")
         ids = [zip_item_id(path, n) for n in members.names]
 
         def read(i: int):
-            return _open_image(io.BytesIO(members.read(i)), ids[i])
+            name = members.names[i]
+            try:
+                blob = members.read(name)
+            except ZipChanged as e:  # (a whole-archive problem: not an image data.skip_bad_images could skip)
+                raise HwnasError(f"{e}: run again once it stays put") from None
+            except ZIP_MEMBER_ERRORS as e:
+                raise DataError(f"{path}: cannot read {name} ({e}): the member is damaged or the zip changed "
+                                f"while in use; repair or replace the zip, or {SKIP_BAD_FIX}") from None
+            return _open_image(io.BytesIO(blob), ids[i])
 
         return Collection(f"unlabeled:{path.stem}", ids, np.zeros(len(ids)), ["unlabeled"], read=read,
                           info={"source": str(path)})
