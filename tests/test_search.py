@@ -447,8 +447,10 @@ def test_two_workers_share_one_storage(search_run, tmp_path, kind):
         storage = load = _postgres_url()
     study = f"shared-{tmp_path.name}"  # a server's studies outlive the test: a new name each run
     budget = math.ceil((lo + 0.9 * (hi - lo)) * 1e4) / 1e4  # within the range, however narrow
+    n = 24  # both started at once: their start-ups (imports, the study's gallery embeddings)
+    # end within a second or two of each other, well before 24 archs are evaluated
     cmd = [sys.executable, "-m", "hwnas.cli", "search", "--config", str(cfg_path), "--budget-ms",
-           f"{budget:.4f}", "--storage", storage, "--study-name", study, "--n-trials", "6",
+           f"{budget:.4f}", "--storage", storage, "--study-name", study, "--n-trials", str(n),
            "--sampler", "random"]
     procs = [subprocess.Popen(cmd + ["--sampler-seed", str(i)], env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -459,14 +461,12 @@ def test_two_workers_share_one_storage(search_run, tmp_path, kind):
         outs.append(out)
     st = optuna.load_study(study_name=study, storage=load)
     done = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert 1 <= len({t.user_attrs["worker"] for t in done}) <= 2
-    assert sum(bool(t.user_attrs.get("feasible")) for t in done) >= 6
-    # Both worked on the one study: each reports the study's evaluated trials (its own and
-    # the other's; a worker that starts late may find the 6 already done and add none).
-    assert any("[search] trial" in o for o in outs)
+    by = {w: sum(t.user_attrs["worker"] == w for t in done) for w in {t.user_attrs["worker"] for t in done}}
+    assert len(by) == 2 and min(by.values()) >= 1, by  # both evaluated archs of the one study
+    assert sum(bool(t.user_attrs.get("feasible")) for t in done) >= n
+    # each reports the study's evaluated archs (its own and the other's), not only its own
     for o in outs:
-        n = int(re.search(r"chosen of (\d+) evaluated archs", o).group(1))
-        assert n >= 6
+        assert int(re.search(r"chosen of (\d+) evaluated archs", o).group(1)) >= n
 
 
 def _proposals(space, sampler, n: int) -> list:
