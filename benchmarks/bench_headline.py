@@ -237,13 +237,13 @@ def markdown(res: dict) -> str:
         rep = r["report"]
         total = sum(v for v in r["step_seconds"].values() if v)
         lines += ["", f"### {rep['dataset']} ({rep['protocol']}-set), `{r['config']}`", ""]
-        if r.get("measured"):
-            lines += [f"*Not re-run with the others: these figures are from {r['measured']}"
-                      + (f" on {r['machine']['cpu']}, {r['machine']['cores']} cores" if r.get("machine") else "")
-                      + ", "
-                      f"the query models timed at {rep.get('threads')} thread(s)"
-                      + ("" if "threads" in rep["paragon"] else ", the paragon at the same count")
-                      + ".*", ""]
+        # every section names its machine and date, whether this call measured it or not
+        m = r.get("machine") or (None if r.get("measured") else res["machine"])
+        where = ((f" on {m['cpu']}, {m['cores']} cores" if m else "") + ", the query models timed at "
+                 f"{rep.get('threads')} thread(s)"
+                 + ("" if "threads" in rep["paragon"] else ", the paragon at the same count") + ".*")
+        lines += [(f"*Not re-run with the others: these figures are from {r['measured']}" if r.get("measured")
+                   else f"*Measured {(r.get('from_run') or res['machine']['date'])[:10]}") + where, ""]
         if r.get("from_run"):
             lines += [f"*Reported from the finished run directory as it stood (its report written "
                       f"{r['from_run'].replace('T', ' ')}), not re-run by this call"
