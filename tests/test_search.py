@@ -240,6 +240,26 @@ def test_search_without_a_budget_takes_the_configs_as_hwnas_run_does(search_run,
     assert json.loads((run / "best_arch.json").read_text())["predicted_ms"] <= want
 
 
+def _dashboard(storage: str):
+    """GET from optuna-dashboard's web app on ``storage`` (its WSGI app, called in process: the
+    requests its browser front end makes), as parsed JSON."""
+    from wsgiref.util import setup_testing_defaults
+
+    import optuna_dashboard
+
+    app = optuna_dashboard.wsgi(storage)
+
+    def get(path: str):
+        env: dict = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
+        setup_testing_defaults(env)
+        status: list = []
+        body = b"".join(app(env, lambda s, h, *_: status.append(s)))
+        assert status[0].startswith("200"), (path, status, body[:300])
+        return json.loads(body)
+
+    return get
+
+
 def test_outputs_and_from_search(search_run):
     root, cfg_path = search_run
     cfg = load_config(cfg_path)
@@ -266,6 +286,12 @@ def test_outputs_and_from_search(search_run):
     assert not [x for x in rows if float(x["reward"]) >= r - w["band"] and float(x["predicted_ms"]) < best["predicted_ms"]]
     rows = list(csv.DictReader(open(run / "trials.csv")))
     assert {"arch", "predicted_ms", "mflops", "M(q,q)", "M(q,g)", "reward"} <= set(rows[0])
+    # optuna-dashboard reads the run's study: every trial of trials.csv, its arch recorded
+    dash = _dashboard(best["storage"])
+    sid = next(s["study_id"] for s in dash("/api/studies")["study_summaries"] if s["study_name"] == best["study"])
+    trials = dash(f"/api/studies/{sid}")["trials"]
+    archs = [next(a["value"] for a in t["user_attrs"] if a["key"] == "arch") for t in trials]
+    assert archs == [row["arch"] for row in rows]
     assert any(row["baseline"] == "fastest" for row in rows)  # baselines were enqueued
     for png in ("search_reward_vs_latency.png", "search_best_so_far.png"):
         assert (run / png).stat().st_size > 5000
