@@ -116,7 +116,8 @@ class AdaptConfig:
     epochs: int = 0  # 0: off (hwnas run skips the step)
     lr: float = 0.01  # a fine-tune from the trained weights: below query.train.lr, no warm-up
     # what to adapt to: an unlabeled source (a folder, a .zip, a CSV manifest, or a list) —
-    # the images your index holds; null: the split's gallery part (what hwnas deploy indexes)
+    # the images your index holds; null: deploy.catalog where the config names one, else the
+    # split's gallery part (what hwnas deploy indexes then)
     images: str | list | None = None
     max_images: int = 20000  # a larger gallery is sampled (seeded) down to this many
 
@@ -298,6 +299,16 @@ class Config:
 
         sp = self.search_space()
         return Preprocess(sp.input_size, sp.in_channels, self.data.mean, self.data.std)
+
+    def adapt_images(self) -> tuple[str, str | list] | None:
+        """What ``hwnas adapt`` adapts to: (the setting that names it, the source) —
+        ``adapt.images``, else ``deploy.catalog`` (the images the deployed index is to hold),
+        else None (the split's gallery part, what ``hwnas deploy`` indexes without a catalog)."""
+        if self.adapt.images:
+            return "adapt.images", self.adapt.images
+        if self.deploy.catalog:
+            return "deploy.catalog", self.deploy.catalog
+        return None
 
     def train_config(self, section: str):
         from hwnas.compat.train import TrainConfig

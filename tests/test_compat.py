@@ -616,6 +616,25 @@ def test_gallery_adaptation_pulls_the_query_onto_the_index_and_nothing_else(trai
     assert (run / "query/searched/model.safetensors").exists()
     with pytest.raises(HwnasError, match="already an adapted model"):
         api.adapt_query(cfg, query=str(run / "query/searched-adapted"), name="twice", log=quiet)
+    # adapt.images unset follows deploy.catalog (the images the deployed index will hold),
+    # sampled down to adapt.max_images before any is decoded; the adapt step's key follows it
+    from PIL import Image
+
+    from hwnas.pipeline import step_keys
+
+    (tmp_path / "catalog").mkdir()
+    for i in range(12):
+        Image.fromarray(gal.images[i, 0].numpy()).save(tmp_path / "catalog" / f"c{i}.png")
+    key = step_keys(cfg)["adapt"]
+    cfg.deploy.catalog = str(tmp_path / "catalog")
+    assert step_keys(cfg)["adapt"] != key
+    cfg.adapt.max_images = 5
+    c = api.adapt_query(cfg, name="to-catalog", log=quiet)
+    assert c["adapted"]["source"] == str(tmp_path / "catalog") and c["adapted"]["images"] == 5
+    cfg.adapt.images = str(tmp_path / "catalog")  # named: the catalog no longer counts
+    key = step_keys(cfg)["adapt"]
+    cfg.deploy.catalog = None
+    assert step_keys(cfg)["adapt"] == key
     cfg.adapt.epochs = 0
     with pytest.raises(HwnasError, match="adaptation is off"):
         api.adapt_query(cfg, log=quiet)

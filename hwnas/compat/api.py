@@ -391,15 +391,26 @@ def _same_sources(a: str | None, b: str | None) -> bool:
     return norm(a) == norm(b)
 
 
-def _load_unlabeled(cfg: Config, source, pre, log, what: str = "data.unlabeled") -> tuple[np.ndarray, list[str]]:
-    """Decode the images of an unlabeled source (a spec or a list of specs): (uint8 array, ids)."""
+def _load_unlabeled(cfg: Config, source, pre, log, what: str = "data.unlabeled",
+                    max_images: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """Decode the images of an unlabeled source (a spec or a list of specs): (uint8 array, ids).
+    ``max_images``: more than that many listed are sampled (seeded by ``cfg.seed``) down to it
+    before any is decoded, so a catalog larger than the memory is never decoded whole."""
     from hwnas.data.images import materialize
     from hwnas.data.sources import unlabeled_images, unlabeled_specs
 
+    cols = [(spec, unlabeled_images(spec, what)) for spec in unlabeled_specs(source, what)]
+    ends = np.cumsum([len(c) for _, c in cols])
+    keep = None
+    if max_images is not None and ends[-1] > max_images:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(int(ends[-1]), max_images, replace=False))
     images, ids = [], []
-    for spec in unlabeled_specs(source, what):
-        col = unlabeled_images(spec, what)
-        arr = materialize(col, range(len(col)), pre, cfg.data.skip_bad_images, desc="unlabeled")
+    for (spec, col), end in zip(cols, ends):
+        start = end - len(col)
+        rows = range(len(col)) if keep is None else keep[(keep >= start) & (keep < end)] - start
+        if not len(rows):
+            continue
+        arr = materialize(col, rows, pre, cfg.data.skip_bad_images, desc="unlabeled")
         if arr.skipped:
             log(f"[data] skipped {len(arr.skipped)} unreadable images of {what} {spec} "
                 f"(e.g. {arr.skipped[0]})")
@@ -979,9 +990,10 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
         if images.ndim != 4 or images.dtype != np.uint8 or tuple(images.shape[1:]) != (pre.channels, pre.size, pre.size):
             raise HwnasError(f"adapt images must be uint8 (N, {pre.channels}, {pre.size}, {pre.size}), "
                              f"got {images.dtype} {tuple(images.shape)}")
-    elif ac.images:
-        source = ", ".join(unlabeled_specs(ac.images, "adapt.images"))
-        images, _ = _load_unlabeled(cfg, ac.images, pre, log, what="adapt.images")
+    elif cfg.adapt_images():
+        setting, spec = cfg.adapt_images()
+        source = ", ".join(unlabeled_specs(spec, setting))
+        images, _ = _load_unlabeled(cfg, spec, pre, log, what=setting, max_images=ac.max_images)
     else:
         source = "split:gallery"
         images = load_part(rd, "gallery", pre, log=log).images.numpy()
