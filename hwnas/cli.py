@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume(p)
     p.add_argument("--query", help="the trained query model (default RUN_DIR/query/searched)")
     p.add_argument("--images", help="the images your index holds: a folder, .zip or CSV manifest "
-                   "(default: the split's gallery part, what hwnas deploy indexes)")
+                   "(default: adapt.images, else deploy.catalog, else the split's gallery part)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the config's adapt.epochs, "
                    "or 15 where that is 0, i.e. off)")
     p.add_argument("--name", help="model directory under RUN_DIR/query/ (default QUERY-adapted)")

@@ -364,6 +364,39 @@ def test_unlabeled_images_from_folder_zip_and_manifest(tmp_path):
             unlabeled_images(tmp_path / bad)
 
 
+def test_unlabeled_sources_are_sampled_before_decoding(tmp_path):
+    """More images than max_images (hwnas adapt) over several sources: a seeded sample across
+    all of them, drawn before any image is decoded, so an unreadable image outside it is never
+    read; inside it, data.skip_bad_images leaves it out, and a sample none of which is readable
+    is an error that says so."""
+    from hwnas.compat.api import _load_unlabeled
+    from hwnas.config import Config
+    from hwnas.errors import HwnasError
+
+    make_png_folder(tmp_path / "a", {"x": 5})
+    make_png_folder(tmp_path / "b", {"y": 7}, seed=1)
+    srcs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    names = [f"x/img{i:03d}.png" for i in range(5)] + [f"y/img{i:03d}.png" for i in range(7)]
+    files = [tmp_path / ("a" if i < 5 else "b") / n for i, n in enumerate(names)]
+    cfg, pre, quiet = Config(), Preprocess(8, 3), lambda *_: None
+    keep = np.sort(np.random.default_rng(cfg.seed).choice(12, 6, replace=False))
+    assert keep.min() < 5 <= keep.max()  # (the sample spans both sources)
+    whole, _ = _load_unlabeled(cfg, srcs, pre, quiet, "adapt.images")
+    files[next(i for i in range(12) if i not in keep)].write_bytes(b"not a png")  # never read
+    images, ids = _load_unlabeled(cfg, srcs, pre, quiet, "adapt.images", max_images=6)
+    assert ids == [names[i] for i in keep] and np.array_equal(images, whole[keep])
+    files[keep[0]].write_bytes(b"not a png")
+    with pytest.raises(DataError, match=names[keep[0]].split("/")[1]):
+        _load_unlabeled(cfg, srcs, pre, quiet, "adapt.images", max_images=6)
+    cfg.data.skip_bad_images = True
+    images, ids = _load_unlabeled(cfg, srcs, pre, quiet, "adapt.images", max_images=6)
+    assert ids == [names[i] for i in keep[1:]] and len(images) == 5
+    for i in keep:
+        files[i].write_bytes(b"not a png")
+    with pytest.raises(HwnasError, match="none of the 6 images sampled of 12 is readable"):
+        _load_unlabeled(cfg, srcs, pre, quiet, "adapt.images", max_images=6)
+
+
 def test_strokes_are_reproducible_handwriting_like_images():
     """strokes:N[:SEED]: image i depends only on (SEED, i) — reproducible, a larger N extends
     a smaller one, another seed draws others; black pen on white at about Omniglot's ink

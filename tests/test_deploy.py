@@ -409,8 +409,9 @@ def test_edge_add_grows_the_index_without_torch(bundle, tmp_path, monkeypatch):
 
     def listed_then_rewritten(*a, **k):
         out = listed(*a, **k)
-        with zipfile.ZipFile(tmp_path / "more.zip", "w") as zf:
-            zf.write(tmp_path / "z7.png", "z8.png")
+        with zipfile.ZipFile(tmp_path / "more.zip", "w") as zf:  # (in place, the same inode:
+            zf.write(tmp_path / "z7.png", "z8.png")  # a second member makes the size differ)
+            zf.write(tmp_path / "z6.png", "z9.png")
         return out
 
     monkeypatch.setattr(hwnas_edge.add, "image_sources", listed_then_rewritten)

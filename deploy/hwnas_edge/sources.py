@@ -74,14 +74,17 @@ class ZipArchive:
         return st.st_ino, st.st_size, st.st_mtime_ns
 
     def read(self, name: str) -> bytes:
-        try:
+        if self._pid != os.getpid():  # (a forked worker: its own handle, checked below like the first)
+            try:
+                self._zf, self._pid = zipfile.ZipFile(self.path), os.getpid()
+            except (zipfile.BadZipFile, OSError) as e:
+                raise ZipChanged(f"{self.path} cannot be opened again ({e})") from None
+        try:  # (after the open: a zip replaced before it, or between the two, differs here)
             same = self._stat() == self._stamp
         except OSError:
             same = False
         if not same:
             raise ZipChanged(f"{self.path} was replaced or changed since its images were listed")
-        if self._pid != os.getpid():
-            self._zf, self._pid = zipfile.ZipFile(self.path), os.getpid()
         return self._zf.read(name)
 
 

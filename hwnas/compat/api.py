@@ -414,10 +414,12 @@ def _load_unlabeled(cfg: Config, source, pre, log, what: str = "data.unlabeled",
         if arr.skipped:
             log(f"[data] skipped {len(arr.skipped)} unreadable images of {what} {spec} "
                 f"(e.g. {arr.skipped[0]})")
-        if not len(arr.images):
+        if not len(arr.images) and keep is None:
             raise HwnasError(f"{what} {spec}: no readable images")
         images.append(arr.images)
         ids += arr.ids(col)
+    if not sum(map(len, images)):  # (sampled: none of the sample could be read)
+        raise HwnasError(f"{what}: none of the {len(keep)} images sampled of {int(ends[-1])} is readable")
     return np.concatenate(images), ids
 
 

@@ -416,8 +416,8 @@ def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled", f
     if path.suffix.lower() == ".zip" and path.is_file():
         try:
             members = ZipArchive(path, IMAGE_EXTS)
-        except zipfile.BadZipFile as e:
-            raise DataError(f"{path} is not a valid zip file ({e})") from None
+        except (zipfile.BadZipFile, OSError) as e:
+            raise DataError(f"{path} is not a readable zip file ({e})") from None
         if not members.names:
             raise DataError(f"{setting} {path} holds no images; {fix}")
         ids = [zip_item_id(path, n) for n in members.names]
