@@ -59,12 +59,18 @@ class SupernetConfig:
     # fraction of training over which paths open up, from one anchor path (every layer k3 at
     # scale 1.0) to uniform SPOS sampling; 0: uniform from the first step (see ArchSampler)
     path_warmup: float = 0.4
+    # uniform: SPOS's path sampling (nearly every path near the space's middle in FLOPs);
+    # spread: each path's depth drawn first, so cheap shallow paths train too (ArchSampler)
+    path_sampling: str = "uniform"
     cache_gallery_embeddings: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.path_warmup <= 1:
             raise HwnasError(f"supernet.path_warmup {self.path_warmup} must be in [0, 1] (a fraction "
                              "of training; 0: uniform path sampling from the first step)")
+        if self.path_sampling not in ("uniform", "spread"):
+            raise HwnasError(f"supernet.path_sampling {self.path_sampling!r} must be uniform (SPOS's) or "
+                             "spread (each path's depth drawn first)")
         r = self.flops_range
         if r is not None and len(r) == 0:  # [] : no range, as null
             self.flops_range = r = None

@@ -226,6 +226,9 @@ def step_keys(cfg: Config, with_runtime: bool = False, as_written: bool = False)
         # skipping unreadable images changes nothing a finished step made: a run that found none
         # finished without it, and one that skipped some keeps what it trained without them
         d["data"]["skip_bad_images"] = False
+    # uniform path sampling (SPOS's, the default): nothing in the supernet key (earlier runs keep theirs)
+    if d["supernet"].get("path_sampling") == "uniform":
+        d["supernet"].pop("path_sampling")
     # the catalog a bundle indexes: unset, nothing in the deploy key (earlier runs keep theirs)
     if d["deploy"].get("catalog") is None:
         d["deploy"].pop("catalog", None)

@@ -143,6 +143,39 @@ def test_path_warmup_opens_from_the_anchor_to_uniform(tiny_space):
     assert isinstance(anchor, Arch)
 
 
+def test_spread_path_sampling_trains_shallow_paths_too(tiny_space):
+    """supernet.path_sampling: spread draws each path's depth first: valid archs of the space,
+    reproducible per step, and a real share of them cheaper than nearly every uniform path
+    (those a tight latency budget searches); a value it does not know is refused by name, and
+    the setting is part of the supernet step's key (a change retrains the supernet)."""
+    import random
+
+    from hwnas.compat.tasks import ArchSampler
+    from hwnas.config import SupernetConfig
+    from hwnas.errors import HwnasError
+    from hwnas.space import arch_flops
+
+    s = ArchSampler(tiny_space, 0, sampling="spread")
+    assert s(2, 5) == s(2, 5)
+    spread = [s(0, k) for k in range(400)]
+    assert all(tiny_space.parse(a.to_string(tiny_space)) == a for a in spread[:50])
+    rng = random.Random(1)
+    low = np.percentile([arch_flops(tiny_space, tiny_space.sample(rng)) for _ in range(400)], 2)
+    assert np.mean([arch_flops(tiny_space, a) < low for a in spread]) > 0.1
+    with pytest.raises(HwnasError, match="path_sampling"):
+        ArchSampler(tiny_space, 0, sampling="fair")
+    with pytest.raises(HwnasError, match="path_sampling 'fair' must be uniform"):
+        SupernetConfig(path_sampling="fair")
+    from hwnas.config import Config
+    from hwnas.pipeline import step_keys
+
+    cfg = Config()
+    before = step_keys(cfg)
+    cfg.supernet.path_sampling = "spread"
+    after = step_keys(cfg)
+    assert after["train-supernet"] != before["train-supernet"] and after["train-gallery"] == before["train-gallery"]
+
+
 def test_deploy_form_folds_permutations_into_weights(tiny_space):
     """``SubNet.deploy_form`` computes the same function (random archs, both unit kinds,
     non-trivial BatchNorm statistics) with the permutations skips leave before stride-2 units

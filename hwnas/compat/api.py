@@ -464,13 +464,15 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     # what the model records of its training: compared with a finished model, saved with a new one
     record = {"space": cfg.search_space().to_dict(), "preprocess": cfg.preprocess().to_dict(),
               "loss": loss_cfg.to_dict(), "flops_range": cfg.supernet.flops_range,
-              "train": tc.__dict__, "path_warmup": cfg.supernet.path_warmup, "seed": cfg.seed,
+              "train": tc.__dict__, "path_warmup": cfg.supernet.path_warmup,
+              "path_sampling": cfg.supernet.path_sampling, "seed": cfg.seed,
               "splits_fingerprint": rd.splits().fingerprint, "unlabeled_source": _unlabeled_source(cfg)}
     if _prepare_out(out, restart):
-        old = read_json(out / "config.json")
+        # (a supernet recorded before path_sampling existed sampled uniformly)
+        old = {"path_sampling": "uniform", **read_json(out / "config.json")}
         gfp = _gallery_fingerprint(rd) if loss_cfg.needs_gallery else None
         want = {**record, **({"gallery_fingerprint": gfp} if gfp is not None else {})}
-        diff = _differs(old, want, always=("space", "loss", "train", "flops_range"))
+        diff = _differs(old, want, always=("space", "loss", "train", "flops_range", "path_sampling"))
         if diff:
             raise _differs_error(out, "a supernet", diff, "train-supernet")
         log(f"[train-supernet] {out} is already trained; --restart to train again")
@@ -486,12 +488,14 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     loss = CompatLoss(loss_cfg, space.embed_dim, len(classes),
                       gallery.classifier if gallery is not None else None)
     sampler = ArchSampler(space, cfg.seed, cfg.supernet.flops_range,
-                          warmup=cfg.supernet.path_warmup)
+                          warmup=cfg.supernet.path_warmup, sampling=cfg.supernet.path_sampling)
     task = CompatTask(net, loss, gallery.net if gallery is not None else None, g_emb, sampler)
     gfp = gallery.fingerprint if gallery is not None else None
     settings = {"space": space.hash, "loss": loss_cfg.to_dict(), "gallery": gfp,
                 "flops_range": cfg.supernet.flops_range, "path_warmup": cfg.supernet.path_warmup,
                 "split": record["splits_fingerprint"], **_unlabeled_setting(unlabeled)}
+    if cfg.supernet.path_sampling != "uniform":  # (uniform adds nothing: older checkpoints stay valid)
+        settings["path_sampling"] = cfg.supernet.path_sampling
     legacy = dict(settings)
     if cfg.seed:  # (seed 0 adds nothing: checkpoints from before the seed was keyed stay valid)
         settings["seed"] = cfg.seed
@@ -652,6 +656,8 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     settings = {"query": {k: v for k, v in qcfg.items() if k not in ("flops", "supernet_fingerprint")},
                 "loss": loss_cfg.to_dict(), "gallery": gfp, "inherit": bool(inherit and arch),
                 "split": rd.splits().fingerprint}
+    if cfg.supernet.path_sampling != "uniform":  # (uniform adds nothing: older checkpoints stay valid)
+        settings["path_sampling"] = cfg.supernet.path_sampling
     legacy = dict(settings)
     if cfg.seed:  # (seed 0 adds nothing: checkpoints from before the seed was keyed stay valid)
         settings["seed"] = cfg.seed

@@ -39,6 +39,9 @@ class GalleryTask(nn.Module):
         return loss, {"cls": float(loss.detach())}
 
 
+PATH_SAMPLING = ("uniform", "spread")  # supernet.path_sampling
+
+
 class ArchSampler:
     """SPOS path sampling, optionally restricted to a FLOPs range (rejection sampling),
     with a path warm-up. The same seed gives the same sequence on every rank.
@@ -51,8 +54,12 @@ class ArchSampler:
     Opening paths up gradually trains a shared representation first."""
 
     def __init__(self, space: SearchSpace, seed: int, flops_range=None, max_tries: int = 10000,
-                 warmup: float = 0.0):
+                 warmup: float = 0.0, sampling: str = "uniform"):
         self.space, self.seed, self.max_tries = space, seed, max_tries
+        if sampling not in PATH_SAMPLING:
+            raise HwnasError(f"supernet.path_sampling {sampling!r} must be one of {', '.join(PATH_SAMPLING)}")
+        # uniform: SPOS's; spread: each path's depth drawn first (SearchSpace.sample_spread)
+        self.draw = self.space.sample if sampling == "uniform" else self.space.sample_spread
         if not 0.0 <= warmup <= 1.0:
             raise HwnasError(f"supernet.path_warmup {warmup} must be in [0, 1] (a fraction of "
                              "training)")
@@ -73,7 +80,7 @@ class ArchSampler:
         rng = random.Random(f"{self.seed}-{epoch}-{step}")
         p_random = 1.0 if self.warmup <= 0 else min(1.0, progress / self.warmup)
         for _ in range(self.max_tries):
-            a = self.space.sample(rng)
+            a = self.draw(rng)
             if p_random < 1.0:
                 a = Arch(tuple(mine if rng.random() < p_random else anchor
                                for mine, anchor in zip(a.layers, self.anchor.layers)))

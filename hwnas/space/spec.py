@@ -276,6 +276,24 @@ class SearchSpace:
             layers.append((op, None if op == SKIP else rng.choice(self.channel_scales)))
         return Arch(tuple(layers))
 
+    def sample_spread(self, rng: random.Random | int | None = None) -> "Arch":
+        """A random arch whose depth varies from path to path: one skip probability u ~ U(0, 1)
+        per arch; each layer that may skip does so with probability u, else takes a uniform
+        non-skip op at a uniform channel scale. Uniform sampling (:meth:`sample`) skips a
+        layer with the same small probability in every path, so nearly all its paths have
+        FLOPs near the space's middle and the shallow, cheap paths a tight budget searches are
+        almost never trained; these paths spread over the space's range."""
+        rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+        u = rng.random()
+        layers = []
+        for layer in self.layers():
+            ops = [op for op in layer.choices if op != SKIP]
+            if SKIP in layer.choices and (not ops or rng.random() < u):
+                layers.append((SKIP, None))
+            else:
+                layers.append((rng.choice(ops), rng.choice(self.channel_scales)))
+        return Arch(tuple(layers))
+
     def _extreme(self, pick) -> "Arch":
         from hwnas.space.ops import layer_op
 
