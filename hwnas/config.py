@@ -60,7 +60,8 @@ class SupernetConfig:
     # scale 1.0) to uniform SPOS sampling; 0: uniform from the first step (see ArchSampler)
     path_warmup: float = 0.4
     # uniform: SPOS's path sampling (nearly every path near the space's middle in FLOPs);
-    # spread: each path's depth drawn first, so cheap shallow paths train too (ArchSampler)
+    # spread: each path's depth drawn first, so cheap shallow paths train too (ArchSampler),
+    # and a flops_range at the space's cheap end finds paths (uniform's rarely fall there)
     path_sampling: str = "uniform"
     cache_gallery_embeddings: bool = True
 

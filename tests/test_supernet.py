@@ -164,6 +164,13 @@ def test_spread_path_sampling_trains_shallow_paths_too(tiny_space):
     assert np.mean([arch_flops(tiny_space, a) < low for a in spread]) > 0.1
     with pytest.raises(HwnasError, match="path_sampling"):
         ArchSampler(tiny_space, 0, sampling="fair")
+    # a FLOPs range at the cheap end: spread paths fall in it, uniform ones hardly ever
+    fmin = arch_flops(tiny_space, tiny_space.smallest())
+    cheap = [fmin / 1e6, (fmin + 0.5 * (low - fmin)) / 1e6]  # (uniform: 0.01% of paths here, spread 1.3%)
+    assert all(cheap[0] * 1e6 <= arch_flops(tiny_space, ArchSampler(tiny_space, 0, cheap, sampling="spread")(0, k))
+               <= cheap[1] * 1e6 for k in range(20))
+    with pytest.raises(HwnasError, match="set supernet.path_sampling: spread"):
+        ArchSampler(tiny_space, 0, cheap, max_tries=50)(0, 0)
     with pytest.raises(HwnasError, match="path_sampling 'fair' must be uniform"):
         SupernetConfig(path_sampling="fair")
     from hwnas.config import Config

@@ -86,7 +86,9 @@ class ArchSampler:
                                for mine, anchor in zip(a.layers, self.anchor.layers)))
             if self.range is None or self.range[0] <= arch_flops(self.space, a) <= self.range[1]:
                 return a
-        raise HwnasError(f"no arch in supernet.flops_range after {self.max_tries} samples; widen it")
+        raise HwnasError(f"no arch in supernet.flops_range after {self.max_tries} samples; widen it"
+                         + ("" if self.draw != self.space.sample else ", or set supernet.path_sampling: spread "
+                            "(uniform paths almost never fall at the space's cheap end)"))
 
 
 def mix_images(a: torch.Tensor, b: torch.Tensor, kind: str = "blend") -> torch.Tensor:
