@@ -51,6 +51,9 @@ class GalleryConfig:
                              f"({self.margin}) >= 0 (e.g. 30 and 0.2)")
 
 
+PATH_SAMPLING = ("uniform", "spread")  # supernet.path_sampling (hwnas.compat.tasks.ArchSampler)
+
+
 @dataclass
 class SupernetConfig:
     train: dict = field(default_factory=dict)  # TrainConfig fields
@@ -69,7 +72,7 @@ class SupernetConfig:
         if not 0 <= self.path_warmup <= 1:
             raise HwnasError(f"supernet.path_warmup {self.path_warmup} must be in [0, 1] (a fraction "
                              "of training; 0: uniform path sampling from the first step)")
-        if self.path_sampling not in ("uniform", "spread"):
+        if self.path_sampling not in PATH_SAMPLING:
             raise HwnasError(f"supernet.path_sampling {self.path_sampling!r} must be uniform (SPOS's) or "
                              "spread (each path's depth drawn first)")
         r = self.flops_range

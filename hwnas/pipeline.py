@@ -217,8 +217,9 @@ def step_keys(cfg: Config, with_runtime: bool = False, as_written: bool = False)
     from hwnas.data.sources import same_file_specs
 
     d, keys = cfg.to_dict(), {}
-    if not d["adapt"].get("images") and d["adapt"].get("epochs") and cfg.adapt_images():
-        d["adapt"]["images"] = cfg.adapt_images()[1]  # (unset: the catalog it follows)
+    named = cfg.adapt_images()
+    if not d["adapt"].get("images") and d["adapt"].get("epochs") and named:
+        d["adapt"]["images"] = named[1]  # (unset: the catalog it follows)
     if not as_written:
         # a file or folder is the same one however it is spelled (relative, absolute, ~)
         d["data"]["unlabeled"] = same_file_specs(d["data"].get("unlabeled"))

@@ -93,7 +93,11 @@ class ZipImage:
     :class:`ZipArchive` (one per zip given, shared by its members)."""
 
     def __init__(self, archive: ZipArchive, name: str):
-        self.zip, self.name, self._archive = archive.path, name, archive
+        self.name, self._archive = name, archive
+
+    @property
+    def zip(self) -> Path:
+        return self._archive.path
 
     def open(self) -> io.BytesIO:
         try:

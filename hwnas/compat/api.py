@@ -391,6 +391,11 @@ def _same_sources(a: str | None, b: str | None) -> bool:
     return norm(a) == norm(b)
 
 
+def _seeded_rows(n: int, k: int, seed: int) -> np.ndarray:
+    """``k`` of ``n`` row indices drawn without replacement (seeded), in order."""
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
 def _load_unlabeled(cfg: Config, source, pre, log, what: str = "data.unlabeled",
                     max_images: int | None = None) -> tuple[np.ndarray, list[str]]:
     """Decode the images of an unlabeled source (a spec or a list of specs): (uint8 array, ids).
@@ -403,7 +408,7 @@ def _load_unlabeled(cfg: Config, source, pre, log, what: str = "data.unlabeled",
     ends = np.cumsum([len(c) for _, c in cols])
     keep = None
     if max_images is not None and ends[-1] > max_images:
-        keep = np.sort(np.random.default_rng(cfg.seed).choice(int(ends[-1]), max_images, replace=False))
+        keep = _seeded_rows(int(ends[-1]), max_images, cfg.seed)
     images, ids = [], []
     for (spec, col), end in zip(cols, ends):
         start = end - len(col)
@@ -998,15 +1003,15 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
         if images.ndim != 4 or images.dtype != np.uint8 or tuple(images.shape[1:]) != (pre.channels, pre.size, pre.size):
             raise HwnasError(f"adapt images must be uint8 (N, {pre.channels}, {pre.size}, {pre.size}), "
                              f"got {images.dtype} {tuple(images.shape)}")
-    elif cfg.adapt_images():
-        setting, spec = cfg.adapt_images()
+    elif named := cfg.adapt_images():
+        setting, spec = named
         source = ", ".join(unlabeled_specs(spec, setting))
         images, _ = _load_unlabeled(cfg, spec, pre, log, what=setting, max_images=ac.max_images)
     else:
         source = "split:gallery"
         images = load_part(rd, "gallery", pre, log=log).images.numpy()
     if len(images) > ac.max_images:
-        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(images), ac.max_images, replace=False))
+        keep = _seeded_rows(len(images), ac.max_images, cfg.seed)
         images = images[keep]
     img_fp = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
     # the fine-tune keeps its last weights, as measured (benchmarks/bench_adapt.py): the query

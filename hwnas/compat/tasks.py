@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwnas.compat.losses import CompatLoss
+from hwnas.config import PATH_SAMPLING
 from hwnas.errors import HwnasError
 from hwnas.nn.heads import CosineClassifier
 from hwnas.space import Arch, SearchSpace, arch_flops
@@ -39,9 +40,6 @@ class GalleryTask(nn.Module):
         return loss, {"cls": float(loss.detach())}
 
 
-PATH_SAMPLING = ("uniform", "spread")  # supernet.path_sampling
-
-
 class ArchSampler:
     """SPOS path sampling, optionally restricted to a FLOPs range (rejection sampling),
     with a path warm-up. The same seed gives the same sequence on every rank.
@@ -59,6 +57,7 @@ class ArchSampler:
         if sampling not in PATH_SAMPLING:
             raise HwnasError(f"supernet.path_sampling {sampling!r} must be one of {', '.join(PATH_SAMPLING)}")
         # uniform: SPOS's; spread: each path's depth drawn first (SearchSpace.sample_spread)
+        self.sampling = sampling
         self.draw = self.space.sample if sampling == "uniform" else self.space.sample_spread
         if not 0.0 <= warmup <= 1.0:
             raise HwnasError(f"supernet.path_warmup {warmup} must be in [0, 1] (a fraction of "
@@ -87,7 +86,7 @@ class ArchSampler:
             if self.range is None or self.range[0] <= arch_flops(self.space, a) <= self.range[1]:
                 return a
         raise HwnasError(f"no arch in supernet.flops_range after {self.max_tries} samples; widen it"
-                         + ("" if self.draw != self.space.sample else ", or set supernet.path_sampling: spread "
+                         + ("" if self.sampling != "uniform" else ", or set supernet.path_sampling: spread "
                             "(uniform paths almost never fall at the space's cheap end)"))
 
 
