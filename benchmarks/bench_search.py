@@ -15,12 +15,21 @@ trains them in parallel processes (8 on the GPU, 4 on spare CPU cores; 64 Fashio
 models in 8.5 min on an H100 with 16 cores) and ``--measure-later`` leaves their edge
 latency to a later ``--parts measure`` on the target CPU (the latency of an architecture does not depend on
 its weights, so it is measured from the architecture rebuilt there).
+
+The budgets part runs for hours on 2 cores. A killed run resumes from its run directory, and
+``--finished-only`` reports what it has finished so far. The results file also keeps every
+finished model (reported or not) with a digest of the gallery and supernet weights, splits and
+query recipe it was made against. A run directory made again to the same digest (the pipeline is
+seeded) therefore takes those models from the results file instead of training them again.
+``--adopt-unstamped`` extends that to rows written before the digest was recorded: they are
+taken only where this supernet gives every arch they scored the same search score.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import random
 import statistics
 from pathlib import Path
@@ -157,6 +166,77 @@ def finalists_seed_source(space, frac, fin_arch: str, candidates, trained) -> st
         if f"bench-budget-{frac}-{kind}" in trained and space.network(a) == net:
             return kind
     return None
+
+
+def weights_digest(base, run_dir) -> str:
+    """What every model of the budgets part depends on besides its own arch and seed: the
+    gallery's and the supernet's weight files (sha256: the gallery it aligns to, the supernet
+    it starts from), the splits and the query recipe. Rows of an earlier results file carry
+    over to a run only where this is the same (``carry_rows``)."""
+    import hashlib
+
+    from hwnas.utils import content_hash, read_json
+
+    run_dir = Path(run_dir)
+    files = []
+    for part in ("gallery", "supernet"):
+        h = hashlib.sha256()
+        with open(run_dir / part / "model.safetensors", "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        files.append(h.hexdigest())
+    splits = read_json(run_dir / "splits.json").get("fingerprint")
+    return content_hash({"weights": files, "splits": splits, "query": dataclasses.asdict(base.query)}, 16)
+
+
+def result_rows(budget_rows, unreported=()) -> dict[str, dict]:
+    """Every trained model's row of a results file's budgets (and its ``unreported`` ones: the
+    models of budgets not yet reported), by model name (the rows as ``_train_eval`` made them;
+    a finalists' row keeps what its finalists.json added)."""
+    out: dict[str, dict] = {x["name"]: x for x in unreported}
+    derived = ("seeds", "own_seeds", "band")  # recomputed from the other rows each time
+    for r in budget_rows:
+        for x in (r["mobilenetv3"], r["searched"], *r.get("searched_seeds", []), *r["random"]):
+            out[x["name"]] = x
+        for k in ("best_reward", "finalists"):
+            if r.get(k):
+                out[r[k]["name"]] = {kk: v for kk, v in r[k].items() if kk not in derived}
+                for x in r[k].get("seeds", []):
+                    out[x["name"]] = x
+    return {n: {k: v for k, v in x.items() if not k.startswith("measured")} for n, x in out.items()}
+
+
+def carry_rows(prev: dict[str, dict], jobs, digest: str, same_model, unstamped_ok: bool = False) -> dict[str, dict]:
+    """Of ``jobs`` ([(name, kwargs)]), those an earlier results file holds a finished row of
+    (``prev``, from ``result_rows``), made against the same weights and recipe (its
+    ``weights_digest`` is ``digest``) and of the same model (``same_model(row, kwargs)``):
+    {name: row}. So a benchmark spanning days survives the loss of its run directory: the
+    models it had finished and reported are not trained again. Rows without a digest (files
+    from before it was recorded) carry only with ``unstamped_ok``, which the caller grants
+    after checking that the search scores them as before."""
+    out = {}
+    for name, kw in jobs:
+        row = prev.get(name)
+        if row is None or not same_model(row, kw):
+            continue
+        if row.get("weights_digest") == digest or (unstamped_ok and "weights_digest" not in row):
+            out[name] = {**row, "weights_digest": digest}
+    return out
+
+
+def unstamped_scores_agree(prev: dict[str, dict], scores: dict, min_rows: int = 10) -> tuple[bool, str]:
+    """Whether the rows without a digest were made against this run's supernet: every one
+    that recorded the search's score of its arch (``proxy_all``, ``proxy_split``) gets the
+    same score from this supernet, to 1e-9, and at least ``min_rows`` did. A supernet trained
+    again to other weights moves some of those scores by a query or more; (True/False, why)."""
+    rows = [x for x in prev.values() if "weights_digest" not in x and "proxy_all" in x]
+    if len(rows) < min_rows:
+        return False, f"only {len(rows)} unstamped rows recorded a search score (need {min_rows})"
+    off = [x["name"] for x in rows for proto in ("all", "split")
+           if x["arch"] not in scores or abs(scores[x["arch"]][proto] - x[f"proxy_{proto}"]) > 1e-9]
+    if off:
+        return False, f"{len(off)} of {2 * len(rows)} scores differ (e.g. {off[0]})"
+    return True, f"all {2 * len(rows)} scores of {len(rows)} archs agree"
 
 
 def _best_reward(found: dict) -> tuple[str, float]:
@@ -329,6 +409,15 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                    + "; ".join([progress(r) for r in res["budgets"]]
                                + [f"{r['budget_ms']} ms: not reported ({r['why']})"
                                   for r in res.get("budgets_not_reported", [])]) + ".", ""]
+        carried = res.get("budgets_carried", {})
+        if carried.get("models"):
+            un = carried.get("unstamped") or {}
+            md += [f"{len(carried['models'])} of these models were trained in an earlier run directory, since "
+                   "gone, and are taken from the results file it wrote: the same gallery and supernet "
+                   "weights, splits and query recipe (digest " + carried["weights_digest"] + ")"
+                   + (f"; they predate the digest, so they were taken because this run's supernet gives their "
+                      f"archs the search scores they recorded ({un['why']})" if un.get("adopted") else "")
+                   + ". Their latency is measured again with the others.", ""]
         md += [
                "| budget ms (pred.) | searched M(q,g) | searched M(q,q) | searched meas. ms | random median M(q,g) "
                "| random median M(q,q) | random median meas. ms | random M(q,g) SD (range) "
@@ -528,6 +617,10 @@ def main() -> None:
                     help="override a config value, as `hwnas --set`; e.g. latency.table=PATH keeps a "
                          "benchmark resumed on another CPU on the table (so the budgets and random "
                          "archs) it started with")
+    ap.add_argument("--adopt-unstamped", action="store_true",
+                    help="budgets: also carry over the results file's models that predate its "
+                         "weights digest, where this run's supernet gives every arch they recorded "
+                         "the same search score (a run directory trained again to the same weights)")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the BENCHMARKS.md section (and the budgets plot) from the results "
                          "file, running nothing")
@@ -780,16 +873,52 @@ def main() -> None:
                 jobs.append((f"bench-budget-{frac}-finalists", {"finalists": args.finalists, "finalists_from": str(
                     Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}")}))
             jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for i, a in enumerate(rand)]
+        from hwnas.compat.api import _prepare_out
+
+        def in_run_dir(name):
+            return bool(_prepare_out(Path(args.run_dir) / "query" / name, restart=False))
+
         def evaluate_finished(jobs):
             """--finished-only: of ``jobs``, the models a stopped run finished, evaluated here in turn."""
-            from hwnas.compat.api import _prepare_out
-
-            jobs = [j for j in jobs if _prepare_out(Path(args.run_dir) / "query" / j[0], restart=False)]
+            jobs = [j for j in jobs if in_run_dir(j[0])]
             return {n: _train_eval(base, args.run_dir, n, kw) for n, kw in tqdm(jobs, desc="evaluate finished")}
+
+        # models an earlier results file reported, made against the same weights and recipe,
+        # are taken from it where this run directory lacks them (one lost with its machine)
+        import json
+
+        prev_path = ROOT / "benchmarks" / "results" / f"{name}.json"
+        old_res = json.loads(prev_path.read_text()) if prev_path.exists() else {}
+        prev = result_rows(old_res.get("budgets", []), old_res.get("budgets_unreported_models", []))
+        digest = weights_digest(base, args.run_dir)
+        fin_search = {str(Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}"): found[frac]["arch"]
+                      for frac, _, _ in plan}
+
+        def same_model(row, kw):
+            if row.get("seed") != kw.get("seed", base.seed):
+                return False
+            if "timm_name" in kw:
+                return row["arch"] == kw["timm_name"]
+            if "finalists_from" in kw:  # the finalists' choice of the same search
+                return (row.get("search_best") is not None and len(row.get("finalists", [])) == kw["finalists"]
+                        and space.network(row["search_best"]) == space.network(fin_search[kw["finalists_from"]]))
+            return row.get("kind") == "subnet" and space.network(row["arch"]) == space.network(kw["arch"])
+
+        unstamped = None
+        if args.adopt_unstamped and any("weights_digest" not in x for x in prev.values()):
+            ok, why = unstamped_scores_agree(prev, proxy_scores(sorted({x["arch"] for x in prev.values()
+                                                                        if "proxy_all" in x})))
+            unstamped = {"adopted": ok, "why": why}
+            print(f"--adopt-unstamped: {'adopted' if ok else 'refused'}: {why}", flush=True)
+        carried = {n: r for n, r in carry_rows(prev, jobs, digest, same_model, bool(unstamped and unstamped["adopted"])).items()
+                   if not in_run_dir(n)}
+        if carried:
+            print(f"{len(carried)} models carried from {prev_path.name} (same weights and recipe)", flush=True)
+        jobs = [j for j in jobs if j[0] not in carried]
 
         not_reported = []  # (--finished-only: the budgets not far enough on to report, and why)
         if args.finished_only:
-            trained = evaluate_finished(jobs)
+            trained = {**carried, **evaluate_finished(jobs)}
             if "bench-mobilenetv3_small_050" not in trained:
                 raise SystemExit("--finished-only: MobileNetV3-small is not trained yet; run without it first")
             not_reported = [{"budget_ms": b, "budget_frac": frac, "why": "its searched model is not trained yet"}
@@ -797,7 +926,8 @@ def main() -> None:
             plan = [p for p in plan if f"bench-budget-{p[0]}-searched" in trained]
             wait = lambda: trained
         else:
-            wait = start_training(jobs)
+            waiting = start_training(jobs)
+            wait = lambda: {**carried, **waiting()}  # noqa: E731
         scores = proxy_scores(sorted({a for _, _, rand in plan for a in rand} | {found[p[0]]["arch"] for p in plan}))
         trained = wait()
         # the finalists' choice at the other training seeds too, judged on its mean as the
@@ -811,8 +941,15 @@ def main() -> None:
                                                                     ("chosen", found[frac]["arch"])), trained)
             fin_seed_jobs[frac] = kind or seed_jobs(f"bench-budget-{frac}-finalists", {"arch": fin["arch"]})[1:]
         extra = [j for js in fin_seed_jobs.values() if isinstance(js, list) for j in js]
+        more = {n: r for n, r in carry_rows(prev, extra, digest, same_model, bool(unstamped and unstamped["adopted"])).items()
+                if not in_run_dir(n)}
+        carried.update(more)
+        extra = [j for j in extra if j[0] not in more]
+        trained.update(more)
         if extra:
             trained.update(evaluate_finished(extra) if args.finished_only else start_training(extra)())
+        for r in trained.values():  # what they were made against, so a later run can carry them
+            r.setdefault("weights_digest", digest)
         mbv3 = trained["bench-mobilenetv3_small_050"]
         rows = []
         for frac, b, rand in plan:
@@ -852,8 +989,8 @@ def main() -> None:
             if fin is not None:
                 from hwnas.utils import read_json
 
-                row["finalists"] = {**fin, **read_json(
-                    Path(args.run_dir) / "query" / fin["name"] / "finalists.json")}
+                row["finalists"] = {**fin, **({} if fin["name"] in carried else read_json(
+                    Path(args.run_dir) / "query" / fin["name"] / "finalists.json"))}
                 js = fin_seed_jobs.get(frac, [])
                 fs = seeds_of(js) if isinstance(js, str) else [trained[n] for n, _ in js if n in trained]
                 if fs:  # own_seeds: trained as the finalists' (else another kind's, borrowed)
@@ -874,6 +1011,11 @@ def main() -> None:
         res["budgets_table_range_ms"] = [lo, hi]
         res["budget_fracs"] = [r["budget_frac"] for r in rows]
         res["budgets_finished_only"] = args.finished_only  # True: a run still in progress
+        reported = {x["name"] for x in result_rows(rows).values()}
+        # the finished models of budgets not reported yet, kept for a later run to carry
+        res["budgets_unreported_models"] = [r for n, r in sorted(trained.items()) if n not in reported]
+        res["budgets_carried"] = {"models": sorted(n for n in carried if n in reported), "weights_digest": digest,
+                                  **({"unstamped": unstamped} if unstamped else {})}
 
     if "measure" in args.parts:  # the latency of --measure-later results, on this machine
         import json

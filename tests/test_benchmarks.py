@@ -79,3 +79,48 @@ def test_finalists_borrow_seeds_only_from_a_trained_kind_of_the_same_network():
     assert src(sp, 0.6, other, (("searched", a06), ("chosen", a08)), both) is None
     # another budget's trainings lend nothing
     assert src(sp, 0.05, a06, (("searched", a06), ("chosen", a08)), both) is None
+
+
+def _model(name, arch, seed=0, **kw):
+    return {"name": name, "kind": "subnet", "arch": arch, "seed": seed, "M(q,g)": 0.8, "M(q,q)": 0.8,
+            "measured_ms": 0.05, "measured_pools_ms": [0.05], **kw}
+
+
+def test_a_lost_run_directory_keeps_the_models_its_results_file_reported_with_the_same_weights():
+    budget = {"mobilenetv3": {**_model("mb", "mobilenetv3_small_050"), "kind": "timm"},
+              "searched": _model("s", "A", weights_digest="d1"),
+              "searched_seeds": [_model("s-seed1", "A", seed=1, weights_digest="d1")],
+              "random": [_model("r0", "B", weights_digest="d1"), _model("r1", "C", weights_digest="d0")],
+              "finalists": {**_model("f", "A", weights_digest="d1"), "chosen": "A", "seeds": [], "own_seeds": False}}
+    prev = bench_search.result_rows([budget])
+    assert set(prev) == {"mb", "s", "s-seed1", "r0", "r1", "f"}
+    # latencies are measured again with the others; a finalists' row keeps its finalists.json
+    assert not any(k.startswith("measured") for x in prev.values() for k in x)
+    assert prev["f"]["chosen"] == "A" and "seeds" not in prev["f"]
+
+    def same(row, kw):
+        return row["arch"] == kw["arch"] and row["seed"] == kw.get("seed", 0)
+
+    jobs = [("s", {"arch": "A"}), ("s-seed1", {"arch": "A", "seed": 1}), ("r0", {"arch": "X"}),
+            ("r1", {"arch": "C"}), ("new", {"arch": "D"}), ("mb", {"arch": "mobilenetv3_small_050"})]
+    got = bench_search.carry_rows(prev, jobs, "d1", same)
+    # r0 is another arch now, r1 was made against other weights, mb predates the digest
+    assert set(got) == {"s", "s-seed1"} and got["s"]["weights_digest"] == "d1"
+    got = bench_search.carry_rows(prev, jobs, "d1", same, unstamped_ok=True)
+    assert set(got) == {"s", "s-seed1", "mb"} and got["mb"]["weights_digest"] == "d1"
+    assert bench_search.carry_rows(prev, jobs, "d2", same) == {}
+    # the finished models of a budget not reported yet carry too
+    late = bench_search.result_rows([budget], [_model("new", "D", weights_digest="d1")])
+    assert set(bench_search.carry_rows(late, jobs, "d1", same)) == {"s", "s-seed1", "new"}
+
+
+def test_unstamped_rows_are_adopted_only_where_the_supernet_scores_them_as_before():
+    prev = {f"r{i}": _model(f"r{i}", f"a{i}", proxy_all=0.7 + i / 800, proxy_split=0.6 + i / 400) for i in range(12)}
+    scores = {x["arch"]: {"all": x["proxy_all"], "split": x["proxy_split"]} for x in prev.values()}
+    assert bench_search.unstamped_scores_agree(prev, scores)[0]
+    moved = {**scores, "a3": {"all": scores["a3"]["all"] + 1 / 800, "split": scores["a3"]["split"]}}
+    ok, why = bench_search.unstamped_scores_agree(prev, moved)
+    assert not ok and "1 of 24" in why
+    # too few recorded scores prove nothing
+    few = {k: v for k, v in prev.items() if k in ("r0", "r1")}
+    assert not bench_search.unstamped_scores_agree(few, scores)[0]
