@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import random
 import statistics
 from pathlib import Path
@@ -185,8 +184,15 @@ def weights_digest(base, run_dir) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         files.append(h.hexdigest())
+    from hwnas.compat.api import _unlabeled_source
+
+    # the recipe as train-query resolves and compares it (not where or how fast it trains)
+    train = {k: v for k, v in base.train_config("query").__dict__.items() if k not in ("device", "threads")}
+    recipe = {"train": train, "loss": base.loss_config("query").to_dict(), "inherit": base.query.inherit,
+              "finalist_epochs": base.query.finalist_epochs, "unlabeled": _unlabeled_source(base),
+              "preprocess": base.preprocess().to_dict(), "space": base.search_space().hash}
     splits = read_json(run_dir / "splits.json").get("fingerprint")
-    return content_hash({"weights": files, "splits": splits, "query": dataclasses.asdict(base.query)}, 16)
+    return content_hash({"weights": files, "splits": splits, "recipe": recipe}, 16)
 
 
 def result_rows(budget_rows, unreported=()) -> dict[str, dict]:
@@ -206,10 +212,10 @@ def result_rows(budget_rows, unreported=()) -> dict[str, dict]:
     return {n: {k: v for k, v in x.items() if not k.startswith("measured")} for n, x in out.items()}
 
 
-def carry_rows(prev: dict[str, dict], jobs, digest: str, same_model, unstamped_ok: bool = False) -> dict[str, dict]:
+def carry_rows(prev: dict[str, dict], jobs, digest: str, same, unstamped_ok: bool = False) -> dict[str, dict]:
     """Of ``jobs`` ([(name, kwargs)]), those an earlier results file holds a finished row of
     (``prev``, from ``result_rows``), made against the same weights and recipe (its
-    ``weights_digest`` is ``digest``) and of the same model (``same_model(row, kwargs)``):
+    ``weights_digest`` is ``digest``) and of the same model (``same(row, kwargs)``, e.g. ``same_model``):
     {name: row}. So a benchmark spanning days survives the loss of its run directory: the
     models it had finished and reported are not trained again. Rows without a digest (files
     from before it was recorded) carry only with ``unstamped_ok``, which the caller grants
@@ -217,11 +223,35 @@ def carry_rows(prev: dict[str, dict], jobs, digest: str, same_model, unstamped_o
     out = {}
     for name, kw in jobs:
         row = prev.get(name)
-        if row is None or not same_model(row, kw):
+        if row is None:
             continue
-        if row.get("weights_digest") == digest or (unstamped_ok and "weights_digest" not in row):
-            out[name] = {**row, "weights_digest": digest}
+        stamped = row.get("weights_digest") == digest
+        if not (stamped or (unstamped_ok and "weights_digest" not in row)) or not same(row, kw):
+            continue
+        # a row adopted on its scores says so for good (its stamp is this run's from now on)
+        out[name] = {**row, "weights_digest": digest, **({} if stamped else {"adopted_by": "search scores"})}
     return out
+
+
+def same_model(row, kw, space, seed: int, epochs: int, finalist_epochs: int, fin_search: dict) -> bool:
+    """Whether a results row is the model a budgets job (``kw``: train-query's arguments) would
+    train: the same arch (compared canonically) or timm model, the same training seed and
+    schedule; for the finalists' choice, one made from the same search's choice with the
+    same number of finalist epochs. A row of another search space is not."""
+    from hwnas.errors import SpaceError
+
+    if row.get("seed") != kw.get("seed", seed) or len(row.get("train_loss_by_epoch", [])) != epochs:
+        return False
+    if "timm_name" in kw:
+        return row.get("kind") == "timm" and row["arch"] == kw["timm_name"]
+    try:
+        if "finalists_from" in kw:  # (fewer finalists than asked where the search found fewer archs)
+            return (row.get("search_best") is not None and row.get("epochs") == finalist_epochs
+                    and 1 <= len(row.get("finalists", [])) <= kw["finalists"]
+                    and space.network(row["search_best"]) == space.network(fin_search[kw["finalists_from"]]))
+        return row.get("kind") == "subnet" and space.network(row["arch"]) == space.network(kw["arch"])
+    except SpaceError:
+        return False
 
 
 def unstamped_scores_agree(prev: dict[str, dict], scores: dict, min_rows: int = 10) -> tuple[bool, str]:
@@ -229,11 +259,11 @@ def unstamped_scores_agree(prev: dict[str, dict], scores: dict, min_rows: int = 
     that recorded the search's score of its arch (``proxy_all``, ``proxy_split``) gets the
     same score from this supernet, to 1e-9, and at least ``min_rows`` did. A supernet trained
     again to other weights moves some of those scores by a query or more; (True/False, why)."""
-    rows = [x for x in prev.values() if "weights_digest" not in x and "proxy_all" in x]
+    rows = [x for x in prev.values() if "weights_digest" not in x and "proxy_all" in x and x["arch"] in scores]
     if len(rows) < min_rows:
         return False, f"only {len(rows)} unstamped rows recorded a search score (need {min_rows})"
     off = [x["name"] for x in rows for proto in ("all", "split")
-           if x["arch"] not in scores or abs(scores[x["arch"]][proto] - x[f"proxy_{proto}"]) > 1e-9]
+           if abs(scores[x["arch"]][proto] - x[f"proxy_{proto}"]) > 1e-9]
     if off:
         return False, f"{len(off)} of {2 * len(rows)} scores differ (e.g. {off[0]})"
     return True, f"all {2 * len(rows)} scores of {len(rows)} archs agree"
@@ -411,13 +441,14 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                                   for r in res.get("budgets_not_reported", [])]) + ".", ""]
         carried = res.get("budgets_carried", {})
         if carried.get("models"):
-            un = carried.get("unstamped") or {}
-            md += [f"{len(carried['models'])} of these models were trained in an earlier run directory, since "
-                   "gone, and are taken from the results file it wrote: the same gallery and supernet "
-                   "weights, splits and query recipe (digest " + carried["weights_digest"] + ")"
-                   + (f"; they predate the digest, so they were taken because this run's supernet gives their "
-                      f"archs the search scores they recorded ({un['why']})" if un.get("adopted") else "")
-                   + ". Their latency is measured again with the others.", ""]
+            n, adopted = len(carried["models"]), len(carried.get("adopted", []))
+            why = (carried.get("unstamped") or {}).get("why")
+            md += [f"{n} of these models were not trained in this run directory but taken from the results "
+                   "file an earlier one wrote, made against the same gallery and supernet weights, splits and "
+                   "query recipe (digest " + carried["weights_digest"] + ")"
+                   + (f"; {adopted} of them predate the digest and were taken because this run's supernet gives "
+                      "the archs they recorded the same search scores" + (f" ({why})" if why else "")
+                      if adopted else "") + ". Their latency is measured again with the others.", ""]
         md += [
                "| budget ms (pred.) | searched M(q,g) | searched M(q,q) | searched meas. ms | random median M(q,g) "
                "| random median M(q,q) | random median meas. ms | random M(q,g) SD (range) "
@@ -874,6 +905,7 @@ def main() -> None:
                     Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}")}))
             jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for i, a in enumerate(rand)]
         from hwnas.compat.api import _prepare_out
+        from hwnas.errors import SpaceError
 
         def in_run_dir(name):
             return bool(_prepare_out(Path(args.run_dir) / "query" / name, restart=False))
@@ -894,23 +926,31 @@ def main() -> None:
         fin_search = {str(Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}"): found[frac]["arch"]
                       for frac, _, _ in plan}
 
-        def same_model(row, kw):
-            if row.get("seed") != kw.get("seed", base.seed):
-                return False
-            if "timm_name" in kw:
-                return row["arch"] == kw["timm_name"]
-            if "finalists_from" in kw:  # the finalists' choice of the same search
-                return (row.get("search_best") is not None and len(row.get("finalists", [])) == kw["finalists"]
-                        and space.network(row["search_best"]) == space.network(fin_search[kw["finalists_from"]]))
-            return row.get("kind") == "subnet" and space.network(row["arch"]) == space.network(kw["arch"])
+        def same(row, kw):
+            return same_model(row, kw, space, base.seed, base.train_config("query").epochs,
+                              base.query.finalist_epochs, fin_search)
 
         unstamped = None
         if args.adopt_unstamped and any("weights_digest" not in x for x in prev.values()):
-            ok, why = unstamped_scores_agree(prev, proxy_scores(sorted({x["arch"] for x in prev.values()
-                                                                        if "proxy_all" in x})))
+            # the scores prove the weights; the recipe's settings given on the command line
+            # must be those the old file was made with (the config file's are the run's)
+            old_sets = old_res.get("script", "").split(" --set ")[1:]
+            old_sets = [x.removesuffix(" --finished-only") for x in old_sets]
+            if sorted(old_sets) != sorted(args.set):
+                ok, why = False, f"its --set options {old_sets} are not this run's {args.set}"
+            else:
+                archs = set()
+                for x in prev.values():
+                    try:
+                        if "proxy_all" in x:
+                            space.parse(x["arch"])  # (an arch of another space is not scored)
+                            archs.add(x["arch"])
+                    except SpaceError:
+                        pass
+                ok, why = unstamped_scores_agree(prev, proxy_scores(sorted(archs)))
             unstamped = {"adopted": ok, "why": why}
             print(f"--adopt-unstamped: {'adopted' if ok else 'refused'}: {why}", flush=True)
-        carried = {n: r for n, r in carry_rows(prev, jobs, digest, same_model, bool(unstamped and unstamped["adopted"])).items()
+        carried = {n: r for n, r in carry_rows(prev, jobs, digest, same, bool(unstamped and unstamped["adopted"])).items()
                    if not in_run_dir(n)}
         if carried:
             print(f"{len(carried)} models carried from {prev_path.name} (same weights and recipe)", flush=True)
@@ -930,6 +970,11 @@ def main() -> None:
             wait = lambda: {**carried, **waiting()}  # noqa: E731
         scores = proxy_scores(sorted({a for _, _, rand in plan for a in rand} | {found[p[0]]["arch"] for p in plan}))
         trained = wait()
+        from hwnas.utils import read_json
+
+        for n, r in trained.items():  # what the finalists' choice chose from (a carried row has it)
+            if n.endswith("-finalists") and n not in carried:
+                r.update(read_json(Path(args.run_dir) / "query" / n / "finalists.json"))
         # the finalists' choice at the other training seeds too, judged on its mean as the
         # searched arch is: where it is the searched (or chosen) arch, it borrows that arch's seeds
         fin_seed_jobs = {}
@@ -941,7 +986,7 @@ def main() -> None:
                                                                     ("chosen", found[frac]["arch"])), trained)
             fin_seed_jobs[frac] = kind or seed_jobs(f"bench-budget-{frac}-finalists", {"arch": fin["arch"]})[1:]
         extra = [j for js in fin_seed_jobs.values() if isinstance(js, list) for j in js]
-        more = {n: r for n, r in carry_rows(prev, extra, digest, same_model, bool(unstamped and unstamped["adopted"])).items()
+        more = {n: r for n, r in carry_rows(prev, extra, digest, same, bool(unstamped and unstamped["adopted"])).items()
                 if not in_run_dir(n)}
         carried.update(more)
         extra = [j for j in extra if j[0] not in more]
@@ -987,10 +1032,7 @@ def main() -> None:
                 row["best_reward"] = best_reward
             fin = trained.get(f"bench-budget-{frac}-finalists")
             if fin is not None:
-                from hwnas.utils import read_json
-
-                row["finalists"] = {**fin, **({} if fin["name"] in carried else read_json(
-                    Path(args.run_dir) / "query" / fin["name"] / "finalists.json"))}
+                row["finalists"] = dict(fin)
                 js = fin_seed_jobs.get(frac, [])
                 fs = seeds_of(js) if isinstance(js, str) else [trained[n] for n, _ in js if n in trained]
                 if fs:  # own_seeds: trained as the finalists' (else another kind's, borrowed)
@@ -1012,9 +1054,12 @@ def main() -> None:
         res["budget_fracs"] = [r["budget_frac"] for r in rows]
         res["budgets_finished_only"] = args.finished_only  # True: a run still in progress
         reported = {x["name"] for x in result_rows(rows).values()}
-        # the finished models of budgets not reported yet, kept for a later run to carry
-        res["budgets_unreported_models"] = [r for n, r in sorted(trained.items()) if n not in reported]
+        # the finished models of budgets not reported yet (and those of the old file made
+        # against the same weights that this run had no job for), kept for a later run to carry
+        kept = {**{n: r for n, r in prev.items() if r.get("weights_digest") == digest}, **trained}
+        res["budgets_unreported_models"] = [r for n, r in sorted(kept.items()) if n not in reported]
         res["budgets_carried"] = {"models": sorted(n for n in carried if n in reported), "weights_digest": digest,
+                                  "adopted": sorted(n for n, r in carried.items() if n in reported and r.get("adopted_by")),
                                   **({"unstamped": unstamped} if unstamped else {})}
 
     if "measure" in args.parts:  # the latency of --measure-later results, on this machine

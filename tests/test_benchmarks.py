@@ -108,6 +108,10 @@ def test_a_lost_run_directory_keeps_the_models_its_results_file_reported_with_th
     assert set(got) == {"s", "s-seed1"} and got["s"]["weights_digest"] == "d1"
     got = bench_search.carry_rows(prev, jobs, "d1", same, unstamped_ok=True)
     assert set(got) == {"s", "s-seed1", "mb"} and got["mb"]["weights_digest"] == "d1"
+    # an adopted row says so for good, a stamped one does not
+    assert got["mb"]["adopted_by"] and "adopted_by" not in got["s"]
+    again = bench_search.carry_rows({**prev, "mb": got["mb"]}, jobs, "d1", same)
+    assert again["mb"]["adopted_by"]
     assert bench_search.carry_rows(prev, jobs, "d2", same) == {}
     # the finished models of a budget not reported yet carry too
     late = bench_search.result_rows([budget], [_model("new", "D", weights_digest="d1")])
@@ -124,3 +128,33 @@ def test_unstamped_rows_are_adopted_only_where_the_supernet_scores_them_as_befor
     # too few recorded scores prove nothing
     few = {k: v for k, v in prev.items() if k in ("r0", "r1")}
     assert not bench_search.unstamped_scores_agree(few, scores)[0]
+
+
+def test_a_carried_row_must_be_the_model_the_job_would_train():
+    from hwnas.space import SearchSpace
+
+    sp = SearchSpace(input_size=32, in_channels=1, width_mult=0.5, head_channels=512, embed_dim=128)
+    small, large = sp.smallest().to_string(sp), sp.largest().to_string(sp)
+    fin_search = {"runs/x/bench_search/bench-budget-0.3": small}
+
+    def same(row, kw):
+        return bench_search.same_model(row, kw, sp, 0, 4, 2, fin_search)
+
+    row = {**_model("s", small), "train_loss_by_epoch": [4.0, 3.0, 2.0, 1.0]}
+    assert same(row, {"arch": small})
+    assert not same(row, {"arch": large})
+    assert not same(row, {"arch": small, "seed": 1})  # another training seed
+    assert not same({**row, "train_loss_by_epoch": [1.0] * 3}, {"arch": small})  # another schedule
+    assert not same({**row, "arch": "k9@7,nonsense"}, {"arch": small})  # another space's arch
+    mb = {**row, "kind": "timm", "arch": "mobilenetv3_small_050"}
+    assert same(mb, {"timm_name": "mobilenetv3_small_050"}) and not same(mb, {"arch": small})
+    # the finalists' choice: from the same search's choice, with as many finalist epochs
+    fin = {**row, "search_best": small, "epochs": 2, "finalists": [{"arch": small}, {"arch": large}]}
+    kw = {"finalists": 5, "finalists_from": "runs/x/bench_search/bench-budget-0.3"}
+    assert same(fin, kw)
+    assert not same({**fin, "search_best": large}, kw)
+    assert not same({**fin, "epochs": 3}, kw)
+    assert not same(fin, {**kw, "finalists": 1})
+    # one that only finished (its budget not reported yet) carries too
+    prev = bench_search.result_rows([], [{**fin, "name": "f", "weights_digest": "d"}])
+    assert set(bench_search.carry_rows(prev, [("f", kw)], "d", same)) == {"f"}
