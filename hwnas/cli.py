@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 from hwnas import __version__
+from hwnas.config import PICKS_IN_BAND
 from hwnas.errors import HwnasError
 
 EXAMPLES = {
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefer-faster-within", type=_band, metavar="se|DIFF",
                    help="choose the fastest arch whose reward is within DIFF of the best (default se: "
                         "one standard error of the best reward on the validation queries; 0: the best)")
+    p.add_argument("--pick-in-band", choices=PICKS_IN_BAND,
+                   help="which arch of that band: the fastest (default) or the one with the most FLOPs")
     p.add_argument("--storage", help="Optuna storage URL (sqlite:///..., postgresql://..., or "
                    "journal:PATH); default SQLite in the run directory")
     p.add_argument("--study-name", help="study name (default from reward, sampler and budget)")
@@ -527,7 +530,7 @@ def cmd_search(args) -> int:
     cfg = _load(args)
     s = cfg.search
     for flag in ("budget_ms", "reward", "alpha", "metric", "sampler", "n_trials", "multi_objective",
-                 "prefer_faster_within", "storage", "study_name"):
+                 "prefer_faster_within", "pick_in_band", "storage", "study_name"):
         v = getattr(args, flag)
         if v is not None:
             setattr(s, flag, v)

@@ -51,6 +51,7 @@ class GalleryConfig:
                              f"({self.margin}) >= 0 (e.g. 30 and 0.2)")
 
 
+PICKS_IN_BAND = ("fastest", "most-flops")  # search.pick_in_band (hwnas.search.runner.choose)
 PATH_SAMPLING = ("uniform", "spread")  # supernet.path_sampling (hwnas.compat.tasks.ArchSampler)
 
 
@@ -204,6 +205,10 @@ class SearchConfig:
     # validation queries, sqrt(r(1-r)/n) (binomial; the r3 mix of two correlated accuracies,
     # and mAP, vary less); 0: the best reward's arch
     prefer_faster_within: float | str = "se"
+    # which arch of that band: the fastest (predicted), or the one with the most FLOPs — within
+    # a budget, trained accuracy follows capacity more closely than the supernet's score does
+    # (known-limits.md); either stays within the budget
+    pick_in_band: str = "fastest"
     population: int = 20  # evolution
     tournament: int = 5
     mutation_prob: float = 0.1
@@ -243,6 +248,9 @@ class SearchConfig:
             raise HwnasError(f"search.prefer_faster_within (--prefer-faster-within) {b!r} must be \"se\" "
                              "(one standard error of the best reward) or a reward difference from 0 (the "
                              "best reward's arch) to below 1, e.g. 0.01 for one point of recall@1")
+        if self.pick_in_band not in PICKS_IN_BAND:
+            raise HwnasError(f"search.pick_in_band (--pick-in-band) {self.pick_in_band!r} must be one of "
+                             f"{', '.join(PICKS_IN_BAND)} (which arch of the band near the best reward)")
         for name in ("mutation_prob", "crossover_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise HwnasError(f"search.{name} {getattr(self, name)} must be between 0 and 1")

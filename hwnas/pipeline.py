@@ -255,6 +255,8 @@ def step_keys(cfg: Config, with_runtime: bool = False, as_written: bool = False)
         # the default adds nothing to the search's key, so a run finished before the setting
         # existed keeps its search (its arch the best reward's); `--from search` chooses again
         del d["search"]["prefer_faster_within"]
+    if d["search"].get("pick_in_band") == "fastest":  # (the default: earlier runs keep their search)
+        del d["search"]["pick_in_band"]
     from hwnas.export.onnx import GRAPH_FORM
 
     for name in STEPS:

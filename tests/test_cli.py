@@ -539,6 +539,7 @@ def test_step_keys_follow_what_each_step_reads():
     # the choice rule picks the searched arch: the default adds nothing (runs from before it
     # keep theirs), another band redoes the search's choice and what builds on it
     assert changed(lambda c: setattr(c.search, "prefer_faster_within", 0)) == downstream(["search"]) - {"adapt"}
+    assert changed(lambda c: setattr(c.search, "pick_in_band", "most-flops")) == downstream(["search"]) - {"adapt"}
 
     def adapted(edit):
         c = load_config("configs/quickstart.yaml")

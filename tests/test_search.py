@@ -651,6 +651,14 @@ def test_the_choice_is_the_fastest_arch_the_validation_cannot_tell_from_the_best
     for bad in (-0.1, 1.5, "sd", True, float("nan")):
         with pytest.raises(HwnasError, match="prefer_faster_within"):
             SearchConfig(prefer_faster_within=bad)
+    # search.pick_in_band most-flops: of the same band, the arch with the most FLOPs (ties: reward)
+    for t, mf in zip(feas, (1.5, 1.9, 2.4, 1.9)):
+        t.user_attrs["mflops"] = mf
+    assert choose(feas, SearchConfig(pick_in_band="most-flops"))[0] is feas[3]  # trial 2 is outside the band
+    assert choose(feas, SearchConfig(pick_in_band="most-flops", prefer_faster_within=0.05))[0] is feas[2]
+    assert choose(feas, SearchConfig(pick_in_band="most-flops", prefer_faster_within=0))[0] is feas[0]
+    with pytest.raises(HwnasError, match="pick_in_band.*fastest, most-flops"):
+        SearchConfig(pick_in_band="largest")
 
 
 def test_best_so_far_plot_takes_several_runs_per_sampler(tmp_path, monkeypatch):

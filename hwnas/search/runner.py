@@ -498,7 +498,8 @@ def _enqueue_baselines(study, space, predictor, budget, sampler: str = "tpe", se
 # ---------------------------------------------------------------------- outputs
 def choose(feas: list, s, n_val_queries: int | None = None) -> tuple:
     """(the chosen trial, the best reward's trial, the reward band) among evaluated trials:
-    the fastest (predicted) whose reward is within ``s.prefer_faster_within`` of the best —
+    of those whose reward is within ``s.prefer_faster_within`` of the best, the fastest
+    (predicted; ``s.pick_in_band`` "fastest") or the one with the most FLOPs ("most-flops") —
     "se": a conservative one-standard-error band, sqrt(r (1 - r) / n) for the best reward r
     on its n validation queries (binomial: exact for one recall@k; the r3 mix of two
     correlated accuracies, and mAP, vary less, and two archs scored on the same queries
@@ -512,7 +513,10 @@ def choose(feas: list, s, n_val_queries: int | None = None) -> tuple:
         n = best.user_attrs.get("n_val_queries") or n_val_queries
         band = math.sqrt(max(r * (1 - r), 0.0) / n) if n else 0.0
     near = [t for t in feas if t.user_attrs["reward"] >= r - band - 1e-12]
-    chosen = min(near, key=lambda t: (t.user_attrs["predicted_ms"], -t.user_attrs["reward"], t.number))
+    if getattr(s, "pick_in_band", "fastest") == "most-flops":
+        chosen = min(near, key=lambda t: (-t.user_attrs["mflops"], -t.user_attrs["reward"], t.number))
+    else:
+        chosen = min(near, key=lambda t: (t.user_attrs["predicted_ms"], -t.user_attrs["reward"], t.number))
     return chosen, best, band
 
 
@@ -563,8 +567,9 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
         "reward_kind": s.reward, "alpha": s.alpha, "metric": s.metric, "budget_ms": budget,
         "trial": best.number, "study": study.study_name, "storage": url, "sampler": s.sampler,
         "n_evaluated": _distinct_archs(feas, space), "n_trials": len(trials),
-        # how it was chosen: the fastest within `band` of the best reward (search.prefer_faster_within)
-        "chosen_within": {"setting": s.prefer_faster_within, "band": band,
+        # how it was chosen: the fastest (or the most FLOPs: search.pick_in_band) within `band`
+        # of the best reward (search.prefer_faster_within)
+        "chosen_within": {"setting": s.prefer_faster_within, "band": band, "pick": s.pick_in_band,
                           "n_val_queries": top.user_attrs.get("n_val_queries"),
                           "best_reward": top.user_attrs["reward"],
                           "best_reward_arch": _network(space, top.user_attrs["arch"]),
@@ -583,8 +588,9 @@ def write_outputs(study, out: Path, space, budget: float, s, url: str, log=print
             curves.setdefault(t.user_attrs.get("sampler") or s.sampler, []).append(t.user_attrs["reward"])
     plot_progress(curves, out / "search_best_so_far.png")
     why = ("" if top is best else
-           f" — the fastest within {band:.4f} of the best reward ({top.user_attrs['reward']:.4f} at "
-           f"{top.user_attrs['predicted_ms']:.3f} ms; search.prefer_faster_within)")
+           f" — the {'fastest' if s.pick_in_band == 'fastest' else 'one with the most FLOPs'} within "
+           f"{band:.4f} of the best reward ({top.user_attrs['reward']:.4f} at "
+           f"{top.user_attrs['predicted_ms']:.3f} ms; search.prefer_faster_within, search.pick_in_band)")
     if s.prefer_faster_within == "se" and not (top.user_attrs.get("n_val_queries") or n_val_queries):
         log("[search] the best trial records no validation query count (a study from an older hwnas), "
             "so the choice is the best reward's arch; --prefer-faster-within DIFF sets a band")
