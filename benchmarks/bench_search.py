@@ -572,6 +572,24 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                        "from the same seed" + (f"; at {', '.join(apart)} ms the two trainings diverged, so "
                                                "there the rows differ by a draw of training noise" if apart else
                                                ": the same figures") + "."]
+        picked = [(r, p, x) for r in res["budgets"] for p, x in r.get("picks", {}).items() if "measured_ms" in x]
+        if picked:
+            md += ["", "Other rules' picks from the same search's band (`--also-pick`; `search.pick_in_band`: "
+                   "most-flops takes the arch of the band with the most FLOPs instead of the fastest), "
+                   "each trained at the same seeds and judged on their mean against the same random archs:", "",
+                   "| budget ms (pred.) | pick | MFLOPs (random median) | pred. / meas. ms | M(q,g) by seed | "
+                   "mean | M(q,q) mean | random median M(q,g) / M(q,q) | target on the mean |",
+                   "|---|---|---|---|---|---|---|---|---|"]
+            for r, p, x in picked:
+                m = seed_mean(x, x.get("seeds", []))
+                same = f" (the {x['same_as']} arch)" if x.get("same_as") else ""
+                rmf = statistics.median(y["mflops"] for y in r["random"])
+                md.append(f"| {r['budget_ms']} | {p}{same} | {x['mflops']:.2f} ({rmf:.2f}) | "
+                          f"{x['predicted_ms']:.4f} / {x['measured_ms']:.3f} | "
+                          + " / ".join(f"{100 * y['M(q,g)']:.2f}" for y in [x, *x.get("seeds", [])])
+                          + f" | {100 * m['M(q,g)']:.2f} | {100 * m['M(q,q)']:.2f} | "
+                          f"{100 * r['random_median_M(q,g)']:.2f} / {100 * r['random_median_M(q,q)']:.2f} | "
+                          f"{'; '.join(_shortfalls(m, r)) or 'searched >= both'} |")
         md += ["", "MobileNetV3-small at width 0.5 is the narrowest timm registers; where its measured "
                "latency is above a budget it is shown for reference, not as a feasible rival.",
                "", f"![budgets](benchmarks/results/{name}_budgets.png)"]
@@ -648,6 +666,9 @@ def main() -> None:
                     help="override a config value, as `hwnas --set`; e.g. latency.table=PATH keeps a "
                          "benchmark resumed on another CPU on the table (so the budgets and random "
                          "archs) it started with")
+    ap.add_argument("--also-pick", nargs="*", default=[], choices=["most-flops"],
+                    help="budgets: also train, at --searched-seeds seeds, the arch each of these "
+                         "search.pick_in_band rules takes from the same search's band (no new search)")
     ap.add_argument("--adopt-unstamped", action="store_true",
                     help="budgets: also carry over the results file's models that predate its "
                          "weights digest, where this run's supernet gives every arch they recorded "
@@ -691,6 +712,18 @@ def main() -> None:
         # its outputs beside its study, not over the run's own search (best_arch.json, which
         # train-query --from-search and the report read)
         return cfg, run_search(cfg, log=quiet, seed=seed, out=Path(args.run_dir) / "bench_search" / kw["study_name"])
+
+    def band_pick(found, pick):
+        """The arch search.pick_in_band ``pick`` takes from a finished search's band (its study
+        as it stands: the same trials, another rule)."""
+        import optuna
+
+        from hwnas.search.runner import choose
+
+        st = optuna.load_study(study_name=found["study"], storage=found["storage"])
+        s = copy.deepcopy(base.search)
+        s.pick_in_band = pick
+        return choose(_evaluated(st), s, found["chosen_within"].get("n_val_queries"))[0].user_attrs["arch"]
 
     if "samplers" in args.parts:
         import optuna
@@ -837,7 +870,7 @@ def main() -> None:
 
         rows = [budget_rows[0]["mobilenetv3"]] + [x for r in budget_rows for x in (
             r["searched"], *r["random"], *([r["finalists"]] if "finalists" in r else []),
-            *([r["best_reward"]] if "best_reward" in r else []))]
+            *([r["best_reward"]] if "best_reward" in r else []), *r.get("picks", {}).values())]
         pre = base.preprocess()
         shape = (1, pre.channels, pre.size, pre.size)
         backend = OrtCpuBackend(threads=base.latency.threads)
@@ -891,6 +924,16 @@ def main() -> None:
             plan.append((frac, b, [pred.sample_feasible(b, rng).to_string(space) for _ in range(args.random_archs)]))
         found = {frac: search(budget_ms=b, n_trials=50, seed=base.seed, study_name=f"bench-budget-{frac}")[1]
                  for frac, b, _ in plan}
+        picks = {frac: {p: band_pick(found[frac], p) for p in args.also_pick} for frac, _, _ in plan}
+
+        def pick_source(frac, arch):
+            """The kind already trained at ``frac`` that is ``arch``'s network (None: train it)."""
+            net = space.network(arch)
+            for kind, a in (("searched", _best_reward(found[frac])[0]), ("chosen", found[frac]["arch"])):
+                if space.network(a) == net:  # (where the two are one arch, only "searched" trained)
+                    return kind
+            return None
+
         jobs = [("bench-mobilenetv3_small_050", {"timm_name": "mobilenetv3_small_050"})]
         for frac, _, rand in plan:
             # the best reward's arch, and the search's choice (search.prefer_faster_within) where
@@ -903,6 +946,9 @@ def main() -> None:
             if args.finalists > 1:  # the pipeline's choice, next to the search's best
                 jobs.append((f"bench-budget-{frac}-finalists", {"finalists": args.finalists, "finalists_from": str(
                     Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}")}))
+            for pick, a in picks[frac].items():  # another rule's arch of the same band, unless one above
+                if pick_source(frac, a) is None:
+                    jobs += seed_jobs(f"bench-budget-{frac}-pick-{pick}", {"arch": a})
             jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for i, a in enumerate(rand)]
         from hwnas.compat.api import _prepare_out
         from hwnas.errors import SpaceError
@@ -1030,6 +1076,14 @@ def main() -> None:
                 row["searched_seeds"] = seeds
             if best_reward is not None:
                 row["best_reward"] = best_reward
+            for pick, a in picks[frac].items():
+                src = pick_source(frac, a)
+                first = trained.get(f"bench-budget-{frac}-{src or 'pick-' + pick}")
+                if first is None:  # (--finished-only: not trained yet)
+                    continue
+                row.setdefault("picks", {})[pick] = {
+                    **first, "same_as": src, "seeds": seeds_of(src or f"pick-{pick}"),
+                    "predicted_ms": pred(space.parse(a))}
             fin = trained.get(f"bench-budget-{frac}-finalists")
             if fin is not None:
                 row["finalists"] = dict(fin)
