@@ -172,18 +172,11 @@ def weights_digest(base, run_dir) -> str:
     gallery's and the supernet's weight files (sha256: the gallery it aligns to, the supernet
     it starts from), the splits and the query recipe. Rows of an earlier results file carry
     over to a run only where this is the same (``carry_rows``)."""
-    import hashlib
-
+    from hwnas.nn.models import _weights_hash
     from hwnas.utils import content_hash, read_json
 
     run_dir = Path(run_dir)
-    files = []
-    for part in ("gallery", "supernet"):
-        h = hashlib.sha256()
-        with open(run_dir / part / "model.safetensors", "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        files.append(h.hexdigest())
+    files = [_weights_hash(run_dir / part / "model.safetensors") for part in ("gallery", "supernet")]
     from hwnas.compat.api import _unlabeled_source
 
     # the recipe as train-query resolves and compares it (not where or how fast it trains)
@@ -926,13 +919,10 @@ def main() -> None:
                  for frac, b, _ in plan}
         picks = {frac: {p: band_pick(found[frac], p) for p in args.also_pick} for frac, _, _ in plan}
 
-        def pick_source(frac, arch):
-            """The kind already trained at ``frac`` that is ``arch``'s network (None: train it)."""
-            net = space.network(arch)
-            for kind, a in (("searched", _best_reward(found[frac])[0]), ("chosen", found[frac]["arch"])):
-                if space.network(a) == net:  # (where the two are one arch, only "searched" trained)
-                    return kind
-            return None
+        def pick_source(frac, arch, trained):
+            """The kind trained (or planned) at ``frac`` that is ``arch``'s network (None: train it)."""
+            return finalists_seed_source(space, frac, arch, (("searched", _best_reward(found[frac])[0]),
+                                                             ("chosen", found[frac]["arch"])), trained)
 
         jobs = [("bench-mobilenetv3_small_050", {"timm_name": "mobilenetv3_small_050"})]
         for frac, _, rand in plan:
@@ -947,7 +937,7 @@ def main() -> None:
                 jobs.append((f"bench-budget-{frac}-finalists", {"finalists": args.finalists, "finalists_from": str(
                     Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}")}))
             for pick, a in picks[frac].items():  # another rule's arch of the same band, unless one above
-                if pick_source(frac, a) is None:
+                if pick_source(frac, a, {n for n, _ in jobs}) is None:
                     jobs += seed_jobs(f"bench-budget-{frac}-pick-{pick}", {"arch": a})
             jobs += [(f"bench-budget-{frac}-random{i}", {"arch": a}) for i, a in enumerate(rand)]
         from hwnas.compat.api import _prepare_out
@@ -1077,7 +1067,7 @@ def main() -> None:
             if best_reward is not None:
                 row["best_reward"] = best_reward
             for pick, a in picks[frac].items():
-                src = pick_source(frac, a)
+                src = pick_source(frac, a, trained)
                 first = trained.get(f"bench-budget-{frac}-{src or 'pick-' + pick}")
                 if first is None:  # (--finished-only: not trained yet)
                     continue
