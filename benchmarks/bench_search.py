@@ -347,8 +347,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
     md = [f"## Search (issue 5){'' if tag == 'quickstart' else ': ' + tag}", "",
           f"Machine: {machine_line(res['machine'])}. Script: "
           f"`{res.get('script', 'benchmarks/bench_search.py')}` "
-          f"({runs}); latency "
-          f"budget {budget} ms unless stated (table range {lo:.3f}-{hi:.3f} ms)."]
+          f"({runs}); each part names its latency budget (table range {lo:.3f}-{hi:.3f} ms)."]
     if "samplers" in res:
         marks = sorted({int(n) for r in res["samplers"] for n in r["best_at"]})
         rw, mt = res.get("search_reward", "r3").upper(), res.get("search_metric", "recall@1")
@@ -385,7 +384,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
         md += ["", f"![samplers](benchmarks/results/{name}_samplers.png)"]
     if "rewards" in res:
         seeded = any(r.get("seeds") for r in res["rewards"])
-        at = f" at {res['rewards_budget_ms']} ms" if "rewards_budget_ms" in res else ""
+        at = f" at {res.get('rewards_budget_ms', budget)} ms"
         md += ["", f"Reward ablation ({'the choice' if 'rewards_sampler' in res else 'best arch'} of a "
                f"50-trial {res.get('rewards_sampler', 'TPE')} search{at}, "
                "then train-query, test split"
