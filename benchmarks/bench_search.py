@@ -331,7 +331,6 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
     """The BENCHMARKS.md section (and the budgets plot) from a results file: run at the end
     of every benchmark, and alone with ``--render-only``."""
     lo, hi = res["range_ms"]
-    budget = res["budget_ms"]
 
     def measured(part: str) -> str:
         m = res.get("part_measured", {}).get(part)
@@ -351,8 +350,8 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
     if "samplers" in res:
         marks = sorted({int(n) for r in res["samplers"] for n in r["best_at"]})
         rw, mt = res.get("search_reward", "r3").upper(), res.get("search_metric", "recall@1")
-        md += ["", f"Best {rw} reward (validation {mt}) after N evaluated trials (budget "
-               f"{res.get('samplers_budget_ms', budget)} ms).{measured('samplers')}", "",
+        at = f" (budget {res['samplers_budget_ms']} ms)" if "samplers_budget_ms" in res else ""
+        md += ["", f"Best {rw} reward (validation {mt}) after N evaluated trials{at}.{measured('samplers')}", "",
                "| sampler | " + " | ".join(f"N={n}" for n in marks) + " | s / trial | over-budget samples |",
                "|---|" + "---|" * len(marks) + "---|---|"]
 
@@ -384,7 +383,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
         md += ["", f"![samplers](benchmarks/results/{name}_samplers.png)"]
     if "rewards" in res:
         seeded = any(r.get("seeds") for r in res["rewards"])
-        at = f" at {res.get('rewards_budget_ms', budget)} ms"
+        at = f" at {res['rewards_budget_ms']} ms" if "rewards_budget_ms" in res else ""
         md += ["", f"Reward ablation ({'the choice' if 'rewards_sampler' in res else 'best arch'} of a "
                f"50-trial {res.get('rewards_sampler', 'TPE')} search{at}, "
                "then train-query, test split"
