@@ -18,8 +18,8 @@ its weights, so it is measured from the architecture rebuilt there).
 
 The budgets part runs for hours on 2 cores. A killed run resumes from its run directory, and
 ``--finished-only`` reports what it has finished so far. The results file also keeps every
-finished model (reported or not) with a digest of the gallery and supernet weights, splits and
-query recipe it was made against. A run directory made again to the same digest (the pipeline is
+finished model (reported or not, each written into it the moment it finishes) with a digest of
+the gallery and supernet weights, splits and query recipe it was made against. A run directory made again to the same digest (the pipeline is
 seeded) therefore takes those models from the results file instead of training them again.
 ``--adopt-unstamped`` extends that to rows written before the digest was recorded: they are
 taken only where this supernet gives every arch they scored the same search score.
@@ -188,10 +188,12 @@ def weights_digest(base, run_dir) -> str:
     return content_hash({"weights": files, "splits": splits, "recipe": recipe}, 16)
 
 
-def result_rows(budget_rows, unreported=()) -> dict[str, dict]:
+def result_rows(budget_rows, unreported=(), in_progress=()) -> dict[str, dict]:
     """Every trained model's row of a results file's budgets (and its ``unreported`` ones: the
     models of budgets not yet reported), by model name (the rows as ``_train_eval`` made them;
-    a finalists' row keeps what its finalists.json added)."""
+    a finalists' row keeps what its finalists.json added). ``in_progress``: rows a run kept
+    as they finished (``keep_in_progress``), newer than a reported row of the same name (the
+    caller passes only those made against its own weights)."""
     out: dict[str, dict] = {x["name"]: x for x in unreported}
     derived = ("seeds", "own_seeds", "band")  # recomputed from the other rows each time
     for r in budget_rows:
@@ -202,7 +204,23 @@ def result_rows(budget_rows, unreported=()) -> dict[str, dict]:
                 out[r[k]["name"]] = {kk: v for kk, v in r[k].items() if kk not in derived}
                 for x in r[k].get("seeds", []):
                     out[x["name"]] = x
+    out.update({x["name"]: x for x in in_progress})
     return {n: {k: v for k, v in x.items() if not k.startswith("measured")} for n, x in out.items()}
+
+
+def keep_in_progress(path: Path, row: dict) -> None:
+    """Add one finished model of the budgets part (stamped with its ``weights_digest``) to the
+    results file's ``budgets_in_progress`` the moment it finishes, replacing an earlier row of
+    that name, and change nothing else in the file (written atomically). A run stopped, or a
+    machine lost, before the run writes its results then loses no finished model: the next
+    run carries these rows (``result_rows``), and its own final write folds them into the
+    reported or unreported rows."""
+    from hwnas.utils import read_json, write_json
+
+    res = read_json(path) if path.exists() else {}
+    rows = [x for x in res.get("budgets_in_progress", []) if x["name"] != row["name"]]
+    res["budgets_in_progress"] = sorted([*rows, row], key=lambda x: x["name"])
+    write_json(path, res)
 
 
 def carry_rows(prev: dict[str, dict], jobs, digest: str, same, unstamped_ok: bool = False) -> dict[str, dict]:
@@ -751,13 +769,19 @@ def main() -> None:
     pool: list = []  # the worker pool, made on first use and kept: trainings overlap the searches
     running: list = []  # the trainings handed to it (futures)
 
-    def start_training(jobs):
+    def start_training(jobs, on_done=None):
         """Start train-query of [(name, kwargs)]; returns a function that waits for them and
-        returns {name: row}. With --jobs/--cpu-jobs they train in worker processes while this
-        process goes on (searching, scoring)."""
+        returns {name: row}, calling ``on_done(name, row)`` as each finishes. With
+        --jobs/--cpu-jobs they train in worker processes while this process goes on
+        (searching, scoring)."""
         workers = args.jobs + args.cpu_jobs
+        on_done = on_done or (lambda n, r: None)
         if workers <= 1:
-            return lambda: {n: _train_eval(base, args.run_dir, n, kw) for n, kw in tqdm(jobs, desc="train-query")}
+            def one(n, kw):
+                r = _train_eval(base, args.run_dir, n, kw)
+                on_done(n, r)
+                return r
+            return lambda: {n: one(n, kw) for n, kw in tqdm(jobs, desc="train-query")}
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -772,6 +796,7 @@ def main() -> None:
             done = {}
             for f in tqdm(as_completed(futs), total=len(futs), desc="train-query", unit="model"):
                 done[futs[f]] = f.result()
+                on_done(futs[f], done[futs[f]])
             return done
         return wait
 
@@ -955,8 +980,17 @@ def main() -> None:
 
         prev_path = ROOT / "benchmarks" / "results" / f"{name}.json"
         old_res = json.loads(prev_path.read_text()) if prev_path.exists() else {}
-        prev = result_rows(old_res.get("budgets", []), old_res.get("budgets_unreported_models", []))
         digest = weights_digest(base, args.run_dir)
+        prev = result_rows(old_res.get("budgets", []), old_res.get("budgets_unreported_models", []),
+                           [x for x in old_res.get("budgets_in_progress", []) if x.get("weights_digest") == digest])
+
+        def keep(n, r):
+            """Each model into the results file as it finishes (see keep_in_progress)."""
+            from hwnas.utils import read_json as read
+
+            if n.endswith("-finalists"):  # with what it chose from, as the report keeps it
+                r = {**r, **read(Path(args.run_dir) / "query" / n / "finalists.json")}
+            keep_in_progress(prev_path, {**r, "weights_digest": digest})
         fin_search = {str(Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}"): found[frac]["arch"]
                       for frac, _, _ in plan}
 
@@ -1000,7 +1034,7 @@ def main() -> None:
             plan = [p for p in plan if f"bench-budget-{p[0]}-searched" in trained]
             wait = lambda: trained
         else:
-            waiting = start_training(jobs)
+            waiting = start_training(jobs, keep)
             wait = lambda: {**carried, **waiting()}  # noqa: E731
         scores = proxy_scores(sorted({a for _, _, rand in plan for a in rand} | {found[p[0]]["arch"] for p in plan}))
         trained = wait()
@@ -1026,7 +1060,7 @@ def main() -> None:
         extra = [j for j in extra if j[0] not in more]
         trained.update(more)
         if extra:
-            trained.update(evaluate_finished(extra) if args.finished_only else start_training(extra)())
+            trained.update(evaluate_finished(extra) if args.finished_only else start_training(extra, keep)())
         for r in trained.values():  # what they were made against, so a later run can carry them
             r.setdefault("weights_digest", digest)
         mbv3 = trained["bench-mobilenetv3_small_050"]
@@ -1154,6 +1188,8 @@ def main() -> None:
 
         old = json.loads(prev.read_text())
         res = {**old, **res, "part_run_dirs": {**old.get("part_run_dirs", {})}}
+        if "budgets" in args.parts:  # its rows kept as they finished are in the budgets' rows now
+            res.pop("budgets_in_progress", None)
     done = [p for p in ("samplers", "rewards", "budgets", "cost") if p in args.parts]  # measure
     # keeps the run dir of the budgets it timed (they were trained elsewhere)
     rel = Path(args.run_dir).resolve()  # shown relative to the project where it lies in it

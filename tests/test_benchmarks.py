@@ -118,6 +118,31 @@ def test_a_lost_run_directory_keeps_the_models_its_results_file_reported_with_th
     assert set(bench_search.carry_rows(late, jobs, "d1", same)) == {"s", "s-seed1", "new"}
 
 
+def test_models_kept_as_they_finish_survive_a_run_that_never_wrote_its_results(tmp_path):
+    import json
+
+    path = tmp_path / "search_x.json"
+    reported = {"mobilenetv3": {**_model("mb", "mobilenetv3_small_050"), "kind": "timm"},
+                "searched": _model("s", "A", weights_digest="d0"), "random": []}
+    path.write_text(json.dumps({"budgets": [reported], "script": "bench_search.py --set a=1"}))
+    bench_search.keep_in_progress(path, _model("s", "B", weights_digest="d1"))
+    bench_search.keep_in_progress(path, _model("r0", "C", weights_digest="d1"))
+    bench_search.keep_in_progress(path, _model("r0", "D", weights_digest="d1"))  # trained again: replaces
+    res = json.loads(path.read_text())
+    # nothing else in the file moves (a later run's --adopt-unstamped reads its script)
+    assert res["script"] == "bench_search.py --set a=1" and res["budgets"] == [reported]
+    assert [(x["name"], x["arch"]) for x in res["budgets_in_progress"]] == [("r0", "D"), ("s", "B")]
+    # the kept rows of this run's weights win over the reported row of the same name
+    prev = bench_search.result_rows(res["budgets"], [], res["budgets_in_progress"])
+    assert prev["s"]["arch"] == "B" and prev["r0"]["arch"] == "D" and prev["mb"]["kind"] == "timm"
+
+    def same(row, kw):
+        return row["arch"] == kw["arch"]
+
+    got = bench_search.carry_rows(prev, [("s", {"arch": "B"}), ("r0", {"arch": "D"})], "d1", same)
+    assert set(got) == {"s", "r0"}
+
+
 def test_unstamped_rows_are_adopted_only_where_the_supernet_scores_them_as_before():
     prev = {f"r{i}": _model(f"r{i}", f"a{i}", proxy_all=0.7 + i / 800, proxy_split=0.6 + i / 400) for i in range(12)}
     scores = {x["arch"]: {"all": x["proxy_all"], "split": x["proxy_split"]} for x in prev.values()}
