@@ -19,8 +19,9 @@ its weights, so it is measured from the architecture rebuilt there).
 The budgets part runs for hours on 2 cores. A killed run resumes from its run directory, and
 ``--finished-only`` reports what it has finished so far. The results file also keeps every
 finished model (reported or not, each written into it the moment it finishes) with a digest of
-the gallery and supernet weights, splits and query recipe it was made against. A run directory made again to the same digest (the pipeline is
-seeded) therefore takes those models from the results file instead of training them again.
+the gallery and supernet weights, splits and query recipe it was made against. A run directory
+made again to the same digest (the pipeline is seeded) therefore takes those models from the
+results file instead of training them again.
 ``--adopt-unstamped`` extends that to rows written before the digest was recorded: they are
 taken only where this supernet gives every arch they scored the same search score.
 """
