@@ -196,15 +196,15 @@ def result_rows(budget_rows, unreported=(), in_progress=()) -> dict[str, dict]:
     as they finished (``keep_in_progress``), newer than a reported row of the same name (the
     caller passes only those made against its own weights)."""
     out: dict[str, dict] = {x["name"]: x for x in unreported}
-    derived = ("seeds", "own_seeds", "band")  # recomputed from the other rows each time
+    derived = ("seeds", "own_seeds", "band", "fits_budget")  # recomputed from the other rows each time
     for r in budget_rows:
-        for x in (r["mobilenetv3"], r["searched"], *r.get("searched_seeds", []), *r["random"]):
+        for x in (r["searched"], *r.get("searched_seeds", []), *r["random"]):
             out[x["name"]] = x
-        for k in ("best_reward", "finalists"):
-            if r.get(k):
-                out[r[k]["name"]] = {kk: v for kk, v in r[k].items() if kk not in derived}
-                for x in r[k].get("seeds", []):
-                    out[x["name"]] = x
+        for x in (*[r.get(k) for k in ("best_reward", "finalists")], r["mobilenetv3"], *r.get("mobilenetv3_widths", [])):
+            if x:
+                out[x["name"]] = {kk: v for kk, v in x.items() if kk not in derived}
+                for y in x.get("seeds", []):
+                    out[y["name"]] = y
     out.update({x["name"]: x for x in in_progress})
     return {n: {k: v for k, v in x.items() if not k.startswith("measured")} for n, x in out.items()}
 
@@ -281,6 +281,29 @@ def unstamped_scores_agree(prev: dict[str, dict], scores: dict, min_rows: int = 
     return True, f"all {2 * len(rows)} scores of {len(rows)} archs agree"
 
 
+MBV3_WIDTHS = ("mobilenetv3_small_050", "mobilenetv3_small_075", "mobilenetv3_small_100")
+"""The fixed baseline's widths: every width timm registers for MobileNetV3-small."""
+
+
+def width_of(timm_name: str) -> str:
+    """``mobilenetv3_small_075`` -> ``0.75``."""
+    return f"{int(timm_name.rsplit('_', 1)[1]) / 100:g}"
+
+
+def fit_baseline(row) -> None:
+    """Issue 5's fixed baseline at one budget: MobileNetV3-small at the widest width whose
+    measured latency is at or under the budget, into ``row["mobilenetv3"]`` with
+    ``fits_budget``. Where no width fits, the narrowest, with ``fits_budget`` False: shown
+    for reference, not a rival (``_shortfalls`` does not hold it against a model). Rows
+    from before the widths were trained (``mobilenetv3`` alone) keep theirs."""
+    widths = row.get("mobilenetv3_widths") or [row["mobilenetv3"]]
+    if not all("measured_ms" in w for w in widths):  # (--measure-later: not timed yet)
+        return
+    fit = [w for w in widths if w["measured_ms"] <= row["budget_ms"]]
+    pick = max(fit, key=lambda w: w["mflops"]) if fit else min(widths, key=lambda w: w["mflops"])
+    row["mobilenetv3"] = {**pick, "fits_budget": bool(fit)}
+
+
 def _best_reward(found: dict) -> tuple[str, float]:
     """The best reward's arch of a search result and its predicted ms (the search's choice
     where it records no other, as before the choice rule)."""
@@ -301,16 +324,63 @@ def _shortfalls(model, row) -> list[str]:
     from hwnas.report import PARETO_LATENCY_TOL
 
     slower = model["measured_ms"] / row["random_median_measured_ms"] - 1
-    mb = row["mobilenetv3"]
-    slower_mb = model["measured_ms"] / mb["measured_ms"] - 1 if "measured_ms" in mb else None
-    return [w for w, bad in (
+    out = [w for w, bad in (
         ("M(q,g) below the random median", model["M(q,g)"] < row["random_median_M(q,g)"]),
         ("M(q,q) below the random median", model["M(q,q)"] < row["random_median_M(q,q)"]),
-        (f"slower than the random median ({100 * slower:.1f}%)", slower > PARETO_LATENCY_TOL),
-        ("M(q,g) below MobileNetV3", model["M(q,g)"] < mb["M(q,g)"]),
-        ("M(q,q) below MobileNetV3", model["M(q,q)"] < mb["M(q,q)"]),
+        (f"slower than the random median ({100 * slower:.1f}%)", slower > PARETO_LATENCY_TOL)) if bad]
+    mb = row["mobilenetv3"]
+    if mb.get("fits_budget") is False:  # no width within the budget: no rival there
+        return out
+    m = seed_mean(mb, mb.get("seeds", []))  # (its mean where it trained at several seeds)
+    slower_mb = model["measured_ms"] / mb["measured_ms"] - 1 if "measured_ms" in mb else None
+    return out + [w for w, bad in (
+        ("M(q,g) below MobileNetV3", model["M(q,g)"] < m["M(q,g)"]),
+        ("M(q,q) below MobileNetV3", model["M(q,q)"] < m["M(q,q)"]),
         (f"slower than MobileNetV3 ({100 * (slower_mb or 0):.1f}%)",
          slower_mb is not None and slower_mb > PARETO_LATENCY_TOL)) if bad]
+
+
+def _target(model, row) -> str:
+    """Issue 5's verdict on ``model`` at a budget, as the tables print it."""
+    short = _shortfalls(model, row)
+    if short:
+        return "; ".join(short)
+    return "searched >= both" if row["mobilenetv3"].get("fits_budget") is not False else \
+        "searched >= the random median (no MobileNetV3-small width within budget)"
+
+
+def _baseline_cell(m) -> str:
+    """A budget's MobileNetV3-small (``fit_baseline``) in its table: width, M(q,g) / M(q,q)
+    (the mean over its seeds where it has several) / measured ms."""
+    mean = seed_mean(m, m.get("seeds", []))
+    figs = (f"{100 * mean['M(q,g)']:.2f} / {100 * mean['M(q,q)']:.2f}" + (f" (mean of {mean['n']})" if mean["n"] > 1 else "")
+            + f" / {m['measured_ms']:.3f}")
+    if m.get("fits_budget") is False:
+        return f"none fits (narrowest, {width_of(m['arch'])}: {figs})"
+    return f"{width_of(m['arch'])}: {figs}"
+
+
+def _baselines_md(rows) -> list[str]:
+    """The MobileNetV3-small widths trained with the same loss, and which budgets each fits."""
+    widths = rows[0].get("mobilenetv3_widths")
+    if not widths:  # a results file from before the widths: width 0.5 alone
+        return ["", "MobileNetV3-small at width 0.5 (this run trained no other width); where its measured "
+                "latency is above a budget it is shown for reference, not as a feasible rival."]
+    md = ["", "The fixed baseline: MobileNetV3-small (timm) at each width timm registers, trained with the same "
+          "compatibility loss and recipe; at each budget the widest whose measured latency is at or under the "
+          "budget is the rival (where none is, the narrowest is shown for reference, and the target has no "
+          "baseline to meet there):", "",
+          "| width | MFLOPs | M(q,g) by seed | M(q,g) mean | M(q,q) mean | meas. ms | the rival at (budget ms) |",
+          "|---|---|---|---|---|---|---|"]
+    for w in widths:
+        mean = seed_mean(w, w.get("seeds", []))
+        at = [str(r["budget_ms"]) for r in rows if r["mobilenetv3"]["name"] == w["name"]
+              and r["mobilenetv3"].get("fits_budget") is not False]
+        md.append(f"| {width_of(w['arch'])} | {w['mflops']:.2f} | "
+                  + " / ".join(f"{100 * y['M(q,g)']:.2f}" for y in [w, *w.get("seeds", [])])
+                  + f" | {100 * mean['M(q,g)']:.2f} | {100 * mean['M(q,q)']:.2f} | {w['measured_ms']:.3f} | "
+                  f"{', '.join(at) or '-'} |")
+    return md
 
 
 def plot_budgets(rows, path) -> None:
@@ -332,8 +402,10 @@ def plot_budgets(rows, path) -> None:
         if f and "measured_ms" in f:
             ax.scatter([f["measured_ms"]], [100 * f["M(q,g)"]], marker="D", s=70, color=c, edgecolor="k",
                        label=f"searched + finalists, budget {r['budget_ms']} ms")
-    m = rows[0]["mobilenetv3"]
-    ax.scatter([m["measured_ms"]], [100 * m["M(q,g)"]], marker="s", color="k", label="MobileNetV3-small-0.5")
+    for m, shade in zip(rows[0].get("mobilenetv3_widths") or [rows[0]["mobilenetv3"]], ("0.6", "0.3", "0.0")):
+        mean = seed_mean(m, m.get("seeds", []))
+        ax.scatter([m["measured_ms"]], [100 * mean["M(q,g)"]], marker="s", color=shade, edgecolor="k",
+                   label=f"MobileNetV3-small-{width_of(m['arch'])}" + (f" (mean of {mean['n']} seeds)" if mean["n"] > 1 else ""))
     ax.set_xlabel("measured edge latency, ms (ONNX Runtime CPU, batch 1)")
     ax.set_ylabel("M(q,g) recall@1, %  (test split)")
     # beside the axes, not over them: a legend inside hid the markers in its corner
@@ -462,7 +534,8 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
         md += [
                "| budget ms (pred.) | searched M(q,g) | searched M(q,q) | searched meas. ms | random median M(q,g) "
                "| random median M(q,q) | random median meas. ms | random M(q,g) SD (range) "
-               "| random archs reached (>=) on M(q,g) / M(q,q) | MobileNetV3-small-0.5 M(q,g) / M(q,q) / meas. ms |",
+               "| random archs reached (>=) on M(q,g) / M(q,q) | MobileNetV3-small within budget: width, "
+               "M(q,g) / M(q,q) / meas. ms |",
                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["budgets"]:
             s, m = r["searched"], r["mobilenetv3"]
@@ -471,12 +544,10 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                       f"{s['measured_ms']:.3f} | {100 * r['random_median_M(q,g)']:.2f} | "
                       f"{100 * r['random_median_M(q,q)']:.2f} | {r['random_median_measured_ms']:.3f} | "
                       f"{100 * statistics.stdev(qg):.2f} ({100 * min(qg):.2f}-{100 * max(qg):.2f}) | "
-                      f"{_beaten(s, r)} | "
-                      f"{100 * m['M(q,g)']:.2f} / {100 * m['M(q,q)']:.2f} / {m['measured_ms']:.3f} |")
+                      f"{_beaten(s, r)} | {_baseline_cell(m)} |")
         verdict = []
         for r in res["budgets"]:
-            short = _shortfalls(r["searched"], r)
-            verdict.append(f"{r['budget_ms']} ms: " + ("searched >= both" if not short else "; ".join(short)))
+            verdict.append(f"{r['budget_ms']} ms: " + _target(r["searched"], r))
         if not any(noise_components(r) for r in res["budgets"]):  # else the noise table below says more
             md += ["", "Where the random archs' SD is near the test split's standard error, architecture barely "
                    "moves M(q,g) within that budget and no search can beat the median by more than noise."]
@@ -499,13 +570,12 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                 runs_ = [r["searched"], *r["searched_seeds"]]
                 qg, qq = [x["M(q,g)"] for x in runs_], [x["M(q,q)"] for x in runs_]
                 mean = seed_mean(r["searched"], r["searched_seeds"])
-                short = _shortfalls(mean, r)
                 md.append(f"| {r['budget_ms']} | {' / '.join(f'{100 * v:.2f}' for v in qg)} | {100 * mean['M(q,g)']:.2f} | "
                           f"{100 * statistics.stdev(qg):.2f} | {' / '.join(f'{100 * v:.2f}' for v in qq)} | "
                           f"{100 * mean['M(q,q)']:.2f} | {100 * r['random_median_M(q,g)']:.2f} / "
                           f"{100 * r['random_median_M(q,q)']:.2f} | "
                           f"{100 * statistics.stdev(x['M(q,g)'] for x in r['random']):.2f} | "
-                          f"{'; '.join(short) or 'searched >= both'} |")
+                          f"{_target(mean, r)} |")
         comps = [(r, noise_components(r)) for r in res["budgets"]]
         comps = [(r, c) for r, c in comps if c]
         if comps:
@@ -547,7 +617,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                               f"{100 * cm['M(q,g)']:.2f} / {100 * cm['M(q,q)']:.2f} | "
                               f"{b['predicted_ms']:.4f} / {b['measured_ms']:.3f} | "
                               f"{100 * bm['M(q,g)']:.2f} / {100 * bm['M(q,q)']:.2f} | "
-                              f"{'; '.join(_shortfalls(bm, r)) or 'searched >= both'} |")
+                              f"{_target(bm, r)} |")
         fins = [r for r in res["budgets"] if "measured_ms" in r.get("finalists", {})]
         if fins:
             f0 = fins[0]["finalists"]
@@ -568,12 +638,11 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
             for r in fins:
                 f = r["finalists"]
                 mean = seed_mean(f, f.get("seeds", []))
-                short = _shortfalls(mean, r)
                 same = " (the searched arch)" if f["chosen"] == r["searched"]["arch"] else ""
                 md.append(f"| {r['budget_ms']} | {f['chosen_rank']}{same} | {100 * f['M(q,g)']:.2f} | {100 * f['M(q,q)']:.2f} | "
                           + (f"{100 * mean['M(q,g)']:.2f} / {100 * mean['M(q,q)']:.2f} ({mean['n']}) | " if fseeded else "")
                           + f"{f['measured_ms']:.3f} | {_beaten(f, r)} | "
-                          f"{'; '.join(short) or 'searched >= both'} |")
+                          f"{_target(mean, r)} |")
             itself = [r for r in fins if r["finalists"]["chosen"] == r["searched"]["arch"]]
             apart = [str(r["budget_ms"]) for r in itself
                      if any(r["finalists"][k] != r["searched"][k] for k in ("M(q,g)", "M(q,q)"))]
@@ -599,10 +668,9 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                           + " / ".join(f"{100 * y['M(q,g)']:.2f}" for y in [x, *x.get("seeds", [])])
                           + f" | {100 * m['M(q,g)']:.2f} | {100 * m['M(q,q)']:.2f} | "
                           f"{100 * r['random_median_M(q,g)']:.2f} / {100 * r['random_median_M(q,q)']:.2f} | "
-                          f"{'; '.join(_shortfalls(m, r)) or 'searched >= both'} |")
-        md += ["", "MobileNetV3-small at width 0.5 is the narrowest timm registers; where its measured "
-               "latency is above a budget it is shown for reference, not as a feasible rival.",
-               "", f"![budgets](benchmarks/results/{name}_budgets.png)"]
+                          f"{_target(m, r)} |")
+        md += _baselines_md(res["budgets"])
+        md += ["", f"![budgets](benchmarks/results/{name}_budgets.png)"]
         plot_budgets(res["budgets"], ROOT / "benchmarks" / "results" / f"{name}_budgets.png")
         pf = res.get("proxy_fidelity")
         if pf:
@@ -666,6 +734,9 @@ def main() -> None:
                     help="train each budget's searched arch at this many training seeds (the run's and "
                          "the next ones): the target is judged on their mean, and their spread shows how "
                          "much of the random archs' spread is training noise")
+    ap.add_argument("--baseline-seeds", type=int, default=1,
+                    help="budgets: train each MobileNetV3-small width at this many training seeds "
+                         "(its mean is the rival the target is judged against)")
     ap.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "evolution", "random"])
     ap.add_argument("--sampler-seeds", type=int, default=3,
                     help="samplers part: studies per sampler, each with its own sampler seed (the "
@@ -805,10 +876,11 @@ def main() -> None:
         done = start_training(jobs)()
         return [done[n] for n, _ in jobs]
 
-    def seed_jobs(name, kw):
-        """``name`` at the run's training seed, then at the --searched-seeds - 1 next ones
-        (``<name>-seed<k>``): one training is one draw of training noise."""
-        return [(name, kw)] + [(f"{name}-seed{k}", {**kw, "seed": base.seed + k}) for k in range(1, args.searched_seeds)]
+    def seed_jobs(name, kw, n=None):
+        """``name`` at the run's training seed, then at the ``n`` (default --searched-seeds) - 1
+        next ones (``<name>-seed<k>``): one training is one draw of training noise."""
+        return [(name, kw)] + [(f"{name}-seed{k}", {**kw, "seed": base.seed + k})
+                               for k in range(1, n or args.searched_seeds)]
 
     def proxy_scores(archs):
         """The search's score of each arch (its supernet subnet's R3 reward on the validation
@@ -885,7 +957,8 @@ def main() -> None:
         from hwnas.latency.backends import OrtCpuBackend, measure_models
         from hwnas.nn.models import build_query
 
-        rows = [budget_rows[0]["mobilenetv3"]] + [x for r in budget_rows for x in (
+        widths = budget_rows[0].get("mobilenetv3_widths") or [budget_rows[0]["mobilenetv3"]]
+        rows = widths + [x for r in budget_rows for x in (
             r["searched"], *r["random"], *([r["finalists"]] if "finalists" in r else []),
             *([r["best_reward"]] if "best_reward" in r else []), *r.get("picks", {}).values())]
         pre = base.preprocess()
@@ -897,8 +970,11 @@ def main() -> None:
             for r in tqdm(rows, desc="export")]
         for r, m in zip(rows, measure_models(runners)):
             r["measured_ms"], r["measured_pools_ms"] = m.latency_ms, m.pools_ms
-        for r in budget_rows:
-            r["mobilenetv3"].update(measured_ms=rows[0]["measured_ms"], measured_pools_ms=rows[0]["measured_pools_ms"])
+        timed = {w["name"]: {k: w[k] for k in ("measured_ms", "measured_pools_ms")} for w in widths}
+        for r in budget_rows:  # each budget's copies of the widths, then its rival among them
+            for w in r.get("mobilenetv3_widths") or [r["mobilenetv3"]]:
+                w.update(timed[w["name"]])
+            fit_baseline(r)
             summarize_budget(r)
 
     def summarize_budget(row):
@@ -948,7 +1024,7 @@ def main() -> None:
             return finalists_seed_source(space, frac, arch, (("searched", _best_reward(found[frac])[0]),
                                                              ("chosen", found[frac]["arch"])), trained)
 
-        jobs = [("bench-mobilenetv3_small_050", {"timm_name": "mobilenetv3_small_050"})]
+        jobs = [j for w in MBV3_WIDTHS for j in seed_jobs(f"bench-{w}", {"timm_name": w}, args.baseline_seeds)]
         for frac, _, rand in plan:
             # the best reward's arch, and the search's choice (search.prefer_faster_within) where
             # that is another: each at --searched-seeds training seeds
@@ -1028,8 +1104,8 @@ def main() -> None:
         not_reported = []  # (--finished-only: the budgets not far enough on to report, and why)
         if args.finished_only:
             trained = {**carried, **evaluate_finished(jobs)}
-            if "bench-mobilenetv3_small_050" not in trained:
-                raise SystemExit("--finished-only: MobileNetV3-small is not trained yet; run without it first")
+            if not any(f"bench-{w}" in trained for w in MBV3_WIDTHS):
+                raise SystemExit("--finished-only: no MobileNetV3-small width is trained yet; run without it first")
             not_reported = [{"budget_ms": b, "budget_frac": frac, "why": "its searched model is not trained yet"}
                             for frac, b, _ in plan if f"bench-budget-{frac}-searched" not in trained]
             plan = [p for p in plan if f"bench-budget-{p[0]}-searched" in trained]
@@ -1064,7 +1140,11 @@ def main() -> None:
             trained.update(evaluate_finished(extra) if args.finished_only else start_training(extra, keep)())
         for r in trained.values():  # what they were made against, so a later run can carry them
             r.setdefault("weights_digest", digest)
-        mbv3 = trained["bench-mobilenetv3_small_050"]
+        # the baseline's widths trained so far (--finished-only: some may not be yet), each
+        # with its other seeds; every budget gets its own copies, timed and fitted to it later
+        mbv3 = [{**trained[f"bench-{w}"], "seeds": [trained[n] for n, _ in seed_jobs(f"bench-{w}", {}, args.baseline_seeds)[1:]
+                                                    if n in trained]}
+                for w in MBV3_WIDTHS if f"bench-{w}" in trained]
         rows = []
         for frac, b, rand in plan:
             def seeds_of(kind):
@@ -1093,7 +1173,9 @@ def main() -> None:
                 not_reported.append({"budget_ms": b, "budget_frac": frac,
                                      "why": f"{len(done)} of {len(rand)} random archs trained"})
                 continue
-            row = {"budget_ms": b, "budget_frac": frac, "searched": s, "mobilenetv3": dict(mbv3),
+            widths = [dict(w) for w in mbv3]
+            row = {"budget_ms": b, "budget_frac": frac, "searched": s, "mobilenetv3": widths[0],
+                   "mobilenetv3_widths": widths,
                    "random_planned": len(rand), "random": done, "seeds_planned": args.searched_seeds}
             if seeds:  # the same arch at other training seeds
                 row["searched_seeds"] = seeds

@@ -183,3 +183,42 @@ def test_a_carried_row_must_be_the_model_the_job_would_train():
     # one that only finished (its budget not reported yet) carries too
     prev = bench_search.result_rows([], [{**fin, "name": "f", "weights_digest": "d"}])
     assert set(bench_search.carry_rows(prev, [("f", kw)], "d", same)) == {"f"}
+
+
+def _width(w, qg, ms, seeds=()):
+    return {**_model(f"bench-mobilenetv3_small_{w}", f"mobilenetv3_small_{w}", kind="timm"), "M(q,g)": qg,
+            "mflops": {"050": 1.9, "075": 3.3, "100": 5.1}[w], "measured_ms": ms,
+            "seeds": [{"name": f"bench-mobilenetv3_small_{w}-seed{k}", "M(q,g)": v, "M(q,q)": 0.8}
+                      for k, v in enumerate(seeds, 1)]}
+
+
+def test_the_baseline_is_the_widest_mobilenetv3_that_fits_each_budget_and_none_where_none_fits():
+    widths = [_width("050", 0.78, 0.12), _width("075", 0.805, 0.155), _width("100", 0.81, 0.19, seeds=(0.79, 0.80))]
+    searched = {**_model("s", "A"), "M(q,g)": 0.802, "M(q,q)": 0.81, "measured_ms": 0.17}
+    rows = {}
+    for b in (0.06, 0.16, 0.2076):
+        r = {"budget_ms": b, "searched": searched, "random": [_model("r", "B", **{"M(q,g)": 0.79})],
+             "random_median_M(q,g)": 0.79, "random_median_M(q,q)": 0.80, "random_median_measured_ms": 0.17,
+             "mobilenetv3": widths[0], "mobilenetv3_widths": [dict(w) for w in widths]}
+        bench_search.fit_baseline(r)
+        rows[b] = r
+    assert [rows[b]["mobilenetv3"]["arch"][-3:] for b in rows] == ["050", "075", "100"]
+    assert [rows[b]["mobilenetv3"]["fits_budget"] for b in rows] == [False, True, True]
+    # over every width, no rival: the target is judged on the random median alone
+    assert bench_search._shortfalls(searched, rows[0.06]) == []
+    assert "no MobileNetV3-small width" in bench_search._target(searched, rows[0.06])
+    # width 0.75 is more accurate than the searched arch on M(q,g), and faster
+    assert bench_search._shortfalls(searched, rows[0.16]) == ["M(q,g) below MobileNetV3",
+                                                              "slower than MobileNetV3 (9.7%)"]
+    # width 1.0 at 0.81 alone, but 0.80 over its three seeds: the mean is the rival
+    assert bench_search._shortfalls(searched, rows[0.2076]) == []
+    assert bench_search._target(searched, rows[0.2076]) == "searched >= both"
+    # the widths' rows and their seeds carry to a later run; what the fit derived does not
+    prev = bench_search.result_rows([{**rows[0.2076], "random": []}])
+    assert {"bench-mobilenetv3_small_075", "bench-mobilenetv3_small_100-seed2"} <= set(prev)
+    assert not any(k in x for x in prev.values() for k in ("fits_budget", "seeds", "measured_ms"))
+    # a results file from before the widths (width 0.5 alone, never fitted) keeps its rival
+    old = {**rows[0.06], "mobilenetv3": widths[0]}
+    del old["mobilenetv3_widths"]
+    assert bench_search._shortfalls({**searched, "M(q,g)": 0.77}, old) == [
+        "M(q,g) below the random median", "M(q,g) below MobileNetV3", "slower than MobileNetV3 (41.7%)"]
