@@ -494,6 +494,12 @@ def test_two_workers_share_one_storage(search_run, tmp_path, kind):
     # each reports the study's evaluated archs (its own and the other's), not only its own
     for o in outs:
         assert int(re.search(r"chosen of (\d+) evaluated archs", o).group(1)) >= n
+    # optuna-dashboard reads the shared study from the same storage: every trial, each worker's
+    dash = _dashboard(load)
+    sid = next(x["study_id"] for x in dash("/api/studies")["study_summaries"] if x["study_name"] == study)
+    trials = dash(f"/api/studies/{sid}")["trials"]
+    assert len(trials) == len(st.trials)
+    assert {a["value"] for t in trials for a in t["user_attrs"] if a["key"] == "worker"} == set(by)
 
 
 def _proposals(space, sampler, n: int) -> list:
