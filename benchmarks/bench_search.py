@@ -5,7 +5,9 @@
 * rewards: R1 vs R2 vs R3 — the best arch of each search is trained (train-query, same
   recipe) and evaluated on the test split;
 * budgets: at three budgets across the table's range, the searched model vs the median of
-  K random feasible archs trained the same way, and vs MobileNetV3-small;
+  K random feasible archs trained the same way, and vs MobileNetV3-small at the widest
+  width timm registers whose measured latency is within the budget (each width trained with
+  the same loss, at ``--baseline-seeds`` seeds);
 * cost: seconds per evaluated trial.
 
     python benchmarks/bench_search.py --config configs/quickstart.yaml --parts samplers rewards budgets cost
@@ -287,7 +289,7 @@ MBV3_WIDTHS = ("mobilenetv3_small_050", "mobilenetv3_small_075", "mobilenetv3_sm
 
 def width_of(timm_name: str) -> str:
     """``mobilenetv3_small_075`` -> ``0.75``."""
-    return f"{int(timm_name.rsplit('_', 1)[1]) / 100:g}"
+    return str(int(timm_name.rsplit("_", 1)[1]) / 100)
 
 
 def fit_baseline(row) -> None:
@@ -425,12 +427,12 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
 
     def measured(part: str) -> str:
         m = res.get("part_measured", {}).get(part)
-        if not m or (m["date"] == res["machine"]["date"] and m["cpu"] == res["machine"]["cpu"]
-                     and [round(v, 4) for v in m["table_range_ms"]] == [round(lo, 4), round(hi, 4)]):
+        same_table = m and [round(v, 4) for v in m["table_range_ms"]] == [round(lo, 4), round(hi, 4)]
+        if not m or (m["date"] == res["machine"]["date"] and m["cpu"] == res["machine"]["cpu"] and same_table):
             return ""
-        return (f" Measured {m['date']} on {m['cpu']}{' ' + m['note'] if m.get('note') else ''}, "
-                f"against a table of range {m['table_range_ms'][0]:.3f}-{m['table_range_ms'][1]:.3f} ms "
-                "(an earlier search space or table).")
+        return (f" Measured {m['date']} on {m['cpu']}{' ' + m['note'] if m.get('note') else ''}"
+                + ("." if same_table else f", against a table of range {m['table_range_ms'][0]:.3f}-"
+                   f"{m['table_range_ms'][1]:.3f} ms (an earlier search space or table)."))
 
     runs = ", ".join(f"{p}: `{d}`, search.val_queries {res['part_val_queries'][p]}"
                      for p, d in sorted(res["part_run_dirs"].items()))
