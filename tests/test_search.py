@@ -469,8 +469,11 @@ def test_two_workers_share_one_storage(search_run, tmp_path, kind):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         load = JournalStorage(JournalFileBackend(str(tmp_path / "journal.log")))
-    else:
-        storage = load = _postgres_url()
+    else:  # loaded through psycopg 3 as hwnas opens it, whichever driver SQLAlchemy defaults to
+        from hwnas.search.runner import make_storage
+
+        storage = _postgres_url()
+        load = make_storage(storage, None)[0]
     study = f"shared-{tmp_path.name}"  # a server's studies outlive the test: a new name each run
     budget = math.ceil((lo + 0.9 * (hi - lo)) * 1e4) / 1e4  # within the range, however narrow
     n = 24  # both started at once: their start-ups (imports, the study's gallery embeddings)
