@@ -393,8 +393,8 @@ def _baselines_md(rows) -> list[str]:
                   f"{', '.join(within) or '-'} | {', '.join(at) or '-'} |")
     missing = sorted({width_of(w) for r in rows for w in r.get("mobilenetv3_not_trained", [])})
     if missing:  # (--finished-only part way)
-        md += ["", f"Width {', '.join(missing)} is not trained yet: a budget it would fit is judged without it "
-               "for now."]
+        md += ["", (f"Width {missing[0]} is" if len(missing) == 1 else f"Widths {', '.join(missing)} are")
+               + " not trained yet: a budget one would fit is judged without it for now."]
     return md
 
 
