@@ -5,9 +5,9 @@
 * rewards: R1 vs R2 vs R3 — the best arch of each search is trained (train-query, same
   recipe) and evaluated on the test split;
 * budgets: at three budgets across the table's range, the searched model vs the median of
-  K random feasible archs trained the same way, and vs MobileNetV3-small at the widest
-  width timm registers whose measured latency is within the budget (each width trained with
-  the same loss, at ``--baseline-seeds`` seeds);
+  K random feasible archs trained the same way, and vs MobileNetV3-small at the best (on
+  M(q,g)) of the widths timm registers whose measured latency is within the budget (each
+  width trained with the same loss, at ``--baseline-seeds`` seeds);
 * cost: seconds per evaluated trial.
 
     python benchmarks/bench_search.py --config configs/quickstart.yaml --parts samplers rewards budgets cost
