@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import optuna
@@ -474,7 +475,9 @@ def test_two_workers_share_one_storage(search_run, tmp_path, kind):
 
         storage = _postgres_url()
         load = make_storage(storage, None)[0]
-    study = f"shared-{tmp_path.name}"  # a server's studies outlive the test: a new name each run
+    # a server's studies outlive the test (and pytest reuses tmp_path names across sessions):
+    # a new name each run
+    study = f"shared-{tmp_path.name}-{uuid.uuid4().hex[:12]}"
     budget = math.ceil((lo + 0.9 * (hi - lo)) * 1e4) / 1e4  # within the range, however narrow
     n = 24  # both started at once: their start-ups (imports, the study's gallery embeddings)
     # end within a second or two of each other, well before 24 archs are evaluated
