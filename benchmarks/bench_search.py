@@ -66,6 +66,7 @@ def _train_eval(base, run_dir, name, kw):
     import copy
 
     from hwnas.compat import api
+    from hwnas.utils import read_json
 
     cfg = copy.deepcopy(base)
     kw = dict(kw)
@@ -83,12 +84,14 @@ def _train_eval(base, run_dir, name, kw):
         q = api.train_query(cfg, name=name, resume=True, log=quiet, **kw)
     qdir = Path(run_dir) / "query" / q["name"]
     ev = api.evaluate_query(cfg, query_dir=str(qdir), log=quiet)["metrics"]
+    # a finalists' choice with what it chose from, as the report and a later run keep it
+    chose = read_json(qdir / "finalists.json") if "finalists_from" in kw else {}
     return {"name": name, "kind": "timm" if "timm_name" in kw else "subnet",
             "mflops": q["flops"] / 1e6, "M(q,g)": ev["M(q,g)"]["recall@1"],
             "test_queries": ev["M(q,g)"]["n_queries"],
             "M(q,q)": ev["M(q,q)"]["recall@1"], "arch": q.get("arch") or q.get("timm"),
             "train_seconds": q.get("train_seconds"), "device": _WORKER_DEVICE or "auto", "seed": cfg.seed,
-            "train_loss_by_epoch": [h["loss"] for h in q.get("history", [])]}
+            "train_loss_by_epoch": [h["loss"] for h in q.get("history", [])], **chose}
 
 
 def selection_fidelity(budget_rows, epochs: int, k: int, draws: int = 4000) -> list[dict]:
@@ -1082,10 +1085,6 @@ def main() -> None:
 
         def keep(n, r):
             """Each model into the results file as it finishes (see keep_in_progress)."""
-            from hwnas.utils import read_json as read
-
-            if n.endswith("-finalists"):  # with what it chose from, as the report keeps it
-                r = {**r, **read(Path(args.run_dir) / "query" / n / "finalists.json")}
             keep_in_progress(prev_path, {**r, "weights_digest": digest})
         fin_search = {str(Path(args.run_dir) / "bench_search" / f"bench-budget-{frac}"): found[frac]["arch"]
                       for frac, _, _ in plan}
@@ -1134,11 +1133,6 @@ def main() -> None:
             wait = lambda: {**carried, **waiting()}  # noqa: E731
         scores = proxy_scores(sorted({a for _, _, rand in plan for a in rand} | {found[p[0]]["arch"] for p in plan}))
         trained = wait()
-        from hwnas.utils import read_json
-
-        for n, r in trained.items():  # what the finalists' choice chose from (a carried row has it)
-            if n.endswith("-finalists") and n not in carried:
-                r.update(read_json(Path(args.run_dir) / "query" / n / "finalists.json"))
         # the finalists' choice at the other training seeds too, judged on its mean as the
         # searched arch is: where it is the searched (or chosen) arch, it borrows that arch's seeds
         fin_seed_jobs = {}
