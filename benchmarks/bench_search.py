@@ -33,7 +33,9 @@ from __future__ import annotations
 import argparse
 import copy
 import random
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 from _common import ROOT, machine, machine_line, save_results, se_points, update_benchmarks_md
@@ -455,10 +457,13 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
 
     runs = ", ".join(f"{p}: `{d}`, search.val_queries {res['part_val_queries'][p]}"
                      for p, d in sorted(res["part_run_dirs"].items()))
+    cmds = res.get("part_commands", {})
     md = [f"## Search (issue 5){'' if tag == 'quickstart' else ': ' + tag}", "",
           f"Machine: {machine_line(res['machine'])}. Script: "
           f"`{res.get('script', 'benchmarks/bench_search.py')}` "
           f"({runs}); each part names its latency budget (table range {lo:.3f}-{hi:.3f} ms)."]
+    if cmds:  # (results written before part_commands existed name the --set list alone)
+        md[-1] += " Each part's last command: " + "; ".join(f"{p}: `{c}`" for p, c in sorted(cmds.items())) + "."
     if "samplers" in res:
         marks = sorted({int(n) for r in res["samplers"] for n in r["best_at"]})
         rw, mt = res.get("search_reward", "r3").upper(), res.get("search_metric", "recall@1")
@@ -1304,6 +1309,11 @@ def main() -> None:
         for p in done}}
     if "samplers" in done:  # what the samplers' studies rewarded
         res["search_reward"], res["search_metric"] = base.search.reward, base.search.metric
+    # each part's whole command line, flags beyond --set included (--searched-seeds,
+    # --baseline-seeds, --also-pick, --budget-fracs, ...); "script" keeps the --set list
+    # alone, which --adopt-unstamped compares
+    res["part_commands"] = {**res.get("part_commands", {}),
+                            **{p: shlex.join(["benchmarks/bench_search.py", *sys.argv[1:]]) for p in done}}
     res["script"] = (f"benchmarks/bench_search.py --config configs/{tag}.yaml"
                      + "".join(" --set " + x for x in args.set)
                      + (" --finished-only" if args.finished_only else ""))
