@@ -64,7 +64,7 @@ EXAMPLES = {
           hwnas profile --device gpu --config c.yaml     # TensorRT (or torch-cuda) + gallery images/s""",
     "search": """\
         examples:
-          hwnas search --config configs/quickstart.yaml --budget-ms 0.5
+          hwnas search --config configs/quickstart.yaml --budget-ms 0.2
           hwnas search --config c.yaml --budget-ms 5 --reward r3 --alpha 0.5 --sampler evolution
           hwnas search --config c.yaml --budget-ms 5 --multi-objective --sampler nsga2
           hwnas search --config c.yaml --budget-ms 5 --storage postgresql://user@host/db --study-name s1
@@ -278,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = add("run", "Run the pipeline end to end from a config, step by step (resumable).")
-    p.add_argument("config", help="YAML/JSON config file, e.g. configs/quickstart.yaml")
+    p.add_argument("config", nargs="?", help="YAML/JSON config file, e.g. configs/quickstart.yaml")
+    p.add_argument("--config", dest="config_flag", metavar="CONFIG",
+                   help="the config given as the other commands take it (the same as CONFIG)")
     p.add_argument("--run-dir", help="override the config's run directory")
     _add_set(p)  # a step whose config it changes is done again
     p.add_argument("--skip-bad-images", action="store_true", default=None,
@@ -403,6 +405,7 @@ def cmd_space(args) -> int:
     if args.json and (args.arch or args.sample):
         raise HwnasError("--json prints the space itself; drop --arch/--sample, or drop --json "
                          "for the table of archs")
+    given = sp.parse(args.arch) if args.arch else None  # (a bad arch fails before anything prints)
     if args.json:
         print(json.dumps({**sp.to_dict(), "hash": sp.hash}, indent=2))
         return 0
@@ -419,8 +422,8 @@ def cmd_space(args) -> int:
           f" channel scales {', '.join(f'{c:g}' for c in sp.channel_scales)}")
     archs = [("smallest", sp.smallest()), ("largest", sp.largest())]
     archs += [(f"random {i}", sp.sample(i)) for i in range(args.sample)]
-    if args.arch:
-        archs.append(("given", sp.parse(args.arch)))
+    if given is not None:
+        archs.append(("given", given))
     rows = [[name, f"{arch_flops(sp, a) / 1e6:.2f}", f"{arch_params(sp, a) / 1e6:.3f}",
              a.to_string(sp)] for name, a in archs]
     print(format_table(["arch", "MFLOPs", "Mparams", "string"], rows))
@@ -654,6 +657,11 @@ def cmd_evaluate(args) -> int:
 def cmd_run(args) -> int:
     from hwnas.pipeline import run_pipeline
 
+    if args.config and args.config_flag and args.config != args.config_flag:
+        raise HwnasError(f"two configs given ({args.config} and --config {args.config_flag}); give one")
+    args.config = args.config or args.config_flag
+    if not args.config:
+        raise HwnasError("hwnas run needs a config: hwnas run configs/quickstart.yaml (or your own)")
     return run_pipeline(_load(args), redo_from=args.redo_from)
 
 

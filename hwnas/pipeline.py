@@ -525,12 +525,9 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     check_timm_name(cfg.gallery.backbone)
     gc = cfg.gallery
     if not Steps(RunDir(cfg).path / "steps.json").done("train-gallery"):  # (read by that step alone)
-        if gc.freeze_backbone and not gc.backbone_checkpoint:
-            raise HwnasError("gallery.freeze_backbone trains only the embedding head of weights you give: "
-                             "set gallery.backbone_checkpoint (your timm weights), or freeze_backbone: false")
-        if gc.backbone_checkpoint and not Path(gc.backbone_checkpoint).is_file():
-            raise HwnasError(f"gallery.backbone_checkpoint {gc.backbone_checkpoint} does not exist; "
-                             "give your timm weights' path (safetensors or a torch state dict)")
+        from hwnas.compat.api import check_backbone_checkpoint
+
+        check_backbone_checkpoint(gc)
     if cfg.deploy.index:  # a factory string FAISS cannot parse: now, not at the last step
         from hwnas.export.deploy import make_index
 

@@ -72,15 +72,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike, given_as: str | None = None) -> Any:
     """A JSON file hwnas wrote; a damaged one (cut off by a full disk, edited by hand) is an
-    error naming it and the fix, not a decoder traceback."""
+    error naming it and the fix, not a decoder traceback. ``given_as`` names what the user
+    passed it as (e.g. "a latency table"): a file of the user's that is not JSON is the wrong
+    file, not one to delete so hwnas writes it anew."""
     from hwnas.errors import HwnasError
 
+    if Path(path).is_dir():
+        raise HwnasError(f"{path} is a folder, not {given_as or 'a JSON file'}")
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if given_as:
+                raise HwnasError(f"{path} is not {given_as} (not valid JSON: {e})") from None
             raise HwnasError(f"{path} is damaged (not valid JSON: {e}); restore it, or delete it "
                              "and run the command again: hwnas writes it anew") from None
 

@@ -116,6 +116,7 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path, capsys):
     assert not (tmp_path / "run" / "splits.json").exists()
     r = hwnas("space", "--arch", "k3@1,bogus")
     assert r.returncode == 2 and "bad arch token" in r.stderr
+    assert r.stdout == ""  # refused before the space's table prints
     (tmp_path / "c.yaml").write_text("data:\n  datset: x\n")
     r = hwnas("run", str(tmp_path / "c.yaml"))
     assert r.returncode == 2 and "unknown keys ['datset']" in r.stderr
@@ -156,9 +157,22 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path, capsys):
                        (["search", "--sampler-seed", "-1"], "--sampler-seed -1 must be a whole number"),
                        (["search", "--run-dir", ""], "run_dir must be a folder path"),
                        (["train-gallery", "--freeze-backbone", "--run-dir", str(tmp_path / "fb")],
-                        "needs gallery.backbone_checkpoint (--backbone-checkpoint)")]:
+                        "set gallery.backbone_checkpoint (--backbone-checkpoint"),
+                       (["train-gallery", "--backbone-checkpoint", str(tmp_path / "no.safetensors"),
+                         "--run-dir", str(tmp_path / "fb")], "no.safetensors does not exist"),
+                       (["train-supernet", "--run-dir", str(tmp_path / "fb")], "run `hwnas train-gallery` first"),
+                       # a table path that is a folder or another file: the wrong path, not a file to delete
+                       (["search", "--budget-ms", "0.1", "--table", str(tmp_path), "--run-dir", str(tmp_path / "fb")],
+                        "is a folder, not a hwnas-latency-v1 latency table"),
+                       (["search", "--budget-ms", "0.1", "--table", "README.md", "--run-dir", str(tmp_path / "fb")],
+                        "README.md is not a hwnas-latency-v1 latency table"),
+                       (["run"], "hwnas run needs a config"),
+                       (["run", "--config", str(tmp_path / "c.yaml")], "unknown keys ['datset']"),
+                       (["run", "configs/quickstart.yaml", "--config", "configs/omniglot.yaml"], "two configs given"),
+                       (["deploy", "--run-dir", str(tmp_path / "fb")], "fb does not exist")]:
         r = hwnas_here(capsys, *args)
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "fb").exists()  # (the splits are not written before a refusal)
     (tmp_path / "a.yaml").write_text(f"run_dir: {tmp_path / 'arun'}\nadapt:\n  epochs: 2\n  images: "
                                      f"{tmp_path / 'catalog'}\n")
     r = hwnas("run", str(tmp_path / "a.yaml"))

@@ -288,6 +288,17 @@ def gallery_differs(cfg: Config, rd: RunDir, recorded: dict) -> list[str]:
     return _differs(recorded, gallery_record(cfg, rd))
 
 
+def check_backbone_checkpoint(gc) -> None:
+    """The gallery's given backbone weights: present where named, named where frozen."""
+    if gc.freeze_backbone and not gc.backbone_checkpoint:
+        raise HwnasError("gallery.freeze_backbone (--freeze-backbone) trains only the embedding head of "
+                         "weights you give: set gallery.backbone_checkpoint (--backbone-checkpoint, your "
+                         "timm weights), or drop freeze_backbone")
+    if gc.backbone_checkpoint and not Path(gc.backbone_checkpoint).is_file():
+        raise HwnasError(f"gallery.backbone_checkpoint {gc.backbone_checkpoint} does not exist; give "
+                         "your timm weights' path (safetensors or a torch state dict)")
+
+
 @_holds_folder("train-gallery", lambda cfg, **_: RunDir(cfg).path / "gallery")
 def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=print) -> dict:
     from hwnas.compat.tasks import GalleryTask
@@ -300,9 +311,7 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     from hwnas.nn.models import check_timm_name
 
     check_timm_name(cfg.gallery.backbone)  # a typo must not cost the trained model (--restart)
-    if cfg.gallery.freeze_backbone and not cfg.gallery.backbone_checkpoint:
-        raise HwnasError("gallery.freeze_backbone (--freeze-backbone) needs gallery.backbone_checkpoint "
-                         "(--backbone-checkpoint): a frozen random backbone would embed nothing useful")
+    check_backbone_checkpoint(cfg.gallery)  # (before the splits are written)
     gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
     tc = cfg.train_config("gallery")
     record = gallery_record(cfg, rd)
@@ -348,10 +357,15 @@ def run_gallery(rd: RunDir):
     """The run directory's trained gallery model (frozen)."""
     from hwnas.nn.models import load_gallery
 
+    return load_gallery(gallery_dir(rd))
+
+
+def gallery_dir(rd: RunDir) -> Path:
+    """The run directory's gallery model folder; an error naming the step where there is none."""
     path = rd.path / "gallery"
     if not (path / "config.json").exists():
         raise HwnasError(f"no gallery model in {path}: run `hwnas train-gallery` first")
-    return load_gallery(path)
+    return path
 
 
 # ---------------------------------------------------------------------- supernet / query
@@ -466,6 +480,8 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     rd = RunDir(cfg)
     out = rd.path / "supernet"
     loss_cfg, tc = cfg.loss_config("supernet"), cfg.train_config("supernet")
+    if loss_cfg.needs_gallery:
+        gallery_dir(rd)  # (before the splits are written)
     # what the model records of its training: compared with a finished model, saved with a new one
     record = {"space": cfg.search_space().to_dict(), "preprocess": cfg.preprocess().to_dict(),
               "loss": loss_cfg.to_dict(), "flops_range": cfg.supernet.flops_range,

@@ -300,6 +300,9 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
                          "the new one is complete)")
     if out.exists():
         _check_replaceable(out)
+    if not query and not rd.path.is_dir():
+        raise HwnasError(f"run directory {rd.path} does not exist; give the run directory the pipeline "
+                         "trained in (--run-dir, or the config's run_dir)")
     qdir = Path(query) if query else rd.path / "query" / "searched"
     if not query and cfg.adapt.epochs:
         # gallery adaptation on: the adapted model is the one to ship, as hwnas run does
@@ -319,6 +322,9 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
     if not (qdir / "config.json").exists():
         have = sorted(p.name for p in (rd.path / "query").glob("*") if (p / "config.json").exists()) \
             if (rd.path / "query").exists() else []
+        if query:  # the user's own folder
+            raise HwnasError(f"no query model at {qdir} (--query): give a folder hwnas train-query wrote "
+                             "(it holds config.json and model.safetensors)")
         raise HwnasError(f"no query model at {qdir}; train one (hwnas train-query --from-search) or "
                          f"pass --query DIR{f' (trained here: {have})' if have else ''}")
     gdir = Path(gallery) if gallery else rd.path / "gallery"

@@ -42,9 +42,10 @@ class LatencyTable:
         if not path.exists():
             raise HwnasError(f"latency table {path} does not exist; build it with "
                              "`hwnas profile --device cpu` (or pass --table)")
-        d = read_json(path)
+        what = f"a {TABLE_FORMAT} latency table, the .json file `hwnas profile` writes"
+        d = read_json(path, given_as=what)
         if not isinstance(d, dict) or not isinstance(d.get("header"), dict) or d["header"].get("format") != TABLE_FORMAT:
-            raise HwnasError(f"{path} is not a {TABLE_FORMAT} latency table")
+            raise HwnasError(f"{path} is not {what}")
         t = cls(d["header"], d["entries"])
         t.path = path
         return t
