@@ -150,8 +150,8 @@ class LatencyConfig:
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 0:
-            raise HwnasError(f"latency.threads {self.threads} must be at least 1 (0 or null: the "
-                             "physical core count)")
+            raise HwnasError(f"latency.threads {self.threads} must be a thread count (1 or more), or 0 or "
+                             "null for the physical core count")
         if self.validate < 0 or 0 < self.validate < 3:
             raise HwnasError(f"latency.validate {self.validate} must be 0 (no end-to-end check) or at "
                              "least 3 subnets (rank correlations need 3; e.g. 30)")

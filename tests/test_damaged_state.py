@@ -87,6 +87,11 @@ def test_search_settings_and_storage_errors(tmp_path):
     with pytest.raises(HwnasError, match="cannot open the Optuna storage.*move it away") as e:
         make_storage(f"sqlite:///{tmp_path / 'bad.db'}", rd)
     assert "\n" not in str(e.value)
+    # a missing folder is named as such, not as a damaged file; an unknown scheme lists the known
+    with pytest.raises(HwnasError, match="the folder .*nowhere does not exist"):
+        make_storage(f"sqlite:///{tmp_path / 'nowhere' / 'x.db'}", rd)
+    with pytest.raises(HwnasError, match="give sqlite:///PATH, postgresql://"):
+        make_storage("bogus://x", rd)
 
 
 def test_a_model_name_cannot_leave_the_query_folder(tmp_path):

@@ -203,7 +203,7 @@ def compare_threads(space: SearchSpace, threads: list[int], n_random: int = 4, s
 
     threads = sorted(set(threads))
     if not threads or threads[0] < 1:
-        raise HwnasError(f"thread counts must be 1 or more, not {threads}")
+        raise HwnasError(f"thread counts (--compare-threads) must be 1 or more, not {threads}")
     import torch
 
     rng = random.Random(seed)

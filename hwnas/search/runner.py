@@ -206,7 +206,7 @@ def make_storage(url: str | None, rd: RunDir):
 
         path = url[len("journal:"):]
         if not path or Path(path).is_dir():
-            raise HwnasError(f"--storage {url!r} needs a journal file's path after 'journal:' "
+            raise HwnasError(f"--storage / search.storage {url!r} needs a journal file's path after 'journal:' "
                              "(e.g. journal:/shared/search.log), not a folder or nothing")
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -214,6 +214,11 @@ def make_storage(url: str | None, rd: RunDir):
         except OSError as e:
             raise HwnasError(f"cannot open the journal storage {path}: {e.strerror or e}; give a "
                              "path in a folder you can write") from None
+    if url.startswith("sqlite:///") and url[len("sqlite:///"):] not in ("", ":memory:"):
+        parent = Path(url[len("sqlite:///"):]).parent
+        if not parent.is_dir():
+            raise HwnasError(f"--storage / search.storage {url!r}: the folder {parent} does not exist; "
+                             "create it, or give a database file in a folder that does")
     # PostgreSQL through psycopg 3 (the postgres extra), whichever driver SQLAlchemy's version
     # defaults to (2.0: psycopg2); a URL naming its driver (postgresql+psycopg2://) keeps it
     db_url = "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
@@ -249,7 +254,10 @@ def make_storage(url: str | None, rd: RunDir):
             fix = f"; install the driver: {hint}"
         elif url.startswith("sqlite:"):
             fix = ("; if the file is damaged, move it away (its finished trials are lost) or "
-                   "give another --storage")
+                   "give another --storage / search.storage")
+        elif "Can't load plugin" in str(e) or "Could not parse" in str(e):
+            fix = ("; give sqlite:///PATH, postgresql://USER@HOST/DB, mysql+pymysql://USER@HOST/DB "
+                   "or journal:PATH")
         else:
             fix = ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
