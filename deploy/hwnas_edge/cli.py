@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the bundle's gallery index over HTTP")
     s.add_argument("bundle")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    s.add_argument("--port", type=_port, default=8000)
+    s.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     s.add_argument("--max-batch", type=_positive_int, default=256,
                    help="most query embeddings one request may search (default 256)")
     v = sub.add_parser("verify", help="check artifact hashes and ONNX parity")
