@@ -469,8 +469,9 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
         rw, mt = res.get("search_reward", "r3").upper(), res.get("search_metric", "recall@1")
         at = f" (budget {res['samplers_budget_ms']} ms)" if "samplers_budget_ms" in res else ""
         md += ["", f"Best {rw} reward (validation {mt}) after N evaluated trials{at}.{measured('samplers')}", "",
-               "| sampler | " + " | ".join(f"N={n}" for n in marks) + " | s / trial | over-budget samples |",
-               "|---|" + "---|" * len(marks) + "---|---|"]
+               "| sampler | " + " | ".join(f"N={n}" for n in marks)
+               + " | s / trial | over-budget samples | study's s to its last N |",
+               "|---|" + "---|" * len(marks) + "---|---|---|"]
 
         def cell(r, n):  # mean over the sampler's seeds (range), or one study's value
             get = lambda d: d.get(n, d.get(str(n)))  # noqa: E731 (JSON keys are strings)
@@ -481,15 +482,20 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
 
         for r in res["samplers"]:
             md.append(f"| {r['sampler']} | " + " | ".join(cell(r, n) for n in marks)
-                      + f" | {r['sec_per_trial']:.2f} | {r['infeasible']:g} |")
+                      + f" | {r['sec_per_trial']:.2f} | {r['infeasible']:g} | "
+                      + (f"{r['study_seconds']:.0f}" if "study_seconds" in r else "-") + " |")
         seeds = {r.get("seeds", 1) for r in res["samplers"]}
         if seeds != {1}:
             md += ["", f"Each sampler searched {'/'.join(map(str, sorted(seeds)))} studies, one per sampler "
                    "seed: a cell is the mean of their best rewards after N trials (their range); over-budget "
-                   "samples are per study. At one seed TPE and NSGA-II start from the same enqueued archs "
+                   "samples are per study (mean), up to its last counted trial. At one seed TPE and NSGA-II start from the same enqueued archs "
                    "(the fastest subnet, the largest uniform one within budget and, at a tight budget, 10 "
                    "random feasible ones), and evolution and random from the same initial feasible draws, "
-                   "so within each pair the first columns coincide and measure no sampler."]
+                   "so within each pair the first columns coincide and measure no sampler. A study's "
+                   "seconds are its trials' own (sampling, the predictor, storage writes and the "
+                   "evaluations, not pauses between runs) up to its last counted trial, mean over seeds: "
+                   "s / trial is an evaluated trial's, and a sampler that proposes over-budget archs "
+                   "pays for them there."]
             nv = max((r.get("val_queries") or 0) for r in res["samplers"])
             if nv:  # one standard error of a recall near the best rewards, on that many queries
                 p = max(max(r["best_at"].values()) for r in res["samplers"])
@@ -840,7 +846,7 @@ def main() -> None:
         sb = budget if args.samplers_budget_frac is None else round(lo + args.samplers_budget_frac * (hi - lo), 4)
         res["samplers_budget_ms"] = sb
         for sampler in args.samplers:
-            runs, secs, over = [], [], []
+            runs, secs, over, spent = [], [], [], []
             for k in range(args.sampler_seeds):  # one study per sampler seed: a sampler's luck is not its merit
                 cfg, r = search(budget_ms=sb, sampler=sampler, n_trials=args.trials, seed=k,
                                 study_name=f"bench-sampler-{sampler}-{sb:g}ms-seed{k}")
@@ -850,7 +856,12 @@ def main() -> None:
                 feas = sorted(_evaluated(st), key=lambda t: t.number)[:args.trials]
                 runs.append([t.user_attrs["reward"] for t in feas])
                 secs += [t.user_attrs["eval_seconds"] for t in feas]
-                over.append(sum(1 for t in st.trials if t.user_attrs.get("feasible") is False))
+                upto = [t for t in st.trials if feas and t.number <= feas[-1].number]
+                over.append(sum(1 for t in upto if t.user_attrs.get("feasible") is False))
+                # each trial's own time (asking the sampler, the predictor, the evaluation),
+                # not the pauses between runs of a resumed study
+                spent.append(sum((t.datetime_complete - t.datetime_start).total_seconds()
+                                 for t in upto if t.datetime_complete and t.datetime_start))
                 nval = next((t.user_attrs.get("n_val_queries") for t in feas if t.user_attrs.get("n_val_queries")), None)
             curves[sampler] = runs
             n_all = min(len(v) for v in runs)  # the trial counts every seed reached
@@ -860,7 +871,7 @@ def main() -> None:
                          "best_at": {n: statistics.mean(b) for n, b in best.items()},
                          "best_at_range": {n: [min(b), max(b)] for n, b in best.items()},
                          "sec_per_trial": statistics.median(secs),
-                         "infeasible": statistics.mean(over)})
+                         "infeasible": statistics.mean(over), "study_seconds": statistics.mean(spent)})
             print(rows[-1], flush=True)
         plot_progress(curves, out / f"{name}_samplers.png", title=f"budget {sb} ms, R3, recall@1")
         res["samplers"] = rows
