@@ -470,7 +470,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
         at = f" (budget {res['samplers_budget_ms']} ms)" if "samplers_budget_ms" in res else ""
         md += ["", f"Best {rw} reward (validation {mt}) after N evaluated trials{at}.{measured('samplers')}", "",
                "| sampler | " + " | ".join(f"N={n}" for n in marks)
-               + " | s / trial | over-budget samples | study's s to its last N |",
+               + " | s / trial | over-budget samples | s / study |",
                "|---|" + "---|" * len(marks) + "---|---|---|"]
 
         def cell(r, n):  # mean over the sampler's seeds (range), or one study's value
@@ -488,14 +488,10 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
         if seeds != {1}:
             md += ["", f"Each sampler searched {'/'.join(map(str, sorted(seeds)))} studies, one per sampler "
                    "seed: a cell is the mean of their best rewards after N trials (their range); over-budget "
-                   "samples are per study (mean), up to its last counted trial. At one seed TPE and NSGA-II start from the same enqueued archs "
+                   "samples are per study (mean). At one seed TPE and NSGA-II start from the same enqueued archs "
                    "(the fastest subnet, the largest uniform one within budget and, at a tight budget, 10 "
                    "random feasible ones), and evolution and random from the same initial feasible draws, "
-                   "so within each pair the first columns coincide and measure no sampler. A study's "
-                   "seconds are its trials' own (sampling, the predictor, storage writes and the "
-                   "evaluations, not pauses between runs) up to its last counted trial, mean over seeds: "
-                   "s / trial is an evaluated trial's, and a sampler that proposes over-budget archs "
-                   "pays for them there."]
+                   "so within each pair the first columns coincide and measure no sampler."]
             nv = max((r.get("val_queries") or 0) for r in res["samplers"])
             if nv:  # one standard error of a recall near the best rewards, on that many queries
                 p = max(max(r["best_at"].values()) for r in res["samplers"])
@@ -503,6 +499,13 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                            f"error near {p:.2f} is {se_points(p, nv):.1f} points: "
                            "differences between samplers smaller than that are the evaluation's noise "
                            "as much as the samplers'.")
+        if any("study_seconds" in r for r in res["samplers"]):
+            md += ["", "s / trial: one evaluated trial's evaluation (median). s / study: the study's "
+                   "trials' own seconds (asking the sampler, the predictor, storage writes and the "
+                   "evaluations; not pauses between runs, nor a trial a killed run left), mean over its "
+                   "studies; it and the over-budget samples count to each study's last counted trial "
+                   "(all of a study that stopped short). A sampler that proposes over-budget archs "
+                   "pays for them there: each is a trial the sampler's next proposal reads."]
         md += ["", f"![samplers](benchmarks/results/{name}_samplers.png)"]
     if "rewards" in res:
         seeded = any(r.get("seeds") for r in res["rewards"])
@@ -856,12 +859,15 @@ def main() -> None:
                 feas = sorted(_evaluated(st), key=lambda t: t.number)[:args.trials]
                 runs.append([t.user_attrs["reward"] for t in feas])
                 secs += [t.user_attrs["eval_seconds"] for t in feas]
-                upto = [t for t in st.trials if feas and t.number <= feas[-1].number]
+                # to the last counted trial where the study reached --trials (one kept from a
+                # longer run has more); all of it where it stopped short (gave up, or converged)
+                upto = st.trials if len(feas) < args.trials else [t for t in st.trials if t.number <= feas[-1].number]
                 over.append(sum(1 for t in upto if t.user_attrs.get("feasible") is False))
-                # each trial's own time (asking the sampler, the predictor, the evaluation),
-                # not the pauses between runs of a resumed study
-                spent.append(sum((t.datetime_complete - t.datetime_start).total_seconds()
-                                 for t in upto if t.datetime_complete and t.datetime_start))
+                # each finished trial's own time (asking the sampler, the predictor, the
+                # evaluation), not the pauses between runs of a resumed study: a trial a killed
+                # run left is failed when the next run starts, so its span is the pause
+                spent.append(sum((t.datetime_complete - t.datetime_start).total_seconds() for t in upto
+                                 if t.state == optuna.trial.TrialState.COMPLETE))
                 nval = next((t.user_attrs.get("n_val_queries") for t in feas if t.user_attrs.get("n_val_queries")), None)
             curves[sampler] = runs
             n_all = min(len(v) for v in runs)  # the trial counts every seed reached
