@@ -655,9 +655,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from pathlib import Path
+
     from hwnas.pipeline import run_pipeline
 
-    if args.config and args.config_flag and args.config != args.config_flag:
+    if args.config and args.config_flag and Path(args.config).resolve() != Path(args.config_flag).resolve():
         raise HwnasError(f"two configs given ({args.config} and --config {args.config_flag}); give one")
     args.config = args.config or args.config_flag
     if not args.config:

@@ -169,7 +169,11 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path, capsys):
                        (["run"], "hwnas run needs a config"),
                        (["run", "--config", str(tmp_path / "c.yaml")], "unknown keys ['datset']"),
                        (["run", "configs/quickstart.yaml", "--config", "configs/omniglot.yaml"], "two configs given"),
-                       (["deploy", "--run-dir", str(tmp_path / "fb")], "fb does not exist")]:
+                       (["deploy", "--run-dir", str(tmp_path / "fb")], "fb does not exist"),
+                       (["deploy", "--run-dir", str(tmp_path / "fb"), "--query", str(tmp_path / "q")],
+                        "(--query): give a folder hwnas train-query or hwnas adapt wrote"),
+                       # one config named both ways is one config
+                       (["run", str(tmp_path / "c.yaml"), "--config", f"{tmp_path}/./c.yaml"], "unknown keys ['datset']")]:
         r = hwnas_here(capsys, *args)
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "fb").exists()  # (the splits are not written before a refusal)

@@ -29,14 +29,14 @@ def _load(tmp_path, text):
     ("search:\n  sampler: bayes", r"search\.sampler.*'bayes' must be one of tpe, nsga2"),
     ("search:\n  alpha: 2", r"search\.alpha.*between 0 and 1"),
     ("gallery:\n  classifier: softmax", "gallery.classifier 'softmax' must be one of cosface, arcface"),
-    ("latency:\n  threads: -2", "latency.threads -2 must be at least 1"),
+    ("latency:\n  threads: -2", "latency.threads -2 must be a thread count"),
     ("space:\n  width_mult: 0.5\nadapt:\n  max_images: 2e4", "write 20000: a whole number"),
     ("- a\n- b", "config file must be a mapping"),
     # (a new user's walkthrough: these were tracebacks from numpy or PyTorch, or named no section)
     ("seed: -1", r"seed must be a whole number from 0 to 2\*\*32 - 1, got -1"),
     ("seed: 5000000000", r"seed must be a whole number from 0 to 2\*\*32 - 1"),
     ("data:\n  split: {seed: -5}", r"data\.split: seed=-5 must be a whole number >= 0"),
-    ("query:\n  train: {threads: -1}", r"query\.train: train\.threads -1 must be at least 1"),
+    ("query:\n  train: {threads: -1}", r"query\.train: train\.threads -1 must be a thread count"),
     ("query:\n  train: {epochs: -3}", r"query\.train: train\.epochs \(-3\)"),
     ("data:\n  split: {val_fraction: 1.5}", r"data\.split: val_fraction=1\.5 must be in \[0, 1\)"),
     # (each of these loaded, and failed or misbehaved only when its step ran, hours in)

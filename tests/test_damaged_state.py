@@ -72,7 +72,7 @@ def test_an_interrupted_write_leaves_neither_a_half_file_nor_a_temp_file(tmp_pat
     assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
-def test_search_settings_and_storage_errors(tmp_path):
+def test_search_settings_and_storage_errors(tmp_path, monkeypatch):
     from hwnas.rundir import RunDir
     from hwnas.search.runner import make_storage
 
@@ -92,6 +92,15 @@ def test_search_settings_and_storage_errors(tmp_path):
         make_storage(f"sqlite:///{tmp_path / 'nowhere' / 'x.db'}", rd)
     with pytest.raises(HwnasError, match="give sqlite:///PATH, postgresql://"):
         make_storage("bogus://x", rd)
+    with pytest.raises(HwnasError, match="give sqlite:///PATH"):  # not "the file is damaged"
+        make_storage("sqlite://x.db", rd)
+    # the folder check reads the URL as SQLAlchemy does: relative and percent-encoded paths open
+    (tmp_path / "a b").mkdir()
+    make_storage(f"sqlite:///{tmp_path}/a%20b/x.db", rd)
+    assert (tmp_path / "a b" / "x.db").is_file()
+    monkeypatch.chdir(tmp_path)
+    make_storage("sqlite:///rel.db", rd)
+    assert (tmp_path / "rel.db").is_file()
 
 
 def test_a_model_name_cannot_leave_the_query_folder(tmp_path):

@@ -295,8 +295,9 @@ def check_backbone_checkpoint(gc) -> None:
                          "weights you give: set gallery.backbone_checkpoint (--backbone-checkpoint, your "
                          "timm weights), or drop freeze_backbone")
     if gc.backbone_checkpoint and not Path(gc.backbone_checkpoint).is_file():
-        raise HwnasError(f"gallery.backbone_checkpoint {gc.backbone_checkpoint} does not exist; give "
-                         "your timm weights' path (safetensors or a torch state dict)")
+        what = "is a folder" if Path(gc.backbone_checkpoint).is_dir() else "does not exist"
+        raise HwnasError(f"gallery.backbone_checkpoint {gc.backbone_checkpoint} {what}; give "
+                         "your timm weights' file (safetensors or a torch state dict)")
 
 
 @_holds_folder("train-gallery", lambda cfg, **_: RunDir(cfg).path / "gallery")
@@ -311,7 +312,8 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     from hwnas.nn.models import check_timm_name
 
     check_timm_name(cfg.gallery.backbone)  # a typo must not cost the trained model (--restart)
-    check_backbone_checkpoint(cfg.gallery)  # (before the splits are written)
+    if restart or not (out / "model.safetensors").exists():  # (a finished model needs neither)
+        check_backbone_checkpoint(cfg.gallery)  # (before the splits are written)
     gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
     tc = cfg.train_config("gallery")
     record = gallery_record(cfg, rd)
@@ -480,7 +482,7 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     rd = RunDir(cfg)
     out = rd.path / "supernet"
     loss_cfg, tc = cfg.loss_config("supernet"), cfg.train_config("supernet")
-    if loss_cfg.needs_gallery:
+    if loss_cfg.needs_gallery and (restart or not (out / "model.safetensors").exists()):
         gallery_dir(rd)  # (before the splits are written)
     # what the model records of its training: compared with a finished model, saved with a new one
     record = {"space": cfg.search_space().to_dict(), "preprocess": cfg.preprocess().to_dict(),

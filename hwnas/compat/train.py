@@ -70,7 +70,7 @@ class TrainConfig:
                              f"train.epochs ({self.epochs}): the learning rate's linear ramp, after "
                              "which it decays")
         if self.threads < 0:
-            raise HwnasError(f"train.threads {self.threads} must be at least 1 (0: PyTorch's default)")
+            raise HwnasError(f"train.threads {self.threads} must be a thread count (1 or more), or 0 for PyTorch's default")
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise HwnasError(f"train.device {self.device!r} must be auto, cpu, cuda or cuda:N")
         if not 0.0 <= self.ema < 1.0:

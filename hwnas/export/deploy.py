@@ -322,11 +322,12 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
     if not (qdir / "config.json").exists():
         have = sorted(p.name for p in (rd.path / "query").glob("*") if (p / "config.json").exists()) \
             if (rd.path / "query").exists() else []
+        here = f" (trained here: {have})" if have else ""
         if query:  # the user's own folder
-            raise HwnasError(f"no query model at {qdir} (--query): give a folder hwnas train-query wrote "
-                             "(it holds config.json and model.safetensors)")
+            raise HwnasError(f"no query model at {qdir} (--query): give a folder hwnas train-query or "
+                             f"hwnas adapt wrote, with config.json and model.safetensors{here}")
         raise HwnasError(f"no query model at {qdir}; train one (hwnas train-query --from-search) or "
-                         f"pass --query DIR{f' (trained here: {have})' if have else ''}")
+                         f"pass --query DIR{here}")
     gdir = Path(gallery) if gallery else rd.path / "gallery"
     g = load_gallery(gdir)
     qnet, qcfg = load_query(qdir)

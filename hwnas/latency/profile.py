@@ -450,8 +450,9 @@ def gallery_throughput(gallery_net, pre, backend: LatencyBackend, batches=(1, 32
     return out
 
 
-def load_predictor(space: SearchSpace, table_path: Path, settings: dict | None = None) -> LatencyPredictor:
-    t = LatencyTable.load(table_path)
+def load_predictor(space: SearchSpace, table_path: Path, settings: dict | None = None,
+                   given: bool = False) -> LatencyPredictor:
+    t = LatencyTable.load(table_path, given=given)
     t.check(space, settings)
     if not t.header.get("complete"):
         raise HwnasError(f"{table_path} is incomplete (a profile was interrupted); finish it with "

@@ -37,13 +37,15 @@ class LatencyTable:
 
     # ---------------------------------------------------------------- io
     @classmethod
-    def load(cls, path: str | Path) -> "LatencyTable":
+    def load(cls, path: str | Path, given: bool = False) -> "LatencyTable":
+        """``given``: the user named this file (--table, latency.table): a file that is not a
+        table is the wrong path, not a damaged table of hwnas's own to write anew."""
         path = Path(path)
         if not path.exists():
             raise HwnasError(f"latency table {path} does not exist; build it with "
                              "`hwnas profile --device cpu` (or pass --table)")
         what = f"a {TABLE_FORMAT} latency table, the .json file `hwnas profile` writes"
-        d = read_json(path, given_as=what)
+        d = read_json(path, given_as=what if given else None)
         if not isinstance(d, dict) or not isinstance(d.get("header"), dict) or d["header"].get("format") != TABLE_FORMAT:
             raise HwnasError(f"{path} is not {what}")
         t = cls(d["header"], d["entries"])

@@ -67,7 +67,7 @@ def predictor_for(cfg: Config, space):
     # deploy and the report time the query models at
     settings = (OrtCpuBackend(threads=cfg.latency.threads).settings() if not cfg.latency.table
                 else {"threads": cfg.latency.threads} if cfg.latency.threads else None)
-    return load_predictor(space, path, settings), path
+    return load_predictor(space, path, settings, given=bool(cfg.latency.table)), path
 
 
 class SupernetEvaluator:
@@ -193,6 +193,23 @@ def make_sampler(name: str, space, cfg: Config, seed: int | None, multi_objectiv
     raise HwnasError(f"sampler {name!r} must be one of {SAMPLERS}")
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The database file a sqlite URL names, as SQLAlchemy reads it (percent-decoded); None
+    for another scheme, an in-memory database, a ``file:`` URI name or a URL it cannot parse
+    (the storage's own error says why)."""
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        db = make_url(url).database
+    except Exception:
+        return None
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db)
+
+
 def make_storage(url: str | None, rd: RunDir):
     """Optuna storage: default SQLite in the run directory; ``journal:PATH`` a journal file
     (works on a shared disk); anything else an RDB URL (sqlite:///..., postgresql://...)."""
@@ -214,8 +231,9 @@ def make_storage(url: str | None, rd: RunDir):
         except OSError as e:
             raise HwnasError(f"cannot open the journal storage {path}: {e.strerror or e}; give a "
                              "path in a folder you can write") from None
-    if url.startswith("sqlite:///") and url[len("sqlite:///"):] not in ("", ":memory:"):
-        parent = Path(url[len("sqlite:///"):]).parent
+    db = _sqlite_file(url)
+    if db is not None:
+        parent = db.parent
         if not parent.is_dir():
             raise HwnasError(f"--storage / search.storage {url!r}: the folder {parent} does not exist; "
                              "create it, or give a database file in a folder that does")
@@ -252,12 +270,12 @@ def make_storage(url: str | None, rd: RunDir):
         hint = next((v for k, v in drivers.items() if url.startswith(k)), None)
         if hint and "import" in str(e).lower():
             fix = f"; install the driver: {hint}"
+        elif any(w in str(e) for w in ("Can't load plugin", "Could not parse", "Invalid SQLite URL")):
+            fix = ("; give sqlite:///PATH, postgresql://USER@HOST/DB, mysql+pymysql://USER@HOST/DB "
+                   "or journal:PATH")
         elif url.startswith("sqlite:"):
             fix = ("; if the file is damaged, move it away (its finished trials are lost) or "
                    "give another --storage / search.storage")
-        elif "Can't load plugin" in str(e) or "Could not parse" in str(e):
-            fix = ("; give sqlite:///PATH, postgresql://USER@HOST/DB, mysql+pymysql://USER@HOST/DB "
-                   "or journal:PATH")
         else:
             fix = ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
