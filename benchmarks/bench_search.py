@@ -449,11 +449,14 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
     def measured(part: str) -> str:
         m = res.get("part_measured", {}).get(part)
         same_table = m and [round(v, 4) for v in m["table_range_ms"]] == [round(lo, 4), round(hi, 4)]
-        if not m or (m["date"] == res["machine"]["date"] and m["cpu"] == res["machine"]["cpu"] and same_table):
+        if not m:
             return ""
-        return (f" Measured {m['date']} on {m['cpu']}{' ' + m['note'] if m.get('note') else ''}"
+        note = f" {m['note']}" if m.get("note") else ""  # (--note: a sentence)
+        if m["date"] == res["machine"]["date"] and m["cpu"] == res["machine"]["cpu"] and same_table:
+            return note
+        return (f" Measured {m['date']} on {m['cpu']}"
                 + ("." if same_table else f", against a table of range {m['table_range_ms'][0]:.3f}-"
-                   f"{m['table_range_ms'][1]:.3f} ms (an earlier search space or table)."))
+                   f"{m['table_range_ms'][1]:.3f} ms (an earlier search space or table).") + note)
 
     runs = ", ".join(f"{p}: `{d}`, search.val_queries {res['part_val_queries'][p]}"
                      for p, d in sorted(res["part_run_dirs"].items()))
@@ -482,7 +485,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
 
         for r in res["samplers"]:
             md.append(f"| {r['sampler']} | " + " | ".join(cell(r, n) for n in marks)
-                      + f" | {r['sec_per_trial']:.2f} | {r['infeasible']:g} | "
+                      + f" | {r['sec_per_trial']:.2f} | {r['infeasible']:.0f} | "
                       + (f"{r['study_seconds']:.0f}" if "study_seconds" in r else "-") + " |")
         seeds = {r.get("seeds", 1) for r in res["samplers"]}
         if seeds != {1}:
@@ -789,6 +792,8 @@ def main() -> None:
                     help="budgets: also carry over the results file's models that predate its "
                          "weights digest, where this run's supernet gives every arch they recorded "
                          "the same search score (a run directory trained again to the same weights)")
+    ap.add_argument("--note", help="a sentence on how this run's parts were measured (e.g. beside "
+                    "another job), shown with each of them in BENCHMARKS.md")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the BENCHMARKS.md section (and the budgets plot) from the results "
                          "file, running nothing")
@@ -1322,7 +1327,8 @@ def main() -> None:
     # when, where and against which table each part was measured: parts run at other stops
     # keep theirs, and the markdown says so beside them
     res["part_measured"] = {**res.get("part_measured", {}), **{
-        p: {"date": res["machine"]["date"], "cpu": res["machine"]["cpu"], "table_range_ms": [lo, hi]}
+        p: {"date": res["machine"]["date"], "cpu": res["machine"]["cpu"], "table_range_ms": [lo, hi],
+            **({"note": args.note} if args.note else {})}
         for p in done}}
     if "samplers" in done:  # what the samplers' studies rewarded
         res["search_reward"], res["search_metric"] = base.search.reward, base.search.metric
