@@ -2,7 +2,9 @@
 
 Each Optuna trial proposes an arch (``space.suggest``). Its latency is *predicted* from the
 device's table first: an arch over budget is recorded as infeasible with
-``Trial.set_constraint`` (costing a few storage writes: milliseconds) and never evaluated. A feasible arch is
+``Trial.set_constraint`` (a few storage writes: milliseconds; but to TPE and NSGA-II each is
+history their next proposal reads, and a TPE study that drew thousands asked in tenths of a
+second) and never evaluated. A feasible arch is
 evaluated from the trained supernet: BatchNorm recalibration on training images, then
 M(q,q) and M(q,g) on the validation split (never the test split), with the gallery side's
 embeddings computed once per study. The reward is R1 = M(q,q), R2 = M(q,g) or
