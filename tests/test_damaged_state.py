@@ -136,3 +136,22 @@ def test_steps_whose_outputs_are_gone_are_done_again(tmp_path):
     assert lost_steps(cfg, lambda n: n not in ("search", "report")) == []
     cfg.adapt.epochs = 3  # on: its model is a product too
     assert "adapt" in lost_steps(cfg, lambda n: n in STEPS)
+
+
+def test_a_latency_table_that_is_not_one_is_named_for_what_it_is(tmp_path):
+    """A path the user gave (--table) that is no table is the wrong path; a table hwnas wrote
+    that no longer parses is damaged, to write anew; a header without entries says so."""
+    import json
+
+    from hwnas.latency.table import TABLE_FORMAT, LatencyTable
+
+    (tmp_path / "t.json").write_text('{"header": ')
+    with pytest.raises(HwnasError, match="t.json is not a hwnas-latency-v1 latency table"):
+        LatencyTable.load(tmp_path / "t.json", given=True)
+    with pytest.raises(HwnasError, match="t.json is damaged.*hwnas writes it anew"):
+        LatencyTable.load(tmp_path / "t.json")
+    with pytest.raises(HwnasError, match="is a folder, not a hwnas-latency-v1 latency table"):
+        LatencyTable.load(tmp_path, given=True)
+    (tmp_path / "t.json").write_text(json.dumps({"header": {"format": TABLE_FORMAT}}))
+    with pytest.raises(HwnasError, match="header but no entries"):
+        LatencyTable.load(tmp_path / "t.json")

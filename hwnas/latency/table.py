@@ -48,6 +48,9 @@ class LatencyTable:
         d = read_json(path, given_as=what if given else None)
         if not isinstance(d, dict) or not isinstance(d.get("header"), dict) or d["header"].get("format") != TABLE_FORMAT:
             raise HwnasError(f"{path} is not {what}")
+        if not isinstance(d.get("entries"), dict):  # the header alone: cut short or hand-made
+            raise HwnasError(f"{path} has a {TABLE_FORMAT} header but no entries; build it again with "
+                             f"`hwnas profile --device {d['header'].get('device', 'cpu')} --out {path}`")
         t = cls(d["header"], d["entries"])
         t.path = path
         return t
