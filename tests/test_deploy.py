@@ -103,6 +103,15 @@ def test_failed_deploy_leaves_nothing(bundle, tmp_path):
         deploy(cfg, log=lambda *_: None)  # the existing bundle is never silently replaced
 
 
+def test_a_faiss_error_says_faiss_words_not_its_source_location():
+    from hwnas.export.deploy import make_index
+
+    with pytest.raises(HwnasError) as e:
+        make_index(128, "PQ7")  # 128 is no multiple of 7: FAISS's own check refuses it
+    assert "subquantizers" in str(e.value)
+    assert ".cpp" not in str(e.value) and "Error in" not in str(e.value)
+
+
 def test_parity_refuses_a_non_finite_export():
     """An export with a NaN output fails the parity check (the minimum of cosines with a NaN
     is NaN, which no '<' comparison catches)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -45,10 +46,14 @@ def _has(d: dict, dotted: str) -> bool:
     return True
 
 
-def _first_line(e: Exception) -> str:
-    """An exception's first message line (native libraries append pages of context)."""
+def first_line(e: Exception) -> str:
+    """An exception's first message line (native libraries append pages of context), without
+    the C++ function and source location FAISS puts before its own words ("Error in
+    <function> at <file>:<line>: <words>")."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", text.splitlines()[0])
 
 
 def _read_json(path: Path, what: str):
@@ -141,7 +146,7 @@ def ort_session(path: str | Path, threads: int | None = None):
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile, ...
-        raise BundleError(f"ONNX Runtime cannot load {path}: {_first_line(e)}; deploy the bundle again") from None
+        raise BundleError(f"ONNX Runtime cannot load {path}: {first_line(e)}; deploy the bundle again") from None
 
 
 class Bundle:
@@ -265,7 +270,7 @@ class Bundle:
             try:
                 self._index = faiss.read_index(str(self.path / "gallery.index"))
             except RuntimeError as e:
-                raise BundleError(f"FAISS cannot read {self.path / 'gallery.index'} ({_first_line(e)}); "
+                raise BundleError(f"FAISS cannot read {self.path / 'gallery.index'} ({first_line(e)}); "
                                   "deploy the bundle again") from None
             if self._index.d != self.dim:
                 raise BundleError(f"gallery.index has dimension {self._index.d}, manifest says {self.dim}")

@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from hwnas_edge.bundle import first_line
+
 from hwnas.config import Config
 from hwnas.errors import HwnasError
 from hwnas.rundir import RunDir
@@ -60,7 +62,7 @@ def make_index(d: int, factory: str):
     try:
         return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise HwnasError(f"FAISS cannot build index {factory!r}: {str(e).splitlines()[0]}; see "
+        raise HwnasError(f"FAISS cannot build index {factory!r}: {first_line(e)}; see "
                          "the FAISS index factory docs (e.g. Flat, HNSW32, IVF1024,Flat)") from None
 
 
@@ -82,7 +84,7 @@ def build_index(emb: np.ndarray, factory: str, use_gpu: bool | None = None) -> t
             index = faiss.index_gpu_to_cpu(g)
             info["built_on"] = "gpu"
         except RuntimeError as e:  # e.g. HNSW has no GPU version
-            info["gpu_skipped"] = str(e).splitlines()[0]
+            info["gpu_skipped"] = first_line(e)
     elif use_gpu:
         info["gpu_skipped"] = "faiss-gpu or a GPU is not present"
     if info["built_on"] == "cpu":
@@ -96,7 +98,7 @@ def build_index(emb: np.ndarray, factory: str, use_gpu: bool | None = None) -> t
                 index.train(emb)
             except RuntimeError as e:
                 raise HwnasError(f"FAISS cannot train index {factory!r} on {len(emb)} gallery "
-                                 f"items: {str(e).splitlines()[0]}; use --index Flat") from None
+                                 f"items: {first_line(e)}; use --index Flat") from None
         index.add(emb)
     info["search_params"] = _search_params(index)
     return index, info

@@ -66,12 +66,13 @@ def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
     if not path.is_file():
         raise HwnasError(f"backbone checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
+        from hwnas_edge.bundle import first_line
         from safetensors.torch import load_file
 
         try:
             state = load_file(str(path))
         except Exception as e:  # SafetensorError: a truncated or foreign file
-            raise HwnasError(f"cannot read {path} as safetensors ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            raise HwnasError(f"cannot read {path} as safetensors ({first_line(e)}); "
                              "save it with safetensors.torch.save_file(model.state_dict(), path)") from None
     else:
         try:

@@ -280,8 +280,9 @@ def make_storage(url: str | None, rd: RunDir):
                    "give another --storage / search.storage")
         else:
             fix = ""
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HwnasError(f"cannot open the Optuna storage {url!r}: {first}{fix}") from None
+        from hwnas_edge.bundle import first_line
+
+        raise HwnasError(f"cannot open the Optuna storage {url!r}: {first_line(e)}{fix}") from None
 
 
 # ---------------------------------------------------------------------- the search
