@@ -363,7 +363,14 @@ def _load(args):
         d.split = {**d.split, "protocol": args.protocol}
     if getattr(args, "seed", None) is not None:
         d.split = {**d.split, "seed": args.seed}
-    return cfg.validate()
+    try:
+        return cfg.validate()
+    except HwnasError as e:  # a setting the config file gave (or a flag changed): name the file
+        path = getattr(args, "config", None)
+        if path is None or str(e).startswith(str(path)):
+            raise
+        raise type(e)(f"{path}{' with --set' if getattr(args, 'set', None) else ''}: "
+                      f"{e}") from None
 
 
 def cmd_data(args) -> int:

@@ -410,15 +410,15 @@ def load_config(path: str | Path | None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise HwnasError(f"config file {path} does not exist (see configs/ for examples)")
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".json":
-            d = json.loads(text)
-        else:
-            import yaml
+        with path.open(encoding="utf-8") as f:  # (a stream: YAML's messages name the file)
+            if path.suffix == ".json":
+                d = json.load(f)
+            else:
+                import yaml
 
-            d = yaml.safe_load(text)
-    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
+                d = yaml.safe_load(f)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError / UnicodeDecodeError
         raise HwnasError(f"config file {path} is not valid YAML/JSON: {e}") from None
     try:
         return _build(Config, {} if d is None else d, "")

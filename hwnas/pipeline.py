@@ -533,6 +533,9 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
 
         make_index(cfg.search_space().embed_dim, cfg.deploy.index)
     rd = RunDir(cfg)
+    # the data source opened before the run directory is written: a wrong path or an empty
+    # folder leaves no run behind (the data step splits this collection)
+    col = None if rd.splits_path.exists() else rd.collection()
     new_dir = not rd.path.exists()
     rd.path.mkdir(parents=True, exist_ok=True)
     if cfg.search.storage:  # a bad URL, a missing driver or a server down: now, not at the search
@@ -592,8 +595,10 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     def data():
         from hwnas.data.splits import no_validation_reason
 
+        nonlocal col
         made = not rd.splits_path.exists()
-        s = rd.splits(log=log)
+        s = rd.splits(col, log=log)
+        col = None
         why = no_validation_reason(s)
         if why:  # the search step needs them: fail now, not after the gallery's training
             if made:  # not kept: a corrected config then splits afresh

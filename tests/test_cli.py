@@ -130,14 +130,21 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path, capsys):
     (tmp_path / "t.yaml").write_text(f"run_dir: {tmp_path / 'trun'}\nquery:\n  train: {{epochs: ten}}\n")
     r = hwnas("run", str(tmp_path / "t.yaml"))
     assert r.returncode == 2 and "query.train.epochs must be a whole number" in r.stderr
+    assert f"{tmp_path / 't.yaml'}: " in r.stderr  # the file the setting is in
     assert "Traceback" not in r.stderr and not (tmp_path / "trun").exists()
+    # YAML that does not parse: the message names the file and line (not "<unicode string>")
+    (tmp_path / "y.yaml").write_text("data:\n  split: {protocol: closed\n")
+    r = hwnas("run", str(tmp_path / "y.yaml"))
+    assert r.returncode == 2 and f'in "{tmp_path / "y.yaml"}", line' in r.stderr, r.stderr
     # a FAISS factory or an Optuna storage the run could use only at its last steps
     for i, (setting, word) in enumerate([("deploy:\n  index: IVFbogus", "FAISS cannot build index 'IVFbogus'"),
                                          ("search:\n  storage: 'foo'", "cannot open the Optuna storage 'foo'"),
                                          ("gallery:\n  backbone: resnet1000", "unknown timm model 'resnet1000'"),
                                          ("deploy:\n  catalog: nowhere/", "deploy.catalog nowhere (relative to the working directory"),
                                          ("gallery:\n  freeze_backbone: true", "set gallery.backbone_checkpoint"),
-                                         ("gallery:\n  backbone_checkpoint: nope.pt", "nope.pt does not exist")]):
+                                         ("gallery:\n  backbone_checkpoint: nope.pt", "nope.pt does not exist"),
+                                         (f"data:\n  dataset: folder\n  data_dir: {tmp_path / 'nodata'}",
+                                          "nodata does not exist")]):
         (tmp_path / "s.yaml").write_text(f"run_dir: {tmp_path / f'srun{i}'}\n{setting}\n")
         r = hwnas_here(capsys, "run", str(tmp_path / "s.yaml"))
         assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, r.stderr
