@@ -126,6 +126,32 @@ def test_class_folders_with_train_test(tmp_path):
     assert len(s.parts["train"]) == 8 and len(s.parts["query"]) + len(s.parts["gallery"]) == 6
 
 
+def test_open_set_scores_among_two_classes_at_least(tmp_path):
+    """Recall@1 among one class is 1 for any model: a search on one validation class, or a
+    test split of one class, would compare nothing."""
+    col = image_folder(make_png_folder(tmp_path / "imgs", {f"c{i}": 4 for i in range(10)}))
+    s = make_splits(col, SplitConfig(protocol="open", val_fraction=0.15))  # 0.15 x 8 rounds to 1
+    assert len(s.classes("val_query")) == 2 and len(s.classes("query")) == 2
+    assert len(s.classes("train")) == 6
+    small = image_folder(make_png_folder(tmp_path / "two", {"a": 4, "b": 4}))
+    with pytest.raises(DataError, match="2 classes are too few for an open-set split"):
+        make_splits(small, SplitConfig(protocol="open"))
+    three = image_folder(make_png_folder(tmp_path / "three", {"a": 4, "b": 4, "c": 4}))
+    with pytest.raises(DataError, match="1 training classes are too few for val_fraction"):
+        make_splits(three, SplitConfig(protocol="open", val_fraction=0.6))
+    # a train/ + test/ layout: a test/ of one class, and classes in both (a folder's own advice)
+    make_png_folder(tmp_path / "ds" / "train", {"a": 4, "b": 4})
+    make_png_folder(tmp_path / "ds" / "test", {"c": 4})
+    with pytest.raises(DataError, match="test queries come from 1 class"):
+        make_splits(image_folder(tmp_path / "ds"), SplitConfig(protocol="open", val_fraction=0))
+    make_png_folder(tmp_path / "ds2" / "train", {"a": 4, "b": 4})
+    make_png_folder(tmp_path / "ds2" / "test", {"a": 3, "b": 3})
+    with pytest.raises(DataError, match="class folders in one folder, without train/ and test/"):
+        make_splits(image_folder(tmp_path / "ds2"), SplitConfig(protocol="open", val_fraction=0))
+    with pytest.raises(DataError, match=r"must have 1 value \(one per input channel; space.in_channels is 1\)"):
+        Preprocess(32, 1, mean=(0.5, 0.5, 0.5))
+
+
 def test_manifest(tmp_path):
     make_png_folder(tmp_path / "imgs", {"x": 3, "y": 3})
     rows = ["path,label,split"]
@@ -136,6 +162,8 @@ def test_manifest(tmp_path):
     col = manifest(tmp_path / "m.csv")
     assert len(col) == 6 and col.splits.count("train") == 2
     assert np.asarray(col.read(0)).shape == (24, 20, 3)
+    (tmp_path / "caps.csv").write_text((tmp_path / "m.csv").read_text().replace("path,label,split", "Path, LABEL,Split"))
+    assert manifest(tmp_path / "caps.csv").splits == col.splits  # a spreadsheet's capitalised header
     (tmp_path / "bad.csv").write_text("file,cls\na.png,x\n")
     with pytest.raises(DataError, match="path,label"):
         manifest(tmp_path / "bad.csv")

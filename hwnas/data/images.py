@@ -32,7 +32,10 @@ class Preprocess:
         for name in ("mean", "std"):
             v = getattr(self, name)
             if len(v) not in (1, self.channels):
-                raise DataError(f"preprocess {name} {list(v)} must have 1 or {self.channels} values")
+                raise DataError(f"preprocess {name} {list(v)} must have "
+                                f"{'1 value' if self.channels == 1 else f'1 or {self.channels} values'} "
+                                f"(one per input channel; space.in_channels is {self.channels}): set "
+                                f"data.{name} to match")
         if any(s <= 0 for s in self.std):
             raise DataError(f"preprocess std {list(self.std)} must be positive")
 

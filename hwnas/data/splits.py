@@ -43,8 +43,8 @@ class SplitConfig:
     seed: int = 0
     query_fraction: float = 0.2  # share of each eval class's images used as queries
     query_mode: str = "split"  # split: queries and gallery disjoint | all: leave-one-out
-    val_fraction: float = 0.1  # closed: share of train images per class; open: of train classes
-    test_fraction: float = 0.2  # only where the source has no split (closed: images, open: classes)
+    val_fraction: float = 0.1  # closed: share of train images per class; open: of train classes (2 at least)
+    test_fraction: float = 0.2  # only where the source has no split (closed: images, open: classes, 2 at least)
     train_per_class: int | None = None  # seeded subsample (quick configs)
     eval_per_class: int | None = None
 
@@ -314,7 +314,8 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
                     f"{col.name}: open-set needs train and test classes disjoint, but "
                     f"{len(overlap)} classes (e.g. {col.class_names[min(overlap)]!r}) appear in "
                     "both source splits; set data.split.protocol: closed (hwnas data: --protocol closed) or "
-                    "drop the split column"
+                    + ("put the class folders in one folder, without train/ and test/, so the test classes "
+                       "are drawn from them" if col.name.startswith("folder:") else "drop the split column")
                 )
         else:
             # any class may be drawn for the test (or validation) classes, which need a query and
@@ -327,9 +328,12 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
                     "item): add images or drop the class")
             names = sorted(range(col.num_classes), key=lambda c: col.class_names[c])
             perm = [names[i] for i in _rng(cfg.seed, 1).permutation(len(names))]
-            k = max(1, int(round(cfg.test_fraction * len(names))))
+            # at least 2 test classes: recall@1 among one class is 1 whatever the model
+            k = max(2, int(round(cfg.test_fraction * len(names))))
             if len(names) - k < 1:
-                raise DataError(f"{col.name}: {len(names)} classes are too few for an open-set split")
+                raise DataError(f"{col.name}: {len(names)} classes are too few for an open-set split, which "
+                                "needs 2 test classes (recall among one class is always 1) and a training "
+                                "class: add classes, or set data.split.protocol: closed")
             te_cls, tr_cls = set(perm[:k]), set(perm[k:])
         train = all_idx[np.isin(col.labels, sorted(tr_cls))]
         test = all_idx[np.isin(col.labels, sorted(te_cls))]
@@ -337,8 +341,13 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
         test = _subsample(col, test, cfg.eval_per_class, cfg.seed)
         tr_sorted = sorted(tr_cls, key=lambda c: col.class_names[c])
         n_val = int(round(cfg.val_fraction * len(tr_sorted)))
+        if n_val == 1:  # one validation class scores every arch 1: the search would compare nothing
+            n_val = 2
         if n_val and len(tr_sorted) - n_val < 1:
-            raise DataError(f"{col.name}: too few training classes for val_fraction={cfg.val_fraction}")
+            raise DataError(f"{col.name}: {len(tr_sorted)} training classes are too few for "
+                            f"val_fraction={cfg.val_fraction}: validation takes at least 2 classes (recall "
+                            "among one is always 1) and training keeps one; add classes, set "
+                            "data.split.val_fraction: 0 (no search), or data.split.protocol: closed")
         val_cls = [tr_sorted[i] for i in _rng(cfg.seed, 2).permutation(len(tr_sorted))[:n_val]]
         is_val = np.isin(col.labels[train], val_cls)
         val, train = train[is_val], train[~is_val]
@@ -349,6 +358,10 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
         q, g = _query_gallery(col, test, cfg, "test", fix)
     if not len(train):
         raise DataError(f"{col.name}: no training images left after splitting")
+    n_test = len(np.unique(col.labels[q]))
+    if n_test < 2:  # e.g. a source's test/ folder of one class
+        raise DataError(f"{col.name}: the test queries come from {n_test} class; retrieval is scored "
+                        "among 2 classes at least (recall among one class is always 1): add test classes")
     return Splits(cfg, {"train": train, "val_query": vq, "val_gallery": vg, "query": q, "gallery": g}, col)
 
 
