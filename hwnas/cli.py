@@ -383,8 +383,10 @@ def cmd_data(args) -> int:
     rd = RunDir(cfg)
     col = rd.collection()
     made = not rd.splits_path.exists()
-    s = rd.splits(col)
-    rd.check_images(s, made)  # every image read once now, not first by the step that needs it
+    s = rd.splits(col, save=False)  # a new split is kept only once its images are read
+    rd.check_images(s)  # every image read once now, not first by the step that needs it
+    if made:
+        rd.save_splits(s)
     rd.save_config()
     rows = [[p, c["images"], c["classes"]] for p, c in s.counts().items()]
     print(f"data set {col.name}: {len(col)} images, {col.num_classes} classes "

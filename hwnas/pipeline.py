@@ -14,6 +14,7 @@ exactly the steps whose inputs changed, and those downstream of them, are done a
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -597,15 +598,14 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
 
         nonlocal col
         made = not rd.splits_path.exists()
-        s = rd.splits(col, log=log)
+        s = rd.splits(col, log=log, save=False)  # a new split is kept only once it passes the checks
         col = None
         why = no_validation_reason(s)
         if why:  # the search step needs them: fail now, not after the gallery's training
-            if made:  # not kept: a corrected config then splits afresh
-                rd.splits_path.unlink()
-                raise HwnasError(why)
-            raise HwnasError(f"{why} (then split again: --from data)")
-        skipped = rd.check_images(s, made, log)  # every image read once here, not by the step that needs it
+            raise HwnasError(why if made else f"{why} (then split again: --from data)")
+        skipped = rd.check_images(s, log)  # every image read once here, not by the step that needs it
+        if made:
+            rd.save_splits(s, log)
         return {"fingerprint": s.fingerprint, "counts": s.counts(), "unreadable": len(skipped)}
 
     def profile():
@@ -669,7 +669,14 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
         r = build_report(cfg, log=log)
         return {"rows": len(r["rows"])}
 
-    step("data", data)
+    try:
+        step("data", data)
+    except BaseException:
+        if new_dir:  # a run that stops at its data (unreadable images, no validation split)
+            (rd.path / "config.json").unlink(missing_ok=True)  # leaves no run directory behind
+            with contextlib.suppress(OSError):
+                rd.path.rmdir()
+        raise
     step("profile", profile)
     keep_table(cfg, steps, log)
     if cfg.search.budget_ms is not None:  # a budget no subnet meets: said now, not after the trainings

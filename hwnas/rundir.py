@@ -29,9 +29,10 @@ class RunDir:
 
         return load_source(self.cfg.data.dataset, self.cfg.data.data_dir)
 
-    def splits(self, collection=None, create: bool = True, log=print):
+    def splits(self, collection=None, create: bool = True, log=print, save: bool = True):
         """The run's splits: read ``splits.json`` if present (and check it was made with
-        the same data and split config), else make and record them."""
+        the same data and split config), else make and record them (``save=False``: make them
+        only; :meth:`save_splits` records them once they are checked)."""
         from hwnas.data.splits import Splits, make_splits
 
         col = collection or self.collection()
@@ -56,23 +57,22 @@ class RunDir:
         if not create:
             raise DataError(f"{self.splits_path} does not exist; run `hwnas data` first")
         s = make_splits(col, split_cfg)
-        s.save(self.splits_path)
-        log(f"wrote {self.splits_path} (fingerprint {s.fingerprint})")
+        if save:
+            self.save_splits(s, log)
         return s
 
-    def check_images(self, splits, made: bool, log=print) -> list[str]:
+    def save_splits(self, s, log=print) -> None:
+        s.save(self.splits_path)
+        log(f"wrote {self.splits_path} (fingerprint {s.fingerprint})")
+
+    def check_images(self, splits, log=print) -> list[str]:
         """Every image of ``splits`` read once (:func:`hwnas.data.splits.check_split_images`,
-        skipping as ``data.skip_bad_images`` says); when that fails, a split ``made`` by this
-        call is not kept, so a data set with files fixed or removed splits afresh."""
+        skipping as ``data.skip_bad_images`` says). The data commands check a new split before
+        they save it (``splits(save=False)``), so a data set with files fixed or removed splits
+        afresh."""
         from hwnas.data.splits import check_split_images
 
-        try:
-            return check_split_images(splits, self.cfg.data.skip_bad_images, log)
-        except DataError as e:
-            if not made:
-                raise
-            self.splits_path.unlink()
-            raise type(e)(f"{e} ({self.splits_path.name} just written is removed)") from None
+        return check_split_images(splits, self.cfg.data.skip_bad_images, log)
 
     def save_config(self) -> Path:
         return write_json(self.path / "config.json", self.cfg.to_dict())
