@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index these images instead of the test split's gallery part: a folder (any "
                    "depth), a .zip, or a CSV manifest with path and optional label columns "
                    "(default: deploy.catalog); the accuracy figures stay on the test split")
+    p.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="leave unreadable catalog images out (counted) instead of stopping "
+                   "(data.skip_bad_images)")
     p.add_argument("--int8", action="store_true", help="also a static QDQ int8 query model "
                    "(on too where deploy.int8 is true)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (a folder "

@@ -209,6 +209,13 @@ def test_a_catalog_is_indexed_in_place_of_the_test_gallery(bundle, tmp_path):
     items = json.loads((tmp_path / "f" / "gallery_items.json").read_text())
     assert m["gallery"]["n_items"] == 7 and {it["label"] for it in items} == {None}
     assert sorted(it["id"] for it in items) == sorted(r.split(",")[0] for r in rows[1:])
+    # an unreadable catalog image stops deploy, with no bundle; --skip-bad-images leaves it out
+    (cat / "shelf1" / "broken.png").write_bytes(b"\x89PNG not really")
+    args = ["deploy", "--config", str(root / "c.json"), "--catalog", str(cat), "--out", str(tmp_path / "s")]
+    assert main(args) == 2 and not (tmp_path / "s").exists()
+    assert main([*args, "--skip-bad-images"]) == 0
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["gallery"]["n_items"] == 7 and m["index"]["source"]["skipped"] == ["shelf1/broken.png"]
     # the README's deploy --int8 --overwrite: that bundle replaced by one of the test split's
     # gallery, with the int8 query model beside the fp32 one
     assert main(["deploy", "--config", str(root / "c.json"), "--int8", "--overwrite", "--out", str(tmp_path / "f")]) == 0
@@ -277,6 +284,15 @@ def test_edge_runtime_without_torch_matches_pytorch(bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     edge = [[h["id"] for h in res["top"]] for res in json.loads(r.stdout)["results"]]
     assert edge == _torch_topk(cfg, root / "run" / "bundle", paths, 5)
+    # a folder: every image under it, in sorted order (q0..q3.png here), with the same hits
+    r = subprocess.run(cmd[:5] + [str(tmp_path), "--top-k", "5", "--json"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["results"]
+    assert [x["image"] for x in res] == list(map(str, paths))
+    assert [[h["id"] for h in x["top"]] for x in res] == edge
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run(cmd[:5] + [str(tmp_path / "empty")], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "holds no image file" in r.stderr
 
 
 def test_edge_add_grows_the_index_without_torch(bundle, tmp_path, monkeypatch):

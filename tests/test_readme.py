@@ -88,6 +88,7 @@ RUN_BY = {
     "hwnas data --dataset manifest --data-dir images.csv --run-dir runs/mine2": "test_cli.py::test_data_command_writes_splits",
     "hwnas-edge query runs/quickstart/bundle photo.png --top-k 5": "test_deploy.py::test_edge_runtime_without_torch_matches_pytorch",
     "hwnas-edge query runs/quickstart/bundle photo.png --threads 2": "test_deploy.py::test_edge_add_grows_the_index_without_torch",
+    "hwnas-edge query runs/quickstart/bundle photos/ --json": "test_deploy.py::test_edge_runtime_without_torch_matches_pytorch",
     "hwnas-edge serve runs/quickstart/bundle --port 8000": "test_deploy.py::_start_service",  # (the service fixture)
     "hwnas-edge query runs/quickstart/bundle photo.png --server http://127.0.0.1:8000":
         "test_deploy.py::test_service_answers_and_refuses",

@@ -1,6 +1,7 @@
 """``hwnas-edge``: query a bundle from an edge device, serve its gallery index, verify it.
 
     hwnas-edge query BUNDLE image.jpg [more.jpg ...] --top-k 5
+    hwnas-edge query BUNDLE photos/ --json                  # every image under a folder
     hwnas-edge query BUNDLE image.jpg --server http://127.0.0.1:8000
     hwnas-edge serve BUNDLE --port 8000
     hwnas-edge verify BUNDLE
@@ -18,6 +19,25 @@ import urllib.parse
 import urllib.request
 
 from hwnas_edge.bundle import Bundle, BundleError, verify
+
+
+def _query_images(given: list[str]) -> list[str]:
+    """The images a query names: files as given, a folder as every image under it (sorted)."""
+    from pathlib import Path
+
+    from hwnas_edge.preprocess import IMAGE_EXTS
+    from hwnas_edge.sources import folder_images
+
+    out = []
+    for a in given:
+        if Path(a).is_dir():
+            found = folder_images(a)
+            if not found:
+                raise BundleError(f"folder {a} holds no image file ({', '.join(sorted(IMAGE_EXTS))})")
+            out += [str(p) for p in found]
+        else:
+            out.append(a)
+    return out
 
 
 def _check_server_url(server: str) -> None:
@@ -87,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     q = sub.add_parser("query", help="embed images with query.onnx and search the gallery")
     q.add_argument("bundle")
-    q.add_argument("images", nargs="+")
+    q.add_argument("images", nargs="+", help="image files, or folders (every image under one)")
     q.add_argument("--top-k", type=_positive_int, default=5, help="hits per image (default 5)")
     q.add_argument("--server", help="search a remote gallery service instead of the local index "
                    "(the device then needs only manifest.json and query*.onnx)")
@@ -126,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.server:
                 _check_server_url(args.server)  # before any image is read
             b = Bundle(args.bundle, query_only=bool(args.server))
-            emb = b.embed(b.load_images(args.images), int8=args.int8, threads=args.threads)
-            res = (_remote_search(args.server, emb, b.query_fingerprint, args.top_k) if args.server
-                   else b.search(emb, args.top_k))
+            images, res = _query_images(args.images), []
+            for i in range(0, len(images), 256):  # a folder's images a batch at a time, not all in memory
+                emb = b.embed(b.load_images(images[i:i + 256]), int8=args.int8, threads=args.threads)
+                res += (_remote_search(args.server, emb, b.query_fingerprint, args.top_k) if args.server
+                        else b.search(emb, args.top_k))
             if args.json:
-                print(json.dumps({"results": [{"image": i, "top": r} for i, r in zip(args.images, res)]}))
+                print(json.dumps({"results": [{"image": i, "top": r} for i, r in zip(images, res)]}))
             else:
-                for img, r in zip(args.images, res):
+                for img, r in zip(images, res):
                     print(img)
                     for rank, hit in enumerate(r, 1):
                         print(f"  {rank}. {hit['score']:.4f}  " + (f"{hit['label']}  " if hit["label"] is not None else "")

@@ -36,7 +36,8 @@ SPLIT_FOLDER_NAMES = {"train", "training", "test", "testing", "val", "valid", "v
 # skipping, hwnas run) take flags for them too
 DATA_DIR_FIX = "set data.data_dir (--set data.data_dir=DIR; hwnas data takes --data-dir DIR)"
 SKIP_BAD_FIX = ("set data.skip_bad_images: true (--set data.skip_bad_images=true on each command; "
-                "hwnas data and hwnas run take --skip-bad-images) to skip unreadable images, counted")
+                "hwnas data, hwnas run and hwnas deploy take --skip-bad-images) to skip unreadable "
+                "images, counted")
 
 
 @dataclass
