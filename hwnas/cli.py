@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "depth), a .zip, or a CSV manifest with path and optional label columns "
                    "(default: deploy.catalog); the accuracy figures stay on the test split")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
-                   help="leave unreadable catalog images out (counted) instead of stopping "
-                   "(data.skip_bad_images)")
+                   help="leave unreadable images (the catalog's, or the split's gallery part) out, "
+                   "counted, instead of stopping (data.skip_bad_images)")
     p.add_argument("--int8", action="store_true", help="also a static QDQ int8 query model "
                    "(on too where deploy.int8 is true)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (a folder "
@@ -368,12 +368,15 @@ def _load(args):
         d.split = {**d.split, "seed": args.seed}
     try:
         return cfg.validate()
-    except HwnasError as e:  # a setting the config file gave (or a flag changed): name the file
+    except HwnasError as e:  # name the config file, and the flags that changed its settings
         path = getattr(args, "config", None)
         if path is None or str(e).startswith(str(path)):
             raise
-        raise type(e)(f"{path}{' with --set' if getattr(args, 'set', None) else ''}: "
-                      f"{e}") from None
+        flags = [f"--{name.replace('_', '-')}" for name in ("set", "run_dir", "dataset", "data_dir",
+                                                             "skip_bad_images", "jobs", "protocol", "seed")
+                 if getattr(args, name, None) not in (None, [])]
+        given = f" (with {', '.join(flags)})" if flags else ""
+        raise type(e)(f"{path}{given}: {e}") from None
 
 
 def cmd_data(args) -> int:

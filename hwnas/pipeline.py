@@ -14,7 +14,6 @@ exactly the steps whose inputs changed, and those downstream of them, are done a
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -672,10 +671,10 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     try:
         step("data", data)
     except BaseException:
-        if new_dir:  # a run that stops at its data (unreadable images, no validation split)
-            (rd.path / "config.json").unlink(missing_ok=True)  # leaves no run directory behind
-            with contextlib.suppress(OSError):
-                rd.path.rmdir()
+        if new_dir:  # a run that stops at its data (unreadable images, no validation split) leaves
+            # no run directory behind: it holds only what this call wrote (config.json, and a
+            # study storage file the up-front check opened there)
+            shutil.rmtree(rd.path, ignore_errors=True)
         raise
     step("profile", profile)
     keep_table(cfg, steps, log)

@@ -137,7 +137,7 @@ def test_open_set_scores_among_two_classes_at_least(tmp_path):
     with pytest.raises(DataError, match="2 classes are too few for an open-set split"):
         make_splits(small, SplitConfig(protocol="open"))
     three = image_folder(make_png_folder(tmp_path / "three", {"a": 4, "b": 4, "c": 4}))
-    with pytest.raises(DataError, match="1 training classes are too few for val_fraction"):
+    with pytest.raises(DataError, match="1 training class is too few for val_fraction"):
         make_splits(three, SplitConfig(protocol="open", val_fraction=0.6))
     # a train/ + test/ layout: a test/ of one class, and classes in both (a folder's own advice)
     make_png_folder(tmp_path / "ds" / "train", {"a": 4, "b": 4})
@@ -164,6 +164,10 @@ def test_manifest(tmp_path):
     assert np.asarray(col.read(0)).shape == (24, 20, 3)
     (tmp_path / "caps.csv").write_text((tmp_path / "m.csv").read_text().replace("path,label,split", "Path, LABEL,Split"))
     assert manifest(tmp_path / "caps.csv").splits == col.splits  # a spreadsheet's capitalised header
+    # a column of the exact name wins: "Label" beside "label" stays an extra column
+    (tmp_path / "both.csv").write_text((tmp_path / "m.csv").read_text().replace("path,label,split", "path,label,split,Label")
+                                       .replace(",train\n", ",train,zz\n").replace(",test\n", ",test,zz\n"))
+    assert manifest(tmp_path / "both.csv").class_names == col.class_names
     (tmp_path / "bad.csv").write_text("file,cls\na.png,x\n")
     with pytest.raises(DataError, match="path,label"):
         manifest(tmp_path / "bad.csv")

@@ -270,7 +270,7 @@ def _no_torch_env(tmp_path):
     return {**os.environ, "PYTHONPATH": f"{block}{os.pathsep}{ROOT / 'deploy'}"}
 
 
-def test_edge_runtime_without_torch_matches_pytorch(bundle, tmp_path):
+def test_edge_runtime_without_torch_matches_pytorch(bundle, tmp_path, monkeypatch, capsys):
     root, cfg, _ = bundle
     paths = _test_images(cfg, tmp_path)
     env = _no_torch_env(tmp_path)
@@ -293,6 +293,12 @@ def test_edge_runtime_without_torch_matches_pytorch(bundle, tmp_path):
     (tmp_path / "empty").mkdir()
     r = subprocess.run(cmd[:5] + [str(tmp_path / "empty")], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "holds no image file" in r.stderr
+    # decoded a batch at a time: batches of 3 (4 images: 3 + 1) give the same hits
+    from hwnas_edge import cli as edge_cli
+
+    monkeypatch.setattr(edge_cli, "QUERY_BATCH", 3)
+    assert edge_cli.main(["query", str(root / "run" / "bundle"), str(tmp_path), "--top-k", "5", "--json"]) == 0
+    assert [[h["id"] for h in x["top"]] for x in json.loads(capsys.readouterr().out)["results"]] == edge
 
 
 def test_edge_add_grows_the_index_without_torch(bundle, tmp_path, monkeypatch):

@@ -21,6 +21,9 @@ import urllib.request
 from hwnas_edge.bundle import Bundle, BundleError, verify
 
 
+QUERY_BATCH = 256  # images decoded and embedded at a time by `query` (a folder is not held whole)
+
+
 def _query_images(given: list[str]) -> list[str]:
     """The images a query names: files as given, a folder as every image under it (sorted)."""
     from pathlib import Path
@@ -147,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 _check_server_url(args.server)  # before any image is read
             b = Bundle(args.bundle, query_only=bool(args.server))
             images, res = _query_images(args.images), []
-            for i in range(0, len(images), 256):  # a folder's images a batch at a time, not all in memory
-                emb = b.embed(b.load_images(images[i:i + 256]), int8=args.int8, threads=args.threads)
+            for i in range(0, len(images), QUERY_BATCH):
+                emb = b.embed(b.load_images(images[i:i + QUERY_BATCH]), int8=args.int8, threads=args.threads)
                 res += (_remote_search(args.server, emb, b.query_fingerprint, args.top_k) if args.server
                         else b.search(emb, args.top_k))
             if args.json:

@@ -126,24 +126,29 @@ def folder_images(root: str | Path) -> list[Path]:
 
 def read_csv(path: str | Path, required: Sequence[str], what: str, want: str,
              optional: Sequence[str] = ()) -> tuple[list[str], list[dict]]:
-    """A CSV's (stripped) header and rows, each row's line number under the key 0 (the columns
-    read are matched whatever their case, and named in lower case); a missing
+    """A CSV's (stripped) header and rows, each row's line number under the key 0 (a column
+    read, given in another case and alone of its name, is taken under its own name); a missing
     required column, a column read (``required``, ``optional``) named twice, or a row with
     more fields than the header names is a :class:`BundleError` naming it."""
     # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
     with open(path, newline="", encoding="utf-8-sig") as f:
         try:
             reader = csv.DictReader(f)
-            known = (*required, *optional)  # read whatever their case ("Path,Label" from a spreadsheet)
-            cols = [c.strip().lower() if c.strip().lower() in known else c.strip()
-                    for c in (reader.fieldnames or [])]
+            known = (*required, *optional)
+            given = [c.strip() for c in (reader.fieldnames or [])]
+            cols = list(given)
+            for name in known:  # a column read in another case ("Path,Label" from a spreadsheet):
+                # taken where it is the one column of that name in any case and none has it exactly
+                other = [i for i, c in enumerate(given) if c.lower() == name]
+                if name not in given and len(other) == 1:
+                    cols[other[0]] = name
             if not set(required) <= set(cols):
-                raise BundleError(f"{what} {path} must have a header row with {want}; found {cols or 'no header'}")
+                raise BundleError(f"{what} {path} must have a header row with {want}; found {given or 'no header'}")
             # a column read here, named twice: DictReader would keep the last one's values
             twice = sorted({c for c in cols if c in known and cols.count(c) > 1})
             if twice:
                 raise BundleError(f"{what} {path}: the header names {', '.join(twice)} more than once "
-                                  f"({', '.join(cols)}); keep one column of each name")
+                                  f"({', '.join(given)}); keep one column of each name")
             reader.fieldnames = cols
             rows = []
             for r in reader:  # each row keeps its line in the file under the key 0 (no column's

@@ -43,7 +43,7 @@ class SplitConfig:
     seed: int = 0
     query_fraction: float = 0.2  # share of each eval class's images used as queries
     query_mode: str = "split"  # split: queries and gallery disjoint | all: leave-one-out
-    val_fraction: float = 0.1  # closed: share of train images per class; open: of train classes (2 at least)
+    val_fraction: float = 0.1  # closed: share of train images per class; open: of train classes (2 where it rounds to 1)
     test_fraction: float = 0.2  # only where the source has no split (closed: images, open: classes, 2 at least)
     train_per_class: int | None = None  # seeded subsample (quick configs)
     eval_per_class: int | None = None
@@ -153,7 +153,9 @@ RULE = (
     "permuted by numpy.random.default_rng([seed, crc32(class name), salt]); the first "
     "max(1, round(fraction * n)) of them go to the first part (test / val / query), the rest "
     "(at least 1) to the second; open-set class splits permute the sorted class names with "
-    "default_rng([seed, salt]). Salts: 1 test, 2 val, 3 query, 4 subsample."
+    "default_rng([seed, salt]) and take max(2, round(test_fraction * classes)) test classes and "
+    "round(val_fraction * training classes) validation classes, 2 where that rounds to 1. "
+    "Salts: 1 test, 2 val, 3 query, 4 subsample."
 )
 
 
@@ -344,7 +346,7 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
         if n_val == 1:  # one validation class scores every arch 1: the search would compare nothing
             n_val = 2
         if n_val and len(tr_sorted) - n_val < 1:
-            raise DataError(f"{col.name}: {len(tr_sorted)} training classes are too few for "
+            raise DataError(f"{col.name}: {len(tr_sorted)} training class{'es are' if len(tr_sorted) != 1 else ' is'} too few for "
                             f"val_fraction={cfg.val_fraction}: validation takes at least 2 classes (recall "
                             "among one is always 1) and training keeps one; add classes, set "
                             "data.split.val_fraction: 0 (no search), or data.split.protocol: closed")
@@ -360,7 +362,7 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
         raise DataError(f"{col.name}: no training images left after splitting")
     n_test = len(np.unique(col.labels[q]))
     if n_test < 2:  # e.g. a source's test/ folder of one class
-        raise DataError(f"{col.name}: the test queries come from {n_test} class; retrieval is scored "
+        raise DataError(f"{col.name}: the test queries come from {n_test} class{'es' if n_test != 1 else ''}; retrieval is scored "
                         "among 2 classes at least (recall among one class is always 1): add test classes")
     return Splits(cfg, {"train": train, "val_query": vq, "val_gallery": vg, "query": q, "gallery": g}, col)
 
