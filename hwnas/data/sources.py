@@ -33,7 +33,7 @@ SPLITS = ("train", "test")
 SPLIT_FOLDER_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev",
                       "eval", "evaluation", "query", "gallery"}
 # how a message names the settings every command takes (--set); hwnas data (and, for the
-# skipping, hwnas run) take flags for them too
+# skipping, hwnas run and hwnas deploy) take flags for them too
 DATA_DIR_FIX = "set data.data_dir (--set data.data_dir=DIR; hwnas data takes --data-dir DIR)"
 SKIP_BAD_FIX = ("set data.skip_bad_images: true (--set data.skip_bad_images=true on each command; "
                 "hwnas data, hwnas run and hwnas deploy take --skip-bad-images) to skip unreadable "
