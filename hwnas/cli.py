@@ -352,31 +352,29 @@ def _load(args):
 
     cfg = load_config(getattr(args, "config", None))
     apply_sets(cfg, getattr(args, "set", []))
-    if getattr(args, "run_dir", None) is not None:  # "" too: validate() names it
-        cfg.run_dir = args.run_dir
+    given = ["--set"] if getattr(args, "set", None) else []  # the flags that changed the config
+
+    def flag(name: str, set_it) -> None:
+        v = getattr(args, name, None)
+        if v is not None and (v or name != "protocol"):  # ("" run_dir too: validate() names it)
+            set_it(v)
+            given.append(f"--{name.replace('_', '-')}")
+
+    flag("run_dir", lambda v: setattr(cfg, "run_dir", v))
     d = cfg.data
-    for flag, attr in (("dataset", "dataset"), ("data_dir", "data_dir"),
-                       ("skip_bad_images", "skip_bad_images")):
-        v = getattr(args, flag, None)
-        if v is not None:
-            setattr(d, attr, v)
-    if getattr(args, "jobs", None) is not None:
-        cfg.query.jobs = args.jobs
-    if getattr(args, "protocol", None):
-        d.split = {**d.split, "protocol": args.protocol}
-    if getattr(args, "seed", None) is not None:
-        d.split = {**d.split, "seed": args.seed}
+    for name in ("dataset", "data_dir", "skip_bad_images"):
+        flag(name, lambda v, name=name: setattr(d, name, v))
+    flag("jobs", lambda v: setattr(cfg.query, "jobs", v))
+    flag("protocol", lambda v: setattr(d, "split", {**d.split, "protocol": v}))
+    flag("seed", lambda v: setattr(d, "split", {**d.split, "seed": v}))
     try:
         return cfg.validate()
     except HwnasError as e:  # name the config file, and the flags that changed its settings
         path = getattr(args, "config", None)
         if path is None or str(e).startswith(str(path)):
             raise
-        flags = [f"--{name.replace('_', '-')}" for name in ("set", "run_dir", "dataset", "data_dir",
-                                                             "skip_bad_images", "jobs", "protocol", "seed")
-                 if getattr(args, name, None) not in (None, [])]
-        given = f" (with {', '.join(flags)})" if flags else ""
-        raise type(e)(f"{path}{given}: {e}") from None
+        with_flags = f" (with {', '.join(given)})" if given else ""
+        raise type(e)(f"{path}{with_flags}: {e}") from None
 
 
 def cmd_data(args) -> int:
