@@ -751,6 +751,30 @@ def test_a_partial_torchrun_environment_is_an_error_before_anything_is_deleted(t
     assert "Traceback" not in r.stderr and model.exists()
 
 
+def test_a_restart_that_cannot_train_keeps_the_trained_gallery(trained_gallery, tmp_path):
+    """--restart deletes the trained model only once the new training can start: weights of
+    another architecture, a file that is no weights, a backbone that cannot take the run's
+    images or a device that is not here leave the model as it was."""
+    from safetensors.torch import save_file
+
+    from hwnas.nn.models import EmbeddingNet
+
+    cfg_path = _clone_run(trained_gallery, tmp_path)
+    model = tmp_path / "run" / "gallery" / "model.safetensors"
+    before = _sha(model)
+    save_file({k: v.contiguous() for k, v in EmbeddingNet("resnet18", 16, 1).backbone.state_dict().items()},
+              str(tmp_path / "r18.safetensors"))
+    (tmp_path / "notes.txt").write_text("not weights")
+    for flags, msg in ((["--backbone-checkpoint", str(tmp_path / "r18.safetensors")], "does not hold the whole"),
+                       (["--backbone-checkpoint", str(tmp_path / "notes.txt")], "neither a safetensors file nor"),
+                       (["--backbone", "vit_tiny_patch16_224"], "cannot embed this run's 1-channel 32 px images"),
+                       (["--set", "gallery.train.device=cuda:7"], "train.device")):
+        r = subprocess.run([sys.executable, "-m", "hwnas.cli", "train-gallery", "--config", str(cfg_path),
+                            "--restart", *flags], env=_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr, (flags, r.stderr)
+        assert "Traceback" not in r.stderr and _sha(model) == before, flags
+
+
 def test_a_gallery_at_another_input_size_is_refused():
     from hwnas.data.images import Preprocess
 
@@ -949,6 +973,30 @@ def test_a_users_backbone_checkpoint_loads_and_a_bad_one_is_named(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:100])
     with pytest.raises(HwnasError, match="cannot read .*cut.safetensors as safetensors"):
         load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "cut.safetensors")
+    # safetensors by content whatever the name; an hwnas model file's "net.backbone." prefix
+    (tmp_path / "w.ST").write_bytes((tmp_path / "w.safetensors").read_bytes())
+    save_file({f"net.backbone.{k}": v.contiguous() for k, v in own.items()} | {"net.embed.weight": torch.zeros(16, 2)},
+              str(tmp_path / "model.safetensors"))
+    for f in ("w.ST", "model.safetensors"):
+        dst = EmbeddingNet("resnet10t", 16, 1)
+        assert load_backbone_checkpoint(dst, tmp_path / f)["loaded"] == len(own), f
+        assert all(torch.equal(v, dst.backbone.state_dict()[k]) for k, v in own.items())
+    # part of a backbone is not taken for the whole: another architecture's weights, or the
+    # same one's for another channel count, are errors that say which
+    save_file({k: v.contiguous() for k, v in EmbeddingNet("resnet18", 16, 1).backbone.state_dict().items()},
+              str(tmp_path / "r18.safetensors"))
+    with pytest.raises(HwnasError, match=r"does not hold the whole ResNet backbone: of its \d+ weights, "
+                                         r"\d+ differ in shape .* are not in the file"):
+        load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "r18.safetensors")
+    save_file({k: v.contiguous() for k, v in EmbeddingNet("resnet10t", 16, 3).backbone.state_dict().items()},
+              str(tmp_path / "rgb.safetensors"))
+    with pytest.raises(HwnasError, match="first convolution takes 3-channel images and this run's have 1"):
+        load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "rgb.safetensors")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("my weights are elsewhere")
+    for f, why in (("empty.pt", "empty"), ("notes.txt", "it starts with b'my weigh'")):
+        with pytest.raises(HwnasError, match=f"neither a safetensors file nor a torch checkpoint \\({why}"):
+            load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / f)
 
 
 def test_a_frozen_backbone_keeps_its_weights_and_batchnorm_statistics():

@@ -228,12 +228,15 @@ def _holds_folder(what: str, folder_of):
     return wrap
 
 
-def _prepare_out(out: Path, restart: bool) -> bool:
+def _prepare_out(out: Path, restart: bool, tc=None) -> bool:
     """True if a finished model is already there (and ``restart`` is off). Under torchrun the
-    environment is checked before anything is deleted, and one process deletes."""
-    from hwnas.compat.train import barrier, dist_info
+    environment is checked before anything is deleted, and one process deletes; so is the
+    training's device (``tc``): a --restart that cannot train must not cost the trained model."""
+    from hwnas.compat.train import barrier, dist_info, train_device
 
     rank, _ = dist_info()
+    if restart and out.exists() and tc is not None:
+        train_device(tc)
     if restart and out.exists() and rank == 0:
         shutil.rmtree(out)
     barrier()
@@ -305,20 +308,28 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     from hwnas.compat.tasks import GalleryTask
     from hwnas.compat.train import fit, is_main
     from hwnas.nn.heads import CosineClassifier
-    from hwnas.nn.models import EmbeddingNet, load_backbone_checkpoint, save_model
+    from hwnas.nn.models import EmbeddingNet, check_takes_input, load_backbone_checkpoint, save_model
 
     rd = RunDir(cfg)
     out = rd.path / "gallery"
     from hwnas.nn.models import check_timm_name
 
     check_timm_name(cfg.gallery.backbone)  # a typo must not cost the trained model (--restart)
-    if restart or not (out / "model.safetensors").exists():  # (a finished model needs neither)
-        check_backbone_checkpoint(cfg.gallery)  # (before the splits are written)
     gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
+    net = loaded = None
+    if restart or not (out / "model.safetensors").exists():  # (a finished model needs none of it)
+        check_backbone_checkpoint(cfg.gallery)  # (before the splits are written)
+        # the network and the user's weights for it, before --restart deletes the trained model:
+        # a backbone that cannot take the run's images, or weights of another one, must not cost it
+        torch.manual_seed(cfg.seed)
+        net = EmbeddingNet(gc.backbone, space.embed_dim, pre.channels, bn=True)
+        check_takes_input(net, gc.backbone, pre.channels, pre.size, "gallery.backbone")
+        if gc.backbone_checkpoint:
+            loaded = load_backbone_checkpoint(net, gc.backbone_checkpoint)
     tc = cfg.train_config("gallery")
     record = gallery_record(cfg, rd)
     classes, split_fp = record["classifier"]["classes"], record["splits_fingerprint"]
-    if _prepare_out(out, restart):
+    if _prepare_out(out, restart, tc):
         g = read_json(out / "config.json")
         diff = _differs(g, record)
         if diff:
@@ -326,14 +337,10 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
         log(f"[train-gallery] {out} is already trained (fingerprint {g['fingerprint']}); "
             "--restart to train again")
         return g
-    data = load_part(rd, "train", pre, classes, log=log)
-    torch.manual_seed(cfg.seed)
-    net = EmbeddingNet(gc.backbone, space.embed_dim, pre.channels, bn=True)
-    loaded = None
-    if gc.backbone_checkpoint:
-        loaded = load_backbone_checkpoint(net, gc.backbone_checkpoint)
-        log(f"[train-gallery] backbone from {gc.backbone_checkpoint}: {loaded['loaded']} tensors "
-            f"loaded, {len(loaded['missing'])} missing")
+    data = load_part(rd, "train", pre, classes, log=log)  # (draws nothing from torch's generator)
+    if loaded is not None:
+        log(f"[train-gallery] backbone from {gc.backbone_checkpoint}: {loaded['loaded']} tensors loaded "
+            f"(every weight of the backbone), {len(loaded['ignored'])} others in the file not used")
     head = CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin, gc.classifier)
     task = GalleryTask(net, head, frozen_backbone=bool(loaded) and gc.freeze_backbone)
     legacy = {"backbone": gc.backbone, "classes": len(classes), "split": split_fp}
@@ -490,7 +497,7 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
               "train": tc.__dict__, "path_warmup": cfg.supernet.path_warmup,
               "path_sampling": cfg.supernet.path_sampling, "seed": cfg.seed,
               "splits_fingerprint": rd.splits().fingerprint, "unlabeled_source": _unlabeled_source(cfg)}
-    if _prepare_out(out, restart):
+    if _prepare_out(out, restart, tc):
         # (a supernet recorded before path_sampling existed sampled uniformly)
         old = {"path_sampling": "uniform", **read_json(out / "config.json")}
         gfp = _gallery_fingerprint(rd) if loss_cfg.needs_gallery else None
@@ -590,7 +597,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     from hwnas.compat.losses import PARTS, CompatLoss, LossConfig
     from hwnas.compat.tasks import CompatTask
     from hwnas.compat.train import drop_stale_checkpoint, fit, is_main
-    from hwnas.nn.models import EmbeddingNet, save_model
+    from hwnas.nn.models import EmbeddingNet, check_takes_input, save_model
     from hwnas.nn.supernet import SubNet, calibration_batches, recalibrate_bn
     from hwnas.space import arch_flops
 
@@ -609,12 +616,15 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         from hwnas.nn.models import check_timm_name
 
         check_timm_name(timm_name)
+        if restart or not (out / "model.safetensors").exists():  # (a finished model is not built)
+            check_takes_input(EmbeddingNet(timm_name, space.embed_dim, cfg.preprocess().channels, bn=False),
+                              timm_name, cfg.preprocess().channels, space.input_size, "--timm")
     sp_cfg = rd.path / "supernet" / "config.json"
     sup = read_json(sp_cfg) if inherit and arch is not None and sp_cfg.exists() else None
     if sup is not None and loss_cfg.needs_gallery:
         # before --restart deletes anything: a supernet of another gallery cannot be inherited
         check_supernet_gallery(sup, _gallery_fingerprint(rd), "inheriting its weights (or use --no-inherit)")
-    if _prepare_out(out, restart):
+    if _prepare_out(out, restart, tc):
         old = read_json(out / "config.json")
         want = {"arch": None if parsed is None else parsed.to_string(space), "timm": timm_name,
                 "loss": loss_cfg.to_dict(), "train": tc.__dict__, "inherit": bool(inherit and arch)}
@@ -1038,7 +1048,7 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
     setting = {"from": qcfg["fingerprint"], "source": source, "images": len(images),
                "fingerprint": img_fp, "epochs": ac.epochs, "lr": ac.lr,
                "unlabeled": _unlabeled_source(cfg), "seed": cfg.seed}
-    if _prepare_out(out, restart):
+    if _prepare_out(out, restart, tc):
         old = read_json(out / "config.json")
         if not _differs(old.get("adapted") or {}, setting, always=tuple(setting), sources=("source", "unlabeled")) \
                 and _same_training(old.get("train"), tc.__dict__):

@@ -29,9 +29,13 @@ def check_timm_name(name: str) -> None:
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise HwnasError(f"unknown timm model {name!r}; similar names: {close or 'none'} "
-                         "(see timm.list_models())")
+        import difflib
+
+        close = (difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.6)
+                 or timm.list_models(f"*{name.split('_')[0]}*")[:8])
+        raise HwnasError(f"unknown timm model {name!r}; "
+                         + (f"similar names: {close}" if close else "no similar name")
+                         + " (see timm.list_models())")
 
 
 def _timm_create(name: str, in_chans: int, **kw) -> nn.Module:
@@ -59,13 +63,41 @@ class EmbeddingNet(nn.Module):
         return l2_normalize(self.bn(self.embed(self.backbone(x))))
 
 
+def check_takes_input(net: EmbeddingNet, name: str, channels: int, size: int, setting: str) -> None:
+    """A timm backbone that cannot embed the run's images (a ViT built for 224 px, say) is an
+    error before any training, naming the model, the image size and the fix."""
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, channels, size, size))
+    except Exception as e:  # (timm's own assertion, or a shape error deep in the network)
+        from hwnas_edge.bundle import first_line
+
+        raise HwnasError(f"{setting} {name!r} cannot embed this run's {channels}-channel {size} px images "
+                         f"({first_line(e)}); pick a backbone that takes any input size (a CNN such "
+                         f"as resnet18), or set space.input_size to the size the model expects") from None
+    finally:
+        net.train(was)
+
+
 def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
     """Initialize ``net.backbone`` from a user's timm checkpoint (safetensors, or a torch
     file read with ``weights_only=True``). Classifier weights in the file are ignored."""
     path = Path(path)
     if not path.is_file():
         raise HwnasError(f"backbone checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # the format by content, whatever the file's name: safetensors opens with its header's
+    # length (8 bytes, little-endian) and the header's "{"; a torch file is a zip or a pickle
+    safetensors = path.suffix.lower() == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+    if len(head) < 2 or not (safetensors or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):
+        raise HwnasError(f"{path} is neither a safetensors file nor a torch checkpoint "
+                         f"({'empty' if not head else 'it starts with ' + repr(head[:8])}); give your "
+                         "timm backbone's weights, saved with safetensors.torch.save_file(model.state_dict(), "
+                         "path) or torch.save(model.state_dict(), path)")
+    if safetensors:
         from hwnas_edge.bundle import first_line
         from safetensors.torch import load_file
 
@@ -102,13 +134,38 @@ def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
                          "torch.save(model.state_dict(), path)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = net.backbone.state_dict()
+    # the backbone's keys may sit under a prefix: "backbone." or "net.backbone." (an hwnas
+    # gallery model's own file), "model.", "encoder." ...: the prefix that names the most
+    prefixes = {""} | {k[:i + 1] for k in state for i, c in enumerate(k) if c == "." and k[:i].count(".") < 2}
+    prefix = max(sorted(prefixes), key=lambda p: sum(k.removeprefix(p) in own for k in state if k.startswith(p)))
+    state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = sorted(set(own) - set(usable))
     if not usable:
         raise HwnasError(f"{path} holds no weights of this backbone (its keys look like "
                          f"{list(state)[:3]}); is it the same timm architecture?")
+    # every weight the backbone has must come from the file: a partial load would train (or,
+    # frozen, keep) randomly initialized layers beside the user's (BatchNorm's step counters
+    # aside, which nothing reads)
+    counters = {k for k in own if k.endswith("num_batches_tracked")}
+    shaped = [k for k in own if k in state and k not in usable and k not in counters]
+    absent = [k for k in own if k not in state and k not in counters]
+    if shaped or absent:
+        k = shaped[0] if shaped else None
+        a, b = (tuple(state[k].shape), tuple(own[k].shape)) if k else ((), ())
+        why = "; ".join(filter(None, (
+            f"{len(shaped)} differ in shape (e.g. {k}: {a} in the file, {b} here)" if shaped else "",
+            f"{len(absent)} are not in the file (e.g. {', '.join(absent[:3])})" if absent else "")))
+        if len(a) == 4 and len(b) == 4 and a[0] == b[0] and a[2:] == b[2:] and a[1] != b[1]:
+            fix = (f"Its first convolution takes {a[1]}-channel images and this run's have {b[1]} "
+                   "(space.in_channels, data.mean/std): give images of its channel count, or weights "
+                   f"of a {b[1]}-channel model")
+        else:
+            fix = ("Give the weights of the same timm architecture as gallery.backbone (--backbone), "
+                   "e.g. saved from timm.create_model(name).state_dict()")
+        raise HwnasError(f"{path} does not hold the whole {type(net.backbone).__name__} backbone: of its "
+                         f"{len(own) - len(counters)} weights, {why}. {fix}")
     net.backbone.load_state_dict(usable, strict=False)
-    return {"loaded": len(usable), "missing": missing,
+    return {"loaded": len(usable), "missing": sorted(counters - set(usable)),
             "ignored": sorted(set(state) - set(usable))}
 
 
