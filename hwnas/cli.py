@@ -555,14 +555,19 @@ def cmd_search(args) -> int:
     s.check()  # the flags, before the budget's resolution times the paragon
     if args.sampler_seed is not None and not 0 <= args.sampler_seed < 2 ** 32:
         raise HwnasError(f"--sampler-seed {args.sampler_seed} must be a whole number from 0 to 2**32 - 1")
+    adopt = None
     if s.budget_ms is None:  # the config's budget, resolved (and kept) as hwnas run does
-        from hwnas.pipeline import set_search_budget
+        from hwnas.pipeline import adopt_study_budget, set_search_budget
 
-        set_search_budget(cfg)
+        info = set_search_budget(cfg)
         rule = (f"{s.budget_speedup:g}x faster than the paragon (search.budget_speedup)" if s.budget_speedup
                 else f"search.budget_fraction {s.budget_fraction:g} of the table's range")
+        if info.get("clamped_from_ms") is not None:
+            rule += (f", clamped into the table's range from {info['clamped_from_ms']:.4f} ms (the speed-up "
+                     "is not reached there)")
         print(f"[search] budget {s.budget_ms} ms: {rule}; --budget-ms sets another")
-    run_search(cfg, seed=args.sampler_seed, enqueue=args.enqueue or ())
+        adopt = lambda b: adopt_study_budget(cfg, b)  # noqa: E731  (a worker joins the study's)
+    run_search(cfg, seed=args.sampler_seed, enqueue=args.enqueue or (), adopt_budget=adopt)
     return 0
 
 

@@ -349,6 +349,10 @@ def resolve_budget(cfg: Config, predictor, paragon_ms: Callable[[], dict] | None
                  f"({lo:.4f} ms); searching the fastest subnets instead (budget {floor:.4f} ms). "
                  "Lower the speed-up or give search.budget_ms to silence this")
             return floor
+        if b >= hi:  # every subnet is that much faster: the budget constrains nothing
+            warn(f"search.budget_speedup {sp}: {b:.4f} ms is above the slowest subnet here ({hi:.4f} ms), "
+                 f"so every subnet is {sp:g}x faster than the paragon and the budget constrains nothing; "
+                 f"searching at {round(hi * 0.999, 4):.4f} ms. Raise the speed-up or give search.budget_ms")
         return min(b, round(hi * 0.999, 4))
     f = cfg.search.budget_fraction
     if not 0 < f < 1:
@@ -429,6 +433,23 @@ def run_budget(cfg: Config, predictor, log: Callable = print) -> dict:
         resolved["clamped_from_ms"] = measured["budget_ms"]  # not the paragon's latency / speed-up
     write_json(path, {"key": key, "resolved": resolved})
     return resolved
+
+
+def adopt_study_budget(cfg: Config, budget_ms: float) -> None:
+    """A worker that joined a study started by another records the study's budget as the run's
+    (``budget.json``), in place of its own resolution, so that its run directory resumes that
+    study and reports its budget; its own measurement is kept beside it."""
+    from hwnas.search.runner import predictor_for
+
+    path = RunDir(cfg).path / "budget.json"
+    old = read_json(path) if path.exists() else None
+    if old is None or old.get("key", {}).get("range_ms") != _range_key(predictor_for(cfg, cfg.search_space())[0]):
+        return
+    resolved = old["resolved"]
+    if resolved.get("budget_ms") != budget_ms:
+        resolved = {**resolved, "own_budget_ms": resolved.get("own_budget_ms", resolved.get("budget_ms")),
+                    "budget_ms": budget_ms, "from_study": cfg.search.study_name or True}
+        write_json(path, {**old, "resolved": resolved})
 
 
 def set_search_budget(cfg: Config, log: Callable = print) -> dict:
@@ -631,10 +652,11 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     def search():
         from hwnas.search.runner import run_search
 
+        rule = cfg.search.budget_ms is None  # (a measured budget: a worker joins the study's)
         info = set_search_budget(cfg, log)
         log(f"[search] budget {cfg.search.budget_ms} ms")
-        r = run_search(cfg, log=log)
-        return {"arch": r["arch"], "reward": r["reward"], **info}
+        r = run_search(cfg, log=log, adopt_budget=(lambda b: adopt_study_budget(cfg, b)) if rule else None)
+        return {"arch": r["arch"], "reward": r["reward"], **info, "budget_ms": cfg.search.budget_ms}
 
     def train_query():
         q = api.train_searched(cfg, name="searched", resume=True, retrain_changed=True, log=log)

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -879,12 +880,43 @@ def test_a_study_resumed_with_other_settings_is_refused(tmp_path):
     cfg.search.budget_ms, cfg.search.n_trials, cfg.search.study_name = _quantile_budget(cfg, pred, 0.5), 2, "s1"
     run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
     n = len(optuna.load_study(study_name="s1", storage=cfg.search.storage).trials)
-    for key, value, word in (("reward", "r1", "'reward': ('r3', 'r1')"), ("budget_ms", 0.9 * hi, "'budget_ms'")):
+    b = cfg.search.budget_ms
+    for key, value, word in (("reward", "r1", "'reward': {'study': 'r3', 'here': 'r1'}"),
+                             ("budget_ms", 0.9 * hi, f"'budget_ms': {{'study': {b}, 'here': {0.9 * hi}}}}}; "
+                                                     f"pass --budget-ms {b} to join it")):
         old = getattr(cfg.search, key)
         setattr(cfg.search, key, value)
         with pytest.raises(HwnasError, match=re.escape(word) + ".*another --study-name"):
             run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
         setattr(cfg.search, key, old)
+    assert len(optuna.load_study(study_name="s1", storage=cfg.search.storage).trials) == n
+    # a worker whose budget a rule resolved (budget_speedup measures the paragon, a little
+    # differently each time) joins the study at the study's budget, and says so
+    took, said = [], []
+    cfg.search.budget_ms = b * 1.01
+    run_search(cfg, evaluator=evaluator, log=said.append, seed=0, adopt_budget=took.append)
+    assert took == [b] and cfg.search.budget_ms == b and any(f"takes that budget (its own resolution: {b * 1.01}" in m
+                                                             for m in said), said
+    # ... and records it as its run's budget (budget.json), its own resolution beside it
+    from hwnas.pipeline import adopt_study_budget, set_search_budget
+
+    cfg.search.budget_ms = None
+    cfg.search.budget_speedup, cfg.search.budget_fraction = None, 0.5
+    own = set_search_budget(cfg, log=lambda *_: None)["budget_ms"]
+    adopt_study_budget(cfg, b)
+    cfg.search.budget_ms = None  # (a worker started again)
+    assert set_search_budget(cfg, log=lambda *_: None)["budget_ms"] == b == cfg.search.budget_ms
+    resolved = json.loads((Path(cfg.run_dir) / "budget.json").read_text())["resolved"]
+    assert resolved["own_budget_ms"] == own and resolved["from_study"] == "s1"
+    # the study's table is its content: the same file at another path is the same table, and
+    # other content under the same path is not
+    table = Path(cfg.latency.table)
+    cfg.latency.table = str(tmp_path / "copy.json")
+    shutil.copy(table, cfg.latency.table)
+    run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
+    Path(cfg.latency.table).write_text(table.read_text() + "\n")
+    with pytest.raises(HwnasError, match=r"'table': \{'study': '.*x86_64-amdepyc.*', 'here': '.*copy.json'\}"):
+        run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
     assert len(optuna.load_study(study_name="s1", storage=cfg.search.storage).trials) == n
     with pytest.raises(HwnasError, match="--enqueue 'bogus': bad arch token"):
         run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, enqueue=["bogus"])

@@ -299,13 +299,37 @@ def check_budget(budget: float, predictor, tpath: Path) -> None:
                          f"constrains nothing; feasible budgets: {lo:.3f} to {hi:.3f} ms")
 
 
+def _table_sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _same_table(old: dict, meta: dict) -> bool:
+    """A study's latency table and this worker's are the same file content (workers on other
+    machines, or in other directories, name one table by other paths). A study from before
+    the content was recorded compares its path, and the file there if it is at hand."""
+    if old.get("table_sha") is not None:
+        return old["table_sha"] == meta["table_sha"]
+    if old.get("table") == meta["table"]:
+        return True
+    p = Path(old.get("table") or "")
+    return p.is_file() and _table_sha(p) == meta["table_sha"]
+
+
 def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int | None = None,
-               out: Path | None = None, enqueue: list[str] = ()) -> dict:
+               out: Path | None = None, enqueue: list[str] = (),
+               adopt_budget: Callable[[float], None] | None = None) -> dict:
     """Search (or resume searching) the study of ``cfg.search``, the archs in ``enqueue`` (known
     ones, e.g. from a paper or an earlier search) evaluated first; write ``best_arch.json``,
     ``trials.csv`` and the plots into ``out`` (default: the run directory, where
     ``train-query --from-search`` and the report read them; a benchmark's side searches
-    write elsewhere, so the run's own choice stays)."""
+    write elsewhere, so the run's own choice stays).
+
+    ``adopt_budget``: the budget was resolved from a rule (``search.budget_speedup`` measures
+    the paragon, and each worker's measurement differs a little), so a worker joining a study
+    that another started takes the study's budget (``cfg.search.budget_ms`` is set to it) and
+    calls ``adopt_budget(budget_ms)`` to record it; without it, another budget is an error."""
     import optuna
 
     s = cfg.search
@@ -337,12 +361,26 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                 directions=directions, load_if_exists=True)
     meta = {"budget_ms": budget, "reward": s.reward, "alpha": s.alpha, "metric": s.metric,
-            "space_hash": space.hash, "table": str(tpath), "multi_objective": s.multi_objective}
+            "space_hash": space.hash, "table": str(tpath), "table_sha": _table_sha(tpath),
+            "multi_objective": s.multi_objective}
     old = study.user_attrs.get("hwnas")
     if old is not None and old != meta:
-        changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-        raise HwnasError(f"study {name!r} in {url} was started with other settings {changed}; "
-                         "use another --study-name (or the original settings to resume it)")
+        changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v and k not in ("table", "table_sha")}
+        if not _same_table(old, meta):
+            changed["table"] = (old.get("table"), str(tpath))
+        if list(changed) == ["budget_ms"] and adopt_budget is not None and lo <= old["budget_ms"] < hi:
+            log(f"[search] study {name!r} searches at {old['budget_ms']} ms, as the worker that started "
+                f"it resolved the config's budget rule; this worker takes that budget (its own "
+                f"resolution: {budget} ms)")
+            budget = s.budget_ms = old["budget_ms"]
+            study.sampler = make_sampler(s.sampler, space, cfg, seed, s.multi_objective, predictor, budget)
+            adopt_budget(budget)
+        elif changed:
+            fix = (f"pass --budget-ms {old['budget_ms']} to join it, or use another --study-name"
+                   if list(changed) == ["budget_ms"] else
+                   "use another --study-name (or the original settings to resume it)")
+            raise HwnasError(f"study {name!r} in {url} was started with other settings "
+                             f"{ {k: {'study': a, 'here': b} for k, (a, b) in changed.items()} }; {fix}")
     if old is not None and user:  # resumed: an arch already in the study is not queued again
         # (evaluated, or queued and not yet run: a queued trial keeps its params as fixed_params;
         # a running or failed one may never finish, so its arch is queued again)
