@@ -176,6 +176,18 @@ def redo_outputs(cfg: Config, names) -> list[Path]:
             if not (n == "search" and p == "search.db" and cfg.search.storage)]
 
 
+def forced_outputs(cfg: Config, names) -> list[Path]:
+    """What ``--from`` loses besides :func:`redo_outputs`: the query models its steps train.
+    On a config change these are kept where their own settings are unchanged (each model
+    compares them), but ``--from`` asks for them anew."""
+    from hwnas.report import BASELINES
+
+    q = RunDir(cfg).path / "query"
+    return [*([q / "searched", *sorted(q.glob("finalist-*"))] if "train-query" in names else []),
+            *([q / ADAPTED] if "adapt" in names else []),
+            *([q / n for n in BASELINES] if "baselines" in names else [])]
+
+
 def replaced_steps(cfg: Config, done: dict) -> dict[str, tuple[str, str]]:
     """Done steps whose model was replaced since they were recorded (``hwnas train-gallery
     --restart`` by hand, or a gallery copied in): ``{step: (recorded, present fingerprint)}``.
@@ -583,7 +595,7 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     check_table_left(cfg, steps, redo)
     if redo:
         log(f"[run] {why}: doing again {', '.join(redo)}")
-        outputs = redo_outputs(cfg, fresh)
+        outputs = redo_outputs(cfg, fresh) + (forced_outputs(cfg, downstream([redo_from])) if redo_from else [])
         if "search" in fresh and cfg.search.storage:
             log(f"[run] WARNING: the search continues its study in {cfg.search.storage}; set "
                 "search.study_name to a new name to search afresh")

@@ -33,6 +33,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 # ---------------------------------------------------------------------- the headline report
+# the baselines' model names (RUN_DIR/query/NAME), in the report's order
+BASELINES = ("timm-mobilenetv3_small_050", "smallest", "largest", "random-feasible")
+
+
 def baseline_models(cfg, space) -> dict:
     """The baselines every run is compared with, all trained with the same compatibility
     loss: timm MobileNetV3-small, the smallest and largest subnet, a random feasible subnet
@@ -55,10 +59,10 @@ def baseline_models(cfg, space) -> dict:
         feasible = pred.sample_feasible(best["budget_ms"], rng)
         if space.canonical(feasible) not in searched:  # (another network, not only another string)
             break
-    return {"timm-mobilenetv3_small_050": {"timm_name": "mobilenetv3_small_050"},
-            "smallest": {"arch": space.smallest().to_string(space)},
-            "largest": {"arch": space.largest().to_string(space)},
-            "random-feasible": {"arch": feasible.to_string(space)}}
+    return dict(zip(BASELINES, ({"timm_name": "mobilenetv3_small_050"},
+                                {"arch": space.smallest().to_string(space)},
+                                {"arch": space.largest().to_string(space)},
+                                {"arch": feasible.to_string(space)})))
 
 
 def build_report(cfg, log=print) -> dict:

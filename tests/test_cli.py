@@ -320,9 +320,13 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     assert r3.returncode == 0, r3.stdout[-2000:] + r3.stderr[-2000:]
     assert "config changed for deploy: doing again deploy" in r3.stdout
     assert r3.stdout.count("done earlier, kept") == 9 and manifest.stat().st_mtime_ns != before
-    r4 = hwnas("run", str(cfg), "--from", "baselines", timeout=600)
-    assert r4.returncode == 0 and "--from baselines: doing again baselines, report" in r4.stdout
-    assert r4.stdout.count("done earlier, kept") == 8 and "already trained" in r4.stdout
+    # --from redoes a step and what builds on it: the models it trains are trained anew
+    adapted = run / "query" / "searched-adapted" / "model.safetensors"
+    before = adapted.stat().st_mtime_ns
+    r4 = hwnas("run", str(cfg), "--from", "adapt", timeout=600)
+    assert r4.returncode == 0 and "--from adapt: doing again adapt, deploy, report" in r4.stdout, r4.stdout[-2000:]
+    assert r4.stdout.count("done earlier, kept") == 7 and "already adapted" not in r4.stdout
+    assert adapted.stat().st_mtime_ns != before and manifest.exists()
     r5 = hwnas("run", str(cfg), "--from", "nonsense")
     assert r5.returncode != 0 and "not a step" in r5.stderr
     # a product deleted by hand: its step runs again (a traceback before), nothing else; the
@@ -495,6 +499,18 @@ def test_a_gallery_replaced_by_hand_redoes_what_was_trained_against_it(tmp_path)
     assert not (run / "supernet").exists() and not (run / "best_arch.json").exists()
     assert not (run / "bundle").exists() and (run / "gallery" / "model.safetensors").exists()
     assert "against_gallery" not in json.loads((run / "steps.json").read_text())
+    # --from a step loses the query models it and what builds on it train (a config change
+    # keeps those whose own settings are unchanged)
+    from hwnas.pipeline import forced_outputs
+
+    q = run / "query"
+    (q / "finalist-ab12cd34").mkdir(parents=True)
+    assert forced_outputs(cfg, downstream(["train-query"])) == [q / "searched", q / "finalist-ab12cd34",
+                                                                  q / "searched-adapted"]
+    assert set(forced_outputs(cfg, downstream(["search"]))) == {
+        q / n for n in ("searched", "finalist-ab12cd34", "searched-adapted", "timm-mobilenetv3_small_050",
+                        "smallest", "largest", "random-feasible")}
+    assert forced_outputs(cfg, downstream(["report"])) == []
 
 
 def test_step_keys_follow_what_each_step_reads():
