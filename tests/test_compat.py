@@ -773,6 +773,12 @@ def test_a_restart_that_cannot_train_keeps_the_trained_gallery(trained_gallery, 
                             "--restart", *flags], env=_env(), capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and msg in r.stderr, (flags, r.stderr)
         assert "Traceback" not in r.stderr and _sha(model) == before, flags
+    # without --restart, the model of other settings is named with its values, to keep it
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "train-gallery", "--config", str(cfg_path),
+                        "--backbone-checkpoint", str(tmp_path / "r18.safetensors")],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "other backbone_checkpoint than this run asks" in r.stderr, r.stderr
+    assert "or set the config to the model's (gallery.backbone_checkpoint: None) to keep it" in r.stderr
 
 
 def test_a_gallery_at_another_input_size_is_refused():
@@ -994,6 +1000,10 @@ def test_a_users_backbone_checkpoint_loads_and_a_bad_one_is_named(tmp_path):
         load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "rgb.safetensors")
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("my weights are elsewhere")
+    from hwnas.nn.models import load_state
+
+    with pytest.raises(HwnasError, match="w.safetensors is not a saved hwnas model .*train-gallery --backbone-checkpoint"):
+        load_state(tmp_path / "w.safetensors")  # (deploy --gallery given a user's weights file)
     for f, why in (("empty.pt", "empty"), ("notes.txt", "it starts with b'my weigh'")):
         with pytest.raises(HwnasError, match=f"neither a safetensors file nor a torch checkpoint \\({why}"):
             load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / f)

@@ -856,6 +856,36 @@ def test_multi_objective_search_returns_the_pareto_front(tmp_path, sampler):
     assert front == set(feas) - beaten
 
 
+def test_an_interrupted_trial_is_not_logged_with_optunas_traceback(tmp_path):
+    """Ctrl-C (or an hwnas error) during an evaluation goes up as itself, for the CLI to say in
+    one line, without Optuna's warning and traceback of the failed trial before it; another
+    error keeps Optuna's log."""
+    import logging
+
+    cfg, sp, seen, evaluator = _counting_study_cfg(tmp_path)
+    lo, hi, pred = _budget(cfg)
+    cfg.search.budget_ms, cfg.search.n_trials = _quantile_budget(cfg, pred, 0.5), 3
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("optuna").addHandler(handler)
+    try:
+        for i, (err, logged) in enumerate(((KeyboardInterrupt(), False), (HwnasError("x"), False),
+                                           (ValueError("y"), True))):
+            def fails(arch, err=err):
+                raise err
+
+            cfg.search.study_name = f"i{i}"
+            with pytest.raises(type(err)):
+                run_search(cfg, evaluator=fails, log=lambda *_: None, seed=0)
+            said = [r.getMessage() for r in records]
+            assert any("failed with parameters" in m for m in said) == logged, said
+            assert any("failed with value" in m for m in said) == logged, said
+            records.clear()
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+
+
 def test_a_sampler_stuck_over_budget_says_so(tmp_path):
     """search.max_infeasible over-budget proposals in a row stop the study, and the search
     says so (how many archs it reached of n_trials, and what to change) rather than stop short

@@ -169,10 +169,18 @@ def _differs(old: dict, want: dict, always: tuple = (), sources: tuple = ("unlab
             if (k in old or k in always) and not same(k, old.get(k), v)]
 
 
-def _differs_error(out: Path, what: str, diff: list[str], step: str) -> HwnasError:
-    """A finished model is not what is asked: the error names the difference and the fixes."""
+def _differs_error(out: Path, what: str, diff: list[str], step: str, old: dict | None = None,
+                   want: dict | None = None, spell: dict | None = None) -> HwnasError:
+    """A finished model is not what is asked: the error names the difference and the fixes;
+    with the model's recorded ``old`` and the asked ``want``, the model's values of the plain
+    settings that differ, each named as ``spell`` maps it to the config."""
     fixes = f"--restart to train it again (hwnas run: --from {step})"
-    if any(d not in _DIFF_NAMES.values() for d in diff):
+    plain = (str, int, float, bool, type(None))
+    shown = [f"{(spell or {}).get(k, k)}: {old[k]!r}" for k in diff if old is not None and want is not None
+             and k in old and k in want and isinstance(old[k], plain) and isinstance(want[k], plain)]
+    if shown:
+        fixes += f", or set the config to the model's ({', '.join(shown)}) to keep it"
+    elif any(d not in _DIFF_NAMES.values() for d in diff):
         fixes += ", or restore the config"
     return HwnasError(f"{out} holds {what} trained with other {', '.join(diff)} than this run asks: {fixes}")
 
@@ -333,7 +341,9 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
         g = read_json(out / "config.json")
         diff = _differs(g, record)
         if diff:
-            raise _differs_error(out, "a gallery model", diff, "train-gallery")
+            raise _differs_error(out, "a gallery model", diff, "train-gallery", g, record, {
+                **{k: f"gallery.{k}" for k in ("backbone", "backbone_checkpoint", "freeze_backbone")},
+                "embed_dim": "space.embed_dim"})
         log(f"[train-gallery] {out} is already trained (fingerprint {g['fingerprint']}); "
             "--restart to train again")
         return g

@@ -203,8 +203,11 @@ def load_state(model_dir: str | Path) -> tuple[dict, dict[str, dict[str, torch.T
     model_dir = Path(model_dir)
     cfg_path, w_path = model_dir / "config.json", model_dir / "model.safetensors"
     if not cfg_path.exists() or not w_path.exists():
-        raise HwnasError(f"{model_dir} is not a saved hwnas model (needs config.json and "
-                         "model.safetensors); train one first")
+        weights = model_dir.is_file() and model_dir.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin")
+        raise HwnasError(f"{model_dir} is not a saved hwnas model (a folder with config.json and "
+                         "model.safetensors); train one first" + (
+                             ": a weights file of your own backbone is hwnas train-gallery "
+                             "--backbone-checkpoint's (gallery.backbone_checkpoint)" if weights else ""))
     cfg = read_json(cfg_path)
     if cfg.get("format") != MODEL_FORMAT:
         raise HwnasError(f"{cfg_path} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")

@@ -237,7 +237,10 @@ def make_storage(url: str | None, rd: RunDir):
     if db is not None:
         parent = db.parent
         if not parent.is_dir():
-            raise HwnasError(f"--storage / search.storage {url!r}: the folder {parent} does not exist; "
+            rel = "" if db.is_absolute() else (
+                f" (sqlite:///PATH is relative to the working directory {Path.cwd()}; an absolute path "
+                f"takes four slashes: sqlite:////{str(db).lstrip('/')})")
+            raise HwnasError(f"--storage / search.storage {url!r}: the folder {parent} does not exist{rel}; "
                              "create it, or give a database file in a folder that does")
     # PostgreSQL through psycopg 3 (the postgres extra), whichever driver SQLAlchemy's version
     # defaults to (2.0: psycopg2); a URL naming its driver (postgresql+psycopg2://) keeps it
@@ -297,6 +300,25 @@ def check_budget(budget: float, predictor, tpath: Path) -> None:
         raise HwnasError(f"latency budget {budget} ms (--budget-ms / search.budget_ms) is above the slowest "
                          f"subnet's predicted latency ({hi:.3f} ms): every arch fits, so the budget "
                          f"constrains nothing; feasible budgets: {lo:.3f} to {hi:.3f} ms")
+
+
+class _QuietStop:
+    """A logging filter for Optuna's trial log: its warning (with a traceback) of a trial that
+    a KeyboardInterrupt or an HwnasError ended, and the line after it, are dropped; the error
+    itself goes on up, and the CLI says it in one line (``interrupted``, or the error)."""
+
+    def __init__(self) -> None:
+        self.after = False
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[0] if record.exc_info else None
+        if exc is not None and issubclass(exc, (KeyboardInterrupt, HwnasError)):
+            self.after = True
+            return False
+        if self.after and "failed with value" in record.getMessage():
+            self.after = False
+            return False
+        return True
 
 
 def _table_sha(path: Path) -> str:
@@ -474,7 +496,15 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
             study.stop()
 
     if _n_feasible(study, space) < s.n_trials:
-        study.optimize(objective, callbacks=[stop_when_done], gc_after_trial=False)
+        import logging
+
+        quiet = _QuietStop()  # Ctrl-C or an hwnas error mid-trial: said once, by hwnas, not with
+        trial_log = logging.getLogger("optuna.study._optimize")  # Optuna's traceback before it
+        trial_log.addFilter(quiet)
+        try:
+            study.optimize(objective, callbacks=[stop_when_done], gc_after_trial=False)
+        finally:
+            trial_log.removeFilter(quiet)
     if state["infeasible_run"] >= s.max_infeasible:  # this run gave up
         if _n_feasible(study, space) == 0:
             raise HwnasError(f"the {s.sampler} sampler found no arch within {budget} ms in "
