@@ -562,11 +562,14 @@ def cmd_search(args) -> int:
         info = set_search_budget(cfg)
         rule = (f"{s.budget_speedup:g}x faster than the paragon (search.budget_speedup)" if s.budget_speedup
                 else f"search.budget_fraction {s.budget_fraction:g} of the table's range")
-        if info.get("clamped_from_ms") is not None:
-            rule += (f", clamped into the table's range from {info['clamped_from_ms']:.4f} ms (the speed-up "
-                     "is not reached there)")
+        c = info.get("clamped_from_ms")
+        if c is not None:
+            rule += (f", clamped from {c:.4f} ms: " + (
+                "above the slowest subnet, so every subnet is that much faster and the budget constrains "
+                "nothing" if c > s.budget_ms else "below the fastest subnet, so the speed-up is not reached"))
         print(f"[search] budget {s.budget_ms} ms: {rule}; --budget-ms sets another")
-        adopt = lambda b: adopt_study_budget(cfg, b)  # noqa: E731  (a worker joins the study's)
+        if s.budget_speedup:  # a measured budget: a worker joins the study's
+            adopt = lambda b: adopt_study_budget(cfg, b)  # noqa: E731
     run_search(cfg, seed=args.sampler_seed, enqueue=args.enqueue or (), adopt_budget=adopt)
     return 0
 

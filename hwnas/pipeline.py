@@ -14,6 +14,7 @@ exactly the steps whose inputs changed, and those downstream of them, are done a
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -183,7 +184,9 @@ def forced_outputs(cfg: Config, names) -> list[Path]:
     from hwnas.report import BASELINES
 
     q = RunDir(cfg).path / "query"
-    return [*([q / "searched", *sorted(q.glob("finalist-*"))] if "train-query" in names else []),
+    # (not the finalists' runs: deterministic, they would pick the same arch again; the chosen
+    # one's training restarts from its finalist's checkpoint, as train-query --restart does)
+    return [*([q / "searched"] if "train-query" in names else []),
             *([q / ADAPTED] if "adapt" in names else []),
             *([q / n for n in BASELINES] if "baselines" in names else [])]
 
@@ -596,10 +599,26 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     if redo:
         log(f"[run] {why}: doing again {', '.join(redo)}")
         outputs = redo_outputs(cfg, fresh) + (forced_outputs(cfg, downstream([redo_from])) if redo_from else [])
+        # before those go: a step done afresh that cannot train (its device is not here, the
+        # gallery's weights file or backbone is refused) must not cost the models it replaces
+        from hwnas.compat.train import train_device
+
+        for n, section in (("train-gallery", "gallery"), ("train-supernet", "supernet"),
+                           ("train-query", "query"), ("adapt", "query"), ("baselines", "query")):
+            if n in fresh:
+                train_device(cfg.train_config(section))
+        if "train-gallery" in fresh:
+            api.gallery_network(cfg)
         if "search" in fresh and cfg.search.storage:
             log(f"[run] WARNING: the search continues its study in {cfg.search.storage}; set "
                 "search.study_name to a new name to search afresh")
-        steps.forget(redo, outputs)
+        with contextlib.ExitStack() as held:  # a query model another process trains is not
+            from hwnas.compat.train import training_lock  # deleted under it: refused, named
+
+            for out in outputs:
+                if out.parent.name == "query":
+                    held.enter_context(training_lock(out / "checkpoint.safetensors", f"run --from {redo_from}", log))
+            steps.forget(redo, outputs)
 
     def step(name: str, fn) -> None:
         if steps.done(name):
@@ -664,7 +683,7 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     def search():
         from hwnas.search.runner import run_search
 
-        rule = cfg.search.budget_ms is None  # (a measured budget: a worker joins the study's)
+        rule = cfg.search.budget_ms is None and cfg.search.budget_speedup  # (measured: a worker joins the study's)
         info = set_search_budget(cfg, log)
         log(f"[search] budget {cfg.search.budget_ms} ms")
         r = run_search(cfg, log=log, adopt_budget=(lambda b: adopt_study_budget(cfg, b)) if rule else None)

@@ -88,3 +88,23 @@ def tiny_config(run_dir: Path, **over) -> dict:
 def write_cfg(path: Path, d: dict) -> Path:
     path.write_text(json.dumps(d))
     return path
+
+
+def hold_lock(ck: Path):
+    """Another process holding ``ck``'s training lock until a line comes on its stdin."""
+    import subprocess
+    import sys
+    import textwrap
+
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from hwnas.compat.train import training_lock
+        with training_lock(Path({str(ck)!r}), "other"):
+            print("held", flush=True)
+            sys.stdin.readline()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert holder.stdout.readline().strip() == "held"
+    return holder

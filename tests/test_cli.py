@@ -505,12 +505,44 @@ def test_a_gallery_replaced_by_hand_redoes_what_was_trained_against_it(tmp_path)
 
     q = run / "query"
     (q / "finalist-ab12cd34").mkdir(parents=True)
-    assert forced_outputs(cfg, downstream(["train-query"])) == [q / "searched", q / "finalist-ab12cd34",
-                                                                  q / "searched-adapted"]
+    # (not the finalists' runs: deterministic, the choice among them would not change)
+    assert forced_outputs(cfg, downstream(["train-query"])) == [q / "searched", q / "searched-adapted"]
     assert set(forced_outputs(cfg, downstream(["search"]))) == {
-        q / n for n in ("searched", "finalist-ab12cd34", "searched-adapted", "timm-mobilenetv3_small_050",
+        q / n for n in ("searched", "searched-adapted", "timm-mobilenetv3_small_050",
                         "smallest", "largest", "random-feasible")}
     assert forced_outputs(cfg, downstream(["report"])) == []
+    # a step done afresh that cannot train is refused before the models it replaces go: a
+    # gallery weights file that is no weights (a config edit redoes the gallery), or --from a
+    # training whose device is not here
+    from hwnas.pipeline import run_pipeline
+
+    steps.state["done"] = {n: {"key": keys[n]} for n in STEPS}
+    steps.state["done"]["train-gallery"]["fingerprint"] = "bbbb"
+    (run / "gallery" / "config.json").write_text(json.dumps(gallery))
+    steps.state.pop("against_gallery", None)
+    Path(steps.path).write_text(json.dumps(steps.state))
+    (run / "latency_table.json").write_text("{}")  # (the run's copy of its table: there)
+    (tmp_path / "notes.txt").write_text("not weights")
+    cfg.gallery.backbone_checkpoint = str(tmp_path / "notes.txt")
+    with pytest.raises(HwnasError, match="neither a safetensors file nor a torch checkpoint"):
+        run_pipeline(cfg, log=lambda *_: None)
+    assert (run / "gallery" / "model.safetensors").exists()
+    cfg.gallery.backbone_checkpoint = None
+    cfg.query.train["device"] = "cuda:7"
+    with pytest.raises(HwnasError, match="train.device is 'cuda:7' but PyTorch sees no CUDA GPU"):
+        run_pipeline(cfg, log=lambda *_: None, redo_from="train-query")
+    assert (run / "gallery" / "model.safetensors").exists() and (run / "query" / "searched").exists()
+    # nor is a query model that another process trains deleted under it
+    from conftest import hold_lock
+
+    cfg.query.train["device"] = "cpu"
+    holder = hold_lock(run / "query" / "searched" / "checkpoint.safetensors")
+    try:
+        with pytest.raises(HwnasError, match=r"process \d+ on .* is training .*query/searched now"):
+            run_pipeline(cfg, log=lambda *_: None, redo_from="train-query")
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert (run / "query" / "searched" / "model.safetensors").exists()
 
 
 def test_step_keys_follow_what_each_step_reads():

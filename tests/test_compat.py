@@ -17,7 +17,7 @@ import torch
 
 from hwnas.compat import api
 from hwnas.config import load_config
-from conftest import TINY_SPACE, tiny_config, write_cfg
+from conftest import TINY_SPACE, hold_lock, tiny_config, write_cfg
 from hwnas.errors import HwnasError
 
 @pytest.fixture(scope="session")
@@ -765,7 +765,7 @@ def test_a_restart_that_cannot_train_keeps_the_trained_gallery(trained_gallery, 
     save_file({k: v.contiguous() for k, v in EmbeddingNet("resnet18", 16, 1).backbone.state_dict().items()},
               str(tmp_path / "r18.safetensors"))
     (tmp_path / "notes.txt").write_text("not weights")
-    for flags, msg in ((["--backbone-checkpoint", str(tmp_path / "r18.safetensors")], "does not hold the whole"),
+    for flags, msg in ((["--backbone-checkpoint", str(tmp_path / "r18.safetensors")], "is not the ResNet backbone"),
                        (["--backbone-checkpoint", str(tmp_path / "notes.txt")], "neither a safetensors file nor"),
                        (["--backbone", "vit_tiny_patch16_224"], "cannot embed this run's 1-channel 32 px images"),
                        (["--set", "gallery.train.device=cuda:7"], "train.device")):
@@ -778,7 +778,7 @@ def test_a_restart_that_cannot_train_keeps_the_trained_gallery(trained_gallery, 
                         "--backbone-checkpoint", str(tmp_path / "r18.safetensors")],
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "other backbone_checkpoint than this run asks" in r.stderr, r.stderr
-    assert "or set the config to the model's (gallery.backbone_checkpoint: None) to keep it" in r.stderr
+    assert "or set the config to the model's (gallery.backbone_checkpoint: null) to keep it" in r.stderr
 
 
 def test_a_gallery_at_another_input_size_is_refused():
@@ -987,17 +987,23 @@ def test_a_users_backbone_checkpoint_loads_and_a_bad_one_is_named(tmp_path):
         dst = EmbeddingNet("resnet10t", 16, 1)
         assert load_backbone_checkpoint(dst, tmp_path / f)["loaded"] == len(own), f
         assert all(torch.equal(v, dst.backbone.state_dict()[k]) for k, v in own.items())
-    # part of a backbone is not taken for the whole: another architecture's weights, or the
-    # same one's for another channel count, are errors that say which
-    save_file({k: v.contiguous() for k, v in EmbeddingNet("resnet18", 16, 1).backbone.state_dict().items()},
-              str(tmp_path / "r18.safetensors"))
-    with pytest.raises(HwnasError, match=r"does not hold the whole ResNet backbone: of its \d+ weights, "
-                                         r"\d+ differ in shape .* are not in the file"):
-        load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "r18.safetensors")
-    save_file({k: v.contiguous() for k, v in EmbeddingNet("resnet10t", 16, 3).backbone.state_dict().items()},
+    # part of a backbone is not taken for the whole, nor a bigger model of its family: errors
+    # that say which; a stem of another channel count is adapted as timm adapts pretrained ones
+    for other, mine, why in (("resnet18", "resnet10t", r"\d+ of its \d+ weights differ in shape .* are not in the file"),
+                             ("resnet34", "resnet18", r"the file holds \d+ weights it does not have \(e.g. layer1.2")):
+        save_file({k: v.contiguous() for k, v in EmbeddingNet(other, 16, 1).backbone.state_dict().items()},
+                  str(tmp_path / f"{other}.safetensors"))
+        with pytest.raises(HwnasError, match=r"is not the ResNet backbone of gallery.backbone \(--backbone\): " + why):
+            load_backbone_checkpoint(EmbeddingNet(mine, 16, 1), tmp_path / f"{other}.safetensors")
+    rgb = EmbeddingNet("resnet10t", 16, 3).backbone.state_dict()
+    save_file({k: v.contiguous() for k, v in rgb.items()} | {"fc.weight": torch.zeros(5, 512)},
               str(tmp_path / "rgb.safetensors"))
-    with pytest.raises(HwnasError, match="first convolution takes 3-channel images and this run's have 1"):
-        load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "rgb.safetensors")
+    gray = EmbeddingNet("resnet10t", 16, 1)
+    info = load_backbone_checkpoint(gray, tmp_path / "rgb.safetensors")
+    assert info["adapted"] == "conv1.0.weight: 3 -> 1 input channels" and info["ignored"] == ["fc.weight"]
+    got = gray.backbone.state_dict()
+    assert torch.allclose(got["conv1.0.weight"], rgb["conv1.0.weight"].sum(1, keepdim=True))
+    assert all(torch.equal(v, got[k]) for k, v in rgb.items() if k != "conv1.0.weight")
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("my weights are elsewhere")
     from hwnas.nn.models import load_state
@@ -1029,22 +1035,6 @@ def test_a_frozen_backbone_keeps_its_weights_and_batchnorm_statistics():
     assert not net.backbone.training and net.training
 
 
-def _hold_lock(ck: Path) -> subprocess.Popen:
-    """Another process holding ``ck``'s training lock until a line comes on its stdin."""
-    import textwrap
-
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
-        from pathlib import Path
-        from hwnas.compat.train import training_lock
-        with training_lock(Path({str(ck)!r}), "other"):
-            print("held", flush=True)
-            sys.stdin.readline()
-        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
-    assert holder.stdout.readline().strip() == "held"
-    return holder
-
-
 def test_a_folder_another_process_trains_in_is_left_alone(trained_gallery, tmp_path):
     """--restart empties a model's folder and a changed model is deleted before its training
     loop starts: with another process training in that folder, the call is refused before
@@ -1059,8 +1049,8 @@ def test_a_folder_another_process_trains_in_is_left_alone(trained_gallery, tmp_p
     (folder / "checkpoint.safetensors").write_bytes(b"the other's epochs")
     files["checkpoint.safetensors"] = b"the other's epochs"
     gallery = (tmp_path / "run" / "gallery" / "config.json").read_text()
-    holders = [_hold_lock(folder / "checkpoint.safetensors"),
-               _hold_lock(tmp_path / "run" / "gallery" / "checkpoint.safetensors")]
+    holders = [hold_lock(folder / "checkpoint.safetensors"),
+               hold_lock(tmp_path / "run" / "gallery" / "checkpoint.safetensors")]
     try:
         cfg.query.train = {**cfg.query.train, "lr": 0.01}  # a changed model: retrain_changed deletes it
         for kw in ({"restart": True}, {"resume": True, "retrain_changed": True}):
@@ -1130,7 +1120,7 @@ def test_one_process_at_a_time_trains_a_checkpoint(tmp_path):
 
     images, labels = torch.rand(32, 1, 2, 2), torch.randint(0, 3, (32,))
     ck = tmp_path / "m" / "checkpoint.safetensors"
-    holder = _hold_lock(ck)
+    holder = hold_lock(ck)
     cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05)
     with pytest.raises(HwnasError, match=rf"process {holder.pid} on .* is training {re.escape(str(ck.parent))} now: wait"):
         fit(_Lin(), images, labels, lambda x: x, cfg, ck, log=lambda *_: None)

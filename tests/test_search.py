@@ -6,7 +6,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -920,13 +919,23 @@ def test_a_study_resumed_with_other_settings_is_refused(tmp_path):
             run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
         setattr(cfg.search, key, old)
     assert len(optuna.load_study(study_name="s1", storage=cfg.search.storage).trials) == n
-    # a worker whose budget a rule resolved (budget_speedup measures the paragon, a little
-    # differently each time) joins the study at the study's budget, and says so
+    # a worker whose budget budget_speedup resolved (a measurement of the paragon, a little
+    # different each time) joins a study started at that speed-up at the study's budget, and
+    # says so; at another speed-up, or from another rule, it is refused
     took, said = [], []
+    cfg.search.study_name, cfg.search.budget_speedup = "s2", 10.0
+    run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=took.append)
     cfg.search.budget_ms = b * 1.01
     run_search(cfg, evaluator=evaluator, log=said.append, seed=0, adopt_budget=took.append)
-    assert took == [b] and cfg.search.budget_ms == b and any(f"takes that budget (its own resolution: {b * 1.01}" in m
-                                                             for m in said), said
+    assert took == [b] and cfg.search.budget_ms == b and any(
+        f"10x faster than the paragon as the worker that started it measured it; this worker takes "
+        f"that budget (its own measurement: {b * 1.01}" in m for m in said), said
+    for speedup, adopt in ((5.0, took.append), (10.0, None)):
+        cfg.search.budget_ms, cfg.search.budget_speedup = b * 1.01, speedup
+        with pytest.raises(HwnasError, match=f"pass --budget-ms {b} to join it"):
+            run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=adopt)
+    assert took == [b]
+    cfg.search.study_name, cfg.search.budget_ms = "s1", b
     # ... and records it as its run's budget (budget.json), its own resolution beside it
     from hwnas.pipeline import adopt_study_budget, set_search_budget
 
@@ -938,14 +947,19 @@ def test_a_study_resumed_with_other_settings_is_refused(tmp_path):
     assert set_search_budget(cfg, log=lambda *_: None)["budget_ms"] == b == cfg.search.budget_ms
     resolved = json.loads((Path(cfg.run_dir) / "budget.json").read_text())["resolved"]
     assert resolved["own_budget_ms"] == own and resolved["from_study"] == "s1"
-    # the study's table is its content: the same file at another path is the same table, and
-    # other content under the same path is not
+    # the study's table is what it predicts: the same table at another path, or with another
+    # header (hwnas profile --gallery-throughput's figures), is the same; other timings are not
     table = Path(cfg.latency.table)
     cfg.latency.table = str(tmp_path / "copy.json")
-    shutil.copy(table, cfg.latency.table)
+    t = json.loads(table.read_text())
+    t["header"]["gallery_throughput"] = {"note": "a header-only change"}
+    Path(cfg.latency.table).write_text(json.dumps(t))
     run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
-    Path(cfg.latency.table).write_text(table.read_text() + "\n")
-    with pytest.raises(HwnasError, match=r"'table': \{'study': '.*x86_64-amdepyc.*', 'here': '.*copy.json'\}"):
+    first = next(iter(t["entries"]))
+    t["entries"][first] = {**t["entries"][first], "median_ms": t["entries"][first]["median_ms"] * 2}
+    Path(cfg.latency.table).write_text(json.dumps(t))
+    with pytest.raises(HwnasError, match=r"'table': \{'study': '.*x86_64-amdepyc.* \(predictions \w+\)', "
+                                         r"'here': '.*copy.json \(predictions \w+\)'\}"):
         run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
     assert len(optuna.load_study(study_name="s1", storage=cfg.search.storage).trials) == n
     with pytest.raises(HwnasError, match="--enqueue 'bogus': bad arch token"):

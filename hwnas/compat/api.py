@@ -176,12 +176,12 @@ def _differs_error(out: Path, what: str, diff: list[str], step: str, old: dict |
     settings that differ, each named as ``spell`` maps it to the config."""
     fixes = f"--restart to train it again (hwnas run: --from {step})"
     plain = (str, int, float, bool, type(None))
-    shown = [f"{(spell or {}).get(k, k)}: {old[k]!r}" for k in diff if old is not None and want is not None
+    shown = [f"{(spell or {}).get(k, k)}: {json.dumps(old[k])}" for k in diff if old is not None and want is not None
              and k in old and k in want and isinstance(old[k], plain) and isinstance(want[k], plain)]
-    if shown:
+    if shown and len(shown) == len(diff):
         fixes += f", or set the config to the model's ({', '.join(shown)}) to keep it"
     elif any(d not in _DIFF_NAMES.values() for d in diff):
-        fixes += ", or restore the config"
+        fixes += ", or restore the config" + (f" (the model's {', '.join(shown)})" if shown else "")
     return HwnasError(f"{out} holds {what} trained with other {', '.join(diff)} than this run asks: {fixes}")
 
 
@@ -285,9 +285,10 @@ def gallery_record(cfg: Config, rd: RunDir) -> dict:
 
     gc, space = cfg.gallery, cfg.search_space()
     classes = train_class_names(rd)
+    with torch.random.fork_rng(devices=[]):  # (its weights are not wanted: the training's
+        head = CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin, gc.classifier)  # draws stay)
     return {"backbone": gc.backbone, "embed_dim": space.embed_dim, "preprocess": cfg.preprocess().to_dict(),
-            "classifier": {**CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin,
-                                              gc.classifier).config(), "classes": classes},
+            "classifier": {**head.config(), "classes": classes},
             "backbone_checkpoint": gc.backbone_checkpoint, "freeze_backbone": gc.freeze_backbone,
             "train": cfg.train_config("gallery").__dict__, "splits_fingerprint": rd.splits().fingerprint,
             "seed": cfg.seed}
@@ -311,12 +312,27 @@ def check_backbone_checkpoint(gc) -> None:
                          "your timm weights' file (safetensors or a torch state dict)")
 
 
+def gallery_network(cfg: Config):
+    """The gallery's network as its training starts (seeded), with the user's backbone weights
+    loaded: ``(net, what was loaded or None)``. Everything that can refuse the training before it
+    starts is checked here — the weights file, a backbone that cannot take the run's images,
+    weights of another backbone — so that a retraining that cannot run costs no trained model."""
+    from hwnas.nn.models import EmbeddingNet, check_takes_input, load_backbone_checkpoint
+
+    gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
+    check_backbone_checkpoint(gc)
+    torch.manual_seed(cfg.seed)
+    net = EmbeddingNet(gc.backbone, space.embed_dim, pre.channels, bn=True)
+    check_takes_input(net, gc.backbone, pre.channels, pre.size, "gallery.backbone")
+    return net, (load_backbone_checkpoint(net, gc.backbone_checkpoint) if gc.backbone_checkpoint else None)
+
+
 @_holds_folder("train-gallery", lambda cfg, **_: RunDir(cfg).path / "gallery")
 def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=print) -> dict:
     from hwnas.compat.tasks import GalleryTask
     from hwnas.compat.train import fit, is_main
     from hwnas.nn.heads import CosineClassifier
-    from hwnas.nn.models import EmbeddingNet, check_takes_input, load_backbone_checkpoint, save_model
+    from hwnas.nn.models import save_model
 
     rd = RunDir(cfg)
     out = rd.path / "gallery"
@@ -325,15 +341,10 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     check_timm_name(cfg.gallery.backbone)  # a typo must not cost the trained model (--restart)
     gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
     net = loaded = None
-    if restart or not (out / "model.safetensors").exists():  # (a finished model needs none of it)
-        check_backbone_checkpoint(cfg.gallery)  # (before the splits are written)
-        # the network and the user's weights for it, before --restart deletes the trained model:
-        # a backbone that cannot take the run's images, or weights of another one, must not cost it
-        torch.manual_seed(cfg.seed)
-        net = EmbeddingNet(gc.backbone, space.embed_dim, pre.channels, bn=True)
-        check_takes_input(net, gc.backbone, pre.channels, pre.size, "gallery.backbone")
-        if gc.backbone_checkpoint:
-            loaded = load_backbone_checkpoint(net, gc.backbone_checkpoint)
+    if restart or not ((out / "model.safetensors").exists() and (out / "config.json").exists()):
+        # (a finished model needs none of it) before --restart deletes the trained model, and
+        # before the splits are written
+        net, loaded = gallery_network(cfg)
     tc = cfg.train_config("gallery")
     record = gallery_record(cfg, rd)
     classes, split_fp = record["classifier"]["classes"], record["splits_fingerprint"]
@@ -347,10 +358,13 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
         log(f"[train-gallery] {out} is already trained (fingerprint {g['fingerprint']}); "
             "--restart to train again")
         return g
+    if net is None:  # (gone since the look above)
+        net, loaded = gallery_network(cfg)
     data = load_part(rd, "train", pre, classes, log=log)  # (draws nothing from torch's generator)
     if loaded is not None:
         log(f"[train-gallery] backbone from {gc.backbone_checkpoint}: {loaded['loaded']} tensors loaded "
-            f"(every weight of the backbone), {len(loaded['ignored'])} others in the file not used")
+            f"(every weight of the backbone{'; ' + loaded['adapted'] if loaded['adapted'] else ''}), "
+            f"{len(loaded['ignored'])} others in the file not used (its classifier)")
     head = CosineClassifier(space.embed_dim, len(classes), gc.scale, gc.margin, gc.classifier)
     task = GalleryTask(net, head, frozen_backbone=bool(loaded) and gc.freeze_backbone)
     legacy = {"backbone": gc.backbone, "classes": len(classes), "split": split_fp}
@@ -606,7 +620,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     go on from, where this name holds no checkpoint of its own."""
     from hwnas.compat.losses import PARTS, CompatLoss, LossConfig
     from hwnas.compat.tasks import CompatTask
-    from hwnas.compat.train import drop_stale_checkpoint, fit, is_main
+    from hwnas.compat.train import drop_stale_checkpoint, fit, is_main, train_device
     from hwnas.nn.models import EmbeddingNet, check_takes_input, save_model
     from hwnas.nn.supernet import SubNet, calibration_batches, recalibrate_bn
     from hwnas.space import arch_flops
@@ -660,6 +674,7 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         if not retrain_changed:
             raise HwnasError(f"{out} holds a query model trained with other {', '.join(diff)} "
                              f"than asked: train again with --restart, or give another --name")
+        train_device(tc)  # (a training that cannot start here must not cost the model)
         log(f"[train-query] {out} was trained with other {', '.join(diff)}; training again")
         shutil.rmtree(out)
     space, pre, gallery, classes, data, unlabeled = _compat_setup(rd, loss_cfg, log)
@@ -994,7 +1009,7 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
 
     from hwnas.compat.losses import PARTS, CompatLoss, LossConfig
     from hwnas.compat.tasks import CompatTask
-    from hwnas.compat.train import drop_stale_checkpoint, fit, is_main
+    from hwnas.compat.train import drop_stale_checkpoint, fit, is_main, train_device
     from hwnas.data.sources import unlabeled_specs
     from hwnas.nn.models import load_query, save_model
 
@@ -1067,6 +1082,7 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
         if not retrain_changed:
             raise HwnasError(f"{out} holds a model adapted from another query model or with other "
                              "settings: do it again with --restart, or give another --name")
+        train_device(tc)  # (a training that cannot start here must not cost the model)
         log(f"[adapt] {out} was adapted from another model or with other settings; adapting again")
         shutil.rmtree(out)
     # the query's training images (labeled: BCT) and its unlabeled ones, then the gallery's

@@ -91,7 +91,7 @@ def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
         head = f.read(9)
     # the format by content, whatever the file's name: safetensors opens with its header's
     # length (8 bytes, little-endian) and the header's "{"; a torch file is a zip or a pickle
-    safetensors = path.suffix.lower() == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+    safetensors = len(head) == 9 and head[8:9] == b"{"
     if len(head) < 2 or not (safetensors or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):
         raise HwnasError(f"{path} is neither a safetensors file nor a torch checkpoint "
                          f"({'empty' if not head else 'it starts with ' + repr(head[:8])}); give your "
@@ -143,30 +143,41 @@ def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
     if not usable:
         raise HwnasError(f"{path} holds no weights of this backbone (its keys look like "
                          f"{list(state)[:3]}); is it the same timm architecture?")
-    # every weight the backbone has must come from the file: a partial load would train (or,
-    # frozen, keep) randomly initialized layers beside the user's (BatchNorm's step counters
-    # aside, which nothing reads)
+    # the stem of a model of another channel count (RGB weights for grayscale images): adapted
+    # as timm adapts pretrained weights (summed over RGB for 1 channel, repeated and scaled else)
+    first = next((k for k, v in own.items() if v.ndim == 4), None)
+    adapted = None
+    if first in state and first not in usable:
+        a, b = state[first].shape, own[first].shape
+        if len(a) == 4 and a[0] == b[0] and a[2:] == b[2:] and a[1] != b[1]:
+            from timm.models import adapt_input_conv
+
+            usable[first] = adapt_input_conv(b[1], state[first]).to(own[first].dtype)
+            adapted = f"{first}: {a[1]} -> {b[1]} input channels"
+    # the file must be this backbone, whole: a partial load would train (or, frozen, keep)
+    # randomly initialized layers beside the user's, and a bigger model of the same family
+    # holds all of a smaller one's names (BatchNorm's step counters, which nothing reads,
+    # and the classifier, which hwnas replaces, aside)
     counters = {k for k in own if k.endswith("num_batches_tracked")}
+    cls = (getattr(net.backbone, "pretrained_cfg", None) or {}).get("classifier") or "fc"
+    heads = tuple(f"{c}." for c in ([cls] if isinstance(cls, str) else cls)) + ("fc.", "head.", "classifier.")
     shaped = [k for k in own if k in state and k not in usable and k not in counters]
     absent = [k for k in own if k not in state and k not in counters]
-    if shaped or absent:
+    extra = [k for k in state if k not in own and not k.startswith(heads) and not k.endswith("num_batches_tracked")]
+    if shaped or absent or extra:
         k = shaped[0] if shaped else None
-        a, b = (tuple(state[k].shape), tuple(own[k].shape)) if k else ((), ())
         why = "; ".join(filter(None, (
-            f"{len(shaped)} differ in shape (e.g. {k}: {a} in the file, {b} here)" if shaped else "",
-            f"{len(absent)} are not in the file (e.g. {', '.join(absent[:3])})" if absent else "")))
-        if len(a) == 4 and len(b) == 4 and a[0] == b[0] and a[2:] == b[2:] and a[1] != b[1]:
-            fix = (f"Its first convolution takes {a[1]}-channel images and this run's have {b[1]} "
-                   "(space.in_channels, data.mean/std): give images of its channel count, or weights "
-                   f"of a {b[1]}-channel model")
-        else:
-            fix = ("Give the weights of the same timm architecture as gallery.backbone (--backbone), "
-                   "e.g. saved from timm.create_model(name).state_dict()")
-        raise HwnasError(f"{path} does not hold the whole {type(net.backbone).__name__} backbone: of its "
-                         f"{len(own) - len(counters)} weights, {why}. {fix}")
+            f"{len(shaped)} of its {len(own) - len(counters)} weights differ in shape (e.g. {k}: "
+            f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here)" if shaped else "",
+            f"{len(absent)} of its weights are not in the file (e.g. {', '.join(absent[:3])})" if absent else "",
+            f"the file holds {len(extra)} weights it does not have (e.g. {', '.join(extra[:3])}: a bigger "
+            "model of the family?)" if extra else "")))
+        raise HwnasError(f"{path} is not the {type(net.backbone).__name__} backbone of gallery.backbone "
+                         f"(--backbone): {why}. Give the weights of that timm architecture, e.g. saved "
+                         "from timm.create_model(name).state_dict()")
     net.backbone.load_state_dict(usable, strict=False)
     return {"loaded": len(usable), "missing": sorted(counters - set(usable)),
-            "ignored": sorted(set(state) - set(usable))}
+            "ignored": sorted(set(state) - set(usable)), "adapted": adapted}
 
 
 # ---------------------------------------------------------------------- save / load
@@ -204,10 +215,12 @@ def load_state(model_dir: str | Path) -> tuple[dict, dict[str, dict[str, torch.T
     cfg_path, w_path = model_dir / "config.json", model_dir / "model.safetensors"
     if not cfg_path.exists() or not w_path.exists():
         weights = model_dir.is_file() and model_dir.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin")
+        ours = weights and (model_dir.parent / "config.json").exists()
         raise HwnasError(f"{model_dir} is not a saved hwnas model (a folder with config.json and "
-                         "model.safetensors); train one first" + (
-                             ": a weights file of your own backbone is hwnas train-gallery "
-                             "--backbone-checkpoint's (gallery.backbone_checkpoint)" if weights else ""))
+                         "model.safetensors); " + (
+                             f"give its folder, {model_dir.parent}" if ours else "train one first" + (
+                                 ": a weights file of your own backbone is hwnas train-gallery "
+                                 "--backbone-checkpoint's (gallery.backbone_checkpoint)" if weights else "")))
     cfg = read_json(cfg_path)
     if cfg.get("format") != MODEL_FORMAT:
         raise HwnasError(f"{cfg_path} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")

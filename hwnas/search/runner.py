@@ -321,22 +321,27 @@ class _QuietStop:
         return True
 
 
-def _table_sha(path: Path) -> str:
-    import hashlib
+def _table_key(path: Path) -> str | None:
+    """What a latency table predicts (:meth:`LatencyTable.prediction_key`; None: not a table)."""
+    from hwnas.latency.table import LatencyTable
 
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    try:
+        return LatencyTable.load(path).prediction_key()
+    except (HwnasError, OSError, ValueError):
+        return None
 
 
 def _same_table(old: dict, meta: dict) -> bool:
-    """A study's latency table and this worker's are the same file content (workers on other
-    machines, or in other directories, name one table by other paths). A study from before
-    the content was recorded compares its path, and the file there if it is at hand."""
-    if old.get("table_sha") is not None:
-        return old["table_sha"] == meta["table_sha"]
+    """A study's latency table and this worker's predict alike (workers on other machines, or
+    in other directories, name one table by other paths; a header-only rewrite such as
+    ``hwnas profile --gallery-throughput`` changes no prediction). A study from before the
+    key was recorded compares its path, and the table there if it is at hand."""
+    if old.get("table_key") is not None:
+        return old["table_key"] == meta["table_key"]
     if old.get("table") == meta["table"]:
         return True
     p = Path(old.get("table") or "")
-    return p.is_file() and _table_sha(p) == meta["table_sha"]
+    return p.is_file() and _table_key(p) == meta["table_key"]
 
 
 def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int | None = None,
@@ -348,10 +353,10 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     ``train-query --from-search`` and the report read them; a benchmark's side searches
     write elsewhere, so the run's own choice stays).
 
-    ``adopt_budget``: the budget was resolved from a rule (``search.budget_speedup`` measures
-    the paragon, and each worker's measurement differs a little), so a worker joining a study
-    that another started takes the study's budget (``cfg.search.budget_ms`` is set to it) and
-    calls ``adopt_budget(budget_ms)`` to record it; without it, another budget is an error."""
+    ``adopt_budget``: the budget was resolved from ``search.budget_speedup`` (a measurement of
+    the paragon, a little different on each worker), so a worker joining a study that another
+    started at the same speed-up takes the study's budget (``cfg.search.budget_ms`` is set to
+    it) and calls ``adopt_budget(budget_ms)`` to record it; otherwise another budget is an error."""
     import optuna
 
     s = cfg.search
@@ -383,17 +388,23 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                 directions=directions, load_if_exists=True)
     meta = {"budget_ms": budget, "reward": s.reward, "alpha": s.alpha, "metric": s.metric,
-            "space_hash": space.hash, "table": str(tpath), "table_sha": _table_sha(tpath),
-            "multi_objective": s.multi_objective}
+            "space_hash": space.hash, "table": str(tpath), "table_key": _table_key(tpath),
+            "multi_objective": s.multi_objective,
+            # where the budget came from: a speed-up over the paragon, measured (else None)
+            "budget_speedup": s.budget_speedup if adopt_budget is not None else None}
     old = study.user_attrs.get("hwnas")
     if old is not None and old != meta:
-        changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v and k not in ("table", "table_sha")}
-        if not _same_table(old, meta):
-            changed["table"] = (old.get("table"), str(tpath))
-        if list(changed) == ["budget_ms"] and adopt_budget is not None and lo <= old["budget_ms"] < hi:
-            log(f"[search] study {name!r} searches at {old['budget_ms']} ms, as the worker that started "
-                f"it resolved the config's budget rule; this worker takes that budget (its own "
-                f"resolution: {budget} ms)")
+        changed = {k: (old.get(k), v) for k, v in meta.items()
+                   if old.get(k) != v and k not in ("table", "table_key", "budget_speedup")}
+        if not _same_table(old, meta):  # (by what it predicts: the same path may hold another)
+            changed["table"] = (f"{old.get('table')} (predictions {old.get('table_key') or 'unrecorded'})",
+                                f"{tpath} (predictions {meta['table_key']})")
+        if (list(changed) == ["budget_ms"] and adopt_budget is not None
+                and old.get("budget_speedup") == meta["budget_speedup"] is not None):
+            check_budget(old["budget_ms"], predictor, tpath)
+            log(f"[search] study {name!r} searches at {old['budget_ms']} ms, {s.budget_speedup:g}x faster "
+                f"than the paragon as the worker that started it measured it; this worker takes that "
+                f"budget (its own measurement: {budget} ms)")
             budget = s.budget_ms = old["budget_ms"]
             study.sampler = make_sampler(s.sampler, space, cfg, seed, s.multi_objective, predictor, budget)
             adopt_budget(budget)
