@@ -516,6 +516,8 @@ def test_a_gallery_replaced_by_hand_redoes_what_was_trained_against_it(tmp_path)
     # training whose device is not here
     from hwnas.pipeline import run_pipeline
 
+    cfg.latency.table = str(tmp_path / "table.json")  # (put back there from the run's copy, not
+    keys = step_keys(cfg)  # into the working directory's latency_tables/)
     steps.state["done"] = {n: {"key": keys[n]} for n in STEPS}
     steps.state["done"]["train-gallery"]["fingerprint"] = "bbbb"
     (run / "gallery" / "config.json").write_text(json.dumps(gallery))
