@@ -1004,6 +1004,11 @@ def test_a_users_backbone_checkpoint_loads_and_a_bad_one_is_named(tmp_path):
     got = gray.backbone.state_dict()
     assert torch.allclose(got["conv1.0.weight"], rgb["conv1.0.weight"].sum(1, keepdim=True))
     assert all(torch.equal(v, got[k]) for k, v in rgb.items() if k != "conv1.0.weight")
+    # a stem timm cannot adapt (5 channels to 1) is a weight of another shape, named
+    save_file({k: v.contiguous() for k, v in EmbeddingNet("resnet10t", 16, 5).backbone.state_dict().items()},
+              str(tmp_path / "five.safetensors"))
+    with pytest.raises(HwnasError, match=r"1 of its \d+ weights differ in shape \(e.g. conv1.0.weight: \(24, 5, 3, 3\)"):
+        load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 1), tmp_path / "five.safetensors")
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("my weights are elsewhere")
     from hwnas.nn.models import load_state

@@ -152,8 +152,11 @@ def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
         if len(a) == 4 and a[0] == b[0] and a[2:] == b[2:] and a[1] != b[1]:
             from timm.models import adapt_input_conv
 
-            usable[first] = adapt_input_conv(b[1], state[first]).to(own[first].dtype)
-            adapted = f"{first}: {a[1]} -> {b[1]} input channels"
+            try:
+                usable[first] = adapt_input_conv(b[1], state[first]).to(own[first].dtype)
+                adapted = f"{first}: {a[1]} -> {b[1]} input channels"
+            except (AssertionError, NotImplementedError, ValueError):  # (a stem timm cannot adapt:
+                pass  # named below as a weight of another shape)
     # the file must be this backbone, whole: a partial load would train (or, frozen, keep)
     # randomly initialized layers beside the user's, and a bigger model of the same family
     # holds all of a smaller one's names (BatchNorm's step counters, which nothing reads,
