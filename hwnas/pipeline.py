@@ -607,8 +607,8 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
                            ("train-query", "query"), ("adapt", "query"), ("baselines", "query")):
             if n in fresh:
                 train_device(cfg.train_config(section))
-        if "train-gallery" in fresh:
-            api.gallery_network(cfg)
+        if "train-gallery" in fresh and (RunDir(cfg).path / "gallery").exists():  # (a model to lose;
+            api.gallery_network(cfg)  # with none, the step's own build refuses it just the same)
         if "search" in fresh and cfg.search.storage:
             log(f"[run] WARNING: the search continues its study in {cfg.search.storage}; set "
                 "search.study_name to a new name to search afresh")

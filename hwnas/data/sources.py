@@ -258,9 +258,8 @@ def image_folder(root: str | os.PathLike) -> Collection:
         raise DataError(f"image folder {shown(root)} is a file; pass the directory that holds one "
                         "folder per class (or, for a CSV of paths and labels, data.dataset: manifest)")
     if not root.is_dir():
-        raise DataError(f"image folder {shown(root)} does not exist; pass the directory that holds "
-                        "one folder per class (data.data_dir in the config: --data-dir on hwnas data, "
-                        "--set data.data_dir=PATH on any command)")
+        raise DataError(f"image folder {shown(root)} does not exist; {DATA_DIR_FIX} to the directory "
+                        "that holds one folder per class")
     entries: list = []
     subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
     # train/ and test/ (in any case: Train/ and Test/ are the same layout)
