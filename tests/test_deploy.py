@@ -210,7 +210,14 @@ def test_a_catalog_is_indexed_in_place_of_the_test_gallery(bundle, tmp_path):
     assert m["gallery"]["n_items"] == 7 and {it["label"] for it in items} == {None}
     assert sorted(it["id"] for it in items) == sorted(r.split(",")[0] for r in rows[1:])
     # an unreadable catalog image stops deploy, with no bundle; --skip-bad-images leaves it out
+    # (every unreadable one named at once, however far apart, not the first alone)
     (cat / "shelf1" / "broken.png").write_bytes(b"\x89PNG not really")
+    (cat / "zz-empty.png").write_bytes(b"")
+    col, _ = catalog_images(cat)
+    with pytest.raises(HwnasError, match=r"2 of 9 images of the catalog cannot be read "
+                                         r"\(shelf1/broken.png, zz-empty.png\).*skip-bad-images"):
+        _embed_catalog(col, None, pre, fn, False, quiet, chunk=3)
+    (cat / "zz-empty.png").unlink()
     args = ["deploy", "--config", str(root / "c.json"), "--catalog", str(cat), "--out", str(tmp_path / "s")]
     assert main(args) == 2 and not (tmp_path / "s").exists()
     assert main([*args, "--skip-bad-images"]) == 0

@@ -85,11 +85,12 @@ class ImageArray:
 
 
 def check_readable(col: Collection, indices: Sequence[int], skip_bad: bool = False, progress: bool = True,
-                   desc: str = "check images") -> list[str]:
+                   desc: str = "check images", what: str = "the split", of: int | None = None) -> list[str]:
     """Open and decode every image of ``indices`` once, before anything trains on them, so a
     broken file or a manifest row naming no file stops a run at its start rather than at the
     step that first reads it (hours later at scale). All unreadable images are named at once
-    (a DataError) unless ``skip_bad``; then their ids are returned (later steps leave them out)."""
+    (a DataError) unless ``skip_bad``; then their ids are returned (later steps leave them out).
+    ``what`` names the images in the message, ``of`` how many it has (default ``len(indices)``)."""
     from tqdm import tqdm
 
     bad: list[tuple[str, str]] = []
@@ -102,7 +103,7 @@ def check_readable(col: Collection, indices: Sequence[int], skip_bad: bool = Fal
             bad.append((col.ids[int(i)], str(e)))
     if bad and not skip_bad:
         named = ", ".join(b for b, _ in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise DataError(f"{len(bad)} of {len(indices)} images of the split cannot be read ({named}); "
+        raise DataError(f"{len(bad)} of {of or len(indices)} images of {what} cannot be read ({named}); "
                         f"the first: {bad[0][1]}")
     return [b for b, _ in bad]
 

@@ -21,7 +21,7 @@ import numpy as np
 from hwnas_edge.bundle import first_line
 
 from hwnas.config import Config
-from hwnas.errors import HwnasError
+from hwnas.errors import DataError, HwnasError
 from hwnas.rundir import RunDir
 from hwnas.utils import atomic_write_bytes, write_json
 
@@ -258,12 +258,18 @@ def _embed_catalog(col, labels: list | None, pre, fn: Callable, skip_bad: bool, 
     time (a catalog larger than the memory is never held decoded), with the index's items."""
     from tqdm import tqdm
 
-    from hwnas.data.images import materialize
+    from hwnas.data.images import check_readable, materialize
 
     parts, items, skipped = [], [], []
     bar = tqdm(total=len(col), desc="catalog embeddings", unit="img", disable=None if len(col) > 2048 else True)
     for start in range(0, len(col), chunk):
-        arr = materialize(col, np.arange(start, min(start + chunk, len(col))), pre, skip_bad, progress=False)
+        try:
+            arr = materialize(col, np.arange(start, min(start + chunk, len(col))), pre, skip_bad, progress=False)
+        except DataError:  # (not skip_bad) stop embedding; name every unreadable image left,
+            bar.close()  # not one a run, so that one fix (or --skip-bad-images) does
+            check_readable(col, range(start, len(col)), desc="check the rest of the catalog",
+                           what="the catalog", of=len(col))
+            raise
         skipped += arr.skipped
         if len(arr.images):
             parts.append(fn(np.ascontiguousarray(pre.normalize(arr.images))))
