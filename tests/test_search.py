@@ -82,6 +82,26 @@ def test_reward_and_pareto():
     assert sorted(pareto_front(pts)) == [0, 2, 4]
 
 
+def test_a_bad_storage_fails_before_the_supernet_loads(search_run, tmp_path, monkeypatch):
+    """--storage of a URL Optuna cannot open (a typo, a server down) is the error, said before
+    the supernet, gallery and validation images load (minutes at scale), and no study is made."""
+    from hwnas.search import runner
+
+    root, cfg_path = search_run
+    cfg = load_config(cfg_path)
+    lo, hi, _ = _budget(cfg)
+    cfg.search.budget_ms = hi * 0.99
+    built = []
+    monkeypatch.setattr(runner, "SupernetEvaluator", lambda *a, **k: built.append(1))
+    cfg.search.storage = "nosuchdb://host/db"
+    with pytest.raises(HwnasError, match="cannot open the Optuna storage 'nosuchdb://host/db'.*give sqlite:///PATH"):
+        runner.run_search(cfg, log=lambda *_: None)
+    cfg.search.storage = f"sqlite:///{tmp_path / 'missing' / 's.db'}"
+    with pytest.raises(HwnasError, match="missing does not exist"):
+        runner.run_search(cfg, log=lambda *_: None)
+    assert built == [] and not (tmp_path / "missing").exists()
+
+
 def test_an_arch_proposed_again_is_not_evaluated_again(search_run, tmp_path):
     """A sampler's repeat of an evaluated arch (evolution proposes them) takes the first
     evaluation's result at no cost, and n_trials counts distinct archs."""

@@ -378,8 +378,15 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
             user.append(space.params_of(space.parse(a)))
         except HwnasError as e:
             raise HwnasError(f"--enqueue {a!r}: {e}") from None
+    storage = None
+    if s.storage is not None and evaluator is None and (rd.path / "supernet" / "config.json").is_file():
+        # a storage of the user's (a server, a shared disk) is opened before the supernet, the
+        # gallery and the validation images load, so a bad URL or a server down fails at once;
+        # with no supernet, that error comes first and no storage is made
+        storage, url = make_storage(s.storage, rd)
     evaluator = evaluator or SupernetEvaluator(cfg, log=log)
-    storage, url = make_storage(s.storage, rd)
+    if storage is None:
+        storage, url = make_storage(s.storage, rd)
     name = s.study_name or f"search-{s.reward}-{s.sampler}-{budget:g}ms{'-mo' if s.multi_objective else ''}"
     directions = ["maximize", "minimize"] if s.multi_objective else ["maximize"]
     seed = cfg.seed if seed is None and s.storage is None else seed
