@@ -955,7 +955,19 @@ def test_a_study_resumed_with_other_settings_is_refused(tmp_path):
         with pytest.raises(HwnasError, match=f"pass --budget-ms {b} to join it"):
             run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=adopt)
     assert took == [b]
-    cfg.search.study_name, cfg.search.budget_ms = "s1", b
+    # without --study-name: each worker's default name holds its own measured budget, so a
+    # worker joins the storage's study of the same settings and speed-up by its name, and a
+    # study of other settings (here another speed-up) is not joined
+    cfg.search.study_name, cfg.search.budget_ms, cfg.search.budget_speedup, said = None, b, 7.0, []
+    first = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=took.append)["study"]
+    cfg.search.budget_ms = b * 1.02
+    res = run_search(cfg, evaluator=evaluator, log=said.append, seed=0, adopt_budget=took.append)
+    assert res["study"] == first != f"search-r3-evolution-{b * 1.02:g}ms" and took == [b, b], said
+    assert any(f"joining study {first!r}" in m for m in said), said
+    cfg.search.budget_ms, cfg.search.budget_speedup = b * 1.02, 6.0
+    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=took.append)
+    assert res["study"] == f"search-r3-evolution-{b * 1.02:g}ms" and took == [b, b]
+    cfg.search.study_name, cfg.search.budget_ms, cfg.search.budget_speedup = "s1", b, 10.0
     # ... and records it as its run's budget (budget.json), its own resolution beside it
     from hwnas.pipeline import adopt_study_budget, set_search_budget
 

@@ -344,6 +344,26 @@ def _same_table(old: dict, meta: dict) -> bool:
     return p.is_file() and _table_key(p) == meta["table_key"]
 
 
+def _default_study_name(s, budget: float) -> str:
+    """A study's name where ``--study-name`` gives none: its reward, sampler and budget."""
+    return f"search-{s.reward}-{s.sampler}-{budget:g}ms{'-mo' if s.multi_objective else ''}"
+
+
+def _speedup_twin(storage, s, meta: dict) -> str | None:
+    """The oldest study of ``storage`` under a default name that a worker of ``meta``'s
+    settings and speed-up started (its budget, measured there, may differ); None if none."""
+    import optuna
+
+    for summary in sorted(optuna.get_all_study_summaries(storage, include_best_trial=False)):
+        old = summary.user_attrs.get("hwnas") or {}
+        if (old.get("budget_speedup") == meta["budget_speedup"] and _same_table(old, meta)
+                and all(old.get(k) == v for k, v in meta.items() if k not in ("budget_ms", "table", "table_key"))
+                and isinstance(old.get("budget_ms"), (int, float))
+                and summary.study_name == _default_study_name(s, old["budget_ms"])):
+            return summary.study_name
+    return None
+
+
 def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int | None = None,
                out: Path | None = None, enqueue: list[str] = (),
                adopt_budget: Callable[[float], None] | None = None) -> dict:
@@ -387,18 +407,26 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     evaluator = evaluator or SupernetEvaluator(cfg, log=log)
     if storage is None:
         storage, url = make_storage(s.storage, rd)
-    name = s.study_name or f"search-{s.reward}-{s.sampler}-{budget:g}ms{'-mo' if s.multi_objective else ''}"
+    meta = {"budget_ms": budget, "reward": s.reward, "alpha": s.alpha, "metric": s.metric,
+            "space_hash": space.hash, "table": str(tpath), "table_key": _table_key(tpath),
+            "multi_objective": s.multi_objective,
+            # where the budget came from: a speed-up over the paragon, measured (else None)
+            "budget_speedup": s.budget_speedup if adopt_budget is not None else None}
+    name = s.study_name or _default_study_name(s, budget)
+    if s.study_name is None and adopt_budget is not None:
+        # the default name holds the budget, which each worker measures a little differently:
+        # a worker joins the storage's study of the same settings and speed-up by its name
+        twin = _speedup_twin(storage, s, meta)
+        if twin is not None and twin != name:
+            log(f"[search] joining study {twin!r}, started in this storage at the same settings and "
+                f"{s.budget_speedup:g}x speed-up (--study-name NAME keeps a worker to a study of its own)")
+            name = twin
     directions = ["maximize", "minimize"] if s.multi_objective else ["maximize"]
     seed = cfg.seed if seed is None and s.storage is None else seed
     sampler = make_sampler(s.sampler, space, cfg, seed, s.multi_objective, predictor, budget)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                 directions=directions, load_if_exists=True)
-    meta = {"budget_ms": budget, "reward": s.reward, "alpha": s.alpha, "metric": s.metric,
-            "space_hash": space.hash, "table": str(tpath), "table_key": _table_key(tpath),
-            "multi_objective": s.multi_objective,
-            # where the budget came from: a speed-up over the paragon, measured (else None)
-            "budget_speedup": s.budget_speedup if adopt_budget is not None else None}
     old = study.user_attrs.get("hwnas")
     if old is not None and old != meta:
         changed = {k: (old.get(k), v) for k, v in meta.items()
