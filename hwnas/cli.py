@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-threads", type=int, nargs="*", metavar="N",
                    help="only time a few subnets of the space at each of these thread counts "
                         "(default 1 up to the physical cores) and recommend one for latency.threads")
-    p.add_argument("--out", help="table path (default latency_tables/<machine>-<cpu model>-<cores>c-ort<ver>-"
-                   "fp32-t<threads>-r<size>-s<space hash>.json)")
+    p.add_argument("--out", help="table path (default: the config's latency.table for --device cpu, else "
+                   "latency_tables/<machine>-<cpu model>-<cores>c-ort<ver>-fp32-t<threads>-r<size>-s<space hash>.json)")
     p.add_argument("--only-missing", action="store_true",
                    help="keep the table's entries, measure only missing ops (the default for an "
                    "existing table; named for scripts)")
@@ -469,22 +469,20 @@ def cmd_profile(args) -> int:
     if args.calibrate is not None and not args.validate:
         raise HwnasError("--calibrate sets how many archs fit the predictor when --validate checks the "
                          "table; give --validate N with it (e.g. --validate 30 --calibrate 40)")
-    if args.out:  # checked now, not after minutes of timing
-        import tempfile
-
-        o = Path(args.out)
-        if o.is_dir():
-            raise HwnasError(f"--out {o} is a folder; give the table's file path (e.g. {o / 'table.json'})")
-        try:
-            o.parent.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=o.parent).close()
-        except OSError as e:
-            raise HwnasError(f"--out {o}: cannot write in {o.parent} ({e.strerror or e}); give a path "
-                             "in a folder you can write") from None
     space = cfg.search_space()
     if args.compare_threads is not None:
         if args.device != "cpu":
             raise HwnasError("--compare-threads is for --device cpu (ONNX Runtime intra-op threads)")
+        # it writes nothing: the flags that shape a table have nothing to act on
+        ignored = [f for f, on in (("--out", args.out), ("--threads", args.threads is not None),
+                                   ("--validate", args.validate), ("--calibrate", args.calibrate is not None),
+                                   ("--remeasure", args.remeasure), ("--only-missing", args.only_missing),
+                                   ("--gallery-throughput", args.gallery_throughput), ("--backend", args.backend))
+                   if on]
+        if ignored:
+            raise HwnasError(f"--compare-threads only times a few subnets at each thread count and writes "
+                             f"nothing, so {', '.join(ignored)} would do nothing; build the table without "
+                             "--compare-threads to use them")
         c = compare_threads(space, args.compare_threads or thread_options(physical_cores()),
                             rounds=args.rounds, runs=args.runs)
         ts = [str(t) for t in c["threads"]]
@@ -498,8 +496,25 @@ def cmd_profile(args) -> int:
         return 0
     threads = args.threads if args.threads is not None else cfg.latency.threads
     backend = get_backend(args.device, args.backend, threads)
-    out = Path(args.out) if args.out else Path("latency_tables") / LatencyTable.default_name(
-        backend.settings(), space)
+    # where the table goes: --out, else the config's latency.table (the CPU table the search and
+    # hwnas run read), else latency_tables/ under a name of the machine and the space
+    flag = "--out" if args.out else "latency.table" if args.device == "cpu" and cfg.latency.table else None
+    if flag is None:
+        out = Path("latency_tables") / LatencyTable.default_name(backend.settings(), space)
+    else:  # a path of the user's: checked now, not after minutes of timing
+        import tempfile
+
+        out = Path(args.out or cfg.latency.table)
+        if flag == "latency.table":
+            print(f"[profile] the config's latency.table: {out}")
+        if out.is_dir():
+            raise HwnasError(f"{flag} {out} is a folder; give the table's file path (e.g. {out / 'table.json'})")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out.parent).close()
+        except OSError as e:
+            raise HwnasError(f"{flag} {out}: cannot write in {out.parent} ({e.strerror or e}); give a path "
+                             "in a folder you can write") from None
     table = profile_space(space, backend, out, remeasure=args.remeasure, rounds=args.rounds,
                           runs=args.runs)
     if args.validate:

@@ -323,6 +323,19 @@ def test_profile_cli_uses_the_configs_thread_count(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "geometric mean" in r.stdout and "set latency.threads:" in r.stdout
+    # it writes nothing, so a flag that shapes a table is refused, not ignored (nor its folder made)
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "profile", "--config", str(cfg), "--compare-threads",
+                        "1", "--out", str(tmp_path / "new" / "t.json"), "--remeasure"], capture_output=True, text=True)
+    assert r.returncode == 2 and "writes nothing, so --out, --remeasure would do nothing" in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()
+    # without --out: the config's latency.table, the table hwnas search and hwnas run read
+    cfg = write_cfg(tmp_path / "c2.json", tiny_config(tmp_path / "run", latency={
+        "threads": 1, "table": str(tmp_path / "mine" / "table.json")}))
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "profile", "--config", str(cfg), "--rounds", "1",
+                        "--runs", "1"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert LatencyTable.load(tmp_path / "mine" / "table.json").header["threads"] == 1
+    assert not (tmp_path / "latency_tables").exists()
 
 
 def test_default_table_name_tells_cpus_apart(tiny_space):

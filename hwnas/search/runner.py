@@ -62,8 +62,9 @@ def predictor_for(cfg: Config, space):
 
     path = table_path(cfg, space)
     if not path.exists():
-        raise HwnasError(f"no latency table at {path}: build it with `hwnas profile --device cpu "
-                         "--config CONFIG` (the config this run uses), or set latency.table to a table's path")
+        raise HwnasError(f"no latency table at {path}: build it with `hwnas profile --device cpu --config CONFIG"
+                         + (f" --out {path}`" if cfg.latency.table else "` (the config this run uses)")
+                         + ", or set latency.table to a table's path")
     # a table of the config's own device is checked against this machine's runtime; one given
     # by path (profiled on the edge device, say) only against the thread count asked for, which
     # deploy and the report time the query models at
