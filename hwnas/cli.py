@@ -223,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="also a static QDQ int8 query model "
                    "(on too where deploy.int8 is true)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (a folder "
-                   "that holds anything else is refused)")
+                   "that holds anything else is refused); images hwnas-edge add put in it are embedded "
+                   "again into the new one")
+    p.add_argument("--drop-additions", action="store_true", help="with --overwrite: leave out the images "
+                   "hwnas-edge add put in the bundle being replaced")
 
     p = add("verify", "Re-check a bundle: artifact hashes and ONNX parity.")
     p.add_argument("bundle", help="bundle directory")
@@ -594,7 +597,8 @@ def cmd_deploy(args) -> int:
 
     cfg = _load(args)  # the config's deploy settings, as hwnas run takes them; the flags add to them
     deploy(cfg, out=args.out, query=args.query, gallery=args.gallery, factory=args.index or cfg.deploy.index,
-           int8=args.int8 or cfg.deploy.int8, overwrite=args.overwrite, catalog=args.catalog)
+           int8=args.int8 or cfg.deploy.int8, overwrite=args.overwrite, catalog=args.catalog,
+           drop_additions=args.drop_additions)
     return 0
 
 

@@ -47,11 +47,15 @@ ADAPTED = "searched-adapted"  # the searched query model after gallery adaptatio
 # what a step keeps when it finds it finished, so a step done again removes it first (the
 # search: its default SQLite storage, whose trials scored the old supernet, and the resolved
 # budget); train-query and baselines keep a model only if trained with the same settings,
-# and report is rewritten
+# and report is rewritten. The bundle is not removed but replaced by the deploy done again
+# (``BUNDLE_STALE``): it serves until the new one is complete, and the images hwnas-edge add
+# put in it go into the new one
 # the run's copy of the latency table it profiled (see keep_table)
 RUN_TABLE = "latency_table.json"
+# steps.json's mark of a bundle that the deploy step, done again, is to replace
+BUNDLE_STALE = "bundle_stale"
 REDO_OUTPUTS = {"data": ["splits.json", "cache", "decoded"], "profile": [RUN_TABLE],
-                "train-gallery": ["gallery", "cache"], "train-supernet": ["supernet"], "deploy": ["bundle"],
+                "train-gallery": ["gallery", "cache"], "train-supernet": ["supernet"],
                 "search": ["search.db", "budget.json", "best_arch.json", "trials.csv"]}
 # the steps that predict latencies on the table: the search's budget and choice, the random
 # feasible baseline, the bundle's and the report's predicted times
@@ -327,6 +331,8 @@ class Steps:
         step would otherwise keep as finished. A kill from here on resumes the new work."""
         for n in names:
             self.state["done"].pop(n, None)
+        if "deploy" in names and (self.path.parent / "bundle").exists():
+            self.state[BUNDLE_STALE] = True  # replaced by the deploy done again, not removed
         write_json(self.path, self.state)
         for out in outputs:
             if out.is_dir():
@@ -709,10 +715,12 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
     def deploy():
         from hwnas.export.deploy import deploy as do_deploy
 
-        if (rd.path / "bundle" / "manifest.json").exists():
-            return {}
+        stale = bool(steps.state.get(BUNDLE_STALE))
+        if (rd.path / "bundle" / "manifest.json").exists() and not stale:
+            return {}  # (a deploy killed after its bundle was complete)
         # (with gallery adaptation on, deploy ships the adapted model)
-        m = do_deploy(cfg, int8=cfg.deploy.int8, factory=cfg.deploy.index, log=log)
+        m = do_deploy(cfg, int8=cfg.deploy.int8, factory=cfg.deploy.index, overwrite=stale, log=log)
+        steps.state.pop(BUNDLE_STALE, None)  # (persisted by the step's mark)
         return {"artifacts": len(m["artifacts"])}
 
     def report():

@@ -497,7 +497,9 @@ def test_a_gallery_replaced_by_hand_redoes_what_was_trained_against_it(tmp_path)
     steps.state["against_gallery"] = "aaaa"
     gallery_settled(cfg, steps, "aaaa", [], log=lambda *_: None)
     assert not (run / "supernet").exists() and not (run / "best_arch.json").exists()
-    assert not (run / "bundle").exists() and (run / "gallery" / "model.safetensors").exists()
+    assert (run / "gallery" / "model.safetensors").exists()
+    # (the bundle serves until the deploy done again replaces it)
+    assert json.loads((run / "steps.json").read_text())["bundle_stale"] is True
     assert "against_gallery" not in json.loads((run / "steps.json").read_text())
     # --from a step loses the query models it and what builds on it train (a config change
     # keeps those whose own settings are unchanged)

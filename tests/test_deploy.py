@@ -144,6 +144,72 @@ def test_overwrite_replaces_only_a_bundle(bundle, tmp_path):
         assert not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
 
 
+def test_a_new_deploy_keeps_the_images_edge_add_put_in_the_bundle(bundle, tmp_path):
+    """deploy --overwrite over a bundle that hwnas-edge add grew: the added images go into the
+    new index, embedded again by the gallery model it ships (each finds itself), with their ids
+    and labels; one whose file is gone is an error naming the choices, before anything is built
+    (--skip-bad-images leaves it out, --drop-additions all of them); hwnas run's deploy done
+    again replaces the bundle the same way."""
+    import shutil
+
+    from hwnas_edge.add import add_images
+    from hwnas_edge.bundle import Bundle, verify
+
+    from hwnas.cli import main
+    from hwnas.export.deploy import deploy
+
+    root, cfg, m0 = bundle
+    quiet = lambda *_: None  # noqa: E731
+    b = tmp_path / "b"
+    shutil.copytree(root / "run" / "bundle", b)
+    (tmp_path / "new").mkdir()
+    paths = _test_images(cfg, tmp_path / "new", n=3)
+    add_images(b, [tmp_path / "new"], label="shelf", log=quiet)
+    n0 = m0["gallery"]["n_items"]
+    added = Bundle(b).items[n0:]
+    assert len(added) == 3
+    said = []
+    m = deploy(cfg, out=b, overwrite=True, log=said.append)
+    assert m["gallery"]["n_items"] == n0 + 3 and m["additions"][0]["added"] == 3
+    assert any("3 images hwnas-edge add put in" in x for x in said), said
+    nb = Bundle(b)
+    assert [(it["id"], it["label"], it["path"]) for it in nb.items[n0:]] == [
+        (it["id"], it["label"], it["path"]) for it in added]
+    assert [it["row"] for it in nb.items] == list(range(n0 + 3))
+    verify(b)
+    hits = nb.search(_gallery_embed(b, nb, paths), 1)
+    assert [h[0]["id"] for h in hits] == [it["id"] for it in added]
+    # deployed again: they are carried again (the manifest's record says how many)
+    assert deploy(cfg, out=b, overwrite=True, log=quiet)["gallery"]["n_items"] == n0 + 3
+    # a file gone: refused, with the bundle as it was; then the two ways past it
+    paths[0].unlink()
+    before = (b / "manifest.json").read_bytes()
+    with pytest.raises(HwnasError, match=r"1 cannot be read again .*--skip-bad-images.*--drop-additions"):
+        deploy(cfg, out=b, overwrite=True, log=quiet)
+    assert (b / "manifest.json").read_bytes() == before
+    cfg.data.skip_bad_images = True
+    try:
+        assert deploy(cfg, out=b, overwrite=True, log=quiet)["gallery"]["n_items"] == n0 + 2
+    finally:
+        cfg.data.skip_bad_images = False
+    assert main(["deploy", "--config", str(root / "c.json"), "--out", str(b), "--overwrite",
+                 "--drop-additions"]) == 0
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["gallery"]["n_items"] == n0 and "additions" not in m
+
+
+def _gallery_embed(b, nb, paths):
+    """The bundle's gallery.onnx embeddings of image files (unit length)."""
+    import onnxruntime as ort
+
+    from hwnas_edge.preprocess import normalize
+
+    s = ort.InferenceSession(str(b / "gallery.onnx"), providers=["CPUExecutionProvider"])
+    x = normalize(nb.load_images(paths), nb.pre["mean"], nb.pre["std"])
+    e = s.run(None, {s.get_inputs()[0].name: x})[0]
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
 def test_a_catalog_is_indexed_in_place_of_the_test_gallery(bundle, tmp_path):
     """deploy --catalog: the index holds the gallery model's embeddings of the catalog's images
     (decoded a chunk at a time), the items its ids, a manifest's labels and absolute paths; the

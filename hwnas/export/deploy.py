@@ -253,7 +253,8 @@ def check_finite(emb: np.ndarray, what: str, runtime: str) -> None:
 
 
 def _embed_catalog(col, labels: list | None, pre, fn: Callable, skip_bad: bool, log: Callable,
-                   chunk: int = 256) -> tuple[np.ndarray, list[dict], list[str]]:
+                   chunk: int = 256, desc: str = "catalog embeddings",
+                   what: str = "the catalog") -> tuple[np.ndarray, list[dict], list[str]]:
     """The gallery model's embeddings of a catalog, decoded and embedded ``chunk`` images at a
     time (a catalog larger than the memory is never held decoded), with the index's items."""
     from tqdm import tqdm
@@ -261,14 +262,14 @@ def _embed_catalog(col, labels: list | None, pre, fn: Callable, skip_bad: bool, 
     from hwnas.data.images import check_readable, materialize
 
     parts, items, skipped = [], [], []
-    bar = tqdm(total=len(col), desc="catalog embeddings", unit="img", disable=None if len(col) > 2048 else True)
+    bar = tqdm(total=len(col), desc=desc, unit="img", disable=None if len(col) > 2048 else True)
     for start in range(0, len(col), chunk):
         try:
             arr = materialize(col, np.arange(start, min(start + chunk, len(col))), pre, skip_bad, progress=False)
         except DataError:  # (not skip_bad) stop embedding; name every unreadable image left,
             bar.close()  # not one a run, so that one fix (or --skip-bad-images) does
             check_readable(col, range(start, len(col)), desc="check the rest of the catalog",
-                           what="the catalog", of=len(col))
+                           what=what, of=len(col))
             raise
         skipped += arr.skipped
         if len(arr.images):
@@ -287,9 +288,80 @@ def _embed_catalog(col, labels: list | None, pre, fn: Callable, skip_bad: bool, 
     return _unit(np.concatenate(parts)), items, skipped
 
 
+def _added_images(out: Path, drop: bool, skip_bad: bool, log: Callable) -> list[dict] | None:
+    """The index items ``hwnas-edge add`` put in the bundle at ``out`` since it was deployed (its
+    manifest's ``additions``: the last items), for the new bundle to embed again with the gallery
+    model it ships; None where there are none, or with ``drop``. Their files are looked for now,
+    before anything is exported: one gone (or a .zip's member, which records no path) is an error
+    naming the choices, or with ``skip_bad`` left out (logged)."""
+    from hwnas.utils import read_json
+
+    try:
+        m = read_json(out / "manifest.json")
+        n = sum(int(a["added"]) for a in m.get("additions") or [])
+        items = read_json(out / "gallery_items.json") if n else []
+        if n > len(items):
+            raise ValueError(f"{n} added images recorded but {len(items)} items")
+    except (OSError, ValueError, KeyError, TypeError, HwnasError) as e:
+        raise HwnasError(f"cannot tell which images of {out} hwnas-edge add put there ({first_line(e)}); "
+                         "pass --drop-additions to replace the bundle without them") from None
+    if not n:
+        return None
+    if drop:
+        log(f"[deploy] the {n} images hwnas-edge add put in {out} are left out (--drop-additions)")
+        return None
+    added = items[len(items) - n:]
+    lost = [(it["id"], "added from a .zip, which records no path" if not it.get("path") else
+             f"{it['path']} is gone") for it in added if not it.get("path") or not os.path.isfile(it["path"])]
+    if lost and not skip_bad:
+        raise HwnasError(f"{out} holds {n} images added with hwnas-edge add; this deploy embeds them again "
+                         f"with the gallery model it ships, but {len(lost)} cannot be read again (e.g. "
+                         f"{lost[0][0]}: {lost[0][1]}): pass --skip-bad-images to leave those out, or "
+                         "--drop-additions to leave all of them out (hwnas-edge add them again after)")
+    if lost:
+        log(f"[deploy] {len(lost)} of the {n} images hwnas-edge add put in {out} cannot be read again "
+            f"(e.g. {lost[0][0]}: {lost[0][1]}): left out")
+        gone = {i for i, _ in lost}
+        added = [it for it in added if it["id"] not in gone]
+    log(f"[deploy] {len(added)} images hwnas-edge add put in {out} go into the new index, embedded again")
+    return added
+
+
+def _embed_added(added: list[dict], emb: np.ndarray, items: list[dict], pre, fn: Callable, skip_bad: bool,
+                 log: Callable) -> tuple[np.ndarray, list[dict], dict]:
+    """The index's embeddings and items with ``added`` (``_added_images``) after them, embedded
+    by ``fn``; an image the new index holds already (the same file) is not added twice, and an
+    id that names another file there is an error. Returns them and the manifest's record."""
+    from hwnas.data.sources import Collection, _open_image
+
+    have = {it["path"] for it in items if it.get("path")}
+    ids = {it["id"] for it in items}
+    again = [it for it in added if it["path"] in have]
+    added = [it for it in added if it["path"] not in have]
+    clash = [it for it in added if it["id"] in ids]
+    if clash:
+        raise HwnasError(f"{len(clash)} image(s) hwnas-edge add put in the bundle have an id that names "
+                         f"another image of the new index (e.g. {clash[0]['id']}: {clash[0]['path']}); pass "
+                         "--drop-additions and add them again under other names")
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "added": 0, "existing": len(again), "skipped": 0,
+              "sources": ["embedded again by hwnas deploy from the bundle it replaced"]}
+    if added:
+        paths = [it["path"] for it in added]
+        col = Collection("images added with hwnas-edge add", [it["id"] for it in added], [0] * len(added),
+                         ["-"], read=lambda i: _open_image(paths[i], paths[i]), paths=paths)
+        e2, it2, skipped = _embed_catalog(col, [it.get("label") for it in added], pre, fn, skip_bad, log,
+                                          desc="added images' embeddings", what="the added images")
+        emb = np.concatenate([emb, e2])
+        items = items + [{**it, "row": len(items) + j} for j, it in enumerate(it2)]
+        record.update(added=len(it2), skipped=len(skipped))
+    record["n_items"] = len(items)
+    return emb, items, record
+
+
 def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
            gallery: str | None = None, factory: str | None = None, int8: bool = False,
-           overwrite: bool = False, catalog: str | None = None, log: Callable = print) -> dict:
+           overwrite: bool = False, catalog: str | None = None, drop_additions: bool = False,
+           log: Callable = print) -> dict:
     import torch
     from hwnas_edge.bundle import BUNDLE_FORMAT, BundleError, bundle_lock, replace_dir
 
@@ -306,8 +378,10 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
     if out.exists() and not overwrite:
         raise HwnasError(f"{out} exists; pass --overwrite to replace it (the old bundle stays until "
                          "the new one is complete)")
+    added = None
     if out.exists():
         _check_replaceable(out)
+        added = _added_images(out, drop_additions, cfg.data.skip_bad_images, log)
     if not query and not rd.path.is_dir():
         raise HwnasError(f"run directory {rd.path} does not exist; give the run directory the pipeline "
                          "trained in (--run-dir, or the config's run_dir)")
@@ -429,6 +503,11 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
                       "path": os.path.realpath(col.paths[where[id_]]) if col.paths else None}
                      for r, (id_, lab) in enumerate(zip(gi.ids, gi.raw_labels))]
             idx_emb, index_source = g_emb, {"split": "test", "part": "gallery"}
+        additions = None
+        if added:  # the images hwnas-edge add put in the bundle this one replaces
+            idx_emb, items, additions = _embed_added(added, idx_emb, items, gpre, embed_g,
+                                                     cfg.data.skip_bad_images, log)
+            check_finite(idx_emb, "added images'", runtime)
         factory = factory or default_factory(len(idx_emb))
         index, index_info = build_index(idx_emb, factory)
         index_info["source"] = index_source
@@ -511,6 +590,8 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
             "latency": {"predicted": predicted, "measured_onnxruntime_cpu": measured},
             "int8": int8_info, "splits_fingerprint": splits.fingerprint,
         }
+        if additions:
+            manifest["additions"] = [additions]
         artifacts = [p for p in sorted(staging.iterdir()) if p.is_file() and not p.name.startswith(".")]
         manifest["artifacts"] = {p.name: _sha(p) for p in artifacts}
         write_json(staging / "manifest.json", manifest)
