@@ -216,6 +216,16 @@ def test_evaluate_cli_json(trained_gallery, tmp_path):
     assert r.returncode == 0, r.stderr
     tar = json.loads(r.stdout)["metrics"]["M(q,g)"]["TAR@FAR=0.001"]
     assert 0 <= tar <= 1 and json.loads(r.stdout)["metrics"]["M(q,g)"]["recall@1"] == res["metrics"]["M(q,g)"]["recall@1"]
+    # a FAR the split's pairs cannot resolve: an error naming the smallest that works, not a NaN
+    ev = tmp_path / "run/query/small/evaluation-test.json"
+    before = ev.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "evaluate", "--config", str(cfg_path),
+                        "--query", str(tmp_path / "run/query/small"), "--far", "1e-9"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--far 1e-09 needs at least 1,000,000,000 other-class pairs" in r.stderr, r.stderr
+    want = re.search(r"give --far (\S+) or above", r.stderr).group(1)
+    assert float(want) * int(re.search(r"make ([0-9,]+):", r.stderr).group(1).replace(",", "")) >= 1
+    assert ev.read_bytes() == before
 
 
 def test_timm_baseline_query(trained_gallery, tmp_path):

@@ -136,6 +136,10 @@ def test_tar_at_far_matches_brute_force_and_leaves_self_pairs_out():
     for f in (0.1, 0.01):
         assert r[f"TAR@FAR={f:g}"] == pytest.approx(_brute_tar(s, same, f))
     assert np.isnan(r["TAR@FAR=1e-05"])  # 4,5xx impostor pairs cannot tell 1 in 100,000
+    from hwnas.retrieval.metrics import unresolvable_far  # (what the commands refuse up front)
+
+    assert unresolvable_far((0.1, 1e-5), ql, gl) == (1e-5, int((~same).sum()), 1e-3)
+    assert unresolvable_far((0.1, 0.01), ql, gl) is None and unresolvable_far((), ql, gl) is None
     assert r["n_genuine_pairs"] == same.sum() and r["n_impostor_pairs"] == (~same).sum()
     # leave-one-out: the gallery is the queries; a pair of an image with itself is left out
     ids = [f"i{k}" for k in range(60)]

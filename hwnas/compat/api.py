@@ -12,6 +12,7 @@ Run directory layout::
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -1179,6 +1180,13 @@ def evaluate_query(cfg: Config, query_dir: str | None = None, arch: str | None =
         label = "supernet subnet"
     check_compatible(gallery.config, net.space.embed_dim if query_dir is None else qcfg["embed_dim"], qpre)
     qi, gi = load_part(rd, qpart, qpre, log=log), load_part(rd, gpart, qpre, log=log)
+    from hwnas.retrieval.metrics import unresolvable_far
+
+    bad = unresolvable_far(fars, qi.raw_labels, gi.raw_labels)
+    if bad:  # (its TAR would be undefined: NaN)
+        raise HwnasError(f"--far {bad[0]:g} needs at least {math.ceil(1 / bad[0]):,} other-class pairs to set "
+                         f"its threshold, and the {part} split's queries and gallery make {bad[1]:,}: give "
+                         f"--far {bad[2]:g} or above")
     splits = rd.splits(log=log)
     ids = (qi.ids, gi.ids) if splits.shared_eval else (None, None)
     gg_q = gallery_embeddings(rd, gallery, qpart, qi if gpre == qpre else None, log=log)

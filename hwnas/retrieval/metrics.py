@@ -33,6 +33,7 @@ recall@1 is within sampling noise, and a paired test tells how far within.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -204,6 +205,20 @@ def impostor_pairs(query_labels, gallery_labels) -> int:
     ql, gl = np.asarray(query_labels), np.asarray(gallery_labels)
     same = sum(int(np.sum(gl == c)) * int(np.sum(ql == c)) for c in np.unique(ql))
     return len(ql) * len(gl) - same
+
+
+def unresolvable_far(fars: Sequence[float], query_labels, gallery_labels,
+                     max_impostors: int = 20_000_000) -> tuple[float, int, float] | None:
+    """The smallest of ``fars`` that the pairs of these labels cannot resolve (fewer impostor
+    pairs than one at that rate: its threshold, and TAR, would be undefined), with the number of
+    impostor pairs and the smallest FAR they resolve as a power of ten; None if they all are."""
+    if not len(fars):
+        return None
+    n = min(impostor_pairs(query_labels, gallery_labels), max_impostors)
+    f = min(fars)
+    if f * n >= 1:
+        return None
+    return f, n, 10.0 ** math.ceil(math.log10(1 / max(n, 1))) if n else 1.0
 
 
 def _tar_at_far(q, g, ql, gl, self_ix, fars, chunk, max_impostors) -> dict:

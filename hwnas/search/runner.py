@@ -118,16 +118,15 @@ class SupernetEvaluator:
         self.torch = torch
         self.cache: dict[str, dict] = {}
         self.fars = metric_fars(cfg.search.metric)  # a TAR@FAR metric: verification as well
-        if self.fars:  # a FAR the validation pairs cannot resolve scores NaN: every trial would fail
-            from hwnas.retrieval.metrics import impostor_pairs
+        # a FAR the validation pairs cannot resolve scores NaN: every trial would fail
+        from hwnas.retrieval.metrics import unresolvable_far
 
-            n_imp = impostor_pairs(self.vq.raw_labels, self.vg.raw_labels)
-            if self.fars[0] * n_imp < 1:
-                raise HwnasError(
-                    f"search.metric {cfg.search.metric} needs at least {math.ceil(1 / self.fars[0]):,} "
-                    f"other-class pairs to set its threshold, and the validation split has {n_imp:,}: "
-                    f"raise the FAR (e.g. TAR@FAR={10 ** math.ceil(math.log10(1 / n_imp)):g}) or the "
-                    "validation split (data.split.val_fraction)")
+        bad = unresolvable_far(self.fars, self.vq.raw_labels, self.vg.raw_labels)
+        if bad:
+            raise HwnasError(
+                f"search.metric {cfg.search.metric} needs at least {math.ceil(1 / bad[0]):,} "
+                f"other-class pairs to set its threshold, and the validation split has {bad[1]:,}: "
+                f"raise the FAR (e.g. TAR@FAR={bad[2]:g}) or the validation split (data.split.val_fraction)")
 
     @property
     def n_queries(self) -> int:
