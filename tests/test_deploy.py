@@ -138,8 +138,9 @@ def test_overwrite_replaces_only_a_bundle(bundle, tmp_path):
     for out, why in ((root / "run", "not an hwnas bundle"), (root / "run" / "gallery", "not an hwnas bundle"),
                      (root / "c.json", "is a file")):
         before = sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_bytes()
-        with pytest.raises(HwnasError, match=why):
-            deploy(cfg, out=out, overwrite=True, log=quiet)
+        for overwrite in (True, False):  # (without it too: not told to pass it, then refused)
+            with pytest.raises(HwnasError, match=why):
+                deploy(cfg, out=out, overwrite=overwrite, log=quiet)
         assert before == (sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_bytes())
         assert not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
 
@@ -819,3 +820,26 @@ def test_edge_serve_refuses_a_bad_port_or_batch_at_parse(args, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["serve", "bundle", *args])
     assert e.value.code == 2 and f"argument {args[0]}" in capsys.readouterr().err
+
+
+def test_edge_serve_on_an_address_in_use_says_so_before_serving(bundle, capsys):
+    """A port another process listens on, or a host of no interface here, is one line naming
+    the fix, before "serving ..." is said (uvicorn said "serving", then its own error)."""
+    import socket
+
+    from hwnas_edge.cli import main as edge_main
+
+    root, _, _ = bundle
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    try:
+        port = held.getsockname()[1]
+        assert edge_main(["serve", str(root / "run" / "bundle"), "--port", str(port)]) == 2
+        out = capsys.readouterr()
+        assert f"cannot listen on 127.0.0.1:{port}" in out.err and "give another --port" in out.err
+        assert "serving" not in out.out
+    finally:
+        held.close()
+    assert edge_main(["serve", str(root / "run" / "bundle"), "--host", "192.0.2.1", "--port", str(port)]) == 2
+    assert "give an address of this machine with --host" in capsys.readouterr().err

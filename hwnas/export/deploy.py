@@ -375,12 +375,12 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
     rd = RunDir(cfg)
     # resolved: a symlink to the bundle (current -> v3) is followed, not replaced by a folder
     out = (Path(out) if out else rd.path / "bundle").resolve()
-    if out.exists() and not overwrite:
-        raise HwnasError(f"{out} exists; pass --overwrite to replace it (the old bundle stays until "
-                         "the new one is complete)")
     added = None
     if out.exists():
-        _check_replaceable(out)
+        _check_replaceable(out)  # (a file, or a folder that is not a bundle: never replaced)
+        if not overwrite:
+            raise HwnasError(f"{out} exists; pass --overwrite to replace it (the old bundle stays until "
+                             "the new one is complete)")
         added = _added_images(out, drop_additions, cfg.data.skip_bad_images, log)
     if not query and not rd.path.is_dir():
         raise HwnasError(f"run directory {rd.path} does not exist; give the run directory the pipeline "
