@@ -17,6 +17,7 @@ embeddings -> 413; malformed JSON, a wrong dimension, non-finite values or a bad
 
 # No `from __future__ import annotations` here: FastAPI must resolve the endpoint
 # annotations (Request) at runtime, and they are imported inside create_app.
+import errno
 import math
 import os
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hwnas_edge.bundle import Bundle
+from hwnas_edge.bundle import Bundle, BundleError
 
 
 class LiveBundle:
@@ -147,9 +148,33 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
     return app
 
 
+def listen_socket(host: str, port: int):
+    """A socket bound to ``host``:``port`` for the service (bound here, not by uvicorn, so that an
+    address in use or not of this machine is a BundleError naming the fix, said before "serving")."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = e.strerror or str(e)
+        fix = ("another process listens there: give another --port, or stop that one"
+               if getattr(e, "errno", None) in (errno.EADDRINUSE,) else
+               "give an address of this machine with --host (127.0.0.1: this machine only; 0.0.0.0: "
+               "every interface)" if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL else
+               "give another --host or --port")
+        raise BundleError(f"cannot listen on {host}:{port} ({why}); {fix}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(bundle_path: "str | Path", host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
     import uvicorn
 
     app = create_app(bundle_path, **kw)  # (a bad bundle is refused before "serving" is said)
+    sock = listen_socket(host, port)  # (and an address it cannot listen on)
     print(f"serving {bundle_path} on http://{host}:{port} (POST /search, GET /health)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
