@@ -72,11 +72,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike, given_as: str | None = None) -> Any:
+def read_json(path: str | os.PathLike, given_as: str | None = None, fix: str | None = None) -> Any:
     """A JSON file hwnas wrote; a damaged one (cut off by a full disk, edited by hand) is an
     error naming it and the fix, not a decoder traceback. ``given_as`` names what the user
     passed it as (e.g. "a latency table"): a file of the user's that is not JSON is the wrong
-    file, not one to delete so hwnas writes it anew."""
+    file, not one to delete so hwnas writes it anew. ``fix``: what to do about a damaged one,
+    where deleting it would not bring it back."""
     from hwnas.errors import HwnasError
 
     if Path(path).is_dir():
@@ -87,8 +88,8 @@ def read_json(path: str | os.PathLike, given_as: str | None = None) -> Any:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if given_as:
                 raise HwnasError(f"{path} is not {given_as} (not valid JSON: {e})") from None
-            raise HwnasError(f"{path} is damaged (not valid JSON: {e}); restore it, or delete it "
-                             "and run the command again: hwnas writes it anew") from None
+            raise HwnasError(f"{path} is damaged (not valid JSON: {e}); " + (fix or (
+                "restore it, or delete it and run the command again: hwnas writes it anew"))) from None
 
 
 def place_labels(ax, points, labels, fontsize: float = 7, marker_pts: float = 6) -> None:

@@ -38,6 +38,15 @@ def test_damaged_json_checkpoint_and_best_arch_name_the_fix(tmp_path):
     (tmp_path / "best_arch.json").write_text("{}")
     with pytest.raises(HwnasError, match="names no arch"):
         load_best(tmp_path)
+    # a model's config.json: deleted, it is not written anew (the folder is then no model)
+    from hwnas.nn.models import load_state
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"format": "hw')
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(HwnasError, match=r"config.json is damaged.*train that model again") as e:
+        load_state(tmp_path / "m")
+    assert "delete it" not in str(e.value)
 
 
 def test_a_damaged_embedding_cache_is_recomputed(tmp_path):

@@ -224,7 +224,8 @@ def load_state(model_dir: str | Path) -> tuple[dict, dict[str, dict[str, torch.T
                              f"give its folder, {model_dir.parent}" if ours else "train one first" + (
                                  ": a weights file of your own backbone is hwnas train-gallery "
                                  "--backbone-checkpoint's (gallery.backbone_checkpoint)" if weights else "")))
-    cfg = read_json(cfg_path)
+    # (deleted, it is not written anew: the folder is then no model)
+    cfg = read_json(cfg_path, fix="restore it, or train that model again (the training command with --restart)")
     if cfg.get("format") != MODEL_FORMAT:
         raise HwnasError(f"{cfg_path} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")
     core = {k: v for k, v in cfg.items() if k not in ("fingerprint", "metrics")}
