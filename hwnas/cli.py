@@ -749,6 +749,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hwnas {args.command}: interrupted (finished work is kept; run it again to resume)",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # (| head)
+        from hwnas_edge.bundle import reader_gone
+
+        return reader_gone()
 
 
 if __name__ == "__main__":

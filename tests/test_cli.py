@@ -720,3 +720,15 @@ def test_a_budget_no_subnet_meets_stops_a_run_before_anything_trains(tmp_path):
     r = hwnas("search", "--config", str(cfg), "--budget-ms", str((float(lo) + float(hi)) / 2))
     assert r.returncode == 2 and "no supernet" in r.stderr, r.stderr
     assert not (tmp_path / "run" / "search.db").exists()
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_no_traceback(tmp_path):
+    """`hwnas space ... | head -2`: the reader closes the pipe while hwnas still writes; hwnas
+    stops quietly with a pipe's exit status (141), not a BrokenPipeError traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "hwnas.cli", "space", "--config", "configs/quickstart.yaml",
+                          "--sample", "3000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    p.stdout.readline()
+    p.stdout.close()  # (the reader is gone)
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err, err

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -44,6 +46,17 @@ def _has(d: dict, dotted: str) -> bool:
             return False
         d = d[part]
     return True
+
+
+def reader_gone() -> int:
+    """A command's output piped into a reader that stopped early (``| head``): stdout goes to
+    the null device, so the interpreter's last flush raises nothing either, and the exit status
+    is a pipe's (128 + SIGPIPE), without a traceback."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # (stdout is no file: nothing is flushed to it at exit)
+        pass
+    return 141
 
 
 def first_line(e: Exception) -> str:
