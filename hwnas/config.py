@@ -408,6 +408,9 @@ def load_config(path: str | Path | None) -> Config:
     if path is None:
         return Config()
     path = Path(path)
+    if path.is_dir():
+        raise HwnasError(f"config {path} is a folder; give the YAML or JSON config file (see configs/ "
+                         "for examples; a run directory keeps its settings in config.json files, not one config)")
     if not path.is_file():
         raise HwnasError(f"config file {path} does not exist (see configs/ for examples)")
     try:

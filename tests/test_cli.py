@@ -174,6 +174,7 @@ def test_bad_input_exits_nonzero_with_clear_message(tmp_path, capsys):
                        (["search", "--budget-ms", "0.1", "--table", "README.md", "--run-dir", str(tmp_path / "fb")],
                         "README.md is not a hwnas-latency-v1 latency table"),
                        (["run"], "hwnas run needs a config"),
+                       (["space", "--config", str(tmp_path)], "is a folder; give the YAML or JSON config file"),
                        (["run", "--config", str(tmp_path / "c.yaml")], "unknown keys ['datset']"),
                        (["run", "configs/quickstart.yaml", "--config", "configs/omniglot.yaml"], "two configs given"),
                        (["deploy", "--run-dir", str(tmp_path / "fb")], "fb does not exist"),

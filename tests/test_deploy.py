@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -631,6 +632,15 @@ def test_damaged_bundles_are_clear_errors(bundle, tmp_path):
         edit(d)
         return d
 
+    # the path of one of its files, or of nothing, says which
+    with pytest.raises(BundleError, match="is a file of a bundle; give the bundle's folder"):
+        Bundle(root / "run" / "bundle" / "manifest.json")
+    with pytest.raises(BundleError, match="no manifest.json: it does not exist"):
+        Bundle(tmp_path / "nowhere")
+    from hwnas_edge.sources import image_sources
+
+    with pytest.raises(BundleError, match="nowhere.png does not exist; give an image file"):
+        image_sources([tmp_path / "nowhere.png"], None)
     cut = damaged("cut", lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text()[:200]))
     with pytest.raises(BundleError, match="manifest.*deploy the bundle again"):
         Bundle(cut)
@@ -781,6 +791,12 @@ def test_service_answers_and_refuses(service, bundle, tmp_path):
     thin = subprocess.run([sys.executable, "-m", "hwnas_edge.cli", "query", str(device), *args[2:], "--server", url],
                           env=env, capture_output=True, text=True)
     assert thin.returncode == 0 and ids(thin.stdout) == ids(local.stdout), thin.stderr
+    # the endpoint's URL given for the service's: the 404 says to give the base URL
+    from hwnas_edge.bundle import BundleError
+    from hwnas_edge.cli import _remote_search
+
+    with pytest.raises(BundleError, match=r"\(404\).*takes the service's base URL .*e.g. " + re.escape(url)):
+        _remote_search(url.rstrip("/") + "/search", np.ones((1, 4), np.float32), "x", 1)
 
 
 def test_index_search_params_travel_with_the_file(tmp_path):

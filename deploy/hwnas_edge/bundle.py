@@ -173,7 +173,10 @@ class Bundle:
             if not self.path.exists() and (old / "manifest.json").exists():
                 raise BundleError(f"{self.path} is missing and {old} holds a bundle: a replacement of "
                                   f"it was stopped half-way; move {old} back to {self.path}")
-            raise BundleError(f"{self.path} is not an hwnas bundle (no manifest.json); create one "
+            if self.path.is_file() and (self.path.parent / "manifest.json").is_file():
+                raise BundleError(f"{self.path} is a file of a bundle; give the bundle's folder, {self.path.parent}")
+            raise BundleError(f"{self.path} is not an hwnas bundle (no manifest.json"
+                              + ("" if self.path.exists() else ": it does not exist") + "); create one "
                               "with `hwnas deploy`")
         self.manifest = _read_json(mpath, "manifest")
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != BUNDLE_FORMAT:

@@ -66,7 +66,10 @@ def _remote_search(server: str, emb, fingerprint: str, k: int, timeout: float = 
             raw = r.read()
     except urllib.error.HTTPError as e:
         msg = e.read().decode(errors="replace")
-        raise BundleError(f"gallery service refused the query ({e.code}): {msg}") from None
+        hint = (f"; --server takes the service's base URL (hwnas-edge adds /search), e.g. "
+                f"{server.rstrip('/').rsplit('/', 1)[0]}" if e.code == 404 and urllib.parse.urlsplit(server).path.strip("/")
+                else "")
+        raise BundleError(f"gallery service refused the query ({e.code}): {msg}{hint}") from None
     except urllib.error.URLError as e:
         raise BundleError(f"cannot reach the gallery service at {server}: {e.reason}") from None
     except (OSError, http.client.HTTPException) as e:  # a timeout, a dropped connection

@@ -208,6 +208,9 @@ def image_sources(sources: Sequence[str | Path], label: str | None = None) -> li
             out += [(m, i, label) for m, i in members]
         elif p.is_file() and p.suffix.lower() in IMAGE_EXTS:
             out.append((p, p.name, label))
+        elif not p.exists():
+            raise BundleError(f"{src} does not exist; give an image file, a folder of images, a .zip of "
+                              "images or a CSV manifest")
         else:
             raise BundleError(f"{src} is not an image file, a folder of images, a .zip of images or a CSV "
                               f"manifest (image suffixes: {', '.join(sorted(IMAGE_EXTS))})")
