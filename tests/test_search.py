@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -967,6 +968,17 @@ def test_a_study_resumed_with_other_settings_is_refused(tmp_path):
     cfg.search.budget_ms, cfg.search.budget_speedup = b * 1.02, 6.0
     res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=took.append)
     assert res["study"] == f"search-r3-evolution-{b * 1.02:g}ms" and took == [b, b]
+    # nor a study of another run (its gallery or supernet another: its trials scored other
+    # models), nor one whose budget lies far from this worker's own measurement
+    (Path(cfg.run_dir) / "gallery").mkdir(parents=True)
+    (Path(cfg.run_dir) / "gallery" / "config.json").write_text('{"fingerprint": "another"}')
+    cfg.search.budget_ms, cfg.search.budget_speedup = b * 1.03, 7.0
+    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=took.append)
+    assert res["study"] == f"search-r3-evolution-{b * 1.03:g}ms" and took == [b, b]
+    shutil.rmtree(Path(cfg.run_dir) / "gallery")
+    cfg.search.budget_ms = b * 1.3
+    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=took.append)
+    assert res["study"] == f"search-r3-evolution-{b * 1.3:g}ms" and took == [b, b]
     cfg.search.study_name, cfg.search.budget_ms, cfg.search.budget_speedup = "s1", b, 10.0
     # ... and records it as its run's budget (budget.json), its own resolution beside it
     from hwnas.pipeline import adopt_study_budget, set_search_budget

@@ -349,18 +349,40 @@ def _default_study_name(s, budget: float) -> str:
     return f"search-{s.reward}-{s.sampler}-{budget:g}ms{'-mo' if s.multi_objective else ''}"
 
 
+def _run_identity(rd: RunDir) -> dict:
+    """What a study's trials were scored with: the run's gallery, supernet and split (their
+    recorded fingerprints; None where one is missing)."""
+    from hwnas.utils import read_json
+
+    def fp(path: Path):
+        try:
+            return read_json(path).get("fingerprint") if path.is_file() else None
+        except (HwnasError, AttributeError):
+            return None
+
+    return {"gallery": fp(rd.path / "gallery" / "config.json"),
+            "supernet": fp(rd.path / "supernet" / "config.json"), "splits": fp(rd.path / "splits.json")}
+
+
+# how far a study's budget may lie from a joining worker's own measurement of the same
+# speed-up (two measurements of one paragon differ by a few percent, two paragons by more)
+TWIN_BUDGET_TOL = 0.2
+
+
 def _speedup_twin(storage, s, meta: dict) -> str | None:
     """The oldest study of ``storage`` under a default name that a worker of ``meta``'s
-    settings and speed-up started (its budget, measured there, may differ); None if none."""
-    import optuna
-
-    for summary in sorted(optuna.get_all_study_summaries(storage, include_best_trial=False)):
-        old = summary.user_attrs.get("hwnas") or {}
-        if (old.get("budget_speedup") == meta["budget_speedup"] and _same_table(old, meta)
+    settings, speed-up and run (the same gallery, supernet and split) started, at a budget
+    within ``TWIN_BUDGET_TOL`` of this worker's; None if none. (Two workers that start at the
+    same moment on a storage with no such study yet each start one: give --study-name.)"""
+    for study in sorted(storage.get_all_studies()):  # (not the summaries: those read every trial)
+        old = study.user_attrs.get("hwnas") or {}
+        b = old.get("budget_ms")
+        if (old.get("budget_speedup") == meta["budget_speedup"] and old.get("run") == meta["run"]
+                and _same_table(old, meta)
                 and all(old.get(k) == v for k, v in meta.items() if k not in ("budget_ms", "table", "table_key"))
-                and isinstance(old.get("budget_ms"), (int, float))
-                and summary.study_name == _default_study_name(s, old["budget_ms"])):
-            return summary.study_name
+                and isinstance(b, (int, float)) and abs(b - meta["budget_ms"]) <= TWIN_BUDGET_TOL * meta["budget_ms"]
+                and study.study_name == _default_study_name(s, b)):
+            return study.study_name
     return None
 
 
@@ -401,7 +423,8 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     storage = None
     if s.storage is not None and evaluator is None and (rd.path / "supernet" / "config.json").is_file():
         # a storage of the user's (a server, a shared disk) is opened before the supernet, the
-        # gallery and the validation images load, so a bad URL or a server down fails at once;
+        # gallery and the validation images load, so a bad URL or a server down fails at once
+        # (an empty database or journal may then stay if the search cannot run; no study does);
         # with no supernet, that error comes first and no storage is made
         storage, url = make_storage(s.storage, rd)
     evaluator = evaluator or SupernetEvaluator(cfg, log=log)
@@ -411,7 +434,10 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
             "space_hash": space.hash, "table": str(tpath), "table_key": _table_key(tpath),
             "multi_objective": s.multi_objective,
             # where the budget came from: a speed-up over the paragon, measured (else None)
-            "budget_speedup": s.budget_speedup if adopt_budget is not None else None}
+            "budget_speedup": s.budget_speedup if adopt_budget is not None else None,
+            # the run the trials are scored with: a worker joins a study it does not name only
+            # if it is the same run's (not compared on a resume, or by a worker naming the study)
+            "run": _run_identity(rd)}
     name = s.study_name or _default_study_name(s, budget)
     if s.study_name is None and adopt_budget is not None:
         # the default name holds the budget, which each worker measures a little differently:
@@ -430,7 +456,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     old = study.user_attrs.get("hwnas")
     if old is not None and old != meta:
         changed = {k: (old.get(k), v) for k, v in meta.items()
-                   if old.get(k) != v and k not in ("table", "table_key", "budget_speedup")}
+                   if old.get(k) != v and k not in ("table", "table_key", "budget_speedup", "run")}
         if not _same_table(old, meta):  # (by what it predicts: the same path may hold another)
             changed["table"] = (f"{old.get('table')} (predictions {old.get('table_key') or 'unrecorded'})",
                                 f"{tpath} (predictions {meta['table_key']})")
