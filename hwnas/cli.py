@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do STEP and every step that builds on it again (steps whose config "
                         "changed are done again anyway); STEP: data, profile, train-gallery, "
                         "train-supernet, search, train-query, adapt, baselines, deploy, report")
+    p.add_argument("--drop-additions", action="store_true",
+                   help="a deploy step done again leaves out the images hwnas-edge add put in the "
+                        "run's bundle (by default they go into the new one)")
     return ap
 
 
@@ -704,7 +707,7 @@ def cmd_run(args) -> int:
     args.config = args.config or args.config_flag
     if not args.config:
         raise HwnasError("hwnas run needs a config: hwnas run configs/quickstart.yaml (or your own)")
-    return run_pipeline(_load(args), redo_from=args.redo_from)
+    return run_pipeline(_load(args), redo_from=args.redo_from, drop_additions=args.drop_additions)
 
 
 COMMANDS = {"data": cmd_data, "space": cmd_space, "profile": cmd_profile, "search": cmd_search, "deploy": cmd_deploy, "verify": cmd_verify, "train-gallery": cmd_train_gallery,

@@ -542,9 +542,11 @@ def gallery_settled(cfg: Config, steps: "Steps", gallery_fp: str | None, fresh: 
     write_json(steps.path, steps.state)
 
 
-def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = None) -> int:
+def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = None,
+                 drop_additions: bool = False) -> int:
     """Run every step not yet done with this config (``redo_from``: that step and every
-    step that builds on it again, whatever was recorded)."""
+    step that builds on it again, whatever was recorded; ``drop_additions``: a deploy done
+    again leaves out the images hwnas-edge add put in the bundle it replaces)."""
     from hwnas.compat import api
 
     if redo_from is not None and redo_from not in STEPS:
@@ -719,7 +721,8 @@ def run_pipeline(cfg: Config, log: Callable = print, redo_from: str | None = Non
         if (rd.path / "bundle" / "manifest.json").exists() and not stale:
             return {}  # (a deploy killed after its bundle was complete)
         # (with gallery adaptation on, deploy ships the adapted model)
-        m = do_deploy(cfg, int8=cfg.deploy.int8, factory=cfg.deploy.index, overwrite=stale, log=log)
+        m = do_deploy(cfg, int8=cfg.deploy.int8, factory=cfg.deploy.index, overwrite=stale,
+                      drop_additions=drop_additions, log=log)
         steps.state.pop(BUNDLE_STALE, None)  # (persisted by the step's mark)
         return {"artifacts": len(m["artifacts"])}
 

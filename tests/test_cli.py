@@ -328,6 +328,7 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path, fmnist_dir):
     assert r4.returncode == 0 and "--from adapt: doing again adapt, deploy, report" in r4.stdout, r4.stdout[-2000:]
     assert r4.stdout.count("done earlier, kept") == 7 and "already adapted" not in r4.stdout
     assert adapted.stat().st_mtime_ns != before and manifest.exists()
+    assert "bundle_stale" not in json.loads((run / "steps.json").read_text())  # (replaced, not deleted)
     r5 = hwnas("run", str(cfg), "--from", "nonsense")
     assert r5.returncode != 0 and "not a step" in r5.stderr
     # a product deleted by hand: its step runs again (a traceback before), nothing else; the

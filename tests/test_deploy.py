@@ -150,8 +150,8 @@ def test_a_new_deploy_keeps_the_images_edge_add_put_in_the_bundle(bundle, tmp_pa
     """deploy --overwrite over a bundle that hwnas-edge add grew: the added images go into the
     new index, embedded again by the gallery model it ships (each finds itself), with their ids
     and labels; one whose file is gone is an error naming the choices, before anything is built
-    (--skip-bad-images leaves it out, --drop-additions all of them); hwnas run's deploy done
-    again replaces the bundle the same way."""
+    (--skip-bad-images leaves it out, --drop-additions all of them). (hwnas run's deploy done
+    again takes the same path: test_cli's end-to-end run redeploys over its bundle.)"""
     import shutil
 
     from hwnas_edge.add import add_images
@@ -181,8 +181,20 @@ def test_a_new_deploy_keeps_the_images_edge_add_put_in_the_bundle(bundle, tmp_pa
     verify(b)
     hits = nb.search(_gallery_embed(b, nb, paths), 1)
     assert [h[0]["id"] for h in hits] == [it["id"] for it in added]
-    # deployed again: they are carried again (the manifest's record says how many)
-    assert deploy(cfg, out=b, overwrite=True, log=quiet)["gallery"]["n_items"] == n0 + 3
+    # deployed again: they are carried again (the manifest's record says how many), and so are
+    # those added to a carried bundle after it
+    (tmp_path / "more").mkdir()
+    more = _test_images(cfg, tmp_path / "more", n=5)[4:]
+    add_images(b, more, log=quiet)
+    assert deploy(cfg, out=b, overwrite=True, log=quiet)["gallery"]["n_items"] == n0 + 4
+    assert [it["id"] for it in Bundle(b).items[n0:]] == [it["id"] for it in added] + ["q4.png"]
+    # an empty folder is replaced; a swap stopped half-way (the bundle moved to .NAME.old) is
+    # named, not deployed over without the old bundle's additions
+    (tmp_path / "empty").mkdir()
+    assert deploy(cfg, out=tmp_path / "empty", overwrite=True, log=quiet)["gallery"]["n_items"] == n0
+    (tmp_path / "empty").rename(tmp_path / ".empty.old")
+    with pytest.raises(HwnasError, match=r"\.empty\.old holds a bundle.*move .* back"):
+        deploy(cfg, out=tmp_path / "empty", log=quiet)
     # a file gone: refused, with the bundle as it was; then the two ways past it
     paths[0].unlink()
     before = (b / "manifest.json").read_bytes()
@@ -191,7 +203,7 @@ def test_a_new_deploy_keeps_the_images_edge_add_put_in_the_bundle(bundle, tmp_pa
     assert (b / "manifest.json").read_bytes() == before
     cfg.data.skip_bad_images = True
     try:
-        assert deploy(cfg, out=b, overwrite=True, log=quiet)["gallery"]["n_items"] == n0 + 2
+        assert deploy(cfg, out=b, overwrite=True, log=quiet)["gallery"]["n_items"] == n0 + 3
     finally:
         cfg.data.skip_bad_images = False
     assert main(["deploy", "--config", str(root / "c.json"), "--out", str(b), "--overwrite",

@@ -188,7 +188,7 @@ def _check_replaceable(out: Path) -> None:
     if fmt != BUNDLE_FORMAT:
         raise HwnasError(f"{out} is not an hwnas bundle (no manifest.json of format {BUNDLE_FORMAT}) "
                          f"and holds {len(entries)} entries; --overwrite replaces only a bundle: give "
-                         "another --out, or empty that folder yourself")
+                         "hwnas deploy another --out, or move that folder away yourself")
 
 
 def _gallery_runtime(staging: Path, g, shape: tuple) -> tuple[str, Callable, dict]:
@@ -291,24 +291,29 @@ def _embed_catalog(col, labels: list | None, pre, fn: Callable, skip_bad: bool, 
 def _added_images(out: Path, drop: bool, skip_bad: bool, log: Callable) -> list[dict] | None:
     """The index items ``hwnas-edge add`` put in the bundle at ``out`` since it was deployed (its
     manifest's ``additions``: the last items), for the new bundle to embed again with the gallery
-    model it ships; None where there are none, or with ``drop``. Their files are looked for now,
-    before anything is exported: one gone (or a .zip's member, which records no path) is an error
-    naming the choices, or with ``skip_bad`` left out (logged)."""
+    model it ships; None where there are none (an empty folder), or with ``drop``. Their files
+    are looked for now, before anything is exported: one gone (or a .zip's member, which records
+    no path) is an error naming the choices, or with ``skip_bad`` left out (logged)."""
     from hwnas.utils import read_json
 
+    if not (out / "manifest.json").is_file():
+        return None
     try:
         m = read_json(out / "manifest.json")
         n = sum(int(a["added"]) for a in m.get("additions") or [])
+        if drop:
+            if n:
+                log(f"[deploy] the {n} images hwnas-edge add put in {out} are left out (--drop-additions)")
+            return None
         items = read_json(out / "gallery_items.json") if n else []
         if n > len(items):
             raise ValueError(f"{n} added images recorded but {len(items)} items")
-    except (OSError, ValueError, KeyError, TypeError, HwnasError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, HwnasError) as e:
+        if drop:
+            return None
         raise HwnasError(f"cannot tell which images of {out} hwnas-edge add put there ({first_line(e)}); "
-                         "pass --drop-additions to replace the bundle without them") from None
+                         f"{DROP_FIX} to replace the bundle without them") from None
     if not n:
-        return None
-    if drop:
-        log(f"[deploy] the {n} images hwnas-edge add put in {out} are left out (--drop-additions)")
         return None
     added = items[len(items) - n:]
     lost = [(it["id"], "added from a .zip, which records no path" if not it.get("path") else
@@ -317,40 +322,53 @@ def _added_images(out: Path, drop: bool, skip_bad: bool, log: Callable) -> list[
         raise HwnasError(f"{out} holds {n} images added with hwnas-edge add; this deploy embeds them again "
                          f"with the gallery model it ships, but {len(lost)} cannot be read again (e.g. "
                          f"{lost[0][0]}: {lost[0][1]}): pass --skip-bad-images to leave those out, or "
-                         "--drop-additions to leave all of them out (hwnas-edge add them again after)")
+                         f"{DROP_FIX} to leave all of them out (hwnas-edge add them again after)")
     if lost:
         log(f"[deploy] {len(lost)} of the {n} images hwnas-edge add put in {out} cannot be read again "
             f"(e.g. {lost[0][0]}: {lost[0][1]}): left out")
         gone = {i for i, _ in lost}
         added = [it for it in added if it["id"] not in gone]
-    log(f"[deploy] {len(added)} images hwnas-edge add put in {out} go into the new index, embedded again")
+    return added
+
+
+# how to leave out the images hwnas-edge add put in a bundle a deploy replaces
+DROP_FIX = "pass --drop-additions (hwnas deploy, hwnas run)"
+
+
+def _new_added(added: list[dict], base: dict[str, str | None], log: Callable) -> list[dict]:
+    """Of ``added`` (:func:`_added_images`), those the new index does not hold already: ``base``
+    maps its own images' ids to their files. An image of the same file is left out; an id that
+    names another file is an error (before anything is exported)."""
+    have = set(filter(None, base.values()))
+    again = [it for it in added if it["path"] in have]
+    added = [it for it in added if it["path"] not in have]
+    clash = [it for it in added if it["id"] in base]
+    if clash:
+        raise HwnasError(f"{len(clash)} image(s) hwnas-edge add put in the bundle have an id that names "
+                         f"another image of the new index (e.g. {clash[0]['id']}: {clash[0]['path']}); "
+                         f"{DROP_FIX} and add them again under other names")
+    log(f"[deploy] {len(added)} images hwnas-edge add put in the bundle go into the new index, embedded "
+        "again" + (f" ({len(again)} more are among its own images)" if again else ""))
     return added
 
 
 def _embed_added(added: list[dict], emb: np.ndarray, items: list[dict], pre, fn: Callable, skip_bad: bool,
                  log: Callable) -> tuple[np.ndarray, list[dict], dict]:
-    """The index's embeddings and items with ``added`` (``_added_images``) after them, embedded
-    by ``fn``; an image the new index holds already (the same file) is not added twice, and an
-    id that names another file there is an error. Returns them and the manifest's record."""
+    """The index's embeddings and items with ``added`` (:func:`_new_added`) after them, embedded
+    by ``fn``, and the manifest's record of them."""
     from hwnas.data.sources import Collection, _open_image
 
-    have = {it["path"] for it in items if it.get("path")}
-    ids = {it["id"] for it in items}
-    again = [it for it in added if it["path"] in have]
-    added = [it for it in added if it["path"] not in have]
-    clash = [it for it in added if it["id"] in ids]
-    if clash:
-        raise HwnasError(f"{len(clash)} image(s) hwnas-edge add put in the bundle have an id that names "
-                         f"another image of the new index (e.g. {clash[0]['id']}: {clash[0]['path']}); pass "
-                         "--drop-additions and add them again under other names")
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "added": 0, "existing": len(again), "skipped": 0,
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "added": 0, "existing": 0, "skipped": 0,
               "sources": ["embedded again by hwnas deploy from the bundle it replaced"]}
     if added:
         paths = [it["path"] for it in added]
         col = Collection("images added with hwnas-edge add", [it["id"] for it in added], [0] * len(added),
                          ["-"], read=lambda i: _open_image(paths[i], paths[i]), paths=paths)
-        e2, it2, skipped = _embed_catalog(col, [it.get("label") for it in added], pre, fn, skip_bad, log,
-                                          desc="added images' embeddings", what="the added images")
+        try:
+            e2, it2, skipped = _embed_catalog(col, [it.get("label") for it in added], pre, fn, skip_bad, log,
+                                              desc="added images' embeddings", what="the added images")
+        except DataError as e:
+            raise DataError(f"{e}; or {DROP_FIX} to leave every added image out") from None
         emb = np.concatenate([emb, e2])
         items = items + [{**it, "row": len(items) + j} for j, it in enumerate(it2)]
         record.update(added=len(it2), skipped=len(skipped))
@@ -362,6 +380,40 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
            gallery: str | None = None, factory: str | None = None, int8: bool = False,
            overwrite: bool = False, catalog: str | None = None, drop_additions: bool = False,
            log: Callable = print) -> dict:
+    """Export the run's query and gallery models, index the gallery (the test split's gallery
+    part, or ``catalog``) and write the bundle at ``out`` (default RUN_DIR/bundle), checked and
+    swapped in whole. A bundle there is replaced only with ``overwrite``; the images
+    ``hwnas-edge add`` put in it go into the new one (:func:`_added_images`) unless
+    ``drop_additions``."""
+    from hwnas_edge.bundle import BundleError, bundle_lock
+
+    rd = RunDir(cfg)
+    # resolved: a symlink to the bundle (current -> v3) is followed, not replaced by a folder
+    out = (Path(out) if out else rd.path / "bundle").resolve()
+    old = out.parent / f".{out.name}.old"
+    if not out.exists() and (old / "manifest.json").exists():  # (a swap stopped half-way)
+        raise HwnasError(f"{out} is missing and {old} holds a bundle: a replacement of it was stopped "
+                         f"half-way; move {old} back to {out}, then deploy again")
+    lock = contextlib.ExitStack()  # no hwnas-edge add (or other deploy) swaps it meanwhile
+    with lock:
+        added, locked = None, out.exists()
+        if locked:
+            _check_replaceable(out)  # (a file, or a folder that is not a bundle: never replaced)
+            if not overwrite:
+                raise HwnasError(f"{out} exists; pass --overwrite to replace it (the old bundle stays until "
+                                 "the new one is complete)")
+            try:  # held from before its additions are read until the new bundle is in place
+                lock.enter_context(bundle_lock(out, "deploying"))
+            except BundleError as e:
+                raise HwnasError(str(e)) from None
+            added = _added_images(out, drop_additions, cfg.data.skip_bad_images, log)
+        return _deploy(cfg, rd, out, query, gallery, factory, int8, catalog, added, lock, locked, log)
+
+
+def _deploy(cfg: Config, rd: RunDir, out: Path, query: str | None, gallery: str | None, factory: str | None,
+            int8: bool, catalog: str | None, added: list[dict] | None, lock: contextlib.ExitStack,
+            locked: bool, log: Callable) -> dict:
+    """:func:`deploy`, once ``out`` is checked (and locked where it exists)."""
     import torch
     from hwnas_edge.bundle import BUNDLE_FORMAT, BundleError, bundle_lock, replace_dir
 
@@ -372,16 +424,6 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
     from hwnas.nn.models import load_gallery, load_query
     from hwnas.retrieval import evaluate
 
-    rd = RunDir(cfg)
-    # resolved: a symlink to the bundle (current -> v3) is followed, not replaced by a folder
-    out = (Path(out) if out else rd.path / "bundle").resolve()
-    added = None
-    if out.exists():
-        _check_replaceable(out)  # (a file, or a folder that is not a bundle: never replaced)
-        if not overwrite:
-            raise HwnasError(f"{out} exists; pass --overwrite to replace it (the old bundle stays until "
-                             "the new one is complete)")
-        added = _added_images(out, drop_additions, cfg.data.skip_bad_images, log)
     if not query and not rd.path.is_dir():
         raise HwnasError(f"run directory {rd.path} does not exist; give the run directory the pipeline "
                          "trained in (--run-dir, or the config's run_dir)")
@@ -431,13 +473,21 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
 
         cat, cat_labels = catalog_images(catalog)
         log(f"[deploy] catalog {catalog}: {len(cat)} images{' with labels' if cat_labels else ''}")
+    if added:  # against the new index's own images, before anything is exported
+        if catalog:
+            base = {i: os.path.realpath(p) for i, p in zip(cat.ids, cat.paths)} if cat.paths else dict.fromkeys(cat.ids)
+        else:
+            sp = rd.splits(log=log)
+            col = sp.collection
+            base = {col.ids[i]: os.path.realpath(col.paths[i]) if col.paths else None for i in sp.parts["gallery"]}
+        added = _new_added(added, base, log)
 
     staging = out.parent / f".{out.name}.staging"
-    lock = contextlib.ExitStack()  # no hwnas-edge add (or other deploy) swaps it meanwhile
-    try:
-        lock.enter_context(bundle_lock(out, "deploying"))
-    except BundleError as e:
-        raise HwnasError(str(e)) from None
+    if not locked:  # (where there was a bundle, it is locked since its additions were read)
+        try:
+            lock.enter_context(bundle_lock(out, "deploying"))
+        except BundleError as e:
+            raise HwnasError(str(e)) from None
     t0 = time.time()
     try:
         if staging.exists():
@@ -600,7 +650,7 @@ def deploy(cfg: Config, out: str | Path | None = None, query: str | None = None,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
-        lock.close()
+        lock.close()  # (the new bundle is in place: others may change it)
     log(f"[deploy] bundle {out} in {time.time() - t0:.0f} s: M(q,g) R@1 "
         f"{100 * acc['M(q,g)']['recall@1']:.2f} (paragon {100 * acc['M(g,g)']['recall@1']:.2f}), "
         f"query {measured['latency_ms']:.3f} ms measured"
