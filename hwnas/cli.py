@@ -503,8 +503,13 @@ def cmd_profile(args) -> int:
     threads = args.threads if args.threads is not None else cfg.latency.threads
     backend = get_backend(args.device, args.backend, threads)
     # where the table goes: --out, else the config's latency.table (the CPU table the search and
-    # hwnas run read), else latency_tables/ under a name of the machine and the space
-    flag = "--out" if args.out else "latency.table" if args.device == "cpu" and cfg.latency.table else None
+    # hwnas run read) where this is that table's timing, else latency_tables/ under a name of
+    # the machine, the settings and the space
+    own = args.device == "cpu" and args.backend in (None, "onnxruntime-cpu") and threads == cfg.latency.threads
+    flag = "--out" if args.out else "latency.table" if cfg.latency.table and own else None
+    if cfg.latency.table and not own and not args.out:
+        print(f"[profile] not the config's latency.table ({cfg.latency.table}: ONNX Runtime on the CPU at "
+              f"latency.threads {cfg.latency.threads}): this table goes under latency_tables/")
     if flag is None:
         out = Path("latency_tables") / LatencyTable.default_name(backend.settings(), space)
     else:  # a path of the user's: checked now, not after minutes of timing

@@ -336,6 +336,12 @@ def test_profile_cli_uses_the_configs_thread_count(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert LatencyTable.load(tmp_path / "mine" / "table.json").header["threads"] == 1
     assert not (tmp_path / "latency_tables").exists()
+    # at another thread count it is another table: not written over the config's
+    r = subprocess.run([sys.executable, "-m", "hwnas.cli", "profile", "--config", str(cfg), "--threads", "2",
+                        "--rounds", "1", "--runs", "1"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "not the config's latency.table" in r.stdout, r.stderr[-2000:]
+    assert LatencyTable.load(tmp_path / "mine" / "table.json").header["threads"] == 1
+    assert [LatencyTable.load(p).header["threads"] for p in (tmp_path / "latency_tables").glob("*.json")] == [2]
 
 
 def test_default_table_name_tells_cpus_apart(tiny_space):
