@@ -758,8 +758,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except BrokenPipeError:  # (| head)
-        from hwnas_edge.bundle import reader_gone
+        from hwnas_edge.bundle import reader_gone, stdout_gone
 
+        if not stdout_gone():
+            raise
         return reader_gone()
 
 

@@ -48,10 +48,29 @@ def _has(d: dict, dotted: str) -> bool:
     return True
 
 
+def stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``| head`` stopped early): what a
+    BrokenPipeError means only then (one from a socket or a child's pipe is an error)."""
+    try:
+        sys.stdout.flush()  # (what the failed write left in the buffer fails again)
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    try:
+        import select
+
+        poll = select.poll()  # (a pipe without a reader polls as an error on its write end)
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # (no poll, or stdout is no file)
+        return False
+
+
 def reader_gone() -> int:
-    """A command's output piped into a reader that stopped early (``| head``): stdout goes to
-    the null device, so the interpreter's last flush raises nothing either, and the exit status
-    is a pipe's (128 + SIGPIPE), without a traceback."""
+    """A command's output piped into a reader that stopped early (:func:`stdout_gone`): stdout
+    goes to the null device, so the interpreter's last flush raises nothing either, and the
+    exit status is a pipe's (128 + SIGPIPE), without a traceback."""
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError):  # (stdout is no file: nothing is flushed to it at exit)

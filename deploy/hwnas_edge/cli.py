@@ -18,7 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from hwnas_edge.bundle import Bundle, BundleError, reader_gone, verify
+from hwnas_edge.bundle import Bundle, BundleError, reader_gone, stdout_gone, verify
 
 
 QUERY_BATCH = 256  # images decoded and embedded at a time by `query` (a folder is not held whole)
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hwnas-edge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
+        if not stdout_gone():
+            raise
         return reader_gone()
     return 0
 
