@@ -148,33 +148,38 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
     return app
 
 
-def listen_socket(host: str, port: int):
-    """A socket bound to ``host``:``port`` for the service (bound here, not by uvicorn, so that an
-    address in use or not of this machine is a BundleError naming the fix, said before "serving")."""
+def check_listen(host: str, port: int) -> None:
+    """That the service can listen on ``host``:``port``, tried on each of the host's addresses
+    as uvicorn binds them (and let go again): an address in use, or not of this machine, is a
+    BundleError naming the fix, said before "serving" (uvicorn would say "serving" first)."""
     import socket
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
     try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        why = e.strerror or str(e)
-        fix = ("another process listens there: give another --port, or stop that one"
-               if getattr(e, "errno", None) in (errno.EADDRINUSE,) else
-               "give an address of this machine with --host (127.0.0.1: this machine only; 0.0.0.0: "
-               "every interface)" if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL else
-               "give another --host or --port")
-        raise BundleError(f"cannot listen on {host}:{port} ({why}); {fix}") from None
-    sock.set_inheritable(True)
-    return sock
+        addrs = {a[:2] + (a[4],) for a in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                               flags=socket.AI_PASSIVE)}
+    except (socket.gaierror, UnicodeError) as e:
+        raise BundleError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); give an "
+                          "address of this machine with --host (127.0.0.1: this machine only; 0.0.0.0: "
+                          "every interface)") from None
+    for family, kind, addr in addrs:
+        sock = socket.socket(family, kind)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+            sock.bind(addr)
+        except OSError as e:
+            fix = ("another process listens there: give another --port, or stop that one"
+                   if e.errno == errno.EADDRINUSE else
+                   "give an address of this machine with --host (127.0.0.1: this machine only; 0.0.0.0: "
+                   "every interface)" if e.errno == errno.EADDRNOTAVAIL else "give another --host or --port")
+            raise BundleError(f"cannot listen on {host}:{port} ({e.strerror or e}); {fix}") from None
+        finally:
+            sock.close()
 
 
 def serve(bundle_path: "str | Path", host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
     import uvicorn
 
     app = create_app(bundle_path, **kw)  # (a bad bundle is refused before "serving" is said)
-    sock = listen_socket(host, port)  # (and an address it cannot listen on)
+    check_listen(host, port)  # (and an address it cannot listen on)
     print(f"serving {bundle_path} on http://{host}:{port} (POST /search, GET /health)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
+    uvicorn.run(app, host=host, port=port, log_level="warning")
