@@ -222,9 +222,9 @@ def test_evaluate_cli_json(trained_gallery, tmp_path):
     r = subprocess.run([sys.executable, "-m", "hwnas.cli", "evaluate", "--config", str(cfg_path),
                         "--query", str(tmp_path / "run/query/small"), "--far", "1e-9"], env=env,
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "--far 1e-09 needs at least 1,000,000,000 other-class pairs" in r.stderr, r.stderr
-    want = re.search(r"give --far (\S+) or above", r.stderr).group(1)
-    assert float(want) * int(re.search(r"make ([0-9,]+):", r.stderr).group(1).replace(",", "")) >= 1
+    assert r.returncode == 2 and "FAR 1e-09 needs at least 1,000,000,000 other-class pairs" in r.stderr, r.stderr
+    want = re.search(r"the smallest FAR they resolve is (\S+);", r.stderr).group(1)
+    assert float(want) * int(re.search(r"there are ([0-9,]+):", r.stderr).group(1).replace(",", "")) >= 1
     assert ev.read_bytes() == before
 
 

@@ -138,7 +138,11 @@ def test_tar_at_far_matches_brute_force_and_leaves_self_pairs_out():
     assert np.isnan(r["TAR@FAR=1e-05"])  # 4,5xx impostor pairs cannot tell 1 in 100,000
     from hwnas.retrieval.metrics import unresolvable_far  # (what the commands refuse up front)
 
-    assert unresolvable_far((0.1, 1e-5), ql, gl) == (1e-5, int((~same).sum()), 1e-3)
+    assert unresolvable_far((0.1, 1e-5), ql, gl) == (
+        f"FAR 1e-05 needs at least 100,000 other-class pairs to set its threshold, and there are "
+        f"{int((~same).sum()):,}: the smallest FAR they resolve is 0.001")
+    assert "(of which 1,000 are sampled)" in unresolvable_far((1e-5,), ql, gl, max_impostors=1000)
+    assert unresolvable_far((0.1,), ql[:3] * 0, gl[:3] * 0) == "FAR 0.1 needs pairs of images of two classes, and there are none"
     assert unresolvable_far((0.1, 0.01), ql, gl) is None and unresolvable_far((), ql, gl) is None
     assert r["n_genuine_pairs"] == same.sum() and r["n_impostor_pairs"] == (~same).sum()
     # leave-one-out: the gallery is the queries; a pair of an image with itself is left out

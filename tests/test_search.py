@@ -237,7 +237,7 @@ def test_a_search_on_verification_accuracy(search_run, tmp_path):
     assert {"TAR@FAR=0.01", "TAR@FAR=0.001", "n_genuine_pairs", "n_impostor_pairs"} <= set(m)
     # a FAR finer than the validation pairs can tell: refused before any trial (each would be NaN)
     cfg.search.metric = "TAR@FAR=1e-9"
-    with pytest.raises(HwnasError, match="TAR@FAR=1e-09 needs at least 1,000,000,000 other-class pairs"):
+    with pytest.raises(HwnasError, match="TAR@FAR=1e-09 on the validation split: FAR 1e-09 needs at least 1,000,000,000 other-class pairs"):
         SupernetEvaluator(cfg, log=lambda *_: None)
 
 

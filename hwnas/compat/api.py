@@ -12,7 +12,6 @@ Run directory layout::
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -1182,11 +1181,9 @@ def evaluate_query(cfg: Config, query_dir: str | None = None, arch: str | None =
     qi, gi = load_part(rd, qpart, qpre, log=log), load_part(rd, gpart, qpre, log=log)
     from hwnas.retrieval.metrics import unresolvable_far
 
-    bad = unresolvable_far(fars, qi.raw_labels, gi.raw_labels)
-    if bad:  # (its TAR would be undefined: NaN)
-        raise HwnasError(f"--far {bad[0]:g} needs at least {math.ceil(1 / bad[0]):,} other-class pairs to set "
-                         f"its threshold, and the {part} split's queries and gallery make {bad[1]:,}: give "
-                         f"--far {bad[2]:g} or above")
+    why = unresolvable_far(fars, qi.raw_labels, gi.raw_labels)
+    if why:  # (its TAR would be undefined: NaN)
+        raise HwnasError(f"--far on the {part} split's queries against its gallery: {why}; give a larger --far")
     splits = rd.splits(log=log)
     ids = (qi.ids, gi.ids) if splits.shared_eval else (None, None)
     gg_q = gallery_embeddings(rd, gallery, qpart, qi if gpre == qpre else None, log=log)

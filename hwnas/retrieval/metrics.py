@@ -208,17 +208,22 @@ def impostor_pairs(query_labels, gallery_labels) -> int:
 
 
 def unresolvable_far(fars: Sequence[float], query_labels, gallery_labels,
-                     max_impostors: int = 20_000_000) -> tuple[float, int, float] | None:
-    """The smallest of ``fars`` that the pairs of these labels cannot resolve (fewer impostor
-    pairs than one at that rate: its threshold, and TAR, would be undefined), with the number of
-    impostor pairs and the smallest FAR they resolve as a power of ten; None if they all are."""
+                     max_impostors: int = 20_000_000) -> str | None:
+    """Why the smallest of ``fars`` is one these labels' pairs cannot resolve (fewer impostor
+    pairs than one at that rate: its threshold, and TAR, would be undefined), with the smallest
+    FAR they resolve; None if every one is resolved."""
     if not len(fars):
         return None
-    n = min(impostor_pairs(query_labels, gallery_labels), max_impostors)
-    f = min(fars)
+    total = impostor_pairs(query_labels, gallery_labels)
+    n, f = min(total, max_impostors), min(fars)
     if f * n >= 1:
         return None
-    return f, n, 10.0 ** math.ceil(math.log10(1 / max(n, 1))) if n else 1.0
+    if not n:
+        return f"FAR {f:g} needs pairs of images of two classes, and there are none"
+    sampled = f" (of which {max_impostors:,} are sampled)" if total > max_impostors else ""
+    return (f"FAR {f:g} needs at least {math.ceil(1 / f):,} other-class pairs to set its threshold, and "
+            f"there are {total:,}{sampled}: the smallest FAR they resolve is "
+            f"{10.0 ** math.ceil(math.log10(1 / n)):g}")
 
 
 def _tar_at_far(q, g, ql, gl, self_ix, fars, chunk, max_impostors) -> dict:

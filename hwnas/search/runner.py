@@ -121,12 +121,10 @@ class SupernetEvaluator:
         # a FAR the validation pairs cannot resolve scores NaN: every trial would fail
         from hwnas.retrieval.metrics import unresolvable_far
 
-        bad = unresolvable_far(self.fars, self.vq.raw_labels, self.vg.raw_labels)
-        if bad:
-            raise HwnasError(
-                f"search.metric {cfg.search.metric} needs at least {math.ceil(1 / bad[0]):,} "
-                f"other-class pairs to set its threshold, and the validation split has {bad[1]:,}: "
-                f"raise the FAR (e.g. TAR@FAR={bad[2]:g}) or the validation split (data.split.val_fraction)")
+        why = unresolvable_far(self.fars, self.vq.raw_labels, self.vg.raw_labels)
+        if why:
+            raise HwnasError(f"search.metric {cfg.search.metric} on the validation split: {why}; raise the "
+                             "FAR, or the validation split (data.split.val_fraction)")
 
     @property
     def n_queries(self) -> int:
