@@ -939,7 +939,23 @@ def test_a_study_resumed_with_other_settings_is_refused(tmp_path):
         with pytest.raises(HwnasError, match=re.escape(word) + ".*another --study-name"):
             run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
         setattr(cfg.search, key, old)
+    # ... nor with trials scored otherwise: another supernet (trained again since), another
+    # validation scoring; alpha, which r1 and r2 do not read, is no difference to them
+    (Path(cfg.run_dir) / "supernet").mkdir(parents=True)
+    (Path(cfg.run_dir) / "supernet" / "config.json").write_text('{"fingerprint": "trained-again"}')
+    with pytest.raises(HwnasError, match="'run': .*scored with another gallery, supernet or split"):
+        run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
+    shutil.rmtree(Path(cfg.run_dir) / "supernet")
+    cfg.search.val_queries = "split"
+    with pytest.raises(HwnasError, match="'val_queries': {'study': 'all', 'here': 'split'}"):
+        run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
+    cfg.search.val_queries = "all"
     assert len(optuna.load_study(study_name="s1", storage=cfg.search.storage).trials) == n
+    cfg.search.reward, cfg.search.study_name = "r1", "s1-r1"
+    run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
+    cfg.search.alpha = 0.3
+    run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0)
+    cfg.search.reward, cfg.search.alpha, cfg.search.study_name = "r3", 0.5, "s1"
     # a worker whose budget budget_speedup resolved (a measurement of the paragon, a little
     # different each time) joins a study started at that speed-up at the study's budget, and
     # says so; at another speed-up, or from another rule, it is refused

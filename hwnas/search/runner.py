@@ -362,6 +362,10 @@ def _run_identity(rd: RunDir) -> dict:
             "supernet": fp(rd.path / "supernet" / "config.json"), "splits": fp(rd.path / "splits.json")}
 
 
+# a study's records of what its trials were scored with, compared only where it has them
+# (studies began before they were recorded)
+SCORED_WITH = ("run", "val_queries", "bn_batches")
+
 # how far a study's budget may lie from a joining worker's own measurement of the same
 # speed-up (two measurements of one paragon differ by a few percent, two paragons by more)
 TWIN_BUDGET_TOL = 0.2
@@ -433,9 +437,10 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
             "multi_objective": s.multi_objective,
             # where the budget came from: a speed-up over the paragon, measured (else None)
             "budget_speedup": s.budget_speedup if adopt_budget is not None else None,
-            # the run the trials are scored with: a worker joins a study it does not name only
-            # if it is the same run's (not compared on a resume, or by a worker naming the study)
-            "run": _run_identity(rd)}
+            # what the trials are scored with: the run's gallery, supernet and split (a worker
+            # joins a study it does not name only if it is the same run's) and the scoring's
+            # own settings; a study that predates one of these is not held to it
+            "run": _run_identity(rd), "val_queries": s.val_queries, "bn_batches": s.bn_batches}
     name = s.study_name or _default_study_name(s, budget)
     if s.study_name is None and adopt_budget is not None:
         # the default name holds the budget, which each worker measures a little differently:
@@ -454,7 +459,9 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     old = study.user_attrs.get("hwnas")
     if old is not None and old != meta:
         changed = {k: (old.get(k), v) for k, v in meta.items()
-                   if old.get(k) != v and k not in ("table", "table_key", "budget_speedup", "run")}
+                   if old.get(k) != v and k not in ("table", "table_key", "budget_speedup")
+                   and (k in old or k not in SCORED_WITH)
+                   and not (k == "alpha" and s.reward in ("r1", "r2"))}  # (alpha mixes r3 alone)
         if not _same_table(old, meta):  # (by what it predicts: the same path may hold another)
             changed["table"] = (f"{old.get('table')} (predictions {old.get('table_key') or 'unrecorded'})",
                                 f"{tpath} (predictions {meta['table_key']})")
@@ -470,6 +477,9 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         elif changed:
             fix = (f"pass --budget-ms {old['budget_ms']} to join it, or use another --study-name"
                    if list(changed) == ["budget_ms"] else
+                   "its trials were scored with another gallery, supernet or split (trained again since?): "
+                   "use another --study-name, or delete the study to search afresh"
+                   if "run" in changed else
                    "use another --study-name (or the original settings to resume it)")
             raise HwnasError(f"study {name!r} in {url} was started with other settings "
                              f"{ {k: {'study': a, 'here': b} for k, (a, b) in changed.items()} }; {fix}")
