@@ -832,6 +832,21 @@ def test_a_resumed_study_does_not_queue_a_known_arch_again(tmp_path):
     assert len(optuna.load_study(study_name=name, storage=cfg.search.storage).trials) == before + 1
 
 
+def test_an_arch_queued_on_a_finished_study_is_evaluated(tmp_path):
+    """--enqueue of a new arch on a study that has its n_trials already: the arch is evaluated
+    (it stayed queued, a WAITING row of trials.csv, before); an arch over the budget is refused
+    up front (it would be recorded as over budget, never scored)."""
+    cfg, sp, seen, evaluator = _quickstart_study(tmp_path)
+    lo, hi, pred = _budget(cfg)
+    new = sp.canonical(pred.sample_feasible(cfg.search.budget_ms, random.Random(11)))
+    before = len(seen)
+    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, enqueue=[new.to_string(sp)])
+    assert seen[-1] == new.to_string(sp) and res["n_evaluated"] == cfg.search.n_trials + len(seen) - before
+    slow = sp.largest().to_string(sp)
+    with pytest.raises(HwnasError, match=r"--enqueue .* is predicted at .* ms, over the budget"):
+        run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, enqueue=[slow])
+
+
 def _counting_study_cfg(tmp_path):
     """The quickstart space and the shipped AMD table, a storage in ``tmp_path``, and an
     evaluator whose reward is a fixed pseudo-random function of the arch (no training)."""

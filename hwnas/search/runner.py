@@ -419,9 +419,13 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     user = []
     for a in enqueue:
         try:
-            user.append(space.params_of(space.parse(a)))
+            arch = space.parse(a)
         except HwnasError as e:
             raise HwnasError(f"--enqueue {a!r}: {e}") from None
+        if predictor(arch) > budget:  # (it would be recorded as over budget, never scored)
+            raise HwnasError(f"--enqueue {a!r} is predicted at {predictor(arch):.4f} ms, over the budget "
+                             f"{budget} ms: the search would never evaluate it; give an arch within budget")
+        user.append(space.params_of(arch))
     storage = None
     if s.storage is not None and evaluator is None and (rd.path / "supernet" / "config.json").is_file():
         # a storage of the user's (a server, a shared disk) is opened before the supernet, the
@@ -496,6 +500,10 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         user = [p for p in user if p not in again]
     for params in user:  # the caller's known archs first
         study.enqueue_trial(params, user_attrs={"baseline": "user"})
+    # archs the caller queues are evaluated, in a study that has its n_trials already too (with
+    # those queued before them: trials run in the order queued)
+    waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))) if user else 0
+    target = max(s.n_trials, _n_feasible(study, space) + waiting)
     if old is None:
         study.set_user_attr("hwnas", meta)
         _enqueue_baselines(study, space, predictor, budget, s.sampler, seed)
@@ -572,10 +580,10 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         # Counting needs every trial from the storage: do it only after an evaluated trial,
         # so that the cheap over-budget trials and repeats stay cheap as a study grows.
         if (trial.user_attrs.get("feasible") and "repeat_of" not in trial.user_attrs
-                and _n_feasible(study, space) >= s.n_trials):
+                and _n_feasible(study, space) >= target):
             study.stop()
 
-    if _n_feasible(study, space) < s.n_trials:
+    if _n_feasible(study, space) < target:
         import logging
 
         quiet = _QuietStop()  # Ctrl-C or an hwnas error mid-trial: said once, by hwnas, not with
