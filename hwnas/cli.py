@@ -724,6 +724,19 @@ COMMANDS = {"data": cmd_data, "space": cmd_space, "profile": cmd_profile, "searc
 DIST_COMMANDS = ("train-gallery", "train-supernet", "train-query", "adapt")
 
 
+def _after_interrupt(e: BaseException) -> bool:
+    """Whether ``e`` was raised while a Ctrl-C was being handled: a library's clean-up that
+    fails on the way out (Optuna's trial bookkeeping, interrupted between two of its steps,
+    raises an UnboundLocalError over the KeyboardInterrupt) is the interrupt, not a bug."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__context__ or e.__cause__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -754,6 +767,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hwnas {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(f"hwnas {args.command}: interrupted (finished work is kept; run it again to resume)",
+              file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _after_interrupt(e):
+            raise
         print(f"hwnas {args.command}: interrupted (finished work is kept; run it again to resume)",
               file=sys.stderr)
         return 130

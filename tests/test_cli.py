@@ -734,3 +734,26 @@ def test_output_piped_into_a_reader_that_stops_early_is_no_traceback(tmp_path):
     p.stdout.close()  # (the reader is gone)
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+def test_an_error_raised_while_ctrl_c_unwinds_is_the_interrupt(monkeypatch, capsys):
+    """Ctrl-C inside a library's bookkeeping (Optuna's tell, between two of its steps) raised
+    an UnboundLocalError over the KeyboardInterrupt: hwnas says "interrupted" and exits 130
+    as for a plain Ctrl-C, not a traceback; an error of its own is still one."""
+    import hwnas.cli as cli
+
+    def interrupted_cleanup(args):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise UnboundLocalError("cannot access local variable 'updated_state'")
+
+    monkeypatch.setitem(cli.COMMANDS, "space", interrupted_cleanup)
+    assert cli.main(["space"]) == 130 and "interrupted" in capsys.readouterr().err
+
+    def bug(args):
+        raise UnboundLocalError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "space", bug)
+    with pytest.raises(UnboundLocalError):
+        cli.main(["space"])
