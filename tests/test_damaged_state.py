@@ -92,6 +92,23 @@ def test_search_settings_and_storage_errors(tmp_path, monkeypatch):
     for url in ("journal:", f"journal:{tmp_path}"):
         with pytest.raises(HwnasError, match="journal file's path"):
             make_storage(url, rd)
+    # a file that is no journal (a config given by mistake) is refused and left as it was; a
+    # journal whose last record is cut off is refused with the repair, before a record goes on it
+    (tmp_path / "c.yaml").write_text("run_dir: x\n")
+    with pytest.raises(HwnasError, match="c.yaml is not an Optuna journal"):
+        make_storage(f"journal:{tmp_path / 'c.yaml'}", rd)
+    assert (tmp_path / "c.yaml").read_text() == "run_dir: x\n"
+    journal = tmp_path / "j.log"
+    storage, _ = make_storage(f"journal:{journal}", rd)
+    import optuna
+
+    optuna.create_study(storage=storage, study_name="s")
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code": 4, "worker')
+    with pytest.raises(HwnasError, match=r"ends in a cut-off record.*sed -i '\$ d'"):
+        make_storage(f"journal:{journal}", rd)
+    journal.write_bytes(whole)
+    assert optuna.get_all_study_names(make_storage(f"journal:{journal}", rd)[0]) == ["s"]
     (tmp_path / "bad.db").write_bytes(b"this is not a sqlite database" * 100)
     with pytest.raises(HwnasError, match="cannot open the Optuna storage.*move it away") as e:
         make_storage(f"sqlite:///{tmp_path / 'bad.db'}", rd)

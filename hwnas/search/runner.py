@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import json
 import math
 import os
 import socket
@@ -210,6 +211,47 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(db)
 
 
+def _check_journal(path: Path, url: str, wait_s: float = 1.0) -> None:
+    """A file given as a journal that is none (Optuna would append its records to it, then fail
+    on its first line) is an error, before anything is written to it. So is a journal whose last
+    record is cut off (its writer killed mid-line, or the file cut short): Optuna reads past
+    it, but the next record would be appended onto it, breaking the journal in the middle. A
+    record another worker is writing this instant ends within ``wait_s``; one that stays cut
+    off is an error naming the repair."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            first = f.readline()
+        try:
+            record = json.loads(first) if first.endswith(b"\n") else {"op_code": 0}
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "op_code" not in record:
+            raise HwnasError(f"--storage / search.storage {url!r}: {path} is not an Optuna journal (its first "
+                             "line is no journal record); give another path (a new file is made there)")
+
+    def tail() -> tuple[int, bytes]:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if not size:
+                return 0, b"\n"
+            f.seek(size - 1)
+            return size, f.read(1)
+
+    if not path.is_file():
+        return
+    size, last = tail()
+    if last == b"\n":
+        return
+    time.sleep(wait_s)
+    size2, last = tail()
+    if last == b"\n" or size2 != size:
+        return
+    raise HwnasError(f"the journal {path} ends in a cut-off record (a worker killed while writing it, or the "
+                     f"file cut short); remove that partial last line (sed -i '$ d' {path}) and start the "
+                     "search again: the trials of the records before it are kept")
+
+
 def make_storage(url: str | None, rd: RunDir):
     """Optuna storage: default SQLite in the run directory; ``journal:PATH`` a journal file
     (works on a shared disk); anything else an RDB URL (sqlite:///..., postgresql://...)."""
@@ -225,12 +267,14 @@ def make_storage(url: str | None, rd: RunDir):
         if not path or Path(path).is_dir():
             raise HwnasError(f"--storage / search.storage {url!r} needs a journal file's path after 'journal:' "
                              "(e.g. journal:/shared/search.log), not a folder or nothing")
+        _check_journal(Path(path), url)
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(path)), url
         except OSError as e:
             raise HwnasError(f"cannot open the journal storage {path}: {e.strerror or e}; give a "
                              "path in a folder you can write") from None
+
     db = _sqlite_file(url)
     if db is not None:
         parent = db.parent
