@@ -379,6 +379,15 @@ def test_finalists_pick_by_training_loss_and_continue(search_run):
     cfg.query.finalist_epochs = 2  # not part way
     with pytest.raises(HwnasError, match="finalist_epochs"):
         api.train_searched(cfg, name="picked", log=quiet)
+    # a model the search chose alone (finalists off) is refused before any finalist trains
+    cfg.query.finalist_epochs = 1
+    (run / "query" / "alone").mkdir()
+    for f in ("model.safetensors", "config.json"):
+        shutil.copy(run / "query" / "picked" / f, run / "query" / "alone" / f)
+    before = sorted(p.name for p in (run / "query").iterdir())
+    with pytest.raises(HwnasError, match="trained without query.finalists .*--restart"):
+        api.train_searched(cfg, name="alone", log=quiet)
+    assert sorted(p.name for p in (run / "query").iterdir()) == before
 
 
 def test_train_many_in_processes_trains_what_one_at_a_time_does(search_run):

@@ -946,6 +946,13 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
     if e >= tc.epochs:
         raise HwnasError(f"query.finalist_epochs ({e}) must be fewer than query.train.epochs "
                          f"({tc.epochs}): the finalists are compared part way through their training")
+    out = query_dir(rd, name)
+    if (not (restart or retrain_changed) and (out / "model.safetensors").exists()
+            and not (out / "finalists.json").exists()):
+        # (checked before the finalists train, not after: a model chosen without them is not
+        # their choice, whatever they would pick)
+        raise HwnasError(f"{out} holds a query model trained without query.finalists (the search's own "
+                         "choice): train again with --restart to let the finalists choose, or give another --name")
     space = cfg.search_space()
     # a finalist's run is its arch's with this run's supernet (when inheriting): a retrained
     # supernet gives other finalists, not the old ones' checkpoints
@@ -969,7 +976,6 @@ def train_searched(cfg: Config, name: str = "searched", resume: bool = False, re
     q = train_query(cfg, arch=chosen["arch"], name=name, resume=resume, restart=restart,
                     retrain_changed=retrain_changed, log=log,
                     start_from=rd.path / "query" / chosen["name"] / "checkpoint.safetensors")
-    out = query_dir(rd, name)
     write_json(out / "finalists.json", {"epochs": e, "of_epochs": tc.epochs, "chosen": chosen["arch"],
                                         "chosen_rank": rank,
                                         # (the search's choice: search.prefer_faster_within)
