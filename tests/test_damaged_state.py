@@ -38,6 +38,9 @@ def test_damaged_json_checkpoint_and_best_arch_name_the_fix(tmp_path):
     (tmp_path / "best_arch.json").write_text("{}")
     with pytest.raises(HwnasError, match="names no arch"):
         load_best(tmp_path)
+    (tmp_path / "best_arch.json").write_text('{"arch": "k3')  # (damaged: train-query never writes it)
+    with pytest.raises(HwnasError, match="best_arch.json is damaged.*run `hwnas search` again"):
+        load_best(tmp_path)
     # a model's config.json: deleted, it is not written anew (the folder is then no model)
     from hwnas.nn.models import load_state
 

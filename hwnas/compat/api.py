@@ -1021,7 +1021,8 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
 
     ac = cfg.adapt
     if ac.epochs < 1:
-        raise HwnasError("adapt.epochs is 0, so adaptation is off: set it, e.g. --set adapt.epochs=15")
+        raise HwnasError("adapt.epochs is 0, so adaptation is off: give a number of epochs above 0 "
+                         "(hwnas adapt --epochs 15, or adapt.epochs in the config)")
     rd = RunDir(cfg)
     src = _adapt_source(rd, query)
     if not (src / "config.json").exists():

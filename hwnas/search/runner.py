@@ -919,7 +919,8 @@ def load_best(run_dir: Path) -> dict:
     p = run_dir / "best_arch.json"
     if not p.exists():
         raise HwnasError(f"{p} does not exist: run `hwnas search --budget-ms B` first")
-    best = read_json(p)
+    best = read_json(p, fix="run `hwnas search` again to write it (its study keeps the trials), or give "
+                        "the arch with --arch")
     if not isinstance(best, dict) or not isinstance(best.get("arch"), str):
         raise HwnasError(f"{p} names no arch (an \"arch\" string); run `hwnas search` again to "
                          "write it, or give the arch with --arch")
