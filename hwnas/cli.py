@@ -770,18 +770,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hwnas {args.command}: interrupted (finished work is kept; run it again to resume)",
               file=sys.stderr)
         return 130
-    except Exception as e:
-        if not _after_interrupt(e):
-            raise
-        print(f"hwnas {args.command}: interrupted (finished work is kept; run it again to resume)",
-              file=sys.stderr)
-        return 130
     except BrokenPipeError:  # (| head)
         from hwnas_edge.bundle import reader_gone, stdout_gone
 
         if not stdout_gone():
             raise
         return reader_gone()
+    except Exception as e:  # (after the clauses above: a BrokenPipeError is an Exception too)
+        if not _after_interrupt(e):
+            raise
+        print(f"hwnas {args.command}: interrupted (finished work is kept; run it again to resume)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
