@@ -161,19 +161,24 @@ def check_listen(host: str, port: int) -> None:
         raise BundleError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); give an "
                           "address of this machine with --host (127.0.0.1: this machine only; 0.0.0.0: "
                           "every interface)") from None
+    absent = []
     for family, kind, addr in addrs:
         sock = socket.socket(family, kind)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
             sock.bind(addr)
         except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:  # (a family not enabled here, say ::1 of localhost:
+                absent.append(e)  # asyncio's server leaves such an address out, as long as one binds)
+                continue
             fix = ("another process listens there: give another --port, or stop that one"
-                   if e.errno == errno.EADDRINUSE else
-                   "give an address of this machine with --host (127.0.0.1: this machine only; 0.0.0.0: "
-                   "every interface)" if e.errno == errno.EADDRNOTAVAIL else "give another --host or --port")
+                   if e.errno == errno.EADDRINUSE else "give another --host or --port")
             raise BundleError(f"cannot listen on {host}:{port} ({e.strerror or e}); {fix}") from None
         finally:
             sock.close()
+    if absent and len(absent) == len(addrs):
+        raise BundleError(f"cannot listen on {host}:{port} ({absent[0].strerror or absent[0]}); give an address "
+                          "of this machine with --host (127.0.0.1: this machine only; 0.0.0.0: every interface)")
 
 
 def serve(bundle_path: "str | Path", host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
