@@ -97,10 +97,11 @@ def test_search_settings_and_storage_errors(tmp_path, monkeypatch):
             make_storage(url, rd)
     # a file that is no journal (a config given by mistake) is refused and left as it was; a
     # journal whose last record is cut off is refused with the repair, before a record goes on it
-    (tmp_path / "c.yaml").write_text("run_dir: x\n")
-    with pytest.raises(HwnasError, match="c.yaml is not an Optuna journal"):
-        make_storage(f"journal:{tmp_path / 'c.yaml'}", rd)
-    assert (tmp_path / "c.yaml").read_text() == "run_dir: x\n"
+    for text in ("run_dir: x\n", "run_dir: x"):  # (one line without its newline: not "cut off")
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(HwnasError, match="c.yaml is not an Optuna journal"):
+            make_storage(f"journal:{tmp_path / 'c.yaml'}", rd)
+        assert (tmp_path / "c.yaml").read_text() == text
     journal = tmp_path / "j.log"
     storage, _ = make_storage(f"journal:{journal}", rd)
     import optuna

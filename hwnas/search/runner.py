@@ -222,7 +222,9 @@ def _check_journal(path: Path, url: str, wait_s: float = 1.0) -> None:
         with open(path, "rb") as f:
             first = f.readline()
         try:
-            record = json.loads(first) if first.endswith(b"\n") else {"op_code": 0}
+            # (a first record cut off is still a journal's, by its start: Optuna writes op_code first)
+            record = json.loads(first) if first.endswith(b"\n") else (
+                {"op_code": 0} if first.startswith(b'{"op_code"') else None)
         except ValueError:
             record = None
         if not isinstance(record, dict) or "op_code" not in record:
