@@ -766,18 +766,14 @@ def main(argv: list[str] | None = None) -> int:
     except HwnasError as e:
         print(f"hwnas {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"hwnas {args.command}: interrupted (finished work is kept; run it again to resume)",
-              file=sys.stderr)
-        return 130
     except BrokenPipeError:  # (| head)
         from hwnas_edge.bundle import reader_gone, stdout_gone
 
         if not stdout_gone():
             raise
         return reader_gone()
-    except Exception as e:  # (after the clauses above: a BrokenPipeError is an Exception too)
-        if not _after_interrupt(e):
+    except (KeyboardInterrupt, Exception) as e:  # (after the pipe's: a BrokenPipeError is an Exception)
+        if not _after_interrupt(e):  # (Ctrl-C, or an error raised while it unwound)
             raise
         print(f"hwnas {args.command}: interrupted (finished work is kept; run it again to resume)",
               file=sys.stderr)

@@ -473,13 +473,13 @@ def _deploy(cfg: Config, rd: RunDir, out: Path, query: str | None, gallery: str 
 
         cat, cat_labels = catalog_images(catalog)
         log(f"[deploy] catalog {catalog}: {len(cat)} images{' with labels' if cat_labels else ''}")
+    splits = rd.splits(log=log)  # (read once: the additions' check, the parity images, the index)
     if added:  # against the new index's own images, before anything is exported
         if catalog:
             base = {i: os.path.realpath(p) for i, p in zip(cat.ids, cat.paths)} if cat.paths else dict.fromkeys(cat.ids)
         else:
-            sp = rd.splits(log=log)
-            col = sp.collection
-            base = {col.ids[i]: os.path.realpath(col.paths[i]) if col.paths else None for i in sp.parts["gallery"]}
+            col = splits.collection
+            base = {col.ids[i]: os.path.realpath(col.paths[i]) if col.paths else None for i in splits.parts["gallery"]}
         added = _new_added(added, base, log)
 
     staging = out.parent / f".{out.name}.staging"
@@ -493,7 +493,6 @@ def _deploy(cfg: Config, rd: RunDir, out: Path, query: str | None, gallery: str 
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-        splits = rd.splits(log=log)
         qi = api.load_part(rd, "query", qpre, log=log)
         gi = api.load_part(rd, "gallery", qpre, log=log)
         shape = (1, qpre.channels, qpre.size, qpre.size)

@@ -218,18 +218,19 @@ def _check_journal(path: Path, url: str, wait_s: float = 1.0) -> None:
     it, but the next record would be appended onto it, breaking the journal in the middle. A
     record another worker is writing this instant ends within ``wait_s``; one that stays cut
     off is an error naming the repair."""
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb") as f:
-            first = f.readline()
-        try:
-            # (a first record cut off is still a journal's, by its start: Optuna writes op_code first)
-            record = json.loads(first) if first.endswith(b"\n") else (
-                {"op_code": 0} if first.startswith(b'{"op_code"') else None)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or "op_code" not in record:
-            raise HwnasError(f"--storage / search.storage {url!r}: {path} is not an Optuna journal (its first "
-                             "line is no journal record); give another path (a new file is made there)")
+    if not path.is_file() or not path.stat().st_size:  # (a new journal)
+        return
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        # (a first record cut off is still a journal's, by its start: Optuna writes op_code first)
+        record = json.loads(first) if first.endswith(b"\n") else (
+            {"op_code": 0} if first.startswith(b'{"op_code"') else None)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or "op_code" not in record:
+        raise HwnasError(f"--storage / search.storage {url!r}: {path} is not an Optuna journal (its first "
+                         "line is no journal record); give another path (a new file is made there)")
 
     def tail() -> tuple[int, bytes]:
         with open(path, "rb") as f:
@@ -240,8 +241,6 @@ def _check_journal(path: Path, url: str, wait_s: float = 1.0) -> None:
             f.seek(size - 1)
             return size, f.read(1)
 
-    if not path.is_file():
-        return
     size, last = tail()
     if last == b"\n":
         return
@@ -425,8 +424,8 @@ def _speedup_twin(storage, s, meta: dict) -> str | None:
     for study in sorted(storage.get_all_studies()):  # (not the summaries: those read every trial)
         old = study.user_attrs.get("hwnas") or {}
         b = old.get("budget_ms")
-        if (old.get("budget_speedup") == meta["budget_speedup"] and old.get("run") == meta["run"]
-                and _same_table(old, meta)
+        # (every setting the same, the speed-up and the run's fingerprints among them)
+        if (_same_table(old, meta)
                 and all(old.get(k) == v for k, v in meta.items() if k not in ("budget_ms", "table", "table_key"))
                 and isinstance(b, (int, float)) and abs(b - meta["budget_ms"]) <= TWIN_BUDGET_TOL * meta["budget_ms"]
                 and study.study_name == _default_study_name(s, b)):
@@ -468,8 +467,9 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
             arch = space.parse(a)
         except HwnasError as e:
             raise HwnasError(f"--enqueue {a!r}: {e}") from None
-        if predictor(arch) > budget:  # (it would be recorded as over budget, never scored)
-            raise HwnasError(f"--enqueue {a!r} is predicted at {predictor(arch):.4f} ms, over the budget "
+        ms = predictor(arch)
+        if ms > budget:  # (it would be recorded as over budget, never scored)
+            raise HwnasError(f"--enqueue {a!r} is predicted at {ms:.4f} ms, over the budget "
                              f"{budget} ms: the search would never evaluate it; give an arch within budget")
         user.append(space.params_of(arch))
     storage = None
