@@ -202,14 +202,16 @@ def omniglot(
         raise DataError(f"no PNG images found in the Omniglot zips under {data_dir}")
 
     def read(i: int):
-        return _open_image(io.BytesIO(blobs[i]), ids[i])
+        return open_image(io.BytesIO(blobs[i]), ids[i])
 
     return Collection("omniglot", ids, labels, class_names, read=read, splits=splits,
                       info={"source": str(data_dir)})
 
 
 # ---------------------------------------------------------------------- user images
-def _open_image(src, name: str):
+def open_image(src, name: str):
+    """The image at ``src`` (a path or a file object), read whole; a DataError that names
+    ``name`` and the fix where it cannot be read (deploy reads added images with it too)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -355,7 +357,7 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool, follow
         if not os.path.exists(paths[i]):
             raise DataError(f"image {paths[i]} does not exist (listed in {name}); fix the path, "
                             f"or {SKIP_BAD_FIX}")
-        return _open_image(paths[i], paths[i])
+        return open_image(paths[i], paths[i])
 
     return Collection(
         name, ids, [cls_index[c] for _, c, _ in entries], class_names, read=read,
@@ -432,7 +434,7 @@ def unlabeled_images(path: str | os.PathLike, setting: str = "data.unlabeled", f
             except ZIP_MEMBER_ERRORS as e:
                 raise DataError(f"{path}: cannot read {name} ({e}): the member is damaged or the zip changed "
                                 f"while in use; repair or replace the zip, or {SKIP_BAD_FIX}") from None
-            return _open_image(io.BytesIO(blob), ids[i])
+            return open_image(io.BytesIO(blob), ids[i])
 
         return Collection(f"unlabeled:{path.stem}", ids, np.zeros(len(ids)), ["unlabeled"], read=read,
                           info={"source": str(path)})

@@ -356,14 +356,14 @@ def _embed_added(added: list[dict], emb: np.ndarray, items: list[dict], pre, fn:
                  log: Callable) -> tuple[np.ndarray, list[dict], dict]:
     """The index's embeddings and items with ``added`` (:func:`_new_added`) after them, embedded
     by ``fn``, and the manifest's record of them."""
-    from hwnas.data.sources import Collection, _open_image
+    from hwnas.data.sources import Collection, open_image
 
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "added": 0, "existing": 0, "skipped": 0,
               "sources": ["embedded again by hwnas deploy from the bundle it replaced"]}
     if added:
         paths = [it["path"] for it in added]
         col = Collection("images added with hwnas-edge add", [it["id"] for it in added], [0] * len(added),
-                         ["-"], read=lambda i: _open_image(paths[i], paths[i]), paths=paths)
+                         ["-"], read=lambda i: open_image(paths[i], paths[i]), paths=paths)
         try:
             e2, it2, skipped = _embed_catalog(col, [it.get("label") for it in added], pre, fn, skip_bad, log,
                                               desc="added images' embeddings", what="the added images")
