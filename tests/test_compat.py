@@ -513,6 +513,98 @@ def test_mix_part_matches_the_gallery_on_blended_images():
         LossConfig(mix=1.0, mix_kind="mosaic")
 
 
+def test_feat_part_matches_the_gallery_feature_maps_through_trained_adapters(tmp_path):
+    """The feat part: a subnet's stage ends and a timm backbone's feature_info are read at
+    their reductions; the query's maps, through 1x1 convolutions, are compared with the frozen
+    gallery's at each reduction of feat_at. Zero for the gallery's own maps through identity
+    convolutions, positive with a gradient into the query and the convolutions (never the
+    gallery) otherwise; only in training; the convolutions travel in the training checkpoint
+    and no hook stays on either network. Refused for the supernet and where a reduction is
+    missing; off by default and left out of the stored settings."""
+    import copy
+
+    from hwnas.compat.features import feature_points
+    from hwnas.compat.losses import CompatLoss, LossConfig
+    from hwnas.compat.tasks import ArchSampler, CompatTask
+    from hwnas.compat.train import load_checkpoint, save_checkpoint
+    from hwnas.nn.models import EmbeddingNet
+    from hwnas.nn.supernet import Supernet, SubNet
+    from hwnas.space import SearchSpace
+
+    assert "feat" not in LossConfig().to_dict() and "feat_at" not in LossConfig().to_dict()
+    cfg = LossConfig(own_cls=0.0, bct=0.0, regress=1.0, contrast=0.0, feat=2.0)
+    assert cfg.needs_gallery and cfg.uses_unlabeled and cfg.to_dict()["feat_at"] == [8, 16]
+    space = SearchSpace(**TINY_SPACE)
+    sub = SubNet(space, space.smallest())
+    points = feature_points(sub)
+    assert sorted(points) == [4, 8, 16, 32]
+    assert [c for c, _ in (points[r] for r in (4, 8, 16, 32))] == list(TINY_SPACE["stage_widths"])
+    torch.manual_seed(0)
+    gallery = EmbeddingNet("resnet10t", 32, 1).eval()
+    x = torch.randn(2, 1, 32, 32)
+    maps = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, r=r: maps.__setitem__(r, o.shape))
+             for r, (_, m) in feature_points(gallery).items()]
+    gallery(x)
+    for h in hooks:
+        h.remove()
+    assert {r: s[-1] for r, s in maps.items()} == {2: 16, 4: 8, 8: 4, 16: 2, 32: 1}  # 32 px / r
+    x, y, idx = torch.randn(8, 1, 32, 32), torch.zeros(8, dtype=torch.long), torch.arange(8)
+    # the gallery's own network as the query, identity adapters: nothing to learn
+    same = CompatTask(copy.deepcopy(gallery), CompatLoss(cfg, 32, 2), gallery).train()
+    same.net.eval()  # (the same BatchNorm statistics as the gallery's)
+    with torch.no_grad():
+        for conv in same.loss.adapters.values():
+            conv.weight.copy_(torch.eye(conv.weight.shape[0]).view_as(conv.weight))
+    _, parts = same(x, y, idx)
+    assert set(parts) == {"regress", "feat"} and parts["feat"] < 1e-5
+    task = CompatTask(sub, CompatLoss(cfg, 32, 2), gallery)
+    total, parts = task.train()(x, y, idx)
+    assert parts["feat"] > 0.1
+    total.backward()
+    assert all(float(c.weight.grad.abs().sum()) > 0 for c in task.loss.adapters.values())
+    assert float(sub.stem[0].weight.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in gallery.parameters())
+    assert not any(m._forward_hooks for m in [*sub.modules(), *gallery.modules()])
+    assert "feat" not in task.eval()(x, y, idx)[1]
+    # the adapters are the training's, saved and resumed with it (not part of the model)
+    opt = torch.optim.SGD(task.parameters(), lr=0.1)
+    save_checkpoint(tmp_path / "c.safetensors", task, opt, {})
+    again = CompatTask(SubNet(space, space.smallest()), CompatLoss(cfg, 32, 2), gallery)
+    load_checkpoint(tmp_path / "c.safetensors", again, torch.optim.SGD(again.parameters(), lr=0.1))
+    assert torch.equal(again.loss.adapters["8"].weight, task.loss.adapters["8"].weight)
+    assert not any("adapters" in k for k in sub.state_dict())
+    with pytest.raises(HwnasError, match="supernet"):
+        CompatTask(Supernet(space), CompatLoss(cfg, 32, 2), gallery, sampler=ArchSampler(space, 0))
+    with pytest.raises(HwnasError, match=r"reduction \[64\].*give reductions of \[4, 8, 16, 32\]"):
+        CompatTask(sub, CompatLoss(LossConfig(bct=0.0, feat=1.0, feat_at=(8, 64)), 32, 2), gallery)
+    for bad in ((8, 8), (12,), ()):
+        with pytest.raises(HwnasError, match="feat_at"):
+            LossConfig(feat=1.0, feat_at=bad)
+    with pytest.raises(HwnasError, match="supernet.loss.feat"):
+        load_config(write_cfg(tmp_path / "f.json", tiny_config(tmp_path / "run", supernet={
+            "train": {"epochs": 1}, "loss": {"feat": 1.0}}))).validate()
+
+
+def test_train_query_with_the_feat_part_keeps_its_adapters_out_of_the_model(trained_gallery, tmp_path):
+    """train-query with query.loss.feat: the training logs the part, the model records the
+    loss, carries no adapter and evaluates."""
+    from hwnas.nn.models import load_state
+
+    cfg = load_config(_clone_run(trained_gallery, tmp_path, query={
+        "train": {"epochs": 1, "lr": 0.1, "batch_size": 64},
+        "loss": {"own_cls": 1.0, "bct": 1.0, "regress": 30.0, "contrast": 5.0, "feat": 3.0, "feat_at": [8]}}))
+    lines = []
+    api.train_query(cfg, arch=cfg.search_space().smallest().to_string(), name="f", inherit=False,
+                    log=lines.append)
+    assert any("feat 3" in line for line in lines) and any(" feat " in line for line in lines if "epoch 1/1" in line)
+    qcfg, states = load_state(tmp_path / "run/query/f")
+    assert qcfg["loss"]["feat"] == 3.0 and qcfg["loss"]["feat_at"] == [8]
+    assert set(states) == {"net"} and not any("adapter" in k for k in states["net"])
+    m = api.evaluate_query(cfg, query_dir=str(tmp_path / "run/query/f"), log=lambda *_: None)["metrics"]
+    assert m["M(q,g)"]["recall@1"] > 0.2
+
+
 def test_unlabeled_images_feed_only_the_parts_without_labels(trained_gallery, tmp_path, monkeypatch):
     """Label -1 (an image of data.unlabeled) is left out of both classifier parts and kept
     in the regression; a supernet or query trained with unlabeled images records them, is

@@ -1040,7 +1040,8 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
     check_compatible(gallery.config, qcfg["embed_dim"], pre)
     # the recorded loss leaves out parts that were off: they stay off (not at their defaults)
     loss_cfg = LossConfig(**{**dict.fromkeys(PARTS, 0.0),
-                             **(qcfg.get("loss") or cfg.loss_config("query").to_dict()), "own_cls": 0.0})
+                             **(qcfg.get("loss") or cfg.loss_config("query").to_dict()), "own_cls": 0.0,
+                             "feat": 0.0})  # (its 1x1 convolutions are not kept with the model)
     if not loss_cfg.uses_unlabeled:
         raise HwnasError(f"{src} was trained without a part that can learn from unlabeled images "
                          "(loss.regress, contrast, mix, bank or rank), so there is nothing to adapt with: "

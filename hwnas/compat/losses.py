@@ -41,6 +41,15 @@
   rank-order distillation, as D3still (Xie et al., CVPR 2024) for small retrieval students:
   the KL of ``bank`` spends its weight on the few neighbours its temperature leaves mass on;
   recall@1 depends on which neighbour comes first, which is what this part scores.
+* ``feat``: feature-map distillation (FitNets, Romero et al., ICLR 2015): at each reduction
+  of ``feat_at`` (input size / map size; 8 and 16 by default: the middle stages), the query's
+  feature map, through a 1x1 convolution to the gallery's channels, must point where the
+  frozen gallery model's map of the same image points (1 - cos at each position, maps of
+  unequal size average-pooled to the smaller). The parts above align only the embedding;
+  this asks the query to compute the gallery's intermediate features on the way, which may
+  carry over to unseen classes better. The 1x1 convolutions are trained with the query and
+  kept in its training checkpoint, not in the model (``hwnas.compat.features``). For a
+  query model alone: the supernet's paths share their layers, so ``supernet.loss`` refuses it.
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ from hwnas.nn.heads import CosineClassifier
 
 
 #: the weighted parts, in the order they are computed and printed
-PARTS = ("own_cls", "bct", "regress", "contrast", "mix", "bank", "rank")
+PARTS = ("own_cls", "bct", "regress", "contrast", "mix", "bank", "rank", "feat")
 #: the rank part: a pair ordered the other way by the query weighs this many times more,
 #: and a difference counts relative to the gallery's plus this
 RANK_FLIP_WEIGHT, RANK_EPS = 5.0, 0.1
@@ -83,6 +92,8 @@ class LossConfig:
     bank_temp: float = 0.04
     rank: float = 0.0
     rank_k: int = 10
+    feat: float = 0.0
+    feat_at: tuple[int, ...] = (8, 16)
     scale: float = 30.0  # own classifier
     margin: float = 0.2
 
@@ -112,10 +123,16 @@ class LossConfig:
                              f"({self.bank_size}): how many queued neighbours the rank part orders (e.g. 10)")
         if self.rank:
             self.rank_k = int(self.rank_k)
+        at = tuple(self.feat_at)
+        if self.feat and (not at or len(set(at)) != len(at)
+                          or any(int(r) != r or r < 1 or int(r) & (int(r) - 1) for r in at)):
+            raise HwnasError(f"loss.feat_at {list(at)} must list distinct reductions (input size / feature "
+                             "map size), each a power of 2 (e.g. [8, 16])")
+        self.feat_at = tuple(int(r) for r in at)
 
     @property
     def needs_gallery(self) -> bool:
-        return self.bct > 0 or self.needs_gallery_emb or self.mix > 0
+        return self.bct > 0 or self.needs_gallery_emb or self.mix > 0 or self.feat > 0
 
     @property
     def needs_gallery_emb(self) -> bool:
@@ -129,8 +146,8 @@ class LossConfig:
 
     @property
     def uses_unlabeled(self) -> bool:
-        """A part learns from images without labels (regress, contrast, mix, bank or rank)."""
-        return self.needs_gallery_emb or self.mix > 0
+        """A part learns from images without labels (regress, contrast, mix, bank, rank or feat)."""
+        return self.needs_gallery_emb or self.mix > 0 or self.feat > 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -146,6 +163,10 @@ class LossConfig:
             del d["rank"], d["rank_k"]
         if not self.uses_queue:
             del d["bank_size"]
+        if not self.feat:
+            del d["feat"], d["feat_at"]
+        else:
+            d["feat_at"] = list(self.feat_at)
         return d
 
 
@@ -168,6 +189,25 @@ class CompatLoss(nn.Module):
             self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))  # next row
             # each row's image (its index in the training set; -1: none recorded)
             self.register_buffer("bank_idx", torch.full((cfg.bank_size,), -1, dtype=torch.long))
+
+    def add_feature_adapters(self, channels: dict[int, tuple[int, int]]) -> None:
+        """The ``feat`` part's 1x1 convolutions, query channels -> gallery channels at each
+        reduction (``{r: (query, gallery)}``); made before the optimizer and the checkpoint see
+        the loss's parameters."""
+        self.adapters = nn.ModuleDict({str(r): nn.Conv2d(qc, gc, 1, bias=False)
+                                       for r, (qc, gc) in channels.items()})
+
+    def feature_loss(self, qf: dict[int, torch.Tensor], gf: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The ``feat`` part: mean over reductions of 1 - cos(adapter(query map), gallery map)
+        at each position."""
+        out = []
+        for r, conv in self.adapters.items():
+            a, g = conv(qf[int(r)]), gf[int(r)].detach()
+            if a.shape[-2:] != g.shape[-2:]:
+                size = (min(a.shape[-2], g.shape[-2]), min(a.shape[-1], g.shape[-1]))
+                a, g = F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(g, size)
+            out.append((1 - F.cosine_similarity(a, g.to(a.dtype), dim=1)).mean())
+        return torch.stack(out).mean()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a training checkpoint from before rows recorded their image: none recorded

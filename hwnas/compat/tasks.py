@@ -124,6 +124,18 @@ class CompatTask(nn.Module):
         self.gallery_emb = gallery_emb
         self.sampler = sampler
         self.arch: Arch | None = None
+        self._taps = None
+        if loss.cfg.feat > 0:  # the feature maps the loss's feat part compares, and its adapters
+            if sampler is not None:
+                raise HwnasError("loss.feat trains one fixed query network, not the supernet (its paths "
+                                 "share layers): set supernet.loss.feat: 0 and give it in query.loss")
+            if gallery_net is None:
+                raise HwnasError("loss.feat > 0 needs the gallery model")
+            from hwnas.compat.features import matched_points
+
+            qm, gm, channels = matched_points(net, gallery_net, loss.cfg.feat_at)
+            object.__setattr__(self, "_taps", (qm, gm))  # (not submodules: net and gallery hold them)
+            loss.add_feature_adapters(channels)
 
     def move_frozen(self, dev: torch.device) -> None:
         """Move what ``.to()`` does not reach: the unregistered frozen gallery network and
@@ -143,15 +155,22 @@ class CompatTask(nn.Module):
         return self.net(x, self.arch) if self.sampler is not None else self.net(x)
 
     def forward(self, x, y, idx):
-        q = self._query(x)
-        g = None
-        if self.loss.cfg.needs_gallery_emb:
-            if self.gallery_emb is not None:
-                g = self.gallery_emb[idx.to(self.gallery_emb.device)]
-            else:
-                with torch.no_grad():
-                    g = self._gallery(x)
+        from hwnas.compat.features import tapped
+
+        feat = self._taps is not None and self.training
+        with tapped(self._taps[0] if feat else {}) as qf:
+            q = self._query(x)
+        g = gf = None
+        if feat or (self.loss.cfg.needs_gallery_emb and self.gallery_emb is None):
+            with torch.no_grad(), tapped(self._taps[1] if feat else {}) as gf:
+                g = self._gallery(x)
+        if self.loss.cfg.needs_gallery_emb and self.gallery_emb is not None:
+            g = self.gallery_emb[idx.to(self.gallery_emb.device)]
         total, parts = self.loss(q, y, g, idx)
+        if feat:
+            f = self.loss.feature_loss(qf, gf)
+            total = total + self.loss.cfg.feat * f
+            parts = {**parts, "feat": float(f.detach())}
         w = self.loss.cfg.mix
         if w > 0 and self.training:
             # the loss's "mix" part: both models on mixes of two images of the batch
