@@ -28,7 +28,7 @@ class DataConfig:
     split: dict = field(default_factory=dict)  # SplitConfig fields
     # images without labels (a folder, a .zip, a CSV manifest with a path column, or
     # strokes:N — N procedural pen-stroke images; or a list of these) added to the supernet's
-    # and query models' training for the parts that need no labels (regress, contrast, mix, bank, rank):
+    # and query models' training for the parts that need no labels (regress, contrast, mix, bank, rank, feat):
     # e.g. more in-domain images than you can label. Never the test images.
     unlabeled: str | list | None = None
 

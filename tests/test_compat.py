@@ -523,7 +523,7 @@ def test_feat_part_matches_the_gallery_feature_maps_through_trained_adapters(tmp
     missing; off by default and left out of the stored settings."""
     import copy
 
-    from hwnas.compat.features import feature_points
+    from hwnas.compat.features import check_feature_maps, feature_points
     from hwnas.compat.losses import CompatLoss, LossConfig
     from hwnas.compat.tasks import ArchSampler, CompatTask
     from hwnas.compat.train import load_checkpoint, save_checkpoint
@@ -534,6 +534,7 @@ def test_feat_part_matches_the_gallery_feature_maps_through_trained_adapters(tmp
     assert "feat" not in LossConfig().to_dict() and "feat_at" not in LossConfig().to_dict()
     cfg = LossConfig(own_cls=0.0, bct=0.0, regress=1.0, contrast=0.0, feat=2.0)
     assert cfg.needs_gallery and cfg.uses_unlabeled and cfg.to_dict()["feat_at"] == [8, 16]
+    cfg_816 = LossConfig(feat=1.0).to_dict()
     space = SearchSpace(**TINY_SPACE)
     sub = SubNet(space, space.smallest())
     points = feature_points(sub)
@@ -581,6 +582,12 @@ def test_feat_part_matches_the_gallery_feature_maps_through_trained_adapters(tmp
     for bad in ((8, 8), (12,), ()):
         with pytest.raises(HwnasError, match="feat_at"):
             LossConfig(feat=1.0, feat_at=bad)
+    assert LossConfig(feat=1.0, feat_at=(16, 8)).to_dict() == cfg_816  # (the same loss in any order)
+    # maps not laid out (batch, channels, h, w), e.g. a ViT's tokens: named, not a shape error
+    with pytest.raises(HwnasError, match=r"reduction 8 should be \(batch, 128, height, width\), got shape \(8, 4, 128\)"):
+        task.loss.feature_loss({8: torch.randn(8, 32, 4, 4), 16: torch.randn(8, 64, 2, 2)},
+                               {8: torch.randn(8, 4, 128), 16: torch.randn(8, 256, 2, 2)})
+    check_feature_maps(sub, gallery, (8, 16), (1, 1, 32, 32))  # (a pair that has them passes)
     with pytest.raises(HwnasError, match="supernet.loss.feat"):
         load_config(write_cfg(tmp_path / "f.json", tiny_config(tmp_path / "run", supernet={
             "train": {"epochs": 1}, "loss": {"feat": 1.0}}))).validate()
@@ -588,7 +595,8 @@ def test_feat_part_matches_the_gallery_feature_maps_through_trained_adapters(tmp
 
 def test_train_query_with_the_feat_part_keeps_its_adapters_out_of_the_model(trained_gallery, tmp_path):
     """train-query with query.loss.feat: the training logs the part, the model records the
-    loss, carries no adapter and evaluates."""
+    loss, carries no adapter and evaluates; a reduction the query lacks is refused before
+    --restart deletes the model."""
     from hwnas.nn.models import load_state
 
     cfg = load_config(_clone_run(trained_gallery, tmp_path, query={
@@ -603,6 +611,12 @@ def test_train_query_with_the_feat_part_keeps_its_adapters_out_of_the_model(trai
     assert set(states) == {"net"} and not any("adapter" in k for k in states["net"])
     m = api.evaluate_query(cfg, query_dir=str(tmp_path / "run/query/f"), log=lambda *_: None)["metrics"]
     assert m["M(q,g)"]["recall@1"] > 0.2
+    # a reduction the subnet lacks is refused before --restart deletes the trained model
+    cfg.query.loss = {**cfg.query.loss, "feat_at": [2, 8]}
+    with pytest.raises(HwnasError, match=r"no feature map at reduction \[2\]"):
+        api.train_query(cfg, arch=cfg.search_space().smallest().to_string(), name="f", inherit=False,
+                        restart=True, log=lambda *_: None)
+    assert (tmp_path / "run/query/f/model.safetensors").exists()
 
 
 def test_unlabeled_images_feed_only_the_parts_without_labels(trained_gallery, tmp_path, monkeypatch):

@@ -491,14 +491,15 @@ def _add_unlabeled(cfg: Config, data: PartImages, pre, loss_cfg, log) -> tuple[P
 
     if not loss_cfg.uses_unlabeled:
         raise HwnasError("data.unlabeled is set but the loss has no part that can use images "
-                         "without labels: set loss.regress, loss.contrast, loss.mix, loss.bank or loss.rank > 0, or "
+                         "without labels: set loss.regress, loss.contrast, loss.mix, loss.bank, loss.rank or "
+                         "loss.feat > 0, or "
                          "data.unlabeled: null")
     arr_images, ids = _load_unlabeled(cfg, cfg.data.unlabeled, pre, log)
     source = _unlabeled_source(cfg)
     info = {"source": source, "images": len(arr_images),
             "fingerprint": hashlib.sha256(arr_images.tobytes()).hexdigest()[:16]}
     log(f"[data] + {len(arr_images)} unlabeled images from {source} (regression/contrast/mix/"
-        f"bank/rank only) beside {len(data.images)} labeled")
+        f"bank/rank/feat only) beside {len(data.images)} labeled")
     return _with_unlabeled(data, arr_images, ids), info
 
 
@@ -568,6 +569,20 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     saved = save_model(out, modules, config)
     log(f"[train-supernet] saved {out}")
     return saved
+
+
+def _check_feat(cfg: Config, rd: RunDir, arch, timm_name: str | None, loss_cfg) -> None:
+    """loss.feat's feature maps exist in the query to train and the run's gallery model (built
+    untrained, one input through each)."""
+    from hwnas.compat.features import check_feature_maps
+    from hwnas.nn.models import EmbeddingNet, build_gallery
+    from hwnas.nn.supernet import SubNet
+
+    space, pre = cfg.search_space(), cfg.preprocess()
+    query = (SubNet(space, arch) if arch is not None
+             else EmbeddingNet(timm_name, space.embed_dim, pre.channels, bn=False))
+    gallery, _ = build_gallery(read_json(gallery_dir(rd) / "config.json"))
+    check_feature_maps(query, gallery, loss_cfg.feat_at, (1, pre.channels, space.input_size, space.input_size))
 
 
 def _loss_str(c) -> str:
@@ -643,6 +658,8 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         if restart or not (out / "model.safetensors").exists():  # (a finished model is not built)
             check_takes_input(EmbeddingNet(timm_name, space.embed_dim, cfg.preprocess().channels, bn=False),
                               timm_name, cfg.preprocess().channels, space.input_size, "--timm")
+    if loss_cfg.feat > 0 and (restart or not (out / "model.safetensors").exists()):
+        _check_feat(cfg, rd, parsed, timm_name, loss_cfg)  # (likewise)
     sp_cfg = rd.path / "supernet" / "config.json"
     sup = read_json(sp_cfg) if inherit and arch is not None and sp_cfg.exists() else None
     if sup is not None and loss_cfg.needs_gallery:
@@ -1039,10 +1056,10 @@ def adapt_query(cfg: Config, query: str | None = None, name: str | None = None,
     pre = cfg.preprocess()
     check_compatible(gallery.config, qcfg["embed_dim"], pre)
     # the recorded loss leaves out parts that were off: they stay off (not at their defaults)
-    loss_cfg = LossConfig(**{**dict.fromkeys(PARTS, 0.0),
-                             **(qcfg.get("loss") or cfg.loss_config("query").to_dict()), "own_cls": 0.0,
-                             "feat": 0.0})  # (its 1x1 convolutions are not kept with the model)
-    if not loss_cfg.uses_unlabeled:
+    kept = {**dict.fromkeys(PARTS, 0.0), **(qcfg.get("loss") or cfg.loss_config("query").to_dict()),
+            "own_cls": 0.0, "feat": 0.0}  # (feat: its 1x1 convolutions are not kept with the model)
+    loss_cfg = LossConfig(**kept) if any(kept[k] > 0 for k in PARTS) else None
+    if loss_cfg is None or not loss_cfg.uses_unlabeled:
         raise HwnasError(f"{src} was trained without a part that can learn from unlabeled images "
                          "(loss.regress, contrast, mix, bank or rank), so there is nothing to adapt with: "
                          "train it with one of them (e.g. query.loss.regress: 30)")

@@ -55,6 +55,32 @@ def matched_points(query: nn.Module, gallery: nn.Module, at: tuple[int, ...]):
             {r: (qp[r][0], gp[r][0]) for r in at})
 
 
+def check_feature_maps(query: nn.Module, gallery: nn.Module, at: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    """Before a training: both networks have a feature map at each reduction of ``at``, laid
+    out (batch, channels, height, width) as their feature_info says (a ViT's token blocks or a
+    channels-last backbone are not), for one input of ``shape``."""
+    qm, gm, channels = matched_points(query, gallery, at)
+    was = query.training, gallery.training
+    query.eval(), gallery.eval()
+    try:
+        with torch.no_grad(), tapped(qm) as qf, tapped(gm) as gf:
+            x = torch.zeros(shape)
+            query(x), gallery(x)
+    finally:
+        query.train(was[0]), gallery.train(was[1])
+    for r, (qc, gc) in channels.items():
+        check_map(qf.get(r), qc, r, "query")
+        check_map(gf.get(r), gc, r, "gallery model")
+
+
+def check_map(t, channels: int, r: int, which: str) -> None:
+    if not (isinstance(t, torch.Tensor) and t.ndim == 4 and t.shape[1] == channels):
+        got = "nothing" if not isinstance(t, torch.Tensor) else f"shape {tuple(t.shape)}"
+        raise HwnasError(f"loss.feat: the {which}'s feature map at reduction {r} should be (batch, {channels}, "
+                         f"height, width), got {got}: loss.feat needs convolutional networks whose maps "
+                         "are laid out so (not a ViT's tokens or a channels-last backbone); set query.loss.feat: 0")
+
+
 @contextmanager
 def tapped(modules: dict[int, nn.Module]):
     """Within the block, ``{reduction: the output of that module's latest call}``. The hooks

@@ -64,7 +64,8 @@ from hwnas.errors import HwnasError
 from hwnas.nn.heads import CosineClassifier
 
 
-#: the weighted parts, in the order they are computed and printed
+#: the weighted parts, in the order they are printed (CompatLoss computes all but mix and
+#: feat, which CompatTask adds: they need forward passes of the models)
 PARTS = ("own_cls", "bct", "regress", "contrast", "mix", "bank", "rank", "feat")
 #: the rank part: a pair ordered the other way by the query weighs this many times more,
 #: and a difference counts relative to the gallery's plus this
@@ -128,7 +129,7 @@ class LossConfig:
                           or any(int(r) != r or r < 1 or int(r) & (int(r) - 1) for r in at)):
             raise HwnasError(f"loss.feat_at {list(at)} must list distinct reductions (input size / feature "
                              "map size), each a power of 2 (e.g. [8, 16])")
-        self.feat_at = tuple(int(r) for r in at)
+        self.feat_at = tuple(sorted(int(r) for r in at))  # (the same loss in any order)
 
     @property
     def needs_gallery(self) -> bool:
@@ -201,7 +202,11 @@ class CompatLoss(nn.Module):
         """The ``feat`` part: mean over reductions of 1 - cos(adapter(query map), gallery map)
         at each position."""
         out = []
+        from hwnas.compat.features import check_map
+
         for r, conv in self.adapters.items():
+            check_map(qf.get(int(r)), conv.in_channels, int(r), "query")
+            check_map(gf.get(int(r)), conv.out_channels, int(r), "gallery model")
             a, g = conv(qf[int(r)]), gf[int(r)].detach()
             if a.shape[-2:] != g.shape[-2:]:
                 size = (min(a.shape[-2], g.shape[-2]), min(a.shape[-1], g.shape[-1]))
