@@ -372,8 +372,9 @@ class Config:
         unlabeled_specs(self.data.unlabeled)
         unlabeled_specs(self.adapt.images, "adapt.images")
         if self.loss_config("supernet").feat:
-            raise HwnasError("supernet.loss.feat trains one fixed query network, not the supernet (its "
-                             "paths share layers): set supernet.loss.feat: 0 and give it in query.loss")
+            from hwnas.compat.losses import FEAT_NOT_SUPERNET
+
+            raise HwnasError(f"supernet.{FEAT_NOT_SUPERNET}")
         self.loss_config("query")
         return self
 

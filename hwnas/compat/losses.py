@@ -67,6 +67,9 @@ from hwnas.nn.heads import CosineClassifier
 #: the weighted parts, in the order they are printed (CompatLoss computes all but mix and
 #: feat, which CompatTask adds: they need forward passes of the models)
 PARTS = ("own_cls", "bct", "regress", "contrast", "mix", "bank", "rank", "feat")
+#: why supernet.loss refuses the feat part
+FEAT_NOT_SUPERNET = ("loss.feat trains one fixed query network, not the supernet (its paths share layers): "
+                     "set supernet.loss.feat: 0 and give it in query.loss")
 #: the rank part: a pair ordered the other way by the query weighs this many times more,
 #: and a difference counts relative to the gallery's plus this
 RANK_FLIP_WEIGHT, RANK_EPS = 5.0, 0.1
@@ -201,9 +204,9 @@ class CompatLoss(nn.Module):
     def feature_loss(self, qf: dict[int, torch.Tensor], gf: dict[int, torch.Tensor]) -> torch.Tensor:
         """The ``feat`` part: mean over reductions of 1 - cos(adapter(query map), gallery map)
         at each position."""
-        out = []
         from hwnas.compat.features import check_map
 
+        out = []
         for r, conv in self.adapters.items():
             check_map(qf.get(int(r)), conv.in_channels, int(r), "query")
             check_map(gf.get(int(r)), conv.out_channels, int(r), "gallery model")

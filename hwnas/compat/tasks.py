@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hwnas.compat.losses import CompatLoss
+from hwnas.compat.losses import FEAT_NOT_SUPERNET, CompatLoss
 from hwnas.config import PATH_SAMPLING
 from hwnas.errors import HwnasError
 from hwnas.nn.heads import CosineClassifier
@@ -127,8 +127,7 @@ class CompatTask(nn.Module):
         self._taps = None
         if loss.cfg.feat > 0:  # the feature maps the loss's feat part compares, and its adapters
             if sampler is not None:
-                raise HwnasError("loss.feat trains one fixed query network, not the supernet (its paths "
-                                 "share layers): set supernet.loss.feat: 0 and give it in query.loss")
+                raise HwnasError(FEAT_NOT_SUPERNET)
             if gallery_net is None:
                 raise HwnasError("loss.feat > 0 needs the gallery model")
             from hwnas.compat.features import matched_points
