@@ -928,54 +928,6 @@ def test_an_interrupted_trial_is_not_logged_with_optunas_traceback(tmp_path):
         logging.getLogger("optuna").removeHandler(handler)
 
 
-def test_workers_starting_at_one_moment_settle_on_one_study_and_budget(tmp_path, monkeypatch):
-    """Workers of a measured budget (search.budget_speedup) started at one moment on a shared
-    storage each find no study: each stamps its own and, SETTLE_S later, takes what stayed —
-    under one --study-name the last stamp's budget, under default names the oldest study of
-    the same settings. Simulated: another worker stamps while this one waits."""
-    from hwnas.search import runner
-
-    cfg, sp, _, evaluator = _counting_study_cfg(tmp_path)
-    lo, hi, pred = _budget(cfg)
-    b = round(_quantile_budget(cfg, pred, 0.5), 4)
-    cfg.search.n_trials, cfg.search.budget_speedup = 4, 10.0
-    other = {}
-
-    def meanwhile(seconds):  # the other worker's stamp lands while this one waits
-        assert seconds == runner.SETTLE_S
-        study = optuna.load_study(study_name=other["study"], storage=cfg.search.storage)
-        mine = optuna.load_study(study_name=other["mine"], storage=cfg.search.storage).user_attrs["hwnas"]
-        study.set_user_attr("hwnas", {**mine, "budget_ms": other["budget"]})
-
-    monkeypatch.setattr(runner.time, "sleep", meanwhile)
-    # one --study-name: the other worker stamped last, so its budget is the study's
-    took, said = [], []
-    cfg.search.study_name, cfg.search.budget_ms = "shared", b
-    other.update(study="shared", mine="shared", budget=round(b * 1.02, 4))
-    res = run_search(cfg, evaluator=evaluator, log=said.append, seed=0, adopt_budget=took.append)
-    assert res["study"] == "shared" and took == [other["budget"]] == [res["budget_ms"]], said
-    # default names: the other worker's study (made first, stamped while this one waited) is
-    # the oldest, so this worker leaves its own empty and joins it at its budget
-    cfg.search.study_name, cfg.search.budget_speedup, took, said = None, 8.0, [], []
-    theirs = runner._default_study_name(cfg.search, round(b * 1.03, 4))
-    optuna.create_study(study_name=theirs, storage=cfg.search.storage)
-    other.update(study=theirs, mine=runner._default_study_name(cfg.search, b), budget=round(b * 1.03, 4))
-    cfg.search.budget_ms = b
-    res = run_search(cfg, evaluator=evaluator, log=said.append, seed=0, adopt_budget=took.append)
-    assert res["study"] == theirs and took == [other["budget"]], said
-    assert any(f"joining study {theirs!r}" in m for m in said), said
-    assert not optuna.load_study(study_name=other["mine"], storage=cfg.search.storage).trials
-    # a worker alone settles on its own study and budget; a run's own storage waits for no one
-    cfg.search.budget_speedup, cfg.search.budget_ms, took = 6.0, b, []
-    other.update(study=runner._default_study_name(cfg.search, b), mine=runner._default_study_name(cfg.search, b),
-                 budget=b)
-    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=took.append)
-    assert res["study"] == other["mine"] and took == [] and res["budget_ms"] == b
-    cfg.search.storage, cfg.search.budget_speedup = None, 5.0
-    monkeypatch.setattr(runner.time, "sleep", lambda s: pytest.fail("waited on the run's own storage"))
-    run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=took.append)
-
-
 def test_a_sampler_stuck_over_budget_says_so(tmp_path):
     """search.max_infeasible over-budget proposals in a row stop the study, and the search
     says so (how many archs it reached of n_trials, and what to change) rather than stop short

@@ -411,11 +411,6 @@ def _run_identity(rd: RunDir) -> dict:
 # (studies began before they were recorded)
 SCORED_WITH = ("run", "val_queries", "bn_batches")
 
-# seconds a worker that made a new study of a measured budget on a shared storage waits for
-# others started at the same moment to make theirs, before it settles which study and budget
-# all of them use (run_search)
-SETTLE_S = 2.0
-
 # how far a study's budget may lie from a joining worker's own measurement of the same
 # speed-up (two measurements of one paragon differ by a few percent, two paragons by more)
 TWIN_BUDGET_TOL = 0.2
@@ -425,8 +420,7 @@ def _speedup_twin(storage, s, meta: dict) -> str | None:
     """The oldest study of ``storage`` under a default name that a worker of ``meta``'s
     settings, speed-up and run (the same gallery, supernet and split) started, at a budget
     within ``TWIN_BUDGET_TOL`` of this worker's; None if none. (Two workers that start at the
-    same moment on a storage with no such study yet each start one, and then settle on the
-    oldest: ``SETTLE_S``.)"""
+    same moment on a storage with no such study yet each start one: give --study-name.)"""
     for study in sorted(storage.get_all_studies()):  # (not the summaries: those read every trial)
         old = study.user_attrs.get("hwnas") or {}
         b = old.get("budget_ms")
@@ -513,22 +507,6 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                 directions=directions, load_if_exists=True)
     old = study.user_attrs.get("hwnas")
-    if old is None and adopt_budget is not None and s.storage is not None:
-        # workers started at one moment on a shared storage each found no study of their
-        # speed-up, each with its own measurement of the budget: each stamps what it found
-        # and, a moment later, takes what stayed — under one --study-name the last stamp,
-        # under default names the oldest study of the same settings (_speedup_twin)
-        study.set_user_attr("hwnas", meta)
-        time.sleep(SETTLE_S)
-        twin = _speedup_twin(storage, s, meta) if s.study_name is None else None
-        if twin is not None and twin != name:
-            log(f"[search] joining study {twin!r}, started in this storage at the same moment at the same "
-                f"settings and {s.budget_speedup:g}x speed-up (this worker's own {name!r} stays empty)")
-            name = twin
-            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                                        directions=directions, load_if_exists=True)
-        old = study.user_attrs.get("hwnas")
-        old = None if old == meta else old  # (its own stamp stayed: a new study)
     if old is not None and old != meta:
         changed = {k: (old.get(k), v) for k, v in meta.items()
                    if old.get(k) != v and k not in ("table", "table_key", "budget_speedup")
