@@ -928,6 +928,40 @@ def test_an_interrupted_trial_is_not_logged_with_optunas_traceback(tmp_path):
         logging.getLogger("optuna").removeHandler(handler)
 
 
+def test_a_worker_that_finds_a_study_it_did_not_make_waits_for_its_settings(tmp_path, monkeypatch):
+    """Of the workers that start a study at one moment, exactly one makes it; one that finds it
+    made, but its settings not yet recorded, waits for them and joins at the maker's budget
+    (under search.budget_speedup each measures its own); a study whose maker never recorded
+    them (killed in between) is taken as new after STAMP_WAIT_S."""
+    import threading
+
+    from hwnas.search import runner
+
+    cfg, sp, _, evaluator = _counting_study_cfg(tmp_path)
+    lo, hi, pred = _budget(cfg)
+    b = round(_quantile_budget(cfg, pred, 0.5), 4)
+    cfg.search.n_trials, cfg.search.budget_speedup, cfg.search.budget_ms = 3, 10.0, b
+    cfg.search.study_name = "ref"
+    run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=lambda _: None)
+    ref = optuna.load_study(study_name="ref", storage=cfg.search.storage).user_attrs["hwnas"]
+    made = optuna.create_study(study_name="shared", storage=cfg.search.storage)  # the maker, not yet stamped
+    later = threading.Timer(0.5, made.set_user_attr, ("hwnas", {**ref, "budget_ms": round(b * 1.02, 4)}))
+    later.start()
+    took, said = [], []
+    cfg.search.study_name = "shared"
+    res = run_search(cfg, evaluator=evaluator, log=said.append, seed=0, adopt_budget=took.append)
+    later.join()
+    assert took == [round(b * 1.02, 4)] == [res["budget_ms"]] and any("this worker takes that budget" in m for m in said)
+    assert optuna.load_study(study_name="shared", storage=cfg.search.storage).user_attrs["hwnas"]["budget_ms"] == took[0]
+    monkeypatch.setattr(runner, "STAMP_WAIT_S", 0.3)
+    optuna.create_study(study_name="orphan", storage=cfg.search.storage)  # its maker killed before recording
+    cfg.search.study_name, cfg.search.budget_ms, took = "orphan", b, []
+    res = run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=took.append)
+    study = optuna.load_study(study_name="orphan", storage=cfg.search.storage)
+    assert took == [] and study.user_attrs["hwnas"]["budget_ms"] == b == res["budget_ms"]
+    assert any("baseline" in t.user_attrs for t in study.trials)  # queued as a new study's
+
+
 def test_a_sampler_stuck_over_budget_says_so(tmp_path):
     """search.max_infeasible over-budget proposals in a row stop the study, and the search
     says so (how many archs it reached of n_trials, and what to change) rather than stop short

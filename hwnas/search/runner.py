@@ -433,6 +433,29 @@ def _speedup_twin(storage, s, meta: dict) -> str | None:
     return None
 
 
+# seconds a worker that finds a study it did not make waits for its maker to record the
+# study's settings (done right after making it; a maker killed in between never does)
+STAMP_WAIT_S = 10.0
+
+
+def _open_study(name: str, storage, sampler, directions):
+    """The study ``name`` and its recorded settings (None: this worker made it, or its maker
+    never recorded them). Exactly one of the workers that start at one moment makes the
+    study, and the others wait for what it records, so a study never takes the settings of
+    two workers (under search.budget_speedup each worker measures its own budget)."""
+    import optuna
+
+    try:
+        return optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                   directions=directions), None
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    end = time.monotonic() + STAMP_WAIT_S
+    while (old := study.user_attrs.get("hwnas")) is None and time.monotonic() < end:
+        time.sleep(0.2)
+    return study, old
+
+
 def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int | None = None,
                out: Path | None = None, enqueue: list[str] = (),
                adopt_budget: Callable[[float], None] | None = None) -> dict:
@@ -504,9 +527,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     seed = cfg.seed if seed is None and s.storage is None else seed
     sampler = make_sampler(s.sampler, space, cfg, seed, s.multi_objective, predictor, budget)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                                directions=directions, load_if_exists=True)
-    old = study.user_attrs.get("hwnas")
+    study, old = _open_study(name, storage, sampler, directions)
     if old is not None and old != meta:
         changed = {k: (old.get(k), v) for k, v in meta.items()
                    if old.get(k) != v and k not in ("table", "table_key", "budget_speedup")
