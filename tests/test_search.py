@@ -932,7 +932,8 @@ def test_a_worker_that_finds_a_study_it_did_not_make_waits_for_its_settings(tmp_
     """Of the workers that start a study at one moment, exactly one makes it; one that finds it
     made, but its settings not yet recorded, waits for them and joins at the maker's budget
     (under search.budget_speedup each measures its own); a study whose maker never recorded
-    them (killed in between) is taken as new after STAMP_WAIT_S."""
+    them (killed in between) is taken as new after STAMP_WAIT_S. An --enqueue arch over the
+    budget of the study it joins is refused."""
     import threading
 
     from hwnas.search import runner
@@ -953,6 +954,17 @@ def test_a_worker_that_finds_a_study_it_did_not_make_waits_for_its_settings(tmp_
     later.join()
     assert took == [round(b * 1.02, 4)] == [res["budget_ms"]] and any("this worker takes that budget" in m for m in said)
     assert optuna.load_study(study_name="shared", storage=cfg.search.storage).user_attrs["hwnas"]["budget_ms"] == took[0]
+    # an --enqueue arch within this worker's budget but over the study's it joins is refused
+    import random
+
+    low = round(b * 0.97, 4)
+    rng = random.Random(0)
+    arch = next(a for a in (sp.sample(rng) for _ in range(20000)) if low < pred(a) <= b).to_string(sp)
+    optuna.create_study(study_name="low", storage=cfg.search.storage).set_user_attr("hwnas", {**ref, "budget_ms": low})
+    cfg.search.study_name, cfg.search.budget_ms, took = "low", b, []
+    with pytest.raises(HwnasError, match=f"--enqueue .* over study 'low''s budget {low} ms"):
+        run_search(cfg, evaluator=evaluator, log=lambda *_: None, seed=0, adopt_budget=took.append, enqueue=[arch])
+    assert took == [] and not optuna.load_study(study_name="low", storage=cfg.search.storage).trials
     monkeypatch.setattr(runner, "STAMP_WAIT_S", 0.3)
     optuna.create_study(study_name="orphan", storage=cfg.search.storage)  # its maker killed before recording
     cfg.search.study_name, cfg.search.budget_ms, took = "orphan", b, []

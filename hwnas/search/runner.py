@@ -484,17 +484,22 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     check_budget(budget, predictor, tpath)
     # what the trials need (supernet, gallery, validation split, the archs to enqueue) is
     # checked before the study's storage is made, so a search that cannot run leaves no study
-    user = []
+    user, user_ms = [], []
     for a in enqueue:
         try:
             arch = space.parse(a)
         except HwnasError as e:
             raise HwnasError(f"--enqueue {a!r}: {e}") from None
-        ms = predictor(arch)
-        if ms > budget:  # (it would be recorded as over budget, never scored)
-            raise HwnasError(f"--enqueue {a!r} is predicted at {ms:.4f} ms, over the budget "
-                             f"{budget} ms: the search would never evaluate it; give an arch within budget")
         user.append(space.params_of(arch))
+        user_ms.append(predictor(arch))
+
+    def check_enqueued(b: float, whose: str = "the") -> None:
+        for a, ms in zip(enqueue, user_ms):
+            if ms > b:  # (it would be recorded as over budget, never scored)
+                raise HwnasError(f"--enqueue {a!r} is predicted at {ms:.4f} ms, over {whose} budget {b} ms: "
+                                 "the search would never evaluate it; give an arch within budget")
+
+    check_enqueued(budget)
     storage = None
     if s.storage is not None and evaluator is None and (rd.path / "supernet" / "config.json").is_file():
         # a storage of the user's (a server, a shared disk) is opened before the supernet, the
@@ -542,6 +547,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
             log(f"[search] study {name!r} searches at {old['budget_ms']} ms, {s.budget_speedup:g}x faster "
                 f"than the paragon as the worker that started it measured it; this worker takes that "
                 f"budget (its own measurement: {budget} ms)")
+            check_enqueued(old["budget_ms"], f"study {name!r}'s")  # (before the run records it)
             budget = s.budget_ms = old["budget_ms"]
             study.sampler = make_sampler(s.sampler, space, cfg, seed, s.multi_objective, predictor, budget)
             adopt_budget(budget)
