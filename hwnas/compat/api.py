@@ -571,16 +571,13 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
     return saved
 
 
-def _check_feat(cfg: Config, rd: RunDir, arch, timm_name: str | None, loss_cfg) -> None:
-    """loss.feat's feature maps exist in the query to train and the run's gallery model (built
-    untrained, one input through each)."""
+def _check_feat(cfg: Config, rd: RunDir, query, loss_cfg) -> None:
+    """loss.feat's feature maps exist in ``query`` (the network to train, untrained) and the
+    run's gallery model (built untrained): one input through each."""
     from hwnas.compat.features import check_feature_maps
-    from hwnas.nn.models import EmbeddingNet, build_gallery
-    from hwnas.nn.supernet import SubNet
+    from hwnas.nn.models import build_gallery
 
     space, pre = cfg.search_space(), cfg.preprocess()
-    query = (SubNet(space, arch) if arch is not None
-             else EmbeddingNet(timm_name, space.embed_dim, pre.channels, bn=False))
     gallery, _ = build_gallery(read_json(gallery_dir(rd) / "config.json"))
     check_feature_maps(query, gallery, loss_cfg.feat_at, (1, pre.channels, space.input_size, space.input_size))
 
@@ -651,15 +648,16 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     inherit = cfg.query.inherit if inherit is None else inherit
     # the arch or timm name is checked first: with --restart a typo must not cost the trained model
     parsed = space.parse(arch) if arch is not None else None
+    to_train = restart or not (out / "model.safetensors").exists()  # (a finished model is not built)
     if parsed is None:
         from hwnas.nn.models import check_timm_name
 
         check_timm_name(timm_name)
-        if restart or not (out / "model.safetensors").exists():  # (a finished model is not built)
-            check_takes_input(EmbeddingNet(timm_name, space.embed_dim, cfg.preprocess().channels, bn=False),
-                              timm_name, cfg.preprocess().channels, space.input_size, "--timm")
-    if loss_cfg.feat > 0 and (restart or not (out / "model.safetensors").exists()):
-        _check_feat(cfg, rd, parsed, timm_name, loss_cfg)  # (likewise)
+        if to_train:
+            probe = EmbeddingNet(timm_name, space.embed_dim, cfg.preprocess().channels, bn=False)
+            check_takes_input(probe, timm_name, cfg.preprocess().channels, space.input_size, "--timm")
+    if loss_cfg.feat > 0 and to_train:  # (likewise)
+        _check_feat(cfg, rd, SubNet(space, parsed) if parsed is not None else probe, loss_cfg)
     sp_cfg = rd.path / "supernet" / "config.json"
     sup = read_json(sp_cfg) if inherit and arch is not None and sp_cfg.exists() else None
     if sup is not None and loss_cfg.needs_gallery:
