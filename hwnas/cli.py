@@ -170,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", type=int, default=0, metavar="N",
                    help="measure N random subnets end to end and record the predictor's error")
     p.add_argument("--calibrate", type=int, metavar="K",
-                   help="archs measured end to end to fit the predictor's a*sum+b*weights+c "
-                        "(with --validate; 40: at 32 px, 20 were too few to fit the weights term)")
+                   help="archs measured end to end to fit the predictor's calibration (an offset, "
+                        "a*sum+c, +b*weights, +d*layers: the best leave-one-out; with --validate; "
+                        "40: at 32 px, 20 were too few to fit the weights term)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per op")
     p.add_argument("--runs", type=int, default=10, help="timed runs per op per round")
     p.add_argument("--gallery-throughput", action="store_true",
