@@ -534,3 +534,99 @@ def test_source_splits_checked_for_their_protocol_and_a_relabelled_set_is_refuse
                        + [f"z/img{i:03d}.png,z,{'train' if i < 2 else 'test'}" for i in range(4)])
     with pytest.raises(DataError, match="class labels of the split's images differ"):
         Splits.load(tmp_path / "splits.json", relabelled)
+
+
+def test_skipping_unreadable_images_never_leaves_retrieval_among_one_class(tmp_path):
+    # open-set, 2 test classes: skipping every image of one of them would leave the test's
+    # retrieval among one class, where any model scores recall@1 = 1
+    from hwnas.data.splits import check_split_images
+
+    root = make_png_folder(tmp_path / "imgs", {f"c{i}": 4 for i in range(6)})
+    s = make_splits(image_folder(root), SplitConfig(protocol="open", test_fraction=0.3, val_fraction=0.0))
+    names = s.collection.class_names
+    test_classes = sorted({names[c] for c in s.labels("query")})
+    assert len(test_classes) == 2
+    for f in (root / test_classes[0]).iterdir():
+        f.write_bytes(b"broken")
+    with pytest.raises(DataError, match=r"split part 'query' come from 1 class \('c\d'\).*among 2 classes"):
+        check_split_images(s, skip_bad=True, log=lambda *_: None)
+    # one unreadable image of each test class is left out, and retrieval still spans both
+    for i, f in enumerate(sorted((root / test_classes[0]).iterdir())):
+        make_png_folder(tmp_path / "fresh", {"x": 4})
+        f.write_bytes((tmp_path / "fresh" / "x" / f"img{i:03d}.png").read_bytes())
+    # a gallery image of the other (its query stays)
+    gone = next(i for i in s.ids("gallery") if i.startswith(test_classes[1] + "/"))
+    (root / gone).write_bytes(b"broken")
+    assert check_split_images(s, skip_bad=True, log=lambda *_: None) == [gone]
+
+
+def test_manifest_ids_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    # images outside the CSV's folder (../images/x.png) are named by their absolute path, so a
+    # run directory's split holds wherever the command runs, and one file given twice is refused
+    make_png_folder(tmp_path / "images", {"x": 3, "y": 3})
+    (tmp_path / "lists").mkdir()
+    rows = [f"../images/{c}/img{i:03d}.png,{c}" for c in "xy" for i in range(3)]
+    (tmp_path / "lists" / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    here = manifest("lists/m.csv")
+    monkeypatch.chdir(tmp_path / "images")
+    there = manifest(tmp_path / "lists" / "m.csv")
+    assert here.ids == there.ids == [str((tmp_path / "images" / r.split(",")[0][len("../images/"):]).resolve())
+                                     for r in rows]
+    s = make_splits(here, SplitConfig(protocol="closed", test_fraction=0.5))
+    s.save(tmp_path / "splits.json")
+    assert Splits.load(tmp_path / "splits.json", there).ids("query") == s.ids("query")
+    # the same file under two spellings (relative with a detour, and absolute)
+    twice = rows + [f"{tmp_path}/images/x/img000.png,y", "../images/y/../x/img001.png,y"]
+    (tmp_path / "lists" / "twice.csv").write_text("path,label\n" + "\n".join(twice) + "\n")
+    with pytest.raises(DataError, match="is listed more than once"):
+        manifest(tmp_path / "lists" / "twice.csv")
+    # a split whose images were deleted since says so, and how to go on
+    (tmp_path / "images" / "x" / "img000.png").unlink()
+    (tmp_path / "lists" / "m.csv").write_text("path,label\n" + "\n".join(rows[1:]) + "\n")
+    with pytest.raises(DataError, match="moved, renamed or deleted since.*--from data"):
+        Splits.load(tmp_path / "splits.json", manifest(tmp_path / "lists" / "m.csv"))
+    # a missing image names the folder a relative path is taken from
+    (tmp_path / "lists" / "rel.csv").write_text("path,label\nimages/x/img001.png,x\n")
+    with pytest.raises(DataError, match=r"does not exist \(listed in manifest:rel; a relative path in it is "
+                                        r"taken from the CSV's folder .*lists"):
+        materialize(manifest(tmp_path / "lists" / "rel.csv"), [0], Preprocess(16, 3))
+
+
+def test_class_folder_names_that_are_not_utf8_and_archiver_folders(tmp_path):
+    import os
+
+    root = make_png_folder(tmp_path / "imgs", {"a": 3, "b": 3})
+    (root / "__MACOSX").mkdir()  # a Mac zip's resource forks: not a class, not an empty class
+    (root / "__MACOSX" / "._img000.png").write_bytes(b"\x00\x05\x16\x07")
+    assert image_folder(root).class_names == ["a", "b"]
+    try:
+        os.mkdir(os.path.join(os.fsencode(root), b"cl\xe9"))  # latin-1 "clé", as a Windows zip unpacks
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    make_png_folder(tmp_path / "src", {"c": 2})
+    for f in (tmp_path / "src" / "c").iterdir():
+        os.rename(os.fsencode(f), os.path.join(os.fsencode(root), b"cl\xe9", os.fsencode(f.name)))
+    with pytest.raises(DataError, match=r"class folder 'cl\\udce9'.*not UTF-8 .*b'cl\\xe9'.*rename it"):
+        image_folder(root)
+
+
+def test_images_with_a_camera_orientation_are_pointed_out(tmp_path):
+    from PIL import Image
+
+    from hwnas.data.splits import check_split_images
+
+    root = make_png_folder(tmp_path / "imgs", {"a": 3, "b": 3})
+    img = Image.new("RGB", (24, 16), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to show
+    img.save(root / "a" / "photo.jpg", exif=exif.tobytes())
+    s = make_splits(image_folder(root), SplitConfig(protocol="closed", test_fraction=0.5))
+    said = []
+    check_split_images(s, log=said.append)
+    assert len(said) == 1 and "1 image carries a camera orientation tag (EXIF; e.g. a/photo.jpg)" in said[0]
+    (root / "a" / "photo.jpg").unlink()
+    said.clear()
+    check_split_images(make_splits(image_folder(root), SplitConfig(protocol="closed", test_fraction=0.5)),
+                       log=said.append)
+    assert said == []

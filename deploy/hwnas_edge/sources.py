@@ -18,16 +18,19 @@ from hwnas_edge.preprocess import IMAGE_EXTS
 
 def item_id(file: str | Path, root: str | Path, follow_links: bool = False) -> str:
     """An image's id: its path under ``root`` with forward slashes (the folder given, or a
-    manifest's folder), however either is spelled (relative, absolute); or the path as given
-    where it lies outside ``root``. ``follow_links``: symlinks resolved first (a symlinked
-    file pointing elsewhere then lies outside) — how training data sets have always been
-    named, kept so that recorded splits stay valid; a catalog and hwnas-edge add do not, and
-    name a file outside ``root`` by its ``../`` path from it."""
+    manifest's folder), however either is spelled (relative, absolute). ``follow_links``:
+    symlinks resolved first (a symlinked file pointing elsewhere then lies outside), and a
+    file outside ``root`` named by its resolved absolute path — how training data sets are
+    named (ids inside ``root`` as they have always been, so recorded splits stay valid; one
+    outside was once the path as typed, which changed with the working directory and let one
+    file in twice under two spellings); a catalog and hwnas-edge add do not, and name a file
+    outside ``root`` by its ``../`` path from it."""
     if follow_links:
+        resolved = Path(file).resolve()
         try:
-            return Path(file).resolve().relative_to(Path(root).resolve()).as_posix()
+            return resolved.relative_to(Path(root).resolve()).as_posix()
         except ValueError:
-            return Path(file).as_posix()
+            return resolved.as_posix()
     # (a file outside root: ../ steps from it, however either was spelled)
     return Path(os.path.relpath(os.path.abspath(file), os.path.abspath(root))).as_posix()
 

@@ -84,23 +84,39 @@ class ImageArray:
         return [col.ids[i] for i in self.indices]
 
 
+#: the EXIF tag of a camera's orientation (1: as stored; 2-8: mirrored and/or rotated)
+EXIF_ORIENTATION = 0x0112
+
+
 def check_readable(col: Collection, indices: Sequence[int], skip_bad: bool = False, progress: bool = True,
-                   desc: str = "check images", what: str = "the split", of: int | None = None) -> list[str]:
+                   desc: str = "check images", what: str = "the split", of: int | None = None,
+                   log=None) -> list[str]:
     """Open and decode every image of ``indices`` once, before anything trains on them, so a
     broken file or a manifest row naming no file stops a run at its start rather than at the
     step that first reads it (hours later at scale). All unreadable images are named at once
     (a DataError) unless ``skip_bad``; then their ids are returned (later steps leave them out).
-    ``what`` names the images in the message, ``of`` how many it has (default ``len(indices)``)."""
+    ``what`` names the images in the message, ``of`` how many it has (default ``len(indices)``).
+    ``log``: told how many images carry an EXIF orientation, which preprocessing does not apply
+    (training and the edge alike read the pixels as stored)."""
     from tqdm import tqdm
 
     bad: list[tuple[str, str]] = []
+    turned: list[str] = []
     indices = np.unique(np.asarray(indices, dtype=np.int64))
     for i in tqdm(indices, desc=desc, unit="img", disable=bars_off(not progress or len(indices) < 2000),
                   mininterval=1.0, leave=False):
         try:
-            col.read(int(i))
+            img = col.read(int(i))
         except DataError as e:
             bad.append((col.ids[int(i)], str(e)))
+            continue
+        if log is not None and hasattr(img, "getexif") and img.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
+            turned.append(col.ids[int(i)])
+    if turned:
+        log(f"[data] NOTE: {len(turned)} image{'s carry' if len(turned) > 1 else ' carries'} a camera "
+            f"orientation tag (EXIF; e.g. {turned[0]}), which hwnas does not apply: training and the edge "
+            "read the pixels as stored, so such photos are seen on their side. If your queries come "
+            "upright, rotate these files upright first (e.g. exiftran -ai, or mogrify -auto-orient)")
     if bad and not skip_bad:
         named = ", ".join(b for b, _ in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise DataError(f"{len(bad)} of {of or len(indices)} images of {what} cannot be read ({named}); "

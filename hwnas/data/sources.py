@@ -228,14 +228,26 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
 
 
+#: folders an archiver leaves beside the images, never classes (macOS's zip: resource forks)
+NOT_CLASSES = frozenset({"__MACOSX"})
+
+
 def _scan_class_dirs(root: Path, split: str | None, out: list) -> None:
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = sorted(d for d in root.iterdir()
+                        if d.is_dir() and not d.name.startswith(".") and d.name not in NOT_CLASSES)
     if not class_dirs:
         raise DataError(
             f"{root} has no class folders; expected {root}/<class>/<image> (e.g. "
             f"{root}/cat/001.jpg)"
         )
     for d in class_dirs:
+        try:  # the class's name goes into the split's seed, the reports and the index's labels
+            d.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = os.fsencode(d.name)
+            raise DataError(f"class folder {ascii(d.name)} in {root} has a name that is not UTF-8 "
+                            f"(bytes {raw!r}), as folders unpacked from a zip made on Windows often do: "
+                            "rename it (e.g. convmv -f latin1 -t utf8 -r --notest DIR, or mv by hand)") from None
         files = sorted(p for p in d.rglob("*") if _is_image(p))
         if not files:
             raise DataError(
@@ -257,13 +269,14 @@ def image_folder(root: str | os.PathLike) -> Collection:
     ``test/`` folders of class folders, those become the source splits."""
     root = Path(root)
     if root.is_file():
-        raise DataError(f"image folder {shown(root)} is a file; pass the directory that holds one "
+        zipped = " (a .zip of class folders: unzip it and pass the folder)" if root.suffix.lower() == ".zip" else ""
+        raise DataError(f"image folder {shown(root)} is a file{zipped}; pass the directory that holds one "
                         "folder per class (or, for a CSV of paths and labels, data.dataset: manifest)")
     if not root.is_dir():
         raise DataError(f"image folder {shown(root)} does not exist; {DATA_DIR_FIX} to the directory "
                         "that holds one folder per class")
     entries: list = []
-    subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")} - NOT_CLASSES
     # train/ and test/ (in any case: Train/ and Test/ are the same layout)
     split_dir = {n.lower(): n for n in subdirs}
     has_splits = len(subdirs) == len(SPLITS) and set(split_dir) == set(SPLITS)
@@ -301,7 +314,10 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
         raise DataError(f"manifest {csv_path} is a folder; give the CSV file's path (or, for a "
                         "folder of class folders, data.dataset: folder)")
     if not csv_path.is_file():
-        raise DataError(f"manifest {shown(csv_path)} does not exist")
+        raise DataError(f"manifest {shown(csv_path)} does not exist; {DATA_DIR_FIX} to the CSV's path")
+    if csv_path.suffix.lower() == ".zip":
+        raise DataError(f"manifest {csv_path} is a .zip, not a CSV: for labelled images in a zip, unzip it "
+                        "and pass the folder of class folders (data.dataset: folder)")
     cols, rows = _read_csv(csv_path, ("path", "label"), "manifest", "columns path,label[,split]", ("split",))
     if not rows:
         raise DataError(f"manifest {csv_path} lists no images")
@@ -319,7 +335,9 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
                             "its split, or drop the split column (hwnas then splits the images itself)")
         p = Path(path)
         entries.append((p if p.is_absolute() else csv_path.parent / p, label, split))
-    return _from_entries(f"manifest:{csv_path.stem}", csv_path.parent, entries, has_split)
+    return _from_entries(f"manifest:{csv_path.stem}", csv_path.parent, entries, has_split,
+                         where=f"a relative path in it is taken from the CSV's folder {csv_path.parent}, "
+                               "not the working directory, with / between folders")
 
 
 def _read_csv(path: Path, required: Sequence[str], what: str, want: str,
@@ -345,7 +363,8 @@ def _zip_images(zpath: Path, suffixes) -> tuple[list[str], list[bytes]]:
         raise DataError(f"{zpath} is not a valid zip file ({e})") from None
 
 
-def _from_entries(name: str, root: Path, entries: list, has_splits: bool, follow_links: bool = True) -> Collection:
+def _from_entries(name: str, root: Path, entries: list, has_splits: bool, follow_links: bool = True,
+                  where: str | None = None) -> Collection:
     class_names = sorted({c for _, c, _ in entries})
     cls_index = {c: i for i, c in enumerate(class_names)}
     paths = [str(p) for p, _, _ in entries]
@@ -355,8 +374,8 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool, follow
 
     def read(i: int):
         if not os.path.exists(paths[i]):
-            raise DataError(f"image {paths[i]} does not exist (listed in {name}); fix the path, "
-                            f"or {SKIP_BAD_FIX}")
+            raise DataError(f"image {paths[i]} does not exist (listed in {name}"
+                            f"{'; ' + where if where else ''}); fix the path, or {SKIP_BAD_FIX}")
         return open_image(paths[i], paths[i])
 
     return Collection(

@@ -132,9 +132,12 @@ class Splits:
             if missing:
                 raise DataError(
                     f"{path}: {len(missing)} image ids of part {p!r} (e.g. {missing[0]!r}) are "
-                    f"not in data set {collection.name}; the splits were made from other data "
-                    "— use the data settings it was made with (data.dataset, data.data_dir), or a "
-                    "new run directory"
+                    f"not in data set {collection.name}: the images were moved, renamed or "
+                    "deleted since the split was made (say, unreadable files removed), or it "
+                    "was made from other data. Put them back, or use the data settings it was "
+                    "made with (data.dataset, data.data_dir); else split again in a new run "
+                    "directory, or here with hwnas run CONFIG --from data (which trains "
+                    "everything built on the old split again)"
                 )
             parts[p] = np.array([index[x] for x in d["parts"][p]], dtype=np.int64)
         out = cls(SplitConfig(**d["config"]), parts, collection)
@@ -265,7 +268,8 @@ def make_splits(col: Collection, cfg: SplitConfig | None = None) -> Splits:
             if len(ix) < 3:
                 raise DataError(
                     f"class {col.class_names[c]!r} has {len(ix)} image(s); the closed-set "
-                    "protocol needs at least 3 per class (train, query, gallery)"
+                    "protocol needs at least 3 per class (train, query, gallery): add images to it, drop "
+                    "the class, or set data.split.protocol: open (classes held out whole)"
                 )
             if min(max(1, int(round(cfg.test_fraction * len(ix)))), len(ix) - 1) < 2:
                 raise DataError(
@@ -372,7 +376,8 @@ def check_split_images(splits: Splits, skip_bad: bool = False, log=print) -> lis
     a DataError naming the unreadable ones, or with ``skip_bad`` their ids (logged)."""
     from hwnas.data.images import check_readable
 
-    skipped = check_readable(splits.collection, np.concatenate([splits.parts[p] for p in PARTS]), skip_bad)
+    skipped = check_readable(splits.collection, np.concatenate([splits.parts[p] for p in PARTS]), skip_bad,
+                             log=log)
     if skipped:
         gone = set(skipped)
         for p in PARTS:  # a part the skipping empties fails now, not at the step that reads it
@@ -380,6 +385,17 @@ def check_split_images(splits: Splits, skip_bad: bool = False, log=print) -> lis
             if ids and all(i in gone for i in ids):
                 raise DataError(f"every image of split part {p!r} ({len(ids)}) is unreadable, so "
                                 "skipping them leaves it empty: fix or replace those files")
+        names = splits.collection.class_names
+        for p in ("query", "gallery", "val_query", "val_gallery"):
+            # retrieval among one class scores every model 1 (the split's own check, before the
+            # skipping, held 2 classes at least)
+            left = sorted({names[int(c)] for i, c in zip(splits.ids(p), splits.labels(p)) if i not in gone})
+            if len(left) < 2 and len(splits.parts[p]):
+                raise DataError(f"the readable images of split part {p!r} come from {len(left)} class"
+                                f"{'' if len(left) == 1 else 'es'} ({', '.join(map(repr, left)) or 'none'}): "
+                                "retrieval is scored among 2 classes at least (among one, recall is always "
+                                "1), and skipping the unreadable ones leaves too few; fix or replace those "
+                                "files, or add classes")
         n = len(skipped)
         log(f"[data] {n} unreadable image{'s are' if n > 1 else ' is'} left out by each command that "
             f"reads the split with data.skip_bad_images on (hwnas run passes it on to its steps; "
