@@ -69,10 +69,28 @@ class RunDir:
         """Every image of ``splits`` read once (:func:`hwnas.data.splits.check_split_images`,
         skipping as ``data.skip_bad_images`` says). The data commands check a new split before
         they save it (``splits(save=False)``), so a data set with files fixed or removed splits
-        afresh."""
+        afresh. The images of ``data.unlabeled`` are read here too, so a broken one stops the
+        run at its data step rather than at train-supernet, after the gallery's training."""
+        from hwnas.data.images import check_readable
+        from hwnas.data.sources import unlabeled_images, unlabeled_specs
         from hwnas.data.splits import check_split_images
+        from hwnas.data.synthetic import is_synthetic
 
-        return check_split_images(splits, self.cfg.data.skip_bad_images, log)
+        skipped = check_split_images(splits, self.cfg.data.skip_bad_images, log)
+        for spec in unlabeled_specs(self.cfg.data.unlabeled) if self.cfg.data.unlabeled else ():
+            if is_synthetic(spec):  # (drawn, not read)
+                continue
+            col = unlabeled_images(spec)
+            what = f"data.unlabeled {spec}"
+            bad = check_readable(col, range(len(col)), self.cfg.data.skip_bad_images, desc="check unlabeled",
+                                 what=what, log=log)
+            if len(bad) == len(col):
+                raise DataError(f"{what}: none of its {len(col)} images can be read (e.g. {bad[0]}); fix "
+                                "them, or leave the source out of data.unlabeled")
+            if bad:
+                log(f"[data] {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} of {what} "
+                    f"{'are' if len(bad) > 1 else 'is'} left out by the steps that train on it (e.g. {bad[0]})")
+        return skipped
 
     def save_config(self) -> Path:
         return write_json(self.path / "config.json", self.cfg.to_dict())

@@ -687,6 +687,20 @@ def test_unreadable_images_stop_a_run_at_its_data_step_naming_them_all(tmp_path)
     r = hwnas("data", "--config", str(cfg), "--skip-bad-images")
     assert r.returncode == 0, r.stderr
     assert "2 unreadable images are left out" in r.stdout + r.stderr
+    # the images of data.unlabeled are read at the data step too (training reads them only
+    # at train-supernet, after the gallery's training)
+    ul = make_png_folder(tmp_path / "ul", {"any": 3})
+    (ul / "any" / "img001.png").write_bytes(b"broken")
+    cfg_ul = tmp_path / "own-ul.yaml"
+    ok = make_png_folder(tmp_path / "imgs-ok", {f"c{i:02d}": 5 for i in range(20)})
+    cfg_ul.write_text(f"run_dir: {tmp_path / 'run-ul'}\ndata:\n  dataset: folder\n  data_dir: {ok}\n"
+                      f"  split: {{protocol: open}}\n  unlabeled: {ul}\n")
+    r = hwnas("data", "--config", str(cfg_ul))
+    assert r.returncode == 2 and f"1 of 3 images of data.unlabeled {ul} cannot be read (any/img001.png)" in r.stderr
+    assert not (tmp_path / "run-ul" / "splits.json").exists()
+    r = hwnas("data", "--config", str(cfg_ul), "--skip-bad-images")
+    assert r.returncode == 0, r.stderr
+    assert f"1 unreadable image of data.unlabeled {ul} is left out" in r.stdout + r.stderr
     # the README's config for your own images, as the README runs it
     r = hwnas("data", "--config", "configs/own-data.yaml", "--data-dir", str(root), "--skip-bad-images",
               "--run-dir", str(tmp_path / "run-own"))
