@@ -550,7 +550,7 @@ def test_skipping_unreadable_images_never_leaves_retrieval_among_one_class(tmp_p
         f.write_bytes(b"broken")
     with pytest.raises(DataError, match=r"split part 'query' come from 1 class \('c\d'\).*among 2 classes"):
         check_split_images(s, skip_bad=True, log=lambda *_: None)
-    # one unreadable image of each test class is left out, and retrieval still spans both
+    # with that class repaired and one gallery image of the other broken, retrieval still spans both
     for i, f in enumerate(sorted((root / test_classes[0]).iterdir())):
         make_png_folder(tmp_path / "fresh", {"x": 4})
         f.write_bytes((tmp_path / "fresh" / "x" / f"img{i:03d}.png").read_bytes())
@@ -560,13 +560,19 @@ def test_skipping_unreadable_images_never_leaves_retrieval_among_one_class(tmp_p
     assert check_split_images(s, skip_bad=True, log=lambda *_: None) == [gone]
 
 
-def test_manifest_ids_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
-    # images outside the CSV's folder (../images/x.png) are named by their absolute path, so a
-    # run directory's split holds wherever the command runs, and one file given twice is refused
+def _manifest_outside_its_folder(tmp_path) -> list[str]:
+    """tmp/lists/m.csv listing images in tmp/images by ../ paths; its rows."""
     make_png_folder(tmp_path / "images", {"x": 3, "y": 3})
     (tmp_path / "lists").mkdir()
     rows = [f"../images/{c}/img{i:03d}.png,{c}" for c in "xy" for i in range(3)]
     (tmp_path / "lists" / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    return rows
+
+
+def test_manifest_ids_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    # images outside the CSV's folder (../images/x.png) are named by their absolute path, so a
+    # run directory's split holds wherever the command runs, and one file given twice is refused
+    rows = _manifest_outside_its_folder(tmp_path)
     monkeypatch.chdir(tmp_path)
     here = manifest("lists/m.csv")
     monkeypatch.chdir(tmp_path / "images")
@@ -630,3 +636,70 @@ def test_images_with_a_camera_orientation_are_pointed_out(tmp_path):
     check_split_images(make_splits(image_folder(root), SplitConfig(protocol="closed", test_fraction=0.5)),
                        log=said.append)
     assert said == []
+
+
+def test_skipping_checks_only_parts_it_takes_below_two_classes(tmp_path):
+    # closed-set: only classes large enough give validation images, so val_query may hold one
+    # class as made; an unreadable training image elsewhere must not refuse that split
+    from hwnas.data.splits import check_split_images
+
+    root = make_png_folder(tmp_path / "imgs", {"A": 30, "B": 10, "C": 10})
+    s = make_splits(image_folder(root), SplitConfig(protocol="closed"))
+    assert len(set(s.labels("val_query").tolist())) == 1
+    bad = next(i for i in s.ids("train") if i.startswith("C/"))
+    (root / bad).write_bytes(b"broken")
+    assert check_split_images(s, skip_bad=True, log=lambda *_: None) == [bad]
+
+
+def test_ids_of_linked_folders_and_of_a_split_recorded_by_an_older_hwnas(tmp_path, monkeypatch):
+    import os
+
+    from hwnas_edge.sources import legacy_item_id
+
+    # a class folder linked in from elsewhere keeps the id it always had (its path as given)
+    make_png_folder(tmp_path / "pool", {"cat": 3, "dog": 3})
+    (tmp_path / "data").mkdir()
+    for c in ("cat", "dog"):
+        os.symlink(tmp_path / "pool" / c, tmp_path / "data" / c)
+    col = image_folder(tmp_path / "data")
+    assert col.ids[0] == f"{tmp_path}/data/cat/img000.png" and not col.legacy_ids
+    # two links in a folder to one file outside are two images, as before
+    os.symlink(tmp_path / "pool" / "cat" / "img000.png", tmp_path / "data" / "dog" / "again.png")
+    assert len(image_folder(tmp_path / "data")) == 7
+    # a split recorded when a manifest's ../ rows were named by the path as typed still loads,
+    # with the same ids and fingerprint
+    _manifest_outside_its_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    col = manifest("lists/m.csv")
+    old_ids = [legacy_item_id(p, tmp_path / "lists") for p in col.paths]
+    assert old_ids[0] == "lists/../images/x/img000.png" and old_ids != col.ids
+    s = make_splits(col, SplitConfig(protocol="closed", test_fraction=0.5))
+    made = s.to_dict()
+    made["parts"] = {p: [old_ids[col.ids.index(i)] for i in ids] for p, ids in made["parts"].items()}
+    (tmp_path / "splits.json").write_text(json.dumps(made))
+    back = Splits.load(tmp_path / "splits.json", manifest("lists/m.csv"))
+    assert back.ids("query") == made["parts"]["query"]
+    assert back.fingerprint == Splits.load(tmp_path / "splits.json", manifest("lists/m.csv")).fingerprint
+
+
+def test_a_damaged_exif_block_is_no_orientation_and_no_traceback(tmp_path):
+    from PIL import Image
+
+    from hwnas.data.splits import check_split_images
+
+    root = make_png_folder(tmp_path / "imgs", {"a": 3, "b": 3})
+    Image.new("RGB", (20, 24), (9, 9, 9)).save(root / "a" / "odd.png", exif=b"Exif\x00\x00notatiff")
+    with pytest.raises(SyntaxError):  # (what Pillow makes of it)
+        Image.open(root / "a" / "odd.png").getexif()
+    said = []
+    s = make_splits(image_folder(root), SplitConfig(protocol="closed", test_fraction=0.5))
+    assert check_split_images(s, log=said.append) == [] and said == []
+
+
+def test_a_mac_zip_of_one_folder_points_at_that_folder(tmp_path):
+    root = tmp_path / "unzipped"
+    make_png_folder(root / "mydata", {"a": 3, "b": 3})
+    (root / "__MACOSX" / "mydata").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"one folder, 'mydata', of folders.*pass .*unzipped/mydata as the data"):
+        image_folder(root)
+    assert image_folder(root / "mydata").class_names == ["a", "b"]

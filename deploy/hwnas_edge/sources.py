@@ -18,21 +18,38 @@ from hwnas_edge.preprocess import IMAGE_EXTS
 
 def item_id(file: str | Path, root: str | Path, follow_links: bool = False) -> str:
     """An image's id: its path under ``root`` with forward slashes (the folder given, or a
-    manifest's folder), however either is spelled (relative, absolute). ``follow_links``:
-    symlinks resolved first (a symlinked file pointing elsewhere then lies outside), and a
-    file outside ``root`` named by its resolved absolute path — how training data sets are
-    named (ids inside ``root`` as they have always been, so recorded splits stay valid; one
-    outside was once the path as typed, which changed with the working directory and let one
-    file in twice under two spellings); a catalog and hwnas-edge add do not, and name a file
-    outside ``root`` by its ``../`` path from it."""
+    manifest's folder), however either is spelled (relative, absolute). ``follow_links``: how
+    training data sets are named — symlinks resolved first; a file whose path lies under
+    ``root`` but that resolves elsewhere (a linked class folder) keeps the path as given, as
+    it always has, so recorded splits stay valid; a file outside ``root`` by its path (a
+    manifest's ``../images/x.png``) is named by its resolved absolute path (it was once the
+    path as typed, which changed with the working directory and let one file in twice under
+    two spellings: :func:`legacy_item_id`). A catalog and hwnas-edge add do not follow
+    links, and name a file outside ``root`` by its ``../`` path from it."""
     if follow_links:
         resolved = Path(file).resolve()
         try:
             return resolved.relative_to(Path(root).resolve()).as_posix()
         except ValueError:
-            return resolved.as_posix()
+            pass
+        try:
+            rel = os.path.relpath(os.path.abspath(file), os.path.abspath(root))
+        except ValueError:  # (another drive on Windows: outside)
+            rel = os.pardir
+        outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
+        return resolved.as_posix() if outside else Path(file).as_posix()
     # (a file outside root: ../ steps from it, however either was spelled)
     return Path(os.path.relpath(os.path.abspath(file), os.path.abspath(root))).as_posix()
+
+
+def legacy_item_id(file: str | Path, root: str | Path) -> str:
+    """The id hwnas named a training image by before 2026-12-07 (``item_id(follow_links=True)``
+    then): as now inside ``root``; outside it, the path as given. A split recorded with such ids
+    is still read (:meth:`hwnas.data.splits.Splits.load`)."""
+    try:
+        return Path(file).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(file).as_posix()
 
 
 def zip_image_names(zf: zipfile.ZipFile, suffixes=IMAGE_EXTS) -> list[str]:

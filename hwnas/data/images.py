@@ -88,6 +88,23 @@ class ImageArray:
 EXIF_ORIENTATION = 0x0112
 
 
+def _turned(img) -> bool:
+    """Whether an image carries a camera orientation other than as stored. A damaged EXIF
+    block (Pillow raises SyntaxError or ValueError, or warns) is no orientation: the pixels
+    decode, and only this note reads it."""
+    import warnings
+
+    if not hasattr(img, "getexif"):  # (a collection of arrays)
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            value = img.getexif().get(EXIF_ORIENTATION, 1)
+        except Exception:
+            return False
+    return value in range(2, 9)
+
+
 def check_readable(col: Collection, indices: Sequence[int], skip_bad: bool = False, progress: bool = True,
                    desc: str = "check images", what: str = "the split", of: int | None = None,
                    log=None) -> list[str]:
@@ -110,7 +127,7 @@ def check_readable(col: Collection, indices: Sequence[int], skip_bad: bool = Fal
         except DataError as e:
             bad.append((col.ids[int(i)], str(e)))
             continue
-        if log is not None and hasattr(img, "getexif") and img.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
+        if log is not None and _turned(img):
             turned.append(col.ids[int(i)])
     if turned:
         log(f"[data] NOTE: {len(turned)} image{'s carry' if len(turned) > 1 else ' carries'} a camera "

@@ -52,6 +52,9 @@ class Collection:
     splits: list[str] | None = None  # per-image source split, if the source has one
     paths: list[str] | None = None  # per-image path (for the deploy mapping), if any
     info: dict = field(default_factory=dict)
+    # {index: the id an older hwnas gave the image} where it differs from today's (files
+    # outside a manifest's folder): a split recorded with those is still read
+    legacy_ids: dict[int, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -61,7 +64,8 @@ class Collection:
             seen: set = set()
             dup = next(i for i in self.ids if i in seen or seen.add(i))
             raise DataError(f"{self.name}: image {dup!r} is listed more than once (each image "
-                            "must appear once, with one label): remove the repeated rows")
+                            "must appear once, with one label): remove the repeated rows (in a folder: "
+                            "the links that lead to one file)")
         if not len(self.ids):
             raise DataError(f"{self.name}: no images found")
 
@@ -298,6 +302,11 @@ def image_folder(root: str | os.PathLike) -> Collection:
             "either one folder per class, or exactly train/ and test/ of class folders: rename "
             "the training and test folders train/ and test/, move validation images into train/ "
             f"(hwnas makes its own validation split), or pass {root / main} as the data folder")
+    if len(subdirs) == 1 and not has_splits:  # (a zip of one folder, unpacked: ROOT/mydata/<class>/...)
+        (only,) = subdirs
+        if any(d.is_dir() and not d.name.startswith(".") for d in (root / only).iterdir()):
+            raise DataError(f"{root} holds one folder, {only!r}, of folders: for its folders as the "
+                            f"classes, pass {root / only} as the data folder")
     if has_splits:
         for s in SPLITS:
             _scan_class_dirs(root / split_dir[s], s, entries)
@@ -314,7 +323,8 @@ def manifest(csv_path: str | os.PathLike) -> Collection:
         raise DataError(f"manifest {csv_path} is a folder; give the CSV file's path (or, for a "
                         "folder of class folders, data.dataset: folder)")
     if not csv_path.is_file():
-        raise DataError(f"manifest {shown(csv_path)} does not exist; {DATA_DIR_FIX} to the CSV's path")
+        raise DataError(f"manifest {shown(csv_path)} does not exist; "
+                        f"{DATA_DIR_FIX.replace('DIR', 'FILE.csv')} to the CSV's path")
     if csv_path.suffix.lower() == ".zip":
         raise DataError(f"manifest {csv_path} is a .zip, not a CSV: for labelled images in a zip, unzip it "
                         "and pass the folder of class folders (data.dataset: folder)")
@@ -368,9 +378,12 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool, follow
     class_names = sorted({c for _, c, _ in entries})
     cls_index = {c: i for i, c in enumerate(class_names)}
     paths = [str(p) for p, _, _ in entries]
-    from hwnas_edge.sources import item_id
+    from hwnas_edge.sources import item_id, legacy_item_id
 
     ids = [item_id(p, root, follow_links=follow_links) for p, _, _ in entries]
+    legacy = {}
+    if follow_links:
+        legacy = {i: old for i, old in enumerate(legacy_item_id(p, root) for p, _, _ in entries) if old != ids[i]}
 
     def read(i: int):
         if not os.path.exists(paths[i]):
@@ -381,7 +394,7 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool, follow
     return Collection(
         name, ids, [cls_index[c] for _, c, _ in entries], class_names, read=read,
         splits=[s for _, _, s in entries] if has_splits else None, paths=paths,
-        info={"source": str(root)},
+        info={"source": str(root)}, legacy_ids=legacy,
     )
 
 

@@ -126,6 +126,16 @@ class Splits:
         if d.get("format") != SPLITS_FORMAT:
             raise DataError(f"{path} is not a {SPLITS_FORMAT} file")
         index = {id_: i for i, id_ in enumerate(collection.ids)}
+        # a split recorded when files outside a manifest's folder were named by their path as
+        # typed: those images take their old ids here, so the split, its fingerprint and what
+        # was trained on it stay as they were
+        old = {o: i for i, o in collection.legacy_ids.items() if o not in index}
+        held = [x for p in PARTS for x in d["parts"][p] if x not in index and x in old]
+        for x in held:
+            collection.ids[old[x]] = x
+            index[x] = old[x]
+        if held:
+            index = {id_: i for i, id_ in enumerate(collection.ids)}
         parts = {}
         for p in PARTS:
             missing = [x for x in d["parts"][p] if x not in index]
@@ -387,10 +397,11 @@ def check_split_images(splits: Splits, skip_bad: bool = False, log=print) -> lis
                                 "skipping them leaves it empty: fix or replace those files")
         names = splits.collection.class_names
         for p in ("query", "gallery", "val_query", "val_gallery"):
-            # retrieval among one class scores every model 1 (the split's own check, before the
-            # skipping, held 2 classes at least)
+            # retrieval among one class scores every model 1: a part of 2 classes or more that
+            # the skipping leaves with fewer (the split's own checks are on the split as made)
+            before = {names[int(c)] for c in splits.labels(p)}
             left = sorted({names[int(c)] for i, c in zip(splits.ids(p), splits.labels(p)) if i not in gone})
-            if len(left) < 2 and len(splits.parts[p]):
+            if len(before) >= 2 > len(left):
                 raise DataError(f"the readable images of split part {p!r} come from {len(left)} class"
                                 f"{'' if len(left) == 1 else 'es'} ({', '.join(map(repr, left)) or 'none'}): "
                                 "retrieval is scored among 2 classes at least (among one, recall is always "
