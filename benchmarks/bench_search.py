@@ -458,6 +458,11 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                 + ("." if same_table else f", against a table of range {m['table_range_ms'][0]:.3f}-"
                    f"{m['table_range_ms'][1]:.3f} ms (an earlier search space or table).") + note)
 
+    def retimed(part: str) -> str:  # (--parts measure: its models timed again later, elsewhere or quieter)
+        lat = (res.get("part_measured", {}).get(part) or {}).get("latency")
+        return (f" Latencies measured again {lat['date']} on {lat['cpu']}: `{lat['command']}`."
+                + (f" {lat['note']}" if lat.get("note") else "")) if lat else ""
+
     runs = ", ".join(f"{p}: `{d}`, search.val_queries {res['part_val_queries'][p]}"
                      for p, d in sorted(res["part_run_dirs"].items()))
     cmds = res.get("part_commands", {})
@@ -548,7 +553,7 @@ def write_markdown(res: dict, name: str, tag: str, query_epochs: int) -> None:
                f"Budgets are fractions {res.get('budget_fracs', [0.15, 0.3, 0.6])} of the range of the table that run searched "
                f"with ({res.get('budgets_table_range_ms', [lo, hi])[0]:.3f}-"
                f"{res.get('budgets_table_range_ms', [lo, hi])[1]:.3f} ms predicted); the test split has "
-               f"{nq:,} queries (one standard error of recall@1 is about {se:.1f} points).", ""]
+               f"{nq:,} queries (one standard error of recall@1 is about {se:.1f} points).{retimed('budgets')}", ""]
         if res.get("budgets_finished_only"):
             def progress(r):
                 seeds = f", searched arch's seeds {1 + len(r.get('searched_seeds', []))}/{r['seeds_planned']}" \
@@ -1330,6 +1335,11 @@ def main() -> None:
         p: {"date": res["machine"]["date"], "cpu": res["machine"]["cpu"], "table_range_ms": [lo, hi],
             **({"note": args.note} if args.note else {})}
         for p in done}}
+    if "measure" in args.parts and "budgets" in res.get("part_measured", {}):  # the budgets' models re-timed
+        res["part_measured"]["budgets"]["latency"] = {
+            "date": res["machine"]["date"], "cpu": res["machine"]["cpu"],
+            "command": shlex.join(["benchmarks/bench_search.py", *sys.argv[1:]]),
+            **({"note": args.note} if args.note else {})}
     if "samplers" in done:  # what the samplers' studies rewarded
         res["search_reward"], res["search_metric"] = base.search.reward, base.search.metric
     # each part's whole command line, flags beyond --set included (--searched-seeds,
