@@ -630,8 +630,10 @@ def cmd_train_gallery(args) -> int:
     g = cfg.gallery
     if args.backbone:
         g.backbone = args.backbone
-    if args.backbone_checkpoint:
-        g.backbone_checkpoint = args.backbone_checkpoint
+    if args.backbone_checkpoint is not None:  # ('' too: an unset variable, refused)
+        from hwnas.config import checkpoint_path
+
+        g.backbone_checkpoint = checkpoint_path(args.backbone_checkpoint, "--backbone-checkpoint")
     if args.freeze_backbone:
         g.freeze_backbone = True
     train_gallery(cfg, resume=args.resume, restart=args.restart)
@@ -738,6 +740,14 @@ def _after_interrupt(e: BaseException) -> bool:
     return False
 
 
+def _unwritable(e: BaseException) -> bool:
+    """An OS error of a path hwnas cannot write there (not a bug's: those keep their traceback)."""
+    import errno
+
+    return (isinstance(e, OSError) and e.filename is not None
+            and e.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS, errno.ENOSPC, errno.EDQUOT))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -774,6 +784,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return reader_gone()
     except (KeyboardInterrupt, Exception) as e:  # (after the pipe's: a BrokenPipeError is an Exception)
+        if _unwritable(e) and not _after_interrupt(e):
+            # a folder it cannot write (a run directory under a file, no permission, a
+            # read-only or full disk): the path and the fix, not a traceback
+            print(f"hwnas {args.command}: error: cannot write {e.filename}: {e.strerror}; give a path "
+                  "in a folder you can write, on a disk with room (e.g. --run-dir)", file=sys.stderr)
+            return 2
         if not _after_interrupt(e):  # (Ctrl-C, or an error raised while it unwound)
             raise
         print(f"hwnas {args.command}: interrupted (finished work is kept; run it again to resume)",

@@ -33,6 +33,19 @@ class DataConfig:
     unlabeled: str | list | None = None
 
 
+def checkpoint_path(value: str | None, setting: str = "gallery.backbone_checkpoint") -> str | None:
+    """A weights file's path as given (``~`` is the home folder); an empty one (an unset shell
+    variable) is an error rather than a silent start from random weights."""
+    if value is None:
+        return None
+    if not str(value).strip():
+        raise HwnasError(f"{setting} is empty; give your weights file's path, or leave it out (null) "
+                         "to start the backbone from random weights")
+    import os
+
+    return os.path.expanduser(str(value))
+
+
 @dataclass
 class GalleryConfig:
     backbone: str = "resnet50"  # any timm model name (no pretrained download)
@@ -44,6 +57,8 @@ class GalleryConfig:
     train: dict = field(default_factory=dict)  # TrainConfig fields
 
     def __post_init__(self) -> None:
+        if isinstance(self.backbone_checkpoint, str) or self.backbone_checkpoint is None:
+            self.backbone_checkpoint = checkpoint_path(self.backbone_checkpoint)
         if self.classifier not in CLASSIFIERS:
             raise HwnasError(f"gallery.classifier {self.classifier!r} must be one of {', '.join(CLASSIFIERS)}")
         if not self.scale > 0 or self.margin < 0:
@@ -426,7 +441,10 @@ def load_config(path: str | Path | None) -> Config:
                 d = yaml.safe_load(f)
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError / UnicodeDecodeError
         raise HwnasError(f"config file {path} is not valid YAML/JSON: {e}") from None
+    if d is None:  # (an empty file, or comments alone: most likely the wrong file)
+        raise HwnasError(f"config file {path} holds no settings (it is empty or all comments); give "
+                         "your config (see configs/), or, for the defaults on purpose, a file holding {}")
     try:
-        return _build(Config, {} if d is None else d, "")
+        return _build(Config, d, "")
     except HwnasError as e:
         raise HwnasError(f"{path}: {e}") from None

@@ -488,6 +488,15 @@ def redo_plan(cfg: Config, steps: "Steps", keys: dict[str, str],
     """The steps to do again, those of them whose outputs go first, and why (empty: none)."""
     changed = steps.changed(keys, legacy_step_keys(cfg))
     forced = [redo_from] if redo_from is not None else []
+    # a weights file replaced under the name the config gives: a changed input of the gallery's
+    # training, as a changed setting is (its content is not in the step's key)
+    refilled = None
+    if steps.done("train-gallery") and "train-gallery" not in downstream(changed + forced):
+        from hwnas.compat.api import checkpoint_replaced
+
+        refilled = checkpoint_replaced(cfg)
+        if refilled:
+            changed = [*changed, "train-gallery"]
     lost = [n for n in lost_steps(cfg, steps.done) if n not in downstream(changed + forced)]
     # (a gallery done again anyway, for a config change or --from, is not checked)
     replaced = (replaced_steps(cfg, steps.state["done"])
@@ -505,7 +514,9 @@ def redo_plan(cfg: Config, steps: "Steps", keys: dict[str, str],
     was = steps.state["done"].get("profile", {}).get("graph_form", 1)
     why = "; ".join(w for w in (
         f"--from {redo_from}" if redo_from else "",
-        f"the config changed for {', '.join(changed)}" if changed else "",
+        f"the config changed for {', '.join(n for n in changed if n != 'train-gallery' or not refilled)}"
+        if [n for n in changed if n != "train-gallery" or not refilled] else "",
+        refilled or "",
         f"the exported graph form changed ({was} -> {GRAPH_FORM}: this hwnas exports other graphs "
         "than the run's table timed)" if not redo_from and "profile" in changed and was != GRAPH_FORM else "",
         f"the outputs of {', '.join(lost)} are missing" if lost else "",

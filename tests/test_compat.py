@@ -897,6 +897,85 @@ def test_a_restart_that_cannot_train_keeps_the_trained_gallery(trained_gallery, 
     assert "or set the config to the model's (gallery.backbone_checkpoint: null) to keep it" in r.stderr
 
 
+def test_a_weights_file_replaced_under_its_name_is_another_start(trained_gallery, tmp_path):
+    """The gallery records its backbone file's sha256: the same name holding other weights
+    is named as a difference (hwnas run does train-gallery again for it); the same content
+    reached by another path (a link) is the same start. A file with NaN weights, or an empty
+    path, is refused before --restart deletes anything."""
+    from safetensors.torch import save_file
+
+    from hwnas.compat.api import checkpoint_replaced
+    from hwnas.nn.models import EmbeddingNet
+    from hwnas.pipeline import STEPS, Steps, redo_plan, step_keys
+
+    cfg_path = _clone_run(trained_gallery, tmp_path)
+    state = {k: v.contiguous() for k, v in EmbeddingNet("resnet10t", 16, 1).backbone.state_dict().items()}
+    w = tmp_path / "w.safetensors"
+    save_file(state, str(w))
+    # the gallery as if trained from w (its record, written as train-gallery writes it)
+    gcfg = tmp_path / "run" / "gallery" / "config.json"
+    rec = json.loads(gcfg.read_text())
+    rec.update(backbone_checkpoint=str(w), backbone_checkpoint_sha256=_sha(w))
+    gcfg.write_text(json.dumps(rec))
+    d = json.loads(cfg_path.read_text())
+    d["gallery"]["backbone_checkpoint"] = str(w)
+    cfg_path.write_text(json.dumps(d))
+    cfg = load_config(cfg_path)
+    assert checkpoint_replaced(cfg) is None
+    keys = step_keys(cfg)
+    st = Steps(tmp_path / "steps.json")
+    st.state["done"] = {n: {"key": keys[n]} for n in STEPS}
+    assert "train-gallery" not in redo_plan(cfg, st, keys)[1]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "hwnas.cli", "train-gallery", "--config", str(cfg_path), *a],  # noqa: E731
+                                    env=_env(), capture_output=True, text=True, timeout=120)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(w)
+    r = run("--backbone-checkpoint", str(link))
+    assert r.returncode == 0 and "is already trained" in r.stdout, r.stderr
+    model = tmp_path / "run" / "gallery" / "model.safetensors"
+    before = _sha(model)
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, str(w))
+    assert "holds other weights than the gallery model was trained from" in checkpoint_replaced(load_config(cfg_path))
+    # hwnas run trains the gallery again for it, and what builds on it (the file's contents are
+    # not in the step's key: the config is the same)
+    redo, fresh, why = redo_plan(cfg, st, keys)
+    assert "train-gallery" in fresh and "holds other weights than the gallery model was trained from" in why
+    assert "the config changed" not in why
+    r = run()
+    assert r.returncode == 2 and "the contents of gallery.backbone_checkpoint (the file changed since)" in r.stderr, r.stderr
+    save_file({k: v * float("nan") if v.is_floating_point() else v for k, v in state.items()}, str(w))
+    r = run("--restart")
+    assert r.returncode == 2 and "weights hold NaN or infinite values (e.g. " in r.stderr, r.stderr
+    assert _sha(model) == before
+    r = run("--backbone-checkpoint", "")
+    assert r.returncode == 2 and "--backbone-checkpoint is empty" in r.stderr, r.stderr
+
+
+def test_a_stem_of_other_channels_and_a_timm_tag(tmp_path):
+    from safetensors.torch import save_file
+
+    from hwnas.nn.models import EmbeddingNet, check_timm_name, load_backbone_checkpoint
+
+    # a grey stem onto RGB images: each channel a third of the grey weights
+    grey = EmbeddingNet("resnet10t", 16, 1).backbone.state_dict()
+    save_file({k: v.contiguous() for k, v in grey.items()}, str(tmp_path / "grey.safetensors"))
+    rgb = EmbeddingNet("resnet10t", 16, 3)
+    info = load_backbone_checkpoint(rgb, tmp_path / "grey.safetensors")
+    assert info["adapted"] == "conv1.0.weight: 1 -> 3 input channels"
+    stem = rgb.backbone.state_dict()["conv1.0.weight"]
+    assert torch.allclose(stem.sum(1, keepdim=True), grey["conv1.0.weight"], atol=1e-6)
+    # an RGBA stem onto RGB: timm hands it back unchanged; named, not a load_state_dict traceback
+    save_file({k: v.contiguous() for k, v in EmbeddingNet("resnet10t", 16, 4).backbone.state_dict().items()},
+              str(tmp_path / "rgba.safetensors"))
+    with pytest.raises(HwnasError, match=r"conv1.0.weight: \(24, 4, 3, 3\) in the file, \(24, 3, 3, 3\) here"):
+        load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 3), tmp_path / "rgba.safetensors")
+    # a pretrained tag: weights hwnas never downloads (not a silent training from scratch);
+    # a tag timm does not know is refused the same way, before any training
+    for name in ("resnet50.a1_in1k", "resnet10t.in1k_typo"):
+        with pytest.raises(HwnasError, match=r"names pretrained weights .*give the architecture alone, 'resnet"):
+            check_timm_name(name)
+
+
 def test_a_gallery_at_another_input_size_is_refused():
     from hwnas.data.images import Preprocess
 

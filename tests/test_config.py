@@ -65,6 +65,9 @@ def _load(tmp_path, text):
     ("query:\n  loss: {scale: 0}", r"loss\.scale \(0\) must be > 0"),
     ("deploy:\n  catalog: ' '", r"deploy\.catalog is empty"),
     ("latency:\n  validate: 2", r"latency\.validate 2 must be 0 \(no end-to-end check\) or at least 3"),
+    ("gallery:\n  train: {batch_size: 1}", r"train\.batch_size \(1\) at least 2 \(BatchNorm"),
+    ("gallery:\n  backbone_checkpoint: ''", r"gallery\.backbone_checkpoint is empty; give your weights file's path"),
+    ("# nothing but a comment\n", r"holds no settings \(it is empty or all comments\).*a file holding \{\}"),
 ])
 def test_wrong_type_or_value_is_named_at_load(tmp_path, text, message):
     with pytest.raises(HwnasError, match=message):
@@ -137,6 +140,23 @@ def test_a_run_dir_that_is_a_file_is_named(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(HwnasError, match="is a file, not a folder"):
         _load(tmp_path, f"run_dir: {tmp_path / 'f'}")
+
+
+def test_a_run_dir_that_cannot_be_written_is_named_not_a_traceback(tmp_path, capsys):
+    # under a file (no folder can be made there): the path and the fix, exit 2
+    from hwnas.cli import main
+
+    (tmp_path / "f").write_text("x")
+    rc = main(["data", "--dataset", "digits", "--run-dir", str(tmp_path / "f" / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"error: cannot write {tmp_path / 'f'}" in err and "give a path in a folder you can write" in err
+
+
+def test_a_weights_file_path_is_the_home_folders_under_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = _load(tmp_path, "gallery:\n  backbone_checkpoint: ~/w.safetensors")
+    assert cfg.gallery.backbone_checkpoint == str(tmp_path / "w.safetensors")
 
 
 def test_a_verification_metric_has_one_spelling(tmp_path):

@@ -143,7 +143,8 @@ def _same_training(recorded: dict | None, wanted: dict) -> bool:
 _DIFF_NAMES = {"gallery_fingerprint": "gallery model (retrained since)",
                "supernet_fingerprint": "supernet (retrained since)", "splits_fingerprint": "split"}
 # a recorded setting named as the config spells it (a difference the config can restore)
-_SETTING_NAMES = {"unlabeled_source": "data.unlabeled"}
+_SETTING_NAMES = {"unlabeled_source": "data.unlabeled",
+                  "backbone_checkpoint_sha256": "the contents of gallery.backbone_checkpoint (the file changed since)"}
 
 
 def _differs(old: dict, want: dict, always: tuple = (), sources: tuple = ("unlabeled_source",)) -> list[str]:
@@ -290,14 +291,46 @@ def gallery_record(cfg: Config, rd: RunDir) -> dict:
     return {"backbone": gc.backbone, "embed_dim": space.embed_dim, "preprocess": cfg.preprocess().to_dict(),
             "classifier": {**head.config(), "classes": classes},
             "backbone_checkpoint": gc.backbone_checkpoint, "freeze_backbone": gc.freeze_backbone,
+            # the weights it started from, by content: a file replaced under the same name is
+            # another start (a gallery recorded before this is not held to it)
+            "backbone_checkpoint_sha256": _file_sha256(gc.backbone_checkpoint),
             "train": cfg.train_config("gallery").__dict__, "splits_fingerprint": rd.splits().fingerprint,
             "seed": cfg.seed}
 
 
-def gallery_differs(cfg: Config, rd: RunDir, recorded: dict) -> list[str]:
+def gallery_differs(cfg: Config, rd: RunDir, recorded: dict, want: dict | None = None) -> list[str]:
     """What a gallery model (its ``config.json``, ``recorded``) was trained with other than the
-    config asks, named for the user ([]: what the config asks)."""
-    return _differs(recorded, gallery_record(cfg, rd))
+    config asks, named for the user ([]: what the config asks). The backbone's weights file is
+    its content: the same file moved or reached through a link is the same start."""
+    want = want or gallery_record(cfg, rd)
+    diff = _differs(recorded, want, sources=("unlabeled_source", "backbone_checkpoint"))
+    sha = recorded.get("backbone_checkpoint_sha256")
+    if sha is not None and sha == want["backbone_checkpoint_sha256"]:
+        diff = [d for d in diff if d != "backbone_checkpoint"]
+    elif "backbone_checkpoint" in diff:  # (another file: its contents differ as a matter of course)
+        diff = [d for d in diff if d != _SETTING_NAMES["backbone_checkpoint_sha256"]]
+    return diff
+
+
+def checkpoint_replaced(cfg: Config) -> str | None:
+    """Why the run's trained gallery is not what ``gallery.backbone_checkpoint`` now holds (the
+    file replaced under its name since the gallery was trained from it), or None."""
+    p = RunDir(cfg).path / "gallery" / "config.json"
+    if not cfg.gallery.backbone_checkpoint or not p.exists():
+        return None
+    g = read_json(p)
+    old, now = g.get("backbone_checkpoint_sha256"), _file_sha256(cfg.gallery.backbone_checkpoint)
+    if old is None or now is None or old == now or g.get("backbone_checkpoint") != cfg.gallery.backbone_checkpoint:
+        return None  # (not recorded by an older hwnas; a missing file or another path: named elsewhere)
+    return (f"gallery.backbone_checkpoint {cfg.gallery.backbone_checkpoint} holds other weights than the "
+            f"gallery model was trained from (sha256 {old[:12]} -> {now[:12]})")
+
+
+def _file_sha256(path: str | None) -> str | None:
+    """A file's sha256 (None: no path, or no such file — the checks name that)."""
+    from hwnas.nn.models import _weights_hash
+
+    return _weights_hash(Path(path)) if path and Path(path).is_file() else None
 
 
 def check_backbone_checkpoint(gc) -> None:
@@ -350,7 +383,7 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     classes, split_fp = record["classifier"]["classes"], record["splits_fingerprint"]
     if _prepare_out(out, restart, tc):
         g = read_json(out / "config.json")
-        diff = _differs(g, record)
+        diff = gallery_differs(cfg, rd, g, record)
         if diff:
             raise _differs_error(out, "a gallery model", diff, "train-gallery", g, record, {
                 **{k: f"gallery.{k}" for k in ("backbone", "backbone_checkpoint", "freeze_backbone")},

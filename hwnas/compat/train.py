@@ -49,9 +49,9 @@ class TrainConfig:
     ema: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise HwnasError(f"train.epochs ({self.epochs}) and train.batch_size "
-                             f"({self.batch_size}) must be at least 1")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise HwnasError(f"train.epochs ({self.epochs}) must be at least 1 and train.batch_size "
+                             f"({self.batch_size}) at least 2 (BatchNorm trains on a batch's statistics)")
         if self.optimizer not in ("sgd", "adamw"):
             raise HwnasError(f"train.optimizer {self.optimizer!r} must be 'sgd' or 'adamw'")
         if self.augment not in AUGMENTS:

@@ -25,9 +25,23 @@ MODEL_FORMAT = "hwnas-model-v1"
 
 
 def check_timm_name(name: str) -> None:
-    """An unknown timm model name is an error naming similar ones."""
+    """An unknown timm model name is an error naming similar ones; so is a pretrained tag
+    (``resnet50.a1_in1k``) timm does not know. A known tag names weights hwnas never
+    downloads: also an error, naming the fix (the backbone starts from random weights or
+    from a file you give), rather than a silent training from scratch under that name."""
     import timm
 
+    from timm.models import split_model_name_tag
+
+    arch, tag = split_model_name_tag(name)
+    if tag and timm.is_model(arch):
+        known = timm.list_pretrained(f"{arch}.*")
+        which = (f"timm's tags for {arch}: {[k.split('.', 1)[1] for k in known][:8]}" if known
+                 else f"timm has no pretrained tags for {arch}")
+        raise HwnasError(f"timm model {name!r} names pretrained weights (the tag {tag!r}; {which}), which hwnas "
+                         f"does not download: give the architecture alone, {arch!r}, and, for those weights, "
+                         "a file of them (gallery.backbone_checkpoint / --backbone-checkpoint: safetensors "
+                         "or a torch state dict)")
     if not timm.is_model(name):
         import difflib
 
@@ -153,10 +167,13 @@ def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
             from timm.models import adapt_input_conv
 
             try:
-                usable[first] = adapt_input_conv(b[1], state[first]).to(own[first].dtype)
-                adapted = f"{first}: {a[1]} -> {b[1]} input channels"
+                w = (state[first].repeat(1, b[1], 1, 1) / b[1] if a[1] == 1  # (a grey stem: each
+                     else adapt_input_conv(b[1], state[first]))  # channel a third of the grey's)
             except (AssertionError, NotImplementedError, ValueError):  # (a stem timm cannot adapt:
-                pass  # named below as a weight of another shape)
+                w = None  # named below as a weight of another shape)
+            if w is not None and w.shape == b:  # (timm's returns an RGBA stem as it is for RGB)
+                usable[first] = w.to(own[first].dtype)
+                adapted = f"{first}: {a[1]} -> {b[1]} input channels"
     # the file must be this backbone, whole: a partial load would train (or, frozen, keep)
     # randomly initialized layers beside the user's, and a bigger model of the same family
     # holds all of a smaller one's names (BatchNorm's step counters, which nothing reads,
@@ -178,6 +195,10 @@ def load_backbone_checkpoint(net: EmbeddingNet, path: str | Path) -> dict:
         raise HwnasError(f"{path} is not the {type(net.backbone).__name__} backbone of gallery.backbone "
                          f"(--backbone): {why}. Give the weights of that timm architecture, e.g. saved "
                          "from timm.create_model(name).state_dict()")
+    broken = [k for k, v in usable.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # (training from it fails at its first step, blamed on the learning rate)
+        raise HwnasError(f"{path}: {len(broken)} weights hold NaN or infinite values (e.g. {broken[0]}); "
+                         "give a checkpoint saved before the training it comes from diverged")
     net.backbone.load_state_dict(usable, strict=False)
     return {"loaded": len(usable), "missing": sorted(counters - set(usable)),
             "ignored": sorted(set(state) - set(usable)), "adapted": adapted}
