@@ -740,12 +740,21 @@ def _after_interrupt(e: BaseException) -> bool:
     return False
 
 
-def _unwritable(e: BaseException) -> bool:
-    """An OS error of a path hwnas cannot write there (not a bug's: those keep their traceback)."""
+def _os_problem(e: BaseException) -> str | None:
+    """What an OS error of the machine's (a path not allowed or not a folder, a read-only or
+    full disk) says to the user, with the fix; None for any other error (a bug's keeps its
+    traceback)."""
     import errno
 
-    return (isinstance(e, OSError) and e.filename is not None
-            and e.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS, errno.ENOSPC, errno.EDQUOT))
+    if not isinstance(e, OSError):
+        return None
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):  # (a write() names no file)
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"the disk is full{where} ({e.strerror}); free some space, or give a run directory elsewhere (--run-dir)"
+    if e.filename is not None and e.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS):
+        return (f"cannot access {e.filename}: {e.strerror}; check that path (a folder, readable, and "
+                "writable where hwnas writes: the run directory, --run-dir)")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -784,11 +793,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return reader_gone()
     except (KeyboardInterrupt, Exception) as e:  # (after the pipe's: a BrokenPipeError is an Exception)
-        if _unwritable(e) and not _after_interrupt(e):
-            # a folder it cannot write (a run directory under a file, no permission, a
-            # read-only or full disk): the path and the fix, not a traceback
-            print(f"hwnas {args.command}: error: cannot write {e.filename}: {e.strerror}; give a path "
-                  "in a folder you can write, on a disk with room (e.g. --run-dir)", file=sys.stderr)
+        problem = _os_problem(e)
+        if problem and not _after_interrupt(e):
+            # a path it cannot use (a run directory under a file, no permission, a read-only
+            # or full disk): the path and the fix, not a traceback
+            print(f"hwnas {args.command}: error: {problem}", file=sys.stderr)
             return 2
         if not _after_interrupt(e):  # (Ctrl-C, or an error raised while it unwound)
             raise

@@ -949,6 +949,10 @@ def test_a_weights_file_replaced_under_its_name_is_another_start(trained_gallery
     assert _sha(model) == before
     r = run("--backbone-checkpoint", "")
     assert r.returncode == 2 and "--backbone-checkpoint is empty" in r.stderr, r.stderr
+    # the file gone since: the finished gallery needs it no more
+    w.unlink()
+    r = run()
+    assert r.returncode == 0 and "is already trained" in r.stdout, r.stderr
 
 
 def test_a_stem_of_other_channels_and_a_timm_tag(tmp_path):
@@ -969,11 +973,13 @@ def test_a_stem_of_other_channels_and_a_timm_tag(tmp_path):
               str(tmp_path / "rgba.safetensors"))
     with pytest.raises(HwnasError, match=r"conv1.0.weight: \(24, 4, 3, 3\) in the file, \(24, 3, 3, 3\) here"):
         load_backbone_checkpoint(EmbeddingNet("resnet10t", 16, 3), tmp_path / "rgba.safetensors")
-    # a pretrained tag: weights hwnas never downloads (not a silent training from scratch);
-    # a tag timm does not know is refused the same way, before any training
-    for name in ("resnet50.a1_in1k", "resnet10t.in1k_typo"):
-        with pytest.raises(HwnasError, match=r"names pretrained weights .*give the architecture alone, 'resnet"):
-            check_timm_name(name)
+    # a pretrained tag: weights hwnas never downloads, said (not a silent training under that
+    # name); a model saved under such a name still builds; a tag timm does not know is refused
+    assert "names pretrained weights, which hwnas does not download" in check_timm_name("resnet10t.c3_in1k")
+    assert EmbeddingNet("resnet10t.c3_in1k", 16, 3)(torch.zeros(2, 3, 16, 16)).shape == (2, 16)
+    assert check_timm_name("resnet10t") is None
+    with pytest.raises(HwnasError, match=r"'resnet10t' has no pretrained tag 'in1k_typo' \(timm's: .*'c3_in1k'"):
+        check_timm_name("resnet10t.in1k_typo")
 
 
 def test_a_gallery_at_another_input_size_is_refused():

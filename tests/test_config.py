@@ -150,7 +150,11 @@ def test_a_run_dir_that_cannot_be_written_is_named_not_a_traceback(tmp_path, cap
     rc = main(["data", "--dataset", "digits", "--run-dir", str(tmp_path / "f" / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
-    assert f"error: cannot write {tmp_path / 'f'}" in err and "give a path in a folder you can write" in err
+    assert f"error: cannot access {tmp_path / 'f'}" in err and "check that path" in err
+    from hwnas.cli import _os_problem
+
+    assert "the disk is full (No space left on device)" in _os_problem(OSError(28, "No space left on device"))
+    assert _os_problem(ValueError("a bug")) is None and _os_problem(OSError(2, "No such file", "x")) is None
 
 
 def test_a_weights_file_path_is_the_home_folders_under_a_tilde(tmp_path, monkeypatch):

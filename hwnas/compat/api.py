@@ -307,7 +307,9 @@ def gallery_differs(cfg: Config, rd: RunDir, recorded: dict, want: dict | None =
     sha = recorded.get("backbone_checkpoint_sha256")
     if sha is not None and sha == want["backbone_checkpoint_sha256"]:
         diff = [d for d in diff if d != "backbone_checkpoint"]
-    elif "backbone_checkpoint" in diff:  # (another file: its contents differ as a matter of course)
+    elif "backbone_checkpoint" in diff or want["backbone_checkpoint_sha256"] is None:
+        # (another file: its contents differ as a matter of course; the file gone since the
+        # training: a finished model needs it no more, and a new training names it missing)
         diff = [d for d in diff if d != _SETTING_NAMES["backbone_checkpoint_sha256"]]
     return diff
 
@@ -371,7 +373,9 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
     out = rd.path / "gallery"
     from hwnas.nn.models import check_timm_name
 
-    check_timm_name(cfg.gallery.backbone)  # a typo must not cost the trained model (--restart)
+    note = check_timm_name(cfg.gallery.backbone)  # a typo must not cost the trained model (--restart)
+    if note:
+        log(f"[train-gallery] NOTE: {note}")
     gc, space, pre = cfg.gallery, cfg.search_space(), cfg.preprocess()
     net = loaded = None
     if restart or not ((out / "model.safetensors").exists() and (out / "config.json").exists()):
@@ -685,7 +689,9 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
     if parsed is None:
         from hwnas.nn.models import check_timm_name
 
-        check_timm_name(timm_name)
+        note = check_timm_name(timm_name)
+        if note and to_train:
+            log(f"[train-query] NOTE: {note}")
         if to_train:
             probe = EmbeddingNet(timm_name, space.embed_dim, cfg.preprocess().channels, bn=False)
             check_takes_input(probe, timm_name, cfg.preprocess().channels, space.input_size, "--timm")

@@ -24,24 +24,25 @@ from hwnas.utils import atomic_path, content_hash, read_json, stable_json, write
 MODEL_FORMAT = "hwnas-model-v1"
 
 
-def check_timm_name(name: str) -> None:
+def check_timm_name(name: str) -> str | None:
     """An unknown timm model name is an error naming similar ones; so is a pretrained tag
-    (``resnet50.a1_in1k``) timm does not know. A known tag names weights hwnas never
-    downloads: also an error, naming the fix (the backbone starts from random weights or
-    from a file you give), rather than a silent training from scratch under that name."""
+    (``resnet50.a1_in1k``) timm does not know for that architecture (timm's own error came
+    only at the build, a traceback). A tag timm knows names weights hwnas never downloads:
+    returned is a note saying so, which the commands a user names the model in print (a model
+    saved under such a name still builds: its architecture is the name's)."""
     import timm
 
     from timm.models import split_model_name_tag
 
     arch, tag = split_model_name_tag(name)
     if tag and timm.is_model(arch):
-        known = timm.list_pretrained(f"{arch}.*")
-        which = (f"timm's tags for {arch}: {[k.split('.', 1)[1] for k in known][:8]}" if known
-                 else f"timm has no pretrained tags for {arch}")
-        raise HwnasError(f"timm model {name!r} names pretrained weights (the tag {tag!r}; {which}), which hwnas "
-                         f"does not download: give the architecture alone, {arch!r}, and, for those weights, "
-                         "a file of them (gallery.backbone_checkpoint / --backbone-checkpoint: safetensors "
-                         "or a torch state dict)")
+        known = [k.split(".", 1)[1] for k in timm.list_pretrained(f"{arch}.*")]
+        if tag not in known:
+            raise HwnasError(f"timm model {name!r}: {arch!r} has no pretrained tag {tag!r} (timm's: "
+                             f"{known[:8] or 'none'}); give the architecture alone, {arch!r}")
+        return (f"the tag {tag!r} of {name!r} names pretrained weights, which hwnas does not download: "
+                f"the model starts from random weights, as {arch!r} would (for those weights, save them to "
+                "a file and give it as gallery.backbone_checkpoint / --backbone-checkpoint)")
     if not timm.is_model(name):
         import difflib
 
@@ -50,6 +51,7 @@ def check_timm_name(name: str) -> None:
         raise HwnasError(f"unknown timm model {name!r}; "
                          + (f"similar names: {close}" if close else "no similar name")
                          + " (see timm.list_models())")
+    return None
 
 
 def _timm_create(name: str, in_chans: int, **kw) -> nn.Module:
