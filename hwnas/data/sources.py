@@ -382,8 +382,9 @@ def _from_entries(name: str, root: Path, entries: list, has_splits: bool, follow
 
     ids = [item_id(p, root, follow_links=follow_links) for p, _, _ in entries]
     legacy = {}
-    if follow_links:
-        legacy = {i: old for i, old in enumerate(legacy_item_id(p, root) for p, _, _ in entries) if old != ids[i]}
+    if follow_links:  # (only an absolute id can differ: one inside root is relative either way)
+        legacy = {i: old for i, old in ((i, legacy_item_id(entries[i][0], root)) for i, x in enumerate(ids)
+                                        if os.path.isabs(x)) if old != ids[i]}
 
     def read(i: int):
         if not os.path.exists(paths[i]):
