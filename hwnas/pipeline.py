@@ -486,7 +486,7 @@ def set_search_budget(cfg: Config, log: Callable = print) -> dict:
 def redo_plan(cfg: Config, steps: "Steps", keys: dict[str, str],
               redo_from: str | None = None) -> tuple[list[str], list[str], str]:
     """The steps to do again, those of them whose outputs go first, and why (empty: none)."""
-    changed = steps.changed(keys, legacy_step_keys(cfg))
+    changed = edited = steps.changed(keys, legacy_step_keys(cfg))
     forced = [redo_from] if redo_from is not None else []
     # a weights file replaced under the name the config gives: a changed input of the gallery's
     # training, as a changed setting is (its content is not in the step's key)
@@ -514,8 +514,7 @@ def redo_plan(cfg: Config, steps: "Steps", keys: dict[str, str],
     was = steps.state["done"].get("profile", {}).get("graph_form", 1)
     why = "; ".join(w for w in (
         f"--from {redo_from}" if redo_from else "",
-        f"the config changed for {', '.join(n for n in changed if n != 'train-gallery' or not refilled)}"
-        if [n for n in changed if n != "train-gallery" or not refilled] else "",
+        f"the config changed for {', '.join(edited)}" if edited else "",
         refilled or "",
         f"the exported graph form changed ({was} -> {GRAPH_FORM}: this hwnas exports other graphs "
         "than the run's table timed)" if not redo_from and "profile" in changed and was != GRAPH_FORM else "",

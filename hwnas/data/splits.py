@@ -130,12 +130,9 @@ class Splits:
         # typed: those images take their old ids here, so the split, its fingerprint and what
         # was trained on it stay as they were
         old = {o: i for i, o in collection.legacy_ids.items() if o not in index}
-        held = [x for p in PARTS for x in d["parts"][p] if x not in index and x in old]
-        for x in held:
-            collection.ids[old[x]] = x
-            index[x] = old[x]
-        if held:
-            index = {id_: i for i, id_ in enumerate(collection.ids)}
+        for x in [x for p in PARTS for x in d["parts"][p] if x not in index and x in old]:
+            del index[collection.ids[old[x]]]
+            collection.ids[old[x]], index[x] = x, old[x]
         parts = {}
         for p in PARTS:
             missing = [x for x in d["parts"][p] if x not in index]
