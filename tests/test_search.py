@@ -466,6 +466,12 @@ def test_resume_after_kill_keeps_trials(search_run, tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     out.close()
+    st = optuna.load_study(study_name="k", storage=f"sqlite:///{db}")
+    # the arch the worker was evaluating when killed (if it had one whole): evaluated on resume
+    n_ops = max(sum(k.endswith("_op") for k in t.params) for t in st.trials)
+    cut = [t.params for t in st.trials if t.state == optuna.trial.TrialState.RUNNING
+           and sum(k.endswith("_op") for k in t.params) == n_ops
+           and all(f"{k[:-3]}_scale" in t.params for k, v in t.params.items() if k.endswith("_op") and v != "skip")]
     # counted through Optuna, read-write: a kill in the middle of a commit leaves a rollback
     # journal that only a writer undoes (the read-only poll above then reads 0 trials)
     s0 = {t.number: t.values for t in optuna.load_study(study_name="k", storage=f"sqlite:///{db}").trials
@@ -478,6 +484,53 @@ def test_resume_after_kill_keeps_trials(search_run, tmp_path):
         assert s1.trials[n].values == v
     assert len({t.user_attrs["arch"] for t in s1.trials if t.state == optuna.trial.TrialState.COMPLETE
                 and t.user_attrs.get("feasible") and "repeat_of" not in t.user_attrs}) >= 8
+    assert not [t for t in s1.trials if t.state == optuna.trial.TrialState.RUNNING]
+    done_params = [t.params for t in s1.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for ps in cut:
+        assert ps in done_params, (ps, r.stdout[-2000:])
+
+
+def test_resume_queues_again_what_a_killed_worker_was_evaluating(tiny_space):
+    from hwnas.search.runner import _requeue_lost
+
+    ts = optuna.trial.TrialState
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    rng = random.Random(0)
+    archs = []
+    while len(archs) < 6:  # six different networks
+        a = tiny_space.canonical(tiny_space.sample(rng))
+        if a not in archs:
+            archs.append(a)
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    host = __import__("socket").gethostname()
+    workers = [f"{host}:{p.pid}",  # killed on this machine: lost
+               None,  # killed before its first write: lost
+               f"{host}:{os.getpid()}",  # alive: left alone
+               "elsewhere.example:1",  # another machine's: its heartbeat decides
+               "ctrl-c",  # stopped by Ctrl-C: FAIL
+               "ctrl-c"]  # FAIL, but its arch was evaluated since: not queued again
+    for i, (a, w) in enumerate(zip(archs, workers)):
+        study.enqueue_trial(tiny_space.params_of(a), user_attrs={"baseline": f"b{i}"})
+        t = study.ask()
+        if w is not None:
+            t.set_user_attr("worker", w)
+        if w == "ctrl-c":
+            study.tell(t, state=ts.FAIL)
+    study.enqueue_trial(tiny_space.params_of(archs[5]))
+    t = study.ask()
+    tiny_space.suggest(t)
+    study.tell(t, 0.5)
+    logged = []
+    assert _requeue_lost(study, tiny_space, logged.append) == 3
+    states = [t.state for t in study.trials]
+    assert states[:7] == [ts.FAIL, ts.FAIL, ts.RUNNING, ts.RUNNING, ts.FAIL, ts.FAIL, ts.COMPLETE]
+    waiting = [t for t in study.trials if t.state == ts.WAITING]
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [tiny_space.params_of(archs[i]) for i in (0, 1, 4)]
+    assert [(t.user_attrs["retry_of"], t.user_attrs["baseline"]) for t in waiting] == [(0, "b0"), (1, "b1"), (4, "b4")]
+    assert logged == ["[search] trials 0, 1, 4 stopped before their arch was evaluated (a kill or Ctrl-C): "
+                      "queued again"]
+    assert _requeue_lost(study, tiny_space, logged.append) == 0  # queued already: not twice
 
 
 def _postgres_url() -> str:

@@ -573,9 +573,12 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         user = [p for p in user if p not in again]
     for params in user:  # the caller's known archs first
         study.enqueue_trial(params, user_attrs={"baseline": "user"})
-    # archs the caller queues are evaluated, in a study that has its n_trials already too (with
-    # those queued before them: trials run in the order queued)
-    waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))) if user else 0
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    lost = _requeue_lost(study, space, log) if old is not None else 0
+    # archs the caller queues, and those a killed worker left, are evaluated, in a study that
+    # has its n_trials already too (with those queued before them: trials run in the order queued)
+    waiting = (len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+               if user or lost else 0)
     target = max(s.n_trials, _n_feasible(study, space) + waiting)
     if old is None:
         study.set_user_attr("hwnas", meta)
@@ -584,7 +587,6 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     if done:
         log(f"[search] resuming study {name!r}: {done} evaluated trials already done")
     state = {"infeasible_run": 0, "repeat_run": 0}
-    worker = f"{socket.gethostname()}:{os.getpid()}"
     # each arch is evaluated once: a sampler that proposes it again (evolution did, for 3 to 7
     # of the 30 trials of each headline run's study) gets the first evaluation's result back
     # at no cost, and only distinct archs count towards n_trials. In a study that other
@@ -603,6 +605,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     max_repeats = max(100, 2 * s.n_trials)
 
     def objective(trial):
+        trial.set_user_attr("worker", worker)  # first: a resume tells a killed worker's trial by it
         # one string per network: a scale that rounds to another's width names the same one
         arch = space.canonical(space.suggest(trial))
         key = arch.to_string(space)
@@ -611,7 +614,6 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
         trial.set_user_attr("predicted_ms", lat)
         trial.set_user_attr("mflops", arch_flops(space, arch) / 1e6)
         trial.set_user_attr("sampler", s.sampler)
-        trial.set_user_attr("worker", worker)
         trial.set_constraint("latency_ms", lat - budget)
         if lat > budget:
             trial.set_user_attr("feasible", False)
@@ -710,6 +712,73 @@ def _arch_of_params(space, params: dict) -> Arch | None:
                           for layer in space.layers()))
     except KeyError:
         return None
+
+
+def _worker_gone(worker: str | None) -> bool:
+    """Whether the search worker ``worker`` ("host:pid", as trials record it) is known to have
+    ended: it ran on this machine and its process is gone. A worker elsewhere, or a pid
+    that lives (perhaps taken by another process since), is not known to have ended."""
+    if worker is None:  # killed before the trial's first write: its worker cannot be told
+        return True
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
+
+
+def _requeue_lost(study, space, log=print) -> int:
+    """Queue again the archs that a killed or interrupted worker was evaluating, so that a
+    resumed search evaluates them as an uninterrupted one would have. Such a trial is FAIL
+    (Ctrl-C, an error) or RUNNING with its worker gone (a kill on this machine; one elsewhere
+    is failed and retried by the storage's heartbeat after its grace period). The RUNNING ones
+    are marked FAIL, so that no trial stays RUNNING for good. An arch that a trial has
+    evaluated, or that waits in the queue, is not queued again; nor is a trial stopped before
+    its sampler had proposed a whole arch (the sampler proposes anew). Returns how many were
+    queued."""
+    import optuna
+
+    ts = optuna.trial.TrialState
+    lost = []
+    for t in study.get_trials(deepcopy=False, states=(ts.RUNNING, ts.FAIL)):
+        if t.state == ts.RUNNING:
+            if not _worker_gone(t.user_attrs.get("worker")):
+                continue
+            study.tell(t.number, state=ts.FAIL)
+        lost.append(t)
+    if not lost:
+        return 0
+    have = set()
+    for t in study.get_trials(deepcopy=False, states=(ts.COMPLETE, ts.WAITING)):
+        a = _arch_of_params(space, t.params or t.system_attrs.get("fixed_params", {}))
+        if a is not None:
+            have.add(space.canonical(a))
+    queued = []
+    for t in sorted(lost, key=lambda t: t.number):
+        params = t.system_attrs.get("fixed_params") or t.params
+        a = _arch_of_params(space, params)
+        try:  # a whole arch: every layer's op, and its scale where it has one
+            whole = a is not None and set(space.params_of(a)) <= set(params)
+        except Exception:
+            whole = False
+        if not whole or space.canonical(a) in have:
+            continue
+        have.add(space.canonical(a))
+        attrs = {"retry_of": t.number}
+        if "baseline" in t.user_attrs:
+            attrs["baseline"] = t.user_attrs["baseline"]
+        study.enqueue_trial(dict(params), user_attrs=attrs)  # (as first proposed: the same network)
+        queued.append(t.number)
+    if queued:
+        log(f"[search] trial{'s' if len(queued) > 1 else ''} {', '.join(map(str, queued))} "
+            f"stopped before {'their' if len(queued) > 1 else 'its'} arch was evaluated (a kill or "
+            "Ctrl-C): queued again")
+    return len(queued)
 
 
 def _distinct_archs(trials, space) -> int:
