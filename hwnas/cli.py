@@ -727,17 +727,30 @@ COMMANDS = {"data": cmd_data, "space": cmd_space, "profile": cmd_profile, "searc
 DIST_COMMANDS = ("train-gallery", "train-supernet", "train-query", "adapt")
 
 
-def _after_interrupt(e: BaseException) -> bool:
-    """Whether ``e`` was raised while a Ctrl-C was being handled: a library's clean-up that
-    fails on the way out (Optuna's trial bookkeeping, interrupted between two of its steps,
-    raises an UnboundLocalError over the KeyboardInterrupt) is the interrupt, not a bug."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill's default signal, a scheduler's or a container's stop), raised as Ctrl-C
+    is: half-written files are removed, a search's trial is failed (and queued again when the
+    search resumes) and locks are let go, where SIGTERM's default would end the process as a
+    kill does and leave them."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _after_interrupt(e: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt (Ctrl-C, or SIGTERM: :class:`Terminated`) ``e`` was raised while it was
+    being handled, or ``e`` itself where it is one; None for any other error. A library's
+    clean-up that fails on the way out (Optuna's trial bookkeeping, interrupted between two
+    of its steps, raises an UnboundLocalError over the KeyboardInterrupt) is the interrupt,
+    not a bug."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, KeyboardInterrupt):
-            return True
+            return e
         seen.add(id(e))
         e = e.__context__ or e.__cause__
-    return False
+    return None
 
 
 def _os_problem(e: BaseException) -> str | None:
@@ -781,6 +794,12 @@ def main(argv: list[str] | None = None) -> int:
         # under torchrun the first process speaks for all (each printed every line); errors
         # from any process still reach stderr
         sys.stdout = open(os.devnull, "w")
+    import signal
+    import threading
+
+    on_term = None  # (main() called from a program that set its own SIGTERM handler keeps it)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        on_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args) or 0
     except HwnasError as e:
@@ -799,11 +818,15 @@ def main(argv: list[str] | None = None) -> int:
             # or full disk): the path and the fix, not a traceback
             print(f"hwnas {args.command}: error: {problem}", file=sys.stderr)
             return 2
-        if not _after_interrupt(e):  # (Ctrl-C, or an error raised while it unwound)
+        stop = _after_interrupt(e)  # (Ctrl-C or SIGTERM, or an error raised while it unwound)
+        if stop is None:
             raise
-        print(f"hwnas {args.command}: interrupted (finished work is kept; run it again to resume)",
-              file=sys.stderr)
-        return 130
+        print(f"hwnas {args.command}: {'terminated' if isinstance(stop, Terminated) else 'interrupted'} "
+              "(finished work is kept; run it again to resume)", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# what a writer killed outright (SIGKILL, a power cut) leaves: atomic_path's temp files
+# (mkstemp: 8 of [a-z0-9_]), and the one safetensors (0.5 and later) writes its file through
+# before renaming it to the name it was given (Rust's tempfile: ".tmp" and 6 letters or digits)
+_LEFT_BY_A_KILL = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
+
+
+def remove_left_temps(folder: str | os.PathLike) -> tuple[int, int]:
+    """Remove the temp files that writes into ``folder`` cut off by a kill left there: (how
+    many, their bytes). Only for a folder that no other process writes to now (its training
+    lock held): a live writer's temp file would go from under it."""
+    n = size = 0
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0, 0
+    for e in entries:
+        if _LEFT_BY_A_KILL.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+            try:
+                size += e.stat(follow_symlinks=False).st_size
+                os.unlink(e.path)
+                n += 1
+            except FileNotFoundError:
+                pass
+    return n, size
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -84,6 +84,75 @@ def test_an_interrupted_write_leaves_neither_a_half_file_nor_a_temp_file(tmp_pat
     assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
+def _child(code: str, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def test_temp_files_a_kill_left_go_when_the_training_lock_is_next_taken(tmp_path):
+    """A checkpoint write cut off by SIGKILL leaves its temp file (and safetensors' own, as
+    large as the checkpoint); the next training of that model removes them, and nothing else."""
+    import signal
+
+    from hwnas.compat.train import training_lock
+
+    folder = tmp_path / "run" / "gallery"
+    folder.mkdir(parents=True)
+    keep = ["model.safetensors", "config.json", "notes.tmp", ".tmp", "checkpoint.safetensors"]
+    for name in keep:
+        (folder / name).write_bytes(b"x")
+    p = _child(f"""
+from hwnas.utils import atomic_path
+with atomic_path({str(folder / "checkpoint.safetensors")!r}) as tmp:
+    tmp.write_bytes(b"half")
+    print("writing", flush=True)
+    import time; time.sleep(60)
+""", tmp_path)
+    assert p.stdout.readline() == "writing\n"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    (folder / ".tmpE3iQCZ").write_bytes(b"y" * 1000)  # safetensors' temp name
+    left = sorted(set(q.name for q in folder.iterdir()) - set(keep))
+    assert len(left) == 2 and left[0].startswith(".checkpoint.safetensors.") and left[1] == ".tmpE3iQCZ"
+    said = []
+    with training_lock(folder / "checkpoint.safetensors", "train-gallery", said.append):
+        assert sorted(q.name for q in folder.iterdir()) == sorted(keep)
+    assert said == [f"[train-gallery] removed 2 temp files (0.0 MB) that writes cut off by a kill left in {folder}"]
+
+
+def test_sigterm_is_an_interrupt_that_removes_what_was_half_written(tmp_path):
+    """kill's default signal ends a command as Ctrl-C does (143, said, no traceback), so its
+    half-written file goes, where SIGTERM's default ended it as a kill and left that."""
+    import signal
+
+    p = _child(f"""
+import sys, time
+import hwnas.cli as cli
+from hwnas.utils import atomic_path
+
+def slow(args):
+    with atomic_path({str(tmp_path / "out.bin")!r}) as tmp:
+        tmp.write_bytes(b"half")
+        print("writing", flush=True)
+        time.sleep(60)
+
+cli.COMMANDS["space"] = slow
+sys.exit(cli.main(["space"]))
+""", tmp_path)
+    assert p.stdout.readline() == "writing\n"
+    p.send_signal(signal.SIGTERM)
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 143, err
+    assert "hwnas space: terminated (finished work is kept; run it again to resume)" in err
+    assert "Traceback" not in err and not list(tmp_path.glob("*out.bin*"))
+
+
 def test_search_settings_and_storage_errors(tmp_path, monkeypatch):
     from hwnas.rundir import RunDir
     from hwnas.search.runner import make_storage

@@ -393,7 +393,7 @@ def train_gallery(cfg: Config, resume: bool = False, restart: bool = False, log=
                 **{k: f"gallery.{k}" for k in ("backbone", "backbone_checkpoint", "freeze_backbone")},
                 "embed_dim": "space.embed_dim"})
         log(f"[train-gallery] {out} is already trained (fingerprint {g['fingerprint']}); "
-            "--restart to train again")
+            "--restart to train again (hwnas run: --from train-gallery)")
         return g
     if net is None:  # (gone since the look above)
         net, loaded = gallery_network(cfg)
@@ -567,7 +567,7 @@ def train_supernet(cfg: Config, resume: bool = False, restart: bool = False, log
         diff = _differs(old, want, always=("space", "loss", "train", "flops_range", "path_sampling"))
         if diff:
             raise _differs_error(out, "a supernet", diff, "train-supernet")
-        log(f"[train-supernet] {out} is already trained; --restart to train again")
+        log(f"[train-supernet] {out} is already trained; --restart to train again (hwnas run: --from train-supernet)")
         return old
     space, pre, gallery, classes, data, unlabeled = _compat_setup(rd, loss_cfg, log)
     g_emb = None
@@ -723,7 +723,8 @@ def train_query(cfg: Config, arch: str | None = None, timm_name: str | None = No
         if old.get("seed", 0) != cfg.seed:  # models from before the seed was recorded: seed 0
             diff.append("seed")
         if not diff:
-            log(f"[train-query] {out} is already trained; --restart to train again")
+            log(f"[train-query] {out} is already trained; --restart to train again (hwnas run: --from the step "
+                "that trained it: train-query, adapt or baselines)")
             return old
         if not retrain_changed:
             raise HwnasError(f"{out} holds a query model trained with other {', '.join(diff)} "

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwnas.errors import HwnasError
-from hwnas.utils import atomic_path, bars_off, content_hash, env_world_size
+from hwnas.utils import atomic_path, bars_off, content_hash, env_world_size, remove_left_temps
 
 AUGMENTS = ("none", "crop", "crop-flip", "affine")
 
@@ -431,6 +431,12 @@ def training_lock(ckpt_path: Path, desc: str, log: Callable[[str], None] = print
                 f.truncate()
                 f.write(f"process {os.getpid()} on {socket.gethostname()}")
                 f.flush()
+                # held: no one else writes the model's folder, so a temp file there is what a
+                # write cut off by a kill left (a checkpoint's can be as large as the checkpoint)
+                n, size = remove_left_temps(ckpt_path.parent)
+                if n:
+                    log(f"[{desc}] removed {n} temp file{'s' if n > 1 else ''} ({size / 1e6:.1f} MB) "
+                        f"that {'writes' if n > 1 else 'a write'} cut off by a kill left in {ckpt_path.parent}")
             yield
         finally:  # removed while still held, so no one locks a file that is going away
             del _HELD[key]
