@@ -91,6 +91,121 @@ def test_verify_and_tamper(bundle, tmp_path):
     assert r.returncode == 2 and "gallery_items.json has changed" in r.stderr
 
 
+def test_a_hand_edited_or_thinned_manifest_is_refused(bundle, tmp_path):
+    """A manifest's normalisation edited (wrong neighbours, no error, before), an entry taken
+    out of its list (the file then checked by nothing), fields of the wrong type (tracebacks
+    before), a damaged parity probe or items list re-signed: each a BundleError naming it."""
+    import hashlib
+    import shutil
+
+    from hwnas_edge.bundle import Bundle, BundleError, verify
+
+    root, _, _ = bundle
+    src = root / "run" / "bundle"
+
+    def edited(name, change, file=None):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        m = json.loads((d / "manifest.json").read_text())
+        if file is not None:  # damage a file and sign it, as a careful tamperer would
+            change(d / file)
+            m["artifacts"][file]["sha256"] = hashlib.sha256((d / file).read_bytes()).hexdigest()
+        else:
+            change(m)
+        (d / "manifest.json").write_text(json.dumps(m))
+        return d
+
+    d = edited("mean", lambda m: m["preprocess"].update(mean=[0.9]))
+    with pytest.raises(BundleError, match=r"query.onnx records mean \[0.286\] but the manifest says \[0.9\]"):
+        Bundle(d).session()
+    d = edited("unlisted", lambda m: m["artifacts"].pop("gallery_items.json"))
+    with pytest.raises(BundleError, match="gallery_items.json is not listed in the manifest"):
+        verify(d)
+    d = edited("slipped", lambda m: m["artifacts"].pop("gallery.onnx"))
+    with pytest.raises(BundleError, match="gallery.onnx lies in the bundle but is not listed"):
+        Bundle(d)
+    for name, change, said in (
+            ("dim", lambda m: m.update(embed_dim="128x"), "embed_dim is '128x'"),
+            ("sha", lambda m: m["artifacts"]["query.onnx"].pop("sha256"), r"artifacts\['query.onnx'\] has no sha256"),
+            ("list", lambda m: m.update(artifacts=list(m["artifacts"])), "artifacts is a list"),
+            ("threads", lambda m: m["latency"]["measured_onnxruntime_cpu"].update(threads="2"), "threads is '2'"),
+            ("channels", lambda m: m["preprocess"].update(mean=[0.1, 0.2, 0.3]), r"preprocess.mean is \[0.1, 0.2, 0.3\], not 1")):
+        with pytest.raises(BundleError, match=said):
+            Bundle(edited(name, change))
+    d = edited("probe", lambda f: f.write_bytes(f.read_bytes()[:1000]), "parity_probe.npz")
+    with pytest.raises(BundleError, match="cannot read .*parity_probe.npz"):
+        verify(d)
+
+    def int_labels(f):
+        items = json.loads(f.read_text())
+        items[3]["label"] = 7
+        f.write_text(json.dumps(items))
+
+    d = edited("items", int_labels, "gallery_items.json")
+    with pytest.raises(BundleError, match="row 3 is .* not an item with a string id and a label"):
+        verify(d)
+    verify(src)  # (the original is untouched)
+
+
+def test_add_refuses_a_file_name_that_is_not_utf8(tmp_path):
+    """Such a name was added, then made the service answer 500 for any search that found it."""
+    import os
+
+    from hwnas_edge.bundle import BundleError
+    from hwnas_edge.sources import image_sources
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(folder / "fine.png")
+    Image.new("L", (8, 8)).save(folder / os.fsdecode(b"bad\xffname.png"))
+    with pytest.raises(BundleError, match=r"file name .*bad\\udcffname.png' is not UTF-8.*convmv"):
+        image_sources([folder])
+    with pytest.raises(BundleError, match=r"label name '\\udcff' is not UTF-8"):
+        image_sources([folder / "fine.png"], label=os.fsdecode(b"\xff"))
+
+
+def test_add_says_why_an_image_cannot_be_read(bundle, tmp_path):
+    import shutil
+
+    from hwnas_edge.add import add_images
+    from hwnas_edge.bundle import BundleError
+
+    root, _, _ = bundle
+    b = tmp_path / "b"
+    shutil.copytree(root / "run" / "bundle", b)
+    (tmp_path / "new.csv").write_text("path,label\ngone.png,x\n")
+    with pytest.raises(BundleError, match=r"cannot read image .*gone.png \(.*No such file or directory"):
+        add_images(b, [tmp_path / "new.csv"], log=lambda *_: None)
+
+
+def test_a_long_thin_image_is_preprocessed_in_bounded_memory(monkeypatch):
+    """A 2 KB PNG of 1 x 1,000,000 pixels was resized whole to 32 x 32,000,000 (2.3 GB) before
+    its centre was cropped; past a size only the crop's part is resized, within one level of
+    the whole resize, and images under it keep the exact pixels."""
+    from PIL import Image
+
+    import hwnas_edge.preprocess as pre
+
+    r = subprocess.run([sys.executable, "-c", """
+import re
+from PIL import Image
+from hwnas_edge.preprocess import image_to_array
+a = image_to_array(Image.new('L', (1, 1000000), 128), 32, 1)
+assert a.shape == (1, 32, 32) and (a == 128).all()
+# this process's peak (ru_maxrss would count the parent's, from before the exec)
+print(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+"""], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "deploy")})
+    assert r.returncode == 0 and int(r.stdout) < 500_000, (r.stdout, r.stderr)  # KB: under 500 MB
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (37, 300), dtype=np.uint8), "L")
+    whole = pre.image_to_array(img, 28, 1)
+    monkeypatch.setattr(pre, "_WHOLE_RESIZE_MAX_PIXELS", 100)
+    part = pre.image_to_array(img, 28, 1)
+    assert part.shape == whole.shape and np.abs(part.astype(int) - whole).max() <= 1
+
+
 def test_failed_deploy_leaves_nothing(bundle, tmp_path):
     from hwnas.export.deploy import deploy
 
@@ -772,12 +887,31 @@ def test_service_answers_and_refuses(service, bundle, tmp_path):
         ({"embeddings": [["0.5"] * dim], "fingerprint": fp}, 422, "only numbers"),
         ({"embeddings": [[[1]] * dim], "fingerprint": fp}, 422, "only numbers"),
         ({"embeddings": v}, 400, "fingerprint"),
+        ({"embeddings": [[10 ** 400] + [0.1] * (dim - 1)], "fingerprint": fp}, 422, "finite"),
     ]
     for body_, code, word in cases:
         status, resp = _post(url + "/search", json.dumps(body_).encode())
         assert status == code and word in resp["error"], (body_, status, resp)
     status, resp = _post(url + "/search", b"{not json")
     assert status == 400 and "JSON" in resp["error"]
+    # a chunked body names no length: it is read up to the limit (8 MB), not whole
+    import http.client
+
+    host, port = url.rsplit("/", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/search")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    try:
+        for _ in range(12):  # 12 MB, in 1 MB chunks
+            conn.send(b"100000\r\n" + b" " * 0x100000 + b"\r\n")
+        conn.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):  # (the service answered and closed)
+        pass
+    r = conn.getresponse()
+    assert r.status == 413 and b"exceeds the limit" in r.read()
+    conn.close()
     with urllib.request.urlopen(url + "/health", timeout=5) as r:  # still alive
         h = json.loads(r.read())
     assert h["status"] == "ok" and h["index_size"] == m["gallery"]["n_items"]
@@ -798,11 +932,21 @@ def test_service_answers_and_refuses(service, bundle, tmp_path):
 
     device = tmp_path / "device"
     device.mkdir()
-    for name in ("manifest.json", "query.onnx", "query.int8.onnx"):
+    for name in ("manifest.json", "query.onnx"):  # (the int8 model only where --int8 is used)
         shutil.copy(root / "run" / "bundle" / name, device / name)
     thin = subprocess.run([sys.executable, "-m", "hwnas_edge.cli", "query", str(device), *args[2:], "--server", url],
                           env=env, capture_output=True, text=True)
     assert thin.returncode == 0 and ids(thin.stdout) == ids(local.stdout), thin.stderr
+    thin8 = subprocess.run([sys.executable, "-m", "hwnas_edge.cli", "query", str(device), *args[2:], "--server", url,
+                            "--int8"], env=env, capture_output=True, text=True)
+    assert thin8.returncode == 2 and "query.int8.onnx is missing" in thin8.stderr, thin8.stderr
+    # more images than the service's --max-batch (4): sent in parts, the same answers as locally
+    (tmp_path / "six").mkdir()
+    six = [str(q) for q in _test_images(cfg, tmp_path / "six", 6)]
+    local6, remote6 = (subprocess.run([sys.executable, "-m", "hwnas_edge.cli", "query", str(root / "run" / "bundle"),
+                                       *six, "--top-k", "3", "--json", *extra], env=env, capture_output=True, text=True)
+                       for extra in ([], ["--server", url]))
+    assert remote6.returncode == 0 and ids(remote6.stdout) == ids(local6.stdout), remote6.stderr
     # the endpoint's URL given for the service's: the 404 says to give the base URL
     from hwnas_edge.bundle import BundleError
     from hwnas_edge.cli import _remote_search

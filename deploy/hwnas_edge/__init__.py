@@ -1,3 +1,3 @@
 """hwnas-edge: torch-free query runtime and gallery search service for hwnas bundles."""
 
-__version__ = "0.3.2"
+__version__ = "0.3.3"

@@ -129,10 +129,11 @@ def _add(path: Path, sources, label, skip_bad: bool, skip_existing: bool, chunk:
                 kept.append((f, id_, lab))
             except ZipChanged as e:  # (the whole zip's, not one image's: never skipped)
                 raise BundleError(f"{e}: nothing was added; run hwnas-edge add again once it stays put") from None
-            except BundleError:
+            except BundleError as e:
                 if not skip_bad:
-                    raise BundleError(f"cannot read image {f}; fix or remove it, or pass --skip-bad-images "
-                                      "to leave unreadable images out") from None
+                    why = str(e).split(f"{f}: ", 1)[-1]  # (load_images's own words, less the path)
+                    raise BundleError(f"cannot read image {f} ({why}); fix or remove it, or pass "
+                                      "--skip-bad-images to leave unreadable images out") from None
                 skipped.append(str(f))
         if kept:
             x = normalize(np.stack(arrays), b.pre["mean"], b.pre["std"])

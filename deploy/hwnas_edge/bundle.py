@@ -40,6 +40,54 @@ MANIFEST_KEYS = ("artifacts", "embed_dim", "preprocess.size", "preprocess.channe
                  "preprocess.mean", "preprocess.std", "query.fingerprint", "gallery.fingerprint")
 
 
+# the files a reader of a whole bundle uses, which its manifest must list (and so hash);
+# of the query side's alone (a device whose gallery a service searches), query.onnx
+CORE_ARTIFACTS = ("query.onnx", "gallery.index", "gallery_items.json", "parity_probe.npz")
+# every file deploy may write: one of them present but unlisted was slipped in (or its entry
+# taken out), so its hash is checked by nothing
+KNOWN_ARTIFACTS = CORE_ARTIFACTS + ("query.int8.onnx", "gallery.onnx", "gallery.plan")
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with the types of a manifest's fields that readers use (a hand edit, a
+    damaged file), or None."""
+    def num(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+    arts = m["artifacts"]
+    if not isinstance(arts, dict):
+        return f"artifacts is a {type(arts).__name__}, not a mapping of file names to their sha256"
+    for name, a in arts.items():
+        if not (isinstance(a, dict) and isinstance(a.get("sha256"), str)
+                and re.fullmatch(r"[0-9a-f]{64}", a["sha256"])):
+            return f"artifacts[{name!r}] has no sha256 (64 hex digits): {a!r}"
+    if not count(m["embed_dim"]):
+        return f"embed_dim is {m['embed_dim']!r}, not a whole number >= 1"
+    pre = m["preprocess"]
+    if not count(pre["size"]):
+        return f"preprocess.size is {pre['size']!r}, not a whole number >= 1"
+    if pre["channels"] not in (1, 3) or isinstance(pre["channels"], bool):
+        return f"preprocess.channels is {pre['channels']!r}, not 1 or 3"
+    for k in ("mean", "std"):
+        v = pre[k]
+        if not (isinstance(v, list) and len(v) == pre["channels"] and all(num(x) for x in v)
+                and (k == "mean" or all(x > 0 for x in v))):
+            return (f"preprocess.{k} is {v!r}, not {pre['channels']} number(s)"
+                    + (" above 0" if k == "std" else "") + " (one per channel)")
+    for k in ("query", "gallery"):
+        if not isinstance(m[k]["fingerprint"], str):
+            return f"{k}.fingerprint is {m[k]['fingerprint']!r}, not a string"
+    lat = m.get("latency")
+    threads = ((lat.get("measured_onnxruntime_cpu") or {}) if isinstance(lat, dict) else {})
+    threads = threads.get("threads") if isinstance(threads, dict) else None
+    if threads is not None and not count(threads):
+        return f"latency.measured_onnxruntime_cpu.threads is {threads!r}, not a whole number >= 1"
+    return None
+
+
 def _has(d: dict, dotted: str) -> bool:
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:
@@ -181,6 +229,19 @@ def ort_session(path: str | Path, threads: int | None = None):
         raise BundleError(f"ONNX Runtime cannot load {path}: {first_line(e)}; deploy the bundle again") from None
 
 
+def _same_value(recorded: str, want) -> bool:
+    """Whether a model's metadata value (a string: a number, or a JSON list of numbers) is
+    the manifest's ``want``."""
+    if isinstance(want, (list, int, float)) and not isinstance(want, bool):
+        try:
+            a = np.atleast_1d(np.asarray(json.loads(recorded), dtype=float))
+        except (ValueError, TypeError):
+            return False
+        b = np.atleast_1d(np.asarray(want, dtype=float))
+        return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-6, atol=0))
+    return str(recorded) == str(want)
+
+
 class Bundle:
     def __init__(self, path: str | Path, check_hashes: bool = True, query_only: bool = False):
         """``query_only``: the device embeds only (its gallery searched by a service), so it
@@ -205,6 +266,12 @@ class Bundle:
         if missing:
             raise BundleError(f"{mpath} lacks {', '.join(missing)}: it is damaged or was not "
                               "written by `hwnas deploy`; deploy the bundle again")
+        problem = _manifest_problem(self.manifest)
+        if problem:
+            raise BundleError(f"{mpath}: {problem}: it is damaged or was edited by hand; deploy the "
+                              "bundle again")
+        self._check = check_hashes
+        self._checked: set[str] = set()
         if check_hashes:
             bad = self.check_hashes(query_only)
             if bad:
@@ -215,16 +282,30 @@ class Bundle:
         self._items = None
 
     # ---------------------------------------------------------------- integrity
-    def check_hashes(self, query_only: bool = False) -> list[str]:
-        bad = []
-        for name, a in self.manifest["artifacts"].items():
-            if query_only and not name.startswith("query"):
+    def check_hashes(self, query_only: bool = False, names: Sequence[str] | None = None) -> list[str]:
+        """What is wrong with the bundle's files against the manifest's list and hashes: every
+        listed file (``query_only``: query.onnx alone; ``names``: those), the core files
+        listed, and none of deploy's files lying there unlisted."""
+        arts = self.manifest["artifacts"]
+        if names is None:
+            names = ["query.onnx"] if query_only else list(arts)
+            bad = [f"{n} is not listed in the manifest (an entry taken out: nothing would check "
+                   "that file)" for n in (("query.onnx",) if query_only else CORE_ARTIFACTS) if n not in arts]
+            if not query_only:
+                bad += [f"{n} lies in the bundle but is not listed in the manifest" for n in KNOWN_ARTIFACTS
+                        if n not in arts and n not in CORE_ARTIFACTS and (self.path / n).exists()]
+        else:
+            bad = []
+        for name in names:
+            if name not in arts:
                 continue
             p = self.path / name
             if not p.exists():
                 bad.append(f"{name} is missing")
-            elif sha256_file(p) != a["sha256"]:
+            elif sha256_file(p) != arts[name]["sha256"]:
                 bad.append(f"{name} has changed (sha256 mismatch)")
+            else:
+                self._checked.add(name)
         return bad
 
     @property
@@ -256,18 +337,25 @@ class Bundle:
             raise BundleError(f"{self.path} has no int8 query model (deploy with --int8)")
         if threads is not None and threads < 1:
             raise BundleError(f"threads must be 1 or more, not {threads}")
+        if self._check and name not in self._checked:  # (a device that embeds only checked query.onnx)
+            bad = self.check_hashes(names=[name])
+            if bad:
+                raise BundleError(f"{self.path}: artifacts do not match the manifest: {'; '.join(bad)}")
         if self._session is None or int8 or threads is not None:
             s = ort_session(self.path / name, threads or self.query_threads)
             meta = s.get_modelmeta().custom_metadata_map
             if meta.get("gallery_fingerprint") != self.gallery_fingerprint:
                 raise BundleError(f"{name} is compatible with gallery {meta.get('gallery_fingerprint')} "
                                   f"but this index was built by gallery {self.gallery_fingerprint}")
-            # the model's own record of what it is and takes, against the manifest's
-            for key, want in (("query_fingerprint", self.query_fingerprint),
-                              ("input_size", self.pre["size"]), ("channels", self.pre["channels"])):
-                if key in meta and str(meta[key]) != str(want):
+            # the model's own record of what it is and takes, against the manifest's: an edited
+            # normalisation would give wrong neighbours with no error
+            for key, want in (("query_fingerprint", self.query_fingerprint), ("input_size", self.pre["size"]),
+                              ("channels", self.pre["channels"]), ("embed_dim", self.dim),
+                              ("mean", self.pre["mean"]), ("std", self.pre["std"])):
+                if key in meta and not _same_value(meta[key], want):
                     raise BundleError(f"{name} records {key} {meta[key]} but the manifest says {want}: "
-                                      "the two come from different deployments; deploy the bundle again")
+                                      "the two come from different deployments, or the manifest was "
+                                      "edited; deploy the bundle again")
             if int8 or threads is not None:
                 return s
             self._session = s
@@ -315,9 +403,19 @@ class Bundle:
     def items(self) -> list[dict]:
         if self._items is None:
             self._items = _read_json(self.path / "gallery_items.json", "gallery items")
-            if not isinstance(self._items, list) or len(self._items) != self.index.ntotal:
+            items = self._items
+            self._items = None
+            if not isinstance(items, list) or len(items) != self.index.ntotal:
                 raise BundleError(f"{self.path / 'gallery_items.json'} does not list the index's "
                                   f"{self.index.ntotal} rows; deploy the bundle again")
+            bad = next((i for i, it in enumerate(items) if not (
+                isinstance(it, dict) and isinstance(it.get("id"), str) and "label" in it
+                and (it["label"] is None or isinstance(it["label"], str)))), None)
+            if bad is not None:
+                raise BundleError(f"{self.path / 'gallery_items.json'} row {bad} is {items[bad]!r}, not an "
+                                  "item with a string id and a label (a string or null); deploy the "
+                                  "bundle again")
+            self._items = items
         return self._items
 
     def search(self, emb: np.ndarray, k: int = 5) -> list[list[dict]]:
@@ -337,10 +435,17 @@ class Bundle:
     def parity(self) -> dict:
         """Re-run the probe images through query.onnx (and gallery.onnx) and compare with the
         reference PyTorch embeddings stored at deploy time."""
-        probe = np.load(self.path / "parity_probe.npz")
+        import zipfile
+
+        try:  # (allow_pickle off, as np.load's default: the probe holds arrays alone)
+            with np.load(self.path / "parity_probe.npz") as z:
+                probe = {k: z[k] for k in z.files}  # (a damaged member fails here, not later)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise BundleError(f"cannot read {self.path / 'parity_probe.npz'} ({first_line(e)}); "
+                              "deploy the bundle again") from None
         out = {}
         for side, onnx_name in (("query", "query.onnx"), ("gallery", "gallery.onnx")):
-            if f"{side}_reference" not in probe.files:
+            if f"{side}_reference" not in probe:
                 continue
             s = ort_session(self.path / onnx_name)
             x = normalize(probe[f"{side}_images"], self.pre["mean"], self.pre["std"])

@@ -65,6 +65,10 @@ def _remote_search(server: str, emb, fingerprint: str, k: int, timeout: float = 
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
     except urllib.error.HTTPError as e:
+        if e.code == 413 and len(emb) > 1:  # over the service's --max-batch or body limit: in halves
+            half = (len(emb) + 1) // 2
+            return (_remote_search(server, emb[:half], fingerprint, k, timeout)
+                    + _remote_search(server, emb[half:], fingerprint, k, timeout))
         msg = e.read().decode(errors="replace")
         hint = (f"; --server takes the service's base URL (hwnas-edge adds /search), e.g. "
                 f"{server.rstrip('/').rsplit('/', 1)[0]}" if e.code == 404 and urllib.parse.urlsplit(server).path.strip("/")
@@ -179,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as e:
         print(f"hwnas-edge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # (add writes through a staging copy: the bundle is as it was)
+        print(f"hwnas-edge {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         if not stdout_gone():
             raise

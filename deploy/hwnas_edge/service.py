@@ -106,9 +106,12 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             return error(413, f"request body of {length} bytes exceeds the limit of {max_body_bytes}")
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            return error(413, f"request body exceeds the limit of {max_body_bytes} bytes")
+        raw = bytearray()  # read up to the limit, not whole: a chunked body names no length
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > max_body_bytes:
+                return error(413, f"request body exceeds the limit of {max_body_bytes} bytes")
+        raw = bytes(raw)
         try:
             import json
 
@@ -140,7 +143,10 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
         # numbers only: numpy would take "0.5" and true as numbers, and nest a list in a list
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for v in emb for x in v):
             return error(422, "embeddings must contain only numbers (no strings, booleans or lists)")
-        arr = np.asarray(emb, dtype=np.float32)
+        try:
+            arr = np.asarray(emb, dtype=np.float32)
+        except OverflowError:  # (an integer beyond any float)
+            arr = np.full((1,), np.inf, dtype=np.float32)
         if not np.isfinite(arr).all() or any(math.isclose(float(n), 0.0) for n in np.linalg.norm(arr, axis=1)):
             return error(422, "embeddings must be finite and non-zero")
         return {"results": bundle.search(arr, top_k)}

@@ -236,4 +236,12 @@ def image_sources(sources: Sequence[str | Path], label: str | None = None) -> li
                               f"manifest (image suffixes: {', '.join(sorted(IMAGE_EXTS))})")
     if not out:
         raise BundleError(f"{', '.join(map(str, sources))} list no images")
+    for f, id_, lab in out:  # ids, labels and paths go into JSON and HTTP answers: UTF-8 alone
+        for what, text in (("file", str(f)), ("label", lab)):
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError:
+                raise BundleError(f"the {what} name {ascii(text)} is not UTF-8 (files unpacked from an "
+                                  "archive made on another system, often): rename it to UTF-8 (convmv -f "
+                                  "latin1 -t utf8 --notest FILE, or by hand) and run this again") from None
     return out
