@@ -490,14 +490,14 @@ def test_resume_after_kill_keeps_trials(search_run, tmp_path):
         assert ps in done_params, (ps, r.stdout[-2000:])
 
 
-def test_resume_queues_again_what_a_killed_worker_was_evaluating(tiny_space):
+def test_resume_queues_again_what_a_killed_worker_was_evaluating(tiny_space, monkeypatch):
     from hwnas.search.runner import _requeue_lost
 
     ts = optuna.trial.TrialState
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
     rng = random.Random(0)
     archs = []
-    while len(archs) < 6:  # six different networks
+    while len(archs) < 7:  # seven different networks
         a = tiny_space.canonical(tiny_space.sample(rng))
         if a not in archs:
             archs.append(a)
@@ -505,7 +505,7 @@ def test_resume_queues_again_what_a_killed_worker_was_evaluating(tiny_space):
     p.wait()
     host = __import__("socket").gethostname()
     workers = [f"{host}:{p.pid}",  # killed on this machine: lost
-               None,  # killed before its first write: lost
+               None,  # killed before its first write, long enough ago: lost
                f"{host}:{os.getpid()}",  # alive: left alone
                "elsewhere.example:1",  # another machine's: its heartbeat decides
                "ctrl-c",  # stopped by Ctrl-C: FAIL
@@ -521,10 +521,16 @@ def test_resume_queues_again_what_a_killed_worker_was_evaluating(tiny_space):
     t = study.ask()
     tiny_space.suggest(t)
     study.tell(t, 0.5)
+    from hwnas.search import runner
+
+    monkeypatch.setattr(runner, "UNCLAIMED_TRIAL_S", 0.5)  # (10 s: a test waits less)
+    time.sleep(0.6)  # trial 1 is old enough now; trial 7, begun below, is not
+    study.enqueue_trial(tiny_space.params_of(archs[6]))
+    study.ask()  # no worker yet, started just now: another live worker's, perhaps
     logged = []
     assert _requeue_lost(study, tiny_space, logged.append) == 3
     states = [t.state for t in study.trials]
-    assert states[:7] == [ts.FAIL, ts.FAIL, ts.RUNNING, ts.RUNNING, ts.FAIL, ts.FAIL, ts.COMPLETE]
+    assert states[:8] == [ts.FAIL, ts.FAIL, ts.RUNNING, ts.RUNNING, ts.FAIL, ts.FAIL, ts.COMPLETE, ts.RUNNING]
     waiting = [t for t in study.trials if t.state == ts.WAITING]
     assert [t.system_attrs["fixed_params"] for t in waiting] == [tiny_space.params_of(archs[i]) for i in (0, 1, 4)]
     assert [(t.user_attrs["retry_of"], t.user_attrs["baseline"]) for t in waiting] == [(0, "b0"), (1, "b1"), (4, "b4")]

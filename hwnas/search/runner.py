@@ -714,12 +714,23 @@ def _arch_of_params(space, params: dict) -> Arch | None:
         return None
 
 
-def _worker_gone(worker: str | None) -> bool:
+# A trial's worker records itself in the trial's first write; before it, the sampler may
+# still be working (TPE's relative sampling, in a large study: well under a second). A trial
+# with no worker this long after its start is taken as one whose worker was killed.
+UNCLAIMED_TRIAL_S = 10.0
+
+
+def _worker_gone(worker: str | None, started=None) -> bool:
     """Whether the search worker ``worker`` ("host:pid", as trials record it) is known to have
     ended: it ran on this machine and its process is gone. A worker elsewhere, or a pid
-    that lives (perhaps taken by another process since), is not known to have ended."""
-    if worker is None:  # killed before the trial's first write: its worker cannot be told
-        return True
+    that lives (perhaps taken by another process since), is not known to have ended. A trial
+    that names no worker (killed before its first write) counts as ended once it is
+    :data:`UNCLAIMED_TRIAL_S` old (``started``: Optuna's datetime_start): a live worker of a
+    shared storage, between its trial's start and its first write, must not be failed under it."""
+    if worker is None:
+        import datetime
+
+        return started is not None and (datetime.datetime.now() - started).total_seconds() > UNCLAIMED_TRIAL_S
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
@@ -747,7 +758,7 @@ def _requeue_lost(study, space, log=print) -> int:
     lost = []
     for t in study.get_trials(deepcopy=False, states=(ts.RUNNING, ts.FAIL)):
         if t.state == ts.RUNNING:
-            if not _worker_gone(t.user_attrs.get("worker")):
+            if not _worker_gone(t.user_attrs.get("worker"), t.datetime_start):
                 continue
             study.tell(t.number, state=ts.FAIL)
         lost.append(t)
