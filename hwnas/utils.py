@@ -61,7 +61,7 @@ def remove_left_temps(folder: str | os.PathLike) -> tuple[int, int]:
     n = size = 0
     try:
         entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # (none yet, not a folder, not readable: nothing to do here)
         return 0, 0
     for e in entries:
         if _LEFT_BY_A_KILL.fullmatch(e.name) and e.is_file(follow_symlinks=False):
@@ -69,7 +69,7 @@ def remove_left_temps(folder: str | os.PathLike) -> tuple[int, int]:
                 size += e.stat(follow_symlinks=False).st_size
                 os.unlink(e.path)
                 n += 1
-            except FileNotFoundError:
+            except OSError:  # (gone meanwhile, or not ours to remove: left)
                 pass
     return n, size
 

@@ -129,7 +129,7 @@ def test_a_hand_edited_or_thinned_manifest_is_refused(bundle, tmp_path):
             ("sha", lambda m: m["artifacts"]["query.onnx"].pop("sha256"), r"artifacts\['query.onnx'\] has no sha256"),
             ("list", lambda m: m.update(artifacts=list(m["artifacts"])), "artifacts is a list"),
             ("threads", lambda m: m["latency"]["measured_onnxruntime_cpu"].update(threads="2"), "threads is '2'"),
-            ("channels", lambda m: m["preprocess"].update(mean=[0.1, 0.2, 0.3]), r"preprocess.mean is \[0.1, 0.2, 0.3\], not 1")):
+            ("channels", lambda m: m["preprocess"].update(mean=[0.1, 0.2, 0.3]), r"preprocess.mean is \[0.1, 0.2, 0.3\], not one number or 1")):
         with pytest.raises(BundleError, match=said):
             Bundle(edited(name, change))
     d = edited("probe", lambda f: f.write_bytes(f.read_bytes()[:1000]), "parity_probe.npz")
@@ -145,6 +145,14 @@ def test_a_hand_edited_or_thinned_manifest_is_refused(bundle, tmp_path):
     with pytest.raises(BundleError, match="row 3 is .* not an item with a string id and a label"):
         verify(d)
     verify(src)  # (the original is untouched)
+    # one mean and std for every channel, as a 3-channel config with the default (0.5,) writes
+    from hwnas_edge.bundle import _manifest_problem
+
+    m = json.loads((src / "manifest.json").read_text())
+    m["preprocess"].update(channels=3, mean=[0.5], std=[0.5])
+    assert _manifest_problem(m) is None
+    m["preprocess"].update(mean=[0.5, 0.5])
+    assert "preprocess.mean is [0.5, 0.5], not one number or 3" in _manifest_problem(m)
 
 
 def test_add_refuses_a_file_name_that_is_not_utf8(tmp_path):

@@ -491,52 +491,64 @@ def test_resume_after_kill_keeps_trials(search_run, tmp_path):
 
 
 def test_resume_queues_again_what_a_killed_worker_was_evaluating(tiny_space, monkeypatch):
-    from hwnas.search.runner import _requeue_lost
+    from hwnas.search import runner
+    from hwnas.search.runner import _boot_and_pid_namespace, _requeue_lost, worker_record
 
+    if _boot_and_pid_namespace() is None:
+        pytest.skip("no /proc: the worker's process is told by its pid alone there")
     ts = optuna.trial.TrialState
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
     rng = random.Random(0)
     archs = []
-    while len(archs) < 7:  # seven different networks
+    while len(archs) < 9:  # nine different networks
         a = tiny_space.canonical(tiny_space.sample(rng))
         if a not in archs:
             archs.append(a)
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
-    host = __import__("socket").gethostname()
-    workers = [f"{host}:{p.pid}",  # killed on this machine: lost
+    host, here = __import__("socket").gethostname(), _boot_and_pid_namespace()
+    workers = [lambda n: f"{host}|{p.pid}|{here}/{p.pid}/123#{n}",  # killed on this machine: lost
                None,  # killed before its first write, long enough ago: lost
-               f"{host}:{os.getpid()}",  # alive: left alone
-               "elsewhere.example:1",  # another machine's: its heartbeat decides
+               worker_record,  # alive (this process): left alone
+               lambda n: f"elsewhere.example|1|x/1/1/1#{n}",  # another machine's: its heartbeat decides
                "ctrl-c",  # stopped by Ctrl-C: FAIL
-               "ctrl-c"]  # FAIL, but its arch was evaluated since: not queued again
+               "ctrl-c",  # FAIL, but its arch was evaluated since: not queued again
+               lambda n: f"{host}|{p.pid}|{here.split('/')[0]}/1/{p.pid}/123#{n}",  # another pid namespace
+               lambda n: f"{host}|{p.pid}|{here}/{p.pid}/123#{n + 100}"]  # a retry's copy of another's record
     for i, (a, w) in enumerate(zip(archs, workers)):
         study.enqueue_trial(tiny_space.params_of(a), user_attrs={"baseline": f"b{i}"})
         t = study.ask()
-        if w is not None:
-            t.set_user_attr("worker", w)
+        if callable(w):
+            t.set_user_attr("worker_process", w(t.number))
         if w == "ctrl-c":
             study.tell(t, state=ts.FAIL)
     study.enqueue_trial(tiny_space.params_of(archs[5]))
     t = study.ask()
     tiny_space.suggest(t)
     study.tell(t, 0.5)
-    from hwnas.search import runner
-
     monkeypatch.setattr(runner, "UNCLAIMED_TRIAL_S", 0.5)  # (10 s: a test waits less)
-    time.sleep(0.6)  # trial 1 is old enough now; trial 7, begun below, is not
-    study.enqueue_trial(tiny_space.params_of(archs[6]))
+    time.sleep(0.6)  # trials 1 and 7 are old enough now; trial 9, begun below, is not
+    study.enqueue_trial(tiny_space.params_of(archs[8]))
     study.ask()  # no worker yet, started just now: another live worker's, perhaps
     logged = []
-    assert _requeue_lost(study, tiny_space, logged.append) == 3
+    assert _requeue_lost(study, tiny_space, logged.append, local=False) == 2  # shared: 1 and 7 wait
+    assert _requeue_lost(study, tiny_space, logged.append) == 2  # the run's own study: they are lost
     states = [t.state for t in study.trials]
-    assert states[:8] == [ts.FAIL, ts.FAIL, ts.RUNNING, ts.RUNNING, ts.FAIL, ts.FAIL, ts.COMPLETE, ts.RUNNING]
+    assert states[:10] == [ts.FAIL, ts.FAIL, ts.RUNNING, ts.RUNNING, ts.FAIL, ts.FAIL, ts.RUNNING,
+                           ts.FAIL, ts.COMPLETE, ts.RUNNING]
     waiting = [t for t in study.trials if t.state == ts.WAITING]
-    assert [t.system_attrs["fixed_params"] for t in waiting] == [tiny_space.params_of(archs[i]) for i in (0, 1, 4)]
-    assert [(t.user_attrs["retry_of"], t.user_attrs["baseline"]) for t in waiting] == [(0, "b0"), (1, "b1"), (4, "b4")]
-    assert logged == ["[search] trials 0, 1, 4 stopped before their arch was evaluated (a kill or Ctrl-C): "
-                      "queued again"]
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [tiny_space.params_of(archs[i]) for i in (0, 4, 1, 7)]
+    assert [(t.user_attrs["retry_of"], t.user_attrs["baseline"]) for t in waiting] == [
+        (0, "b0"), (4, "b4"), (1, "b1"), (7, "b7")]
+    assert logged == ["[search] trials 0, 4 stopped before their arch was evaluated (a kill or Ctrl-C): queued again",
+                      "[search] trials 1, 7 stopped before their arch was evaluated (a kill or Ctrl-C): queued again"]
     assert _requeue_lost(study, tiny_space, logged.append) == 0  # queued already: not twice
+    # a retry stopped too (an arch that kills its worker each time): not queued a third time
+    retry = study.ask()
+    assert retry.user_attrs["retry_of"] == 0
+    study.tell(retry, state=ts.FAIL)
+    assert _requeue_lost(study, tiny_space, logged.append) == 0
+    assert logged[-1] == f"[search] the arch of trial {retry.number} stopped its evaluation twice (queued again once already): left out"
 
 
 def _postgres_url() -> str:

@@ -73,9 +73,9 @@ def _manifest_problem(m: dict) -> str | None:
         return f"preprocess.channels is {pre['channels']!r}, not 1 or 3"
     for k in ("mean", "std"):
         v = pre[k]
-        if not (isinstance(v, list) and len(v) == pre["channels"] and all(num(x) for x in v)
-                and (k == "mean" or all(x > 0 for x in v))):
-            return (f"preprocess.{k} is {v!r}, not {pre['channels']} number(s)"
+        if not (isinstance(v, list) and len(v) in (1, pre["channels"]) and all(num(x) for x in v)
+                and (k == "mean" or all(x > 0 for x in v))):  # (one value: every channel's)
+            return (f"preprocess.{k} is {v!r}, not one number or {pre['channels']}"
                     + (" above 0" if k == "std" else "") + " (one per channel)")
     for k in ("query", "gallery"):
         if not isinstance(m[k]["fingerprint"], str):

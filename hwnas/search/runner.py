@@ -574,9 +574,12 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     for params in user:  # the caller's known archs first
         study.enqueue_trial(params, user_attrs={"baseline": "user"})
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    lost = _requeue_lost(study, space, log) if old is not None else 0
+    lost = 0
+    if old is not None and _n_feasible(study, space) < s.n_trials:  # (a finished study is not reopened)
+        lost = _requeue_lost(study, space, log, local=s.storage is None)
     # archs the caller queues, and those a killed worker left, are evaluated, in a study that
-    # has its n_trials already too (with those queued before them: trials run in the order queued)
+    # has its n_trials already too (with those queued before them: trials run in the order
+    # queued, so a lost arch queued again behind the start-up archs runs after them)
     waiting = (len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
                if user or lost else 0)
     target = max(s.n_trials, _n_feasible(study, space) + waiting)
@@ -605,7 +608,8 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     max_repeats = max(100, 2 * s.n_trials)
 
     def objective(trial):
-        trial.set_user_attr("worker", worker)  # first: a resume tells a killed worker's trial by it
+        trial.set_user_attr("worker_process", worker_record(trial.number))  # first: a resume tells
+        trial.set_user_attr("worker", worker)  # a killed worker's trial by it
         # one string per network: a scale that rounds to another's width names the same one
         arch = space.canonical(space.suggest(trial))
         key = arch.to_string(space)
@@ -715,26 +719,62 @@ def _arch_of_params(space, params: dict) -> Arch | None:
 
 
 # A trial's worker records itself in the trial's first write; before it, the sampler may
-# still be working (TPE's relative sampling, in a large study: well under a second). A trial
-# with no worker this long after its start is taken as one whose worker was killed.
+# still be working (TPE's relative sampling, in a large study: well under a second). In the
+# run directory's own study (no other machine's workers, one clock), a trial with no worker
+# this long after its start is taken as one whose worker was killed.
 UNCLAIMED_TRIAL_S = 10.0
 
 
-def _worker_gone(worker: str | None, started=None) -> bool:
-    """Whether the search worker ``worker`` ("host:pid", as trials record it) is known to have
-    ended: it ran on this machine and its process is gone. A worker elsewhere, or a pid
-    that lives (perhaps taken by another process since), is not known to have ended. A trial
-    that names no worker (killed before its first write) counts as ended once it is
-    :data:`UNCLAIMED_TRIAL_S` old (``started``: Optuna's datetime_start): a live worker of a
-    shared storage, between its trial's start and its first write, must not be failed under it."""
-    if worker is None:
+@functools.lru_cache(maxsize=1)
+def _boot_and_pid_namespace() -> str | None:
+    try:
+        return (Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+                + f"/{os.stat('/proc/self/ns/pid').st_ino}")
+    except OSError:
+        return None
+
+
+def _process_identity(pid: int) -> str | None:
+    """Process ``pid`` of this machine, told apart from a later process of the same pid, from
+    another container's (same host name, its own pids) and from another boot's: the boot id,
+    the pid namespace, the pid and the process's start time (Linux's /proc); None where
+    these cannot be read (no such process, or no /proc)."""
+    where = _boot_and_pid_namespace()
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22
+    except (OSError, IndexError):
+        return None
+    return None if where is None else f"{where}/{pid}/{start}"
+
+
+def worker_record(number: int) -> str:
+    """What a trial records of the worker that runs it (``worker_process``): this machine,
+    this process and the trial's number (a retry copies its original's attributes: the
+    number tells the copy from the retry's own record)."""
+    return f"{socket.gethostname()}|{os.getpid()}|{_process_identity(os.getpid()) or ''}#{number}"
+
+
+def _worker_gone(t, local: bool) -> bool:
+    """Whether the worker of RUNNING trial ``t`` is known to have ended: it ran on this
+    machine (in this boot and pid namespace, where Linux tells them) and its process is gone.
+    A worker elsewhere, or one that cannot be told, is not known to have ended. A trial that
+    names no worker of its own (killed before its first write) counts as ended only in the
+    run directory's own study (``local``) and once :data:`UNCLAIMED_TRIAL_S` old: a live worker
+    of a shared storage, between its trial's start and its first write, must not be failed
+    under it (its next write would raise), and other machines' clocks may differ."""
+    rec = t.user_attrs.get("worker_process")
+    if not isinstance(rec, str) or not rec.endswith(f"#{t.number}"):
         import datetime
 
-        return started is not None and (datetime.datetime.now() - started).total_seconds() > UNCLAIMED_TRIAL_S
-    host, _, pid = worker.rpartition(":")
+        return (local and t.datetime_start is not None
+                and (datetime.datetime.now() - t.datetime_start).total_seconds() > UNCLAIMED_TRIAL_S)
+    host, pid, ident = (rec.rsplit("#", 1)[0].split("|") + ["", "", ""])[:3]
     if host != socket.gethostname() or not pid.isdigit():
         return False
-    try:
+    if ident:  # the same boot and namespace, and that pid now no process or a later one
+        here = _boot_and_pid_namespace()
+        return here is not None and ident.rsplit("/", 2)[0] == here and _process_identity(int(pid)) != ident
+    try:  # (no /proc: the pid alone)
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
@@ -743,33 +783,42 @@ def _worker_gone(worker: str | None, started=None) -> bool:
     return False
 
 
-def _requeue_lost(study, space, log=print) -> int:
+def _requeue_lost(study, space, log=print, local: bool = True) -> int:
     """Queue again the archs that a killed or interrupted worker was evaluating, so that a
     resumed search evaluates them as an uninterrupted one would have. Such a trial is FAIL
-    (Ctrl-C, an error) or RUNNING with its worker gone (a kill on this machine; one elsewhere
-    is failed and retried by the storage's heartbeat after its grace period). The RUNNING ones
-    are marked FAIL, so that no trial stays RUNNING for good. An arch that a trial has
-    evaluated, or that waits in the queue, is not queued again; nor is a trial stopped before
-    its sampler had proposed a whole arch (the sampler proposes anew). Returns how many were
-    queued."""
+    (Ctrl-C, an error) or RUNNING with its worker gone (:func:`_worker_gone`; on an RDB
+    storage, one whose worker cannot be told is failed and retried by the heartbeat after
+    its grace period; on a journal, it stays RUNNING). The RUNNING ones are marked FAIL, so
+    that no trial stays RUNNING for good. Each arch is queued again once: not if a trial has
+    evaluated it, it waits in the queue, the lost trial was itself a retry or has had one (an
+    arch that kills its worker every time would otherwise stop every resume), nor where the
+    trial stopped before its sampler had proposed a whole arch (the sampler proposes anew).
+    Returns how many were queued."""
     import optuna
 
     ts = optuna.trial.TrialState
     lost = []
     for t in study.get_trials(deepcopy=False, states=(ts.RUNNING, ts.FAIL)):
         if t.state == ts.RUNNING:
-            if not _worker_gone(t.user_attrs.get("worker"), t.datetime_start):
+            if not _worker_gone(t, local):
                 continue
-            study.tell(t.number, state=ts.FAIL)
+            try:
+                study.tell(t.number, state=ts.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                pass  # failed meanwhile (another resume, the heartbeat): failed either way
         lost.append(t)
     if not lost:
         return 0
-    have = set()
-    for t in study.get_trials(deepcopy=False, states=(ts.COMPLETE, ts.WAITING)):
-        a = _arch_of_params(space, t.params or t.system_attrs.get("fixed_params", {}))
-        if a is not None:
-            have.add(space.canonical(a))
-    queued = []
+    have, retried = set(), set()
+    for t in study.get_trials(deepcopy=False):
+        for n in (t.user_attrs.get("retry_of"), t.system_attrs.get("failed_trial")):
+            if isinstance(n, int):
+                retried.add(n)
+        if t.state in (ts.COMPLETE, ts.WAITING):
+            a = _arch_of_params(space, t.params or t.system_attrs.get("fixed_params", {}))
+            if a is not None:
+                have.add(space.canonical(a))
+    queued, twice = [], {}  # (twice: by arch, its latest trial)
     for t in sorted(lost, key=lambda t: t.number):
         params = t.system_attrs.get("fixed_params") or t.params
         a = _arch_of_params(space, params)
@@ -778,6 +827,9 @@ def _requeue_lost(study, space, log=print) -> int:
         except Exception:
             whole = False
         if not whole or space.canonical(a) in have:
+            continue
+        if t.number in retried or "retry_of" in t.user_attrs or "failed_trial" in t.system_attrs:
+            twice[space.canonical(a)] = t.number
             continue
         have.add(space.canonical(a))
         attrs = {"retry_of": t.number}
@@ -789,6 +841,11 @@ def _requeue_lost(study, space, log=print) -> int:
         log(f"[search] trial{'s' if len(queued) > 1 else ''} {', '.join(map(str, queued))} "
             f"stopped before {'their' if len(queued) > 1 else 'its'} arch was evaluated (a kill or "
             "Ctrl-C): queued again")
+    if twice:
+        nums = sorted(twice.values())
+        log(f"[search] the arch{'s' if len(nums) > 1 else ''} of trial{'s' if len(nums) > 1 else ''} "
+            f"{', '.join(map(str, nums))} stopped {'their' if len(nums) > 1 else 'its'} evaluation twice "
+            "(queued again once already): left out")
     return len(queued)
 
 
