@@ -129,7 +129,8 @@ def test_a_hand_edited_or_thinned_manifest_is_refused(bundle, tmp_path):
             ("sha", lambda m: m["artifacts"]["query.onnx"].pop("sha256"), r"artifacts\['query.onnx'\] has no sha256"),
             ("list", lambda m: m.update(artifacts=list(m["artifacts"])), "artifacts is a list"),
             ("threads", lambda m: m["latency"]["measured_onnxruntime_cpu"].update(threads="2"), "threads is '2'"),
-            ("channels", lambda m: m["preprocess"].update(mean=[0.1, 0.2, 0.3]), r"preprocess.mean is \[0.1, 0.2, 0.3\], not one number or 1")):
+            ("channels", lambda m: m["preprocess"].update(mean=[0.1, 0.2, 0.3]), r"preprocess.mean is \[0.1, 0.2, 0.3\], not one number or 1"),
+            ("huge", lambda m: m["preprocess"].update(std=[10 ** 400]), r"preprocess.std is \[1000")):
         with pytest.raises(BundleError, match=said):
             Bundle(edited(name, change))
     d = edited("probe", lambda f: f.write_bytes(f.read_bytes()[:1000]), "parity_probe.npz")

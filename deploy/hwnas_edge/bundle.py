@@ -52,7 +52,12 @@ def _manifest_problem(m: dict) -> str | None:
     """What is wrong with the types of a manifest's fields that readers use (a hand edit, a
     damaged file), or None."""
     def num(x) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+        if not isinstance(x, (int, float)) or isinstance(x, bool):
+            return False
+        try:
+            return bool(np.isfinite(float(x)))
+        except OverflowError:  # (an integer beyond any float)
+            return False
 
     def count(x) -> bool:
         return isinstance(x, int) and not isinstance(x, bool) and x >= 1
