@@ -407,9 +407,7 @@ class Bundle:
     @property
     def items(self) -> list[dict]:
         if self._items is None:
-            self._items = _read_json(self.path / "gallery_items.json", "gallery items")
-            items = self._items
-            self._items = None
+            items = _read_json(self.path / "gallery_items.json", "gallery items")  # (kept once checked)
             if not isinstance(items, list) or len(items) != self.index.ntotal:
                 raise BundleError(f"{self.path / 'gallery_items.json'} does not list the index's "
                                   f"{self.index.ntotal} rows; deploy the bundle again")

@@ -145,9 +145,9 @@ def create_app(bundle_path: "str | Path", max_batch: int = 256, max_top_k: int =
             return error(422, "embeddings must contain only numbers (no strings, booleans or lists)")
         try:
             arr = np.asarray(emb, dtype=np.float32)
-        except OverflowError:  # (an integer beyond any float)
-            arr = np.full((1,), np.inf, dtype=np.float32)
-        if not np.isfinite(arr).all() or any(math.isclose(float(n), 0.0) for n in np.linalg.norm(arr, axis=1)):
+        except OverflowError:  # (an integer beyond any float: not finite either)
+            arr = None
+        if arr is None or not np.isfinite(arr).all() or any(math.isclose(float(n), 0.0) for n in np.linalg.norm(arr, axis=1)):
             return error(422, "embeddings must be finite and non-zero")
         return {"results": bundle.search(arr, top_k)}
 

@@ -563,10 +563,7 @@ def run_search(cfg: Config, *, log: Callable = print, evaluator=None, seed: int 
     if old is not None and user:  # resumed: an arch already in the study is not queued again
         # (evaluated, or queued and not yet run: a queued trial keeps its params as fixed_params;
         # a running or failed one may never finish, so its arch is queued again)
-        held = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                        optuna.trial.TrialState.WAITING))
-        have = {space.canonical(a) for a in (_arch_of_params(space, t.params or t.system_attrs.get("fixed_params", {}))
-                                             for t in held) if a is not None}
+        have = _held_archs(study.get_trials(deepcopy=False), space)
         again = [p for p in user if space.canonical(_arch_of_params(space, p)) in have]
         if again:
             log(f"[search] {len(again)} of the --enqueue archs are in the study already: not queued again")
@@ -783,6 +780,17 @@ def _worker_gone(t, local: bool) -> bool:
     return False
 
 
+def _held_archs(trials, space) -> set:
+    """The canonical archs that ``trials`` have evaluated or hold queued (a queued trial keeps
+    its params as fixed_params until it runs)."""
+    import optuna
+
+    ts = optuna.trial.TrialState
+    archs = (_arch_of_params(space, t.params or t.system_attrs.get("fixed_params", {}))
+             for t in trials if t.state in (ts.COMPLETE, ts.WAITING))
+    return {space.canonical(a) for a in archs if a is not None}
+
+
 def _requeue_lost(study, space, log=print, local: bool = True) -> int:
     """Queue again the archs that a killed or interrupted worker was evaluating, so that a
     resumed search evaluates them as an uninterrupted one would have. Such a trial is FAIL
@@ -797,8 +805,9 @@ def _requeue_lost(study, space, log=print, local: bool = True) -> int:
     import optuna
 
     ts = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)  # (one read: the tells below change no other trial)
     lost = []
-    for t in study.get_trials(deepcopy=False, states=(ts.RUNNING, ts.FAIL)):
+    for t in trials:
         if t.state == ts.RUNNING:
             if not _worker_gone(t, local):
                 continue
@@ -806,18 +815,14 @@ def _requeue_lost(study, space, log=print, local: bool = True) -> int:
                 study.tell(t.number, state=ts.FAIL)
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
                 pass  # failed meanwhile (another resume, the heartbeat): failed either way
+        elif t.state != ts.FAIL:
+            continue
         lost.append(t)
     if not lost:
         return 0
-    have, retried = set(), set()
-    for t in study.get_trials(deepcopy=False):
-        for n in (t.user_attrs.get("retry_of"), t.system_attrs.get("failed_trial")):
-            if isinstance(n, int):
-                retried.add(n)
-        if t.state in (ts.COMPLETE, ts.WAITING):
-            a = _arch_of_params(space, t.params or t.system_attrs.get("fixed_params", {}))
-            if a is not None:
-                have.add(space.canonical(a))
+    have = _held_archs(trials, space)
+    retried = {n for t in trials for n in (t.user_attrs.get("retry_of"), t.system_attrs.get("failed_trial"))
+               if isinstance(n, int)}
     queued, twice = [], {}  # (twice: by arch, its latest trial)
     for t in sorted(lost, key=lambda t: t.number):
         params = t.system_attrs.get("fixed_params") or t.params
